@@ -1,0 +1,176 @@
+//! The errors of the pool and the `Parallel` API.
+//!
+//! Each variant names the worker (index, pid), the task (index and, when
+//! the task kind can describe it, what it was doing) and the cause.
+
+use std::time::Duration;
+
+use procjob_worker::protocol::{FailureCause, TaskFailure};
+
+/// How a worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// It exited with this code.
+    Exited {
+        /// The exit code.
+        code: i32,
+    },
+    /// A signal killed it.
+    Signaled {
+        /// The signal.
+        signal: nix::sys::signal::Signal,
+    },
+    /// Its status could not be learnt.
+    Unknown,
+}
+
+impl std::fmt::Display for WorkerExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WorkerExit::Exited { code } => write!(f, "exited with code {code}"),
+            WorkerExit::Signaled { signal } => write!(f, "was killed by {}", signal.as_str()),
+            WorkerExit::Unknown => write!(f, "ended"),
+        }
+    }
+}
+
+/// Names a worker in messages: "worker 1 (pid 4711)".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerId {
+    /// Index in the pool, from 0.
+    pub index: usize,
+    /// Process id.
+    pub pid: u32,
+}
+
+impl std::fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "worker {} (pid {})", self.index, self.pid)
+    }
+}
+
+/// Names a task in messages: "task 3 (rows 500..750)".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskId {
+    /// Index in its call (submission order), from 0.
+    pub index: u64,
+    /// What the task was doing, if its kind says.
+    pub description: Option<String>,
+}
+
+impl std::fmt::Display for TaskId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.description {
+            Some(d) => write!(f, "task {} ({d})", self.index),
+            None => write!(f, "task {}", self.index),
+        }
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A task returned an error or panicked.
+    #[error("{task} failed on {worker}: {}", describe_failure(.failure))]
+    Task {
+        /// The task.
+        task: TaskId,
+        /// Where it ran.
+        worker: WorkerId,
+        /// What the worker reported.
+        failure: TaskFailure,
+    },
+    /// A worker died while running tasks.
+    #[error("{worker} {exit} while running {}{}", list_tasks(.tasks), death_hint(.exit))]
+    WorkerDied {
+        /// The worker.
+        worker: WorkerId,
+        /// How it ended.
+        exit: WorkerExit,
+        /// The tasks it was running.
+        tasks: Vec<TaskId>,
+    },
+    /// A task ran past the call's timeout; its worker was killed.
+    #[error("{task} on {worker} ran longer than the timeout of {:.3} s; the worker was killed", .limit.as_secs_f64())]
+    Timeout {
+        /// The task.
+        task: TaskId,
+        /// Where it ran.
+        worker: WorkerId,
+        /// The limit.
+        limit: Duration,
+    },
+    /// A worker could not be started or did not complete the handshake.
+    #[error("cannot start worker {index}: {reason}")]
+    Start {
+        /// Index in the pool.
+        index: usize,
+        /// Why.
+        reason: String,
+    },
+    /// Talking to a worker failed.
+    #[error("lost contact with {worker}: {reason}")]
+    Transport {
+        /// The worker.
+        worker: WorkerId,
+        /// Why.
+        reason: String,
+    },
+    /// A task's input could not be encoded or its output decoded.
+    #[error("{task}: {reason}")]
+    Codec {
+        /// The task.
+        task: TaskId,
+        /// Why.
+        reason: String,
+    },
+    /// The run folder for dumped arrays could not be made or written.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// A bad parameter.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl Error {
+    /// The index of the task this error is about, if one.
+    pub fn task_index(&self) -> Option<u64> {
+        match self {
+            Error::Task { task, .. } | Error::Timeout { task, .. } | Error::Codec { task, .. } => Some(task.index),
+            Error::WorkerDied { tasks, .. } => tasks.first().map(|t| t.index),
+            _ => None,
+        }
+    }
+
+    /// The task's typed error, when it returned one of type `E`.
+    pub fn task_error<E: serde::de::DeserializeOwned>(&self) -> Option<E> {
+        match self {
+            Error::Task { failure: TaskFailure { error: Some(bytes), .. }, .. } => postcard::from_bytes(bytes).ok(),
+            _ => None,
+        }
+    }
+}
+
+fn describe_failure(f: &TaskFailure) -> String {
+    match (&f.cause, &f.location) {
+        (FailureCause::Panic, Some(loc)) => format!("panicked at {loc}: {}", f.message),
+        (FailureCause::Panic, None) => format!("panicked: {}", f.message),
+        (FailureCause::Error, _) => format!("returned an error: {}", f.message),
+        (FailureCause::Setup, _) => format!("could not be run: {}", f.message),
+    }
+}
+
+fn list_tasks(tasks: &[TaskId]) -> String {
+    match tasks {
+        [] => "no task".into(),
+        [one] => one.to_string(),
+        many => many.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+    }
+}
+
+fn death_hint(exit: &WorkerExit) -> &'static str {
+    match exit {
+        WorkerExit::Signaled { signal: nix::sys::signal::Signal::SIGKILL } => "; the system may be out of memory",
+        _ => "",
+    }
+}

@@ -1,0 +1,103 @@
+//! procjob: a multi-process job runner in the spirit of joblib.
+//!
+//! A coordinator hands serializable tasks to a pool of worker processes
+//! over pipes; large arrays travel as memory-mapped files instead of
+//! copies; results come back in order. The worker processes are
+//! re-executions of the running binary, so a program that uses procjob
+//! calls [`init`] first in `main`:
+//!
+//! ```no_run
+//! use procjob::{Array, Parallel, Task};
+//! use serde::{Deserialize, Serialize};
+//!
+//! /// Sums one row block of a large matrix.
+//! struct RowSums;
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Block {
+//!     rows: Array, // travels as a file reference when large
+//! }
+//!
+//! impl Task for RowSums {
+//!     type Input = Block;
+//!     type Output = Vec<f64>;
+//!     type Error = String;
+//!     fn run(block: Block) -> Result<Vec<f64>, String> {
+//!         let n = block.rows.shape()[1];
+//!         let data = block.rows.as_slice::<f64>().map_err(|e| e.to_string())?;
+//!         Ok(data.chunks(n).map(|row| row.iter().sum()).collect())
+//!     }
+//! }
+//!
+//! fn main() -> Result<(), procjob::Error> {
+//!     procjob::init();
+//!     let m = Array::from_vec(vec![1000, 1000], vec![1.0f64; 1_000_000]);
+//!     let blocks = (0..10).map(|i| Block { rows: m.rows(i * 100..(i + 1) * 100).unwrap() });
+//!     let sums: Vec<Vec<f64>> = Parallel::new().n_jobs(2).run::<RowSums, _>(blocks)?;
+//!     assert!(sums.iter().flatten().all(|&s| s == 1000.0));
+//!     Ok(())
+//! }
+//! ```
+//!
+//! The layers: [`procjob_worker`] holds what both sides share (wire
+//! protocol, `.npy` store, tasks, kernels, the serve loop); this crate holds
+//! the coordinator: [`pool`] (processes and pipes), [`scheduler`]
+//! (dispatch decisions), [`parallel`] (the API), and the matmul job and CLI.
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod matmul;
+pub mod parallel;
+pub mod pool;
+pub mod scheduler;
+pub mod store;
+
+pub use error::{Error, TaskId, WorkerExit, WorkerId};
+pub use parallel::{CallStats, Parallel, Progress};
+pub use procjob_worker::protocol::Access;
+pub use procjob_worker::{Array, DType, Element, Registry, Task};
+pub use scheduler::{BatchSize, PreDispatch};
+
+/// Makes this process a worker when it was started as one, and otherwise
+/// returns at once. Call it as the first line of `main` in any binary that
+/// uses [`Parallel`]: procjob starts workers by re-executing the running
+/// binary, and `init` is where a re-execution stops being your program.
+///
+/// A binary that forgets it fails loudly in the worker ("did not call
+/// procjob::init()") instead of starting workers recursively.
+pub fn init() {
+    pool::INIT_CALLED.store(true, std::sync::atomic::Ordering::Relaxed);
+    if procjob_worker::serve::is_worker_process() {
+        procjob_worker::serve::run_worker(&Registry::builtin());
+    }
+}
+
+/// Whether this process was started as a procjob worker.
+pub fn is_worker_process() -> bool {
+    procjob_worker::serve::is_worker_process()
+}
+
+/// Lets a test or bench file run its own tasks in worker processes.
+///
+/// A test binary's `main` belongs to the test harness, so [`init`] cannot
+/// be its first line. This macro defines a test named
+/// `__procjob_worker_entry`; when procjob starts workers from a binary
+/// whose `main` did not call [`init`], it runs the binary with only that
+/// test selected, and the test becomes the worker. Put it once in each test
+/// file that uses [`Parallel`]; in a normal run the test does nothing.
+#[macro_export]
+macro_rules! test_support {
+    () => {
+        #[test]
+        fn __procjob_worker_entry() {
+            if $crate::is_worker_process() {
+                $crate::__serve_as_worker();
+            }
+        }
+    };
+}
+
+#[doc(hidden)]
+pub fn __serve_as_worker() -> ! {
+    procjob_worker::serve::run_worker(&Registry::builtin())
+}

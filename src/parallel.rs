@@ -1,0 +1,727 @@
+//! [`Parallel`]: the joblib-like way to run tasks across worker processes.
+//!
+//! ```no_run
+//! use procjob::{Parallel, Task};
+//!
+//! struct Square;
+//! impl Task for Square {
+//!     type Input = u64;
+//!     type Output = u64;
+//!     type Error = String;
+//!     fn run(x: u64) -> Result<u64, String> {
+//!         Ok(x * x)
+//!     }
+//! }
+//!
+//! fn main() -> Result<(), procjob::Error> {
+//!     procjob::init(); // first line of main: a worker process stops here
+//!     let squares = Parallel::new().n_jobs(2).run::<Square, _>(0..10u64)?;
+//!     assert_eq!(squares, (0..10u64).map(|x| x * x).collect::<Vec<_>>());
+//!     Ok(())
+//! }
+//! ```
+//!
+//! A call draws inputs from the caller's iterator (at most `pre_dispatch`
+//! batches ahead), encodes each — arrays larger than `max_nbytes` dumped
+//! once to the call's temp folder and sent as file references, smaller ones
+//! inline — sends batches to idle workers, and decodes the outputs as they
+//! come back. The first failure stops further dispatch; batches already
+//! running are awaited, so the workers stay healthy and the pool is reused
+//! by the next call.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use procjob_worker::array::{self, Array, ArrayEncoder};
+use procjob_worker::protocol::{Access, ArrayRef, Batch, Outcome, TaskKind, TaskRequest};
+use procjob_worker::registry::entry_offset;
+use procjob_worker::Task;
+
+use crate::error::{Error, TaskId};
+use crate::pool::{PoolConfig, PoolEvent, Traffic, WorkerEvent, WorkerPool, WorkerReport};
+use crate::scheduler::{Action, BatchSize, Event, PreDispatch, Scheduler};
+use crate::store::RunFolder;
+
+/// joblib's default `max_nbytes`: arrays above 1 MiB are memory-mapped.
+pub const DEFAULT_MAX_NBYTES: usize = 1 << 20;
+/// How long an idle worker waits for work before exiting (loky's default).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Progress of a call, passed to the progress callback after each batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    /// Tasks completed so far.
+    pub completed: u64,
+    /// Tasks drawn from the input so far.
+    pub submitted: u64,
+    /// The number of inputs, when the iterator knows it.
+    pub total: Option<u64>,
+    /// Time since the call started.
+    pub elapsed: Duration,
+}
+
+/// What the last call did, for reports and tests.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CallStats {
+    /// What crossed the pipes during the call.
+    pub traffic: Traffic,
+    /// Arrays dumped to files (once each, however many tasks share them).
+    pub dumped_arrays: u64,
+    /// Bytes written to dump files.
+    pub dumped_bytes: u64,
+    /// Batches sent.
+    pub batches: u64,
+    /// Seconds spent starting workers.
+    pub spawn_seconds: f64,
+}
+
+type ProgressFn = Box<dyn FnMut(&Progress)>;
+
+/// Runs tasks on a pool of worker processes, like joblib's `Parallel`.
+///
+/// Settings mirror joblib's where they make sense; see docs/joblib.md for
+/// the full mapping. The pool is started on the first call and kept warm
+/// for the next ones until [`Parallel`] is dropped, or until its workers
+/// have been idle for [`idle_timeout`](Parallel::idle_timeout).
+pub struct Parallel {
+    n_jobs: i64,
+    max_nbytes: Option<usize>,
+    mmap_mode: Access,
+    temp_folder: Option<PathBuf>,
+    batch_size: BatchSize,
+    pre_dispatch: Option<PreDispatch>,
+    timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    progress: Option<ProgressFn>,
+    program: Option<PathBuf>,
+    pool: Option<WorkerPool>,
+    calls: u64,
+    last: CallStats,
+}
+
+impl Default for Parallel {
+    fn default() -> Self {
+        Parallel::new()
+    }
+}
+
+impl std::fmt::Debug for Parallel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parallel")
+            .field("n_jobs", &self.n_jobs)
+            .field("max_nbytes", &self.max_nbytes)
+            .field("mmap_mode", &self.mmap_mode)
+            .field("temp_folder", &self.temp_folder)
+            .field("batch_size", &self.batch_size)
+            .field("pre_dispatch", &self.pre_dispatch)
+            .field("timeout", &self.timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Resolves joblib's `n_jobs`: positive as given, negative counting back
+/// from the CPU count (-1 = all CPUs, -2 = all but one), never below 1; 0 is
+/// an error.
+pub fn resolve_n_jobs(n_jobs: i64, cpus: usize) -> Result<usize, Error> {
+    match n_jobs {
+        0 => Err(Error::Config("n_jobs = 0 is not allowed: use a positive count, or -1 for all CPUs".into())),
+        n if n > 0 => Ok(n as usize),
+        n => Ok((cpus as i64 + 1 + n).max(1) as usize),
+    }
+}
+
+impl Parallel {
+    /// A `Parallel` with joblib's defaults, except `n_jobs`, which is -1
+    /// (all CPUs) rather than 1.
+    pub fn new() -> Parallel {
+        Parallel {
+            n_jobs: -1,
+            max_nbytes: Some(DEFAULT_MAX_NBYTES),
+            mmap_mode: Access::ReadOnly,
+            temp_folder: None,
+            batch_size: BatchSize::Auto,
+            pre_dispatch: None,
+            timeout: None,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            progress: None,
+            program: None,
+            pool: None,
+            calls: 0,
+            last: CallStats::default(),
+        }
+    }
+
+    /// Number of worker processes: positive as given; negative counts back
+    /// from the CPUs this process may use (-1 = all); 0 is an error at the
+    /// first call. Changing it restarts the pool.
+    pub fn n_jobs(mut self, n_jobs: i64) -> Parallel {
+        if n_jobs != self.n_jobs {
+            self.pool = None;
+        }
+        self.n_jobs = n_jobs;
+        self
+    }
+
+    /// Arrays larger than this many bytes are dumped once per call to the
+    /// temp folder and travel as memory maps; smaller ones travel inline.
+    /// `None` sends every array inline (joblib's `max_nbytes=None`).
+    /// Default 1 MiB (joblib's `'1M'`).
+    pub fn max_nbytes(mut self, max_nbytes: Option<usize>) -> Parallel {
+        self.max_nbytes = max_nbytes;
+        self
+    }
+
+    /// How workers map dumped arrays: read-only (default, joblib's `'r'`),
+    /// or copy-on-write (`'c'`: tasks may modify their view privately).
+    /// Arrays already backed by a file travel with their own access, so a
+    /// shared output made with [`Array::create_npy`] is written in place.
+    pub fn mmap_mode(mut self, mode: Access) -> Parallel {
+        self.mmap_mode = mode;
+        self
+    }
+
+    /// Parent folder of the call's private temp folder for dumped arrays.
+    /// Default: `PROCJOB_TEMP_FOLDER`, else /dev/shm when it has room, else
+    /// the system temp dir.
+    pub fn temp_folder(mut self, folder: impl Into<PathBuf>) -> Parallel {
+        self.temp_folder = Some(folder.into());
+        self
+    }
+
+    /// Tasks per batch: [`BatchSize::Auto`] (default) grows batches while
+    /// tasks are short and shrinks them when they are long.
+    pub fn batch_size(mut self, batch: BatchSize) -> Parallel {
+        self.batch_size = batch;
+        self
+    }
+
+    /// How many batches of inputs are drawn from the iterator ahead of the
+    /// workers. Default: 2 × n_jobs batches, as joblib.
+    pub fn pre_dispatch(mut self, pre_dispatch: PreDispatch) -> Parallel {
+        self.pre_dispatch = Some(pre_dispatch);
+        self
+    }
+
+    /// Per-task time limit. A batch of n tasks may run n × `timeout`; past
+    /// that its worker is killed and the call fails with
+    /// [`Error::Timeout`].
+    pub fn timeout(mut self, timeout: Duration) -> Parallel {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Idle workers exit after this long without work (`None`: never);
+    /// the next call starts new ones. Default 300 s, as loky.
+    pub fn idle_timeout(mut self, idle: Option<Duration>) -> Parallel {
+        self.idle_timeout = idle;
+        self.pool = None;
+        self
+    }
+
+    /// Called after each batch completes, on the calling thread.
+    pub fn progress(mut self, callback: impl FnMut(&Progress) + 'static) -> Parallel {
+        self.progress = Some(Box::new(callback));
+        self
+    }
+
+    /// Runs workers from another executable that speaks the protocol (such
+    /// as `procjob-worker`) instead of re-executing this one. Such a worker
+    /// runs only the task kinds it has registered.
+    pub fn worker_program(mut self, program: impl Into<PathBuf>) -> Parallel {
+        self.program = Some(program.into());
+        self.pool = None;
+        self
+    }
+
+    /// The number of workers calls will use.
+    pub fn workers(&self) -> Result<usize, Error> {
+        resolve_n_jobs(self.n_jobs, crate::pool::available_cpus())
+    }
+
+    /// The pids of the running workers (empty before the first call).
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.pool.as_ref().map(WorkerPool::pids).unwrap_or_default()
+    }
+
+    /// What each worker has done since the pool started.
+    pub fn worker_reports(&self) -> Vec<WorkerReport> {
+        self.pool.as_ref().map(WorkerPool::reports).unwrap_or_default()
+    }
+
+    /// What the last call did.
+    pub fn last_call(&self) -> &CallStats {
+        &self.last
+    }
+
+    /// Starts the workers now (otherwise the first call does), and returns
+    /// how long that took.
+    pub fn start(&mut self) -> Result<Duration, Error> {
+        let t = Instant::now();
+        self.pool_mut()?;
+        Ok(t.elapsed())
+    }
+
+    /// Stops the workers now: closes their input, waits a short grace
+    /// period, kills the rest, and reaps them all.
+    pub fn shutdown(&mut self) {
+        if let Some(mut pool) = self.pool.take() {
+            pool.shutdown(crate::pool::SHUTDOWN_GRACE);
+        }
+    }
+
+    fn pool_mut(&mut self) -> Result<&mut WorkerPool, Error> {
+        refuse_recursive_spawn();
+        let workers = self.workers()?;
+        if self.pool.as_ref().is_some_and(|p| p.size() != workers) {
+            self.pool = None;
+        }
+        let pool = self.pool.get_or_insert_with(|| {
+            WorkerPool::new(PoolConfig { workers, idle_timeout: self.idle_timeout, program: self.program.clone() })
+        });
+        pool.ensure_started()?;
+        Ok(pool)
+    }
+
+    /// Runs task `T` on every input; returns the outputs in input order,
+    /// or the first failure.
+    pub fn run<T: Task, I>(&mut self, inputs: I) -> Result<Vec<T::Output>, Error>
+    where
+        I: IntoIterator<Item = T::Input>,
+    {
+        self.run_iter::<T, I>(inputs)?.collect()
+    }
+
+    /// Runs task `T` on every input, yielding outputs in input order as
+    /// they become available.
+    pub fn run_iter<T: Task, I>(&mut self, inputs: I) -> Result<Ordered<'_, T, I::IntoIter>, Error>
+    where
+        I: IntoIterator<Item = T::Input>,
+    {
+        Ok(Ordered { call: self.call::<T, I>(inputs)?, next: 0, buffer: BTreeMap::new() })
+    }
+
+    /// Runs task `T` on every input, yielding `(input index, output)` in
+    /// the order tasks complete.
+    pub fn run_unordered<T: Task, I>(&mut self, inputs: I) -> Result<Unordered<'_, T, I::IntoIter>, Error>
+    where
+        I: IntoIterator<Item = T::Input>,
+    {
+        Ok(Unordered { call: self.call::<T, I>(inputs)? })
+    }
+
+    fn call<T: Task, I>(&mut self, inputs: I) -> Result<Call<'_, T, I::IntoIter>, Error>
+    where
+        I: IntoIterator<Item = T::Input>,
+    {
+        let started = Instant::now();
+        let spawn = Instant::now();
+        self.pool_mut()?;
+        let spawn_seconds = spawn.elapsed().as_secs_f64();
+        self.calls += 1;
+        let workers = self.workers()?;
+        let pre_dispatch = self.pre_dispatch.unwrap_or(PreDispatch::Batches(2 * workers));
+        let scheduler = Scheduler::new(workers, self.batch_size, pre_dispatch);
+        let encoder = CallEncoder::new(self.max_nbytes, self.mmap_mode, self.temp_folder.clone());
+        let traffic_before = self.pool.as_ref().map(WorkerPool::traffic).unwrap_or_default();
+        self.last = CallStats { spawn_seconds, ..CallStats::default() };
+        let call = self.calls;
+        Ok(Call {
+            parallel: self,
+            inputs: inputs.into_iter(),
+            call,
+            scheduler,
+            encoder,
+            queue: VecDeque::new(),
+            in_flight: vec![None; workers],
+            ready: VecDeque::new(),
+            failure: None,
+            pulled: 0,
+            completed: 0,
+            started,
+            traffic_before,
+            finished: false,
+        })
+    }
+}
+
+/// A worker in the pool was asked to start more workers: its `main` did
+/// not call `procjob::init()`. Fail loudly instead of recursing.
+fn refuse_recursive_spawn() {
+    if procjob_worker::serve::is_worker_process() {
+        eprintln!(
+            "procjob: this process was started as a procjob worker, but it did not become one: \
+             call procjob::init() as the first line of main (in a test or bench file, add \
+             procjob::test_support!()). Refusing to start workers recursively."
+        );
+        std::process::exit(101);
+    }
+}
+
+/// One task, encoded and waiting to be sent.
+struct Encoded {
+    index: u64,
+    input: Vec<u8>,
+    refs: Vec<ArrayRef>,
+    inline: Vec<Array>,
+    description: Option<String>,
+}
+
+/// A batch a worker is running.
+#[derive(Clone)]
+struct InFlight {
+    tasks: Vec<TaskId>,
+    sent: Instant,
+    deadline: Option<Instant>,
+}
+
+/// The state of one call. Yields outputs in completion order.
+struct Call<'p, T: Task, I: Iterator<Item = T::Input>> {
+    parallel: &'p mut Parallel,
+    inputs: I,
+    call: u64,
+    scheduler: Scheduler,
+    encoder: CallEncoder,
+    queue: VecDeque<Encoded>,
+    in_flight: Vec<Option<InFlight>>,
+    ready: VecDeque<(u64, T::Output)>,
+    failure: Option<Error>,
+    pulled: u64,
+    completed: u64,
+    started: Instant,
+    traffic_before: Traffic,
+    finished: bool,
+}
+
+impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
+    fn pool(&mut self) -> &mut WorkerPool {
+        self.parallel.pool.as_mut().expect("the pool exists during a call")
+    }
+
+    /// The next completed output, the call's failure, or `None` when done.
+    fn next_completed(&mut self) -> Option<Result<(u64, T::Output), Error>> {
+        loop {
+            if let Some(out) = self.ready.pop_front() {
+                return Some(Ok(out));
+            }
+            if self.finished {
+                return None;
+            }
+            match self.scheduler.next_action() {
+                Action::Pull(n) => self.pull(n),
+                Action::Send { worker, tasks } => {
+                    if let Err(e) = self.send(worker, tasks) {
+                        self.fail(e);
+                    }
+                }
+                Action::Wait => self.wait(),
+                Action::Done => {
+                    self.finish();
+                    if let Some(e) = self.failure.take() {
+                        return Some(Err(e));
+                    }
+                }
+            }
+        }
+    }
+
+    fn pull(&mut self, n: usize) {
+        let mut got = 0;
+        let mut done = false;
+        while got < n {
+            let Some(input) = self.inputs.next() else {
+                done = true;
+                break;
+            };
+            let index = self.pulled;
+            self.pulled += 1;
+            got += 1;
+            let description = T::describe(&input);
+            match array::encode_with(&input, &mut self.encoder) {
+                Ok((bytes, refs)) => {
+                    let inline = std::mem::take(&mut self.encoder.inline);
+                    self.queue.push_back(Encoded { index, input: bytes, refs, inline, description });
+                }
+                Err(e) => {
+                    self.fail(Error::Codec {
+                        task: TaskId { index, description },
+                        reason: format!("cannot encode the input: {e}"),
+                    });
+                    return;
+                }
+            }
+        }
+        let (lo, hi) = self.inputs.size_hint();
+        let hint = (Some(lo) == hi).then_some(lo);
+        self.scheduler.pulled(got, done, hint);
+    }
+
+    fn send(&mut self, worker: usize, n: usize) -> Result<(), Error> {
+        let tasks: Vec<Encoded> = self.queue.drain(..n).collect();
+        let kind = TaskKind { name: T::name().to_string(), entry: Some(entry_offset::<T>()) };
+        let mut ids = Vec::with_capacity(tasks.len());
+        let mut requests = Vec::with_capacity(tasks.len());
+        let mut inline: Vec<Array> = Vec::new();
+        for t in tasks {
+            ids.push(TaskId { index: t.index, description: t.description });
+            requests.push(TaskRequest { index: t.index, kind: kind.clone(), input: t.input, arrays: t.refs });
+            inline.extend(t.inline);
+        }
+        let bulk: Vec<&[u8]> = inline.iter().map(Array::as_bytes).collect();
+        let sent = Instant::now();
+        let deadline = self.parallel.timeout.map(|t| sent + t * ids.len() as u32);
+        self.in_flight[worker] = Some(InFlight { tasks: ids, sent, deadline });
+        let call = self.call;
+        self.parallel.last.batches += 1;
+        self.pool().send(worker, Batch { call, tasks: requests }, &bulk).map(|_| ())
+    }
+
+    fn wait(&mut self) {
+        let now = Instant::now();
+        let deadline = self.in_flight.iter().flatten().filter_map(|f| f.deadline).min();
+        let event = self.pool().next_event(deadline.map(|d| d.saturating_duration_since(now)));
+        match event {
+            Some(event) => self.on_event(event),
+            None => self.on_deadline(),
+        }
+    }
+
+    fn on_deadline(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<usize> = (0..self.in_flight.len())
+            .filter(|&w| self.in_flight[w].as_ref().and_then(|f| f.deadline).is_some_and(|d| d <= now))
+            .collect();
+        for w in expired {
+            let flight = self.in_flight[w].take().expect("expired batches are in flight");
+            let worker = self.pool().worker_id(w);
+            self.pool().kill(w);
+            self.scheduler.handle(Event::WorkerLost { worker: w });
+            let limit = self.parallel.timeout.unwrap_or_default();
+            let task = flight.tasks.into_iter().next().expect("a batch has a task");
+            self.fail(Error::Timeout { task, worker, limit });
+        }
+    }
+
+    fn on_event(&mut self, event: PoolEvent) {
+        let w = event.index;
+        match event.event {
+            WorkerEvent::Results { results, arrays, .. } => {
+                let Some(flight) = self.in_flight[w].take() else { return };
+                let seconds = flight.sent.elapsed().as_secs_f64();
+                self.scheduler.handle(Event::BatchDone { worker: w, tasks: flight.tasks.len(), seconds });
+                let n = results.tasks.len() as u64;
+                self.pool().record_batch(w, n, results.memory);
+                let worker = self.pool().worker_id(w);
+                let mut arrays = arrays.into_iter();
+                for (reply, task) in results.tasks.into_iter().zip(flight.tasks) {
+                    self.completed += 1;
+                    match reply.outcome {
+                        Outcome::Ok { output, arrays: refs } => {
+                            let mine: Result<Vec<Array>, _> = arrays.by_ref().take(refs.len()).collect();
+                            let decoded = mine
+                                .map_err(|e| e.to_string())
+                                .and_then(|a| array::decode_with::<T::Output>(&output, &a).map_err(|e| e.to_string()));
+                            match decoded {
+                                Ok(out) if self.failure.is_none() => self.ready.push_back((reply.index, out)),
+                                Ok(_) => {}
+                                Err(reason) => self
+                                    .fail(Error::Codec { task, reason: format!("cannot decode the output: {reason}") }),
+                            }
+                        }
+                        Outcome::Failed(failure) => self.fail(Error::Task { task, worker, failure }),
+                    }
+                }
+                self.report_progress();
+            }
+            WorkerEvent::Lost { error } => {
+                let flight = self.in_flight[w].take();
+                let worker = self.pool().worker_id(w);
+                let exit = self.pool().reap(w);
+                self.scheduler.handle(Event::WorkerLost { worker: w });
+                let tasks = flight.map(|f| f.tasks).unwrap_or_default();
+                if tasks.is_empty() {
+                    // Died while idle (e.g. killed from outside): the next
+                    // call replaces it. Only a failure if nobody is left.
+                    if self.pool().pids().iter().all(|&p| p == 0) {
+                        self.fail(Error::Transport { worker, reason: format!("every worker is gone ({exit})") });
+                    }
+                    return;
+                }
+                match error {
+                    Some(reason) if !matches!(exit, crate::error::WorkerExit::Signaled { .. }) => {
+                        self.fail(Error::Transport { worker, reason })
+                    }
+                    _ => self.fail(Error::WorkerDied { worker, exit, tasks }),
+                }
+            }
+            WorkerEvent::Ready(_) => {}
+        }
+    }
+
+    fn report_progress(&mut self) {
+        let total = match self.inputs.size_hint() {
+            (lo, Some(hi)) if lo == hi => Some(self.pulled + lo as u64),
+            _ => None,
+        };
+        let p = Progress { completed: self.completed, submitted: self.pulled, total, elapsed: self.started.elapsed() };
+        if let Some(cb) = self.parallel.progress.as_mut() {
+            cb(&p);
+        }
+    }
+
+    fn fail(&mut self, error: Error) {
+        if self.failure.is_none() {
+            self.failure = Some(error);
+        }
+        self.scheduler.drain();
+        self.queue.clear();
+    }
+
+    fn finish(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        let after = self.pool().traffic();
+        let before = self.traffic_before;
+        let stats = &mut self.parallel.last;
+        stats.traffic = Traffic {
+            bytes_to_workers: after.bytes_to_workers - before.bytes_to_workers,
+            bytes_from_workers: after.bytes_from_workers - before.bytes_from_workers,
+            frames_to_workers: after.frames_to_workers - before.frames_to_workers,
+            frames_from_workers: after.frames_from_workers - before.frames_from_workers,
+        };
+        stats.dumped_arrays = self.encoder.dumped.len() as u64;
+        stats.dumped_bytes = self.encoder.dumped_bytes;
+        // Dumped files go with the call.
+        self.encoder.dumped.clear();
+        self.encoder.folder = None;
+    }
+}
+
+impl<T: Task, I: Iterator<Item = T::Input>> Drop for Call<'_, T, I> {
+    /// A call dropped before its end awaits its running batches, so the
+    /// workers are idle and in step for the next call.
+    fn drop(&mut self) {
+        if !self.finished {
+            self.scheduler.drain();
+            self.queue.clear();
+            while self.in_flight.iter().any(Option::is_some) {
+                self.wait();
+            }
+            self.finish();
+        }
+    }
+}
+
+/// Outputs in input order (from [`Parallel::run_iter`]).
+pub struct Ordered<'p, T: Task, I: Iterator<Item = T::Input>> {
+    call: Call<'p, T, I>,
+    next: u64,
+    buffer: BTreeMap<u64, T::Output>,
+}
+
+impl<T: Task, I: Iterator<Item = T::Input>> Iterator for Ordered<'_, T, I> {
+    type Item = Result<T::Output, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(out) = self.buffer.remove(&self.next) {
+                self.next += 1;
+                return Some(Ok(out));
+            }
+            match self.call.next_completed()? {
+                Ok((index, out)) => {
+                    self.buffer.insert(index, out);
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+/// `(input index, output)` in completion order (from [`Parallel::run_unordered`]).
+pub struct Unordered<'p, T: Task, I: Iterator<Item = T::Input>> {
+    call: Call<'p, T, I>,
+}
+
+impl<T: Task, I: Iterator<Item = T::Input>> Iterator for Unordered<'_, T, I> {
+    type Item = Result<(u64, T::Output), Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.call.next_completed()
+    }
+}
+
+/// Decides how each array of a call travels: mapped arrays by reference,
+/// owned arrays above `max_nbytes` dumped once and then by reference, the
+/// rest inline.
+struct CallEncoder {
+    max_nbytes: Option<usize>,
+    mmap_mode: Access,
+    temp_parent: Option<PathBuf>,
+    folder: Option<RunFolder>,
+    /// Storage id → (dump file, data offset, the array kept alive so its
+    /// id is not reused during the call).
+    dumped: HashMap<usize, (PathBuf, u64, Array)>,
+    dumped_bytes: u64,
+    inline: Vec<Array>,
+}
+
+impl CallEncoder {
+    fn new(max_nbytes: Option<usize>, mmap_mode: Access, temp_parent: Option<PathBuf>) -> CallEncoder {
+        CallEncoder {
+            max_nbytes,
+            mmap_mode,
+            temp_parent,
+            folder: None,
+            dumped: HashMap::new(),
+            dumped_bytes: 0,
+            inline: Vec::new(),
+        }
+    }
+
+    /// Dumps the whole storage of `a` (once per call) and returns the file
+    /// and the byte offset of its data.
+    fn dump(&mut self, a: &Array) -> Result<(PathBuf, u64), String> {
+        if let Some((path, data_offset, _)) = self.dumped.get(&a.storage_id()) {
+            return Ok((path.clone(), *data_offset));
+        }
+        let (bytes, _) = a.storage_bytes();
+        if self.folder.is_none() {
+            let folder =
+                RunFolder::create(self.temp_parent.as_deref(), bytes.len() as u64).map_err(|e| e.to_string())?;
+            self.folder = Some(folder);
+        }
+        let folder = self.folder.as_ref().expect("just made");
+        let path = folder.file(&format!("arg-{}.npy", self.dumped.len()));
+        let elements = bytes.len() / a.dtype().size();
+        let header = procjob_worker::npy::write(&path, a.dtype(), &[elements], bytes).map_err(|e| e.to_string())?;
+        self.dumped_bytes += bytes.len() as u64;
+        let data_offset = header.data_offset as u64;
+        self.dumped.insert(a.storage_id(), (path.clone(), data_offset, a.clone()));
+        Ok((path, data_offset))
+    }
+}
+
+impl ArrayEncoder for CallEncoder {
+    fn encode(&mut self, a: &Array) -> Result<ArrayRef, String> {
+        if let Some(r) = array::file_ref(a) {
+            return Ok(r);
+        }
+        if self.max_nbytes.is_some_and(|max| a.nbytes() > max) {
+            let (path, data_offset) = self.dump(a)?;
+            let (_, view_offset) = a.storage_bytes();
+            return Ok(ArrayRef::File {
+                dtype: a.dtype(),
+                shape: a.shape().iter().map(|&d| d as u64).collect(),
+                path,
+                offset: data_offset + view_offset as u64,
+                access: self.mmap_mode,
+            });
+        }
+        self.inline.push(a.clone());
+        Ok(array::inline_ref(a))
+    }
+}

@@ -1,0 +1,627 @@
+//! [`Array`]: an n-dimensional array that knows how to travel between
+//! processes.
+//!
+//! An array is either owned (a buffer in this process) or mapped (a view of
+//! a file, usually a `.npy` in the run's temp folder). When a task's input
+//! or output is encoded, every `Array` inside it is replaced by an index into
+//! a list of [`ArrayRef`]s: an owned array travels inline as raw bytes in
+//! the frame's bulk, a mapped one as a file reference with a byte offset, so
+//! a row slice of a mapped array costs a few dozen bytes on the pipe — what
+//! joblib does for `np.split` of a memmap. The coordinator decides at
+//! encoding time whether a large owned array is dumped to a file instead
+//! (see [`ArrayEncoder`]).
+//!
+//! Serde sees an `Array` only through a scoped encoder or decoder installed
+//! by [`encode_with`] / [`decode_with`]; serializing one anywhere else is an
+//! error rather than a silent copy.
+
+use std::cell::Cell;
+use std::fs::File;
+use std::io::Read;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::dtype::{DType, Element};
+use crate::npy;
+use crate::protocol::{Access, ArrayRef, DecodeError};
+
+/// Why an array operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ArrayError {
+    /// The element type asked for is not the array's.
+    #[error("array has dtype {actual}, not {requested}")]
+    DType {
+        /// The array's dtype.
+        actual: DType,
+        /// The dtype asked for.
+        requested: DType,
+    },
+    /// A shape or range does not fit.
+    #[error("{0}")]
+    Shape(String),
+    /// The array cannot be written through (read-only map, or shared).
+    #[error("array is not writable here: {0}")]
+    NotWritable(&'static str),
+    /// A file could not be used.
+    #[error(transparent)]
+    Npy(#[from] npy::NpyError),
+    /// A referenced file could not be mapped.
+    #[error("cannot map {path}: {reason}")]
+    Map {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Owned, 8-byte-aligned element storage.
+enum Owned {
+    I64(Vec<i64>),
+    F64(Vec<f64>),
+    F32(Vec<f32>),
+}
+
+impl Owned {
+    fn zeroed(dtype: DType, len: usize) -> Owned {
+        match dtype {
+            DType::I64 => Owned::I64(vec![0; len]),
+            DType::F64 => Owned::F64(vec![0.0; len]),
+            DType::F32 => Owned::F32(vec![0.0; len]),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Owned::I64(v) => as_bytes(v),
+            Owned::F64(v) => as_bytes(v),
+            Owned::F32(v) => as_bytes(v),
+        }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Owned::I64(v) => as_bytes_mut(v),
+            Owned::F64(v) => as_bytes_mut(v),
+            Owned::F32(v) => as_bytes_mut(v),
+        }
+    }
+}
+
+fn as_bytes<T: Element>(v: &[T]) -> &[u8] {
+    // SAFETY: Element types are plain numbers without padding; any initialized
+    // value may be viewed as bytes, and the length covers exactly the slice.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+fn as_bytes_mut<T: Element>(v: &mut [T]) -> &mut [u8] {
+    // SAFETY: as in `as_bytes`; every byte pattern is a valid Element, so
+    // writes through the byte view cannot create invalid values.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// A memory map of a whole file, with where it came from.
+struct Mapping {
+    map: memmap2::MmapRaw,
+    path: PathBuf,
+    access: Access,
+}
+
+enum Storage {
+    Owned(Owned),
+    Mapped(Mapping),
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Owned(o) => o.bytes(),
+            Storage::Mapped(m) => {
+                // SAFETY: the mapping lives as long as `self`; the file is
+                // procjob's own temp file or a user file mapped in place, which
+                // the contract of `Array::open_npy` says must not shrink while
+                // mapped.
+                unsafe { std::slice::from_raw_parts(m.map.as_ptr(), m.map.len()) }
+            }
+        }
+    }
+}
+
+/// An n-dimensional, C-ordered array of `i64`, `f64` or `f32`, owned or
+/// memory-mapped, cheap to clone (views share their storage).
+#[derive(Clone)]
+pub struct Array {
+    dtype: DType,
+    shape: Vec<usize>,
+    storage: Arc<Storage>,
+    /// Byte offset of the first element in the storage.
+    offset: usize,
+}
+
+impl std::fmt::Debug for Array {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &*self.storage {
+            Storage::Owned(_) => "owned".to_string(),
+            Storage::Mapped(m) => format!("mapped {:?} {:?}", m.path, m.access),
+        };
+        f.debug_struct("Array")
+            .field("dtype", &self.dtype)
+            .field("shape", &self.shape)
+            .field("storage", &kind)
+            .field("offset", &self.offset)
+            .finish()
+    }
+}
+
+impl PartialEq for Array {
+    /// Equal when dtype, shape and every byte agree.
+    fn eq(&self, other: &Self) -> bool {
+        self.dtype == other.dtype && self.shape == other.shape && self.as_bytes() == other.as_bytes()
+    }
+}
+
+fn product(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+impl Array {
+    /// An owned array from a vector; `shape` must hold exactly `data.len()` elements.
+    ///
+    /// # Panics
+    /// If the shape's element count differs from `data.len()`.
+    pub fn from_vec<T: Element>(shape: impl Into<Vec<usize>>, data: Vec<T>) -> Array {
+        let shape = shape.into();
+        assert_eq!(product(&shape), data.len(), "shape {shape:?} does not hold {} elements", data.len());
+        let owned = match T::DTYPE {
+            // The Element trait is sealed to these three types, so the casts
+            // below are identity conversions checked by `downcast`.
+            DType::I64 => Owned::I64(downcast(data)),
+            DType::F64 => Owned::F64(downcast(data)),
+            DType::F32 => Owned::F32(downcast(data)),
+        };
+        Array { dtype: T::DTYPE, shape, storage: Arc::new(Storage::Owned(owned)), offset: 0 }
+    }
+
+    /// An owned array of zeros.
+    pub fn zeros(dtype: DType, shape: impl Into<Vec<usize>>) -> Array {
+        let shape = shape.into();
+        let owned = Owned::zeroed(dtype, product(&shape));
+        Array { dtype, shape, storage: Arc::new(Storage::Owned(owned)), offset: 0 }
+    }
+
+    /// Maps a `.npy` file after validating its header and length.
+    ///
+    /// The file must not shrink or be truncated by anyone while mapped
+    /// (reading a truncated mapping raises SIGBUS). With
+    /// [`Access::ReadWrite`] writes reach the file; with
+    /// [`Access::CopyOnWrite`] they stay private to this process.
+    pub fn open_npy(path: &Path, access: Access) -> Result<Array, ArrayError> {
+        let (file, header) = npy::read_header(path)?;
+        let file = match access {
+            Access::ReadOnly | Access::CopyOnWrite => file,
+            Access::ReadWrite => std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| ArrayError::Npy(npy::NpyError::Io { path: path.to_path_buf(), source: e }))?,
+        };
+        let mapping = map_file(&file, path, access)?;
+        Ok(Array {
+            dtype: header.dtype,
+            shape: header.shape,
+            storage: Arc::new(Storage::Mapped(mapping)),
+            offset: header.data_offset,
+        })
+    }
+
+    /// Creates a new `.npy` file of zeros and maps it read-write: a shared
+    /// output that tasks in other processes fill in disjoint parts.
+    pub fn create_npy(path: &Path, dtype: DType, shape: impl Into<Vec<usize>>) -> Result<Array, ArrayError> {
+        let shape = shape.into();
+        let (file, header) = npy::create(path, dtype, &shape)?;
+        let mapping = map_file(&file, path, Access::ReadWrite)?;
+        Ok(Array { dtype, shape, storage: Arc::new(Storage::Mapped(mapping)), offset: header.data_offset })
+    }
+
+    /// Writes this array to a new `.npy` file.
+    pub fn save_npy(&self, path: &Path) -> Result<(), ArrayError> {
+        npy::write(path, self.dtype, &self.shape, self.as_bytes())?;
+        Ok(())
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The shape, C order.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        product(&self.shape)
+    }
+
+    /// Whether the array has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Number of bytes of the elements.
+    pub fn nbytes(&self) -> usize {
+        self.len() * self.dtype.size()
+    }
+
+    /// Whether this array is a view of a mapped file.
+    pub fn is_mapped(&self) -> bool {
+        matches!(&*self.storage, Storage::Mapped(_))
+    }
+
+    /// The file and byte offset this array is a view of, if it is mapped.
+    pub fn file_location(&self) -> Option<(&Path, u64, Access)> {
+        match &*self.storage {
+            Storage::Mapped(m) => Some((&m.path, self.offset as u64, m.access)),
+            Storage::Owned(_) => None,
+        }
+    }
+
+    /// The raw little-endian bytes of the elements.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.storage.bytes()[self.offset..self.offset + self.nbytes()]
+    }
+
+    /// The elements as a slice of `T`.
+    pub fn as_slice<T: Element>(&self) -> Result<&[T], ArrayError> {
+        self.check_dtype::<T>()?;
+        let bytes = self.as_bytes();
+        if bytes.is_empty() {
+            return Ok(&[]);
+        }
+        let ptr = bytes.as_ptr();
+        // Offsets are multiples of the element size from an aligned base (a
+        // Vec of T, or a page-aligned map whose .npy data offset is a multiple
+        // of 8), so this holds; check rather than trust.
+        assert_eq!(ptr.align_offset(std::mem::align_of::<T>()), 0, "array data is misaligned");
+        // SAFETY: the pointer is aligned (checked), the bytes are initialized
+        // and live as long as `self`, and every bit pattern is a valid T.
+        Ok(unsafe { std::slice::from_raw_parts(ptr.cast::<T>(), bytes.len() / std::mem::size_of::<T>()) })
+    }
+
+    /// The elements as a mutable slice of `T`.
+    ///
+    /// Allowed when this view is the only one in this process: an owned
+    /// array not shared with a clone, or a read-write or copy-on-write map
+    /// not shared with a clone. With a read-write map other processes may
+    /// map the same file: tasks must write disjoint parts.
+    pub fn as_mut_slice<T: Element>(&mut self) -> Result<&mut [T], ArrayError> {
+        self.check_dtype::<T>()?;
+        let (offset, nbytes) = (self.offset, self.nbytes());
+        let storage = Arc::get_mut(&mut self.storage)
+            .ok_or(ArrayError::NotWritable("other views of the same storage exist in this process"))?;
+        let bytes: &mut [u8] = match storage {
+            Storage::Owned(o) => &mut o.bytes_mut()[offset..offset + nbytes],
+            Storage::Mapped(m) => {
+                if m.access == Access::ReadOnly {
+                    return Err(ArrayError::NotWritable("it is mapped read-only"));
+                }
+                // SAFETY: the map is writable (read-write or copy-on-write),
+                // `Arc::get_mut` proved this view is its only user in this
+                // process, and the range lies inside the map (checked when the
+                // view was made).
+                unsafe { std::slice::from_raw_parts_mut(m.map.as_mut_ptr().add(offset), nbytes) }
+            }
+        };
+        if bytes.is_empty() {
+            return Ok(&mut []);
+        }
+        assert_eq!(bytes.as_ptr().align_offset(std::mem::align_of::<T>()), 0, "array data is misaligned");
+        // SAFETY: aligned (checked), initialized, exclusively borrowed through
+        // `&mut self`, and every bit pattern is a valid T.
+        Ok(unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<T>(), nbytes / std::mem::size_of::<T>()) })
+    }
+
+    /// A copy of the elements.
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>, ArrayError> {
+        Ok(self.as_slice::<T>()?.to_vec())
+    }
+
+    /// A view of rows `range` (along the first axis), sharing storage.
+    pub fn rows(&self, range: Range<usize>) -> Result<Array, ArrayError> {
+        let Some((&n_rows, rest)) = self.shape.split_first() else {
+            return Err(ArrayError::Shape("a 0-dimensional array has no rows".into()));
+        };
+        if range.start > range.end || range.end > n_rows {
+            return Err(ArrayError::Shape(format!("rows {range:?} out of range for {n_rows} rows")));
+        }
+        let row_bytes = product(rest) * self.dtype.size();
+        let mut shape = self.shape.clone();
+        shape[0] = range.end - range.start;
+        Ok(Array {
+            dtype: self.dtype,
+            shape,
+            storage: Arc::clone(&self.storage),
+            offset: self.offset + range.start * row_bytes,
+        })
+    }
+
+    /// The same elements with another shape of the same element count.
+    pub fn reshape(mut self, shape: impl Into<Vec<usize>>) -> Result<Array, ArrayError> {
+        let shape = shape.into();
+        if product(&shape) != self.len() {
+            return Err(ArrayError::Shape(format!("cannot reshape {:?} into {shape:?}", self.shape)));
+        }
+        self.shape = shape;
+        Ok(self)
+    }
+
+    /// A key that is equal for arrays sharing the same storage; used to dump
+    /// an array shared by many tasks only once.
+    pub fn storage_id(&self) -> usize {
+        Arc::as_ptr(&self.storage) as *const () as usize
+    }
+
+    /// An owned copy of the whole storage this view belongs to, as a flat
+    /// byte vector together with this view's byte offset in it.
+    pub fn storage_bytes(&self) -> (&[u8], usize) {
+        (self.storage.bytes(), self.offset)
+    }
+
+    fn check_dtype<T: Element>(&self) -> Result<(), ArrayError> {
+        if T::DTYPE != self.dtype {
+            return Err(ArrayError::DType { actual: self.dtype, requested: T::DTYPE });
+        }
+        Ok(())
+    }
+}
+
+fn downcast<T: Element, U: Element>(v: Vec<T>) -> Vec<U> {
+    assert_eq!(T::DTYPE, U::DTYPE, "downcast between different element types");
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: T and U have the same DType, and the sealed Element trait maps
+    // each DType to exactly one Rust type, so T and U are the same type.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<U>(), v.len(), v.capacity()) }
+}
+
+fn map_file(file: &File, path: &Path, access: Access) -> Result<Mapping, ArrayError> {
+    let mut opts = memmap2::MmapOptions::new();
+    let meta = file.metadata().map_err(|e| ArrayError::Map { path: path.into(), reason: e.to_string() })?;
+    if meta.len() == 0 {
+        // mmap of length 0 fails; an empty file holds an empty array anyway.
+        return Err(ArrayError::Map { path: path.into(), reason: "the file is empty".into() });
+    }
+    opts.len(meta.len() as usize);
+    let map = match access {
+        Access::ReadOnly => opts.map_raw_read_only(file),
+        Access::ReadWrite => opts.map_raw(file),
+        // SAFETY: a private mapping; see the contract of `Array::open_npy`.
+        Access::CopyOnWrite => unsafe { opts.map_copy(file) }.map(memmap2::MmapRaw::from),
+    }
+    .map_err(|e| ArrayError::Map { path: path.into(), reason: e.to_string() })?;
+    Ok(Mapping { map, path: path.to_path_buf(), access })
+}
+
+/// Maps the file an [`ArrayRef::File`] names, checking that the referenced
+/// bytes lie inside it. The file need not be a `.npy` (a row slice points
+/// into the middle of one); it must be a regular file.
+pub fn map_file_ref(
+    path: &Path,
+    dtype: DType,
+    shape: &[usize],
+    offset: u64,
+    access: Access,
+) -> Result<Array, ArrayError> {
+    let err = |reason: String| ArrayError::Map { path: path.to_path_buf(), reason };
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true).write(access == Access::ReadWrite);
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    }
+    let file = opts.open(path).map_err(|e| err(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    let nbytes = dtype.nbytes(shape).ok_or_else(|| err("shape overflows".into()))? as u64;
+    let end = offset.checked_add(nbytes).ok_or_else(|| err("offset overflows".into()))?;
+    if end > meta.len() {
+        return Err(err(format!("needs bytes {offset}..{end} but the file has {} bytes", meta.len())));
+    }
+    if offset % dtype.size() as u64 != 0 {
+        return Err(err(format!("offset {offset} is not a multiple of the element size")));
+    }
+    if nbytes == 0 {
+        return Ok(Array::zeros(dtype, shape.to_vec()));
+    }
+    let mapping = map_file(&file, path, access)?;
+    Ok(Array { dtype, shape: shape.to_vec(), storage: Arc::new(Storage::Mapped(mapping)), offset: offset as usize })
+}
+
+impl Array {
+    /// A view with the given dtype, shape and offset into the same storage as
+    /// `self` (used to share one mapping among many file references).
+    pub fn view_of_storage(&self, dtype: DType, shape: &[usize], offset: u64) -> Result<Array, ArrayError> {
+        let nbytes = dtype.nbytes(shape).ok_or_else(|| ArrayError::Shape("shape overflows".into()))?;
+        let total = self.storage.bytes().len();
+        let end = (offset as usize).checked_add(nbytes);
+        if end.is_none_or(|e| e > total) || offset as usize % dtype.size() != 0 {
+            return Err(ArrayError::Shape(format!("bytes {offset}..+{nbytes} out of range of {total}")));
+        }
+        Ok(Array { dtype, shape: shape.to_vec(), storage: Arc::clone(&self.storage), offset: offset as usize })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Encoding: arrays become references while a value is serialized.
+
+/// Decides how each array inside a value travels.
+pub trait ArrayEncoder {
+    /// Returns the reference under which `array` travels. An
+    /// [`ArrayRef::Inline`] means the array's bytes go into the bulk; the
+    /// encoder must remember the array to send them.
+    fn encode(&mut self, array: &Array) -> Result<ArrayRef, String>;
+}
+
+/// The default encoding: owned arrays inline, mapped arrays as file
+/// references. It keeps the inline arrays, in order, to send as bulk.
+#[derive(Default)]
+pub struct InlineEncoder {
+    /// The references, in encoding order.
+    pub refs: Vec<ArrayRef>,
+    /// The arrays whose bytes go inline, in order.
+    pub inline: Vec<Array>,
+}
+
+/// The reference a mapped array travels as, or `None` for an owned one.
+pub fn file_ref(array: &Array) -> Option<ArrayRef> {
+    let (path, offset, access) = array.file_location()?;
+    Some(ArrayRef::File {
+        dtype: array.dtype(),
+        shape: array.shape().iter().map(|&d| d as u64).collect(),
+        path: path.to_path_buf(),
+        offset,
+        access,
+    })
+}
+
+/// The inline reference for an array.
+pub fn inline_ref(array: &Array) -> ArrayRef {
+    ArrayRef::Inline { dtype: array.dtype(), shape: array.shape().iter().map(|&d| d as u64).collect() }
+}
+
+impl ArrayEncoder for InlineEncoder {
+    fn encode(&mut self, array: &Array) -> Result<ArrayRef, String> {
+        Ok(match file_ref(array) {
+            Some(r) => r,
+            None => {
+                self.inline.push(array.clone());
+                inline_ref(array)
+            }
+        })
+    }
+}
+
+thread_local! {
+    static ENCODER: Cell<Option<NonNull<Collect<'static>>>> = const { Cell::new(None) };
+    static DECODER: Cell<Option<NonNull<[Array]>>> = const { Cell::new(None) };
+}
+
+/// Why a value could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CodecError(pub String);
+
+/// Restores a thread-local slot when dropped, also on unwinding.
+struct Restore<T: 'static + Copy> {
+    key: &'static std::thread::LocalKey<Cell<T>>,
+    previous: T,
+}
+
+impl<T: Copy + 'static> Drop for Restore<T> {
+    fn drop(&mut self) {
+        let previous = self.previous;
+        self.key.with(|c| c.set(previous));
+    }
+}
+
+/// The encoder installed while a value is serialized, with the references
+/// handed out so far (an array's index is its position here).
+struct Collect<'a> {
+    inner: &'a mut dyn ArrayEncoder,
+    refs: Vec<ArrayRef>,
+}
+
+/// Serializes `value` with postcard; each [`Array`] inside it is handed to
+/// `encoder` and replaced by the index of its reference. Returns the bytes
+/// and the references.
+pub fn encode_with<T: Serialize + ?Sized>(
+    value: &T,
+    encoder: &mut dyn ArrayEncoder,
+) -> Result<(Vec<u8>, Vec<ArrayRef>), CodecError> {
+    let mut collect = Collect { inner: encoder, refs: Vec::new() };
+    let ptr = NonNull::from(&mut collect).cast::<Collect<'static>>();
+    let previous = ENCODER.with(|c| c.replace(Some(ptr)));
+    let restore = Restore { key: &ENCODER, previous };
+    let bytes = postcard::to_stdvec(value).map_err(|e| CodecError(e.to_string()));
+    // The slot must be reset before `collect` is used or dropped again.
+    drop(restore);
+    Ok((bytes?, collect.refs))
+}
+
+/// Deserializes a postcard value whose arrays are indices into `arrays`.
+pub fn decode_with<T: DeserializeOwned>(bytes: &[u8], arrays: &[Array]) -> Result<T, CodecError> {
+    let ptr = NonNull::from(arrays);
+    let previous = DECODER.with(|c| c.replace(Some(ptr)));
+    let _restore = Restore { key: &DECODER, previous };
+    postcard::from_bytes(bytes).map_err(|e| CodecError(e.to_string()))
+}
+
+impl Serialize for Array {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // Take the slot for the duration of the call so that a re-entrant
+        // serialize cannot create a second `&mut` to the same `Collect`.
+        let Some(mut ptr) = ENCODER.with(|c| c.take()) else {
+            return Err(serde::ser::Error::custom(
+                "procjob::Array can only be serialized by procjob (it travels as raw bytes or a file reference)",
+            ));
+        };
+        let _restore = Restore { key: &ENCODER, previous: Some(ptr) };
+        // SAFETY: `encode_with` keeps the `Collect` alive, and does not touch
+        // it, while the slot holds this pointer; the slot is empty while we
+        // hold the `&mut`, so no other reference to it exists.
+        let collect = unsafe { ptr.as_mut() };
+        let r = collect.inner.encode(self).map_err(serde::ser::Error::custom)?;
+        collect.refs.push(r);
+        let index = u32::try_from(collect.refs.len() - 1)
+            .map_err(|_| serde::ser::Error::custom("more than 2^32 arrays in one value"))?;
+        serializer.serialize_u32(index)
+    }
+}
+
+impl<'de> Deserialize<'de> for Array {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Array, D::Error> {
+        let index = u32::deserialize(deserializer)? as usize;
+        let Some(ptr) = DECODER.with(|c| c.get()) else {
+            return Err(serde::de::Error::custom("procjob::Array can only be deserialized by procjob"));
+        };
+        // SAFETY: `decode_with` keeps the slice alive while the slot is set.
+        let arrays = unsafe { ptr.as_ref() };
+        arrays.get(index).cloned().ok_or_else(|| {
+            serde::de::Error::custom(format!("array index {index} out of range ({} arrays)", arrays.len()))
+        })
+    }
+}
+
+/// Reads the bytes of each inline reference from the stream into its own
+/// owned array, and maps each file reference with `map`. Checks the bulk
+/// length against the declared arrays before allocating.
+pub fn read_arrays<'a, R: Read + ?Sized>(
+    r: &mut R,
+    refs: impl IntoIterator<Item = &'a ArrayRef> + Clone,
+    bulk_len: u64,
+    map: &mut dyn FnMut(&ArrayRef) -> Result<Array, ArrayError>,
+) -> Result<Vec<Result<Array, ArrayError>>, DecodeError> {
+    crate::protocol::check_bulk(refs.clone(), bulk_len)?;
+    let mut out = Vec::new();
+    for r_ in refs {
+        match r_ {
+            ArrayRef::Inline { dtype, shape } => {
+                let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+                let mut array = Array::zeros(*dtype, shape);
+                let storage = Arc::get_mut(&mut array.storage).expect("a fresh array is unshared");
+                let Storage::Owned(owned) = storage else { unreachable!("zeros() is owned") };
+                crate::protocol::read_part(r, owned.bytes_mut(), "bulk")?;
+                out.push(Ok(array));
+            }
+            file @ ArrayRef::File { .. } => out.push(map(file)),
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,26 @@
+//! The worker side of procjob.
+//!
+//! Everything a worker process needs lives here, and nothing of the pool:
+//! the wire protocol both sides speak, the `.npy` array store, the task
+//! registry, the matrix kernels and the serve loop. The coordinator crate
+//! (`procjob`) depends on this one, never the reverse.
+#![warn(missing_docs)]
+
+pub mod dtype;
+pub mod kernels;
+pub mod npy;
+
+pub use dtype::{DType, Element};
+pub mod array;
+pub mod matmul;
+pub mod memory;
+pub mod protocol;
+pub mod registry;
+pub mod serve;
+pub mod task;
+#[cfg(feature = "test-tasks")]
+pub mod testkinds;
+
+pub use array::Array;
+pub use registry::Registry;
+pub use task::Task;

@@ -1,0 +1,633 @@
+//! The wire protocol: the only thing the coordinator and a worker share.
+//!
+//! # Transport
+//!
+//! A worker reads requests on its standard input and writes replies on its
+//! standard output; both are pipes owned by the coordinator. The worker
+//! moves both ends off fds 0 and 1 at start-up (see [`crate::serve`]) so a
+//! `print!` or a read of stdin inside a task can never touch the stream.
+//!
+//! # Frames
+//!
+//! Every message travels as one frame:
+//!
+//! ```text
+//! offset size  field
+//!      0    4  magic        b"PJOB"
+//!      4    2  version      u16 little-endian, = PROTOCOL_VERSION
+//!      6    1  kind         1 = Request (coordinator → worker), 2 = Reply (worker → coordinator)
+//!      7    1  reserved     0
+//!      8    4  payload_len  u32 little-endian, ≤ MAX_PAYLOAD
+//!     12    8  bulk_len     u64 little-endian, ≤ MAX_BULK
+//!     20    …  payload      postcard encoding of a [`Request`] or [`Reply`]
+//!      …    …  bulk         raw array bytes, bulk_len of them
+//! ```
+//!
+//! The payload is a postcard-encoded tagged enum ([`Request`] or [`Reply`]);
+//! postcard is compact, not self-describing, and has a stable wire format
+//! (1.0). Array elements are never encoded one by one: every
+//! [`ArrayRef::Inline`] named in the payload, in the order it appears,
+//! owns the next `dtype.size() × product(shape)` bytes of the bulk, little
+//! endian, C order, with no padding. The reader checks that those sizes add
+//! up to `bulk_len` before it allocates any of them.
+//!
+//! # Limits
+//!
+//! `payload_len` is checked against [`MAX_PAYLOAD`] before a byte of the
+//! payload is allocated; `bulk_len` against [`MAX_BULK`] and then against
+//! the arrays the payload declares. A frame that breaks any rule is a typed
+//! [`DecodeError`]; the reader never allocates what a bad frame advertises.
+//!
+//! # Versioning and handshake
+//!
+//! Each frame carries [`PROTOCOL_VERSION`]; a frame of another version is a
+//! [`DecodeError::VersionMismatch`]. A conversation opens with the
+//! coordinator's [`Request::Hello`], answered by [`Reply::Ready`]; only then
+//! do [`Request::Run`] batches follow, each answered by one
+//! [`Reply::Results`]. The worker exits when its input closes.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dtype::DType;
+
+/// The four bytes every frame starts with.
+pub const MAGIC: [u8; 4] = *b"PJOB";
+/// The protocol version; bumped on any incompatible change of frames or messages.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Length of the fixed frame prelude.
+pub const PRELUDE_LEN: usize = 20;
+/// Largest payload (the postcard part) a reader accepts: 64 MiB.
+pub const MAX_PAYLOAD: usize = 64 << 20;
+/// Largest bulk part a reader accepts: 1 TiB.
+pub const MAX_BULK: u64 = 1 << 40;
+
+/// Who sent a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// Coordinator → worker.
+    Request = 1,
+    /// Worker → coordinator.
+    Reply = 2,
+}
+
+impl FrameKind {
+    fn from_byte(b: u8) -> Option<FrameKind> {
+        match b {
+            1 => Some(FrameKind::Request),
+            2 => Some(FrameKind::Reply),
+            _ => None,
+        }
+    }
+}
+
+/// A message from the coordinator to a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Opens the conversation.
+    Hello(Hello),
+    /// Run these tasks, in order, and answer with one [`Reply::Results`].
+    Run(Batch),
+}
+
+/// The handshake request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The coordinator's [`PROTOCOL_VERSION`].
+    pub protocol: u16,
+    /// The worker's index in its pool (0-based), for messages.
+    pub worker_index: u32,
+    /// Identity of the coordinator's executable, so the worker can tell
+    /// whether it is the same binary (and may run tasks by code offset).
+    pub binary: crate::registry::BinaryId,
+    /// Exit after this many milliseconds without a request (0 = never).
+    pub idle_timeout_ms: u64,
+}
+
+/// A batch of tasks for one worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Batch {
+    /// Identifies the call the tasks belong to; a worker drops its cached
+    /// file mappings when the call changes.
+    pub call: u64,
+    /// The tasks, run in this order.
+    pub tasks: Vec<TaskRequest>,
+}
+
+/// One task: which code to run and its encoded input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRequest {
+    /// Index of the task in its call (submission order).
+    pub index: u64,
+    /// What to run.
+    pub kind: TaskKind,
+    /// The postcard encoding of the task's input; arrays in it are indices
+    /// into `arrays`.
+    pub input: Vec<u8>,
+    /// The arrays the input refers to.
+    pub arrays: Vec<ArrayRef>,
+}
+
+/// Names the code a task runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskKind {
+    /// The task's name (its registry key, and what messages show).
+    pub name: String,
+    /// Offset of the task's entry point from the binary's anchor function;
+    /// used only when the worker is the same executable as the coordinator.
+    pub entry: Option<i64>,
+}
+
+/// How a worker maps a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Access {
+    /// Shared read-only mapping (joblib's `mmap_mode='r'`).
+    ReadOnly,
+    /// Shared read-write mapping: writes reach the file and every other
+    /// process mapping it (`'r+'`).
+    ReadWrite,
+    /// Private copy-on-write mapping: writes stay in this process (`'c'`).
+    CopyOnWrite,
+}
+
+/// An array as it travels: its bytes in the frame's bulk, or a reference to
+/// a file that holds them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ArrayRef {
+    /// The bytes follow in the frame's bulk part.
+    Inline {
+        /// Element type.
+        dtype: DType,
+        /// Shape (C order).
+        shape: Vec<u64>,
+    },
+    /// The bytes are in a file, to be memory-mapped.
+    File {
+        /// Element type.
+        dtype: DType,
+        /// Shape (C order).
+        shape: Vec<u64>,
+        /// Absolute path of the file.
+        path: PathBuf,
+        /// Byte offset of the first element in the file.
+        offset: u64,
+        /// How to map it.
+        access: Access,
+    },
+}
+
+impl ArrayRef {
+    /// Bytes of the array, or `None` if the shape overflows.
+    pub fn nbytes(&self) -> Option<u64> {
+        let (dtype, shape) = match self {
+            ArrayRef::Inline { dtype, shape } | ArrayRef::File { dtype, shape, .. } => (dtype, shape),
+        };
+        shape.iter().try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d))
+    }
+}
+
+/// A message from a worker to the coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The handshake answer.
+    Ready(Ready),
+    /// The handshake was refused; the worker exits after sending this.
+    Refused {
+        /// Why, in words.
+        reason: String,
+    },
+    /// The outcomes of one batch, one per task, in the batch's order.
+    Results(Results),
+}
+
+/// The handshake answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ready {
+    /// The worker's [`PROTOCOL_VERSION`].
+    pub protocol: u16,
+    /// The worker's process id.
+    pub pid: u32,
+    /// Whether the worker is the coordinator's own executable, so tasks
+    /// named only by code offset can run.
+    pub same_binary: bool,
+}
+
+/// The answer to one batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Results {
+    /// One per task of the batch, in order.
+    pub tasks: Vec<TaskReply>,
+    /// The worker's memory after the batch.
+    pub memory: MemorySnapshot,
+}
+
+/// The outcome of one task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskReply {
+    /// The task's index in its call.
+    pub index: u64,
+    /// Seconds the task ran inside the worker.
+    pub seconds: f64,
+    /// What came of it.
+    pub outcome: Outcome,
+}
+
+/// What came of a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// It returned `Ok`.
+    Ok {
+        /// The postcard encoding of the output; arrays are indices into `arrays`.
+        output: Vec<u8>,
+        /// The arrays the output refers to.
+        arrays: Vec<ArrayRef>,
+    },
+    /// It returned `Err`, panicked, or could not be run.
+    Failed(TaskFailure),
+}
+
+/// Why a task failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureCause {
+    /// The task returned an error.
+    Error,
+    /// The task panicked.
+    Panic,
+    /// The worker could not run it (unknown task kind, bad input, unmappable file).
+    Setup,
+}
+
+/// A task's failure, as the worker reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskFailure {
+    /// Error, panic or set-up problem.
+    pub cause: FailureCause,
+    /// The error's `Display`, or the panic message.
+    pub message: String,
+    /// `file:line:column` of a panic.
+    pub location: Option<String>,
+    /// The postcard encoding of the task's typed error, when it returned one.
+    pub error: Option<Vec<u8>>,
+}
+
+/// A worker's memory, read from its own `/proc/self` files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemorySnapshot {
+    /// Peak resident set size (`VmHWM`), bytes.
+    pub peak_rss: u64,
+    /// Unique set size now (`Private_Clean + Private_Dirty`), bytes.
+    pub uss: u64,
+    /// Proportional set size now (`Pss`), bytes.
+    pub pss: u64,
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The stream ended cleanly between frames.
+    #[error("the stream ended")]
+    Closed,
+    /// Reading failed.
+    #[error("cannot read a frame: {0}")]
+    Io(#[from] io::Error),
+    /// The stream ended inside a frame.
+    #[error("the stream ended inside a frame ({got} of {needed} bytes of its {part})")]
+    Truncated {
+        /// Which part was cut short.
+        part: &'static str,
+        /// Bytes expected.
+        needed: u64,
+        /// Bytes received.
+        got: u64,
+    },
+    /// The frame does not start with [`MAGIC`].
+    #[error(
+        "bad frame magic {0:02x?} (expected \"PJOB\"); the peer is not a procjob process or the stream is corrupt"
+    )]
+    BadMagic([u8; 4]),
+    /// The peer speaks another protocol version.
+    #[error("protocol version mismatch: this side speaks {ours}, the peer {theirs}; run the same procjob version on both sides")]
+    VersionMismatch {
+        /// Our version.
+        ours: u16,
+        /// Theirs.
+        theirs: u16,
+    },
+    /// A frame of the wrong kind for this direction.
+    #[error("unexpected frame kind {got} (expected {expected:?})")]
+    WrongKind {
+        /// The kind this side reads.
+        expected: FrameKind,
+        /// The byte received.
+        got: u8,
+    },
+    /// The payload is larger than [`MAX_PAYLOAD`].
+    #[error("frame payload of {len} bytes exceeds the limit of {max} bytes")]
+    PayloadTooLarge {
+        /// Advertised length.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The bulk is larger than [`MAX_BULK`].
+    #[error("frame bulk of {len} bytes exceeds the limit of {max} bytes")]
+    BulkTooLarge {
+        /// Advertised length.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The payload is not a valid message.
+    #[error("cannot decode the frame payload: {0}")]
+    Payload(#[from] postcard::Error),
+    /// The bulk length disagrees with the arrays the payload declares.
+    #[error("frame bulk is {actual} bytes but its arrays need {declared}")]
+    BulkMismatch {
+        /// Bytes the inline arrays need.
+        declared: u64,
+        /// `bulk_len` of the frame.
+        actual: u64,
+    },
+}
+
+/// A decoded frame prelude.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prelude {
+    /// Who sent it.
+    pub kind: FrameKind,
+    /// Length of the postcard payload.
+    pub payload_len: u32,
+    /// Length of the raw bulk.
+    pub bulk_len: u64,
+}
+
+/// Encodes a prelude.
+pub fn encode_prelude(kind: FrameKind, payload_len: usize, bulk_len: u64) -> [u8; PRELUDE_LEN] {
+    let mut p = [0u8; PRELUDE_LEN];
+    p[0..4].copy_from_slice(&MAGIC);
+    p[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    p[6] = kind as u8;
+    p[8..12].copy_from_slice(&(payload_len as u32).to_le_bytes());
+    p[12..20].copy_from_slice(&bulk_len.to_le_bytes());
+    p
+}
+
+/// Decodes and checks a prelude: magic, version, kind and both limits.
+pub fn decode_prelude(p: &[u8; PRELUDE_LEN], expected: FrameKind) -> Result<Prelude, DecodeError> {
+    let magic: [u8; 4] = [p[0], p[1], p[2], p[3]];
+    if magic != MAGIC {
+        return Err(DecodeError::BadMagic(magic));
+    }
+    let version = u16::from_le_bytes([p[4], p[5]]);
+    if version != PROTOCOL_VERSION {
+        return Err(DecodeError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: version });
+    }
+    if FrameKind::from_byte(p[6]) != Some(expected) {
+        return Err(DecodeError::WrongKind { expected, got: p[6] });
+    }
+    let payload_len = u32::from_le_bytes([p[8], p[9], p[10], p[11]]);
+    if payload_len as usize > MAX_PAYLOAD {
+        return Err(DecodeError::PayloadTooLarge { len: payload_len.into(), max: MAX_PAYLOAD as u64 });
+    }
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&p[12..20]);
+    let bulk_len = u64::from_le_bytes(b);
+    if bulk_len > MAX_BULK {
+        return Err(DecodeError::BulkTooLarge { len: bulk_len, max: MAX_BULK });
+    }
+    Ok(Prelude { kind: expected, payload_len, bulk_len })
+}
+
+/// Writes one frame: prelude, payload, then each bulk slice, with vectored
+/// writes. Returns the number of bytes written.
+pub fn write_frame<W: Write + ?Sized>(w: &mut W, kind: FrameKind, payload: &[u8], bulk: &[&[u8]]) -> io::Result<u64> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("message of {} bytes exceeds the frame payload limit of {MAX_PAYLOAD} bytes", payload.len()),
+        ));
+    }
+    let bulk_len: u64 = bulk.iter().map(|b| b.len() as u64).sum();
+    let prelude = encode_prelude(kind, payload.len(), bulk_len);
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 + bulk.len());
+    slices.push(IoSlice::new(&prelude));
+    slices.push(IoSlice::new(payload));
+    slices.extend(bulk.iter().filter(|b| !b.is_empty()).map(|b| IoSlice::new(b)));
+    write_all_vectored(w, &mut slices)?;
+    w.flush()?;
+    Ok(PRELUDE_LEN as u64 + payload.len() as u64 + bulk_len)
+}
+
+fn write_all_vectored<W: Write + ?Sized>(w: &mut W, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "the peer stopped reading")),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Encodes a message and writes it as a frame with the given bulk.
+pub fn send<W: Write + ?Sized, M: Serialize>(
+    w: &mut W,
+    kind: FrameKind,
+    message: &M,
+    bulk: &[&[u8]],
+) -> io::Result<u64> {
+    let payload = postcard::to_stdvec(message)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("cannot encode a message: {e}")))?;
+    write_frame(w, kind, &payload, bulk)
+}
+
+/// Reads exactly `buf.len()` bytes; distinguishes a short read as `Truncated`.
+pub fn read_part<R: Read + ?Sized>(r: &mut R, buf: &mut [u8], part: &'static str) -> Result<(), DecodeError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => {
+                return Err(DecodeError::Truncated { part, needed: buf.len() as u64, got: got as u64 });
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(DecodeError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// A frame whose prelude and payload have been read; its bulk, if any, is
+/// still in the stream and must be read next (see [`crate::array::read_inline_arrays`]).
+#[derive(Debug)]
+pub struct Frame<M> {
+    /// The decoded message.
+    pub message: M,
+    /// Bytes of bulk that follow in the stream.
+    pub bulk_len: u64,
+    /// Bytes of prelude and payload read.
+    pub header_bytes: u64,
+}
+
+/// Reads a prelude and payload, and decodes the payload as `M`.
+///
+/// Returns [`DecodeError::Closed`] if the stream ends before the first byte
+/// of a frame.
+pub fn recv<R: Read + ?Sized, M: serde::de::DeserializeOwned>(
+    r: &mut R,
+    expected: FrameKind,
+) -> Result<Frame<M>, DecodeError> {
+    let mut p = [0u8; PRELUDE_LEN];
+    // The first byte tells a clean end of stream from a truncated frame.
+    loop {
+        match r.read(&mut p[..1]) {
+            Ok(0) => return Err(DecodeError::Closed),
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(DecodeError::Io(e)),
+        }
+    }
+    read_part(r, &mut p[1..], "prelude")?;
+    let prelude = decode_prelude(&p, expected)?;
+    let mut payload = vec![0u8; prelude.payload_len as usize];
+    read_part(r, &mut payload, "payload")?;
+    let message = postcard::from_bytes(&payload)?;
+    Ok(Frame { message, bulk_len: prelude.bulk_len, header_bytes: (PRELUDE_LEN + payload.len()) as u64 })
+}
+
+/// Checks that the inline arrays declared in `refs` need exactly `bulk_len`
+/// bytes.
+pub fn check_bulk<'a>(refs: impl IntoIterator<Item = &'a ArrayRef>, bulk_len: u64) -> Result<(), DecodeError> {
+    let mut declared: u64 = 0;
+    for r in refs {
+        if let ArrayRef::Inline { .. } = r {
+            let n = r.nbytes().ok_or(DecodeError::BulkMismatch { declared: u64::MAX, actual: bulk_len })?;
+            declared =
+                declared.checked_add(n).ok_or(DecodeError::BulkMismatch { declared: u64::MAX, actual: bulk_len })?;
+        }
+    }
+    if declared != bulk_len {
+        return Err(DecodeError::BulkMismatch { declared, actual: bulk_len });
+    }
+    Ok(())
+}
+
+impl Request {
+    /// The array references of every task in this request, in bulk order.
+    pub fn array_refs(&self) -> impl Iterator<Item = &ArrayRef> + Clone {
+        let tasks: &[TaskRequest] = match self {
+            Request::Run(b) => &b.tasks,
+            Request::Hello(_) => &[],
+        };
+        tasks.iter().flat_map(|t| t.arrays.iter())
+    }
+}
+
+impl Reply {
+    /// The array references of every outcome in this reply, in bulk order.
+    pub fn array_refs(&self) -> impl Iterator<Item = &ArrayRef> + Clone {
+        let tasks: &[TaskReply] = match self {
+            Reply::Results(r) => &r.tasks,
+            _ => &[],
+        };
+        tasks.iter().flat_map(|t| match &t.outcome {
+            Outcome::Ok { arrays, .. } => arrays.as_slice(),
+            Outcome::Failed(_) => &[],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Request {
+        Request::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            worker_index: 3,
+            binary: crate::registry::BinaryId::default(),
+            idle_timeout_ms: 0,
+        })
+    }
+
+    #[test]
+    fn frame_round_trips() {
+        let mut buf = Vec::new();
+        let n = send(&mut buf, FrameKind::Request, &hello(), &[]).unwrap();
+        assert_eq!(n as usize, buf.len());
+        let frame: Frame<Request> = recv(&mut buf.as_slice(), FrameKind::Request).unwrap();
+        assert_eq!(frame.message, hello());
+        assert_eq!(frame.bulk_len, 0);
+    }
+
+    #[test]
+    fn empty_stream_is_closed_not_truncated() {
+        let err = recv::<_, Request>(&mut &b""[..], FrameKind::Request).unwrap_err();
+        assert!(matches!(err, DecodeError::Closed), "{err:?}");
+    }
+
+    #[test]
+    fn every_truncation_is_a_typed_error() {
+        let mut buf = Vec::new();
+        send(&mut buf, FrameKind::Request, &hello(), &[]).unwrap();
+        for cut in 1..buf.len() {
+            let err = recv::<_, Request>(&mut &buf[..cut], FrameKind::Request).unwrap_err();
+            assert!(matches!(err, DecodeError::Truncated { .. }), "cut {cut}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn bad_magic_version_and_kind_are_refused() {
+        let mut buf = Vec::new();
+        send(&mut buf, FrameKind::Request, &hello(), &[]).unwrap();
+        let mut bad = buf.clone();
+        bad[0] = b'X';
+        assert!(matches!(recv::<_, Request>(&mut bad.as_slice(), FrameKind::Request), Err(DecodeError::BadMagic(_))));
+        let mut bad = buf.clone();
+        bad[4] = 99;
+        let err = recv::<_, Request>(&mut bad.as_slice(), FrameKind::Request).unwrap_err();
+        assert!(matches!(err, DecodeError::VersionMismatch { theirs: 99, .. }), "{err:?}");
+        assert!(err.to_string().contains("version mismatch"));
+        let err = recv::<_, Request>(&mut buf.as_slice(), FrameKind::Reply).unwrap_err();
+        assert!(matches!(err, DecodeError::WrongKind { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn oversized_payload_is_refused_before_allocation() {
+        // Advertise u32::MAX bytes of payload and provide none: the reader must
+        // refuse on the prelude alone.
+        let p = encode_prelude(FrameKind::Request, u32::MAX as usize, 0);
+        let err = recv::<_, Request>(&mut &p[..], FrameKind::Request).unwrap_err();
+        assert!(matches!(err, DecodeError::PayloadTooLarge { .. }), "{err:?}");
+        let p = encode_prelude(FrameKind::Request, 1, u64::MAX);
+        let err = recv::<_, Request>(&mut &p[..], FrameKind::Request).unwrap_err();
+        assert!(matches!(err, DecodeError::BulkTooLarge { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn garbage_payload_is_a_decode_error() {
+        let garbage = [0xffu8; 16];
+        let mut buf = Vec::new();
+        write_frame(&mut buf, FrameKind::Request, &garbage, &[]).unwrap();
+        let err = recv::<_, Request>(&mut buf.as_slice(), FrameKind::Request).unwrap_err();
+        assert!(matches!(err, DecodeError::Payload(_)), "{err:?}");
+    }
+
+    #[test]
+    fn bulk_must_match_declared_arrays() {
+        let refs = [
+            ArrayRef::Inline { dtype: DType::F64, shape: vec![2, 3] },
+            ArrayRef::Inline { dtype: DType::F32, shape: vec![5] },
+        ];
+        assert!(check_bulk(&refs, 48 + 20).is_ok());
+        let err = check_bulk(&refs, 48 + 19).unwrap_err();
+        assert!(matches!(err, DecodeError::BulkMismatch { declared: 68, actual: 67 }), "{err:?}");
+        let huge = [ArrayRef::Inline { dtype: DType::F64, shape: vec![u64::MAX, 2] }];
+        assert!(matches!(check_bulk(&huge, 16), Err(DecodeError::BulkMismatch { .. })));
+    }
+}

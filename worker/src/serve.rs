@@ -1,0 +1,288 @@
+//! The serve loop: what a worker process does from start to exit.
+//!
+//! [`run_worker`] prepares the process (moves the protocol off fds 0 and 1,
+//! asks for a signal when the parent dies, captures panics) and then
+//! [`serve`]s: read a request, run its tasks under panic capture, answer,
+//! until the input closes.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::fd::AsFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::array::{self, Array, ArrayError};
+use crate::protocol::{
+    self, Access, ArrayRef, DecodeError, FailureCause, FrameKind, Outcome, Ready, Reply, Request, Results, TaskReply,
+    PROTOCOL_VERSION,
+};
+use crate::registry::{self, Registry};
+use crate::task::ErasedOutcome;
+
+/// The environment variable that marks a process as a procjob worker; its
+/// value is the coordinator's pid.
+pub const WORKER_ENV: &str = "PROCJOB_WORKER";
+
+/// Why serving stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A frame could not be read.
+    #[error("worker cannot read its input: {0}")]
+    Decode(#[from] DecodeError),
+    /// A reply could not be written.
+    #[error("worker cannot write its output: {0}")]
+    Write(#[from] std::io::Error),
+    /// The conversation did not open with a handshake.
+    #[error("worker expected a Hello request first")]
+    NoHello,
+    /// The handshake was refused.
+    #[error("handshake refused: {0}")]
+    Refused(String),
+}
+
+/// Whether this process was started as a procjob worker.
+pub fn is_worker_process() -> bool {
+    std::env::var_os(WORKER_ENV).is_some()
+}
+
+/// Turns this process into a worker: serves on stdin/stdout and exits.
+/// Never returns.
+pub fn run_worker(registry: &Registry) -> ! {
+    let code = match prepare_and_serve(registry) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("procjob worker (pid {}): {e}", std::process::id());
+            3
+        }
+    };
+    std::process::exit(code)
+}
+
+fn prepare_and_serve(registry: &Registry) -> Result<(), ServeError> {
+    let (input, output) = take_protocol_fds()?;
+    die_with_parent();
+    install_panic_capture();
+    serve(BufReader::with_capacity(1 << 16, input), output, registry)
+}
+
+/// Moves the protocol off fds 0 and 1: stdin becomes /dev/null and stdout
+/// becomes stderr, so a task's prints and reads cannot touch the stream.
+fn take_protocol_fds() -> std::io::Result<(File, File)> {
+    let stdin = std::io::stdin();
+    let input = stdin.as_fd().try_clone_to_owned()?;
+    let stdout = std::io::stdout();
+    let output = stdout.as_fd().try_clone_to_owned()?;
+    let devnull = File::open("/dev/null")?;
+    nix::unistd::dup2_stdin(devnull.as_fd()).map_err(std::io::Error::from)?;
+    nix::unistd::dup2_stdout(std::io::stderr().as_fd()).map_err(std::io::Error::from)?;
+    Ok((File::from(input), File::from(output)))
+}
+
+/// Asks the kernel for SIGKILL when the parent dies, then checks the parent
+/// is still the coordinator that started us (it may have died before the
+/// request took effect).
+fn die_with_parent() {
+    #[cfg(target_os = "linux")]
+    {
+        let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+        let expected = std::env::var(WORKER_ENV).ok().and_then(|v| v.parse::<i32>().ok());
+        if let Some(parent) = expected {
+            if parent > 1 && nix::unistd::getppid().as_raw() != parent {
+                std::process::exit(3);
+            }
+        }
+    }
+}
+
+thread_local! {
+    static LAST_PANIC: RefCell<Option<(String, Option<String>)>> = const { RefCell::new(None) };
+}
+
+/// Records each panic's message and location for the reply instead of
+/// printing it: the coordinator shows it, with the task it belongs to.
+fn install_panic_capture() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = if let Some(s) = info.payload().downcast_ref::<&str>() {
+            (*s).to_string()
+        } else if let Some(s) = info.payload().downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "panic with a non-string payload".to_string()
+        };
+        let location = info.location().map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+        LAST_PANIC.with(|p| *p.borrow_mut() = Some((message, location)));
+    }));
+}
+
+/// Serves requests from `input` until it closes. Public for tests, which
+/// drive it through in-memory pipes.
+pub fn serve<R: Read, W: Write>(mut input: BufReader<R>, output: W, registry: &Registry) -> Result<(), ServeError>
+where
+    R: AsRawFdMaybe,
+{
+    let mut output = BufWriter::with_capacity(1 << 16, output);
+    let hello = match protocol::recv::<_, Request>(&mut input, FrameKind::Request) {
+        Ok(f) => f,
+        Err(DecodeError::Closed) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let Request::Hello(hello) = hello.message else { return Err(ServeError::NoHello) };
+    if hello.protocol != PROTOCOL_VERSION {
+        let reason =
+            format!("protocol version mismatch: coordinator speaks {}, worker {PROTOCOL_VERSION}", hello.protocol);
+        protocol::send(&mut output, FrameKind::Reply, &Reply::Refused { reason: reason.clone() }, &[])?;
+        return Err(ServeError::Refused(reason));
+    }
+    let same_binary = hello.binary.is_current();
+    let ready = Ready { protocol: PROTOCOL_VERSION, pid: std::process::id(), same_binary };
+    protocol::send(&mut output, FrameKind::Reply, &Reply::Ready(ready), &[])?;
+    let idle = (hello.idle_timeout_ms > 0).then(|| Duration::from_millis(hello.idle_timeout_ms));
+    let mut maps = MapCache::default();
+    loop {
+        if let Some(idle) = idle {
+            if input.buffer().is_empty() && !input.get_ref().wait_readable(idle) {
+                return Ok(()); // idle timeout: exit quietly, the pool starts another when needed
+            }
+        }
+        let frame = match protocol::recv::<_, Request>(&mut input, FrameKind::Request) {
+            Ok(f) => f,
+            Err(DecodeError::Closed) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let Request::Run(batch) = &frame.message else { return Err(ServeError::NoHello) };
+        if maps.call != batch.call {
+            maps = MapCache { call: batch.call, ..MapCache::default() };
+        }
+        let arrays = array::read_arrays(&mut input, frame.message.array_refs(), frame.bulk_len, &mut |r| maps.map(r))?;
+        let mut arrays = arrays.into_iter();
+        let mut replies = Vec::with_capacity(batch.tasks.len());
+        let mut inline: Vec<Array> = Vec::new();
+        for task in &batch.tasks {
+            let mine: Vec<Result<Array, ArrayError>> = arrays.by_ref().take(task.arrays.len()).collect();
+            let started = Instant::now();
+            let result = run_one(registry, same_binary, &task.kind, &task.input, mine);
+            replies.push(TaskReply {
+                index: task.index,
+                seconds: started.elapsed().as_secs_f64(),
+                outcome: result.outcome,
+            });
+            inline.extend(result.inline);
+        }
+        let results = Reply::Results(Results { tasks: replies, memory: crate::memory::snapshot() });
+        let bulk: Vec<&[u8]> = inline.iter().map(Array::as_bytes).collect();
+        protocol::send(&mut output, FrameKind::Reply, &results, &bulk)?;
+    }
+}
+
+fn run_one(
+    registry: &Registry,
+    same_binary: bool,
+    kind: &protocol::TaskKind,
+    input: &[u8],
+    arrays: Vec<Result<Array, ArrayError>>,
+) -> ErasedOutcome {
+    let arrays: Vec<Array> = match arrays.into_iter().collect() {
+        Ok(a) => a,
+        Err(e) => return ErasedOutcome::failed(FailureCause::Setup, e.to_string()),
+    };
+    let entry = match (registry.get(&kind.name), kind.entry) {
+        (Some(entry), _) => entry,
+        // SAFETY: the handshake checked that this worker runs the
+        // coordinator's own executable (`same_binary`), where the offset was
+        // made by `entry_offset`.
+        (None, Some(offset)) if same_binary => unsafe { registry::entry_at(offset) },
+        (None, _) => {
+            return ErasedOutcome::failed(
+                FailureCause::Setup,
+                format!(
+                    "task kind '{}' is not known to this worker (it is not the coordinator's executable, and knows only: {})",
+                    kind.name,
+                    registry.names().join(", ")
+                ),
+            )
+        }
+    };
+    match catch_unwind(AssertUnwindSafe(|| entry(input, &arrays))) {
+        Ok(outcome) => outcome,
+        Err(payload) => {
+            let (message, location) = LAST_PANIC.with(|p| p.borrow_mut().take()).unwrap_or_else(|| {
+                let m = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "panic".into());
+                (m, None)
+            });
+            ErasedOutcome {
+                outcome: Outcome::Failed(protocol::TaskFailure {
+                    cause: FailureCause::Panic,
+                    message,
+                    location,
+                    error: None,
+                }),
+                inline: Vec::new(),
+            }
+        }
+    }
+}
+
+/// Read-only mappings of the current call, shared by all its tasks so a
+/// file is mapped once per worker, not once per task. Writable mappings are
+/// never shared: each task gets its own, so it may write through it.
+#[derive(Default)]
+struct MapCache {
+    call: u64,
+    read_only: HashMap<PathBuf, Array>,
+}
+
+impl MapCache {
+    fn map(&mut self, r: &ArrayRef) -> Result<Array, ArrayError> {
+        let ArrayRef::File { dtype, shape, path, offset, access } = r else {
+            unreachable!("only file references are mapped")
+        };
+        let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        if *access != Access::ReadOnly {
+            return array::map_file_ref(path, *dtype, &shape, *offset, *access);
+        }
+        if let Some(base) = self.read_only.get(path) {
+            return base.view_of_storage(*dtype, &shape, *offset);
+        }
+        let a = array::map_file_ref(path, *dtype, &shape, *offset, Access::ReadOnly)?;
+        if a.is_mapped() {
+            self.read_only.insert(path.clone(), a.clone());
+        }
+        Ok(a)
+    }
+}
+
+/// Readers whose readiness can be awaited (for the idle timeout).
+pub trait AsRawFdMaybe {
+    /// Waits until readable or `timeout` passes; true when readable (or
+    /// when readiness cannot be awaited, so the caller just reads).
+    fn wait_readable(&self, timeout: Duration) -> bool;
+}
+
+impl AsRawFdMaybe for File {
+    fn wait_readable(&self, timeout: Duration) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let ms = PollTimeout::try_from(timeout.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(self.as_fd(), PollFlags::POLLIN)];
+        loop {
+            match poll(&mut fds, ms) {
+                Ok(0) => return false,
+                Ok(_) => return true,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return true,
+            }
+        }
+    }
+}
+
+impl AsRawFdMaybe for &[u8] {
+    fn wait_readable(&self, _: Duration) -> bool {
+        true
+    }
+}
