@@ -78,7 +78,7 @@ pub enum Error {
         /// Where it ran.
         worker: WorkerId,
         /// What the worker reported.
-        failure: TaskFailure,
+        failure: Box<TaskFailure>,
     },
     /// A worker died while running tasks.
     #[error("{worker} {exit} while running {}{}", list_tasks(.tasks), death_hint(.exit))]
@@ -145,7 +145,7 @@ impl Error {
     /// The task's typed error, when it returned one of type `E`.
     pub fn task_error<E: serde::de::DeserializeOwned>(&self) -> Option<E> {
         match self {
-            Error::Task { failure: TaskFailure { error: Some(bytes), .. }, .. } => postcard::from_bytes(bytes).ok(),
+            Error::Task { failure, .. } => postcard::from_bytes(failure.error.as_deref()?).ok(),
             _ => None,
         }
     }

@@ -1,1 +1,423 @@
-//! The matmul job.
+//! The matmul job: `C = A × B` by blocks of A's rows, in every mode.
+//!
+//! Each mode is a different way for A, B and C to reach the workers, all
+//! through the same [`Parallel`] API and the same [`MatmulBlock`] task:
+//!
+//! - `seq`: the kernel on the whole of A in this process.
+//! - `copy`: each task carries its A block and all of B inline (joblib's
+//!   `max_nbytes=None`): B crosses the pipe once per task.
+//! - `memmap`: A and B are dumped once to the run folder and each task
+//!   carries file references; workers map them read-only and send C blocks
+//!   back, which are stacked at their row offsets.
+//! - `memmap-out`: as memmap, and each task also carries a read-write
+//!   reference to its rows of a shared C file; only "done" comes back.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use procjob_worker::array::Array;
+use procjob_worker::kernels::Kernel;
+use procjob_worker::matmul::{MatmulBlock, MatmulInput, MatmulOutput};
+use procjob_worker::protocol::Access;
+use procjob_worker::{DType, Element};
+
+use crate::error::Error;
+use crate::parallel::Parallel;
+use crate::pool::WorkerReport;
+use crate::scheduler::{BatchSize, PreDispatch};
+use crate::store::RunFolder;
+
+/// How A, B and C travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// In this process, no workers.
+    Seq,
+    /// A block and B inline in every task.
+    Copy,
+    /// A and B dumped once and mapped; C blocks sent back.
+    Memmap,
+    /// As memmap, and C written in place into a shared file.
+    MemmapOut,
+}
+
+impl Mode {
+    /// Every mode, in the order `--mode all` runs them.
+    pub const ALL: [Mode; 4] = [Mode::Seq, Mode::Copy, Mode::Memmap, Mode::MemmapOut];
+
+    /// The mode's name on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Seq => "seq",
+            Mode::Copy => "copy",
+            Mode::Memmap => "memmap",
+            Mode::MemmapOut => "memmap-out",
+        }
+    }
+
+    /// Parses a mode name.
+    pub fn from_name(s: &str) -> Option<Mode> {
+        Mode::ALL.into_iter().find(|m| m.name() == s)
+    }
+
+    /// Whether the mode starts worker processes.
+    pub fn uses_workers(self) -> bool {
+        self != Mode::Seq
+    }
+}
+
+/// Splits `m` rows into `blocks` contiguous ranges as `np.array_split`
+/// does: the first `m % blocks` ranges get one row more. Never more ranges
+/// than rows (an empty A gives no ranges).
+pub fn plan_blocks(m: usize, blocks: usize) -> Vec<Range<usize>> {
+    let blocks = blocks.clamp(1, m.max(1)).min(m);
+    let (base, extra) = m.checked_div(blocks).map_or((0, 0), |base| (base, m % blocks));
+    let mut start = 0;
+    (0..blocks)
+        .map(|i| {
+            let len = base + usize::from(i < extra);
+            let r = start..start + len;
+            start += len;
+            r
+        })
+        .collect()
+}
+
+/// The inputs of a run.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    /// A (m × k).
+    pub a: Array,
+    /// B (k × n).
+    pub b: Array,
+}
+
+impl Inputs {
+    /// (m, k, n).
+    pub fn dims(&self) -> (usize, usize, usize) {
+        (self.a.shape()[0], self.a.shape()[1], self.b.shape()[1])
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.a.dtype()
+    }
+
+    /// The deterministic pattern of CLI.md and ../shared/bench:
+    /// `A[i,j] = (31·i + 17·j) mod 10`, `B[i,j] = (7·i + 13·j) mod 10`.
+    pub fn pattern(dtype: DType, m: usize, k: usize, n: usize) -> Inputs {
+        let a = filled(dtype, m, k, |i, j| ((31 * i as u64 + 17 * j as u64) % 10) as i64);
+        let b = filled(dtype, k, n, |i, j| ((7 * i as u64 + 13 * j as u64) % 10) as i64);
+        Inputs { a, b }
+    }
+
+    /// Integers uniform in [0, 10), cast to the dtype, from `seed`.
+    pub fn random(dtype: DType, m: usize, k: usize, n: usize, seed: u64) -> Inputs {
+        let mut rng = SplitMix64(seed);
+        let a = filled(dtype, m, k, |_, _| (rng.next() % 10) as i64);
+        let b = filled(dtype, k, n, |_, _| (rng.next() % 10) as i64);
+        Inputs { a, b }
+    }
+}
+
+fn filled(dtype: DType, rows: usize, cols: usize, mut f: impl FnMut(usize, usize) -> i64) -> Array {
+    fn build<T: Element>(rows: usize, cols: usize, mut f: impl FnMut(usize, usize) -> T) -> Array {
+        let mut v = Vec::with_capacity(rows * cols);
+        for i in 0..rows {
+            for j in 0..cols {
+                v.push(f(i, j));
+            }
+        }
+        Array::from_vec(vec![rows, cols], v)
+    }
+    match dtype {
+        DType::I64 => build::<i64>(rows, cols, f),
+        DType::F64 => build::<f64>(rows, cols, |i, j| f(i, j) as f64),
+        DType::F32 => build::<f32>(rows, cols, |i, j| f(i, j) as f32),
+    }
+}
+
+/// A small, fast, seedable generator (Steele et al.'s SplitMix64).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// Seconds spent in each phase of one repetition.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Phases {
+    /// Writing A and B to the run folder.
+    pub dump_s: f64,
+    /// Starting workers (0 when warm).
+    pub spawn_s: f64,
+    /// Dispatch until the last block is back, less stacking.
+    pub compute_s: f64,
+    /// Copying C blocks into place.
+    pub collect_s: f64,
+}
+
+/// One repetition of one mode.
+#[derive(Debug, Clone)]
+pub struct Repetition {
+    /// Wall time as the coordinator sees it.
+    pub wall: Duration,
+    /// Its phases.
+    pub phases: Phases,
+    /// Bytes written to workers.
+    pub bytes_to_workers: u64,
+    /// Bytes read from workers.
+    pub bytes_from_workers: u64,
+}
+
+/// Settings shared by every mode of a run.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    /// Worker processes.
+    pub processes: usize,
+    /// Row blocks (tasks).
+    pub blocks: usize,
+    /// Parent of the run folder (`None`: the default choice).
+    pub temp_folder: Option<PathBuf>,
+    /// Repetitions per mode.
+    pub repeat: usize,
+}
+
+/// The outcome of one mode: every repetition, its workers, and C.
+#[derive(Debug)]
+pub struct ModeRun {
+    /// The mode.
+    pub mode: Mode,
+    /// Each repetition, in order.
+    pub repetitions: Vec<Repetition>,
+    /// What each worker did (empty for seq).
+    pub workers: Vec<WorkerReport>,
+    /// Tasks (row blocks) actually run.
+    pub blocks: usize,
+    /// Peak RSS of the coordinator during this mode.
+    pub coordinator_peak_rss: u64,
+    /// The product.
+    pub c: Array,
+}
+
+/// Runs one mode `settings.repeat` times on warm workers; the run folder
+/// `folder` receives dump files.
+pub fn run_mode(mode: Mode, inputs: &Inputs, settings: &RunSettings, folder: &RunFolder) -> Result<ModeRun, Error> {
+    reset_peak_rss();
+    let (m, _, _) = inputs.dims();
+    let ranges = plan_blocks(m, settings.blocks);
+    let mut repetitions = Vec::with_capacity(settings.repeat);
+    let mut parallel = Parallel::new()
+        .n_jobs(settings.processes as i64)
+        .max_nbytes(None)
+        .batch_size(BatchSize::Fixed(1))
+        .pre_dispatch(PreDispatch::All);
+    let mut c = None;
+    for rep in 0..settings.repeat.max(1) {
+        let (r, out) = match mode {
+            Mode::Seq => run_seq(inputs)?,
+            _ => run_parallel(mode, inputs, &ranges, &mut parallel, folder, rep)?,
+        };
+        repetitions.push(r);
+        c = Some(out);
+    }
+    let workers = parallel.worker_reports();
+    parallel.shutdown();
+    Ok(ModeRun {
+        mode,
+        repetitions,
+        workers,
+        blocks: if mode == Mode::Seq { 1 } else { ranges.len() },
+        coordinator_peak_rss: procjob_worker::memory::peak_rss(),
+        c: c.expect("at least one repetition"),
+    })
+}
+
+/// Resets this process's peak RSS (`VmHWM`) so each mode reports its own.
+fn reset_peak_rss() {
+    // Linux: writing 5 to clear_refs resets the peak; elsewhere a no-op.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The product in this process, on the whole of A.
+pub fn multiply_seq(inputs: &Inputs) -> Result<Array, Error> {
+    fn typed<T: Kernel>(inputs: &Inputs) -> Result<Array, String> {
+        procjob_worker::matmul::multiply::<T>(&inputs.a, &inputs.b)
+    }
+    match inputs.dtype() {
+        DType::I64 => typed::<i64>(inputs),
+        DType::F64 => typed::<f64>(inputs),
+        DType::F32 => typed::<f32>(inputs),
+    }
+    .map_err(Error::Config)
+}
+
+fn run_seq(inputs: &Inputs) -> Result<(Repetition, Array), Error> {
+    let t = Instant::now();
+    let c = multiply_seq(inputs)?;
+    let wall = t.elapsed();
+    let phases = Phases { compute_s: wall.as_secs_f64(), ..Phases::default() };
+    Ok((Repetition { wall, phases, bytes_to_workers: 0, bytes_from_workers: 0 }, c))
+}
+
+fn run_parallel(
+    mode: Mode,
+    inputs: &Inputs,
+    ranges: &[Range<usize>],
+    parallel: &mut Parallel,
+    folder: &RunFolder,
+    rep: usize,
+) -> Result<(Repetition, Array), Error> {
+    let (m, _, n) = inputs.dims();
+    let dtype = inputs.dtype();
+    let t0 = Instant::now();
+    // Dump (file modes): inputs not already backed by a file are written
+    // once and mapped; the user's own .npy files are mapped in place.
+    let (a, b) = match mode {
+        Mode::Copy => (owned(&inputs.a), owned(&inputs.b)),
+        _ => (
+            mapped(&inputs.a, &folder.file(&format!("{}-A-{rep}.npy", mode.name())))?,
+            mapped(&inputs.b, &folder.file(&format!("{}-B-{rep}.npy", mode.name())))?,
+        ),
+    };
+    let out = match mode {
+        Mode::MemmapOut => Some(
+            Array::create_npy(&folder.file(&format!("{}-C-{rep}.npy", mode.name())), dtype, vec![m, n])
+                .map_err(|e| Error::Config(e.to_string()))?,
+        ),
+        _ => None,
+    };
+    let dump_s = t0.elapsed().as_secs_f64();
+    let spawn_s = parallel.start()?.as_secs_f64();
+    let t1 = Instant::now();
+    let block_inputs = ranges.iter().map(|r| {
+        Ok::<_, Error>(MatmulInput {
+            rows: (r.start as u64, r.end as u64),
+            a: a.rows(r.clone()).map_err(|e| Error::Config(e.to_string()))?,
+            b: b.clone(),
+            out: match &out {
+                Some(o) => Some(o.rows(r.clone()).map_err(|e| Error::Config(e.to_string()))?),
+                None => None,
+            },
+        })
+    });
+    let block_inputs: Vec<MatmulInput> = block_inputs.collect::<Result<_, _>>()?;
+    let mut c = match &out {
+        Some(_) => None,
+        None => Some(Array::zeros(dtype, vec![m, n])),
+    };
+    let mut collect = Duration::ZERO;
+    for result in parallel.run_unordered::<MatmulBlock, _>(block_inputs)? {
+        let (index, output) = result?;
+        if let (MatmulOutput::Block(block), Some(c)) = (output, c.as_mut()) {
+            let t = Instant::now();
+            place_rows(c, &block, ranges[index as usize].start, n)?;
+            collect += t.elapsed();
+        }
+    }
+    let wall = t0.elapsed();
+    let traffic = parallel.last_call().traffic;
+    let compute_s = t1.elapsed().as_secs_f64() - collect.as_secs_f64();
+    let c = match (c, out) {
+        (Some(c), _) => c,
+        (None, Some(out)) => out,
+        (None, None) => unreachable!("either C is stacked here or written in place"),
+    };
+    let phases = Phases { dump_s, spawn_s, compute_s, collect_s: collect.as_secs_f64() };
+    Ok((
+        Repetition {
+            wall,
+            phases,
+            bytes_to_workers: traffic.bytes_to_workers,
+            bytes_from_workers: traffic.bytes_from_workers,
+        },
+        c,
+    ))
+}
+
+/// Copies a C block into C at row `start` ("stacking").
+fn place_rows(c: &mut Array, block: &Array, start: usize, n: usize) -> Result<(), Error> {
+    let size = c.dtype().size();
+    let bytes = block.as_bytes();
+    let dtype_ok = block.dtype() == c.dtype();
+    let dst = c_bytes_mut(c)?;
+    let at = start * n * size;
+    let end = at + bytes.len();
+    if end > dst.len() || !dtype_ok {
+        return Err(Error::Config(format!("a worker returned a block of {:?} that does not fit C", block.shape())));
+    }
+    dst[at..end].copy_from_slice(bytes);
+    Ok(())
+}
+
+fn c_bytes_mut(c: &mut Array) -> Result<&mut [u8], Error> {
+    fn typed<T: Element>(c: &mut Array) -> Result<&mut [u8], Error> {
+        let s = c.as_mut_slice::<T>().map_err(|e| Error::Config(e.to_string()))?;
+        let len = std::mem::size_of_val(s);
+        // SAFETY: element types are plain numbers without padding, so their
+        // bytes may be written freely; the byte slice covers exactly `s`.
+        Ok(unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), len) })
+    }
+    match c.dtype() {
+        DType::I64 => typed::<i64>(c),
+        DType::F64 => typed::<f64>(c),
+        DType::F32 => typed::<f32>(c),
+    }
+}
+
+fn owned(a: &Array) -> Array {
+    if a.is_mapped() {
+        a.to_owned_array()
+    } else {
+        a.clone()
+    }
+}
+
+fn mapped(a: &Array, path: &Path) -> Result<Array, Error> {
+    if a.is_mapped() {
+        return Ok(a.clone());
+    }
+    a.save_npy(path).map_err(|e| Error::Config(e.to_string()))?;
+    Array::open_npy(path, Access::ReadOnly).map_err(|e| Error::Config(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_split_like_array_split() {
+        assert_eq!(plan_blocks(7, 3), vec![0..3, 3..5, 5..7]);
+        assert_eq!(plan_blocks(2, 4), vec![0..1, 1..2]);
+        assert_eq!(plan_blocks(0, 3), Vec::<Range<usize>>::new());
+        assert_eq!(plan_blocks(10, 1), vec![0..10]);
+        let r = plan_blocks(1000, 7);
+        assert_eq!(r.len(), 7);
+        assert_eq!(r.last().unwrap().end, 1000);
+    }
+
+    #[test]
+    fn pattern_matches_the_shared_bench_definition() {
+        let inputs = Inputs::pattern(DType::I64, 3, 4, 2);
+        let a = inputs.a.as_slice::<i64>().unwrap();
+        assert_eq!(a[4 + 1], (31 + 17) % 10);
+        let b = inputs.b.as_slice::<i64>().unwrap();
+        assert_eq!(b[2 * 2 + 1], (7 * 2 + 13) % 10);
+    }
+
+    #[test]
+    fn random_inputs_are_seeded_digits() {
+        let x = Inputs::random(DType::I64, 20, 20, 20, 7);
+        let y = Inputs::random(DType::I64, 20, 20, 20, 7);
+        let z = Inputs::random(DType::I64, 20, 20, 20, 8);
+        assert_eq!(x.a, y.a);
+        assert_ne!(x.a, z.a);
+        assert!(x.a.as_slice::<i64>().unwrap().iter().all(|v| (0..10).contains(v)));
+    }
+}

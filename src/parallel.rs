@@ -521,7 +521,7 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
                             let mine: Result<Vec<Array>, _> = arrays.by_ref().take(refs.len()).collect();
                             let decoded = mine
                                 .map_err(|e| e.to_string())
-                                .and_then(|a| array::decode_with::<T::Output>(&output, &a).map_err(|e| e.to_string()));
+                                .and_then(|a| array::decode_with::<T::Output>(&output, a).map_err(|e| e.to_string()));
                             match decoded {
                                 Ok(out) if self.failure.is_none() => self.ready.push_back((reply.index, out)),
                                 Ok(_) => {}
@@ -529,7 +529,7 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
                                     .fail(Error::Codec { task, reason: format!("cannot decode the output: {reason}") }),
                             }
                         }
-                        Outcome::Failed(failure) => self.fail(Error::Task { task, worker, failure }),
+                        Outcome::Failed(failure) => self.fail(Error::Task { task, worker, failure: Box::new(failure) }),
                     }
                 }
                 self.report_progress();

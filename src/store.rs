@@ -66,6 +66,7 @@ impl RunFolder {
         let dir = tempfile::Builder::new()
             .prefix(&format!("procjob-{}-", std::process::id()))
             .rand_bytes(10)
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir_in(&parent)
             .map_err(|source| StoreError::Create { path: parent.clone(), source })?;
         Ok(RunFolder { dir })

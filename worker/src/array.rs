@@ -327,6 +327,15 @@ impl Array {
         Ok(unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<T>(), nbytes / std::mem::size_of::<T>()) })
     }
 
+    /// An owned copy of this view (a mapped array's bytes copied into memory).
+    pub fn to_owned_array(&self) -> Array {
+        let mut out = Array::zeros(self.dtype, self.shape.clone());
+        let storage = Arc::get_mut(&mut out.storage).expect("a fresh array is unshared");
+        let Storage::Owned(owned) = storage else { unreachable!("zeros() is owned") };
+        owned.bytes_mut().copy_from_slice(self.as_bytes());
+        out
+    }
+
     /// A copy of the elements.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>, ArrayError> {
         Ok(self.as_slice::<T>()?.to_vec())
@@ -510,7 +519,7 @@ impl ArrayEncoder for InlineEncoder {
 
 thread_local! {
     static ENCODER: Cell<Option<NonNull<Collect<'static>>>> = const { Cell::new(None) };
-    static DECODER: Cell<Option<NonNull<[Array]>>> = const { Cell::new(None) };
+    static DECODER: Cell<Option<NonNull<[Option<Array>]>>> = const { Cell::new(None) };
 }
 
 /// Why a value could not be encoded or decoded.
@@ -556,11 +565,17 @@ pub fn encode_with<T: Serialize + ?Sized>(
 }
 
 /// Deserializes a postcard value whose arrays are indices into `arrays`.
-pub fn decode_with<T: DeserializeOwned>(bytes: &[u8], arrays: &[Array]) -> Result<T, CodecError> {
-    let ptr = NonNull::from(arrays);
+/// Each array moves into the value (so a writable view stays the only
+/// one); an index used twice is an error.
+pub fn decode_with<T: DeserializeOwned>(bytes: &[u8], arrays: Vec<Array>) -> Result<T, CodecError> {
+    let mut slots: Vec<Option<Array>> = arrays.into_iter().map(Some).collect();
+    let ptr = NonNull::from(slots.as_mut_slice());
     let previous = DECODER.with(|c| c.replace(Some(ptr)));
-    let _restore = Restore { key: &DECODER, previous };
-    postcard::from_bytes(bytes).map_err(|e| CodecError(e.to_string()))
+    let restore = Restore { key: &DECODER, previous };
+    let value = postcard::from_bytes(bytes).map_err(|e| CodecError(e.to_string()));
+    // The slot must be reset before `slots` is dropped.
+    drop(restore);
+    value
 }
 
 impl Serialize for Array {
@@ -588,14 +603,21 @@ impl Serialize for Array {
 impl<'de> Deserialize<'de> for Array {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Array, D::Error> {
         let index = u32::deserialize(deserializer)? as usize;
-        let Some(ptr) = DECODER.with(|c| c.get()) else {
+        // Take the slot while we hold a `&mut` to the slice, so a
+        // re-entrant deserialize cannot alias it.
+        let Some(mut ptr) = DECODER.with(|c| c.take()) else {
             return Err(serde::de::Error::custom("procjob::Array can only be deserialized by procjob"));
         };
-        // SAFETY: `decode_with` keeps the slice alive while the slot is set.
-        let arrays = unsafe { ptr.as_ref() };
-        arrays.get(index).cloned().ok_or_else(|| {
-            serde::de::Error::custom(format!("array index {index} out of range ({} arrays)", arrays.len()))
-        })
+        let _restore = Restore { key: &DECODER, previous: Some(ptr) };
+        // SAFETY: `decode_with` keeps the slice alive, and does not touch it,
+        // while the slot holds this pointer; the slot is empty while we hold
+        // the `&mut`, so no other reference to it exists.
+        let arrays = unsafe { ptr.as_mut() };
+        let len = arrays.len();
+        let slot = arrays
+            .get_mut(index)
+            .ok_or_else(|| serde::de::Error::custom(format!("array index {index} out of range ({len} arrays)")))?;
+        slot.take().ok_or_else(|| serde::de::Error::custom(format!("array index {index} used twice")))
     }
 }
 

@@ -680,7 +680,7 @@ fn prepare(path: &Path, dtype: DType, shape: &[usize]) -> Result<(Vec<u8>, NpyHe
     let bytes =
         try_encode_header(dtype, shape).map_err(|e| invalid_input(path, format!("cannot encode the header: {e}")))?;
     let header = NpyHeader { dtype, shape: shape.to_vec(), data_offset: bytes.len() };
-    if bytes.len().checked_add(data_len).map_or(true, |t| t > isize::MAX as usize) {
+    if bytes.len().checked_add(data_len).is_none_or(|t| t > isize::MAX as usize) {
         return Err(invalid_input(
             path,
             format!("a {dtype} array of shape {shape:?} has more bytes than fit in memory"),

@@ -33,7 +33,7 @@ pub struct BinaryId {
 }
 
 #[inline(never)]
-fn anchor(_: &[u8], _: &[crate::array::Array]) -> crate::task::ErasedOutcome {
+fn anchor(_: &[u8], _: Vec<crate::array::Array>) -> crate::task::ErasedOutcome {
     crate::task::ErasedOutcome::failed(crate::protocol::FailureCause::Setup, "anchor".into())
 }
 

@@ -119,10 +119,11 @@ fn install_panic_capture() {
 
 /// Serves requests from `input` until it closes. Public for tests, which
 /// drive it through in-memory pipes.
-pub fn serve<R: Read, W: Write>(mut input: BufReader<R>, output: W, registry: &Registry) -> Result<(), ServeError>
-where
-    R: AsRawFdMaybe,
-{
+pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
+    mut input: BufReader<R>,
+    output: W,
+    registry: &Registry,
+) -> Result<(), ServeError> {
     let mut output = BufWriter::with_capacity(1 << 16, output);
     let hello = match protocol::recv::<_, Request>(&mut input, FrameKind::Request) {
         Ok(f) => f,
@@ -205,7 +206,7 @@ fn run_one(
             )
         }
     };
-    match catch_unwind(AssertUnwindSafe(|| entry(input, &arrays))) {
+    match catch_unwind(AssertUnwindSafe(move || entry(input, arrays))) {
         Ok(outcome) => outcome,
         Err(payload) => {
             let (message, location) = LAST_PANIC.with(|p| p.borrow_mut().take()).unwrap_or_else(|| {

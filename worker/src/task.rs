@@ -66,10 +66,10 @@ pub struct ErasedOutcome {
 }
 
 /// A task with its types erased: decode the input, run, encode the output.
-pub type ErasedEntry = fn(&[u8], &[Array]) -> ErasedOutcome;
+pub type ErasedEntry = fn(&[u8], Vec<Array>) -> ErasedOutcome;
 
 /// The erased entry point of task `T`.
-pub fn entry<T: Task>(input: &[u8], arrays: &[Array]) -> ErasedOutcome {
+pub fn entry<T: Task>(input: &[u8], arrays: Vec<Array>) -> ErasedOutcome {
     let input: T::Input = match array::decode_with(input, arrays) {
         Ok(v) => v,
         Err(e) => {

@@ -1,0 +1,533 @@
+//! The command line: argument parsing, input checks, and reports.
+//!
+//! `main` parses, calls [`run`], and exits with the code it returns; every
+//! exit code lives in [`exit`]. Human tables go to stdout; with `--json`
+//! stdout carries only JSON Lines, one object per mode (fields as
+//! ../shared/CLI.md).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use procjob_worker::array::Array;
+use procjob_worker::protocol::Access;
+use procjob_worker::DType;
+
+use crate::error::Error;
+use crate::matmul::{self, Inputs, Mode, ModeRun, RunSettings};
+use crate::store::RunFolder;
+
+/// Exit codes (../shared/CLI.md).
+pub mod exit {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// The run failed: a worker died, a task failed, a timeout.
+    pub const RUN_FAILED: i32 = 1;
+    /// Usage or input error.
+    pub const USAGE: i32 = 2;
+    /// Interrupted by SIGINT.
+    pub const INTERRUPTED: i32 = 130;
+    /// Stopped by SIGTERM.
+    pub const TERMINATED: i32 = 143;
+}
+
+/// procjob: run jobs on worker processes, joblib-style, and see what it costs.
+#[derive(Debug, Parser)]
+#[command(name = "procjob", version, about, long_about = None)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Multiply C = A × B by blocks of A's rows on worker processes, in one
+    /// or every mode, and compare.
+    Matmul(MatmulArgs),
+}
+
+/// Options of `procjob matmul`.
+#[derive(Debug, Args)]
+pub struct MatmulArgs {
+    /// Number of worker processes (default: the CPUs this process may use).
+    #[arg(long, value_name = "N")]
+    pub processes: Option<usize>,
+    /// Square n×n · n×n product.
+    #[arg(long, value_name = "N", conflicts_with = "shape")]
+    pub size: Option<usize>,
+    /// m×k · k×n product, written MxKxN.
+    #[arg(long, value_name = "MxKxN")]
+    pub shape: Option<String>,
+    /// Element type: i64, f64 or f32 (with --a/--b: taken from the files).
+    #[arg(long, value_name = "DTYPE")]
+    pub dtype: Option<String>,
+    /// seq, copy, memmap, memmap-out, or all.
+    #[arg(long, value_name = "MODE", default_value = "all")]
+    pub mode: String,
+    /// A as a .npy file (needs --b), mapped in place read-only.
+    #[arg(long, value_name = "FILE", requires = "b")]
+    pub a: Option<PathBuf>,
+    /// B as a .npy file (needs --a).
+    #[arg(long, value_name = "FILE", requires = "a")]
+    pub b: Option<PathBuf>,
+    /// Random integer inputs in [0, 10) from this seed, instead of the pattern.
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+    /// Write C to this .npy file.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Number of row blocks (tasks); default: the number of processes.
+    #[arg(long, value_name = "K")]
+    pub blocks: Option<usize>,
+    /// Parent folder of the run's private temp folder.
+    #[arg(long, value_name = "DIR")]
+    pub temp_folder: Option<PathBuf>,
+    /// Repetitions per mode, on warm workers.
+    #[arg(long, value_name = "R", default_value_t = 1)]
+    pub repeat: usize,
+    /// Skip computing seq to compare against.
+    #[arg(long)]
+    pub no_check: bool,
+    /// JSON Lines on stdout, one object per mode.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A failure of the command, with its exit code.
+#[derive(Debug)]
+pub struct CliError {
+    /// The exit code.
+    pub code: i32,
+    /// The message.
+    pub message: String,
+}
+
+impl CliError {
+    fn usage(message: impl Into<String>) -> CliError {
+        CliError { code: exit::USAGE, message: message.into() }
+    }
+}
+
+impl From<Error> for CliError {
+    fn from(e: Error) -> CliError {
+        let code = match e {
+            Error::Config(_) | Error::Store(_) => exit::USAGE,
+            _ => exit::RUN_FAILED,
+        };
+        CliError { code, message: e.to_string() }
+    }
+}
+
+/// Runs a parsed command line; returns the exit code.
+pub fn run(cli: Cli) -> i32 {
+    let result = match cli.command {
+        Command::Matmul(args) => matmul_command(&args),
+    };
+    match result {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("procjob: error: {}", e.message);
+            e.code
+        }
+    }
+}
+
+/// A checked `procjob matmul` request.
+struct Request {
+    modes: Vec<Mode>,
+    inputs: Inputs,
+    settings: RunSettings,
+    check: bool,
+    out: Option<PathBuf>,
+}
+
+fn parse_shape(s: &str) -> Result<(usize, usize, usize), CliError> {
+    let parts: Vec<&str> = s.split(['x', 'X', '×']).collect();
+    let bad = || CliError::usage(format!("--shape {s:?} is not MxKxN (three sizes, e.g. 1000x500x2000)"));
+    let [m, k, n] = parts.as_slice() else { return Err(bad()) };
+    Ok((
+        m.trim().parse().map_err(|_| bad())?,
+        k.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    ))
+}
+
+fn open_input(path: &Path, name: &str) -> Result<Array, CliError> {
+    let a = Array::open_npy(path, Access::ReadOnly).map_err(|e| CliError::usage(format!("--{name}: {e}")))?;
+    if a.shape().len() != 2 {
+        return Err(CliError::usage(format!(
+            "--{name}: {} holds a {}-D array of shape {:?}; a matrix (2-D) is needed",
+            path.display(),
+            a.shape().len(),
+            a.shape()
+        )));
+    }
+    Ok(a)
+}
+
+fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
+    let processes = args.processes.unwrap_or_else(crate::pool::available_cpus);
+    if processes == 0 {
+        return Err(CliError::usage("--processes 0: at least one worker process is needed"));
+    }
+    let blocks = args.blocks.unwrap_or(processes);
+    if blocks == 0 {
+        return Err(CliError::usage("--blocks 0: at least one block is needed"));
+    }
+    if args.repeat == 0 {
+        return Err(CliError::usage("--repeat 0: at least one repetition is needed"));
+    }
+    let modes = if args.mode == "all" {
+        Mode::ALL.to_vec()
+    } else {
+        vec![Mode::from_name(&args.mode).ok_or_else(|| {
+            CliError::usage(format!("--mode {:?} is not one of: seq, copy, memmap, memmap-out, all", args.mode))
+        })?]
+    };
+    let dtype = match &args.dtype {
+        Some(d) => Some(
+            DType::from_name(d)
+                .ok_or_else(|| CliError::usage(format!("--dtype {d:?} is not one of: i64, f64, f32")))?,
+        ),
+        None => None,
+    };
+    let inputs = match (&args.a, &args.b) {
+        (Some(a_path), Some(b_path)) => {
+            if args.size.is_some() || args.shape.is_some() || args.seed.is_some() {
+                return Err(CliError::usage("--a/--b give the inputs: --size, --shape and --seed do not apply"));
+            }
+            let a = open_input(a_path, "a")?;
+            let b = open_input(b_path, "b")?;
+            if a.dtype() != b.dtype() {
+                return Err(CliError::usage(format!(
+                    "A ({}) is {} but B ({}) is {}; both must have the same dtype",
+                    a_path.display(),
+                    a.dtype(),
+                    b_path.display(),
+                    b.dtype()
+                )));
+            }
+            if let Some(d) = dtype.filter(|&d| d != a.dtype()) {
+                return Err(CliError::usage(format!("--dtype {d} disagrees with the files, which are {}", a.dtype())));
+            }
+            if a.shape()[1] != b.shape()[0] {
+                return Err(CliError::usage(format!(
+                    "inner dimensions do not fit: A ({}) is {}×{}, B ({}) is {}×{}",
+                    a_path.display(),
+                    a.shape()[0],
+                    a.shape()[1],
+                    b_path.display(),
+                    b.shape()[0],
+                    b.shape()[1]
+                )));
+            }
+            Inputs { a, b }
+        }
+        (None, None) => {
+            let (m, k, n) = match (&args.shape, args.size) {
+                (Some(s), _) => parse_shape(s)?,
+                (None, Some(n)) => (n, n, n),
+                (None, None) => (1000, 1000, 1000),
+            };
+            let dtype = dtype.unwrap_or(DType::I64);
+            match args.seed {
+                Some(seed) => Inputs::random(dtype, m, k, n, seed),
+                None => Inputs::pattern(dtype, m, k, n),
+            }
+        }
+        _ => return Err(CliError::usage("--a and --b go together: give both or neither")),
+    };
+    if let Some(out) = &args.out {
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !parent.is_dir() {
+            return Err(CliError::usage(format!(
+                "--out {}: the folder {} does not exist",
+                out.display(),
+                parent.display()
+            )));
+        }
+    }
+    Ok(Request {
+        modes,
+        inputs,
+        settings: RunSettings { processes, blocks, temp_folder: args.temp_folder.clone(), repeat: args.repeat },
+        check: !args.no_check,
+        out: args.out.clone(),
+    })
+}
+
+/// Room the run folder needs: A and B dumps and a C file.
+fn needed_bytes(inputs: &Inputs) -> u64 {
+    let (m, _, n) = inputs.dims();
+    let c = (m * n * inputs.dtype().size()) as u64;
+    let mapped = |a: &Array| if a.is_mapped() { 0 } else { a.nbytes() as u64 };
+    mapped(&inputs.a) + mapped(&inputs.b) + c + 64 * 1024
+}
+
+fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
+    let req = check_request(args)?;
+    let folder = RunFolder::create(req.settings.temp_folder.as_deref(), needed_bytes(&req.inputs))
+        .map_err(|e| CliError::usage(e.to_string()))?;
+    let (m, k, n) = req.inputs.dims();
+    let mut out = std::io::stdout().lock();
+    if !args.json {
+        let _ = writeln!(
+            out,
+            "procjob matmul: C = A × B, {} {m}×{k} · {k}×{n}, {} processes, {} blocks, temp folder {}",
+            req.inputs.dtype(),
+            req.settings.processes,
+            req.settings.blocks,
+            folder.path().display()
+        );
+    }
+    let reference =
+        if req.check && !req.modes.contains(&Mode::Seq) { Some(matmul::multiply_seq(&req.inputs)?) } else { None };
+    let mut runs: Vec<ModeRun> = Vec::new();
+    let mut reports: Vec<ModeReport> = Vec::new();
+    let mut table = Table::new(args.json);
+    for &mode in &req.modes {
+        let run = matmul::run_mode(mode, &req.inputs, &req.settings, &folder)?;
+        let seq_c = reference.as_ref().or_else(|| runs.iter().find(|r| r.mode == Mode::Seq).map(|r| &r.c));
+        let matches = if req.check { Some(seq_c.is_none_or(|s| *s == run.c)) } else { None };
+        let seq_wall = reports.iter().find(|r| r.mode == "seq").map(|r| r.wall_s);
+        let report = ModeReport::new(&run, &req, seq_wall, matches);
+        if args.json {
+            let line = serde_json::to_string(&report).expect("reports serialize");
+            let _ = writeln!(out, "{line}");
+        } else {
+            table.row(&mut out, &report);
+        }
+        let _ = out.flush();
+        reports.push(report);
+        runs.push(run);
+    }
+    if !args.json {
+        table.footer(&mut out, &reports);
+    }
+    if let Some(path) = &req.out {
+        let c = &runs.last().expect("at least one mode").c;
+        save_replacing(c, path)?;
+    }
+    if reports.iter().any(|r| r.matches_seq == Some(false)) {
+        return Err(CliError {
+            code: exit::RUN_FAILED,
+            message: "C differs from seq's C in some mode (see matches_seq)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Writes C to `path`, replacing an existing file atomically.
+fn save_replacing(c: &Array, path: &Path) -> Result<(), CliError> {
+    let tmp = path.with_extension(format!("npy.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    c.save_npy(&tmp).map_err(|e| CliError::usage(format!("--out: {e}")))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        CliError::usage(format!("--out {}: {e}", path.display()))
+    })
+}
+
+/// One JSON object per mode (../shared/CLI.md).
+#[derive(Debug, Serialize)]
+pub struct ModeReport {
+    mode: &'static str,
+    processes: usize,
+    start_method: &'static str,
+    dtype: &'static str,
+    m: usize,
+    k: usize,
+    n: usize,
+    blocks: usize,
+    wall_s: f64,
+    walls_s: Vec<f64>,
+    cold_wall_s: f64,
+    phases: PhasesReport,
+    gflops: f64,
+    speedup_vs_seq: Option<f64>,
+    bytes_to_workers: u64,
+    bytes_from_workers: u64,
+    workers: Vec<WorkerJson>,
+    coordinator: CoordinatorJson,
+    matches_seq: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+struct PhasesReport {
+    dump_s: f64,
+    spawn_s: f64,
+    compute_s: f64,
+    collect_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct WorkerJson {
+    index: usize,
+    pid: u32,
+    tasks: u64,
+    peak_rss_bytes: u64,
+    peak_uss_bytes: u64,
+    peak_pss_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct CoordinatorJson {
+    pid: u32,
+    peak_rss_bytes: u64,
+}
+
+impl ModeReport {
+    fn new(run: &ModeRun, req: &Request, seq_wall: Option<f64>, matches_seq: Option<bool>) -> ModeReport {
+        let (m, k, n) = req.inputs.dims();
+        let walls: Vec<f64> = run.repetitions.iter().map(|r| r.wall.as_secs_f64()).collect();
+        let median_index = median_index(&walls);
+        let median = &run.repetitions[median_index];
+        let wall_s = walls[median_index];
+        let seq_wall = if run.mode == Mode::Seq { Some(wall_s) } else { seq_wall };
+        ModeReport {
+            mode: run.mode.name(),
+            processes: if run.mode.uses_workers() { req.settings.processes } else { 1 },
+            start_method: if run.mode.uses_workers() { "spawn" } else { "none" },
+            dtype: req.inputs.dtype().name(),
+            m,
+            k,
+            n,
+            blocks: run.blocks,
+            wall_s,
+            walls_s: walls.clone(),
+            cold_wall_s: walls[0],
+            phases: PhasesReport {
+                dump_s: median.phases.dump_s,
+                spawn_s: median.phases.spawn_s,
+                compute_s: median.phases.compute_s,
+                collect_s: median.phases.collect_s,
+            },
+            gflops: if wall_s > 0.0 { 2.0 * m as f64 * k as f64 * n as f64 / wall_s / 1e9 } else { 0.0 },
+            speedup_vs_seq: seq_wall.filter(|_| wall_s > 0.0).map(|s| s / wall_s),
+            bytes_to_workers: median.bytes_to_workers,
+            bytes_from_workers: median.bytes_from_workers,
+            workers: run
+                .workers
+                .iter()
+                .map(|w| WorkerJson {
+                    index: w.index,
+                    pid: w.pid,
+                    tasks: w.tasks,
+                    peak_rss_bytes: w.peak.peak_rss,
+                    peak_uss_bytes: w.peak.uss,
+                    peak_pss_bytes: w.peak.pss,
+                })
+                .collect(),
+            coordinator: CoordinatorJson { pid: std::process::id(), peak_rss_bytes: run.coordinator_peak_rss },
+            matches_seq,
+        }
+    }
+}
+
+/// Index of the median of `xs` (the lower one for an even count).
+fn median_index(xs: &[f64]) -> usize {
+    let mut idx: Vec<usize> = (0..xs.len()).collect();
+    idx.sort_by(|&a, &b| xs[a].total_cmp(&xs[b]));
+    idx[(xs.len() - 1) / 2]
+}
+
+/// The human table, one row per mode as it finishes.
+struct Table {
+    header_done: bool,
+    json: bool,
+}
+
+impl Table {
+    fn new(json: bool) -> Table {
+        Table { header_done: false, json }
+    }
+
+    fn row(&mut self, out: &mut impl Write, r: &ModeReport) {
+        if self.json {
+            return;
+        }
+        if !self.header_done {
+            let _ = writeln!(
+                out,
+                "{:<11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>8}  C = seq",
+                "mode",
+                "wall",
+                "dump",
+                "spawn",
+                "compute",
+                "collect",
+                "to workers",
+                "from wkrs",
+                "speedup",
+                rate_label(r.dtype),
+            );
+            self.header_done = true;
+        }
+        let _ = writeln!(
+            out,
+            "{:<11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>8.2}  {}",
+            r.mode,
+            secs(r.wall_s),
+            secs(r.phases.dump_s),
+            secs(r.phases.spawn_s),
+            secs(r.phases.compute_s),
+            secs(r.phases.collect_s),
+            bytes(r.bytes_to_workers),
+            bytes(r.bytes_from_workers),
+            r.speedup_vs_seq.map_or("–".to_string(), |s| format!("{s:.2}×")),
+            r.gflops,
+            match r.matches_seq {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "unchecked",
+            }
+        );
+    }
+
+    fn footer(&self, out: &mut impl Write, reports: &[ModeReport]) {
+        let Some(first) = reports.first() else { return };
+        let reps = first.walls_s.len();
+        let _ = writeln!(
+            out,
+            "wall: median of {reps} repetition{} (the first includes starting workers); to/from workers: bytes through the pipes",
+            if reps == 1 { "" } else { "s" }
+        );
+    }
+}
+
+fn rate_label(dtype: &str) -> &'static str {
+    if dtype == "i64" {
+        "GOP/s"
+    } else {
+        "GFLOP/s"
+    }
+}
+
+fn secs(s: f64) -> String {
+    if s == 0.0 {
+        "–".into()
+    } else if s < 0.001 {
+        format!("{:.0} µs", s * 1e6)
+    } else if s < 1.0 {
+        format!("{:.1} ms", s * 1e3)
+    } else {
+        format!("{s:.3} s")
+    }
+}
+
+fn bytes(b: u64) -> String {
+    let b = b as f64;
+    if b < 1024.0 {
+        format!("{b} B")
+    } else if b < 1024.0 * 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else if b < 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / 1024.0 / 1024.0)
+    } else {
+        format!("{:.2} GiB", b / 1024.0 / 1024.0 / 1024.0)
+    }
+}
