@@ -188,8 +188,7 @@ impl Scheduler {
         }
         if let Some(worker) = self.busy.iter().position(|b| !b) {
             if self.queued > 0 {
-                let idle = self.busy.iter().filter(|b| !**b).count();
-                let tasks = self.share(size, idle);
+                let tasks = self.share(size);
                 self.queued -= tasks;
                 self.busy[worker] = true;
                 self.in_flight[worker] = tasks;
@@ -202,13 +201,16 @@ impl Scheduler {
         Action::Wait
     }
 
-    /// Tasks for the next batch: the batch size, but near the end no more
-    /// than an even share of what is left among the workers.
-    fn share(&self, size: usize, idle: usize) -> usize {
+    /// Tasks for the next batch: the batch size, but near the end (with
+    /// automatic batching) no more than an even share of what is left
+    /// among the workers.
+    fn share(&self, size: usize) -> usize {
         let workers = self.busy.len().max(1);
         let left = self.queued + if self.input_done { 0 } else { self.remaining_hint.unwrap_or(usize::MAX / 2) };
-        let fair = left.div_ceil(workers).max(1);
-        let _ = idle;
+        let fair = match self.batch {
+            BatchSize::Auto => left.div_ceil(workers).max(1),
+            BatchSize::Fixed(_) => usize::MAX,
+        };
         size.min(fair).min(self.queued).max(1)
     }
 }
@@ -264,14 +266,21 @@ mod tests {
         let mut s = Scheduler::new(2, BatchSize::Fixed(4), PreDispatch::Batches(2));
         assert_eq!(s.next_action(), Action::Pull(8));
         s.pulled(3, true, None);
-        // 3 tasks over 2 workers: shares of 2 and 1.
-        assert_eq!(s.next_action(), Action::Send { worker: 0, tasks: 2 });
-        assert_eq!(s.next_action(), Action::Send { worker: 1, tasks: 1 });
+        assert_eq!(s.next_action(), Action::Send { worker: 0, tasks: 3 });
         assert_eq!(s.next_action(), Action::Wait);
-        s.handle(Event::BatchDone { worker: 0, tasks: 2, seconds: 0.1 });
-        assert_eq!(s.next_action(), Action::Wait);
-        s.handle(Event::BatchDone { worker: 1, tasks: 1, seconds: 0.1 });
+        s.handle(Event::BatchDone { worker: 0, tasks: 3, seconds: 0.1 });
         assert_eq!(s.next_action(), Action::Done);
+    }
+
+    #[test]
+    fn auto_batches_near_the_end_take_a_fair_share() {
+        let mut s = Scheduler::new(2, BatchSize::Auto, PreDispatch::All);
+        s.handle(Event::BatchDone { worker: 0, tasks: 1, seconds: 1e-6 });
+        assert_eq!(s.batch_size(), 8);
+        assert_eq!(s.next_action(), Action::Pull(usize::MAX));
+        s.pulled(10, true, None);
+        assert_eq!(s.next_action(), Action::Send { worker: 0, tasks: 5 });
+        assert_eq!(s.next_action(), Action::Send { worker: 1, tasks: 3 });
     }
 
     #[test]

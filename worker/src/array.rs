@@ -303,14 +303,14 @@ impl Array {
     pub fn as_mut_slice<T: Element>(&mut self) -> Result<&mut [T], ArrayError> {
         self.check_dtype::<T>()?;
         let (offset, nbytes) = (self.offset, self.nbytes());
+        if let Storage::Mapped(Mapping { access: Access::ReadOnly, .. }) = &*self.storage {
+            return Err(ArrayError::NotWritable("it is mapped read-only"));
+        }
         let storage = Arc::get_mut(&mut self.storage)
             .ok_or(ArrayError::NotWritable("other views of the same storage exist in this process"))?;
         let bytes: &mut [u8] = match storage {
             Storage::Owned(o) => &mut o.bytes_mut()[offset..offset + nbytes],
             Storage::Mapped(m) => {
-                if m.access == Access::ReadOnly {
-                    return Err(ArrayError::NotWritable("it is mapped read-only"));
-                }
                 // SAFETY: the map is writable (read-write or copy-on-write),
                 // `Arc::get_mut` proved this view is its only user in this
                 // process, and the range lies inside the map (checked when the

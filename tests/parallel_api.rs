@@ -1,0 +1,380 @@
+//! The `Parallel` API, end to end: user-defined tasks from this file run in
+//! worker processes that are re-executions of this test binary.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use procjob::{Access, Array, BatchSize, Error, Parallel, PreDispatch, Task};
+use serde::{Deserialize, Serialize};
+
+procjob::test_support!();
+
+struct Square;
+impl Task for Square {
+    type Input = u64;
+    type Output = u64;
+    type Error = String;
+    fn run(x: u64) -> Result<u64, String> {
+        if x == 7 {
+            println!("a print inside a task goes to stderr and cannot corrupt the stream");
+        }
+        Ok(x * x)
+    }
+}
+
+/// Reports where it ran and how its array arrived.
+struct Inspect;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Seen {
+    pid: u32,
+    pgid: i32,
+    mapped_from: Option<String>,
+    sum: f64,
+    omp_threads: Option<String>,
+}
+
+impl Task for Inspect {
+    type Input = Array;
+    type Output = Seen;
+    type Error = String;
+    fn run(a: Array) -> Result<Seen, String> {
+        let sum = a.as_slice::<f32>().map_err(|e| e.to_string())?.iter().map(|&x| f64::from(x)).sum();
+        Ok(Seen {
+            pid: std::process::id(),
+            pgid: nix::unistd::getpgrp().as_raw(),
+            mapped_from: a.file_location().map(|(p, _, _)| p.display().to_string()),
+            sum,
+            omp_threads: std::env::var("OMP_NUM_THREADS").ok(),
+        })
+    }
+}
+
+/// Fails as told: `Err` for 13, panic for 17.
+struct Picky;
+impl Task for Picky {
+    type Input = u64;
+    type Output = u64;
+    type Error = String;
+    fn describe(x: &u64) -> Option<String> {
+        Some(format!("value {x}"))
+    }
+    fn run(x: u64) -> Result<u64, String> {
+        match x {
+            13 => Err("13 is unlucky".into()),
+            17 => panic!("17 is worse"),
+            x => Ok(x),
+        }
+    }
+}
+
+/// Writes `value` into every element of its (mapped) array.
+struct Fill;
+impl Task for Fill {
+    type Input = (Array, f64);
+    type Output = ();
+    type Error = String;
+    fn run((mut a, value): (Array, f64)) -> Result<(), String> {
+        a.as_mut_slice::<f64>().map_err(|e| e.to_string())?.fill(value);
+        Ok(())
+    }
+}
+
+struct Hang;
+impl Task for Hang {
+    type Input = u64;
+    type Output = u64;
+    type Error = String;
+    fn run(x: u64) -> Result<u64, String> {
+        if x == 1 {
+            loop {
+                std::thread::park();
+            }
+        }
+        Ok(x)
+    }
+}
+
+fn f32_array(len: usize) -> Array {
+    Array::from_vec(vec![len], vec![1.0f32; len])
+}
+
+#[test]
+fn user_tasks_run_in_distinct_worker_processes() {
+    let mut p = Parallel::new().n_jobs(2);
+    let out = p.run::<Square, _>(0..100u64).unwrap();
+    assert_eq!(out, (0..100u64).map(|x| x * x).collect::<Vec<_>>());
+    let pids = p.worker_pids();
+    assert_eq!(pids.len(), 2);
+    assert_ne!(pids[0], pids[1]);
+    assert!(!pids.contains(&std::process::id()));
+}
+
+#[test]
+fn n_jobs_counts_back_from_cpus_and_refuses_zero() {
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(procjob::parallel::resolve_n_jobs(-1, cpus).unwrap(), cpus);
+    assert_eq!(procjob::parallel::resolve_n_jobs(-2, 8).unwrap(), 7);
+    assert_eq!(procjob::parallel::resolve_n_jobs(-100, 8).unwrap(), 1);
+    let mut p = Parallel::new().n_jobs(0);
+    let err = p.run::<Square, _>(0..3u64).unwrap_err();
+    assert!(err.to_string().contains("n_jobs = 0"), "{err}");
+    let mut p = Parallel::new().n_jobs(3);
+    p.run::<Square, _>(0..3u64).unwrap();
+    assert_eq!(p.worker_pids().len(), 3);
+}
+
+#[test]
+fn arrays_up_to_max_nbytes_travel_inline_and_larger_ones_as_files() {
+    const MIB: usize = 1 << 20;
+    let mut p = Parallel::new().n_jobs(1);
+    // Exactly 1 MiB: inline, so its bytes cross the pipe.
+    let seen = p.run::<Inspect, _>([f32_array(MIB / 4)]).unwrap();
+    assert!(seen[0].mapped_from.is_none());
+    let inline = p.last_call().traffic.bytes_to_workers;
+    assert!(inline > MIB as u64, "{inline}");
+    assert_eq!(p.last_call().dumped_arrays, 0);
+    // One element (4 bytes) more: dumped and sent as a file reference.
+    let seen = p.run::<Inspect, _>([f32_array(MIB / 4 + 1)]).unwrap();
+    assert!(seen[0].mapped_from.is_some());
+    assert_eq!(seen[0].sum, (MIB / 4 + 1) as f64);
+    let by_ref = p.last_call().traffic.bytes_to_workers;
+    assert!(by_ref < 4096, "{by_ref}");
+    assert_eq!(p.last_call().dumped_arrays, 1);
+    // The threshold is exact to the byte: 1 MiB with max_nbytes = 1 MiB - 1.
+    let mut p = p.max_nbytes(Some(MIB - 1));
+    let seen = p.run::<Inspect, _>([f32_array(MIB / 4)]).unwrap();
+    assert!(seen[0].mapped_from.is_some());
+    // None: everything inline, however large.
+    let mut p = p.max_nbytes(None);
+    let seen = p.run::<Inspect, _>([f32_array(MIB)]).unwrap();
+    assert!(seen[0].mapped_from.is_none());
+    assert!(p.last_call().traffic.bytes_to_workers > 4 * MIB as u64);
+}
+
+#[test]
+fn an_array_shared_by_many_tasks_is_dumped_once() {
+    let big = f32_array(1 << 20);
+    let mut p = Parallel::new().n_jobs(2);
+    let seen = p.run::<Inspect, _>((0..10).map(|_| big.clone())).unwrap();
+    assert_eq!(p.last_call().dumped_arrays, 1);
+    assert_eq!(p.last_call().dumped_bytes, 4 << 20);
+    assert!(seen.iter().all(|s| s.sum == (1 << 20) as f64));
+    // Row slices of one array, each above the threshold, share its dump too.
+    let mut p = p.max_nbytes(Some(1000));
+    let m = Array::from_vec(vec![1024, 512], vec![2.0f32; 1024 * 512]);
+    let seen = p.run::<Inspect, _>((0..8).map(|i| m.rows(i * 128..(i + 1) * 128).unwrap())).unwrap();
+    assert_eq!(p.last_call().dumped_arrays, 1);
+    assert!(seen.iter().all(|s| s.sum == (128 * 512 * 2) as f64));
+}
+
+#[test]
+fn temp_folder_holds_the_dumps_and_is_emptied_after_the_call() {
+    let parent = tempfile::tempdir().unwrap();
+    let mut p = Parallel::new().n_jobs(1).temp_folder(parent.path());
+    let seen = p.run::<Inspect, _>([f32_array(1 << 19)]).unwrap();
+    let from = seen[0].mapped_from.as_deref().unwrap();
+    assert!(from.starts_with(&parent.path().join("procjob-").display().to_string()), "{from}");
+    assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn results_come_ordered_streamed_or_unordered() {
+    let mut p = Parallel::new().n_jobs(2).batch_size(BatchSize::Fixed(3));
+    let streamed: Vec<u64> = p.run_iter::<Square, _>(0..50u64).unwrap().map(Result::unwrap).collect();
+    assert_eq!(streamed, (0..50u64).map(|x| x * x).collect::<Vec<_>>());
+    let mut unordered: Vec<(u64, u64)> = p.run_unordered::<Square, _>(0..50u64).unwrap().map(Result::unwrap).collect();
+    unordered.sort();
+    assert_eq!(unordered, (0..50u64).map(|x| (x, x * x)).collect::<Vec<_>>());
+}
+
+#[test]
+fn batching_sends_many_tiny_tasks_in_few_frames() {
+    let mut p = Parallel::new().n_jobs(2);
+    let out = p.run::<Square, _>(0..100_000u64).unwrap();
+    assert_eq!(out.len(), 100_000);
+    let frames = p.last_call().traffic.frames_to_workers;
+    assert!(frames < 1_000, "{frames} frames for 100000 tasks");
+    let mut p = p.batch_size(BatchSize::Fixed(1));
+    p.run::<Square, _>(0..1_000u64).unwrap();
+    assert_eq!(p.last_call().traffic.frames_to_workers, 1_000);
+}
+
+#[test]
+fn pre_dispatch_bounds_how_far_the_input_is_drawn() {
+    let drawn = Rc::new(RefCell::new(0u64));
+    let counter = Rc::clone(&drawn);
+    let inputs = (0..1000u64).inspect(move |_| *counter.borrow_mut() += 1);
+    let mut p = Parallel::new().n_jobs(2).batch_size(BatchSize::Fixed(1)).pre_dispatch(PreDispatch::Batches(4));
+    let mut results = p.run_iter::<Square, _>(inputs).unwrap();
+    assert_eq!(results.next().unwrap().unwrap(), 0);
+    assert!(*drawn.borrow() <= 5, "drew {} inputs for the first result", drawn.borrow());
+    assert_eq!(results.map(Result::unwrap).count(), 999);
+}
+
+#[test]
+fn a_task_error_and_a_panic_come_back_with_their_index_and_keep_the_workers() {
+    let mut p = Parallel::new().n_jobs(2).batch_size(BatchSize::Fixed(1));
+    p.run::<Picky, _>(0..4u64).unwrap();
+    let pids = p.worker_pids();
+    let err = p.run::<Picky, _>(0..100u64).unwrap_err();
+    assert_eq!(err.task_index(), Some(13), "{err}");
+    assert!(err.to_string().contains("13 is unlucky") && err.to_string().contains("value 13"), "{err}");
+    assert_eq!(err.task_error::<String>().as_deref(), Some("13 is unlucky"));
+    let completed = p.last_call().batches;
+    assert!(completed < 100, "the rest was cancelled, yet {completed} batches were sent");
+    assert_eq!(p.worker_pids(), pids);
+    let err = p.run::<Picky, _>(14..100u64).unwrap_err();
+    assert_eq!(err.task_index(), Some(3), "{err}"); // input 17 is the 4th
+    let msg = err.to_string();
+    assert!(msg.contains("panicked at") && msg.contains("17 is worse") && msg.contains("parallel_api.rs"), "{msg}");
+    assert_eq!(p.worker_pids(), pids);
+    assert_eq!(p.run::<Picky, _>([1, 2, 3]).unwrap(), vec![1, 2, 3]);
+}
+
+#[test]
+fn the_pool_stays_warm_across_calls_and_sets_thread_counts() {
+    let mut p = Parallel::new().n_jobs(2);
+    p.run::<Square, _>(0..10u64).unwrap();
+    let pids = p.worker_pids();
+    let seen = p.run::<Inspect, _>((0..4).map(|_| f32_array(8))).unwrap();
+    assert_eq!(p.worker_pids(), pids);
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let expected = (cpus / 2).max(1).to_string();
+    for s in &seen {
+        assert!(pids.contains(&s.pid));
+        // Own process group: a terminal's Ctrl-C reaches only the coordinator.
+        assert_eq!(s.pgid, s.pid as i32);
+        if std::env::var_os("OMP_NUM_THREADS").is_none() {
+            assert_eq!(s.omp_threads.as_deref(), Some(expected.as_str()));
+        }
+    }
+}
+
+#[test]
+fn idle_workers_exit_and_the_next_call_starts_new_ones() {
+    let mut p = Parallel::new().n_jobs(1).idle_timeout(Some(Duration::from_millis(50)));
+    p.run::<Square, _>([1u64]).unwrap();
+    let pid = p.worker_pids()[0];
+    // Wait for the exit itself: a pidfd becomes readable when the process ends.
+    wait_for_exit(pid);
+    p.run::<Square, _>([2u64]).unwrap();
+    assert_ne!(p.worker_pids()[0], pid);
+}
+
+fn wait_for_exit(pid: u32) {
+    use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    assert!(fd >= 0, "pidfd_open failed");
+    // SAFETY: the fd was just returned to us and is owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let borrowed: BorrowedFd<'_> = std::os::fd::AsFd::as_fd(&fd);
+    let mut fds = [nix::poll::PollFd::new(borrowed, nix::poll::PollFlags::POLLIN)];
+    let n = nix::poll::poll(&mut fds, nix::poll::PollTimeout::try_from(10_000).unwrap()).unwrap();
+    assert_eq!(n, 1, "worker {pid} did not exit within 10 s of its idle timeout");
+}
+
+#[test]
+fn timeout_kills_a_hung_task_and_names_it() {
+    let mut p = Parallel::new().n_jobs(2).batch_size(BatchSize::Fixed(1)).timeout(Duration::from_millis(300));
+    let err = p.run::<Hang, _>(0..4u64).unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    assert_eq!(err.task_index(), Some(1));
+    assert!(err.to_string().contains("task 1") && err.to_string().contains("killed"), "{err}");
+    // The pool recovers: the killed worker is replaced on the next call.
+    assert_eq!(p.run::<Hang, _>([0u64, 2, 3]).unwrap(), vec![0, 2, 3]);
+}
+
+#[test]
+fn shared_output_is_filled_in_place_by_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.npy");
+    let out = Array::create_npy(&path, procjob::DType::F64, vec![8, 4]).unwrap();
+    let mut p = Parallel::new().n_jobs(2);
+    p.run::<Fill, _>((0..4).map(|i| (out.rows(2 * i..2 * i + 2).unwrap(), i as f64))).unwrap();
+    let c = out.as_slice::<f64>().unwrap();
+    for (row, chunk) in c.chunks(4).enumerate() {
+        assert!(chunk.iter().all(|&v| v == (row / 2) as f64), "row {row}: {chunk:?}");
+    }
+}
+
+#[test]
+fn mmap_mode_decides_whether_tasks_may_write_dumped_arrays() {
+    let a = Array::from_vec(vec![1 << 18], vec![1.0f64; 1 << 18]);
+    // Read-only (default): writing is refused.
+    let mut p = Parallel::new().n_jobs(1);
+    let err = p.run::<Fill, _>([(a.clone(), 5.0)]).unwrap_err();
+    assert!(err.to_string().contains("read-only"), "{err}");
+    // Copy-on-write: the task may write its private view; the original is untouched.
+    let mut p = p.mmap_mode(Access::CopyOnWrite);
+    p.run::<Fill, _>([(a.clone(), 5.0)]).unwrap();
+    assert!(a.as_slice::<f64>().unwrap().iter().all(|&v| v == 1.0));
+}
+
+#[test]
+fn progress_reports_every_batch() {
+    let seen = Rc::new(RefCell::new(Vec::new()));
+    let log = Rc::clone(&seen);
+    let mut p = Parallel::new()
+        .n_jobs(2)
+        .batch_size(BatchSize::Fixed(10))
+        .progress(move |pr| log.borrow_mut().push((pr.completed, pr.total)));
+    p.run::<Square, _>(0..100u64).unwrap();
+    let seen = seen.borrow();
+    assert_eq!(seen.len(), 10);
+    assert!(seen.windows(2).all(|w| w[0].0 < w[1].0));
+    assert_eq!(seen.last(), Some(&(100, Some(100))));
+}
+
+#[test]
+fn a_worker_started_from_a_binary_without_init_fails_loudly() {
+    // Re-run this test binary as if it were a worker whose main forgot
+    // procjob::init(): it must refuse to start workers of its own.
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["forgetful_child", "--exact", "--nocapture", "--include-ignored"])
+        .env("PROCJOB_WORKER", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(101), "{stderr}");
+    assert!(stderr.contains("procjob::init()") && stderr.contains("Refusing to start workers"), "{stderr}");
+}
+
+#[test]
+#[ignore = "run by a_worker_started_from_a_binary_without_init_fails_loudly"]
+fn forgetful_child() {
+    let _ = Parallel::new().n_jobs(1).run::<Square, _>([1u64]);
+    unreachable!("a worker that did not call init() must not get here");
+}
+
+#[test]
+fn a_second_registered_task_kind_runs_through_the_same_pool() {
+    use procjob_worker::testkinds::Checksum;
+    let a = Array::from_vec(vec![3, 2], vec![1i64, 2, 3, 4, 5, 6]);
+    let mut p = Parallel::new().n_jobs(2);
+    let out = p.run::<Checksum, _>([a.clone(), a.rows(1..3).unwrap()]).unwrap();
+    assert_eq!((out[0].sum, out[0].shape.clone()), (21.0, vec![3, 2]));
+    assert_eq!((out[1].sum, out[1].shape.clone()), (18.0, vec![2, 2]));
+    assert!(p.worker_pids().contains(&out[0].pid));
+}
+
+#[test]
+fn the_standalone_worker_runs_registered_kinds_by_name_only() {
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_procjob")).with_file_name("procjob-worker");
+    if !exe.exists() {
+        assert!(std::env::var_os("CI").is_none(), "{} was not built", exe.display());
+        eprintln!("skipping: {} not built (run cargo test --workspace)", exe.display());
+        return;
+    }
+    let mut p = Parallel::new().n_jobs(1).worker_program(&exe);
+    let a = Array::from_vec(vec![4], vec![1.5f64, 2.5, 3.0, 1.0]);
+    let out = p.run::<procjob_worker::testkinds::Checksum, _>([a]).unwrap();
+    assert_eq!(out[0].sum, 8.0);
+    // A task defined in this file is not in its registry, and its code offset
+    // means nothing in another executable: refused, with the known names.
+    let err = p.run::<Square, _>([3u64]).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("not known to this worker") && msg.contains("test.checksum"), "{msg}");
+}
