@@ -102,3 +102,15 @@ macro_rules! test_support {
 pub fn __serve_as_worker() -> ! {
     procjob_worker::serve::run_worker(&Registry::builtin())
 }
+
+/// Task kinds built into procjob.
+pub mod tasks {
+    pub use procjob_worker::matmul::{Dot, MatmulBlock, MatmulInput, MatmulOutput};
+
+    use procjob_worker::{Array, Task};
+
+    /// `A · B` in this process, with the same kernel the workers use.
+    pub fn dot(a: &Array, b: &Array) -> Result<Array, String> {
+        Dot::run((a.clone(), b.clone()))
+    }
+}

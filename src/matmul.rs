@@ -293,7 +293,8 @@ fn run_parallel(
         ),
         _ => None,
     };
-    let dump_s = t0.elapsed().as_secs_f64();
+    // Copy mode dumps nothing; its inputs go through the pipes.
+    let dump_s = if mode == Mode::Copy { 0.0 } else { t0.elapsed().as_secs_f64() };
     let spawn_s = parallel.start()?.as_secs_f64();
     let t1 = Instant::now();
     let block_inputs = ranges.iter().map(|r| {

@@ -360,6 +360,62 @@ impl Array {
         })
     }
 
+    /// Splits along the first axis into `sections` views as
+    /// `np.array_split` does: the first `len % sections` get one row more.
+    /// `sections` must be at least 1.
+    pub fn array_split(&self, sections: usize) -> Result<Vec<Array>, ArrayError> {
+        let Some(&n) = self.shape.first() else {
+            return Err(ArrayError::Shape("a 0-dimensional array cannot be split".into()));
+        };
+        if sections == 0 {
+            return Err(ArrayError::Shape("cannot split into 0 sections".into()));
+        }
+        let (base, extra) = (n / sections, n % sections);
+        let mut start = 0;
+        (0..sections)
+            .map(|i| {
+                let len = base + usize::from(i < extra);
+                start += len;
+                self.rows(start - len..start)
+            })
+            .collect()
+    }
+
+    /// Stacks arrays along the first axis into a new owned array, as
+    /// `np.vstack` does for arrays of two or more dimensions. All must have
+    /// the same dtype and the same shape after the first axis.
+    pub fn vstack(parts: &[Array]) -> Result<Array, ArrayError> {
+        let Some(first) = parts.first() else {
+            return Err(ArrayError::Shape("nothing to stack".into()));
+        };
+        let Some((_, rest)) = first.shape.split_first() else {
+            return Err(ArrayError::Shape("cannot stack 0-dimensional arrays".into()));
+        };
+        let mut rows = 0;
+        for p in parts {
+            if p.dtype != first.dtype || p.shape.get(1..) != Some(rest) {
+                return Err(ArrayError::Shape(format!(
+                    "cannot stack {} {:?} onto {} {:?}",
+                    p.dtype, p.shape, first.dtype, first.shape
+                )));
+            }
+            rows += p.shape[0];
+        }
+        let mut shape = first.shape.clone();
+        shape[0] = rows;
+        let mut out = Array::zeros(first.dtype, shape);
+        let storage = Arc::get_mut(&mut out.storage).expect("a fresh array is unshared");
+        let Storage::Owned(owned) = storage else { unreachable!("zeros() is owned") };
+        let mut at = 0;
+        let dst = owned.bytes_mut();
+        for p in parts {
+            let b = p.as_bytes();
+            dst[at..at + b.len()].copy_from_slice(b);
+            at += b.len();
+        }
+        Ok(out)
+    }
+
     /// The same elements with another shape of the same element count.
     pub fn reshape(mut self, shape: impl Into<Vec<usize>>) -> Result<Array, ArrayError> {
         let shape = shape.into();
@@ -646,4 +702,54 @@ pub fn read_arrays<'a, R: Read + ?Sized>(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_and_stack_round_trip() {
+        let a = Array::from_vec(vec![7, 2], (0..14i64).collect::<Vec<_>>());
+        let parts = a.array_split(3).unwrap();
+        let shapes: Vec<_> = parts.iter().map(|p| p.shape().to_vec()).collect();
+        assert_eq!(shapes, vec![vec![3, 2], vec![2, 2], vec![2, 2]]);
+        assert_eq!(parts[1].as_slice::<i64>().unwrap(), &[6, 7, 8, 9]);
+        assert_eq!(Array::vstack(&parts).unwrap(), a);
+        let bad = Array::from_vec(vec![1, 3], vec![0i64; 3]);
+        assert!(Array::vstack(&[a.clone(), bad]).is_err());
+        assert!(a.array_split(0).is_err());
+    }
+
+    #[test]
+    fn views_share_storage_and_writes_need_exclusive_access() {
+        let a = Array::from_vec(vec![4, 2], vec![1.0f64; 8]);
+        let mut v = a.rows(1..3).unwrap();
+        assert_eq!(v.storage_id(), a.storage_id());
+        assert!(matches!(v.as_mut_slice::<f64>(), Err(ArrayError::NotWritable(_))));
+        drop(a);
+        v.as_mut_slice::<f64>().unwrap().fill(2.0);
+        assert_eq!(v.as_slice::<f64>().unwrap(), &[2.0; 4]);
+        assert!(matches!(v.as_slice::<i64>(), Err(ArrayError::DType { .. })));
+    }
+
+    #[test]
+    fn serializing_outside_procjob_is_an_error_not_a_copy() {
+        let a = Array::from_vec(vec![2], vec![1.0f32, 2.0]);
+        assert!(postcard::to_stdvec(&a).is_err());
+    }
+
+    #[test]
+    fn values_round_trip_with_arrays_as_references() {
+        let a = Array::from_vec(vec![2, 2], vec![1i64, 2, 3, 4]);
+        let value = (7u32, a.clone(), vec![a.rows(1..2).unwrap()]);
+        let mut enc = InlineEncoder::default();
+        let (bytes, refs) = encode_with(&value, &mut enc).unwrap();
+        assert_eq!(refs.len(), 2);
+        assert!(bytes.len() < 16, "arrays must not be in the payload: {} bytes", bytes.len());
+        let back: (u32, Array, Vec<Array>) = decode_with(&bytes, enc.inline.clone()).unwrap();
+        assert_eq!(back.0, 7);
+        assert_eq!(back.1, a);
+        assert_eq!(back.2[0].as_slice::<i64>().unwrap(), &[3, 4]);
+    }
 }

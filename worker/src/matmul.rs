@@ -79,6 +79,28 @@ impl Task for MatmulBlock {
     }
 }
 
+/// `np.dot` for two matrices: `(A, B) → A · B`. The building block of the
+/// classic `parallel_dot` (see `examples/parallel_dot.rs`).
+pub struct Dot;
+
+impl Task for Dot {
+    type Input = (Array, Array);
+    type Output = Array;
+    type Error = String;
+
+    fn name() -> &'static str {
+        "dot"
+    }
+
+    fn run((a, b): (Array, Array)) -> Result<Array, String> {
+        match a.dtype() {
+            DType::I64 => multiply::<i64>(&a, &b),
+            DType::F64 => multiply::<f64>(&a, &b),
+            DType::F32 => multiply::<f32>(&a, &b),
+        }
+    }
+}
+
 /// Checks that A (rows × k) and B (k × n) fit; returns (rows, k, n).
 pub fn check_shapes(a: &Array, b: &Array) -> Result<(usize, usize, usize), String> {
     if a.dtype() != b.dtype() {

@@ -102,7 +102,7 @@ impl Registry {
     /// The task kinds built into procjob: the matrix product, and under the
     /// `test-tasks` feature the misbehaving kinds of the failure tests.
     pub fn builtin() -> Registry {
-        let r = Registry::new().with::<crate::matmul::MatmulBlock>();
+        let r = Registry::new().with::<crate::matmul::MatmulBlock>().with::<crate::matmul::Dot>();
         #[cfg(feature = "test-tasks")]
         let r = crate::testkinds::register(r);
         r
