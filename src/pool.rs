@@ -5,7 +5,7 @@
 //! are in [`crate::scheduler`] and the call logic in [`crate::parallel`].
 //!
 //! Each worker is a re-execution of the running binary with
-//! [`WORKER_ENV`](procjob_worker::serve::WORKER_ENV) set; its stdin and
+//! `PROCJOB_WORKER` set; its stdin and
 //! stdout are pipes. Requests are written from the thread that owns the
 //! pool; one reader thread per worker reads its replies and forwards them,
 //! with their inline arrays already read, on a single channel. A worker
@@ -259,6 +259,7 @@ impl WorkerPool {
                     if let Some(p) = self.slots[index].process.as_mut() {
                         p.ready = true;
                     }
+                    self.record_batch(index, 0, ready.memory);
                 }
                 WorkerEvent::Lost { error } => {
                     let exit = self.reap(index);

@@ -19,7 +19,7 @@ use std::time::Duration;
 /// (tens of microseconds) is noise, short enough to balance load.
 pub const TARGET_BATCH: Duration = Duration::from_millis(20);
 /// Largest factor by which an automatic batch grows from one batch to the next.
-const MAX_GROWTH: usize = 8;
+pub const MAX_GROWTH: usize = 8;
 
 /// How many tasks go to a worker at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

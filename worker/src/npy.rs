@@ -761,7 +761,7 @@ pub fn write(path: &Path, dtype: DType, shape: &[usize], data: &[u8]) -> Result<
 
 /// Creates a new `.npy` file of the given dtype/shape with the header written
 /// and the data zero-filled (via `set_len`, so it is sparse until written).
-/// Same creation rules as [`write`]. Returns the file, open read-write with
+/// Same creation rules as [`write()`]. Returns the file, open read-write with
 /// its cursor at `data_offset`, and the header; used for shared outputs that
 /// workers fill through a memory map.
 pub fn create(path: &Path, dtype: DType, shape: &[usize]) -> Result<(File, NpyHeader), NpyError> {

@@ -213,6 +213,9 @@ pub struct Ready {
     /// Whether the worker is the coordinator's own executable, so tasks
     /// named only by code offset can run.
     pub same_binary: bool,
+    /// The worker's memory at start, so a worker that never gets a task
+    /// still reports its footprint.
+    pub memory: MemorySnapshot,
 }
 
 /// The answer to one batch.
@@ -463,7 +466,7 @@ pub fn read_part<R: Read + ?Sized>(r: &mut R, buf: &mut [u8], part: &'static str
 }
 
 /// A frame whose prelude and payload have been read; its bulk, if any, is
-/// still in the stream and must be read next (see [`crate::array::read_inline_arrays`]).
+/// still in the stream and must be read next (see [`crate::array::read_arrays`]).
 #[derive(Debug)]
 pub struct Frame<M> {
     /// The decoded message.

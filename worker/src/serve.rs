@@ -138,7 +138,8 @@ pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
         return Err(ServeError::Refused(reason));
     }
     let same_binary = hello.binary.is_current();
-    let ready = Ready { protocol: PROTOCOL_VERSION, pid: std::process::id(), same_binary };
+    let ready =
+        Ready { protocol: PROTOCOL_VERSION, pid: std::process::id(), same_binary, memory: crate::memory::snapshot() };
     protocol::send(&mut output, FrameKind::Reply, &Reply::Ready(ready), &[])?;
     let idle = (hello.idle_timeout_ms > 0).then(|| Duration::from_millis(hello.idle_timeout_ms));
     let mut maps = MapCache::default();
