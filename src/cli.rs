@@ -89,6 +89,12 @@ pub struct MatmulArgs {
     /// Repetitions per mode, on warm workers.
     #[arg(long, value_name = "R", default_value_t = 1)]
     pub repeat: usize,
+    /// Re-run a task lost to a dead worker on a fresh worker, up to N times.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub retries: u32,
+    /// Per-task time limit in seconds; on expiry the worker is killed and the run fails.
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
     /// Skip computing seq to compare against.
     #[arg(long)]
     pub no_check: bool,
@@ -116,6 +122,7 @@ impl From<Error> for CliError {
     fn from(e: Error) -> CliError {
         let code = match e {
             Error::Config(_) | Error::Store(_) => exit::USAGE,
+            Error::Interrupted { signal } => crate::signals::exit_code(signal),
             _ => exit::RUN_FAILED,
         };
         CliError { code, message: e.to_string() }
@@ -127,6 +134,12 @@ pub fn run(cli: Cli) -> i32 {
     let result = match cli.command {
         Command::Matmul(args) => matmul_command(&args),
     };
+    // A run that ended while a signal was being handled ends as that signal
+    // says, whatever else went wrong on the way.
+    if let Some(signal) = crate::signals::received() {
+        eprintln!("procjob: stopped by {}; workers stopped, temp folder removed", signal.as_str());
+        return crate::signals::exit_code(signal);
+    }
     match result {
         Ok(()) => exit::OK,
         Err(e) => {
@@ -136,10 +149,41 @@ pub fn run(cli: Cli) -> i32 {
     }
 }
 
+/// Where the inputs come from; generated ones are made only after the
+/// temp folder proved it has room.
+enum Source {
+    /// The user's `.npy` files, already mapped.
+    Files(Inputs),
+    /// The pattern of CLI.md.
+    Pattern { dtype: DType, m: usize, k: usize, n: usize },
+    /// Random digits from a seed.
+    Random { dtype: DType, m: usize, k: usize, n: usize, seed: u64 },
+}
+
+impl Source {
+    fn dims(&self) -> (DType, usize, usize, usize) {
+        match self {
+            Source::Files(i) => {
+                let (m, k, n) = i.dims();
+                (i.dtype(), m, k, n)
+            }
+            Source::Pattern { dtype, m, k, n } | Source::Random { dtype, m, k, n, .. } => (*dtype, *m, *k, *n),
+        }
+    }
+
+    fn materialize(self) -> Inputs {
+        match self {
+            Source::Files(i) => i,
+            Source::Pattern { dtype, m, k, n } => Inputs::pattern(dtype, m, k, n),
+            Source::Random { dtype, m, k, n, seed } => Inputs::random(dtype, m, k, n, seed),
+        }
+    }
+}
+
 /// A checked `procjob matmul` request.
 struct Request {
     modes: Vec<Mode>,
-    inputs: Inputs,
+    source: Source,
     settings: RunSettings,
     check: bool,
     out: Option<PathBuf>,
@@ -195,7 +239,7 @@ fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
         ),
         None => None,
     };
-    let inputs = match (&args.a, &args.b) {
+    let source = match (&args.a, &args.b) {
         (Some(a_path), Some(b_path)) => {
             if args.size.is_some() || args.shape.is_some() || args.seed.is_some() {
                 return Err(CliError::usage("--a/--b give the inputs: --size, --shape and --seed do not apply"));
@@ -225,7 +269,7 @@ fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
                     b.shape()[1]
                 )));
             }
-            Inputs { a, b }
+            Source::Files(Inputs { a, b })
         }
         (None, None) => {
             let (m, k, n) = match (&args.shape, args.size) {
@@ -235,8 +279,8 @@ fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
             };
             let dtype = dtype.unwrap_or(DType::I64);
             match args.seed {
-                Some(seed) => Inputs::random(dtype, m, k, n, seed),
-                None => Inputs::pattern(dtype, m, k, n),
+                Some(seed) => Source::Random { dtype, m, k, n, seed },
+                None => Source::Pattern { dtype, m, k, n },
             }
         }
         _ => return Err(CliError::usage("--a and --b go together: give both or neither")),
@@ -251,50 +295,72 @@ fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
             )));
         }
     }
+    let timeout = match args.timeout {
+        None => None,
+        Some(t) if t.is_finite() && t > 0.0 => Some(std::time::Duration::from_secs_f64(t)),
+        Some(t) => return Err(CliError::usage(format!("--timeout {t}: a positive number of seconds is needed"))),
+    };
     Ok(Request {
         modes,
-        inputs,
-        settings: RunSettings { processes, blocks, temp_folder: args.temp_folder.clone(), repeat: args.repeat },
+        source,
+        settings: RunSettings {
+            processes,
+            blocks,
+            temp_folder: args.temp_folder.clone(),
+            repeat: args.repeat,
+            retries: args.retries,
+            timeout,
+        },
         check: !args.no_check,
         out: args.out.clone(),
     })
 }
 
-/// Room the run folder needs: A and B dumps and a C file.
-fn needed_bytes(inputs: &Inputs) -> u64 {
-    let (m, _, n) = inputs.dims();
-    let c = (m * n * inputs.dtype().size()) as u64;
-    let mapped = |a: &Array| if a.is_mapped() { 0 } else { a.nbytes() as u64 };
-    mapped(&inputs.a) + mapped(&inputs.b) + c + 64 * 1024
+/// Room the run folder needs: the A and B dumps (none for the user's own
+/// files, mapped in place) and a C file, per mode that writes files.
+fn needed_bytes(source: &Source, modes: &[Mode]) -> u64 {
+    let (dtype, m, k, n) = source.dims();
+    let size = dtype.size() as u64;
+    let (m, k, n) = (m as u64, k as u64, n as u64);
+    let inputs = if matches!(source, Source::Files(_)) { 0 } else { (m * k + k * n) * size };
+    let file_modes = modes.iter().filter(|m| matches!(m, Mode::Memmap | Mode::MemmapOut)).count() as u64;
+    let outputs = if modes.contains(&Mode::MemmapOut) { m * n * size } else { 0 };
+    // Each file mode's dumps are removed before the next mode runs.
+    inputs.min(inputs * file_modes) + outputs + 64 * 1024
 }
 
 fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
     let req = check_request(args)?;
-    let folder = RunFolder::create(req.settings.temp_folder.as_deref(), needed_bytes(&req.inputs))
-        .map_err(|e| CliError::usage(e.to_string()))?;
-    let (m, k, n) = req.inputs.dims();
+    let needed = needed_bytes(&req.source, &req.modes);
+    let folder =
+        RunFolder::create(req.settings.temp_folder.as_deref(), needed).map_err(|e| CliError::usage(e.to_string()))?;
+    let Request { modes, source, settings, check, out: out_path } = req;
+    let inputs = source.materialize();
+    let (m, k, n) = inputs.dims();
     let mut out = std::io::stdout().lock();
     if !args.json {
         let _ = writeln!(
             out,
             "procjob matmul: C = A × B, {} {m}×{k} · {k}×{n}, {} processes, {} blocks, temp folder {}",
-            req.inputs.dtype(),
-            req.settings.processes,
-            req.settings.blocks,
+            inputs.dtype(),
+            settings.processes,
+            settings.blocks,
             folder.path().display()
         );
     }
-    let reference =
-        if req.check && !req.modes.contains(&Mode::Seq) { Some(matmul::multiply_seq(&req.inputs)?) } else { None };
+    let reference = if check && !modes.contains(&Mode::Seq) { Some(matmul::multiply_seq(&inputs)?) } else { None };
     let mut runs: Vec<ModeRun> = Vec::new();
     let mut reports: Vec<ModeReport> = Vec::new();
     let mut table = Table::new(args.json);
-    for &mode in &req.modes {
-        let run = matmul::run_mode(mode, &req.inputs, &req.settings, &folder)?;
+    for &mode in &modes {
+        if let Some(signal) = crate::signals::received() {
+            return Err(Error::Interrupted { signal }.into());
+        }
+        let run = matmul::run_mode(mode, &inputs, &settings, &folder)?;
         let seq_c = reference.as_ref().or_else(|| runs.iter().find(|r| r.mode == Mode::Seq).map(|r| &r.c));
-        let matches = if req.check { Some(seq_c.is_none_or(|s| *s == run.c)) } else { None };
+        let matches = if check { Some(seq_c.is_none_or(|s| *s == run.c)) } else { None };
         let seq_wall = reports.iter().find(|r| r.mode == "seq").map(|r| r.wall_s);
-        let report = ModeReport::new(&run, &req, seq_wall, matches);
+        let report = ModeReport::new(&run, &inputs, &settings, seq_wall, matches);
         if args.json {
             let line = serde_json::to_string(&report).expect("reports serialize");
             let _ = writeln!(out, "{line}");
@@ -308,7 +374,7 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
     if !args.json {
         table.footer(&mut out, &reports);
     }
-    if let Some(path) = &req.out {
+    if let Some(path) = &out_path {
         let c = &runs.last().expect("at least one mode").c;
         save_replacing(c, path)?;
     }
@@ -381,8 +447,14 @@ struct CoordinatorJson {
 }
 
 impl ModeReport {
-    fn new(run: &ModeRun, req: &Request, seq_wall: Option<f64>, matches_seq: Option<bool>) -> ModeReport {
-        let (m, k, n) = req.inputs.dims();
+    fn new(
+        run: &ModeRun,
+        inputs: &Inputs,
+        settings: &RunSettings,
+        seq_wall: Option<f64>,
+        matches_seq: Option<bool>,
+    ) -> ModeReport {
+        let (m, k, n) = inputs.dims();
         let walls: Vec<f64> = run.repetitions.iter().map(|r| r.wall.as_secs_f64()).collect();
         let median_index = median_index(&walls);
         let median = &run.repetitions[median_index];
@@ -390,9 +462,9 @@ impl ModeReport {
         let seq_wall = if run.mode == Mode::Seq { Some(wall_s) } else { seq_wall };
         ModeReport {
             mode: run.mode.name(),
-            processes: if run.mode.uses_workers() { req.settings.processes } else { 1 },
+            processes: if run.mode.uses_workers() { settings.processes } else { 1 },
             start_method: if run.mode.uses_workers() { "spawn" } else { "none" },
-            dtype: req.inputs.dtype().name(),
+            dtype: inputs.dtype().name(),
             m,
             k,
             n,

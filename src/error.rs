@@ -130,6 +130,12 @@ pub enum Error {
     /// A bad parameter.
     #[error("{0}")]
     Config(String),
+    /// The process received SIGINT or SIGTERM; the workers were stopped.
+    #[error("interrupted by {}", .signal.as_str())]
+    Interrupted {
+        /// The signal.
+        signal: nix::sys::signal::Signal,
+    },
 }
 
 impl Error {

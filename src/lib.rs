@@ -51,6 +51,7 @@ pub mod matmul;
 pub mod parallel;
 pub mod pool;
 pub mod scheduler;
+pub mod signals;
 pub mod store;
 
 pub use error::{Error, TaskId, WorkerExit, WorkerId};

@@ -4,6 +4,9 @@ use clap::Parser;
 
 fn main() {
     procjob::init();
+    if let Err(e) = procjob::signals::install() {
+        eprintln!("procjob: warning: cannot take SIGINT and SIGTERM ({e}); Ctrl-C may leave workers behind");
+    }
     let cli = procjob::cli::Cli::parse();
     std::process::exit(procjob::cli::run(cli));
 }

@@ -187,6 +187,10 @@ pub struct RunSettings {
     pub temp_folder: Option<PathBuf>,
     /// Repetitions per mode.
     pub repeat: usize,
+    /// Re-runs of a task lost to a dead worker.
+    pub retries: u32,
+    /// Per-task time limit.
+    pub timeout: Option<Duration>,
 }
 
 /// The outcome of one mode: every repetition, its workers, and C.
@@ -217,7 +221,11 @@ pub fn run_mode(mode: Mode, inputs: &Inputs, settings: &RunSettings, folder: &Ru
         .n_jobs(settings.processes as i64)
         .max_nbytes(None)
         .batch_size(BatchSize::Fixed(1))
-        .pre_dispatch(PreDispatch::All);
+        .pre_dispatch(PreDispatch::All)
+        .retries(settings.retries);
+    if let Some(t) = settings.timeout {
+        parallel = parallel.timeout(t);
+    }
     let mut c = None;
     for rep in 0..settings.repeat.max(1) {
         let (r, out) = match mode {

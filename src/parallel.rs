@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use procjob_worker::array::{self, Array, ArrayEncoder};
-use procjob_worker::protocol::{Access, ArrayRef, Batch, Outcome, TaskKind, TaskRequest};
+use procjob_worker::protocol::{Access, ArrayRef, Batch, FailureCause, Outcome, TaskKind, TaskRequest};
 use procjob_worker::registry::entry_offset;
 use procjob_worker::Task;
 
@@ -74,6 +74,10 @@ pub struct CallStats {
     pub batches: u64,
     /// Seconds spent starting workers.
     pub spawn_seconds: f64,
+    /// Tasks re-run after their worker died.
+    pub retried: u64,
+    /// Workers started during the call to replace dead ones.
+    pub replaced_workers: u64,
 }
 
 type ProgressFn = Box<dyn FnMut(&Progress)>;
@@ -92,6 +96,7 @@ pub struct Parallel {
     batch_size: BatchSize,
     pre_dispatch: Option<PreDispatch>,
     timeout: Option<Duration>,
+    retries: u32,
     idle_timeout: Option<Duration>,
     progress: Option<ProgressFn>,
     program: Option<PathBuf>,
@@ -116,6 +121,7 @@ impl std::fmt::Debug for Parallel {
             .field("batch_size", &self.batch_size)
             .field("pre_dispatch", &self.pre_dispatch)
             .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
             .field("idle_timeout", &self.idle_timeout)
             .finish_non_exhaustive()
     }
@@ -144,6 +150,7 @@ impl Parallel {
             batch_size: BatchSize::Auto,
             pre_dispatch: None,
             timeout: None,
+            retries: 0,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             progress: None,
             program: None,
@@ -209,6 +216,15 @@ impl Parallel {
     /// [`Error::Timeout`].
     pub fn timeout(mut self, timeout: Duration) -> Parallel {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// Re-runs a task lost to a dead worker (killed by a signal, or exited
+    /// mid-task) on a freshly started worker, up to `retries` times per
+    /// task. A task that returns an error, panics or times out is not
+    /// retried. Default 0.
+    pub fn retries(mut self, retries: u32) -> Parallel {
+        self.retries = retries;
         self
     }
 
@@ -326,6 +342,9 @@ impl Parallel {
         let encoder = CallEncoder::new(self.max_nbytes, self.mmap_mode, self.temp_folder.clone());
         let traffic_before = self.pool.as_ref().map(WorkerPool::traffic).unwrap_or_default();
         self.last = CallStats { spawn_seconds, ..CallStats::default() };
+        if let Some(signal) = crate::signals::received() {
+            return Err(Error::Interrupted { signal });
+        }
         let call = self.calls;
         Ok(Call {
             parallel: self,
@@ -334,9 +353,11 @@ impl Parallel {
             scheduler,
             encoder,
             queue: VecDeque::new(),
-            in_flight: vec![None; workers],
+            in_flight: (0..workers).map(|_| None).collect(),
             ready: VecDeque::new(),
             failure: None,
+            attempts: HashMap::new(),
+            interrupted: false,
             pulled: 0,
             completed: 0,
             started,
@@ -368,10 +389,11 @@ struct Encoded {
     description: Option<String>,
 }
 
-/// A batch a worker is running.
-#[derive(Clone)]
+/// A batch a worker is running, kept until it is answered so it can be
+/// sent again if the worker dies.
 struct InFlight {
     tasks: Vec<TaskId>,
+    encoded: Vec<Encoded>,
     sent: Instant,
     deadline: Option<Instant>,
 }
@@ -387,6 +409,10 @@ struct Call<'p, T: Task, I: Iterator<Item = T::Input>> {
     in_flight: Vec<Option<InFlight>>,
     ready: VecDeque<(u64, T::Output)>,
     failure: Option<Error>,
+    /// Times each task was sent again after its worker died.
+    attempts: HashMap<u64, u32>,
+    /// SIGINT or SIGTERM stopped the call.
+    interrupted: bool,
     pulled: u64,
     completed: u64,
     started: Instant,
@@ -407,6 +433,10 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
             }
             if self.finished {
                 return None;
+            }
+            if let (false, Some(signal)) = (self.interrupted, crate::signals::received()) {
+                self.interrupt(signal);
+                continue;
             }
             match self.scheduler.next_action() {
                 Action::Pull(n) => self.pull(n),
@@ -458,23 +488,23 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
     }
 
     fn send(&mut self, worker: usize, n: usize) -> Result<(), Error> {
-        let tasks: Vec<Encoded> = self.queue.drain(..n).collect();
+        let encoded: Vec<Encoded> = self.queue.drain(..n).collect();
         let kind = TaskKind { name: T::name().to_string(), entry: Some(entry_offset::<T>()) };
-        let mut ids = Vec::with_capacity(tasks.len());
-        let mut requests = Vec::with_capacity(tasks.len());
-        let mut inline: Vec<Array> = Vec::new();
-        for t in tasks {
-            ids.push(TaskId { index: t.index, description: t.description });
-            requests.push(TaskRequest { index: t.index, kind: kind.clone(), input: t.input, arrays: t.refs });
-            inline.extend(t.inline);
-        }
-        let bulk: Vec<&[u8]> = inline.iter().map(Array::as_bytes).collect();
+        let ids: Vec<TaskId> =
+            encoded.iter().map(|t| TaskId { index: t.index, description: t.description.clone() }).collect();
+        let requests: Vec<TaskRequest> = encoded
+            .iter()
+            .map(|t| TaskRequest { index: t.index, kind: kind.clone(), input: t.input.clone(), arrays: t.refs.clone() })
+            .collect();
+        let bulk: Vec<&[u8]> = encoded.iter().flat_map(|t| t.inline.iter().map(Array::as_bytes)).collect();
         let sent = Instant::now();
         let deadline = self.parallel.timeout.map(|t| sent + t * ids.len() as u32);
-        self.in_flight[worker] = Some(InFlight { tasks: ids, sent, deadline });
         let call = self.call;
         self.parallel.last.batches += 1;
-        self.pool().send(worker, Batch { call, tasks: requests }, &bulk).map(|_| ())
+        let pool = self.parallel.pool.as_mut().expect("the pool exists during a call");
+        let result = pool.send(worker, Batch { call, tasks: requests }, &bulk).map(|_| ());
+        self.in_flight[worker] = Some(InFlight { tasks: ids, encoded, sent, deadline });
+        result
     }
 
     fn wait(&mut self) {
@@ -514,6 +544,7 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
                 self.pool().record_batch(w, n, results.memory);
                 let worker = self.pool().worker_id(w);
                 let mut arrays = arrays.into_iter();
+                let mut panicked = false;
                 for (reply, task) in results.tasks.into_iter().zip(flight.tasks) {
                     self.completed += 1;
                     match reply.outcome {
@@ -529,34 +560,92 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
                                     .fail(Error::Codec { task, reason: format!("cannot decode the output: {reason}") }),
                             }
                         }
-                        Outcome::Failed(failure) => self.fail(Error::Task { task, worker, failure: Box::new(failure) }),
+                        Outcome::Failed(failure) => {
+                            panicked |= failure.cause == FailureCause::Panic;
+                            self.fail(Error::Task { task, worker, failure: Box::new(failure) });
+                        }
                     }
+                }
+                if panicked {
+                    // A panic may have left the worker's state half-updated:
+                    // replace it. The other workers keep serving.
+                    self.pool().retire(w);
+                    self.scheduler.handle(Event::WorkerLost { worker: w });
                 }
                 self.report_progress();
             }
-            WorkerEvent::Lost { error } => {
-                let flight = self.in_flight[w].take();
-                let worker = self.pool().worker_id(w);
-                let exit = self.pool().reap(w);
-                self.scheduler.handle(Event::WorkerLost { worker: w });
-                let tasks = flight.map(|f| f.tasks).unwrap_or_default();
-                if tasks.is_empty() {
-                    // Died while idle (e.g. killed from outside): the next
-                    // call replaces it. Only a failure if nobody is left.
-                    if self.pool().pids().iter().all(|&p| p == 0) {
-                        self.fail(Error::Transport { worker, reason: format!("every worker is gone ({exit})") });
-                    }
-                    return;
-                }
-                match error {
-                    Some(reason) if !matches!(exit, crate::error::WorkerExit::Signaled { .. }) => {
-                        self.fail(Error::Transport { worker, reason })
-                    }
-                    _ => self.fail(Error::WorkerDied { worker, exit, tasks }),
-                }
+            WorkerEvent::Lost { error } => self.on_lost(w, error),
+            WorkerEvent::Ready(ready) => {
+                self.pool().mark_ready(w, &ready);
+                self.scheduler.handle(Event::WorkerJoined { worker: w });
             }
-            WorkerEvent::Ready(_) => {}
+            WorkerEvent::Interrupted { signal } => self.interrupt(signal),
         }
+    }
+
+    /// A worker's stream ended: it died, or broke the protocol.
+    fn on_lost(&mut self, w: usize, error: Option<String>) {
+        let flight = self.in_flight[w].take();
+        let worker = self.pool().worker_id(w);
+        let exit = self.pool().reap(w);
+        self.scheduler.handle(Event::WorkerLost { worker: w });
+        let Some(flight) = flight else {
+            // Died while idle (killed from outside, or its idle timeout):
+            // start another, unless the call is failing anyway.
+            if self.failure.is_none() {
+                self.replace(w);
+            }
+            return;
+        };
+        let died = error.is_none() || matches!(exit, crate::error::WorkerExit::Signaled { .. });
+        let retries = self.parallel.retries;
+        let retryable = died
+            && self.failure.is_none()
+            && !self.scheduler.is_draining()
+            && flight.tasks.iter().all(|t| self.attempts.get(&t.index).copied().unwrap_or(0) < retries);
+        if retryable {
+            for t in &flight.tasks {
+                *self.attempts.entry(t.index).or_default() += 1;
+            }
+            self.parallel.last.retried += flight.tasks.len() as u64;
+            let n = flight.encoded.len();
+            for t in flight.encoded.into_iter().rev() {
+                self.queue.push_front(t);
+            }
+            self.scheduler.requeued(n);
+            self.replace(w);
+            return;
+        }
+        match error {
+            Some(reason) if !died => self.fail(Error::Transport { worker, reason }),
+            _ => self.fail(Error::WorkerDied { worker, exit, tasks: flight.tasks }),
+        }
+    }
+
+    /// Starts a fresh worker in slot `w`; it joins when its handshake arrives.
+    fn replace(&mut self, w: usize) {
+        self.parallel.last.replaced_workers += 1;
+        if let Err(e) = self.pool().start(w) {
+            self.fail(e);
+        }
+    }
+
+    /// SIGINT or SIGTERM: stop every worker now (input closed, a short
+    /// grace period, then SIGKILL), and fail the call without waiting for
+    /// running batches.
+    fn interrupt(&mut self, signal: nix::sys::signal::Signal) {
+        if self.interrupted {
+            return;
+        }
+        self.interrupted = true;
+        self.pool().shutdown(crate::pool::INTERRUPT_GRACE);
+        for w in 0..self.in_flight.len() {
+            self.in_flight[w] = None;
+            self.scheduler.handle(Event::WorkerLost { worker: w });
+        }
+        self.failure = Some(Error::Interrupted { signal });
+        self.scheduler.drain();
+        self.queue.clear();
     }
 
     fn report_progress(&mut self) {

@@ -50,6 +50,9 @@ const MAX_PREAMBLE: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long workers get to exit after their input closes, before SIGKILL.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// The grace period when the coordinator was interrupted: busy workers
+/// cannot notice their input closing until their task ends, so wait less.
+pub const INTERRUPT_GRACE: Duration = Duration::from_millis(500);
 
 /// How the pool starts workers.
 #[derive(Debug, Clone)]
@@ -82,6 +85,12 @@ pub enum WorkerEvent {
         /// Why reading stopped (`None`: a clean end of stream).
         error: Option<String>,
     },
+    /// The process received SIGINT or SIGTERM (see [`crate::signals`]);
+    /// not from a worker.
+    Interrupted {
+        /// The signal.
+        signal: nix::sys::signal::Signal,
+    },
 }
 
 /// An event from worker `index`, generation `generation`.
@@ -93,6 +102,13 @@ pub struct PoolEvent {
     pub generation: u64,
     /// What happened.
     pub event: WorkerEvent,
+}
+
+impl PoolEvent {
+    /// The event that tells a waiting pool the process was interrupted.
+    pub fn interrupted(signal: nix::sys::signal::Signal) -> PoolEvent {
+        PoolEvent { index: usize::MAX, generation: 0, event: WorkerEvent::Interrupted { signal } }
+    }
 }
 
 /// One live worker process.
@@ -148,6 +164,7 @@ pub struct WorkerPool {
     events: Receiver<PoolEvent>,
     events_tx: Sender<PoolEvent>,
     traffic: Traffic,
+    _interrupts: crate::signals::Listener,
 }
 
 impl WorkerPool {
@@ -157,7 +174,15 @@ impl WorkerPool {
         let slots = (0..config.workers)
             .map(|_| Slot { generation: 0, process: None, tasks: 0, peak: MemorySnapshot::default() })
             .collect();
-        WorkerPool { last_pids: vec![0; config.workers], config, slots, events, events_tx, traffic: Traffic::default() }
+        WorkerPool {
+            last_pids: vec![0; config.workers],
+            config,
+            slots,
+            _interrupts: crate::signals::Listener::new(events_tx.clone()),
+            events,
+            events_tx,
+            traffic: Traffic::default(),
+        }
     }
 
     /// Number of worker slots.
@@ -208,7 +233,7 @@ impl WorkerPool {
 
     /// Whether an event belongs to the process now in its slot.
     pub fn is_current(&self, event: &PoolEvent) -> bool {
-        self.slots[event.index].generation == event.generation && self.slots[event.index].process.is_some()
+        self.slots.get(event.index).is_some_and(|s| s.generation == event.generation && s.process.is_some())
     }
 
     /// Starts every empty slot's worker and waits for all handshakes.
@@ -240,6 +265,10 @@ impl WorkerPool {
                     });
                 }
             };
+            if let WorkerEvent::Interrupted { signal } = event.event {
+                self.shutdown(INTERRUPT_GRACE);
+                return Err(Error::Interrupted { signal });
+            }
             if !self.is_current(&event) {
                 continue;
             }
@@ -266,7 +295,7 @@ impl WorkerPool {
                     self.kill_all();
                     return Err(Error::Start { index, reason: start_failure(exit, error) });
                 }
-                WorkerEvent::Results { .. } => {}
+                WorkerEvent::Results { .. } | WorkerEvent::Interrupted { .. } => {}
             }
         }
         Ok(())
@@ -283,7 +312,10 @@ impl WorkerPool {
         }
     }
 
-    fn start(&mut self, index: usize) -> Result<(), Error> {
+    /// Starts a worker in slot `index` (replacing nothing: the slot must be
+    /// empty) and sends its handshake; its [`WorkerEvent::Ready`] arrives
+    /// as an event, after which [`mark_ready`](WorkerPool::mark_ready).
+    pub fn start(&mut self, index: usize) -> Result<(), Error> {
         let program = match &self.config.program {
             Some(p) => p.clone(),
             None => std::env::current_exe()
@@ -305,20 +337,28 @@ impl WorkerPool {
                 cmd.env(var, &threads);
             }
         }
-        // SAFETY: setpgid is async-signal-safe; nothing else runs between
-        // fork and exec.
+        // SAFETY: setpgid and sigprocmask are async-signal-safe; nothing
+        // else runs between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
                 // Own process group: a terminal's Ctrl-C reaches the
                 // coordinator, which decides how workers stop.
                 nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))
-                    .map_err(std::io::Error::from)
+                    .map_err(std::io::Error::from)?;
+                // Signals the coordinator blocked (see crate::signals) would
+                // stay blocked across exec; a worker takes them as usual.
+                nix::sys::signal::sigprocmask(
+                    nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                    Some(&nix::sys::signal::SigSet::empty()),
+                    None,
+                )
+                .map_err(std::io::Error::from)
             });
         }
-        let mut child = cmd
-            .spawn()
+        let mut child = spawn_from_long_lived_thread(cmd)
             .map_err(|e| Error::Start { index, reason: format!("cannot run {}: {e}", program.display()) })?;
         let pid = child.id();
+        crate::signals::worker_started(pid);
         let stdin = child.stdin.take().expect("stdin was piped");
         let stdout = child.stdout.take().expect("stdout was piped");
         enlarge_pipe(stdin.as_raw_fd());
@@ -377,6 +417,9 @@ impl WorkerPool {
                     Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
                 },
             };
+            if let WorkerEvent::Interrupted { .. } = event.event {
+                return Some(event);
+            }
             if !self.is_current(&event) {
                 continue;
             }
@@ -397,6 +440,7 @@ impl WorkerPool {
             Ok(Some(s)) => Some(s),
             _ => wait_or_kill(&mut p.child, SHUTDOWN_GRACE),
         };
+        crate::signals::worker_reaped(p.pid);
         if let Some(r) = p.reader.take() {
             let _ = r.join();
         }
@@ -409,6 +453,20 @@ impl WorkerPool {
             },
             None => WorkerExit::Unknown,
         }
+    }
+
+    /// Marks worker `index` as having answered its handshake.
+    pub fn mark_ready(&mut self, index: usize, ready: &Ready) {
+        if let Some(p) = self.slots[index].process.as_mut() {
+            p.ready = true;
+        }
+        self.record_batch(index, 0, ready.memory);
+    }
+
+    /// Stops worker `index` politely (closes its input; it exits at once
+    /// when idle) and reaps it.
+    pub fn retire(&mut self, index: usize) -> WorkerExit {
+        self.reap(index)
     }
 
     /// Kills worker `index` at once and reaps it.
@@ -450,6 +508,38 @@ impl WorkerPool {
 impl Drop for WorkerPool {
     fn drop(&mut self) {
         self.shutdown(SHUTDOWN_GRACE);
+    }
+}
+
+/// Spawns `cmd` from one thread that lives as long as the process.
+///
+/// A worker asks for SIGKILL when its parent dies (`PR_SET_PDEATHSIG`),
+/// and Linux sends it when the *thread* that forked the worker exits, not
+/// the process. Spawning from a short-lived thread would kill workers that
+/// thread started; spawning from this one ties them to the process.
+fn spawn_from_long_lived_thread(cmd: Command) -> std::io::Result<Child> {
+    type Request = (Command, Sender<std::io::Result<Child>>);
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<Sender<Request>>> = std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Request>();
+        // If the thread cannot start, the channel is closed and callers
+        // below spawn directly.
+        let _ = std::thread::Builder::new().name("procjob-spawner".into()).spawn(move || {
+            for (mut cmd, reply) in rx {
+                let _ = reply.send(cmd.spawn());
+            }
+        });
+        std::sync::Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = mpsc::channel();
+    let Ok(tx) = spawner.lock() else { return Err(std::io::Error::other("the spawner lock is poisoned")) };
+    match tx.send((cmd, reply_tx)) {
+        Ok(()) => {
+            drop(tx);
+            reply_rx.recv().unwrap_or_else(|_| Err(std::io::Error::other("the spawner thread is gone")))
+        }
+        // No spawner thread: spawn here.
+        Err(mpsc::SendError((mut cmd, _))) => cmd.spawn(),
     }
 }
 

@@ -137,6 +137,12 @@ impl Scheduler {
         self.remaining_hint = remaining_hint;
     }
 
+    /// Records `n` tasks put back at the front of the queue (their worker
+    /// died and they will be sent again).
+    pub fn requeued(&mut self, n: usize) {
+        self.queued += n;
+    }
+
     /// Stops sending: a task failed. In-flight batches are still awaited.
     pub fn drain(&mut self) {
         self.draining = true;

@@ -69,6 +69,7 @@ impl RunFolder {
             .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir_in(&parent)
             .map_err(|source| StoreError::Create { path: parent.clone(), source })?;
+        crate::signals::folder_created(dir.path().to_path_buf());
         Ok(RunFolder { dir })
     }
 
@@ -80,6 +81,13 @@ impl RunFolder {
     /// A path for a new file in the folder.
     pub fn file(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+}
+
+impl Drop for RunFolder {
+    fn drop(&mut self) {
+        // The TempDir field removes the folder right after this.
+        crate::signals::folder_removed(self.dir.path());
     }
 }
 

@@ -218,7 +218,7 @@ fn pre_dispatch_bounds_how_far_the_input_is_drawn() {
 }
 
 #[test]
-fn a_task_error_and_a_panic_come_back_with_their_index_and_keep_the_workers() {
+fn a_task_error_and_a_panic_come_back_with_their_index_and_keep_the_healthy_workers() {
     let mut p = Parallel::new().n_jobs(2).batch_size(BatchSize::Fixed(1));
     p.run::<Picky, _>(0..4u64).unwrap();
     let pids = p.worker_pids();
@@ -233,8 +233,20 @@ fn a_task_error_and_a_panic_come_back_with_their_index_and_keep_the_workers() {
     assert_eq!(err.task_index(), Some(3), "{err}"); // input 17 is the 4th
     let msg = err.to_string();
     assert!(msg.contains("panicked at") && msg.contains("17 is worse") && msg.contains("parallel_api.rs"), "{msg}");
-    assert_eq!(p.worker_pids(), pids);
+    // The worker that panicked is retired (its state may be half-updated);
+    // the healthy one keeps serving.
+    let Error::Task { worker, .. } = err else { unreachable!("a task failure") };
+    let after = p.worker_pids();
+    for (slot, (&before, &now)) in pids.iter().zip(&after).enumerate() {
+        if slot == worker.index {
+            assert_eq!(now, 0, "the worker that panicked is gone");
+        } else {
+            assert_eq!(now, before, "the healthy worker survives");
+        }
+    }
     assert_eq!(p.run::<Picky, _>([1, 2, 3]).unwrap(), vec![1, 2, 3]);
+    let replaced = p.worker_pids();
+    assert!(replaced.iter().all(|&pid| pid != 0) && replaced[worker.index] != pids[worker.index]);
 }
 
 #[test]
@@ -381,4 +393,46 @@ fn the_standalone_worker_runs_registered_kinds_by_name_only() {
     let err = p.run::<Square, _>([3u64]).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("not known to this worker") && msg.contains("test.checksum"), "{msg}");
+}
+
+/// Kills its own worker with SIGKILL the first time it runs (a marker file
+/// remembers), then returns its input.
+struct DiesOnce;
+impl Task for DiesOnce {
+    type Input = (u64, String);
+    type Output = u64;
+    type Error = String;
+    fn describe(input: &(u64, String)) -> Option<String> {
+        Some(format!("value {}", input.0))
+    }
+    fn run((x, marker): (u64, String)) -> Result<u64, String> {
+        if x == 5 && std::fs::OpenOptions::new().write(true).create_new(true).open(&marker).is_ok() {
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        }
+        Ok(x)
+    }
+}
+
+#[test]
+fn a_worker_killed_mid_task_is_reported_with_the_task_and_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("died").display().to_string();
+    let mut p = Parallel::new().n_jobs(2).batch_size(BatchSize::Fixed(1));
+    let err = p.run::<DiesOnce, _>((0..10u64).map(|x| (x, marker.clone()))).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::WorkerDied { .. }), "{msg}");
+    assert!(msg.contains("was killed by SIGKILL while running task 5 (value 5)"), "{msg}");
+    assert!(msg.contains("out of memory"), "{msg}");
+}
+
+#[test]
+fn retries_rerun_a_lost_task_on_a_fresh_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("died").display().to_string();
+    let mut p = Parallel::new().n_jobs(2).batch_size(BatchSize::Fixed(1)).retries(1);
+    let out = p.run::<DiesOnce, _>((0..10u64).map(|x| (x, marker.clone()))).unwrap();
+    assert_eq!(out, (0..10u64).collect::<Vec<_>>());
+    assert_eq!(p.last_call().retried, 1);
+    assert_eq!(p.last_call().replaced_workers, 1);
+    assert!(p.worker_pids().iter().all(|&pid| pid != 0));
 }

@@ -55,6 +55,8 @@ impl Task for MatmulBlock {
     }
 
     fn run(input: MatmulInput) -> Result<MatmulOutput, String> {
+        #[cfg(feature = "test-tasks")]
+        crate::testkinds::fault_point(input.rows)?;
         let MatmulInput { a, b, out, .. } = input;
         let (rows, k, n) = check_shapes(&a, &b)?;
         match out {

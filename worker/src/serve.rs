@@ -78,7 +78,17 @@ fn take_protocol_fds() -> std::io::Result<(File, File)> {
     let devnull = File::open("/dev/null")?;
     nix::unistd::dup2_stdin(devnull.as_fd()).map_err(std::io::Error::from)?;
     nix::unistd::dup2_stdout(std::io::stderr().as_fd()).map_err(std::io::Error::from)?;
+    PROTOCOL_OUTPUT_FD.store(std::os::fd::AsRawFd::as_raw_fd(&output), std::sync::atomic::Ordering::Relaxed);
     Ok((File::from(input), File::from(output)))
+}
+
+/// The descriptor the worker writes frames to, once it serves (-1 before).
+/// Only the misbehaving test tasks use it, to write garbage into the stream.
+static PROTOCOL_OUTPUT_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+#[doc(hidden)]
+pub fn protocol_output_fd() -> i32 {
+    PROTOCOL_OUTPUT_FD.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Asks the kernel for SIGKILL when the parent dies, then checks the parent
@@ -173,9 +183,31 @@ pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
             });
             inline.extend(result.inline);
         }
-        let results = Reply::Results(Results { tasks: replies, memory: crate::memory::snapshot() });
-        let bulk: Vec<&[u8]> = inline.iter().map(Array::as_bytes).collect();
-        protocol::send(&mut output, FrameKind::Reply, &results, &bulk)?;
+        let reply = Reply::Results(Results { tasks: replies, memory: crate::memory::snapshot() });
+        let payload = postcard::to_stdvec(&reply).map_err(std::io::Error::other)?;
+        if let (true, Reply::Results(mut results)) = (payload.len() > protocol::MAX_PAYLOAD, reply) {
+            // Too large for one frame: report it as each task's failure
+            // rather than die, so the coordinator can say which tasks.
+            let message = format!(
+                "the batch's results encode to {} bytes, over the frame limit of {} bytes; \
+                 return large data as procjob::Array (raw bytes, no limit) instead of serde values",
+                payload.len(),
+                protocol::MAX_PAYLOAD
+            );
+            for t in &mut results.tasks {
+                t.outcome = Outcome::Failed(protocol::TaskFailure {
+                    cause: FailureCause::Setup,
+                    message: message.clone(),
+                    location: None,
+                    error: None,
+                });
+            }
+            inline.clear();
+            protocol::send(&mut output, FrameKind::Reply, &Reply::Results(results), &[])?;
+        } else {
+            let bulk: Vec<&[u8]> = inline.iter().map(Array::as_bytes).collect();
+            protocol::write_frame(&mut output, FrameKind::Reply, &payload, &bulk)?;
+        }
     }
 }
 

@@ -10,6 +10,41 @@ use crate::dtype::DType;
 use crate::registry::Registry;
 use crate::task::Task;
 
+/// The environment variable that injects a fault into the matmul task:
+/// `KIND@ROW` or `KIND@ROW@once=MARKER`. The block whose rows contain ROW
+/// misbehaves as KIND (`kill`, `abort`, `exit`, `panic`, `error`, `hang`,
+/// `garbage`); with `once`, only if MARKER can be created (so a retry on a
+/// fresh worker succeeds).
+pub const FAULT_ENV: &str = "PROCJOB_TEST_FAULT";
+
+/// Misbehaves as [`FAULT_ENV`] says, if it names a row in `rows`.
+pub fn fault_point(rows: (u64, u64)) -> Result<(), String> {
+    let Ok(spec) = std::env::var(FAULT_ENV) else { return Ok(()) };
+    let mut parts = spec.split('@');
+    let (Some(kind), Some(row)) = (parts.next(), parts.next().and_then(|r| r.parse::<u64>().ok())) else {
+        return Err(format!("bad {FAULT_ENV}={spec:?}"));
+    };
+    if !(rows.0..rows.1).contains(&row) {
+        return Ok(());
+    }
+    if let Some(marker) = parts.next().and_then(|p| p.strip_prefix("once=")) {
+        if std::fs::OpenOptions::new().write(true).create_new(true).open(marker).is_err() {
+            return Ok(());
+        }
+    }
+    let how = match kind {
+        "kill" => Misbehavior::Kill,
+        "abort" => Misbehavior::Abort,
+        "exit" => Misbehavior::Exit,
+        "panic" => Misbehavior::Panic,
+        "error" => Misbehavior::Error,
+        "hang" => Misbehavior::Hang,
+        "garbage" => Misbehavior::Garbage,
+        other => return Err(format!("unknown fault {other:?} in {FAULT_ENV}")),
+    };
+    Misbehave::run((row, how)).map(|_| ())
+}
+
 /// Registers every test kind.
 pub fn register(r: Registry) -> Registry {
     r.with::<Checksum>().with::<Misbehave>()
@@ -64,8 +99,12 @@ pub enum Misbehavior {
     Abort,
     /// Exit with code 7.
     Exit,
-    /// Never return.
+    /// Never return (after saying so on stderr, so tests can wait for it).
     Hang,
+    /// Write garbage into the protocol stream, then exit.
+    Garbage,
+    /// Return far more than a frame may carry.
+    TooMuch,
 }
 
 /// A task that misbehaves as told.
@@ -73,7 +112,7 @@ pub struct Misbehave;
 
 impl Task for Misbehave {
     type Input = (u64, Misbehavior);
-    type Output = u64;
+    type Output = Vec<u64>;
     type Error = String;
 
     fn name() -> &'static str {
@@ -84,9 +123,9 @@ impl Task for Misbehave {
         Some(format!("{:?} {}", input.1, input.0))
     }
 
-    fn run((value, how): (u64, Misbehavior)) -> Result<u64, String> {
+    fn run((value, how): (u64, Misbehavior)) -> Result<Vec<u64>, String> {
         match how {
-            Misbehavior::Behave => Ok(value),
+            Misbehavior::Behave => Ok(vec![value]),
             Misbehavior::Error => Err(format!("value {value} is not welcome")),
             Misbehavior::Panic => panic!("task {value} panicked on purpose"),
             Misbehavior::Kill => {
@@ -95,9 +134,21 @@ impl Task for Misbehave {
             }
             Misbehavior::Abort => std::process::abort(),
             Misbehavior::Exit => std::process::exit(7),
-            Misbehavior::Hang => loop {
-                std::thread::park();
-            },
+            Misbehavior::Hang => {
+                eprintln!("procjob-test: hanging in pid {}", std::process::id());
+                loop {
+                    std::thread::park();
+                }
+            }
+            Misbehavior::Garbage => {
+                let fd = crate::serve::protocol_output_fd();
+                let junk = b"this is not a procjob frame\n";
+                // SAFETY: writing a byte buffer to a descriptor this process owns.
+                unsafe { libc::write(fd, junk.as_ptr().cast(), junk.len()) };
+                std::process::exit(0)
+            }
+            // 10 M varints of ≥ 8 bytes: over the 64 MiB payload limit.
+            Misbehavior::TooMuch => Ok(vec![u64::MAX; 10 << 20]),
         }
     }
 }
