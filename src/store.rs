@@ -29,8 +29,10 @@ pub enum StoreError {
     },
     /// Not enough room in the parent.
     #[error(
-        "temp folder {path} has {free} bytes free but this run needs {needed}; \
-         free some space or pick another with --temp-folder or PROCJOB_TEMP_FOLDER"
+        "temp folder {path} has {} free but this run needs {} ({needed} bytes); \
+         free some space or pick another with --temp-folder or PROCJOB_TEMP_FOLDER",
+        human_bytes(*.free),
+        human_bytes(*.needed)
     )]
     NoRoom {
         /// The parent.
@@ -49,6 +51,22 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Bytes in binary units, e.g. "1.5 GiB".
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = b as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 /// A run's private temp folder, removed on drop.
@@ -102,14 +120,24 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
 /// else the system temp dir. Checks that it is a writable directory with
 /// room for `needed` bytes.
 pub fn choose_parent(explicit: Option<&Path>, needed: u64) -> Result<PathBuf, StoreError> {
-    let chosen = match explicit {
-        Some(p) => p.to_path_buf(),
-        None => match std::env::var_os(TEMP_FOLDER_ENV) {
-            Some(p) if !p.is_empty() => PathBuf::from(p),
-            _ => match free_bytes(Path::new(SHM)) {
-                Some(free) if free > SHM_MIN_FREE && free >= needed => PathBuf::from(SHM),
-                _ => std::env::temp_dir(),
-            },
+    let from_env = std::env::var_os(TEMP_FOLDER_ENV).filter(|p| !p.is_empty()).map(PathBuf::from);
+    choose_parent_with(explicit, from_env, needed, &free_bytes)
+}
+
+/// [`choose_parent`] with the environment and the free-space probe given,
+/// so the choice can be tested without filling a disk.
+fn choose_parent_with(
+    explicit: Option<&Path>,
+    from_env: Option<PathBuf>,
+    needed: u64,
+    free: &dyn Fn(&Path) -> Option<u64>,
+) -> Result<PathBuf, StoreError> {
+    let chosen = match (explicit, from_env) {
+        (Some(p), _) => p.to_path_buf(),
+        (None, Some(p)) => p,
+        (None, None) => match free(Path::new(SHM)) {
+            Some(room) if room > SHM_MIN_FREE && room >= needed => PathBuf::from(SHM),
+            _ => std::env::temp_dir(),
         },
     };
     let meta = std::fs::metadata(&chosen)
@@ -117,9 +145,9 @@ pub fn choose_parent(explicit: Option<&Path>, needed: u64) -> Result<PathBuf, St
     if !meta.is_dir() {
         return Err(StoreError::Parent { path: chosen, reason: "is not a directory".into() });
     }
-    if let Some(free) = free_bytes(&chosen) {
-        if free < needed {
-            return Err(StoreError::NoRoom { path: chosen, needed, free });
+    if let Some(room) = free(&chosen) {
+        if room < needed {
+            return Err(StoreError::NoRoom { path: chosen, needed, free: room });
         }
     }
     Ok(chosen)
@@ -184,6 +212,31 @@ mod tests {
         drop(folder);
         assert!(!path.exists());
         assert!(parent.path().exists());
+    }
+
+    #[test]
+    fn shm_is_used_only_with_more_than_2_gb_and_room_for_the_run() {
+        let gb = 1_000_000_000u64;
+        let shm_free = |shm: u64| move |p: &Path| Some(if p == Path::new(SHM) { shm } else { 100 * gb });
+        let tmp = std::env::temp_dir();
+        let shm_exists = Path::new(SHM).is_dir();
+        if shm_exists {
+            assert_eq!(choose_parent_with(None, None, gb, &shm_free(3 * gb)).unwrap(), PathBuf::from(SHM));
+        }
+        // More than 2 GB free but not enough for this run: the temp dir.
+        assert_eq!(choose_parent_with(None, None, 4 * gb, &shm_free(3 * gb)).unwrap(), tmp);
+        // Room for the run but not more than 2 GB free: the temp dir too.
+        assert_eq!(choose_parent_with(None, None, gb / 2, &shm_free(gb)).unwrap(), tmp);
+        // The environment and the flag win, in that order.
+        let dir = tempfile::tempdir().unwrap();
+        let env = Some(dir.path().to_path_buf());
+        assert_eq!(choose_parent_with(None, env.clone(), 1, &shm_free(3 * gb)).unwrap(), dir.path());
+        let flag = tempfile::tempdir().unwrap();
+        assert_eq!(choose_parent_with(Some(flag.path()), env, 1, &shm_free(3 * gb)).unwrap(), flag.path());
+        // No room anywhere: an error saying how much is needed and free.
+        let err = choose_parent_with(Some(flag.path()), None, 5 * gb, &|_: &Path| Some(gb)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("953.7 MiB free") && msg.contains("needs 4.7 GiB"), "{msg}");
     }
 
     #[test]

@@ -734,6 +734,27 @@ mod tests {
     }
 
     #[test]
+    fn file_references_are_checked_before_mapping() {
+        let dir = std::env::temp_dir().join(format!("procjob-array-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.npy");
+        let _ = std::fs::remove_file(&path);
+        Array::from_vec(vec![4], vec![1.0f64, 2.0, 3.0, 4.0]).save_npy(&path).unwrap();
+        let a = map_file_ref(&path, DType::F64, &[2], 128 + 16, Access::ReadOnly).unwrap();
+        assert_eq!(a.as_slice::<f64>().unwrap(), &[3.0, 4.0]);
+        // Past the end of the file, misaligned, a symlink, a directory: refused.
+        assert!(map_file_ref(&path, DType::F64, &[3], 128 + 16, Access::ReadOnly).is_err());
+        assert!(map_file_ref(&path, DType::F64, &[1], 129, Access::ReadOnly).is_err());
+        let link = dir.join("link.npy");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let err = map_file_ref(&link, DType::F64, &[1], 128, Access::ReadOnly).unwrap_err();
+        assert!(err.to_string().contains("link.npy"), "{err}");
+        assert!(map_file_ref(&dir, DType::F64, &[0], 0, Access::ReadOnly).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn serializing_outside_procjob_is_an_error_not_a_copy() {
         let a = Array::from_vec(vec![2], vec![1.0f32, 2.0]);
         assert!(postcard::to_stdvec(&a).is_err());
