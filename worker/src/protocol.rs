@@ -308,7 +308,8 @@ pub enum DecodeError {
     },
     /// The frame does not start with [`MAGIC`].
     #[error(
-        "bad frame magic {0:02x?} (expected \"PJOB\"); the peer is not a procjob process or the stream is corrupt"
+        "bad frame magic \"{}\" (expected \"PJOB\"); the peer is not a procjob process or the stream is corrupt",
+        .0.escape_ascii()
     )]
     BadMagic([u8; 4]),
     /// The peer speaks another protocol version.
