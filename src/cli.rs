@@ -48,6 +48,38 @@ pub enum Command {
     /// Multiply C = A × B by blocks of A's rows on worker processes, in one
     /// or every mode, and compare.
     Matmul(MatmulArgs),
+    /// Sweep sizes, process counts and modes; time each like hyperfine,
+    /// with its efficiency against this machine's ideal.
+    Bench(BenchArgs),
+}
+
+/// Options of `procjob bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Square sizes n to run (n×n · n×n), comma-separated.
+    #[arg(long, value_name = "N,...", value_delimiter = ',', default_values_t = [500, 1000, 2000])]
+    pub sizes: Vec<usize>,
+    /// Process counts, comma-separated (default: 1 up to the CPUs).
+    #[arg(long, value_name = "P,...", value_delimiter = ',')]
+    pub processes: Vec<usize>,
+    /// Modes, comma-separated (seq always runs, as the baseline).
+    #[arg(long, value_name = "MODE,...", value_delimiter = ',', default_values_t = ["copy".to_string(), "memmap".to_string(), "memmap-out".to_string()])]
+    pub modes: Vec<String>,
+    /// Element type: i64, f64 or f32.
+    #[arg(long, value_name = "DTYPE", default_value = "f64")]
+    pub dtype: String,
+    /// Timed repetitions per case.
+    #[arg(long, value_name = "R", default_value_t = 5)]
+    pub repeat: usize,
+    /// Untimed repetitions before them (the first starts the workers).
+    #[arg(long, value_name = "W", default_value_t = 1)]
+    pub warmup: usize,
+    /// Parent folder of the run's private temp folder.
+    #[arg(long, value_name = "DIR")]
+    pub temp_folder: Option<PathBuf>,
+    /// JSON Lines on stdout, one object per case.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options of `procjob matmul`.
@@ -133,6 +165,7 @@ impl From<Error> for CliError {
 pub fn run(cli: Cli) -> i32 {
     let result = match cli.command {
         Command::Matmul(args) => matmul_command(&args),
+        Command::Bench(args) => bench_command(&args),
     };
     // A run that ended while a signal was being handled ends as that signal
     // says, whatever else went wrong on the way.
@@ -385,6 +418,84 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
         });
     }
     Ok(())
+}
+
+fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
+    let cpus = crate::pool::available_cpus();
+    let processes = if args.processes.is_empty() { (1..=cpus).collect() } else { args.processes.clone() };
+    if processes.contains(&0) {
+        return Err(CliError::usage("--processes: every count must be at least 1"));
+    }
+    if args.sizes.is_empty() || args.repeat == 0 {
+        return Err(CliError::usage("--sizes and --repeat need at least one value"));
+    }
+    let modes = args
+        .modes
+        .iter()
+        .map(|m| {
+            Mode::from_name(m).ok_or_else(|| CliError::usage(format!("--modes: {m:?} is not one of seq, copy, memmap, memmap-out")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let dtype =
+        DType::from_name(&args.dtype).ok_or_else(|| CliError::usage(format!("--dtype {:?} is not one of: i64, f64, f32", args.dtype)))?;
+    let sweep = crate::bench::Sweep {
+        sizes: args.sizes.clone(),
+        processes,
+        modes,
+        dtype,
+        repeat: args.repeat,
+        warmup: args.warmup,
+        temp_folder: args.temp_folder.clone(),
+    };
+    let mut out = std::io::stdout().lock();
+    if !args.json {
+        let _ = writeln!(
+            out,
+            "procjob bench: {dtype} n×n · n×n, {} timed runs per case after {} warm-up; efficiency = median of paired ideal/run ratios",
+            args.repeat, args.warmup
+        );
+    }
+    let json = args.json;
+    crate::bench::run(&sweep, |r| {
+        if json {
+            let _ = writeln!(out, "{}", serde_json::to_string(r).expect("reports serialize"));
+        } else {
+            print_case(&mut out, r);
+        }
+        let _ = out.flush();
+    })?;
+    Ok(())
+}
+
+fn print_case(out: &mut impl Write, r: &crate::bench::CaseReport) {
+    if r.mode == "seq" {
+        let _ = writeln!(out, "\nsize {}:", r.size);
+    }
+    let s = &r.stats;
+    let rate = if r.dtype == "i64" { "GOP/s" } else { "GFLOP/s" };
+    let relative = if r.mode == "seq" {
+        "baseline".to_string()
+    } else if r.speedup_vs_seq >= 1.0 {
+        format!("{:.2}× faster than seq", r.speedup_vs_seq)
+    } else {
+        format!("{:.2}× slower than seq", 1.0 / r.speedup_vs_seq)
+    };
+    let efficiency = match (r.efficiency, r.ideal_median_s) {
+        (Some(e), Some(i)) => format!("  {:>4.0}% of ideal ({})", e * 100.0, secs(i)),
+        _ => String::new(),
+    };
+    let _ = writeln!(
+        out,
+        "  {:<10} P={:<2} {:>9} ± {:>8}  [{:>9} … {:>9}]  {:>22}  {:>7.1} {rate}{efficiency}",
+        r.mode,
+        r.processes,
+        secs(s.mean_s),
+        secs(s.stddev_s),
+        secs(s.min_s),
+        secs(s.max_s),
+        relative,
+        r.gflops,
+    );
 }
 
 /// Writes C to `path`, replacing an existing file atomically.

@@ -45,6 +45,7 @@
 //! (dispatch decisions), [`parallel`] (the API), and the matmul job and CLI.
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod cli;
 pub mod error;
 pub mod matmul;

@@ -214,37 +214,77 @@ pub struct ModeRun {
 /// `folder` receives dump files.
 pub fn run_mode(mode: Mode, inputs: &Inputs, settings: &RunSettings, folder: &RunFolder) -> Result<ModeRun, Error> {
     reset_peak_rss();
-    let (m, _, _) = inputs.dims();
-    let ranges = plan_blocks(m, settings.blocks);
+    let mut runner = ModeRunner::new(mode, inputs, settings, folder);
     let mut repetitions = Vec::with_capacity(settings.repeat);
-    let mut parallel = Parallel::new()
-        .n_jobs(settings.processes as i64)
-        .max_nbytes(None)
-        .batch_size(BatchSize::Fixed(1))
-        .pre_dispatch(PreDispatch::All)
-        .retries(settings.retries);
-    if let Some(t) = settings.timeout {
-        parallel = parallel.timeout(t);
-    }
     let mut c = None;
-    for rep in 0..settings.repeat.max(1) {
-        let (r, out) = match mode {
-            Mode::Seq => run_seq(inputs)?,
-            _ => run_parallel(mode, inputs, &ranges, &mut parallel, folder, rep)?,
-        };
+    for _ in 0..settings.repeat.max(1) {
+        let (r, out) = runner.run_once()?;
         repetitions.push(r);
         c = Some(out);
     }
-    let workers = parallel.worker_reports();
-    parallel.shutdown();
+    let blocks = runner.blocks();
+    let workers = runner.finish();
     Ok(ModeRun {
         mode,
         repetitions,
         workers,
-        blocks: if mode == Mode::Seq { 1 } else { ranges.len() },
+        blocks,
         coordinator_peak_rss: procjob_worker::memory::peak_rss(),
         c: c.expect("at least one repetition"),
     })
+}
+
+/// One mode, ready to run repetition after repetition on the same warm
+/// workers (`procjob bench` interleaves them with other measurements).
+pub struct ModeRunner<'a> {
+    mode: Mode,
+    inputs: &'a Inputs,
+    ranges: Vec<Range<usize>>,
+    parallel: Parallel,
+    folder: &'a RunFolder,
+    rep: usize,
+}
+
+impl<'a> ModeRunner<'a> {
+    /// A runner for `mode`; no worker starts until the first repetition.
+    pub fn new(mode: Mode, inputs: &'a Inputs, settings: &RunSettings, folder: &'a RunFolder) -> ModeRunner<'a> {
+        let (m, _, _) = inputs.dims();
+        let mut parallel = Parallel::new()
+            .n_jobs(settings.processes as i64)
+            .max_nbytes(None)
+            .batch_size(BatchSize::Fixed(1))
+            .pre_dispatch(PreDispatch::All)
+            .retries(settings.retries);
+        if let Some(t) = settings.timeout {
+            parallel = parallel.timeout(t);
+        }
+        ModeRunner { mode, inputs, ranges: plan_blocks(m, settings.blocks), parallel, folder, rep: 0 }
+    }
+
+    /// Row blocks (tasks) per repetition: 1 for seq.
+    pub fn blocks(&self) -> usize {
+        if self.mode == Mode::Seq {
+            1
+        } else {
+            self.ranges.len()
+        }
+    }
+
+    /// Runs one repetition and returns its figures and C.
+    pub fn run_once(&mut self) -> Result<(Repetition, Array), Error> {
+        self.rep += 1;
+        match self.mode {
+            Mode::Seq => run_seq(self.inputs),
+            mode => run_parallel(mode, self.inputs, &self.ranges, &mut self.parallel, self.folder, self.rep),
+        }
+    }
+
+    /// Stops the workers and returns what each did.
+    pub fn finish(mut self) -> Vec<WorkerReport> {
+        let workers = self.parallel.worker_reports();
+        self.parallel.shutdown();
+        workers
+    }
 }
 
 /// Resets this process's peak RSS (`VmHWM`) so each mode reports its own.
@@ -287,18 +327,21 @@ fn run_parallel(
     let t0 = Instant::now();
     // Dump (file modes): inputs not already backed by a file are written
     // once and mapped; the user's own .npy files are mapped in place.
+    // Files of this repetition; unlinked when it ends (a mapping of an
+    // unlinked file stays valid, and its pages are freed with the mapping).
+    let dumps = DumpFiles([
+        folder.file(&format!("{}-A-{rep}.npy", mode.name())),
+        folder.file(&format!("{}-B-{rep}.npy", mode.name())),
+        folder.file(&format!("{}-C-{rep}.npy", mode.name())),
+    ]);
     let (a, b) = match mode {
         Mode::Copy => (owned(&inputs.a), owned(&inputs.b)),
-        _ => (
-            mapped(&inputs.a, &folder.file(&format!("{}-A-{rep}.npy", mode.name())))?,
-            mapped(&inputs.b, &folder.file(&format!("{}-B-{rep}.npy", mode.name())))?,
-        ),
+        _ => (mapped(&inputs.a, &dumps.0[0])?, mapped(&inputs.b, &dumps.0[1])?),
     };
     let out = match mode {
-        Mode::MemmapOut => Some(
-            Array::create_npy(&folder.file(&format!("{}-C-{rep}.npy", mode.name())), dtype, vec![m, n])
-                .map_err(|e| Error::Config(e.to_string()))?,
-        ),
+        Mode::MemmapOut => {
+            Some(Array::create_npy(&dumps.0[2], dtype, vec![m, n]).map_err(|e| Error::Config(e.to_string()))?)
+        }
         _ => None,
     };
     // Copy mode dumps nothing; its inputs go through the pipes.
@@ -348,6 +391,17 @@ fn run_parallel(
         },
         c,
     ))
+}
+
+/// Paths unlinked on drop (missing ones are fine).
+struct DumpFiles([PathBuf; 3]);
+
+impl Drop for DumpFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// Copies a C block into C at row `start` ("stacking").
