@@ -218,8 +218,10 @@ struct Ideal<'a> {
 impl<'a> Ideal<'a> {
     fn new(inputs: &'a Inputs, ranges: &[Range<usize>]) -> Ideal<'a> {
         let n = inputs.dims().2;
-        let blocks: Vec<(Array, Range<usize>)> =
-            ranges.iter().map(|r| (inputs.a.rows(r.clone()).expect("ranges are in A").to_owned_array(), r.clone())).collect();
+        let blocks: Vec<(Array, Range<usize>)> = ranges
+            .iter()
+            .map(|r| (inputs.a.rows(r.clone()).expect("ranges are in A").to_owned_array(), r.clone()))
+            .collect();
         let outputs = ranges.iter().map(|r| Array::zeros(inputs.dtype(), vec![r.len(), n])).collect();
         Ideal { inputs, blocks, outputs }
     }

@@ -355,11 +355,13 @@ fn needed_bytes(source: &Source, modes: &[Mode]) -> u64 {
     let (dtype, m, k, n) = source.dims();
     let size = dtype.size() as u64;
     let (m, k, n) = (m as u64, k as u64, n as u64);
-    let inputs = if matches!(source, Source::Files(_)) { 0 } else { (m * k + k * n) * size };
-    let file_modes = modes.iter().filter(|m| matches!(m, Mode::Memmap | Mode::MemmapOut)).count() as u64;
+    let file_modes = modes.iter().any(|m| matches!(m, Mode::Memmap | Mode::MemmapOut));
+    let inputs = if matches!(source, Source::Files(_)) || !file_modes { 0 } else { (m * k + k * n) * size };
     let outputs = if modes.contains(&Mode::MemmapOut) { m * n * size } else { 0 };
-    // Each file mode's dumps are removed before the next mode runs.
-    inputs.min(inputs * file_modes) + outputs + 64 * 1024
+    // Each repetition's dumps are unlinked when it ends, but warm workers
+    // keep the previous repetition's maps (and so its pages) until their next
+    // batch: room for two sets of inputs.
+    2 * inputs + outputs + 64 * 1024
 }
 
 fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
@@ -433,11 +435,12 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
         .modes
         .iter()
         .map(|m| {
-            Mode::from_name(m).ok_or_else(|| CliError::usage(format!("--modes: {m:?} is not one of seq, copy, memmap, memmap-out")))
+            Mode::from_name(m)
+                .ok_or_else(|| CliError::usage(format!("--modes: {m:?} is not one of seq, copy, memmap, memmap-out")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let dtype =
-        DType::from_name(&args.dtype).ok_or_else(|| CliError::usage(format!("--dtype {:?} is not one of: i64, f64, f32", args.dtype)))?;
+    let dtype = DType::from_name(&args.dtype)
+        .ok_or_else(|| CliError::usage(format!("--dtype {:?} is not one of: i64, f64, f32", args.dtype)))?;
     let sweep = crate::bench::Sweep {
         sizes: args.sizes.clone(),
         processes,

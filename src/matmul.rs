@@ -369,7 +369,7 @@ fn run_parallel(
         let (index, output) = result?;
         if let (MatmulOutput::Block(block), Some(c)) = (output, c.as_mut()) {
             let t = Instant::now();
-            place_rows(c, &block, ranges[index as usize].start, n)?;
+            place_rows(c, &block, index, &ranges[index as usize], n)?;
             collect += t.elapsed();
         }
     }
@@ -405,7 +405,8 @@ impl Drop for DumpFiles {
 }
 
 /// Copies a C block into C at row `start` ("stacking").
-fn place_rows(c: &mut Array, block: &Array, start: usize, n: usize) -> Result<(), Error> {
+fn place_rows(c: &mut Array, block: &Array, index: u64, rows: &Range<usize>, n: usize) -> Result<(), Error> {
+    let start = rows.start;
     let size = c.dtype().size();
     let bytes = block.as_bytes();
     let dtype_ok = block.dtype() == c.dtype();
@@ -413,7 +414,14 @@ fn place_rows(c: &mut Array, block: &Array, start: usize, n: usize) -> Result<()
     let at = start * n * size;
     let end = at + bytes.len();
     if end > dst.len() || !dtype_ok {
-        return Err(Error::Config(format!("a worker returned a block of {:?} that does not fit C", block.shape())));
+        return Err(Error::Codec {
+            task: crate::error::TaskId { index, description: Some(format!("rows {}..{}", rows.start, rows.end)) },
+            reason: format!(
+                "a worker returned a {} block of shape {:?} that does not fit C",
+                block.dtype(),
+                block.shape()
+            ),
+        });
     }
     dst[at..end].copy_from_slice(bytes);
     Ok(())

@@ -358,6 +358,8 @@ impl Parallel {
             failure: None,
             attempts: HashMap::new(),
             interrupted: false,
+            joining: vec![None; workers],
+            resent: std::collections::HashSet::new(),
             pulled: 0,
             completed: 0,
             started,
@@ -413,6 +415,12 @@ struct Call<'p, T: Task, I: Iterator<Item = T::Input>> {
     attempts: HashMap<u64, u32>,
     /// SIGINT or SIGTERM stopped the call.
     interrupted: bool,
+    /// Replacement workers started during the call, and when their
+    /// handshake is due.
+    joining: Vec<Option<Instant>>,
+    /// Tasks sent again because their worker idled out just as they were
+    /// sent (a race that costs no retry, once per task).
+    resent: std::collections::HashSet<u64>,
     pulled: u64,
     completed: u64,
     started: Instant,
@@ -509,7 +517,13 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
 
     fn wait(&mut self) {
         let now = Instant::now();
-        let deadline = self.in_flight.iter().flatten().filter_map(|f| f.deadline).min();
+        let deadline = self
+            .in_flight
+            .iter()
+            .flatten()
+            .filter_map(|f| f.deadline)
+            .chain(self.joining.iter().flatten().copied())
+            .min();
         let event = self.pool().next_event(deadline.map(|d| d.saturating_duration_since(now)));
         match event {
             Some(event) => self.on_event(event),
@@ -519,6 +533,19 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
 
     fn on_deadline(&mut self) {
         let now = Instant::now();
+        for w in 0..self.joining.len() {
+            if self.joining[w].is_some_and(|d| d <= now) {
+                self.joining[w] = None;
+                self.pool().kill(w);
+                self.fail(Error::Start {
+                    index: w,
+                    reason: format!(
+                        "a replacement worker did not answer its handshake within {} s",
+                        crate::pool::HANDSHAKE_TIMEOUT.as_secs()
+                    ),
+                });
+            }
+        }
         let expired: Vec<usize> = (0..self.in_flight.len())
             .filter(|&w| self.in_flight[w].as_ref().and_then(|f| f.deadline).is_some_and(|d| d <= now))
             .collect();
@@ -576,6 +603,19 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
             }
             WorkerEvent::Lost { error } => self.on_lost(w, error),
             WorkerEvent::Ready(ready) => {
+                self.joining[w] = None;
+                if ready.protocol != procjob_worker::protocol::PROTOCOL_VERSION {
+                    self.pool().kill(w);
+                    self.fail(Error::Start {
+                        index: w,
+                        reason: format!(
+                            "protocol version mismatch: coordinator speaks {}, worker {}",
+                            procjob_worker::protocol::PROTOCOL_VERSION,
+                            ready.protocol
+                        ),
+                    });
+                    return;
+                }
                 self.pool().mark_ready(w, &ready);
                 self.scheduler.handle(Event::WorkerJoined { worker: w });
             }
@@ -589,6 +629,12 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
         let worker = self.pool().worker_id(w);
         let exit = self.pool().reap(w);
         self.scheduler.handle(Event::WorkerLost { worker: w });
+        if self.joining[w].take().is_some() {
+            // A replacement died before its handshake: starting another
+            // would likely fail the same way, forever.
+            self.fail(Error::Start { index: w, reason: crate::pool::start_failure(exit, error) });
+            return;
+        }
         let Some(flight) = flight else {
             // Died while idle (killed from outside, or its idle timeout):
             // start another, unless the call is failing anyway.
@@ -598,6 +644,20 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
             return;
         };
         let died = error.is_none() || matches!(exit, crate::error::WorkerExit::Signaled { .. });
+        // A worker exits 0 only when its input closes or its idle timeout
+        // passes; with a batch in flight, that is the idle timeout racing our
+        // send. Send the batch again, once per task, without using a retry.
+        let idled_out = error.is_none() && exit == crate::error::WorkerExit::Exited { code: 0 };
+        if idled_out && self.failure.is_none() && flight.tasks.iter().all(|t| !self.resent.contains(&t.index)) {
+            self.resent.extend(flight.tasks.iter().map(|t| t.index));
+            let n = flight.encoded.len();
+            for t in flight.encoded.into_iter().rev() {
+                self.queue.push_front(t);
+            }
+            self.scheduler.requeued(n);
+            self.replace(w);
+            return;
+        }
         let retries = self.parallel.retries;
         let retryable = died
             && self.failure.is_none()
@@ -625,8 +685,9 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
     /// Starts a fresh worker in slot `w`; it joins when its handshake arrives.
     fn replace(&mut self, w: usize) {
         self.parallel.last.replaced_workers += 1;
-        if let Err(e) = self.pool().start(w) {
-            self.fail(e);
+        match self.pool().start(w) {
+            Ok(()) => self.joining[w] = Some(Instant::now() + crate::pool::HANDSHAKE_TIMEOUT),
+            Err(e) => self.fail(e),
         }
     }
 

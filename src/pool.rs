@@ -47,7 +47,7 @@ pub const THREAD_ENV: [&str; 4] = ["OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "M
 /// that the reader skips.
 const MAX_PREAMBLE: usize = 64 * 1024;
 /// How long a worker has to answer the handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long workers get to exit after their input closes, before SIGKILL.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// The grace period when the coordinator was interrupted: busy workers
@@ -566,7 +566,8 @@ fn wait_or_kill(child: &mut Child, grace: Duration) -> Option<std::process::Exit
     }
 }
 
-fn start_failure(exit: WorkerExit, error: Option<String>) -> String {
+/// Explains why a worker ended before its handshake.
+pub(crate) fn start_failure(exit: WorkerExit, error: Option<String>) -> String {
     let mut s = format!("it {exit} before the handshake");
     if let Some(e) = error {
         s.push_str(&format!(" ({e})"));

@@ -117,7 +117,7 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
 
 /// The parent folder a run uses: `explicit`, else `PROCJOB_TEMP_FOLDER`,
 /// else `/dev/shm` when it has more than 2 GB free and room for `needed`,
-/// else the system temp dir. Checks that it is a writable directory with
+/// else the system temp dir. Checks that it is a directory with
 /// room for `needed` bytes.
 pub fn choose_parent(explicit: Option<&Path>, needed: u64) -> Result<PathBuf, StoreError> {
     let from_env = std::env::var_os(TEMP_FOLDER_ENV).filter(|p| !p.is_empty()).map(PathBuf::from);

@@ -385,14 +385,15 @@ fn the_standalone_worker_runs_registered_kinds_by_name_only() {
         return;
     }
     let mut p = Parallel::new().n_jobs(1).worker_program(&exe);
-    let a = Array::from_vec(vec![4], vec![1.5f64, 2.5, 3.0, 1.0]);
-    let out = p.run::<procjob_worker::testkinds::Checksum, _>([a]).unwrap();
-    assert_eq!(out[0].sum, 8.0);
+    let a = Array::from_vec(vec![1, 2], vec![1.5f64, 2.0]);
+    let b = Array::from_vec(vec![2, 1], vec![2.0f64, 3.0]);
+    let out = p.run::<procjob::tasks::Dot, _>([(a, b)]).unwrap();
+    assert_eq!(out[0].as_slice::<f64>().unwrap(), &[9.0]);
     // A task defined in this file is not in its registry, and its code offset
     // means nothing in another executable: refused, with the known names.
     let err = p.run::<Square, _>([3u64]).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("not known to this worker") && msg.contains("test.checksum"), "{msg}");
+    assert!(msg.contains("not known to this worker") && msg.contains("dot, matmul"), "{msg}");
 }
 
 /// Kills its own worker with SIGKILL the first time it runs (a marker file
@@ -435,4 +436,38 @@ fn retries_rerun_a_lost_task_on_a_fresh_worker() {
     assert_eq!(p.last_call().retried, 1);
     assert_eq!(p.last_call().replaced_workers, 1);
     assert!(p.worker_pids().iter().all(|&pid| pid != 0));
+}
+
+/// A user task that happens to share a built-in task's name.
+struct Shadow;
+impl Task for Shadow {
+    type Input = u64;
+    type Output = String;
+    type Error = String;
+    fn name() -> &'static str {
+        "matmul"
+    }
+    fn run(x: u64) -> Result<String, String> {
+        Ok(format!("user code ran with {x}"))
+    }
+}
+
+#[test]
+fn a_user_task_named_like_a_builtin_runs_the_users_code() {
+    let mut p = Parallel::new().n_jobs(1);
+    assert_eq!(p.run::<Shadow, _>([4u64]).unwrap(), vec!["user code ran with 4".to_string()]);
+}
+
+#[test]
+fn arrays_opened_through_a_symlink_travel_by_their_real_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real.npy");
+    Array::from_vec(vec![2, 2], vec![1.0f32, 2.0, 3.0, 4.0]).save_npy(&real).unwrap();
+    let link = dir.path().join("link.npy");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let a = Array::open_npy(&link, Access::ReadOnly).unwrap();
+    let seen = Parallel::new().n_jobs(1).run::<Inspect, _>([a]).unwrap();
+    assert_eq!(seen[0].sum, 10.0);
+    let canonical = std::fs::canonicalize(&real).unwrap().display().to_string();
+    assert_eq!(seen[0].mapped_from.as_deref(), Some(canonical.as_str()));
 }

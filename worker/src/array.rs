@@ -187,6 +187,28 @@ impl Array {
         Array { dtype: T::DTYPE, shape, storage: Arc::new(Storage::Owned(owned)), offset: 0 }
     }
 
+    /// An owned array of zeros, or an error (not an abort) when the memory
+    /// cannot be had: for sizes that come from another process.
+    pub fn try_zeros(dtype: DType, shape: impl Into<Vec<usize>>) -> Result<Array, ArrayError> {
+        let shape = shape.into();
+        let len = product(&shape);
+        fn alloc<T: Element>(len: usize) -> Result<Vec<T>, std::collections::TryReserveError> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(len)?;
+            v.resize(len, T::default());
+            Ok(v)
+        }
+        let err = |e: std::collections::TryReserveError| {
+            ArrayError::Shape(format!("cannot allocate {} {dtype} elements: {e}", len))
+        };
+        let owned = match dtype {
+            DType::I64 => Owned::I64(alloc(len).map_err(err)?),
+            DType::F64 => Owned::F64(alloc(len).map_err(err)?),
+            DType::F32 => Owned::F32(alloc(len).map_err(err)?),
+        };
+        Ok(Array { dtype, shape, storage: Arc::new(Storage::Owned(owned)), offset: 0 })
+    }
+
     /// An owned array of zeros.
     pub fn zeros(dtype: DType, shape: impl Into<Vec<usize>>) -> Array {
         let shape = shape.into();
@@ -201,6 +223,11 @@ impl Array {
     /// [`Access::ReadWrite`] writes reach the file; with
     /// [`Access::CopyOnWrite`] they stay private to this process.
     pub fn open_npy(path: &Path, access: Access) -> Result<Array, ArrayError> {
+        // The mapping remembers the canonical path: file references sent to
+        // workers must be absolute and free of symlinks (workers refuse to
+        // follow them).
+        let path = &std::fs::canonicalize(path)
+            .map_err(|e| ArrayError::Npy(npy::NpyError::Io { path: path.to_path_buf(), source: e }))?;
         let (file, header) = npy::read_header(path)?;
         let file = match access {
             Access::ReadOnly | Access::CopyOnWrite => file,
@@ -224,6 +251,8 @@ impl Array {
     pub fn create_npy(path: &Path, dtype: DType, shape: impl Into<Vec<usize>>) -> Result<Array, ArrayError> {
         let shape = shape.into();
         let (file, header) = npy::create(path, dtype, &shape)?;
+        let path = &std::fs::canonicalize(path)
+            .map_err(|e| ArrayError::Npy(npy::NpyError::Io { path: path.to_path_buf(), source: e }))?;
         let mapping = map_file(&file, path, Access::ReadWrite)?;
         Ok(Array { dtype, shape, storage: Arc::new(Storage::Mapped(mapping)), offset: header.data_offset })
     }
@@ -692,7 +721,9 @@ pub fn read_arrays<'a, R: Read + ?Sized>(
         match r_ {
             ArrayRef::Inline { dtype, shape } => {
                 let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-                let mut array = Array::zeros(*dtype, shape);
+                let mut array = Array::try_zeros(*dtype, shape).map_err(|e| {
+                    DecodeError::Io(std::io::Error::new(std::io::ErrorKind::OutOfMemory, e.to_string()))
+                })?;
                 let storage = Arc::get_mut(&mut array.storage).expect("a fresh array is unshared");
                 let Storage::Owned(owned) = storage else { unreachable!("zeros() is owned") };
                 crate::protocol::read_part(r, owned.bytes_mut(), "bulk")?;

@@ -713,25 +713,8 @@ fn discard(path: &Path, err: io::Error) -> NpyError {
 }
 
 /// Writes `header` then `data` with vectored writes: usually one syscall.
-/// (`write_all_vectored` and `IoSlice::advance_slices` are not available on
-/// our minimum Rust version, hence the manual loop.)
 fn write_two(file: &mut File, header: &[u8], data: &[u8]) -> io::Result<()> {
-    let mut done = 0;
-    let total = header.len() + data.len();
-    while done < total {
-        let bufs = if done < header.len() {
-            [IoSlice::new(&header[done..]), IoSlice::new(data)]
-        } else {
-            [IoSlice::new(&data[done - header.len()..]), IoSlice::new(&[])]
-        };
-        match file.write_vectored(&bufs) {
-            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    crate::protocol::write_all_vectored(file, &mut [IoSlice::new(header), IoSlice::new(data)])
 }
 
 /// Writes a new `.npy` file holding `data` (little-endian, C order) as an

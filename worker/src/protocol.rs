@@ -36,7 +36,10 @@
 //! `payload_len` is checked against [`MAX_PAYLOAD`] before a byte of the
 //! payload is allocated; `bulk_len` against [`MAX_BULK`] and then against
 //! the arrays the payload declares. A frame that breaks any rule is a typed
-//! [`DecodeError`]; the reader never allocates what a bad frame advertises.
+//! [`DecodeError`]. A bad length is refused before anything is allocated for
+//! it; a frame whose declared arrays agree with its bulk length is read
+//! array by array into fallible allocations, so an advertised size that
+//! memory cannot hold is an error, not an abort.
 //!
 //! # Versioning and handshake
 //!
@@ -170,7 +173,8 @@ pub enum ArrayRef {
         dtype: DType,
         /// Shape (C order).
         shape: Vec<u64>,
-        /// Absolute path of the file.
+        /// Path of the file (absolute and canonical when procjob made the
+        /// reference).
         path: PathBuf,
         /// Byte offset of the first element in the file.
         offset: u64,
@@ -347,6 +351,12 @@ pub enum DecodeError {
     /// The payload is not a valid message.
     #[error("cannot decode the frame payload: {0}")]
     Payload(#[from] postcard::Error),
+    /// The payload holds bytes after its message.
+    #[error("the frame payload has {0} bytes after its message")]
+    TrailingBytes(usize),
+    /// The reserved prelude byte is not zero.
+    #[error("reserved frame byte is {0}, not 0; the peer speaks an unknown variant of the protocol")]
+    Reserved(u8),
     /// The bulk length disagrees with the arrays the payload declares.
     #[error("frame bulk is {actual} bytes but its arrays need {declared}")]
     BulkMismatch {
@@ -392,6 +402,9 @@ pub fn decode_prelude(p: &[u8; PRELUDE_LEN], expected: FrameKind) -> Result<Prel
     if FrameKind::from_byte(p[6]) != Some(expected) {
         return Err(DecodeError::WrongKind { expected, got: p[6] });
     }
+    if p[7] != 0 {
+        return Err(DecodeError::Reserved(p[7]));
+    }
     let payload_len = u32::from_le_bytes([p[8], p[9], p[10], p[11]]);
     if payload_len as usize > MAX_PAYLOAD {
         return Err(DecodeError::PayloadTooLarge { len: payload_len.into(), max: MAX_PAYLOAD as u64 });
@@ -425,7 +438,9 @@ pub fn write_frame<W: Write + ?Sized>(w: &mut W, kind: FrameKind, payload: &[u8]
     Ok(PRELUDE_LEN as u64 + payload.len() as u64 + bulk_len)
 }
 
-fn write_all_vectored<W: Write + ?Sized>(w: &mut W, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+/// Writes every byte of `bufs` with as few vectored writes as the writer
+/// allows (`Write::write_all_vectored` is not stable yet).
+pub fn write_all_vectored<W: Write + ?Sized>(w: &mut W, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
     IoSlice::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
         match w.write_vectored(bufs) {
@@ -496,11 +511,20 @@ pub fn recv<R: Read + ?Sized, M: serde::de::DeserializeOwned>(
             Err(e) => return Err(DecodeError::Io(e)),
         }
     }
-    read_part(r, &mut p[1..], "prelude")?;
+    read_part(r, &mut p[1..], "prelude").map_err(|e| match e {
+        // Count the first byte, read on its own above.
+        DecodeError::Truncated { part, needed, got } => {
+            DecodeError::Truncated { part, needed: needed + 1, got: got + 1 }
+        }
+        e => e,
+    })?;
     let prelude = decode_prelude(&p, expected)?;
     let mut payload = vec![0u8; prelude.payload_len as usize];
     read_part(r, &mut payload, "payload")?;
-    let message = postcard::from_bytes(&payload)?;
+    let (message, rest) = postcard::take_from_bytes(&payload)?;
+    if !rest.is_empty() {
+        return Err(DecodeError::TrailingBytes(rest.len()));
+    }
     Ok(Frame { message, bulk_len: prelude.bulk_len, header_bytes: (PRELUDE_LEN + payload.len()) as u64 })
 }
 
@@ -611,6 +635,29 @@ mod tests {
         let p = encode_prelude(FrameKind::Request, 1, u64::MAX);
         let err = recv::<_, Request>(&mut &p[..], FrameKind::Request).unwrap_err();
         assert!(matches!(err, DecodeError::BulkTooLarge { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn trailing_payload_bytes_and_a_nonzero_reserved_byte_are_refused() {
+        let mut payload = postcard::to_stdvec(&hello()).unwrap();
+        payload.push(0);
+        let mut buf = Vec::new();
+        write_frame(&mut buf, FrameKind::Request, &payload, &[]).unwrap();
+        let err = recv::<_, Request>(&mut buf.as_slice(), FrameKind::Request).unwrap_err();
+        assert!(matches!(err, DecodeError::TrailingBytes(1)), "{err:?}");
+        let mut buf = Vec::new();
+        send(&mut buf, FrameKind::Request, &hello(), &[]).unwrap();
+        buf[7] = 1;
+        let err = recv::<_, Request>(&mut buf.as_slice(), FrameKind::Request).unwrap_err();
+        assert!(matches!(err, DecodeError::Reserved(1)), "{err:?}");
+    }
+
+    #[test]
+    fn a_truncated_prelude_counts_every_byte() {
+        let mut buf = Vec::new();
+        send(&mut buf, FrameKind::Request, &hello(), &[]).unwrap();
+        let err = recv::<_, Request>(&mut &buf[..5], FrameKind::Request).unwrap_err();
+        assert!(matches!(err, DecodeError::Truncated { part: "prelude", needed: 20, got: 5 }), "{err:?}");
     }
 
     #[test]

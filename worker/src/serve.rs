@@ -222,13 +222,16 @@ fn run_one(
         Ok(a) => a,
         Err(e) => return ErasedOutcome::failed(FailureCause::Setup, e.to_string()),
     };
-    let entry = match (registry.get(&kind.name), kind.entry) {
-        (Some(entry), _) => entry,
+    // The code offset names the exact function when this worker is the
+    // coordinator's own executable; a name could be shadowed (a user task
+    // called "matmul"). Other executables know tasks by name only.
+    let entry = match (same_binary, kind.entry, registry.get(&kind.name)) {
         // SAFETY: the handshake checked that this worker runs the
         // coordinator's own executable (`same_binary`), where the offset was
         // made by `entry_offset`.
-        (None, Some(offset)) if same_binary => unsafe { registry::entry_at(offset) },
-        (None, _) => {
+        (true, Some(offset), _) => unsafe { registry::entry_at(offset) },
+        (_, _, Some(entry)) => entry,
+        (_, _, None) => {
             return ErasedOutcome::failed(
                 FailureCause::Setup,
                 format!(
