@@ -223,9 +223,10 @@ impl WorkerPool {
     }
 
     /// Counts a completed task and the memory figures of a batch.
-    pub fn record_batch(&mut self, index: usize, tasks: u64, memory: MemorySnapshot) {
+    pub fn record_batch(&mut self, index: usize, tasks: u64, memory: Option<MemorySnapshot>) {
         let slot = &mut self.slots[index];
         slot.tasks += tasks;
+        let Some(memory) = memory else { return };
         slot.peak.peak_rss = slot.peak.peak_rss.max(memory.peak_rss);
         slot.peak.uss = slot.peak.uss.max(memory.uss);
         slot.peak.pss = slot.peak.pss.max(memory.pss);
@@ -288,7 +289,7 @@ impl WorkerPool {
                     if let Some(p) = self.slots[index].process.as_mut() {
                         p.ready = true;
                     }
-                    self.record_batch(index, 0, ready.memory);
+                    self.record_batch(index, 0, Some(ready.memory));
                 }
                 WorkerEvent::Lost { error } => {
                     let exit = self.reap(index);
@@ -460,7 +461,7 @@ impl WorkerPool {
         if let Some(p) = self.slots[index].process.as_mut() {
             p.ready = true;
         }
-        self.record_batch(index, 0, ready.memory);
+        self.record_batch(index, 0, Some(ready.memory));
     }
 
     /// Stops worker `index` politely (closes its input; it exits at once

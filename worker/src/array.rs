@@ -192,19 +192,33 @@ impl Array {
     pub fn try_zeros(dtype: DType, shape: impl Into<Vec<usize>>) -> Result<Array, ArrayError> {
         let shape = shape.into();
         let len = product(&shape);
-        fn alloc<T: Element>(len: usize) -> Result<Vec<T>, std::collections::TryReserveError> {
-            let mut v = Vec::new();
-            v.try_reserve_exact(len)?;
-            v.resize(len, T::default());
-            Ok(v)
+        /// Zeroed by the allocator (`calloc`: fresh pages are zero
+        /// already, so a large array costs no write pass), or `None`.
+        fn alloc<T: Element>(len: usize) -> Option<Vec<T>> {
+            if len == 0 {
+                return Some(Vec::new());
+            }
+            let layout = std::alloc::Layout::array::<T>(len).ok()?;
+            // SAFETY: the layout has a non-zero size (len > 0, T is not a ZST).
+            let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
+            if ptr.is_null() {
+                return None;
+            }
+            // SAFETY: `ptr` was allocated by the global allocator with the
+            // layout of `len` T's, and all-zero bytes are a valid T
+            // (Element types are plain numbers).
+            Some(unsafe { Vec::from_raw_parts(ptr, len, len) })
         }
-        let err = |e: std::collections::TryReserveError| {
-            ArrayError::Shape(format!("cannot allocate {} {dtype} elements: {e}", len))
+        let err = |()| {
+            ArrayError::Shape(format!(
+                "cannot allocate {len} {dtype} elements ({} bytes)",
+                len.saturating_mul(dtype.size())
+            ))
         };
         let owned = match dtype {
-            DType::I64 => Owned::I64(alloc(len).map_err(err)?),
-            DType::F64 => Owned::F64(alloc(len).map_err(err)?),
-            DType::F32 => Owned::F32(alloc(len).map_err(err)?),
+            DType::I64 => Owned::I64(alloc(len).ok_or(()).map_err(err)?),
+            DType::F64 => Owned::F64(alloc(len).ok_or(()).map_err(err)?),
+            DType::F32 => Owned::F32(alloc(len).ok_or(()).map_err(err)?),
         };
         Ok(Array { dtype, shape, storage: Arc::new(Storage::Owned(owned)), offset: 0 })
     }

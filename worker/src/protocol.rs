@@ -227,8 +227,11 @@ pub struct Ready {
 pub struct Results {
     /// One per task of the batch, in order.
     pub tasks: Vec<TaskReply>,
-    /// The worker's memory after the batch.
-    pub memory: MemorySnapshot,
+    /// The worker's memory after the batch, when it read it: after any
+    /// batch that computed for a millisecond or more, and otherwise at most
+    /// every 100 ms (reading `/proc/self/smaps_rollup` costs tens of
+    /// microseconds, as much as a tiny batch).
+    pub memory: Option<MemorySnapshot>,
 }
 
 /// The outcome of one task.

@@ -26,6 +26,11 @@ use crate::task::ErasedOutcome;
 /// value is the coordinator's pid.
 pub const WORKER_ENV: &str = "PROCJOB_WORKER";
 
+/// A batch that computed this long is followed by a memory snapshot.
+const SNAPSHOT_AFTER_BUSY: Duration = Duration::from_millis(1);
+/// Otherwise snapshots are at least this far apart.
+const SNAPSHOT_EVERY: Duration = Duration::from_millis(100);
+
 /// Why serving stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -153,6 +158,7 @@ pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
     protocol::send(&mut output, FrameKind::Reply, &Reply::Ready(ready), &[])?;
     let idle = (hello.idle_timeout_ms > 0).then(|| Duration::from_millis(hello.idle_timeout_ms));
     let mut maps = MapCache::default();
+    let mut last_snapshot = Instant::now();
     loop {
         if let Some(idle) = idle {
             if input.buffer().is_empty() && !input.get_ref().wait_readable(idle) {
@@ -170,6 +176,7 @@ pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
         }
         let arrays = array::read_arrays(&mut input, frame.message.array_refs(), frame.bulk_len, &mut |r| maps.map(r))?;
         let mut arrays = arrays.into_iter();
+        let batch_started = Instant::now();
         let mut replies = Vec::with_capacity(batch.tasks.len());
         let mut inline: Vec<Array> = Vec::new();
         for task in &batch.tasks {
@@ -183,7 +190,12 @@ pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
             });
             inline.extend(result.inline);
         }
-        let reply = Reply::Results(Results { tasks: replies, memory: crate::memory::snapshot() });
+        let memory = (batch_started.elapsed() >= SNAPSHOT_AFTER_BUSY || last_snapshot.elapsed() >= SNAPSHOT_EVERY)
+            .then(|| {
+                last_snapshot = Instant::now();
+                crate::memory::snapshot()
+            });
+        let reply = Reply::Results(Results { tasks: replies, memory });
         let payload = postcard::to_stdvec(&reply).map_err(std::io::Error::other)?;
         if let (true, Reply::Results(mut results)) = (payload.len() > protocol::MAX_PAYLOAD, reply) {
             // Too large for one frame: report it as each task's failure

@@ -1,0 +1,71 @@
+//! The runner's own costs: `cargo bench --bench runtime`.
+//!
+//! - `spawn_and_handshake`: start one worker process and complete the
+//!   handshake (then stop it), per worker.
+//! - `empty_task_round_trip`: one no-op task on a warm worker.
+//! - `pipe_throughput`: 64 MiB inline to a worker and its length back;
+//!   read "MB/s" from the byte counter.
+//! - `tiny_tasks_batched`: 100,000 no-op tasks on all CPUs with automatic
+//!   batching; read tasks per second from the item counter.
+
+use divan::counter::{BytesCount, ItemsCount};
+use divan::Bencher;
+use procjob::{Array, BatchSize, Parallel, Task};
+
+fn main() {
+    procjob::init();
+    divan::main();
+}
+
+struct Noop;
+impl Task for Noop {
+    type Input = u64;
+    type Output = u64;
+    type Error = String;
+    fn run(x: u64) -> Result<u64, String> {
+        Ok(x)
+    }
+}
+
+struct Len;
+impl Task for Len {
+    type Input = Array;
+    type Output = u64;
+    type Error = String;
+    fn run(a: Array) -> Result<u64, String> {
+        Ok(a.nbytes() as u64)
+    }
+}
+
+#[divan::bench(sample_count = 30)]
+fn spawn_and_handshake(bencher: Bencher) {
+    bencher.bench_local(|| {
+        let mut p = Parallel::new().n_jobs(1);
+        p.start().unwrap();
+        p.shutdown();
+    });
+}
+
+#[divan::bench(sample_count = 200)]
+fn empty_task_round_trip(bencher: Bencher) {
+    let mut p = Parallel::new().n_jobs(1).batch_size(BatchSize::Fixed(1));
+    p.start().unwrap();
+    bencher.bench_local(|| p.run::<Noop, _>([1u64]).unwrap());
+}
+
+#[divan::bench(sample_count = 20)]
+fn pipe_throughput(bencher: Bencher) {
+    const BYTES: usize = 64 << 20;
+    let a = Array::from_vec(vec![BYTES / 8], vec![1.0f64; BYTES / 8]);
+    let mut p = Parallel::new().n_jobs(1).max_nbytes(None);
+    p.start().unwrap();
+    bencher.counter(BytesCount::new(BYTES)).bench_local(|| p.run::<Len, _>([a.clone()]).unwrap());
+}
+
+#[divan::bench(sample_count = 10)]
+fn tiny_tasks_batched(bencher: Bencher) {
+    const TASKS: u64 = 100_000;
+    let mut p = Parallel::new();
+    p.start().unwrap();
+    bencher.counter(ItemsCount::new(TASKS)).bench_local(|| p.run::<Noop, _>(0..TASKS).unwrap());
+}
