@@ -564,3 +564,335 @@ pub fn python(script: &str, args: &[&Path]) -> String {
     );
     stdout
 }
+
+// ---------------------------------------------------------------------------
+// Runs in the background, signals, and leak checks (for the failure tests).
+// ---------------------------------------------------------------------------
+
+/// How long [`Background::finish`] waits for stdout and stderr to close after
+/// the coordinator exited. Workers inherit stderr, so a pipe that stays open
+/// means some worker is still alive.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which output stream a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+enum Piece {
+    Line(Stream, String),
+    Eof(Stream),
+}
+
+impl Procjob {
+    /// Starts the binary in the background, in a new process group of its
+    /// own (its pid is the group id), with stdout and stderr read line by
+    /// line. See [`Background`].
+    pub fn spawn(&self) -> Background {
+        use std::os::unix::process::CommandExt;
+        let command = self.command_line();
+        let mut cmd = Command::new(BIN);
+        cmd.args(&self.args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+        for (k, v) in &self.env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out = child.stdout.take().expect("stdout is piped");
+        let err = child.stderr.take().expect("stderr is piped");
+        forward_lines(out, Stream::Stdout, tx.clone());
+        forward_lines(err, Stream::Stderr, tx);
+        Background {
+            command,
+            pid: child.id(),
+            child,
+            lines,
+            open: 2,
+            stdout: String::new(),
+            stderr: String::new(),
+            status: None,
+            clean_parent: self.clean_parent.clone(),
+        }
+    }
+}
+
+fn forward_lines(r: impl Read + Send + 'static, stream: Stream, tx: std::sync::mpsc::Sender<Piece>) {
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut r = std::io::BufReader::new(r);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match r.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if tx.send(Piece::Line(stream, String::from_utf8_lossy(&line).into_owned())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = tx.send(Piece::Eof(stream));
+    });
+}
+
+/// A `procjob` run in the background ([`Procjob::spawn`]). Dropping it
+/// before [`Background::finish`] kills the coordinator with SIGKILL (its
+/// workers follow through their parent-death signal).
+pub struct Background {
+    /// The command line, for messages.
+    pub command: String,
+    /// The coordinator's pid, also its process group id.
+    pub pid: u32,
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<Piece>,
+    open: usize,
+    /// What came on stdout so far.
+    pub stdout: String,
+    /// What came on stderr so far.
+    pub stderr: String,
+    status: Option<std::process::ExitStatus>,
+    clean_parent: Option<PathBuf>,
+}
+
+impl Background {
+    fn take(&mut self, piece: Piece) -> Option<(Stream, String)> {
+        match piece {
+            Piece::Line(stream, line) => {
+                match stream {
+                    Stream::Stdout => self.stdout.push_str(&line),
+                    Stream::Stderr => self.stderr.push_str(&line),
+                }
+                Some((stream, line))
+            }
+            Piece::Eof(_) => {
+                self.open -= 1;
+                None
+            }
+        }
+    }
+
+    /// Waits (up to `timeout`) for a line on `stream` that contains
+    /// `needle` and returns it; panics, showing the output so far, when the
+    /// stream ends or the time is up first.
+    #[track_caller]
+    pub fn wait_for_line(&mut self, stream: Stream, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let piece = match self.lines.recv_timeout(left) {
+                Ok(p) => p,
+                Err(_) => panic!(
+                    "{}: no {stream:?} line containing {needle:?} within {timeout:?}\n--- stdout\n{}\n--- stderr\n{}",
+                    self.command, self.stdout, self.stderr
+                ),
+            };
+            let ended = matches!(piece, Piece::Eof(s) if s == stream);
+            if let Some((s, line)) = self.take(piece) {
+                if s == stream && line.contains(needle) {
+                    return line;
+                }
+            }
+            assert!(
+                !ended,
+                "{}: {stream:?} ended without a line containing {needle:?}\n--- stdout\n{}\n--- stderr\n{}",
+                self.command, self.stdout, self.stderr
+            );
+        }
+    }
+
+    /// Sends `signal` to the coordinator.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), signal)
+            .unwrap_or_else(|e| panic!("{}: cannot send {signal} to pid {}: {e}", self.command, self.pid));
+    }
+
+    /// Sends `signal` to the coordinator's whole process group, as a
+    /// terminal does for Ctrl-C.
+    pub fn signal_group(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid as i32), signal)
+            .unwrap_or_else(|e| panic!("{}: cannot send {signal} to process group {}: {e}", self.command, self.pid));
+    }
+
+    /// Waits (up to `timeout`, on a pidfd) for the coordinator to exit and
+    /// returns its status; panics when it is still running then.
+    #[track_caller]
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        if let Some(s) = self.status {
+            return s;
+        }
+        assert!(
+            wait_process_gone(self.pid as i32, timeout),
+            "{}: still running after {timeout:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.command,
+            self.stdout,
+            self.stderr
+        );
+        let status = self.child.wait().expect("waiting for procjob");
+        self.status = Some(status);
+        status
+    }
+
+    /// Waits for the exit (up to `timeout`) and for stdout and stderr to
+    /// close, and returns the outcome. A stream still open 10 s after the
+    /// exit means a process holding it (a worker) lives on: that fails.
+    /// Checks the temp parent when [`Procjob::expect_clean`] was given.
+    #[track_caller]
+    pub fn finish(mut self, timeout: Duration) -> Run {
+        let status = self.wait_exit(timeout);
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while self.open > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(piece) => {
+                    self.take(piece);
+                }
+                Err(_) => panic!(
+                    "{}: stdout/stderr still open {DRAIN_TIMEOUT:?} after the coordinator exited: a worker \
+                     holding them is alive\n--- stdout\n{}\n--- stderr\n{}",
+                    self.command, self.stdout, self.stderr
+                ),
+            }
+        }
+        let run = Run {
+            command: std::mem::take(&mut self.command),
+            code: status.code(),
+            stdout: std::mem::take(&mut self.stdout),
+            stderr: std::mem::take(&mut self.stderr),
+            pid: self.pid,
+        };
+        if let Some(parent) = &self.clean_parent {
+            assert_clean_parent(parent, &run.command);
+        }
+        run
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A pidfd for process `pid`, or `None` when there is no such process
+/// (ESRCH: it has been reaped).
+pub fn pidfd_open(pid: i32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
+    // or -1; it touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.raw_os_error(), Some(libc::ESRCH), "pidfd_open({pid}): {e}");
+        return None;
+    }
+    // SAFETY: pidfd_open just returned this descriptor; nothing else owns it.
+    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Polls a pidfd for POLLIN (the process has exited) up to `timeout`.
+pub fn pidfd_wait(fd: &std::os::fd::OwnedFd, timeout: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd, and its count.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        match r {
+            1.. => return true,
+            0 => return false,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "poll on a pidfd: {e}");
+            }
+        }
+    }
+}
+
+/// Waits up to `timeout` for process `pid` to end, on a pidfd. True when it
+/// is gone: it had already been reaped (`pidfd_open` fails with ESRCH) or it
+/// exits (a zombie counts as ended) in time.
+pub fn wait_process_gone(pid: i32, timeout: Duration) -> bool {
+    pidfd_open(pid).is_none_or(|fd| pidfd_wait(&fd, timeout))
+}
+
+/// Whether live process `pid` is a worker started by coordinator
+/// `coordinator` (its environment has `PROCJOB_WORKER=<coordinator>`). False
+/// for a process that is gone or a zombie (its environment reads empty).
+pub fn is_worker_of(pid: i32, coordinator: u32) -> bool {
+    let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { return false };
+    let wanted = format!("{}={coordinator}", procjob_worker::serve::WORKER_ENV);
+    environ.split(|&b| b == 0).any(|var| var == wanted.as_bytes())
+}
+
+/// The live workers of `coordinator`, found by scanning /proc for processes
+/// of this user whose environment says so.
+pub fn live_workers_of(coordinator: u32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|&pid| is_worker_of(pid, coordinator))
+        .collect()
+}
+
+/// Every pid a message names as "pid N".
+pub fn pids_named(text: &str) -> Vec<i32> {
+    let mut pids: Vec<i32> = text
+        .match_indices("pid ")
+        .filter_map(|(i, m)| {
+            let digits: String = text[i + m.len()..].chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// Asserts that no worker of the coordinator `run.pid` is left: each pid
+/// in `pids` (e.g. named in the messages) and every process that /proc
+/// shows as its worker must end within 10 s (waited on with a pidfd). A pid
+/// that now belongs to some other process (reused) counts as gone.
+#[track_caller]
+pub fn assert_no_workers_left(coordinator: u32, pids: &[i32], context: &str) {
+    let mut all: Vec<i32> = pids.iter().copied().filter(|&p| p != coordinator as i32).collect();
+    all.extend(live_workers_of(coordinator));
+    all.sort_unstable();
+    all.dedup();
+    for pid in all {
+        let Some(fd) = pidfd_open(pid) else { continue };
+        // The pidfd pins the process: if it is not a worker of this
+        // coordinator now, the pid was reused (or it has exited already).
+        if !is_worker_of(pid, coordinator) {
+            continue;
+        }
+        assert!(
+            pidfd_wait(&fd, Duration::from_secs(10)),
+            "{context}: worker pid {pid} of coordinator {coordinator} is still running 10 s after the run"
+        );
+    }
+}
+
+/// The `procjob-*` entries in `parent`.
+pub fn run_folders_in(parent: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(parent)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", parent.display()))
+        .map(|e| e.expect("readdir entry").path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("procjob-")))
+        .collect();
+    v.sort();
+    v
+}
