@@ -214,15 +214,15 @@ fn signal_pending(pid: u32, signal: Signal) -> bool {
 #[test]
 fn second_sigint_kills_at_once() {
     // Without --no-check, a worker mode first computes seq's C in the
-    // coordinator as the reference to compare against; on 3000×3000 i64
-    // that keeps it busy in its own computation, with no worker and no
-    // check for signals, for far longer than the test (minutes in a debug
-    // build, many seconds optimized). So the first SIGINT cannot end it by
+    // coordinator as the reference to compare against; on 5000×5000 i64
+    // (250 G operations, about 7 s even on the fast exact path) that keeps
+    // it busy in its own computation, with no worker and no check for
+    // signals, for far longer than the test. So the first SIGINT cannot end it by
     // itself before the forced stop 2 s later (signals::FORCE_AFTER); a
     // second SIGINT must end it at once.
     let dir = TestDir::new("fail-second-sigint");
     let mut bg =
-        dir.matmul().args(["--mode", "memmap", "--processes", "2", "--size", "3000", "--dtype", "i64"]).spawn();
+        dir.matmul().args(["--mode", "memmap", "--processes", "2", "--size", "5000", "--dtype", "i64"]).spawn();
     // The banner comes after the signal handler is installed and the run
     // folder made, just before the inputs are made and the reference
     // computed.

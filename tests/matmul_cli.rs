@@ -190,10 +190,87 @@ fn random_f64_bit_identical_across_processes_blocks_and_modes() {
     assert_ne!(read_npy_f64(&other).bits(), c.bits(), "--seed 43 gave the same C as --seed 42");
 }
 
+/// How a C is checked against the naive reference [`matmul_ref`]: `i64`
+/// (wrapping) always bit for bit; floats bit for bit where the data is
+/// integer-valued, within rounding error otherwise (the kernels fix each
+/// element's summation order across blocks and processes, but it is not the
+/// naive loop's, and it may use FMA).
+trait Reference: Elem {
+    /// Machine epsilon, or `None` for `i64` (always exact).
+    const EPS: Option<f64>;
+    /// 2^(mantissa digits): integer-valued sums of products below this in
+    /// magnitude are exact in any order, with or without FMA.
+    const EXACT_BELOW: f64;
+    /// The value as `f64` (exact for `f32`).
+    fn as_f64(self) -> f64;
+}
+
+impl Reference for i64 {
+    const EPS: Option<f64> = None;
+    const EXACT_BELOW: f64 = 0.0;
+    fn as_f64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Reference for f64 {
+    const EPS: Option<f64> = Some(f64::EPSILON);
+    const EXACT_BELOW: f64 = (1u64 << f64::MANTISSA_DIGITS) as f64;
+    fn as_f64(self) -> f64 {
+        self
+    }
+}
+
+impl Reference for f32 {
+    const EPS: Option<f64> = Some(f32::EPSILON as f64);
+    const EXACT_BELOW: f64 = (1u64 << f32::MANTISSA_DIGITS) as f64;
+    fn as_f64(self) -> f64 {
+        f64::from(self)
+    }
+}
+
+/// Asserts that `c` is `a · b`: bit for bit equal to [`matmul_ref`] for
+/// `i64`, and for a float element whose inputs are all integer-valued with
+/// `Σ_p |a_ip·b_pj|` below 2^mantissa (every partial sum is then an exact
+/// integer, whatever the order); otherwise within `2·k·eps·Σ_p |a_ip·b_pj|`
+/// of it. That bound holds because any evaluation of a k-term dot product
+/// (any order, with or without FMA) is within `γ_k·Σ|a·b|` of the exact value,
+/// `γ_k = k·u/(1 - k·u) ≤ k·eps` for `u = eps/2` and `k·u ≤ 1/2` (Higham,
+/// Accuracy and Stability of Numerical Algorithms, §3.1), and both the
+/// kernel's result and the reference's obey it.
+#[track_caller]
+fn assert_product<T: Reference>(c: &Matrix<T>, a: &Matrix<T>, b: &Matrix<T>, context: &str) {
+    let expected = matmul_ref(a, b);
+    let Some(eps) = T::EPS else {
+        assert_bits_eq(c, &expected, context);
+        return;
+    };
+    assert_eq!(c.shape, expected.shape, "{context}: shape");
+    let (k, n) = (a.cols(), b.cols());
+    for (idx, (&x, &y)) in c.data.iter().zip(&expected.data).enumerate() {
+        let (i, j) = (idx / n, idx % n);
+        let terms = (0..k).map(|p| (a.data[i * k + p].as_f64(), b.data[p * n + j].as_f64()));
+        let integer_valued = terms.clone().all(|(u, v)| u.fract() == 0.0 && v.fract() == 0.0);
+        let magnitude: f64 = terms.map(|(u, v)| (u * v).abs()).sum();
+        if integer_valued && magnitude < T::EXACT_BELOW {
+            assert_eq!(x.bits(), y.bits(), "{context}: C[{i}][{j}] is {x:?} but should be exactly {y:?}");
+        } else {
+            let tolerance = 2.0 * k as f64 * eps * magnitude;
+            let diff = (x.as_f64() - y.as_f64()).abs();
+            assert!(
+                diff <= tolerance,
+                "{context}: C[{i}][{j}] is {x:?} but the reference is {y:?}: off by {diff:e}, more than {tolerance:e}"
+            );
+        }
+    }
+}
+
 /// Non-integer (floats) and wrapping (i64) inputs written as .npy by this
 /// test, given with --a/--b; C read back; then one run's --out used as the
-/// next run's --a.
-fn npy_round_trip<T: Elem>(a: Matrix<T>, b: Matrix<T>, d: Matrix<T>) {
+/// next run's --a. Every run's C (and C·D) has the same bits as the first
+/// run's, whatever the mode, process count and block count; each is `a · b`
+/// as [`assert_product`] checks.
+fn npy_round_trip<T: Reference>(a: Matrix<T>, b: Matrix<T>, d: Matrix<T>) {
     let dtype = T::DTYPE.name();
     let dir = TestDir::new(&format!("roundtrip-{dtype}"));
     let (a_path, b_path, d_path) = (dir.file("a.npy"), dir.file("b.npy"), dir.file("d.npy"));
@@ -201,8 +278,7 @@ fn npy_round_trip<T: Elem>(a: Matrix<T>, b: Matrix<T>, d: Matrix<T>) {
     write_npy(&b_path, &b);
     write_npy(&d_path, &d);
     let a_bytes = std::fs::read(&a_path).unwrap();
-    let expected = matmul_ref(&a, &b);
-    let expected2 = matmul_ref(&expected, &d);
+    let mut first: Option<(String, Matrix<T>, Matrix<T>)> = None;
     for mode in MODES {
         for (processes, blocks) in [(1, 1), (2, 2), (3, 3), (3, 5)] {
             let c_path = dir.file(&format!("c-{mode}-{processes}-{blocks}.npy"));
@@ -221,7 +297,8 @@ fn npy_round_trip<T: Elem>(a: Matrix<T>, b: Matrix<T>, d: Matrix<T>) {
             let reports = cmd.run_json();
             assert_eq!(str_field(&reports[0], "dtype"), dtype, "{context}: the dtype comes from the files");
             assert_eq!(reports[0]["matches_seq"], Value::Bool(true), "{context}");
-            assert_bits_eq(&read_npy::<T>(&c_path), &expected, &context);
+            let c = read_npy::<T>(&c_path);
+            assert_product(&c, &a, &b, &context);
             assert_eq!(std::fs::read(&a_path).unwrap(), a_bytes, "{context}: the input file was modified");
 
             // C as the next run's A.
@@ -235,16 +312,26 @@ fn npy_round_trip<T: Elem>(a: Matrix<T>, b: Matrix<T>, d: Matrix<T>) {
                 .arg(processes.to_string())
                 .arg("--out")
                 .arg(&c2_path);
-            let context = cmd.command_line();
+            let context2 = cmd.command_line();
             cmd.run_json();
-            assert_bits_eq(&read_npy::<T>(&c2_path), &expected2, &context);
+            let c2 = read_npy::<T>(&c2_path);
+            assert_product(&c2, &c, &d, &context2);
+
+            match &first {
+                None => first = Some((context, c, c2)),
+                Some((first_context, first_c, first_c2)) => {
+                    assert_bits_eq(&c, first_c, &format!("{context} vs {first_context}"));
+                    assert_bits_eq(&c2, first_c2, &format!("{context2} vs the C·D of {first_context}"));
+                }
+            }
         }
     }
 }
 
 #[test]
 fn npy_round_trip_f64() {
-    // Non-integer values: rounding happens, so this checks the summation order.
+    // Non-integer values: rounding happens, so the bit-identity across runs
+    // checks that the summation order does not depend on the blocks.
     let a = Matrix::<f64>::from_fn(11, 9, |i, j| (i as f64 * 0.37 - j as f64 * 1.13) / 7.0 + 1e-3);
     let b = Matrix::<f64>::from_fn(9, 6, |i, j| ((i * 6 + j) as f64).sin() * 1e3);
     let d = Matrix::<f64>::from_fn(6, 4, |i, j| ((i + 2 * j) as f64).cos() / 3.0);
