@@ -492,7 +492,8 @@ pub fn pattern_b<T: Elem>(k: usize, n: usize) -> Matrix<T> {
 }
 
 /// The naive product: for each element, `acc = 0` then `acc = acc + a·b`
-/// for p = 0, 1, …, k-1 — what the kernels guarantee bit for bit.
+/// for p = 0, 1, …, k-1. The kernels match it exactly for integer-valued
+/// data (and i64), and within rounding error otherwise (they may use FMA).
 pub fn matmul_ref<T: Elem>(a: &Matrix<T>, b: &Matrix<T>) -> Matrix<T> {
     let (m, k, n) = (a.rows(), a.cols(), b.cols());
     assert_eq!(b.rows(), k, "inner dimensions");
