@@ -6,7 +6,7 @@
 //! re-executions of the running binary, so a program that uses procjob
 //! calls [`init`] first in `main`:
 //!
-//! ```no_run
+//! ```
 //! use procjob::{Array, Parallel, Task};
 //! use serde::{Deserialize, Serialize};
 //!

@@ -1,6 +1,6 @@
 //! [`Parallel`]: the joblib-like way to run tasks across worker processes.
 //!
-//! ```no_run
+//! ```
 //! use procjob::{Parallel, Task};
 //!
 //! struct Square;
