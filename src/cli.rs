@@ -357,7 +357,8 @@ fn needed_bytes(source: &Source, modes: &[Mode]) -> u64 {
     let (m, k, n) = (m as u64, k as u64, n as u64);
     let file_modes = modes.iter().any(|m| matches!(m, Mode::Memmap | Mode::MemmapOut));
     let inputs = if matches!(source, Source::Files(_)) || !file_modes { 0 } else { (m * k + k * n) * size };
-    let outputs = if modes.contains(&Mode::MemmapOut) { m * n * size } else { 0 };
+    // Every worker mode stacks C in a file of the run folder.
+    let outputs = if modes.iter().any(|m| m.uses_workers()) { m * n * size } else { 0 };
     // Each repetition's dumps are unlinked when it ends, but warm workers
     // keep the previous repetition's maps (and so its pages) until their next
     // batch: room for two sets of inputs.

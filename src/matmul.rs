@@ -338,49 +338,57 @@ fn run_parallel(
         Mode::Copy => (owned(&inputs.a), owned(&inputs.b)),
         _ => (mapped(&inputs.a, &dumps.0[0])?, mapped(&inputs.b, &dumps.0[1])?),
     };
-    let out = match mode {
-        Mode::MemmapOut => {
-            Some(Array::create_npy(&dumps.0[2], dtype, vec![m, n]).map_err(|e| Error::Config(e.to_string()))?)
-        }
-        _ => None,
-    };
+    // C is a file-backed array in every worker mode: in memmap-out the
+    // workers write their rows into it; otherwise the coordinator's readers
+    // write each returned block straight into its rows as it comes off the
+    // pipe (no block-sized buffer, no copy to stack it).
+    let c = Array::create_npy(&dumps.0[2], dtype, vec![m, n]).map_err(|e| Error::Config(e.to_string()))?;
     // Copy mode dumps nothing; its inputs go through the pipes.
     let dump_s = if mode == Mode::Copy { 0.0 } else { t0.elapsed().as_secs_f64() };
     let spawn_s = parallel.start()?.as_secs_f64();
     let t1 = Instant::now();
-    let block_inputs = ranges.iter().map(|r| {
-        Ok::<_, Error>(MatmulInput {
-            rows: (r.start as u64, r.end as u64),
-            a: a.rows(r.clone()).map_err(|e| Error::Config(e.to_string()))?,
-            b: b.clone(),
-            out: match &out {
-                Some(o) => Some(o.rows(r.clone()).map_err(|e| Error::Config(e.to_string()))?),
-                None => None,
-            },
+    let view = |x: &Array, r: &Range<usize>| x.rows(r.clone()).map_err(|e| Error::Config(e.to_string()));
+    let block_inputs = ranges
+        .iter()
+        .map(|r| {
+            Ok(MatmulInput {
+                rows: (r.start as u64, r.end as u64),
+                a: view(&a, r)?,
+                b: b.clone(),
+                out: if mode == Mode::MemmapOut { Some(view(&c, r)?) } else { None },
+            })
         })
-    });
-    let block_inputs: Vec<MatmulInput> = block_inputs.collect::<Result<_, _>>()?;
-    let mut c = match &out {
-        Some(_) => None,
-        None => Some(Array::zeros(dtype, vec![m, n])),
+        .collect::<Result<Vec<_>, Error>>()?;
+    let mut stack = Duration::ZERO;
+    let mut c = c;
+    let landing_ranges = ranges.to_vec();
+    let results = match mode {
+        Mode::MemmapOut => parallel.run_unordered::<MatmulBlock, _>(block_inputs)?,
+        _ => parallel
+            .run_unordered_into::<MatmulBlock, _>(block_inputs, &c, move |i| landing_ranges[i as usize].clone())?,
     };
-    let mut collect = Duration::ZERO;
-    for result in parallel.run_unordered::<MatmulBlock, _>(block_inputs)? {
-        let (index, output) = result?;
-        if let (MatmulOutput::Block(block), Some(c)) = (output, c.as_mut()) {
-            let t = Instant::now();
-            place_rows(c, &block, index, &ranges[index as usize], n)?;
-            collect += t.elapsed();
-        }
+    let mut blocks = Vec::new();
+    for result in results {
+        blocks.push(result?);
     }
+    // A block that landed in place is a view of C, dropped here; anything
+    // else (a block of another shape than its rows) is copied, or refused.
+    let foreign: Vec<(u64, Array)> = blocks
+        .into_iter()
+        .filter_map(|(index, output)| match output {
+            MatmulOutput::Block(block) if block.storage_id() != c.storage_id() => Some((index, block)),
+            _ => None,
+        })
+        .collect();
+    for (index, block) in foreign {
+        let t = Instant::now();
+        place_rows(&mut c, &block, index, &ranges[index as usize], n)?;
+        stack += t.elapsed();
+    }
+    let collect = stack;
     let wall = t0.elapsed();
     let traffic = parallel.last_call().traffic;
     let compute_s = t1.elapsed().as_secs_f64() - collect.as_secs_f64();
-    let c = match (c, out) {
-        (Some(c), _) => c,
-        (None, Some(out)) => out,
-        (None, None) => unreachable!("either C is stacked here or written in place"),
-    };
     let phases = Phases { dump_s, spawn_s, compute_s, collect_s: collect.as_secs_f64() };
     Ok((
         Repetition {

@@ -327,6 +327,39 @@ impl Parallel {
         Ok(Unordered { call: self.call::<T, I>(inputs)? })
     }
 
+    /// Runs task `T` on every input like [`run_unordered`](Parallel::run_unordered),
+    /// and writes the first array of each task's output straight into rows
+    /// `rows_of(index)` of `out` as it comes off the pipe: no buffer the
+    /// size of the block, no copy to stack it. The output then holds a view
+    /// of those rows instead of its own array.
+    ///
+    /// `out` must be a read-write file-backed array (made with
+    /// [`Array::create_npy`]); the row ranges of different tasks must not
+    /// overlap; an output array whose dtype or shape does not match its rows
+    /// is received as usual instead.
+    pub fn run_unordered_into<T: Task, I>(
+        &mut self,
+        inputs: I,
+        out: &Array,
+        rows_of: impl FnMut(u64) -> std::ops::Range<usize> + 'static,
+    ) -> Result<Unordered<'_, T, I::IntoIter>, Error>
+    where
+        I: IntoIterator<Item = T::Input>,
+    {
+        let file = match out.open_for_landing() {
+            Some(Ok(file)) => std::sync::Arc::new(file),
+            Some(Err(e)) => return Err(Error::Config(format!("cannot open the output array's file: {e}"))),
+            None => {
+                return Err(Error::Config(
+                    "run_unordered_into needs a read-write file-backed output (Array::create_npy)".into(),
+                ))
+            }
+        };
+        let mut call = self.call::<T, I>(inputs)?;
+        call.landing = Some(LandingPlan { file, out: out.clone(), rows_of: Box::new(rows_of) });
+        Ok(Unordered { call })
+    }
+
     fn call<T: Task, I>(&mut self, inputs: I) -> Result<Call<'_, T, I::IntoIter>, Error>
     where
         I: IntoIterator<Item = T::Input>,
@@ -365,6 +398,7 @@ impl Parallel {
             started,
             traffic_before,
             finished: false,
+            landing: None,
         })
     }
 }
@@ -426,6 +460,25 @@ struct Call<'p, T: Task, I: Iterator<Item = T::Input>> {
     started: Instant,
     traffic_before: Traffic,
     finished: bool,
+    /// Where output arrays land, for `run_unordered_into`.
+    landing: Option<LandingPlan>,
+}
+
+/// The shared output of a `run_unordered_into` call.
+struct LandingPlan {
+    file: std::sync::Arc<std::fs::File>,
+    out: Array,
+    rows_of: Box<dyn FnMut(u64) -> std::ops::Range<usize>>,
+}
+
+impl LandingPlan {
+    /// The region task `index` lands in.
+    fn landing(&mut self, index: u64) -> Result<procjob_worker::array::Landing, String> {
+        let rows = (self.rows_of)(index);
+        let view = self.out.rows(rows).map_err(|e| format!("output rows for task {index}: {e}"))?;
+        let (_, offset, _) = view.file_location().ok_or("the output is not file-backed")?;
+        Ok(procjob_worker::array::Landing { file: std::sync::Arc::clone(&self.file), offset, view })
+    }
 }
 
 impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
@@ -505,6 +558,14 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
             .map(|t| TaskRequest { index: t.index, kind: kind.clone(), input: t.input.clone(), arrays: t.refs.clone() })
             .collect();
         let bulk: Vec<&[u8]> = encoded.iter().flat_map(|t| t.inline.iter().map(Array::as_bytes)).collect();
+        if let Some(plan) = self.landing.as_mut() {
+            let pool = self.parallel.pool.as_ref().expect("the pool exists during a call");
+            let mut landings = pool.landings().lock().map_err(|_| Error::Config("landing table poisoned".into()))?;
+            for t in &encoded {
+                let landing = plan.landing(t.index).map_err(Error::Config)?;
+                landings.insert(t.index, landing);
+            }
+        }
         let sent = Instant::now();
         let deadline = self.parallel.timeout.map(|t| sent + t * ids.len() as u32);
         let call = self.call;
@@ -744,7 +805,10 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
         };
         stats.dumped_arrays = self.encoder.dumped.len() as u64;
         stats.dumped_bytes = self.encoder.dumped_bytes;
-        // Dumped files go with the call.
+        // Dumped files go with the call, and so do unused landings.
+        if let Ok(mut l) = self.pool().landings().lock() {
+            l.clear();
+        }
         self.encoder.dumped.clear();
         self.encoder.folder = None;
     }

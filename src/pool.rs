@@ -13,6 +13,7 @@
 //! threads drain replies continuously, so neither side can block the other
 //! for good.
 
+use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -20,12 +21,14 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use procjob_worker::array::{self, Array, ArrayError};
+use procjob_worker::array::{self, Array, ArrayError, Landing};
 use procjob_worker::protocol::{
-    self, Batch, DecodeError, FrameKind, Hello, MemorySnapshot, Ready, Reply, Request, Results, MAGIC, PROTOCOL_VERSION,
+    self, ArrayRef, Batch, DecodeError, FrameKind, Hello, MemorySnapshot, Outcome, Ready, Reply, Request, Results,
+    MAGIC, PROTOCOL_VERSION,
 };
 use procjob_worker::registry::BinaryId;
 use procjob_worker::serve::WORKER_ENV;
@@ -156,6 +159,11 @@ pub struct WorkerReport {
     pub peak: MemorySnapshot,
 }
 
+/// Regions of a shared output that tasks' output arrays land in directly,
+/// by task index (see [`Parallel::run_unordered_into`](crate::Parallel::run_unordered_into)).
+/// Reader threads take an entry when that task's result arrives.
+pub type Landings = Arc<Mutex<HashMap<u64, Landing>>>;
+
 /// A pool of worker processes.
 pub struct WorkerPool {
     config: PoolConfig,
@@ -164,6 +172,7 @@ pub struct WorkerPool {
     events: Receiver<PoolEvent>,
     events_tx: Sender<PoolEvent>,
     traffic: Traffic,
+    landings: Landings,
     _interrupts: crate::signals::Listener,
 }
 
@@ -182,12 +191,18 @@ impl WorkerPool {
             events,
             events_tx,
             traffic: Traffic::default(),
+            landings: Landings::default(),
         }
     }
 
     /// Number of worker slots.
     pub fn size(&self) -> usize {
         self.slots.len()
+    }
+
+    /// Where the outputs of the current call land, by task index.
+    pub fn landings(&self) -> &Landings {
+        &self.landings
     }
 
     /// Counters of what crossed the pipes since the pool was made.
@@ -368,9 +383,10 @@ impl WorkerPool {
         slot.generation += 1;
         let generation = slot.generation;
         let tx = self.events_tx.clone();
+        let landings = Arc::clone(&self.landings);
         let reader = std::thread::Builder::new()
             .name(format!("procjob-reader-{index}"))
-            .spawn(move || read_replies(index, generation, stdout, tx))
+            .spawn(move || read_replies(index, generation, stdout, tx, landings))
             .map_err(|e| Error::Start { index, reason: format!("cannot start a reader thread: {e}") })?;
         let mut input = BufWriter::with_capacity(1 << 16, stdin);
         let hello = Request::Hello(Hello {
@@ -599,7 +615,7 @@ pub fn available_cpus() -> usize {
 
 /// The reader thread: handshake (skipping a harness's banner), then frames
 /// until the stream ends.
-fn read_replies(index: usize, generation: u64, stdout: ChildStdout, tx: Sender<PoolEvent>) {
+fn read_replies(index: usize, generation: u64, stdout: ChildStdout, tx: Sender<PoolEvent>, landings: Landings) {
     let send = |event| tx.send(PoolEvent { index, generation, event }).is_ok();
     let mut stdout = stdout;
     let preamble = match skip_to_magic(&mut stdout) {
@@ -648,16 +664,35 @@ fn read_replies(index: usize, generation: u64, stdout: ChildStdout, tx: Sender<P
                 return;
             }
         };
-        let Reply::Results(results) = &frame.message else {
+        let Reply::Results(results) = frame.message else {
             send(WorkerEvent::Lost { error: Some("the worker sent an unexpected message".into()) });
             return;
         };
-        let arrays = array::read_arrays(&mut r, frame.message.array_refs(), frame.bulk_len, &mut |a| {
-            let procjob_worker::protocol::ArrayRef::File { dtype, shape, path, offset, access } = a else {
-                unreachable!("only file references are mapped")
-            };
-            let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-            array::map_file_ref(path, *dtype, &shape, *offset, *access)
+        // Per array of the frame, in bulk order: its task, and whether it is
+        // that task's first inline array (the one that may land in place).
+        let mut owners: Vec<(u64, bool)> = Vec::new();
+        let mut refs: Vec<&ArrayRef> = Vec::new();
+        for t in &results.tasks {
+            if let Outcome::Ok { arrays, .. } = &t.outcome {
+                let mut first_inline = true;
+                for a in arrays {
+                    let inline = matches!(a, ArrayRef::Inline { .. });
+                    owners.push((t.index, inline && first_inline));
+                    first_inline &= !inline;
+                    refs.push(a);
+                }
+            }
+        }
+        let arrays = array::read_arrays(&mut r, refs.iter().copied(), frame.bulk_len, &mut |position, a| match a {
+            ArrayRef::File { dtype, shape, path, offset, access } => {
+                let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+                array::Placement::Mapped(array::map_file_ref(path, *dtype, &shape, *offset, *access))
+            }
+            ArrayRef::Inline { .. } => {
+                let (task, first) = owners[position];
+                let landing = first.then(|| landings.lock().ok().and_then(|mut l| l.remove(&task))).flatten();
+                landing.map_or(array::Placement::Own, array::Placement::Land)
+            }
         });
         let arrays = match arrays {
             Ok(a) => a,
@@ -666,7 +701,6 @@ fn read_replies(index: usize, generation: u64, stdout: ChildStdout, tx: Sender<P
                 return;
             }
         };
-        let results = results.clone();
         let bytes = frame.header_bytes + frame.bulk_len;
         if !send(WorkerEvent::Results { results, arrays, bytes }) {
             return;

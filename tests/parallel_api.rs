@@ -471,3 +471,40 @@ fn arrays_opened_through_a_symlink_travel_by_their_real_path() {
     let canonical = std::fs::canonicalize(&real).unwrap().display().to_string();
     assert_eq!(seen[0].mapped_from.as_deref(), Some(canonical.as_str()));
 }
+
+/// Returns a 2×3 block filled with its input.
+struct Block23;
+impl Task for Block23 {
+    type Input = f64;
+    type Output = (u64, Array);
+    type Error = String;
+    fn run(x: f64) -> Result<(u64, Array), String> {
+        Ok((7, Array::from_vec(vec![2, 3], vec![x; 6])))
+    }
+}
+
+#[test]
+fn outputs_land_straight_in_their_rows_of_a_shared_array() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Array::create_npy(&dir.path().join("out.npy"), procjob::DType::F64, vec![8, 3]).unwrap();
+    let mut p = Parallel::new().n_jobs(2).batch_size(BatchSize::Fixed(1));
+    let results: Vec<(u64, (u64, Array))> = p
+        .run_unordered_into::<Block23, _>((0..4).map(f64::from), &out, |i| 2 * i as usize..2 * i as usize + 2)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for (index, (seven, block)) in &results {
+        assert_eq!(*seven, 7);
+        // The block is a view of `out`, not a copy.
+        assert_eq!(block.storage_id(), out.storage_id(), "task {index}");
+        assert_eq!(block.as_slice::<f64>().unwrap(), &[*index as f64; 6]);
+    }
+    drop(results);
+    let all = out.as_slice::<f64>().unwrap();
+    for (row, chunk) in all.chunks(3).enumerate() {
+        assert_eq!(chunk, &[(row / 2) as f64; 3], "row {row}");
+    }
+    // An owned output array is refused: there is no file to land in.
+    let owned = Array::zeros(procjob::DType::F64, vec![8, 3]);
+    assert!(p.run_unordered_into::<Block23, _>([1.0], &owned, |_| 0..2).is_err());
+}

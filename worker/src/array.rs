@@ -469,6 +469,23 @@ impl Array {
         Ok(self)
     }
 
+    /// Opens the file this array is a read-write view of, for writing into
+    /// it directly ([`Landing`]); `None` for other arrays.
+    pub fn open_for_landing(&self) -> Option<std::io::Result<File>> {
+        match &*self.storage {
+            Storage::Mapped(m) if m.access == Access::ReadWrite => {
+                use std::os::unix::fs::OpenOptionsExt;
+                Some(
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                        .open(&m.path),
+                )
+            }
+            _ => None,
+        }
+    }
+
     /// A key that is equal for arrays sharing the same storage; used to dump
     /// an array shared by many tasks only once.
     pub fn storage_id(&self) -> usize {
@@ -720,20 +737,52 @@ impl<'de> Deserialize<'de> for Array {
     }
 }
 
-/// Reads the bytes of each inline reference from the stream into its own
-/// owned array, and maps each file reference with `map`. Checks the bulk
-/// length against the declared arrays before allocating.
+/// Where [`read_arrays`] puts one array of a frame.
+pub enum Placement {
+    /// An inline array: read its bytes into a new owned array.
+    Own,
+    /// A file reference, already resolved (mapped) by the caller.
+    Mapped(Result<Array, ArrayError>),
+    /// An inline array: write its bytes straight into `file` at `offset`
+    /// (a region of a shared output) and stand for them with `view`, a view
+    /// of that region. Used when `view`'s dtype and shape match the
+    /// array's; otherwise the array is owned as usual.
+    Land(Landing),
+}
+
+/// A region of a file-backed array that an incoming array is written into
+/// directly, with no intermediate buffer of its size.
+#[derive(Debug, Clone)]
+pub struct Landing {
+    /// The file, open for writing.
+    pub file: Arc<File>,
+    /// Byte offset of the region in the file.
+    pub offset: u64,
+    /// A view of the region (a read-write mapping of the same file).
+    pub view: Array,
+}
+
+/// Reads the arrays of a frame: for each reference, in order, `place`
+/// (given its position and the reference) says where it goes. Checks the
+/// bulk length against the declared arrays before allocating anything.
 pub fn read_arrays<'a, R: Read + ?Sized>(
     r: &mut R,
     refs: impl IntoIterator<Item = &'a ArrayRef> + Clone,
     bulk_len: u64,
-    map: &mut dyn FnMut(&ArrayRef) -> Result<Array, ArrayError>,
+    place: &mut dyn FnMut(usize, &ArrayRef) -> Placement,
 ) -> Result<Vec<Result<Array, ArrayError>>, DecodeError> {
     crate::protocol::check_bulk(refs.clone(), bulk_len)?;
     let mut out = Vec::new();
-    for r_ in refs {
-        match r_ {
-            ArrayRef::Inline { dtype, shape } => {
+    for (position, r_) in refs.into_iter().enumerate() {
+        match (r_, place(position, r_)) {
+            (ArrayRef::Inline { dtype, shape }, Placement::Land(land))
+                if land.view.dtype() == *dtype
+                    && land.view.shape().iter().map(|&d| d as u64).eq(shape.iter().copied()) =>
+            {
+                copy_to_file(r, &land.file, land.offset, land.view.nbytes() as u64)?;
+                out.push(Ok(land.view));
+            }
+            (ArrayRef::Inline { dtype, shape }, _) => {
                 let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
                 let mut array = Array::try_zeros(*dtype, shape).map_err(|e| {
                     DecodeError::Io(std::io::Error::new(std::io::ErrorKind::OutOfMemory, e.to_string()))
@@ -743,10 +792,27 @@ pub fn read_arrays<'a, R: Read + ?Sized>(
                 crate::protocol::read_part(r, owned.bytes_mut(), "bulk")?;
                 out.push(Ok(array));
             }
-            file @ ArrayRef::File { .. } => out.push(map(file)),
+            (ArrayRef::File { .. }, Placement::Mapped(result)) => out.push(result),
+            (ArrayRef::File { path, .. }, _) => out
+                .push(Err(ArrayError::Map { path: path.clone(), reason: "file references are not read here".into() })),
         }
     }
     Ok(out)
+}
+
+/// Copies `len` bytes from the stream into `file` at `offset`, through a
+/// small buffer: memory stays bounded however large the array.
+fn copy_to_file<R: Read + ?Sized>(r: &mut R, file: &File, mut offset: u64, mut len: u64) -> Result<(), DecodeError> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+    while len > 0 {
+        let n = len.min(buf.len() as u64) as usize;
+        crate::protocol::read_part(r, &mut buf[..n], "bulk")?;
+        file.write_all_at(&buf[..n], offset)?;
+        offset += n as u64;
+        len -= n as u64;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

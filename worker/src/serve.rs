@@ -174,7 +174,10 @@ pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
         if maps.call != batch.call {
             maps = MapCache { call: batch.call, ..MapCache::default() };
         }
-        let arrays = array::read_arrays(&mut input, frame.message.array_refs(), frame.bulk_len, &mut |r| maps.map(r))?;
+        let arrays = array::read_arrays(&mut input, frame.message.array_refs(), frame.bulk_len, &mut |_, r| match r {
+            ArrayRef::File { .. } => array::Placement::Mapped(maps.map(r)),
+            ArrayRef::Inline { .. } => array::Placement::Own,
+        })?;
         let mut arrays = arrays.into_iter();
         let batch_started = Instant::now();
         let mut replies = Vec::with_capacity(batch.tasks.len());
