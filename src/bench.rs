@@ -9,13 +9,11 @@
 //! the efficiency reported is the median of the paired ratios ideal/procjob.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use procjob_worker::array::Array;
-use procjob_worker::kernels::{self, Kernel};
 use procjob_worker::DType;
 
 use crate::error::Error;
@@ -143,7 +141,7 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
                 }
                 let (mut times, mut ideals) = (Vec::new(), Vec::new());
                 for _ in 0..sweep.repeat.max(1) {
-                    ideals.push(ideal.run(processes).as_secs_f64());
+                    ideals.push(ideal.run(processes)?.as_secs_f64());
                     times.push(runner.run_once()?.0.wall.as_secs_f64());
                     check_interrupt()?;
                 }
@@ -208,56 +206,24 @@ fn case(
 }
 
 /// The machine's ideal: threads running the kernel on blocks already in
-/// memory, each writing its own output, taking blocks as they free up.
+/// memory, each writing its own rows of a C allocated beforehand, taking
+/// blocks as they free up — the `threads` mode without its allocation.
 struct Ideal<'a> {
     inputs: &'a Inputs,
-    blocks: Vec<(Array, Range<usize>)>,
-    outputs: Vec<Array>,
+    ranges: Vec<Range<usize>>,
+    c: Array,
 }
 
 impl<'a> Ideal<'a> {
     fn new(inputs: &'a Inputs, ranges: &[Range<usize>]) -> Ideal<'a> {
-        let n = inputs.dims().2;
-        let blocks: Vec<(Array, Range<usize>)> = ranges
-            .iter()
-            .map(|r| (inputs.a.rows(r.clone()).expect("ranges are in A").to_owned_array(), r.clone()))
-            .collect();
-        let outputs = ranges.iter().map(|r| Array::zeros(inputs.dtype(), vec![r.len(), n])).collect();
-        Ideal { inputs, blocks, outputs }
+        let (m, _, n) = inputs.dims();
+        Ideal { inputs, ranges: ranges.to_vec(), c: Array::zeros(inputs.dtype(), vec![m, n]) }
     }
 
-    fn run(&mut self, threads: usize) -> Duration {
-        let next = AtomicUsize::new(0);
-        let (k, n) = (self.inputs.dims().1, self.inputs.dims().2);
-        let b = &self.inputs.b;
-        let blocks = &self.blocks;
-        // Each output is touched by exactly one thread: hand them out as
-        // disjoint &mut through a mutex-free split.
-        let outputs: Vec<std::sync::Mutex<&mut Array>> = self.outputs.iter_mut().map(std::sync::Mutex::new).collect();
+    fn run(&mut self, threads: usize) -> Result<Duration, Error> {
         let t = Instant::now();
-        std::thread::scope(|scope| {
-            for _ in 0..threads.max(1) {
-                scope.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((a, r)) = blocks.get(i) else { break };
-                    let mut out = outputs[i].lock().expect("one thread per block");
-                    multiply_into(a, b, &mut out, r.len(), k, n);
-                });
-            }
-        });
-        t.elapsed()
-    }
-}
-
-fn multiply_into(a: &Array, b: &Array, c: &mut Array, rows: usize, k: usize, n: usize) {
-    fn typed<T: Kernel>(a: &Array, b: &Array, c: &mut Array, rows: usize, k: usize, n: usize) {
-        let (a, b) = (a.as_slice::<T>().expect("dtype checked"), b.as_slice::<T>().expect("dtype checked"));
-        kernels::matmul_block(a, b, c.as_mut_slice::<T>().expect("an unshared output"), rows, k, n);
-    }
-    match a.dtype() {
-        DType::I64 => typed::<i64>(a, b, c, rows, k, n),
-        DType::F64 => typed::<f64>(a, b, c, rows, k, n),
-        DType::F32 => typed::<f32>(a, b, c, rows, k, n),
+        crate::matmul::multiply_threads_into(self.inputs, &self.ranges, threads, &mut self.c)?;
+        Ok(t.elapsed())
     }
 }
 
@@ -279,8 +245,7 @@ mod tests {
         let inputs = Inputs::pattern(DType::I64, 9, 5, 4);
         let ranges = plan_blocks(9, 3);
         let mut ideal = Ideal::new(&inputs, &ranges);
-        ideal.run(2);
-        let c = Array::vstack(&ideal.outputs).unwrap();
-        assert_eq!(c, crate::matmul::multiply_seq(&inputs).unwrap());
+        ideal.run(2).unwrap();
+        assert_eq!(ideal.c, crate::matmul::multiply_seq(&inputs).unwrap());
     }
 }

@@ -97,7 +97,7 @@ pub struct MatmulArgs {
     /// Element type: i64, f64 or f32 (with --a/--b: taken from the files).
     #[arg(long, value_name = "DTYPE")]
     pub dtype: Option<String>,
-    /// seq, copy, memmap, memmap-out, or all.
+    /// seq, threads, copy, memmap, memmap-out, or all.
     #[arg(long, value_name = "MODE", default_value = "all")]
     pub mode: String,
     /// A as a .npy file (needs --b), mapped in place read-only.
@@ -262,7 +262,10 @@ fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
         Mode::ALL.to_vec()
     } else {
         vec![Mode::from_name(&args.mode).ok_or_else(|| {
-            CliError::usage(format!("--mode {:?} is not one of: seq, copy, memmap, memmap-out, all", args.mode))
+            CliError::usage(format!(
+                "--mode {:?} is not one of: seq, threads, copy, memmap, memmap-out, all",
+                args.mode
+            ))
         })?]
     };
     let dtype = match &args.dtype {
@@ -436,8 +439,9 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
         .modes
         .iter()
         .map(|m| {
-            Mode::from_name(m)
-                .ok_or_else(|| CliError::usage(format!("--modes: {m:?} is not one of seq, copy, memmap, memmap-out")))
+            Mode::from_name(m).ok_or_else(|| {
+                CliError::usage(format!("--modes: {m:?} is not one of seq, threads, copy, memmap, memmap-out"))
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let dtype = DType::from_name(&args.dtype)
@@ -577,7 +581,7 @@ impl ModeReport {
         let seq_wall = if run.mode == Mode::Seq { Some(wall_s) } else { seq_wall };
         ModeReport {
             mode: run.mode.name(),
-            processes: if run.mode.uses_workers() { settings.processes } else { 1 },
+            processes: if run.mode == Mode::Seq { 1 } else { settings.processes },
             start_method: if run.mode.uses_workers() { "spawn" } else { "none" },
             dtype: inputs.dtype().name(),
             m,

@@ -33,6 +33,9 @@ use crate::store::RunFolder;
 pub enum Mode {
     /// In this process, no workers.
     Seq,
+    /// The same blocks on N threads of this process: the cost of
+    /// parallelism without processes.
+    Threads,
     /// A block and B inline in every task.
     Copy,
     /// A and B dumped once and mapped; C blocks sent back.
@@ -43,12 +46,13 @@ pub enum Mode {
 
 impl Mode {
     /// Every mode, in the order `--mode all` runs them.
-    pub const ALL: [Mode; 4] = [Mode::Seq, Mode::Copy, Mode::Memmap, Mode::MemmapOut];
+    pub const ALL: [Mode; 5] = [Mode::Seq, Mode::Threads, Mode::Copy, Mode::Memmap, Mode::MemmapOut];
 
     /// The mode's name on the command line and in JSON.
     pub fn name(self) -> &'static str {
         match self {
             Mode::Seq => "seq",
+            Mode::Threads => "threads",
             Mode::Copy => "copy",
             Mode::Memmap => "memmap",
             Mode::MemmapOut => "memmap-out",
@@ -62,7 +66,7 @@ impl Mode {
 
     /// Whether the mode starts worker processes.
     pub fn uses_workers(self) -> bool {
-        self != Mode::Seq
+        !matches!(self, Mode::Seq | Mode::Threads)
     }
 }
 
@@ -243,6 +247,7 @@ pub struct ModeRunner<'a> {
     parallel: Parallel,
     folder: &'a RunFolder,
     rep: usize,
+    threads: usize,
 }
 
 impl<'a> ModeRunner<'a> {
@@ -258,7 +263,15 @@ impl<'a> ModeRunner<'a> {
         if let Some(t) = settings.timeout {
             parallel = parallel.timeout(t);
         }
-        ModeRunner { mode, inputs, ranges: plan_blocks(m, settings.blocks), parallel, folder, rep: 0 }
+        ModeRunner {
+            mode,
+            inputs,
+            ranges: plan_blocks(m, settings.blocks),
+            parallel,
+            folder,
+            rep: 0,
+            threads: settings.processes,
+        }
     }
 
     /// Row blocks (tasks) per repetition: 1 for seq.
@@ -275,6 +288,7 @@ impl<'a> ModeRunner<'a> {
         self.rep += 1;
         match self.mode {
             Mode::Seq => run_seq(self.inputs),
+            Mode::Threads => run_threads(self.inputs, &self.ranges, self.threads),
             mode => run_parallel(mode, self.inputs, &self.ranges, &mut self.parallel, self.folder, self.rep),
         }
     }
@@ -304,6 +318,65 @@ pub fn multiply_seq(inputs: &Inputs) -> Result<Array, Error> {
         DType::F32 => typed::<f32>(inputs),
     }
     .map_err(Error::Config)
+}
+
+/// C = A × B with the blocks `ranges` of A's rows computed on `threads`
+/// threads of this process, each taking the next block when it is done
+/// (the same dynamic dispatch as the pool), written straight into C.
+pub fn multiply_threads(inputs: &Inputs, ranges: &[Range<usize>], threads: usize) -> Result<Array, Error> {
+    let (m, _, n) = inputs.dims();
+    let mut c = Array::zeros(inputs.dtype(), vec![m, n]);
+    multiply_threads_into(inputs, ranges, threads, &mut c)?;
+    Ok(c)
+}
+
+/// [`multiply_threads`] into an existing C (m × n, owned and unshared).
+pub fn multiply_threads_into(
+    inputs: &Inputs,
+    ranges: &[Range<usize>],
+    threads: usize,
+    c: &mut Array,
+) -> Result<(), Error> {
+    fn typed<T: Kernel>(inputs: &Inputs, ranges: &[Range<usize>], threads: usize, c: &mut Array) -> Result<(), Error> {
+        let (_, k, n) = inputs.dims();
+        let config = |e: procjob_worker::array::ArrayError| Error::Config(e.to_string());
+        let a = inputs.a.as_slice::<T>().map_err(config)?;
+        let b = inputs.b.as_slice::<T>().map_err(config)?;
+        let mut rest = c.as_mut_slice::<T>().map_err(config)?;
+        // Hand each block its own rows of C: disjoint &mut slices.
+        let mut blocks = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(r.len() * n);
+            blocks.push(std::sync::Mutex::new((r.clone(), mine)));
+            rest = tail;
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..threads.max(1) {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(block) = blocks.get(i) else { break };
+                    let mut guard = block.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let (r, c_rows) = &mut *guard;
+                    procjob_worker::kernels::matmul_block(&a[r.start * k..r.end * k], b, c_rows, r.len(), k, n);
+                });
+            }
+        });
+        Ok(())
+    }
+    match inputs.dtype() {
+        DType::I64 => typed::<i64>(inputs, ranges, threads, c),
+        DType::F64 => typed::<f64>(inputs, ranges, threads, c),
+        DType::F32 => typed::<f32>(inputs, ranges, threads, c),
+    }
+}
+
+fn run_threads(inputs: &Inputs, ranges: &[Range<usize>], threads: usize) -> Result<(Repetition, Array), Error> {
+    let t = Instant::now();
+    let c = multiply_threads(inputs, ranges, threads)?;
+    let wall = t.elapsed();
+    let phases = Phases { compute_s: wall.as_secs_f64(), ..Phases::default() };
+    Ok((Repetition { wall, phases, bytes_to_workers: 0, bytes_from_workers: 0 }, c))
 }
 
 fn run_seq(inputs: &Inputs) -> Result<(Repetition, Array), Error> {

@@ -16,7 +16,12 @@ use util::{
     read_npy_i64, require_numpy, run_json, write_npy, Elem, Matrix, Procjob, TestDir, TEMP_FOLDER_ENV,
 };
 
-const MODES: [&str; 4] = ["seq", "copy", "memmap", "memmap-out"];
+const MODES: [&str; 5] = ["seq", "threads", "copy", "memmap", "memmap-out"];
+
+/// Whether a mode starts worker processes (threads and seq do not).
+fn has_workers(mode: &str) -> bool {
+    !matches!(mode, "seq" | "threads")
+}
 const PROCESSES: [usize; 3] = [1, 2, 3];
 
 /// (m, k, n): the smallest product; 7 rows over 3 processes; fewer rows
@@ -96,7 +101,15 @@ fn pattern_matrix<T: Elem>() {
                     assert_eq!(r["workers"].as_array().map(Vec::len), Some(0), "{context}: seq has no workers");
                 } else {
                     assert_eq!(u64_field(r, "processes"), processes as u64, "{context}");
-                    check_workers(r, processes, &context);
+                    if has_workers(mode) {
+                        check_workers(r, processes, &context);
+                    } else {
+                        assert_eq!(
+                            r["workers"].as_array().map(Vec::len),
+                            Some(0),
+                            "{context}: threads start no worker"
+                        );
+                    }
                     assert!(u64_field(r, "blocks") as usize <= processes.max(1), "{context}: {r}");
                 }
                 assert_bits_eq(&read_npy::<T>(&out), &expected, &context);
@@ -163,6 +176,8 @@ fn random_f64_bit_identical_across_processes_blocks_and_modes() {
                 if mode != "seq" {
                     let expected_blocks = blocks.unwrap_or(processes) as u64;
                     assert_eq!(u64_field(&reports[0], "blocks"), expected_blocks, "{context}");
+                }
+                if has_workers(mode) {
                     check_workers(&reports[0], processes, &context);
                 }
                 let c = read_npy_f64(&out);
@@ -548,7 +563,7 @@ fn json_lines_have_every_field_and_nothing_else() {
     let run = cmd.run().assert_ok();
     let context = &run.command;
     let reports = run.json_lines(); // every line parses and has every field
-    assert_eq!(reports.len(), 4, "{context}: one line per mode:\n{}", run.stdout);
+    assert_eq!(reports.len(), MODES.len(), "{context}: one line per mode:\n{}", run.stdout);
     for (r, mode) in reports.iter().zip(MODES) {
         assert_eq!(str_field(r, "mode"), mode, "{context}");
         assert_eq!(str_field(r, "dtype"), "i64", "{context}");
@@ -570,6 +585,12 @@ fn json_lines_have_every_field_and_nothing_else() {
             assert_eq!(u64_field(r, "processes"), 1, "{context}");
             assert_eq!(r["speedup_vs_seq"].as_f64(), Some(1.0), "{context}");
             assert_eq!(u64_field(r, "bytes_to_workers") + u64_field(r, "bytes_from_workers"), 0, "{context}");
+        } else if mode == "threads" {
+            assert_eq!(u64_field(r, "processes"), 2, "{context}: --processes sets the threads");
+            assert_eq!(str_field(r, "start_method"), "none", "{context}");
+            assert_eq!(u64_field(r, "blocks"), 2, "{context}: --blocks defaults to --processes");
+            assert_eq!(u64_field(r, "bytes_to_workers") + u64_field(r, "bytes_from_workers"), 0, "{context}");
+            assert_eq!(r["workers"].as_array().map(Vec::len), Some(0), "{context}: threads start no worker");
         } else {
             assert_eq!(u64_field(r, "processes"), 2, "{context}");
             assert_eq!(str_field(r, "start_method"), "spawn", "{context}: the default start method");
