@@ -687,6 +687,31 @@ impl Table {
             "wall: median of {reps} repetition{} (the first includes starting workers); to/from workers: bytes through the pipes",
             if reps == 1 { "" } else { "s" }
         );
+        let _ = writeln!(
+            out,
+            "\n{:<11} {:>6} {:>13} {:>13} {:>13} {:>15}",
+            "memory", "procs", "workers' RSS", "workers' USS", "workers' PSS", "coordinator RSS"
+        );
+        for r in reports {
+            let sum = |f: fn(&WorkerJson) -> u64| r.workers.iter().map(f).sum::<u64>();
+            let workers = |v: u64| if r.workers.is_empty() { "–".to_string() } else { bytes(v) };
+            let _ = writeln!(
+                out,
+                "{:<11} {:>6} {:>13} {:>13} {:>13} {:>15}",
+                r.mode,
+                r.workers.len(),
+                workers(sum(|w| w.peak_rss_bytes)),
+                workers(sum(|w| w.peak_uss_bytes)),
+                workers(sum(|w| w.peak_pss_bytes)),
+                bytes(r.coordinator.peak_rss_bytes),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "peaks, summed over workers. RSS: every page a process touched, shared ones too; USS: its private \
+             pages only;\nPSS: private pages plus an even share of each shared page, so PSS sums to the real total. \
+             A B copied\ninto every worker shows in USS; a mapped B shared by all shows in RSS and PSS, not USS."
+        );
     }
 }
 

@@ -178,6 +178,10 @@ pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
             ArrayRef::File { .. } => array::Placement::Mapped(maps.map(r)),
             ArrayRef::Inline { .. } => array::Placement::Own,
         })?;
+        // The batch's received bytes stay alive until the memory snapshot
+        // below, so it shows what the tasks held (a B copied into this worker
+        // counts in its USS), not what was left after they returned.
+        let received: Vec<Array> = arrays.iter().flatten().filter(|a| !a.is_mapped()).cloned().collect();
         let mut arrays = arrays.into_iter();
         let batch_started = Instant::now();
         let mut replies = Vec::with_capacity(batch.tasks.len());
@@ -198,6 +202,7 @@ pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
                 last_snapshot = Instant::now();
                 crate::memory::snapshot()
             });
+        drop(received);
         let reply = Reply::Results(Results { tasks: replies, memory });
         let payload = postcard::to_stdvec(&reply).map_err(std::io::Error::other)?;
         if let (true, Reply::Results(mut results)) = (payload.len() > protocol::MAX_PAYLOAD, reply) {
