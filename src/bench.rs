@@ -159,7 +159,7 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
 }
 
 fn settings(processes: usize, temp_folder: Option<std::path::PathBuf>) -> RunSettings {
-    RunSettings { processes, blocks: processes, temp_folder, repeat: 1, retries: 0, timeout: None }
+    RunSettings { processes, blocks: processes, temp_folder, repeat: 1, retries: 0, timeout: None, trace: false }
 }
 
 fn check_interrupt() -> Result<(), Error> {

@@ -127,6 +127,10 @@ pub struct MatmulArgs {
     /// Per-task time limit in seconds; on expiry the worker is killed and the run fails.
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<f64>,
+    /// Write a timeline of every phase and task as Chrome trace-event JSON
+    /// (open it in ui.perfetto.dev or chrome://tracing).
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
     /// Skip computing seq to compare against.
     #[arg(long)]
     pub no_check: bool,
@@ -321,12 +325,13 @@ fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
         }
         _ => return Err(CliError::usage("--a and --b go together: give both or neither")),
     };
-    if let Some(out) = &args.out {
-        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    for (flag, path) in [("--out", &args.out), ("--trace", &args.trace)] {
+        let Some(path) = path else { continue };
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         if !parent.is_dir() {
             return Err(CliError::usage(format!(
-                "--out {}: the folder {} does not exist",
-                out.display(),
+                "{flag} {}: the folder {} does not exist",
+                path.display(),
                 parent.display()
             )));
         }
@@ -346,6 +351,7 @@ fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
             repeat: args.repeat,
             retries: args.retries,
             timeout,
+            trace: args.trace.is_some(),
         },
         check: !args.no_check,
         out: args.out.clone(),
@@ -412,6 +418,14 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
     }
     if !args.json {
         table.footer(&mut out, &reports);
+    }
+    if let Some(path) = &args.trace {
+        let mut trace = crate::trace::Trace::default();
+        for run in &mut runs {
+            trace.extend(std::mem::take(&mut run.trace));
+        }
+        std::fs::write(path, trace.to_chrome_json())
+            .map_err(|e| CliError::usage(format!("--trace {}: {e}", path.display())))?;
     }
     if let Some(path) = &out_path {
         let c = &runs.last().expect("at least one mode").c;

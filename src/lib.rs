@@ -54,6 +54,7 @@ pub mod pool;
 pub mod scheduler;
 pub mod signals;
 pub mod store;
+pub mod trace;
 
 pub use error::{Error, TaskId, WorkerExit, WorkerId};
 pub use parallel::{CallStats, Parallel, Progress};

@@ -27,6 +27,7 @@ use crate::parallel::Parallel;
 use crate::pool::WorkerReport;
 use crate::scheduler::{BatchSize, PreDispatch};
 use crate::store::RunFolder;
+use crate::trace::Lane;
 
 /// How A, B and C travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -195,6 +196,8 @@ pub struct RunSettings {
     pub retries: u32,
     /// Per-task time limit.
     pub timeout: Option<Duration>,
+    /// Record a timeline of every phase and task.
+    pub trace: bool,
 }
 
 /// The outcome of one mode: every repetition, its workers, and C.
@@ -212,6 +215,8 @@ pub struct ModeRun {
     pub coordinator_peak_rss: u64,
     /// The product.
     pub c: Array,
+    /// The timeline, when asked for.
+    pub trace: crate::trace::Trace,
 }
 
 /// Runs one mode `settings.repeat` times on warm workers; the run folder
@@ -227,7 +232,7 @@ pub fn run_mode(mode: Mode, inputs: &Inputs, settings: &RunSettings, folder: &Ru
         c = Some(out);
     }
     let blocks = runner.blocks();
-    let workers = runner.finish();
+    let (workers, trace) = runner.finish();
     Ok(ModeRun {
         mode,
         repetitions,
@@ -235,6 +240,7 @@ pub fn run_mode(mode: Mode, inputs: &Inputs, settings: &RunSettings, folder: &Ru
         blocks,
         coordinator_peak_rss: procjob_worker::memory::peak_rss(),
         c: c.expect("at least one repetition"),
+        trace,
     })
 }
 
@@ -248,6 +254,8 @@ pub struct ModeRunner<'a> {
     folder: &'a RunFolder,
     rep: usize,
     threads: usize,
+    /// The coordinator's own spans (dump, in-process compute), when tracing.
+    trace: Option<crate::trace::Trace>,
 }
 
 impl<'a> ModeRunner<'a> {
@@ -259,7 +267,8 @@ impl<'a> ModeRunner<'a> {
             .max_nbytes(None)
             .batch_size(BatchSize::Fixed(1))
             .pre_dispatch(PreDispatch::All)
-            .retries(settings.retries);
+            .retries(settings.retries)
+            .trace(settings.trace);
         if let Some(t) = settings.timeout {
             parallel = parallel.timeout(t);
         }
@@ -271,6 +280,7 @@ impl<'a> ModeRunner<'a> {
             folder,
             rep: 0,
             threads: settings.processes,
+            trace: settings.trace.then(crate::trace::Trace::default),
         }
     }
 
@@ -286,18 +296,32 @@ impl<'a> ModeRunner<'a> {
     /// Runs one repetition and returns its figures and C.
     pub fn run_once(&mut self) -> Result<(Repetition, Array), Error> {
         self.rep += 1;
-        match self.mode {
+        let start_ns = procjob_worker::clock::monotonic_ns();
+        let result = match self.mode {
             Mode::Seq => run_seq(self.inputs),
             Mode::Threads => run_threads(self.inputs, &self.ranges, self.threads),
             mode => run_parallel(mode, self.inputs, &self.ranges, &mut self.parallel, self.folder, self.rep),
+        }?;
+        if let Some(trace) = self.trace.as_mut() {
+            let name = self.mode.name();
+            let (rep, end_ns) = (self.rep, procjob_worker::clock::monotonic_ns());
+            let dump_ns = (result.0.phases.dump_s * 1e9) as u64;
+            if dump_ns > 0 {
+                trace.span(Lane::Coordinator, "dump", format!("{name}: dump A and B"), start_ns, start_ns + dump_ns);
+            }
+            let category = if self.mode.uses_workers() { "run" } else { "compute" };
+            trace.span(Lane::Coordinator, category, format!("{name}: repetition {rep}"), start_ns, end_ns);
         }
+        Ok(result)
     }
 
-    /// Stops the workers and returns what each did.
-    pub fn finish(mut self) -> Vec<WorkerReport> {
+    /// Stops the workers and returns what each did, and the timeline.
+    pub fn finish(mut self) -> (Vec<WorkerReport>, crate::trace::Trace) {
         let workers = self.parallel.worker_reports();
+        let mut trace = self.trace.take().unwrap_or_default();
+        trace.extend(self.parallel.take_trace());
         self.parallel.shutdown();
-        workers
+        (workers, trace)
     }
 }
 

@@ -42,6 +42,7 @@ use crate::error::{Error, TaskId};
 use crate::pool::{PoolConfig, PoolEvent, Traffic, WorkerEvent, WorkerPool, WorkerReport};
 use crate::scheduler::{Action, BatchSize, Event, PreDispatch, Scheduler};
 use crate::store::RunFolder;
+use crate::trace::{Lane, Trace};
 
 /// joblib's default `max_nbytes`: arrays above 1 MiB are memory-mapped.
 pub const DEFAULT_MAX_NBYTES: usize = 1 << 20;
@@ -103,6 +104,7 @@ pub struct Parallel {
     pool: Option<WorkerPool>,
     calls: u64,
     last: CallStats,
+    trace: Option<Trace>,
 }
 
 impl Default for Parallel {
@@ -157,6 +159,32 @@ impl Parallel {
             pool: None,
             calls: 0,
             last: CallStats::default(),
+            trace: None,
+        }
+    }
+
+    /// Records a timeline of every worker start, batch sent, task run and
+    /// reply received, to be taken with [`take_trace`](Parallel::take_trace)
+    /// and written with [`Trace::to_chrome_json`].
+    pub fn trace(mut self, on: bool) -> Parallel {
+        self.trace = on.then(Trace::default);
+        self
+    }
+
+    /// The timeline recorded so far (empty unless [`trace`](Parallel::trace)
+    /// is on); recording goes on.
+    pub fn take_trace(&mut self) -> Trace {
+        self.record_starts();
+        self.trace.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Moves the pool's worker start records into the trace.
+    fn record_starts(&mut self) {
+        let (Some(trace), Some(pool)) = (self.trace.as_mut(), self.pool.as_mut()) else { return };
+        for s in pool.take_starts() {
+            let worker = Lane::Worker { index: s.index, pid: s.pid };
+            trace.span(Lane::Coordinator, "spawn", format!("start worker {}", s.index), s.requested_ns, s.spawned_ns);
+            trace.span(worker, "handshake", "start and handshake", s.spawned_ns, s.ready_ns);
         }
     }
 
@@ -297,7 +325,8 @@ impl Parallel {
             WorkerPool::new(PoolConfig { workers, idle_timeout: self.idle_timeout, program: self.program.clone() })
         });
         pool.ensure_started()?;
-        Ok(pool)
+        self.record_starts();
+        Ok(self.pool.as_mut().expect("just started"))
     }
 
     /// Runs task `T` on every input; returns the outputs in input order,
@@ -571,7 +600,18 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
         let call = self.call;
         self.parallel.last.batches += 1;
         let pool = self.parallel.pool.as_mut().expect("the pool exists during a call");
+        let send_start = procjob_worker::clock::monotonic_ns();
         let result = pool.send(worker, Batch { call, tasks: requests }, &bulk).map(|_| ());
+        if let Some(trace) = self.parallel.trace.as_mut() {
+            let what = match (ids.first(), ids.last()) {
+                (Some(a), Some(b)) if ids.len() > 1 => {
+                    format!("send tasks {}..={} to worker {worker}", a.index, b.index)
+                }
+                (Some(a), _) => format!("send {a} to worker {worker}"),
+                _ => format!("send to worker {worker}"),
+            };
+            trace.span(Lane::Coordinator, "send", what, send_start, procjob_worker::clock::monotonic_ns());
+        }
         self.in_flight[worker] = Some(InFlight { tasks: ids, encoded, sent, deadline });
         result
     }
@@ -624,8 +664,18 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
     fn on_event(&mut self, event: PoolEvent) {
         let w = event.index;
         match event.event {
-            WorkerEvent::Results { results, arrays, .. } => {
+            WorkerEvent::Results { results, arrays, arrived_ns, read_ns, .. } => {
                 let Some(flight) = self.in_flight[w].take() else { return };
+                if let Some(trace) = self.parallel.trace.as_mut() {
+                    let pid = self.parallel.pool.as_ref().and_then(|p| p.pid(w)).unwrap_or(0);
+                    let lane = Lane::Worker { index: w, pid };
+                    trace.span(lane, "map", "receive and map", results.received_ns, results.mapped_ns);
+                    for (reply, task) in results.tasks.iter().zip(&flight.tasks) {
+                        trace.span(lane, "compute", format!("compute {task}"), reply.started_ns, reply.finished_ns);
+                    }
+                    trace.span(lane, "reply", "send results", results.replying_ns, arrived_ns);
+                    trace.span(Lane::Coordinator, "stack", format!("receive from worker {w}"), arrived_ns, read_ns);
+                }
                 let seconds = flight.sent.elapsed().as_secs_f64();
                 self.scheduler.handle(Event::BatchDone { worker: w, tasks: flight.tasks.len(), seconds });
                 let n = results.tasks.len() as u64;

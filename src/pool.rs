@@ -82,6 +82,10 @@ pub enum WorkerEvent {
         arrays: Vec<Result<Array, ArrayError>>,
         /// Bytes of the frame.
         bytes: u64,
+        /// When the frame's prelude and payload had been read (monotonic ns).
+        arrived_ns: u64,
+        /// When its arrays had been read (and landed in place).
+        read_ns: u64,
     },
     /// The stream ended or broke: the worker is gone or unusable.
     Lost {
@@ -114,8 +118,25 @@ impl PoolEvent {
     }
 }
 
+/// When a worker was asked for and when it was ready, for traces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartRecord {
+    /// Slot in the pool.
+    pub index: usize,
+    /// Its pid.
+    pub pid: u32,
+    /// Before the fork (monotonic ns).
+    pub requested_ns: u64,
+    /// After the fork and exec call returned.
+    pub spawned_ns: u64,
+    /// When its handshake answer was read.
+    pub ready_ns: u64,
+}
+
 /// One live worker process.
 struct WorkerProcess {
+    requested_ns: u64,
+    spawned_ns: u64,
     pid: u32,
     child: Child,
     input: Option<BufWriter<ChildStdin>>,
@@ -173,6 +194,7 @@ pub struct WorkerPool {
     events_tx: Sender<PoolEvent>,
     traffic: Traffic,
     landings: Landings,
+    starts: Vec<StartRecord>,
     _interrupts: crate::signals::Listener,
 }
 
@@ -192,12 +214,19 @@ impl WorkerPool {
             events_tx,
             traffic: Traffic::default(),
             landings: Landings::default(),
+            starts: Vec::new(),
         }
     }
 
     /// Number of worker slots.
     pub fn size(&self) -> usize {
         self.slots.len()
+    }
+
+    /// Workers that completed their handshake since the last call, for
+    /// traces.
+    pub fn take_starts(&mut self) -> Vec<StartRecord> {
+        std::mem::take(&mut self.starts)
     }
 
     /// Where the outputs of the current call land, by task index.
@@ -301,10 +330,7 @@ impl WorkerPool {
                             ),
                         });
                     }
-                    if let Some(p) = self.slots[index].process.as_mut() {
-                        p.ready = true;
-                    }
-                    self.record_batch(index, 0, Some(ready.memory));
+                    self.mark_ready(index, &ready);
                 }
                 WorkerEvent::Lost { error } => {
                     let exit = self.reap(index);
@@ -371,9 +397,11 @@ impl WorkerPool {
                 .map_err(std::io::Error::from)
             });
         }
+        let requested_ns = procjob_worker::clock::monotonic_ns();
         let mut child = spawn_from_long_lived_thread(cmd)
             .map_err(|e| Error::Start { index, reason: format!("cannot run {}: {e}", program.display()) })?;
         let pid = child.id();
+        let spawned_ns = procjob_worker::clock::monotonic_ns();
         crate::signals::worker_started(pid);
         let stdin = child.stdin.take().expect("stdin was piped");
         let stdout = child.stdout.take().expect("stdout was piped");
@@ -396,7 +424,15 @@ impl WorkerPool {
             idle_timeout_ms: self.config.idle_timeout.map_or(0, |d| d.as_millis().max(1) as u64),
         });
         let sent = protocol::send(&mut input, FrameKind::Request, &hello, &[]);
-        slot.process = Some(WorkerProcess { pid, child, input: Some(input), reader: Some(reader), ready: false });
+        slot.process = Some(WorkerProcess {
+            requested_ns,
+            spawned_ns,
+            pid,
+            child,
+            input: Some(input),
+            reader: Some(reader),
+            ready: false,
+        });
         self.last_pids[index] = pid;
         match sent {
             Ok(n) => {
@@ -476,6 +512,13 @@ impl WorkerPool {
     pub fn mark_ready(&mut self, index: usize, ready: &Ready) {
         if let Some(p) = self.slots[index].process.as_mut() {
             p.ready = true;
+            self.starts.push(StartRecord {
+                index,
+                pid: p.pid,
+                requested_ns: p.requested_ns,
+                spawned_ns: p.spawned_ns,
+                ready_ns: procjob_worker::clock::monotonic_ns(),
+            });
         }
         self.record_batch(index, 0, Some(ready.memory));
     }
@@ -664,6 +707,7 @@ fn read_replies(index: usize, generation: u64, stdout: ChildStdout, tx: Sender<P
                 return;
             }
         };
+        let arrived_ns = procjob_worker::clock::monotonic_ns();
         let Reply::Results(results) = frame.message else {
             send(WorkerEvent::Lost { error: Some("the worker sent an unexpected message".into()) });
             return;
@@ -702,7 +746,8 @@ fn read_replies(index: usize, generation: u64, stdout: ChildStdout, tx: Sender<P
             }
         };
         let bytes = frame.header_bytes + frame.bulk_len;
-        if !send(WorkerEvent::Results { results, arrays, bytes }) {
+        let read_ns = procjob_worker::clock::monotonic_ns();
+        if !send(WorkerEvent::Results { results, arrays, bytes, arrived_ns, read_ns }) {
             return;
         }
     }

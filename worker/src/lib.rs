@@ -12,6 +12,7 @@ pub mod npy;
 
 pub use dtype::{DType, Element};
 pub mod array;
+pub mod clock;
 pub mod matmul;
 pub mod memory;
 pub mod protocol;

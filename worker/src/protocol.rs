@@ -232,6 +232,13 @@ pub struct Results {
     /// every 100 ms (reading `/proc/self/smaps_rollup` costs tens of
     /// microseconds, as much as a tiny batch).
     pub memory: Option<MemorySnapshot>,
+    /// When the batch's request had arrived (prelude and payload read), on
+    /// the monotonic clock.
+    pub received_ns: u64,
+    /// When its arrays had been read and mapped.
+    pub mapped_ns: u64,
+    /// When this reply was encoded, just before it was written.
+    pub replying_ns: u64,
 }
 
 /// The outcome of one task.
@@ -239,8 +246,11 @@ pub struct Results {
 pub struct TaskReply {
     /// The task's index in its call.
     pub index: u64,
-    /// Seconds the task ran inside the worker.
-    pub seconds: f64,
+    /// When the task started, on the machine's monotonic clock
+    /// ([`crate::clock::monotonic_ns`], the same in every process).
+    pub started_ns: u64,
+    /// When it returned, on the same clock.
+    pub finished_ns: u64,
     /// What came of it.
     pub outcome: Outcome,
 }

@@ -170,6 +170,7 @@ pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
             Err(DecodeError::Closed) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
+        let received_ns = crate::clock::monotonic_ns();
         let Request::Run(batch) = &frame.message else { return Err(ServeError::NoHello) };
         if maps.call != batch.call {
             maps = MapCache { call: batch.call, ..MapCache::default() };
@@ -183,16 +184,18 @@ pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
         // counts in its USS), not what was left after they returned.
         let received: Vec<Array> = arrays.iter().flatten().filter(|a| !a.is_mapped()).cloned().collect();
         let mut arrays = arrays.into_iter();
+        let mapped_ns = crate::clock::monotonic_ns();
         let batch_started = Instant::now();
         let mut replies = Vec::with_capacity(batch.tasks.len());
         let mut inline: Vec<Array> = Vec::new();
         for task in &batch.tasks {
             let mine: Vec<Result<Array, ArrayError>> = arrays.by_ref().take(task.arrays.len()).collect();
-            let started = Instant::now();
+            let started_ns = crate::clock::monotonic_ns();
             let result = run_one(registry, same_binary, &task.kind, &task.input, mine);
             replies.push(TaskReply {
                 index: task.index,
-                seconds: started.elapsed().as_secs_f64(),
+                started_ns,
+                finished_ns: crate::clock::monotonic_ns(),
                 outcome: result.outcome,
             });
             inline.extend(result.inline);
@@ -203,7 +206,13 @@ pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
                 crate::memory::snapshot()
             });
         drop(received);
-        let reply = Reply::Results(Results { tasks: replies, memory });
+        let reply = Reply::Results(Results {
+            tasks: replies,
+            memory,
+            received_ns,
+            mapped_ns,
+            replying_ns: crate::clock::monotonic_ns(),
+        });
         let payload = postcard::to_stdvec(&reply).map_err(std::io::Error::other)?;
         if let (true, Reply::Results(mut results)) = (payload.len() > protocol::MAX_PAYLOAD, reply) {
             // Too large for one frame: report it as each task's failure
