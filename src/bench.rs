@@ -111,6 +111,32 @@ pub struct CaseReport {
     pub efficiency: Option<f64>,
     /// The ideal's median, seconds (null for seq).
     pub ideal_median_s: Option<f64>,
+    /// Peak RSS summed over the case's workers, bytes (0 for seq and
+    /// threads, which start none).
+    pub workers_peak_rss_bytes: u64,
+    /// Peak USS (private pages) summed over the case's workers, bytes.
+    pub workers_peak_uss_bytes: u64,
+    /// Peak PSS (shared pages split among their users) summed over the
+    /// case's workers, bytes.
+    pub workers_peak_pss_bytes: u64,
+}
+
+/// Memory peaks summed over a case's workers, bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct WorkersMemory {
+    peak_rss: u64,
+    uss: u64,
+    pss: u64,
+}
+
+impl WorkersMemory {
+    fn sum(workers: &[crate::pool::WorkerReport]) -> WorkersMemory {
+        workers.iter().fold(WorkersMemory::default(), |m, w| WorkersMemory {
+            peak_rss: m.peak_rss + w.peak.peak_rss,
+            uss: m.uss + w.peak.uss,
+            pss: m.pss + w.peak.pss,
+        })
+    }
 }
 
 /// Runs the sweep, handing each case's report to `report` as it finishes.
@@ -127,7 +153,8 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
         }
         let seq_times = timed(sweep.repeat, || Ok(seq.run_once()?.0.wall))?;
         let seq_stats = Stats::of(&seq_times);
-        let seq_report = case(Mode::Seq, sweep, size, 1, 1, seq_stats.clone(), seq_stats.mean_s, None);
+        let seq_report =
+            case(Mode::Seq, sweep, size, 1, 1, seq_stats.clone(), seq_stats.mean_s, None, WorkersMemory::default());
         report(&seq_report);
         all.push(seq_report);
         for &processes in &sweep.processes {
@@ -146,10 +173,11 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
                     check_interrupt()?;
                 }
                 let blocks = runner.blocks();
-                runner.finish();
+                let memory = WorkersMemory::sum(&runner.finish().0);
                 let ratios: Vec<f64> = ideals.iter().zip(&times).map(|(i, t)| i / t).collect();
                 let stats = Stats::of(&times);
-                let r = case(mode, sweep, size, processes, blocks, stats, seq_stats.mean_s, Some((&ratios, &ideals)));
+                let paired = Some((&ratios[..], &ideals[..]));
+                let r = case(mode, sweep, size, processes, blocks, stats, seq_stats.mean_s, paired, memory);
                 report(&r);
                 all.push(r);
             }
@@ -159,7 +187,16 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
 }
 
 fn settings(processes: usize, temp_folder: Option<std::path::PathBuf>) -> RunSettings {
-    RunSettings { processes, blocks: processes, temp_folder, repeat: 1, retries: 0, timeout: None, trace: false }
+    RunSettings {
+        processes,
+        blocks: processes,
+        temp_folder,
+        repeat: 1,
+        retries: 0,
+        timeout: None,
+        trace: false,
+        fork: false,
+    }
 }
 
 fn check_interrupt() -> Result<(), Error> {
@@ -188,6 +225,7 @@ fn case(
     stats: Stats,
     seq_mean: f64,
     paired: Option<(&[f64], &[f64])>,
+    memory: WorkersMemory,
 ) -> CaseReport {
     let ops = 2.0 * (size as f64).powi(3);
     CaseReport {
@@ -201,6 +239,9 @@ fn case(
         gflops: if stats.median_s > 0.0 { ops / stats.median_s / 1e9 } else { 0.0 },
         efficiency: paired.map(|(r, _)| median(r)),
         ideal_median_s: paired.map(|(_, i)| median(i)),
+        workers_peak_rss_bytes: memory.peak_rss,
+        workers_peak_uss_bytes: memory.uss,
+        workers_peak_pss_bytes: memory.pss,
         stats,
     }
 }

@@ -51,6 +51,26 @@ pub enum Command {
     /// Sweep sizes, process counts and modes; time each like hyperfine,
     /// with its efficiency against this machine's ideal.
     Bench(BenchArgs),
+    /// The guided tour: run every mode and narrate what each did and cost,
+    /// with this run's own numbers.
+    Demo(DemoArgs),
+}
+
+/// Options of `procjob demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Square n×n · n×n product (and n×n · n×1 for the warning case).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub size: usize,
+    /// Number of worker processes (default: the CPUs this process may use).
+    #[arg(long, value_name = "N")]
+    pub processes: Option<usize>,
+    /// Element type: i64, f64 or f32.
+    #[arg(long, value_name = "DTYPE", default_value = "i64")]
+    pub dtype: String,
+    /// Parent folder of the run's private temp folder.
+    #[arg(long, value_name = "DIR")]
+    pub temp_folder: Option<PathBuf>,
 }
 
 /// Options of `procjob bench`.
@@ -80,6 +100,10 @@ pub struct BenchArgs {
     /// JSON Lines on stdout, one object per case.
     #[arg(long)]
     pub json: bool,
+    /// After the sweep, write SVG charts into this existing folder: for each
+    /// size N, speedup-N.svg and memory-N.svg.
+    #[arg(long, value_name = "DIR")]
+    pub plot: Option<PathBuf>,
 }
 
 /// Options of `procjob matmul`.
@@ -97,7 +121,7 @@ pub struct MatmulArgs {
     /// Element type: i64, f64 or f32 (with --a/--b: taken from the files).
     #[arg(long, value_name = "DTYPE")]
     pub dtype: Option<String>,
-    /// seq, threads, copy, memmap, memmap-out, or all.
+    /// seq, threads, copy, memmap, memmap-out, fork, or all.
     #[arg(long, value_name = "MODE", default_value = "all")]
     pub mode: String,
     /// A as a .npy file (needs --b), mapped in place read-only.
@@ -127,6 +151,10 @@ pub struct MatmulArgs {
     /// Per-task time limit in seconds; on expiry the worker is killed and the run fails.
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<f64>,
+    /// How the copy, memmap and memmap-out modes start their workers:
+    /// spawn (re-execute this program) or fork (mode fork always forks).
+    #[arg(long, value_name = "spawn|fork", default_value = "spawn")]
+    pub start_method: String,
     /// Write a timeline of every phase and task as Chrome trace-event JSON
     /// (open it in ui.perfetto.dev or chrome://tracing).
     #[arg(long, value_name = "FILE")]
@@ -170,6 +198,7 @@ pub fn run(cli: Cli) -> i32 {
     let result = match cli.command {
         Command::Matmul(args) => matmul_command(&args),
         Command::Bench(args) => bench_command(&args),
+        Command::Demo(args) => demo_command(&args),
     };
     // A run that ended while a signal was being handled ends as that signal
     // says, whatever else went wrong on the way.
@@ -267,7 +296,7 @@ fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
     } else {
         vec![Mode::from_name(&args.mode).ok_or_else(|| {
             CliError::usage(format!(
-                "--mode {:?} is not one of: seq, threads, copy, memmap, memmap-out, all",
+                "--mode {:?} is not one of: seq, threads, copy, memmap, memmap-out, fork, all",
                 args.mode
             ))
         })?]
@@ -352,6 +381,11 @@ fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
             retries: args.retries,
             timeout,
             trace: args.trace.is_some(),
+            fork: match args.start_method.as_str() {
+                "spawn" => false,
+                "fork" => true,
+                other => return Err(CliError::usage(format!("--start-method {other:?} is not one of: spawn, fork"))),
+            },
         },
         check: !args.no_check,
         out: args.out.clone(),
@@ -440,6 +474,19 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+fn demo_command(args: &DemoArgs) -> Result<(), CliError> {
+    let dtype = DType::from_name(&args.dtype)
+        .ok_or_else(|| CliError::usage(format!("--dtype {:?} is not one of: i64, f64, f32", args.dtype)))?;
+    let options = crate::demo::DemoOptions {
+        size: args.size,
+        processes: args.processes.unwrap_or_else(crate::pool::available_cpus),
+        dtype,
+        temp_folder: args.temp_folder.clone(),
+    };
+    crate::demo::run(&options, &mut std::io::stdout().lock())?;
+    Ok(())
+}
+
 fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
     let cpus = crate::pool::available_cpus();
     let processes = if args.processes.is_empty() { (1..=cpus).collect() } else { args.processes.clone() };
@@ -454,12 +501,15 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
         .iter()
         .map(|m| {
             Mode::from_name(m).ok_or_else(|| {
-                CliError::usage(format!("--modes: {m:?} is not one of seq, threads, copy, memmap, memmap-out"))
+                CliError::usage(format!("--modes: {m:?} is not one of seq, threads, copy, memmap, memmap-out, fork"))
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let dtype = DType::from_name(&args.dtype)
         .ok_or_else(|| CliError::usage(format!("--dtype {:?} is not one of: i64, f64, f32", args.dtype)))?;
+    if let Some(dir) = &args.plot {
+        check_plot_dir(dir)?;
+    }
     let sweep = crate::bench::Sweep {
         sizes: args.sizes.clone(),
         processes,
@@ -478,7 +528,7 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
         );
     }
     let json = args.json;
-    crate::bench::run(&sweep, |r| {
+    let reports = crate::bench::run(&sweep, |r| {
         if json {
             let _ = writeln!(out, "{}", serde_json::to_string(r).expect("reports serialize"));
         } else {
@@ -486,7 +536,36 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
         }
         let _ = out.flush();
     })?;
+    if let Some(dir) = &args.plot {
+        let paths = crate::plot::write_charts(&reports, dir).map_err(|e| CliError::usage(format!("--plot: {e}")))?;
+        if !json {
+            let _ = writeln!(out);
+        }
+        for path in paths {
+            // With --json, stdout carries only JSON Lines.
+            if json {
+                eprintln!("wrote {}", path.display());
+            } else {
+                let _ = writeln!(out, "wrote {}", path.display());
+            }
+        }
+    }
     Ok(())
+}
+
+/// `--plot DIR` must name an existing folder we can write into; checked
+/// before the sweep so a long run does not end in an error.
+fn check_plot_dir(dir: &Path) -> Result<(), CliError> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(CliError::usage(format!("--plot {}: not a directory", dir.display()))),
+        Err(e) => return Err(CliError::usage(format!("--plot {}: {e} (the folder must exist)", dir.display()))),
+    }
+    tempfile::Builder::new()
+        .prefix(".procjob-plot-probe-")
+        .tempfile_in(dir)
+        .map(drop)
+        .map_err(|e| CliError::usage(format!("--plot {}: cannot write there: {e}", dir.display())))
 }
 
 fn print_case(out: &mut impl Write, r: &crate::bench::CaseReport) {
@@ -596,7 +675,12 @@ impl ModeReport {
         ModeReport {
             mode: run.mode.name(),
             processes: if run.mode == Mode::Seq { 1 } else { settings.processes },
-            start_method: if run.mode.uses_workers() { "spawn" } else { "none" },
+            start_method: match run.mode {
+                Mode::Seq | Mode::Threads => "none",
+                Mode::Fork => "fork",
+                _ if settings.fork => "fork",
+                _ => "spawn",
+            },
             dtype: inputs.dtype().name(),
             m,
             k,

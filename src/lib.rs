@@ -47,9 +47,11 @@
 
 pub mod bench;
 pub mod cli;
+pub mod demo;
 pub mod error;
 pub mod matmul;
 pub mod parallel;
+pub mod plot;
 pub mod pool;
 pub mod scheduler;
 pub mod signals;
@@ -58,6 +60,7 @@ pub mod trace;
 
 pub use error::{Error, TaskId, WorkerExit, WorkerId};
 pub use parallel::{CallStats, Parallel, Progress};
+pub use pool::StartMethod;
 pub use procjob_worker::protocol::Access;
 pub use procjob_worker::{Array, DType, Element, Registry, Task};
 pub use scheduler::{BatchSize, PreDispatch};

@@ -24,6 +24,7 @@ use procjob_worker::{DType, Element};
 
 use crate::error::Error;
 use crate::parallel::Parallel;
+use crate::pool::StartMethod;
 use crate::pool::WorkerReport;
 use crate::scheduler::{BatchSize, PreDispatch};
 use crate::store::RunFolder;
@@ -43,11 +44,14 @@ pub enum Mode {
     Memmap,
     /// As memmap, and C written in place into a shared file.
     MemmapOut,
+    /// Workers forked after A and B are in memory: they read them
+    /// copy-on-write, with no files at all; C blocks are sent back.
+    Fork,
 }
 
 impl Mode {
     /// Every mode, in the order `--mode all` runs them.
-    pub const ALL: [Mode; 5] = [Mode::Seq, Mode::Threads, Mode::Copy, Mode::Memmap, Mode::MemmapOut];
+    pub const ALL: [Mode; 6] = [Mode::Seq, Mode::Threads, Mode::Copy, Mode::Memmap, Mode::MemmapOut, Mode::Fork];
 
     /// The mode's name on the command line and in JSON.
     pub fn name(self) -> &'static str {
@@ -57,6 +61,7 @@ impl Mode {
             Mode::Copy => "copy",
             Mode::Memmap => "memmap",
             Mode::MemmapOut => "memmap-out",
+            Mode::Fork => "fork",
         }
     }
 
@@ -198,6 +203,9 @@ pub struct RunSettings {
     pub timeout: Option<Duration>,
     /// Record a timeline of every phase and task.
     pub trace: bool,
+    /// Fork the workers of the copy, memmap and memmap-out modes instead of
+    /// re-executing this program (mode fork always forks).
+    pub fork: bool,
 }
 
 /// The outcome of one mode: every repetition, its workers, and C.
@@ -268,7 +276,12 @@ impl<'a> ModeRunner<'a> {
             .batch_size(BatchSize::Fixed(1))
             .pre_dispatch(PreDispatch::All)
             .retries(settings.retries)
-            .trace(settings.trace);
+            .trace(settings.trace)
+            .start_method(match mode {
+                Mode::Fork => StartMethod::Fork { inherit: vec![inputs.a.clone(), inputs.b.clone()] },
+                _ if settings.fork => StartMethod::Fork { inherit: Vec::new() },
+                _ => StartMethod::Spawn,
+            });
         if let Some(t) = settings.timeout {
             parallel = parallel.timeout(t);
         }
@@ -433,15 +446,22 @@ fn run_parallel(
     ]);
     let (a, b) = match mode {
         Mode::Copy => (owned(&inputs.a), owned(&inputs.b)),
+        // Forked workers inherit A and B: they travel as references.
+        Mode::Fork => (inputs.a.clone(), inputs.b.clone()),
         _ => (mapped(&inputs.a, &dumps.0[0])?, mapped(&inputs.b, &dumps.0[1])?),
     };
     // C is a file-backed array in every worker mode: in memmap-out the
     // workers write their rows into it; otherwise the coordinator's readers
     // write each returned block straight into its rows as it comes off the
     // pipe (no block-sized buffer, no copy to stack it).
-    let c = Array::create_npy(&dumps.0[2], dtype, vec![m, n]).map_err(|e| Error::Config(e.to_string()))?;
-    // Copy mode dumps nothing; its inputs go through the pipes.
-    let dump_s = if mode == Mode::Copy { 0.0 } else { t0.elapsed().as_secs_f64() };
+    let c = match mode {
+        // No files at all: C is stacked in memory.
+        Mode::Fork => Array::zeros(dtype, vec![m, n]),
+        _ => Array::create_npy(&dumps.0[2], dtype, vec![m, n]).map_err(|e| Error::Config(e.to_string()))?,
+    };
+    // Copy and fork modes dump nothing; their inputs go through the pipes
+    // or are inherited.
+    let dump_s = if matches!(mode, Mode::Copy | Mode::Fork) { 0.0 } else { t0.elapsed().as_secs_f64() };
     let spawn_s = parallel.start()?.as_secs_f64();
     let t1 = Instant::now();
     let view = |x: &Array, r: &Range<usize>| x.rows(r.clone()).map_err(|e| Error::Config(e.to_string()));
@@ -460,7 +480,7 @@ fn run_parallel(
     let mut c = c;
     let landing_ranges = ranges.to_vec();
     let results = match mode {
-        Mode::MemmapOut => parallel.run_unordered::<MatmulBlock, _>(block_inputs)?,
+        Mode::MemmapOut | Mode::Fork => parallel.run_unordered::<MatmulBlock, _>(block_inputs)?,
         _ => parallel
             .run_unordered_into::<MatmulBlock, _>(block_inputs, &c, move |i| landing_ranges[i as usize].clone())?,
     };

@@ -39,7 +39,7 @@ use procjob_worker::registry::entry_offset;
 use procjob_worker::Task;
 
 use crate::error::{Error, TaskId};
-use crate::pool::{PoolConfig, PoolEvent, Traffic, WorkerEvent, WorkerPool, WorkerReport};
+use crate::pool::{PoolConfig, PoolEvent, StartMethod, Traffic, WorkerEvent, WorkerPool, WorkerReport};
 use crate::scheduler::{Action, BatchSize, Event, PreDispatch, Scheduler};
 use crate::store::RunFolder;
 use crate::trace::{Lane, Trace};
@@ -101,6 +101,7 @@ pub struct Parallel {
     idle_timeout: Option<Duration>,
     progress: Option<ProgressFn>,
     program: Option<PathBuf>,
+    start_method: StartMethod,
     pool: Option<WorkerPool>,
     calls: u64,
     last: CallStats,
@@ -156,6 +157,7 @@ impl Parallel {
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             progress: None,
             program: None,
+            start_method: StartMethod::Spawn,
             pool: None,
             calls: 0,
             last: CallStats::default(),
@@ -270,6 +272,17 @@ impl Parallel {
         self
     }
 
+    /// How workers start: [`StartMethod::Spawn`] (default: re-execute this
+    /// program) or [`StartMethod::Fork`] (fork this process; the workers
+    /// read the arrays named there in place, copy-on-write, with no files).
+    /// Forking is refused, with the reason, when this process has other
+    /// threads. Changing it restarts the pool.
+    pub fn start_method(mut self, start: StartMethod) -> Parallel {
+        self.start_method = start;
+        self.pool = None;
+        self
+    }
+
     /// Runs workers from another executable that speaks the protocol (such
     /// as `procjob-worker`) instead of re-executing this one. Such a worker
     /// runs only the task kinds it has registered.
@@ -322,7 +335,17 @@ impl Parallel {
             self.pool = None;
         }
         let pool = self.pool.get_or_insert_with(|| {
-            WorkerPool::new(PoolConfig { workers, idle_timeout: self.idle_timeout, program: self.program.clone() })
+            WorkerPool::new(PoolConfig {
+                workers,
+                // A forked worker that idled out could not be forked again
+                // once this process has threads: keep them.
+                idle_timeout: match self.start_method {
+                    StartMethod::Fork { .. } => None,
+                    StartMethod::Spawn => self.idle_timeout,
+                },
+                program: self.program.clone(),
+                start: self.start_method.clone(),
+            })
         });
         pool.ensure_started()?;
         self.record_starts();
@@ -401,7 +424,10 @@ impl Parallel {
         let workers = self.workers()?;
         let pre_dispatch = self.pre_dispatch.unwrap_or(PreDispatch::Batches(2 * workers));
         let scheduler = Scheduler::new(workers, self.batch_size, pre_dispatch);
-        let encoder = CallEncoder::new(self.max_nbytes, self.mmap_mode, self.temp_folder.clone());
+        let mut encoder = CallEncoder::new(self.max_nbytes, self.mmap_mode, self.temp_folder.clone());
+        if let StartMethod::Fork { inherit } = &self.start_method {
+            encoder.inherited = inherit.iter().map(Array::storage_id).collect();
+        }
         let traffic_before = self.pool.as_ref().map(WorkerPool::traffic).unwrap_or_default();
         self.last = CallStats { spawn_seconds, ..CallStats::default() };
         if let Some(signal) = crate::signals::received() {
@@ -931,6 +957,8 @@ struct CallEncoder {
     dumped: HashMap<usize, (PathBuf, u64, Array)>,
     dumped_bytes: u64,
     inline: Vec<Array>,
+    /// Storage ids of the arrays forked workers inherited, by index.
+    inherited: Vec<usize>,
 }
 
 impl CallEncoder {
@@ -943,6 +971,7 @@ impl CallEncoder {
             dumped: HashMap::new(),
             dumped_bytes: 0,
             inline: Vec::new(),
+            inherited: Vec::new(),
         }
     }
 
@@ -971,6 +1000,14 @@ impl CallEncoder {
 
 impl ArrayEncoder for CallEncoder {
     fn encode(&mut self, a: &Array) -> Result<ArrayRef, String> {
+        if let Some(index) = self.inherited.iter().position(|&id| id == a.storage_id()) {
+            return Ok(ArrayRef::Inherited {
+                dtype: a.dtype(),
+                shape: a.shape().iter().map(|&d| d as u64).collect(),
+                index: index as u32,
+                offset: a.storage_bytes().1 as u64,
+            });
+        }
         if let Some(r) = array::file_ref(a) {
             return Ok(r);
         }

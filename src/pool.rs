@@ -14,11 +14,12 @@
 //! for good.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::{BufReader, BufWriter, Read};
 use std::os::fd::AsRawFd;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -66,6 +67,35 @@ pub struct PoolConfig {
     pub idle_timeout: Option<Duration>,
     /// The executable to start; `None` for the running one.
     pub program: Option<PathBuf>,
+    /// How workers are started.
+    pub start: StartMethod,
+}
+
+/// How a pool starts its workers.
+#[derive(Debug, Clone, Default)]
+pub enum StartMethod {
+    /// Re-execute the program (Python's "spawn"): a fresh process that
+    /// shares nothing with the coordinator but the pipes.
+    #[default]
+    Spawn,
+    /// Fork the coordinator (Python's "fork"): the worker starts as a
+    /// copy-on-write copy of it, and reads `inherit` in place, without
+    /// files or pipes. Only while the coordinator is single-threaded.
+    Fork {
+        /// Arrays the workers read in place; any view of them travels as a
+        /// reference of a few bytes.
+        inherit: Vec<Array>,
+    },
+}
+
+impl StartMethod {
+    /// "spawn" or "fork".
+    pub fn name(&self) -> &'static str {
+        match self {
+            StartMethod::Spawn => "spawn",
+            StartMethod::Fork { .. } => "fork",
+        }
+    }
 }
 
 /// What a reader thread reports.
@@ -138,10 +168,11 @@ struct WorkerProcess {
     requested_ns: u64,
     spawned_ns: u64,
     pid: u32,
-    child: Child,
-    input: Option<BufWriter<ChildStdin>>,
+    input: Option<BufWriter<File>>,
     reader: Option<JoinHandle<()>>,
     ready: bool,
+    /// How it ended, once reaped.
+    exited: Option<WorkerExit>,
 }
 
 /// A slot of the pool and the process in it, if any.
@@ -286,11 +317,13 @@ impl WorkerPool {
     /// replaced first.
     pub fn ensure_started(&mut self) -> Result<(), Error> {
         self.reap_idle_exits();
-        let mut waiting = Vec::new();
-        for index in 0..self.size() {
-            if self.slots[index].process.is_none() {
-                self.start(index)?;
-                waiting.push(index);
+        let waiting: Vec<usize> = (0..self.size()).filter(|&i| self.slots[i].process.is_none()).collect();
+        match self.config.start {
+            StartMethod::Fork { .. } if !waiting.is_empty() => self.start_forked(&waiting)?,
+            _ => {
+                for &index in &waiting {
+                    self.start(index)?;
+                }
             }
         }
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
@@ -358,6 +391,9 @@ impl WorkerPool {
     /// empty) and sends its handshake; its [`WorkerEvent::Ready`] arrives
     /// as an event, after which [`mark_ready`](WorkerPool::mark_ready).
     pub fn start(&mut self, index: usize) -> Result<(), Error> {
+        if let StartMethod::Fork { .. } = self.config.start {
+            return self.start_forked(&[index]);
+        }
         let program = match &self.config.program {
             Some(p) => p.clone(),
             None => std::env::current_exe()
@@ -403,8 +439,24 @@ impl WorkerPool {
         let pid = child.id();
         let spawned_ns = procjob_worker::clock::monotonic_ns();
         crate::signals::worker_started(pid);
-        let stdin = child.stdin.take().expect("stdin was piped");
-        let stdout = child.stdout.take().expect("stdout was piped");
+        let stdin = File::from(std::os::fd::OwnedFd::from(child.stdin.take().expect("stdin was piped")));
+        let stdout = File::from(std::os::fd::OwnedFd::from(child.stdout.take().expect("stdout was piped")));
+        // The pool waits for and kills the worker by pid from here on.
+        drop(child);
+        self.attach(index, pid, stdin, stdout, requested_ns, spawned_ns)
+    }
+
+    /// Wires up a started worker: its reader thread, its input, and the
+    /// handshake request.
+    fn attach(
+        &mut self,
+        index: usize,
+        pid: u32,
+        stdin: File,
+        stdout: File,
+        requested_ns: u64,
+        spawned_ns: u64,
+    ) -> Result<(), Error> {
         enlarge_pipe(stdin.as_raw_fd());
         enlarge_pipe(stdout.as_raw_fd());
         let slot = &mut self.slots[index];
@@ -412,9 +464,13 @@ impl WorkerPool {
         let generation = slot.generation;
         let tx = self.events_tx.clone();
         let landings = Arc::clone(&self.landings);
+        let inherited = match &self.config.start {
+            StartMethod::Fork { inherit } => inherit.clone(),
+            StartMethod::Spawn => Vec::new(),
+        };
         let reader = std::thread::Builder::new()
             .name(format!("procjob-reader-{index}"))
-            .spawn(move || read_replies(index, generation, stdout, tx, landings))
+            .spawn(move || read_replies(index, generation, stdout, tx, landings, inherited))
             .map_err(|e| Error::Start { index, reason: format!("cannot start a reader thread: {e}") })?;
         let mut input = BufWriter::with_capacity(1 << 16, stdin);
         let hello = Request::Hello(Hello {
@@ -428,10 +484,10 @@ impl WorkerPool {
             requested_ns,
             spawned_ns,
             pid,
-            child,
             input: Some(input),
             reader: Some(reader),
             ready: false,
+            exited: None,
         });
         self.last_pids[index] = pid;
         match sent {
@@ -443,6 +499,45 @@ impl WorkerPool {
             // The worker died at once; its reader reports how.
             Err(_) => Ok(()),
         }
+    }
+
+    /// Forks a worker into each of `indices` (empty slots), then wires them
+    /// up. All forks happen before any reader thread starts: a process may
+    /// fork only while it has one thread (the child gets a copy of the
+    /// forking thread alone, and locks held by any other would stay locked
+    /// in it for good).
+    fn start_forked(&mut self, indices: &[usize]) -> Result<(), Error> {
+        let StartMethod::Fork { inherit } = &self.config.start else { unreachable!("called for fork only") };
+        let inherit = inherit.clone();
+        let parent = std::process::id() as i32;
+        let mut forked = Vec::with_capacity(indices.len());
+        let result = crate::signals::single_threaded(|| {
+            stop_spawner_if_idle();
+            let threads = settled_thread_count();
+            if threads != Some(1) {
+                return Err(Error::Config(format!(
+                    "cannot fork workers: this process has {} threads, and fork copies only the calling one \
+                     (any lock another thread holds would stay locked in the child forever); start them with \
+                     --start-method spawn, or fork before starting threads",
+                    threads.map_or("several".to_string(), |t| t.to_string())
+                )));
+            }
+            for &index in indices {
+                let requested_ns = procjob_worker::clock::monotonic_ns();
+                let (to_child, from_child) = fork_one(&inherit, parent)
+                    .map_err(|e| Error::Start { index, reason: format!("cannot fork: {e}") })?;
+                let (pid, stdin, stdout) = (to_child.0, to_child.1, from_child);
+                crate::signals::worker_started(pid);
+                forked.push((index, pid, stdin, stdout, requested_ns, procjob_worker::clock::monotonic_ns()));
+            }
+            Ok(())
+        });
+        // Wire up what was forked even if a later fork failed, so every
+        // child is reaped with the pool.
+        for (index, pid, stdin, stdout, requested_ns, spawned_ns) in forked {
+            self.attach(index, pid, stdin, stdout, requested_ns, spawned_ns)?;
+        }
+        result
     }
 
     /// Sends a batch to worker `index`, with the bytes of its inline arrays.
@@ -489,23 +584,15 @@ impl WorkerPool {
     pub fn reap(&mut self, index: usize) -> WorkerExit {
         let Some(mut p) = self.slots[index].process.take() else { return WorkerExit::Unknown };
         drop(p.input.take());
-        let status = match p.child.try_wait() {
-            Ok(Some(s)) => Some(s),
-            _ => wait_or_kill(&mut p.child, SHUTDOWN_GRACE),
+        let exit = match p.exited {
+            Some(exit) => exit,
+            None => wait_or_kill(p.pid, SHUTDOWN_GRACE),
         };
         crate::signals::worker_reaped(p.pid);
         if let Some(r) = p.reader.take() {
             let _ = r.join();
         }
-        match status {
-            Some(s) => match (s.code(), s.signal()) {
-                (Some(code), _) => WorkerExit::Exited { code },
-                (None, Some(sig)) => nix::sys::signal::Signal::try_from(sig)
-                    .map_or(WorkerExit::Unknown, |signal| WorkerExit::Signaled { signal }),
-                _ => WorkerExit::Unknown,
-            },
-            None => WorkerExit::Unknown,
-        }
+        exit
     }
 
     /// Marks worker `index` as having answered its handshake.
@@ -531,8 +618,8 @@ impl WorkerPool {
 
     /// Kills worker `index` at once and reaps it.
     pub fn kill(&mut self, index: usize) -> WorkerExit {
-        if let Some(p) = self.slots[index].process.as_mut() {
-            let _ = p.child.kill();
+        if let Some(p) = self.slots[index].process.as_ref() {
+            kill_pid(p.pid);
         }
         self.reap(index)
     }
@@ -556,9 +643,9 @@ impl WorkerPool {
         for i in 0..self.size() {
             if let Some(p) = self.slots[i].process.as_mut() {
                 let left = deadline.saturating_duration_since(Instant::now());
-                if wait_or_kill(&mut p.child, left).is_none() {
-                    let _ = p.child.kill();
-                }
+                // Reaped here; `reap` below then only joins the reader.
+                let exit = wait_or_kill(p.pid, left);
+                p.exited = Some(exit);
             }
             self.reap(i);
         }
@@ -571,46 +658,61 @@ impl Drop for WorkerPool {
     }
 }
 
-/// Spawns `cmd` from one thread that lives as long as the process.
+type SpawnRequest = (Command, Sender<std::io::Result<Child>>);
+
+/// The spawner thread: its request channel and handle, while it runs.
+static SPAWNER: Mutex<Option<(Sender<SpawnRequest>, JoinHandle<()>)>> = Mutex::new(None);
+
+/// Spawns `cmd` from one thread that outlives every worker it starts.
 ///
 /// A worker asks for SIGKILL when its parent dies (`PR_SET_PDEATHSIG`),
 /// and Linux sends it when the *thread* that forked the worker exits, not
 /// the process. Spawning from a short-lived thread would kill workers that
-/// thread started; spawning from this one ties them to the process.
+/// thread started; spawning from this one ties them to the process. It is
+/// stopped only when no worker is alive ([`stop_spawner_if_idle`]).
 fn spawn_from_long_lived_thread(cmd: Command) -> std::io::Result<Child> {
-    type Request = (Command, Sender<std::io::Result<Child>>);
-    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<Sender<Request>>> = std::sync::OnceLock::new();
-    let spawner = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Request>();
-        // If the thread cannot start, the channel is closed and callers
-        // below spawn directly.
-        let _ = std::thread::Builder::new().name("procjob-spawner".into()).spawn(move || {
+    let (reply_tx, reply_rx) = mpsc::channel();
+    let Ok(mut spawner) = SPAWNER.lock() else { return Err(std::io::Error::other("the spawner lock is poisoned")) };
+    if spawner.is_none() {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        let handle = std::thread::Builder::new().name("procjob-spawner".into()).spawn(move || {
             for (mut cmd, reply) in rx {
                 let _ = reply.send(cmd.spawn());
             }
-        });
-        std::sync::Mutex::new(tx)
-    });
-    let (reply_tx, reply_rx) = mpsc::channel();
-    let Ok(tx) = spawner.lock() else { return Err(std::io::Error::other("the spawner lock is poisoned")) };
+        })?;
+        *spawner = Some((tx, handle));
+    }
+    let (tx, _) = spawner.as_ref().expect("just started");
     match tx.send((cmd, reply_tx)) {
         Ok(()) => {
-            drop(tx);
+            drop(spawner);
             reply_rx.recv().unwrap_or_else(|_| Err(std::io::Error::other("the spawner thread is gone")))
         }
-        // No spawner thread: spawn here.
         Err(mpsc::SendError((mut cmd, _))) => cmd.spawn(),
     }
 }
 
-/// Waits up to `grace` for a child to exit on its own (its stdout closing
-/// is the signal, seen as the reader thread ending), then kills it.
-fn wait_or_kill(child: &mut Child, grace: Duration) -> Option<std::process::ExitStatus> {
+/// Stops the spawner thread if no worker is alive (so the process can be
+/// single-threaded again, as forking requires).
+fn stop_spawner_if_idle() {
+    if crate::signals::live_workers() > 0 {
+        return;
+    }
+    let taken = SPAWNER.lock().ok().and_then(|mut s| s.take());
+    if let Some((tx, handle)) = taken {
+        drop(tx);
+        let _ = handle.join();
+    }
+}
+
+/// Waits up to `grace` for worker `pid` to exit on its own (a worker exits
+/// as soon as its input closes), then kills it; reaps it either way.
+fn wait_or_kill(pid: u32, grace: Duration) -> WorkerExit {
     let deadline = Instant::now() + grace;
     let mut pause = Duration::from_micros(50);
     loop {
-        match child.try_wait() {
-            Ok(Some(s)) => return Some(s),
+        match try_wait(pid) {
+            Ok(Some(exit)) => return exit,
             Ok(None) if Instant::now() < deadline => {
                 // Exiting takes microseconds to milliseconds; back off so a
                 // slow exit does not spin.
@@ -618,10 +720,106 @@ fn wait_or_kill(child: &mut Child, grace: Duration) -> Option<std::process::Exit
                 pause = (pause * 2).min(Duration::from_millis(20));
             }
             Ok(None) => {
-                let _ = child.kill();
-                return child.wait().ok();
+                kill_pid(pid);
+                return wait_pid(pid);
             }
-            Err(_) => return None,
+            Err(_) => return WorkerExit::Unknown,
+        }
+    }
+}
+
+fn to_exit(status: nix::sys::wait::WaitStatus) -> Option<WorkerExit> {
+    use nix::sys::wait::WaitStatus;
+    match status {
+        WaitStatus::Exited(_, code) => Some(WorkerExit::Exited { code }),
+        WaitStatus::Signaled(_, signal, _) => Some(WorkerExit::Signaled { signal }),
+        _ => None,
+    }
+}
+
+/// Reaps `pid` if it has ended.
+fn try_wait(pid: u32) -> nix::Result<Option<WorkerExit>> {
+    let status =
+        nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), Some(nix::sys::wait::WaitPidFlag::WNOHANG))?;
+    Ok(to_exit(status))
+}
+
+/// Waits for `pid` to end and reaps it.
+fn wait_pid(pid: u32) -> WorkerExit {
+    loop {
+        match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None) {
+            Ok(status) => {
+                if let Some(exit) = to_exit(status) {
+                    return exit;
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return WorkerExit::Unknown,
+        }
+    }
+}
+
+fn kill_pid(pid: u32) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+}
+
+/// Threads of this process once threads just joined have left it: a joined
+/// thread may still be counted for a few microseconds while the kernel
+/// finishes its exit, so a count above 1 is read again for up to 100 ms.
+fn settled_thread_count() -> Option<usize> {
+    let deadline = Instant::now() + Duration::from_millis(100);
+    loop {
+        let n = thread_count();
+        if n == Some(1) || Instant::now() >= deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Threads of this process, from /proc/self/status.
+pub fn thread_count() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Threads:"))?.trim().parse().ok()
+}
+
+/// Forks one worker that serves on new pipes and reads `inherit` in
+/// place. Returns (pid, its input) and its output.
+fn fork_one(inherit: &[Array], parent: i32) -> std::io::Result<((u32, File), File)> {
+    use nix::unistd::{fork, pipe2, ForkResult};
+    let (req_read, req_write) = pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (rep_read, rep_write) = pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // SAFETY: the caller made sure this process has one thread, so the
+    // child is a complete copy of it; the child only closes descriptors,
+    // serves, and leaves with _exit.
+    match unsafe { fork() }? {
+        ForkResult::Child => {
+            drop(req_write);
+            drop(rep_read);
+            close_other_fds(&[req_read.as_raw_fd(), rep_write.as_raw_fd()]);
+            procjob_worker::serve::run_forked_worker(
+                File::from(req_read),
+                File::from(rep_write),
+                &procjob_worker::Registry::builtin(),
+                inherit,
+                parent,
+            )
+        }
+        ForkResult::Parent { child } => Ok(((child.as_raw() as u32, File::from(req_write)), File::from(rep_read))),
+    }
+}
+
+/// In a forked child: closes every descriptor but stdio and `keep`, so it
+/// holds no end of another worker's pipes (which would hide their closing).
+fn close_other_fds(keep: &[i32]) {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else { return };
+    let fds: Vec<i32> = entries.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
+    for fd in fds {
+        if fd > 2 && !keep.contains(&fd) {
+            // SAFETY: closing a descriptor number this process holds; the
+            // child owns no Rust object for these (they belong to the
+            // parent's copies, which the child never uses).
+            unsafe { libc::close(fd) };
         }
     }
 }
@@ -658,7 +856,14 @@ pub fn available_cpus() -> usize {
 
 /// The reader thread: handshake (skipping a harness's banner), then frames
 /// until the stream ends.
-fn read_replies(index: usize, generation: u64, stdout: ChildStdout, tx: Sender<PoolEvent>, landings: Landings) {
+fn read_replies(
+    index: usize,
+    generation: u64,
+    stdout: File,
+    tx: Sender<PoolEvent>,
+    landings: Landings,
+    inherited: Vec<Array>,
+) {
     let send = |event| tx.send(PoolEvent { index, generation, event }).is_ok();
     let mut stdout = stdout;
     let preamble = match skip_to_magic(&mut stdout) {
@@ -731,6 +936,14 @@ fn read_replies(index: usize, generation: u64, stdout: ChildStdout, tx: Sender<P
             ArrayRef::File { dtype, shape, path, offset, access } => {
                 let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
                 array::Placement::Mapped(array::map_file_ref(path, *dtype, &shape, *offset, *access))
+            }
+            ArrayRef::Inherited { dtype, shape, index, offset } => {
+                // A view of an array the worker inherited from us: ours.
+                let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+                array::Placement::Mapped(match inherited.get(*index as usize) {
+                    Some(base) => base.view_of_storage(*dtype, &shape, *offset),
+                    None => Err(ArrayError::Shape(format!("no inherited array {index}"))),
+                })
             }
             ArrayRef::Inline { .. } => {
                 let (task, first) = owners[position];

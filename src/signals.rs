@@ -34,6 +34,11 @@ use crate::pool::PoolEvent;
 pub const FORCE_AFTER: Duration = Duration::from_secs(2);
 
 static INSTALLED: AtomicBool = AtomicBool::new(false);
+/// Asks the watcher thread to stop (it checks every [`WATCH_TICK`]).
+static STOP_WATCHER: AtomicBool = AtomicBool::new(false);
+static WATCHER: Mutex<Option<std::thread::JoinHandle<()>>> = Mutex::new(None);
+/// How often the watcher looks at [`STOP_WATCHER`] while no signal comes.
+const WATCH_TICK: Duration = Duration::from_millis(5);
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
 static NEXT_LISTENER: AtomicU64 = AtomicU64::new(1);
 static LISTENERS: Mutex<Option<HashMap<u64, Sender<PoolEvent>>>> = Mutex::new(None);
@@ -57,8 +62,37 @@ pub fn install() -> std::io::Result<()> {
         return Ok(());
     }
     signals().thread_block().map_err(std::io::Error::from)?;
-    std::thread::Builder::new().name("procjob-signals".into()).spawn(watch)?;
+    start_watcher()
+}
+
+fn start_watcher() -> std::io::Result<()> {
+    STOP_WATCHER.store(false, Ordering::SeqCst);
+    let handle = std::thread::Builder::new().name("procjob-signals".into()).spawn(watch)?;
+    if let Ok(mut w) = WATCHER.lock() {
+        *w = Some(handle);
+    }
     Ok(())
+}
+
+/// Runs `f` with the signal thread stopped, so that, as far as procjob is
+/// concerned, the process has one thread (forking requires it). SIGINT and
+/// SIGTERM stay blocked meanwhile: one that arrives waits, and is taken when
+/// the thread starts again after `f`.
+pub fn single_threaded<R>(f: impl FnOnce() -> R) -> R {
+    let handle = WATCHER.lock().ok().and_then(|mut w| w.take());
+    let Some(handle) = handle else { return f() };
+    STOP_WATCHER.store(true, Ordering::SeqCst);
+    let _ = handle.join();
+    let result = f();
+    if let Err(e) = start_watcher() {
+        eprintln!("procjob: warning: cannot restart the signal thread ({e}); Ctrl-C may leave workers behind");
+    }
+    result
+}
+
+/// Live workers of this process (started and not yet reaped).
+pub fn live_workers() -> usize {
+    LIVE_PIDS.lock().ok().and_then(|s| s.as_ref().map(HashSet::len)).unwrap_or(0)
 }
 
 /// The first SIGINT or SIGTERM received since [`install`], if any.
@@ -77,7 +111,18 @@ pub fn exit_code(signal: Signal) -> i32 {
 
 fn watch() {
     let set = signals();
-    let Ok(first) = set.wait() else { return };
+    let tick = libc::timespec { tv_sec: 0, tv_nsec: WATCH_TICK.as_nanos() as libc::c_long };
+    let first = loop {
+        if STOP_WATCHER.load(Ordering::SeqCst) {
+            return;
+        }
+        // SAFETY: sigtimedwait reads a valid signal set and timeout and
+        // writes nothing we pass (the info pointer is null).
+        let got = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &tick) };
+        if let Ok(signal) = Signal::try_from(got) {
+            break signal;
+        }
+    };
     RECEIVED.store(first as i32, Ordering::SeqCst);
     if let Ok(listeners) = LISTENERS.lock() {
         for tx in listeners.iter().flat_map(|m| m.values()) {

@@ -16,7 +16,7 @@ use util::{
     read_npy_i64, require_numpy, run_json, write_npy, Elem, Matrix, Procjob, TestDir, TEMP_FOLDER_ENV,
 };
 
-const MODES: [&str; 5] = ["seq", "threads", "copy", "memmap", "memmap-out"];
+const MODES: [&str; 6] = ["seq", "threads", "copy", "memmap", "memmap-out", "fork"];
 
 /// Whether a mode starts worker processes (threads and seq do not).
 fn has_workers(mode: &str) -> bool {
@@ -593,7 +593,8 @@ fn json_lines_have_every_field_and_nothing_else() {
             assert_eq!(r["workers"].as_array().map(Vec::len), Some(0), "{context}: threads start no worker");
         } else {
             assert_eq!(u64_field(r, "processes"), 2, "{context}");
-            assert_eq!(str_field(r, "start_method"), "spawn", "{context}: the default start method");
+            let start = if mode == "fork" { "fork" } else { "spawn" };
+            assert_eq!(str_field(r, "start_method"), start, "{context}: the default start method");
             assert_eq!(u64_field(r, "blocks"), 2, "{context}: --blocks defaults to --processes");
             assert!(u64_field(r, "bytes_to_workers") > 0, "{context}: nothing crossed the pipes: {r}");
             check_workers(r, 2, context);

@@ -508,3 +508,16 @@ fn outputs_land_straight_in_their_rows_of_a_shared_array() {
     let owned = Array::zeros(procjob::DType::F64, vec![8, 3]);
     assert!(p.run_unordered_into::<Block23, _>([1.0], &owned, |_| 0..2).is_err());
 }
+
+#[test]
+fn fork_is_refused_while_the_coordinator_has_other_threads() {
+    // The test harness runs this test on a thread of its own, so the process
+    // has several: forking would copy only this one. (The fork mode itself
+    // is tested through the procjob binary, which forks single-threaded.)
+    assert!(procjob::pool::thread_count().unwrap() > 1);
+    let mut p = Parallel::new().n_jobs(1).start_method(procjob::StartMethod::Fork { inherit: vec![] });
+    let err = p.run::<Square, _>([1u64]).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("cannot fork workers") && msg.contains("threads"), "{msg}");
+    assert!(p.worker_pids().iter().all(|&pid| pid == 0), "no worker was started");
+}

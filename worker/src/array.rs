@@ -741,7 +741,8 @@ impl<'de> Deserialize<'de> for Array {
 pub enum Placement {
     /// An inline array: read its bytes into a new owned array.
     Own,
-    /// A file reference, already resolved (mapped) by the caller.
+    /// A file or inherited reference, already resolved (mapped, or found in
+    /// this process's memory) by the caller.
     Mapped(Result<Array, ArrayError>),
     /// An inline array: write its bytes straight into `file` at `offset`
     /// (a region of a shared output) and stand for them with `view`, a view
@@ -792,9 +793,12 @@ pub fn read_arrays<'a, R: Read + ?Sized>(
                 crate::protocol::read_part(r, owned.bytes_mut(), "bulk")?;
                 out.push(Ok(array));
             }
-            (ArrayRef::File { .. }, Placement::Mapped(result)) => out.push(result),
+            (ArrayRef::File { .. } | ArrayRef::Inherited { .. }, Placement::Mapped(result)) => out.push(result),
             (ArrayRef::File { path, .. }, _) => out
                 .push(Err(ArrayError::Map { path: path.clone(), reason: "file references are not read here".into() })),
+            (ArrayRef::Inherited { .. }, _) => {
+                out.push(Err(ArrayError::Shape("inherited arrays are not resolved here".into())))
+            }
         }
     }
     Ok(out)

@@ -181,13 +181,27 @@ pub enum ArrayRef {
         /// How to map it.
         access: Access,
     },
+    /// The bytes are already in the worker's memory: it was forked from
+    /// the coordinator after the array was made, and reads it copy-on-write.
+    Inherited {
+        /// Element type.
+        dtype: DType,
+        /// Shape (C order).
+        shape: Vec<u64>,
+        /// Which of the arrays the worker inherited.
+        index: u32,
+        /// Byte offset of the first element in that array's storage.
+        offset: u64,
+    },
 }
 
 impl ArrayRef {
     /// Bytes of the array, or `None` if the shape overflows.
     pub fn nbytes(&self) -> Option<u64> {
         let (dtype, shape) = match self {
-            ArrayRef::Inline { dtype, shape } | ArrayRef::File { dtype, shape, .. } => (dtype, shape),
+            ArrayRef::Inline { dtype, shape }
+            | ArrayRef::File { dtype, shape, .. }
+            | ArrayRef::Inherited { dtype, shape, .. } => (dtype, shape),
         };
         shape.iter().try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d))
     }

@@ -68,9 +68,67 @@ pub fn run_worker(registry: &Registry) -> ! {
 
 fn prepare_and_serve(registry: &Registry) -> Result<(), ServeError> {
     let (input, output) = take_protocol_fds()?;
-    die_with_parent();
+    die_with_parent(std::env::var(WORKER_ENV).ok().and_then(|v| v.parse::<i32>().ok()));
     install_panic_capture();
-    serve(BufReader::with_capacity(1 << 16, input), output, registry)
+    serve(BufReader::with_capacity(1 << 16, input), output, registry, &[])
+}
+
+/// The body of a worker forked by the coordinator (start method `fork`):
+/// serves on the given pipe ends, with `inherited` — arrays of the
+/// coordinator that this process shares copy-on-write — resolvable by
+/// [`ArrayRef::Inherited`] references. Never returns.
+///
+/// Must be called in the child right after `fork`, while it is the only
+/// thread of its process (as the coordinator was when it forked).
+pub fn run_forked_worker(input: File, output: File, registry: &Registry, inherited: &[Array], parent: i32) -> ! {
+    let code = match prepare_forked(parent).and_then(|()| {
+        serve(BufReader::with_capacity(1 << 16, input), output, registry, inherited).map_err(std::io::Error::other)
+    }) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("procjob worker (pid {}): {e}", std::process::id());
+            3
+        }
+    };
+    // SAFETY: _exit ends the forked child without running the destructors
+    // and exit handlers it inherited from the coordinator.
+    unsafe { libc::_exit(code) }
+}
+
+/// What a forked worker does before serving: stdin from /dev/null and
+/// stdout to stderr (as a spawned one), its own process group, the
+/// coordinator's blocked signals unblocked, death with its parent, panics
+/// captured.
+fn prepare_forked(parent: i32) -> std::io::Result<()> {
+    let devnull = File::open("/dev/null")?;
+    nix::unistd::dup2_stdin(devnull.as_fd()).map_err(std::io::Error::from)?;
+    nix::unistd::dup2_stdout(std::io::stderr().as_fd()).map_err(std::io::Error::from)?;
+    nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0)).map_err(std::io::Error::from)?;
+    nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    )
+    .map_err(std::io::Error::from)?;
+    die_with_parent(Some(parent));
+    install_panic_capture();
+    Ok(())
+}
+
+/// Resolves an [`ArrayRef::Inherited`] against the arrays this forked
+/// worker shares with its coordinator.
+fn inherit(
+    inherited: &[Array],
+    dtype: crate::DType,
+    shape: &[u64],
+    index: u32,
+    offset: u64,
+) -> Result<Array, ArrayError> {
+    let base = inherited.get(index as usize).ok_or_else(|| {
+        ArrayError::Shape(format!("inherited array {index} does not exist ({} were inherited)", inherited.len()))
+    })?;
+    let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+    base.view_of_storage(dtype, &shape, offset)
 }
 
 /// Moves the protocol off fds 0 and 1: stdin becomes /dev/null and stdout
@@ -99,11 +157,10 @@ pub fn protocol_output_fd() -> i32 {
 /// Asks the kernel for SIGKILL when the parent dies, then checks the parent
 /// is still the coordinator that started us (it may have died before the
 /// request took effect).
-fn die_with_parent() {
+fn die_with_parent(expected: Option<i32>) {
     #[cfg(target_os = "linux")]
     {
         let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-        let expected = std::env::var(WORKER_ENV).ok().and_then(|v| v.parse::<i32>().ok());
         if let Some(parent) = expected {
             if parent > 1 && nix::unistd::getppid().as_raw() != parent {
                 std::process::exit(3);
@@ -138,6 +195,7 @@ pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
     mut input: BufReader<R>,
     output: W,
     registry: &Registry,
+    inherited: &[Array],
 ) -> Result<(), ServeError> {
     let mut output = BufWriter::with_capacity(1 << 16, output);
     let hello = match protocol::recv::<_, Request>(&mut input, FrameKind::Request) {
@@ -178,11 +236,22 @@ pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
         let arrays = array::read_arrays(&mut input, frame.message.array_refs(), frame.bulk_len, &mut |_, r| match r {
             ArrayRef::File { .. } => array::Placement::Mapped(maps.map(r)),
             ArrayRef::Inline { .. } => array::Placement::Own,
+            ArrayRef::Inherited { dtype, shape, index, offset } => {
+                array::Placement::Mapped(inherit(inherited, *dtype, shape, *index, *offset))
+            }
         })?;
         // The batch's received bytes stay alive until the memory snapshot
         // below, so it shows what the tasks held (a B copied into this worker
         // counts in its USS), not what was left after they returned.
-        let received: Vec<Array> = arrays.iter().flatten().filter(|a| !a.is_mapped()).cloned().collect();
+        let received: Vec<Array> = frame
+            .message
+            .array_refs()
+            .zip(&arrays)
+            .filter_map(|(r, a)| match (r, a) {
+                (ArrayRef::Inline { .. }, Ok(a)) => Some(a.clone()),
+                _ => None,
+            })
+            .collect();
         let mut arrays = arrays.into_iter();
         let mapped_ns = crate::clock::monotonic_ns();
         let batch_started = Instant::now();
