@@ -32,8 +32,8 @@ fn decode(bytes: &[u8]) -> Result<usize, DecodeError> {
     let frame = protocol::recv::<_, Request>(&mut r, FrameKind::Request)?;
     let arrays =
         procjob_worker::array::read_arrays(&mut r, frame.message.array_refs(), frame.bulk_len, &mut |_, a| match a {
-            ArrayRef::File { .. } => procjob_worker::array::Placement::Mapped(Err(
-                procjob_worker::array::ArrayError::Shape("no files in this test".into()),
+            ArrayRef::File { .. } | ArrayRef::Inherited { .. } => procjob_worker::array::Placement::Mapped(Err(
+                procjob_worker::array::ArrayError::Shape("no files or inherited arrays in this test".into()),
             )),
             ArrayRef::Inline { .. } => procjob_worker::array::Placement::Own,
         })?;
