@@ -196,6 +196,7 @@ fn settings(processes: usize, temp_folder: Option<std::path::PathBuf>) -> RunSet
         timeout: None,
         trace: false,
         fork: false,
+        progress: false,
     }
 }
 

@@ -165,6 +165,9 @@ pub struct MatmulArgs {
     /// JSON Lines on stdout, one object per mode.
     #[arg(long)]
     pub json: bool,
+    /// No progress bar on stderr.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 /// A failure of the command, with its exit code.
@@ -381,6 +384,7 @@ fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
             retries: args.retries,
             timeout,
             trace: args.trace.is_some(),
+            progress: !args.quiet,
             fork: match args.start_method.as_str() {
                 "spawn" => false,
                 "fork" => true,

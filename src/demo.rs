@@ -98,6 +98,7 @@ pub fn run(opts: &DemoOptions, out: &mut dyn Write) -> Result<(), Error> {
         timeout: None,
         trace: true,
         fork: false,
+        progress: false,
     };
     let mut s = Screen { out, section: 0 };
 

@@ -206,6 +206,9 @@ pub struct RunSettings {
     /// Fork the workers of the copy, memmap and memmap-out modes instead of
     /// re-executing this program (mode fork always forks).
     pub fork: bool,
+    /// Show a progress bar on stderr for runs longer than about a second
+    /// (never when stderr is not a terminal).
+    pub progress: bool,
 }
 
 /// The outcome of one mode: every repetition, its workers, and C.
@@ -262,6 +265,7 @@ pub struct ModeRunner<'a> {
     folder: &'a RunFolder,
     rep: usize,
     threads: usize,
+    progress: bool,
     /// The coordinator's own spans (dump, in-process compute), when tracing.
     trace: Option<crate::trace::Trace>,
 }
@@ -293,6 +297,7 @@ impl<'a> ModeRunner<'a> {
             folder,
             rep: 0,
             threads: settings.processes,
+            progress: settings.progress,
             trace: settings.trace.then(crate::trace::Trace::default),
         }
     }
@@ -313,7 +318,10 @@ impl<'a> ModeRunner<'a> {
         let result = match self.mode {
             Mode::Seq => run_seq(self.inputs),
             Mode::Threads => run_threads(self.inputs, &self.ranges, self.threads),
-            mode => run_parallel(mode, self.inputs, &self.ranges, &mut self.parallel, self.folder, self.rep),
+            mode => {
+                let bar = self.progress.then(|| ProgressBar::new(mode, &self.ranges));
+                run_parallel(mode, self.inputs, &self.ranges, &mut self.parallel, self.folder, self.rep, bar)
+            }
         }?;
         if let Some(trace) = self.trace.as_mut() {
             let name = self.mode.name();
@@ -431,6 +439,7 @@ fn run_parallel(
     parallel: &mut Parallel,
     folder: &RunFolder,
     rep: usize,
+    mut bar: Option<ProgressBar>,
 ) -> Result<(Repetition, Array), Error> {
     let (m, _, n) = inputs.dims();
     let dtype = inputs.dtype();
@@ -486,7 +495,14 @@ fn run_parallel(
     };
     let mut blocks = Vec::new();
     for result in results {
-        blocks.push(result?);
+        let (index, output) = result?;
+        if let Some(bar) = bar.as_mut() {
+            bar.block_done(ranges[index as usize].len());
+        }
+        blocks.push((index, output));
+    }
+    if let Some(bar) = bar {
+        bar.finish();
     }
     // A block that landed in place is a view of C, dropped here; anything
     // else (a block of another shape than its rows) is copied, or refused.
@@ -516,6 +532,53 @@ fn run_parallel(
         },
         c,
     ))
+}
+
+/// A progress bar on stderr for one repetition: blocks and rows done, the
+/// rate, the time left. It appears only once the repetition has run for a
+/// second (short runs stay quiet) and never when stderr is not a terminal.
+/// It is drawn as blocks complete, with no ticker thread (a thread would
+/// stop the fork mode from forking).
+pub struct ProgressBar {
+    bar: indicatif::ProgressBar,
+    started: Instant,
+    rows: usize,
+    total_rows: usize,
+}
+
+/// A repetition must have run this long before its progress bar shows.
+const PROGRESS_AFTER: Duration = Duration::from_secs(1);
+
+impl ProgressBar {
+    fn new(mode: Mode, ranges: &[Range<usize>]) -> ProgressBar {
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(ranges.len() as u64),
+            indicatif::ProgressDrawTarget::hidden(),
+        );
+        let style = indicatif::ProgressStyle::with_template(
+            "{prefix:>10} [{bar:30}] {pos}/{len} blocks, {msg}, {elapsed} elapsed, ~{eta} left",
+        )
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        bar.set_style(style);
+        bar.set_prefix(mode.name());
+        ProgressBar { bar, started: Instant::now(), rows: 0, total_rows: ranges.iter().map(Range::len).sum() }
+    }
+
+    fn block_done(&mut self, rows: usize) {
+        self.rows += rows;
+        let elapsed = self.started.elapsed();
+        if elapsed >= PROGRESS_AFTER && self.bar.is_hidden() {
+            self.bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        }
+        let rate = self.rows as f64 / elapsed.as_secs_f64().max(1e-9);
+        self.bar.set_message(format!("{}/{} rows, {rate:.0} rows/s", self.rows, self.total_rows));
+        self.bar.inc(1);
+    }
+
+    fn finish(self) {
+        self.bar.finish_and_clear();
+    }
 }
 
 /// Paths unlinked on drop (missing ones are fine).
