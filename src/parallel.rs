@@ -358,7 +358,17 @@ impl Parallel {
     where
         I: IntoIterator<Item = T::Input>,
     {
-        self.run_iter::<T, I>(inputs)?.collect()
+        // Completion order, placed by index: no reordering buffer.
+        let mut out: Vec<Option<T::Output>> = Vec::new();
+        for result in self.run_unordered::<T, I>(inputs)? {
+            let (index, output) = result?;
+            let index = index as usize;
+            if index >= out.len() {
+                out.resize_with(index + 1, || None);
+            }
+            out[index] = Some(output);
+        }
+        Ok(out.into_iter().map(|o| o.expect("every task of a successful call has an output")).collect())
     }
 
     /// Runs task `T` on every input, yielding outputs in input order as
@@ -608,9 +618,11 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
         let kind = TaskKind { name: T::name().to_string(), entry: Some(entry_offset::<T>()) };
         let ids: Vec<TaskId> =
             encoded.iter().map(|t| TaskId { index: t.index, description: t.description.clone() }).collect();
+        // The encoded inputs stay in flight too: a batch lost to a dead
+        // worker may be sent again.
         let requests: Vec<TaskRequest> = encoded
             .iter()
-            .map(|t| TaskRequest { index: t.index, kind: kind.clone(), input: t.input.clone(), arrays: t.refs.clone() })
+            .map(|t| TaskRequest { index: t.index, input: t.input.clone(), arrays: t.refs.clone() })
             .collect();
         let bulk: Vec<&[u8]> = encoded.iter().flat_map(|t| t.inline.iter().map(Array::as_bytes)).collect();
         if let Some(plan) = self.landing.as_mut() {
@@ -627,7 +639,7 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
         self.parallel.last.batches += 1;
         let pool = self.parallel.pool.as_mut().expect("the pool exists during a call");
         let send_start = procjob_worker::clock::monotonic_ns();
-        let result = pool.send(worker, Batch { call, tasks: requests }, &bulk).map(|_| ());
+        let result = pool.send(worker, Batch { call, kind, tasks: requests }, &bulk).map(|_| ());
         if let Some(trace) = self.parallel.trace.as_mut() {
             let what = match (ids.first(), ids.last()) {
                 (Some(a), Some(b)) if ids.len() > 1 => {
@@ -769,7 +781,8 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
         if self.joining[w].take().is_some() {
             // A replacement died before its handshake: starting another
             // would likely fail the same way, forever.
-            self.fail(Error::Start { index: w, reason: crate::pool::start_failure(exit, error) });
+            let reexec = self.parallel.program.is_none() && matches!(self.parallel.start_method, StartMethod::Spawn);
+            self.fail(Error::Start { index: w, reason: crate::pool::start_failure(exit, error, reexec) });
             return;
         }
         let Some(flight) = flight else {

@@ -368,7 +368,8 @@ impl WorkerPool {
                 WorkerEvent::Lost { error } => {
                     let exit = self.reap(index);
                     self.kill_all();
-                    return Err(Error::Start { index, reason: start_failure(exit, error) });
+                    let reexec = self.config.program.is_none() && matches!(self.config.start, StartMethod::Spawn);
+                    return Err(Error::Start { index, reason: start_failure(exit, error, reexec) });
                 }
                 WorkerEvent::Results { .. } | WorkerEvent::Interrupted { .. } => {}
             }
@@ -825,12 +826,12 @@ fn close_other_fds(keep: &[i32]) {
 }
 
 /// Explains why a worker ended before its handshake.
-pub(crate) fn start_failure(exit: WorkerExit, error: Option<String>) -> String {
+pub(crate) fn start_failure(exit: WorkerExit, error: Option<String>, reexec: bool) -> String {
     let mut s = format!("it {exit} before the handshake");
     if let Some(e) = error {
         s.push_str(&format!(" ({e})"));
     }
-    if !INIT_CALLED.load(Ordering::Relaxed) {
+    if reexec && !INIT_CALLED.load(Ordering::Relaxed) {
         s.push_str(
             "; a binary that starts workers must call procjob::init() first in main, \
              and a test or bench file must contain procjob::test_support!()",

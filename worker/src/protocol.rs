@@ -59,7 +59,7 @@ use crate::dtype::DType;
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"PJOB";
 /// The protocol version; bumped on any incompatible change of frames or messages.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Length of the fixed frame prelude.
 pub const PRELUDE_LEN: usize = 20;
 /// Largest payload (the postcard part) a reader accepts: 64 MiB.
@@ -116,6 +116,8 @@ pub struct Batch {
     /// Identifies the call the tasks belong to; a worker drops its cached
     /// file mappings when the call changes.
     pub call: u64,
+    /// What every task of the batch runs.
+    pub kind: TaskKind,
     /// The tasks, run in this order.
     pub tasks: Vec<TaskRequest>,
 }
@@ -125,8 +127,6 @@ pub struct Batch {
 pub struct TaskRequest {
     /// Index of the task in its call (submission order).
     pub index: u64,
-    /// What to run.
-    pub kind: TaskKind,
     /// The postcard encoding of the task's input; arrays in it are indices
     /// into `arrays`.
     pub input: Vec<u8>,

@@ -20,7 +20,7 @@ use crate::protocol::{
     PROTOCOL_VERSION,
 };
 use crate::registry::{self, Registry};
-use crate::task::ErasedOutcome;
+use crate::task::{ErasedEntry, ErasedOutcome};
 
 /// The environment variable that marks a process as a procjob worker; its
 /// value is the coordinator's pid.
@@ -201,6 +201,12 @@ pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
     let hello = match protocol::recv::<_, Request>(&mut input, FrameKind::Request) {
         Ok(f) => f,
         Err(DecodeError::Closed) => return Ok(()),
+        Err(e @ DecodeError::VersionMismatch { .. }) => {
+            // Answer in our own version: the coordinator's reader then
+            // reports the mismatch itself, with both versions.
+            let _ = protocol::send(&mut output, FrameKind::Reply, &Reply::Refused { reason: e.to_string() }, &[]);
+            return Err(e.into());
+        }
         Err(e) => return Err(e.into()),
     };
     let Request::Hello(hello) = hello.message else { return Err(ServeError::NoHello) };
@@ -257,10 +263,11 @@ pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
         let batch_started = Instant::now();
         let mut replies = Vec::with_capacity(batch.tasks.len());
         let mut inline: Vec<Array> = Vec::new();
+        let entry = resolve(registry, same_binary, &batch.kind);
         for task in &batch.tasks {
             let mine: Vec<Result<Array, ArrayError>> = arrays.by_ref().take(task.arrays.len()).collect();
             let started_ns = crate::clock::monotonic_ns();
-            let result = run_one(registry, same_binary, &task.kind, &task.input, mine);
+            let result = run_one(&entry, &task.input, mine);
             replies.push(TaskReply {
                 index: task.index,
                 started_ns,
@@ -309,36 +316,32 @@ pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
     }
 }
 
-fn run_one(
-    registry: &Registry,
-    same_binary: bool,
-    kind: &protocol::TaskKind,
-    input: &[u8],
-    arrays: Vec<Result<Array, ArrayError>>,
-) -> ErasedOutcome {
+/// Finds the code a task kind names: by code offset when this worker is
+/// the coordinator's own executable (exact: a name could be shadowed by a
+/// user task called "matmul"), else by name in the registry.
+fn resolve(registry: &Registry, same_binary: bool, kind: &protocol::TaskKind) -> Result<ErasedEntry, String> {
+    match (same_binary, kind.entry, registry.get(&kind.name)) {
+        // SAFETY: the handshake checked that this worker runs the
+        // coordinator's own executable (`same_binary`), where the offset was
+        // made by `entry_offset`.
+        (true, Some(offset), _) => Ok(unsafe { registry::entry_at(offset) }),
+        (_, _, Some(entry)) => Ok(entry),
+        (_, _, None) => Err(format!(
+            "task kind '{}' is not known to this worker (it is not the coordinator's executable, and knows only: {})",
+            kind.name,
+            registry.names().join(", ")
+        )),
+    }
+}
+
+fn run_one(entry: &Result<ErasedEntry, String>, input: &[u8], arrays: Vec<Result<Array, ArrayError>>) -> ErasedOutcome {
     let arrays: Vec<Array> = match arrays.into_iter().collect() {
         Ok(a) => a,
         Err(e) => return ErasedOutcome::failed(FailureCause::Setup, e.to_string()),
     };
-    // The code offset names the exact function when this worker is the
-    // coordinator's own executable; a name could be shadowed (a user task
-    // called "matmul"). Other executables know tasks by name only.
-    let entry = match (same_binary, kind.entry, registry.get(&kind.name)) {
-        // SAFETY: the handshake checked that this worker runs the
-        // coordinator's own executable (`same_binary`), where the offset was
-        // made by `entry_offset`.
-        (true, Some(offset), _) => unsafe { registry::entry_at(offset) },
-        (_, _, Some(entry)) => entry,
-        (_, _, None) => {
-            return ErasedOutcome::failed(
-                FailureCause::Setup,
-                format!(
-                    "task kind '{}' is not known to this worker (it is not the coordinator's executable, and knows only: {})",
-                    kind.name,
-                    registry.names().join(", ")
-                ),
-            )
-        }
+    let entry = match entry {
+        Ok(entry) => *entry,
+        Err(message) => return ErasedOutcome::failed(FailureCause::Setup, message.clone()),
     };
     match catch_unwind(AssertUnwindSafe(move || entry(input, arrays))) {
         Ok(outcome) => outcome,

@@ -13,9 +13,9 @@ use procjob_worker::{npy, DType};
 fn valid_frame() -> Vec<u8> {
     let request = Request::Run(protocol::Batch {
         call: 3,
+        kind: protocol::TaskKind { name: "matmul".into(), entry: Some(-1234) },
         tasks: vec![protocol::TaskRequest {
             index: 9,
-            kind: protocol::TaskKind { name: "matmul".into(), entry: Some(-1234) },
             input: vec![1, 2, 3],
             arrays: vec![ArrayRef::Inline { dtype: DType::F32, shape: vec![2, 2] }],
         }],
@@ -136,9 +136,9 @@ fn bulk_that_disagrees_with_dtype_and_shape_is_refused_before_reading() {
 fn an_inline_array_whose_size_overflows_is_refused() {
     let request = Request::Run(protocol::Batch {
         call: 0,
+        kind: protocol::TaskKind { name: "x".into(), entry: None },
         tasks: vec![protocol::TaskRequest {
             index: 0,
-            kind: protocol::TaskKind { name: "x".into(), entry: None },
             input: vec![],
             arrays: vec![ArrayRef::Inline { dtype: DType::I64, shape: vec![1 << 40, 1 << 40] }],
         }],
