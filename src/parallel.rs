@@ -800,12 +800,7 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
         let idled_out = error.is_none() && exit == crate::error::WorkerExit::Exited { code: 0 };
         if idled_out && self.failure.is_none() && flight.tasks.iter().all(|t| !self.resent.contains(&t.index)) {
             self.resent.extend(flight.tasks.iter().map(|t| t.index));
-            let n = flight.encoded.len();
-            for t in flight.encoded.into_iter().rev() {
-                self.queue.push_front(t);
-            }
-            self.scheduler.requeued(n);
-            self.replace(w);
+            self.send_again(w, flight.encoded);
             return;
         }
         let retries = self.parallel.retries;
@@ -818,18 +813,24 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
                 *self.attempts.entry(t.index).or_default() += 1;
             }
             self.parallel.last.retried += flight.tasks.len() as u64;
-            let n = flight.encoded.len();
-            for t in flight.encoded.into_iter().rev() {
-                self.queue.push_front(t);
-            }
-            self.scheduler.requeued(n);
-            self.replace(w);
+            self.send_again(w, flight.encoded);
             return;
         }
         match error {
             Some(reason) if !died => self.fail(Error::Transport { worker, reason }),
             _ => self.fail(Error::WorkerDied { worker, exit, tasks: flight.tasks }),
         }
+    }
+
+    /// Puts a lost batch back at the front of the queue and starts a fresh
+    /// worker in its slot `w`.
+    fn send_again(&mut self, w: usize, encoded: Vec<Encoded>) {
+        let n = encoded.len();
+        for t in encoded.into_iter().rev() {
+            self.queue.push_front(t);
+        }
+        self.scheduler.requeued(n);
+        self.replace(w);
     }
 
     /// Starts a fresh worker in slot `w`; it joins when its handshake arrives.
