@@ -15,12 +15,32 @@
 //! floating-point error otherwise: the per-element order is fixed, but it is
 //! not the naive order (see below), and it may use fused multiply-adds.
 //!
-//! # `f64` and `f32`: matrixmultiply
+//! # `f64` and `f32`: our packed GEMM, or matrixmultiply
 //!
-//! [`matrixmultiply::dgemm`] / [`matrixmultiply::sgemm`] with `alpha = 1`,
-//! `beta = 0` and row-major strides (`docs/kernels.md` has the measurements
-//! behind the choice: about 37 GFLOP/s f64 and 83 GFLOP/s f32 on one core
-//! here). Why its per-element order does not depend on the block's row count,
+//! On x86-64 CPUs with AVX2 and FMA (checked at run time), [`crate::gemm`]:
+//! a BLIS-style packed GEMM with 6 × 8 (`f64`) and 6 × 16 (`f32`) FMA
+//! microkernels, about 45 GFLOP/s f64 and 91 GFLOP/s f32 on one core here:
+//! f64 2–5 % faster than single-threaded OpenBLAS behind `numpy.dot` at
+//! n = 1000, 2048 and 4000 (1 % slower at 2000), f32 on par with it
+//! (`docs/kernels.md` has the paired measurements). Its module docs give the
+//! split-invariance argument in full; in short, for every `C[i][j]`: `k` is
+//! cut into chunks of a constant
+//! `KC = 256`, in ascending order; each chunk is a fresh chain
+//! `s = fma(A[i][p], B[p][j], s)` from `+0` over `p` ascending, one SIMD lane
+//! per element; the first chunk stores `C = s` and each later one
+//! `C = C + s`; a row in a short (edge) row panel runs through the same
+//! microkernel on zero-padded panels, and its scratch tile is written back
+//! with exactly those two operations; `MC`/`NC` blocking only groups work.
+//! With `KC = 256` these are the bits matrixmultiply gives on the same CPU,
+//! except where a chunk's sum underflows to `-0` (matrixmultiply stores
+//! `+0` there) and for NaN payloads, which are made canonical below anyway.
+//!
+//! ## Fallback: matrixmultiply
+//!
+//! On every other CPU, [`matrixmultiply::dgemm`] / [`matrixmultiply::sgemm`]
+//! with `alpha = 1`, `beta = 0` and row-major strides (about 37 GFLOP/s f64
+//! and 83 GFLOP/s f32 on one core here, when forced). Why its per-element
+//! order does not depend on the block's row count,
 //! checked against the source of matrixmultiply 0.3.11 (`src/gemm.rs`,
 //! `src/packing.rs`, `src/util.rs`, `src/archparam_defaults.rs`,
 //! `src/dgemm_kernel.rs`, `src/sgemm_kernel.rs`, `src/x86/mod.rs`,
@@ -75,13 +95,18 @@
 //!    cheap pass over `C`); without that, blocks of different sizes really do
 //!    give NaNs of different signs (`special_values_split_invariant_*`).
 //!
-//! What this does *not* promise: the same bits on a different CPU. Which
-//! microkernel runs (AVX-512, AVX2+FMA, AVX, generic) is detected at run time,
-//! and they round differently (FMA or not); a build with rustc older than 1.89
-//! leaves the AVX-512 kernel out. All the workers of one machine run the same
-//! binary and pick the same kernel, so the invariant holds across processes,
-//! modes and blocks; a job spread over hosts with different instruction sets
-//! (the MPI transport) may differ in the last bits between hosts.
+//! Point 6 holds for our kernel too (its full-tile store and its edge-tile
+//! write-back also put `C` and `s` in different operand orders), so the NaN
+//! pass runs after either.
+//!
+//! What this does *not* promise: the same bits on every CPU. Every CPU with
+//! AVX2 and FMA — with or without AVX-512 — runs our kernel and gets the same
+//! bits (no run-time choice inside it depends on anything but those two
+//! flags). Other CPUs fall back to matrixmultiply, whose kernels for them
+//! (AVX, generic) round differently (no FMA). All the workers of one machine
+//! run the same binary and pick the same kernel, so the invariant holds across
+//! processes, modes and blocks; a job spread over hosts with and without
+//! AVX2+FMA (the MPI transport) may differ in the last bits between them.
 //! `matrixmultiply`'s `threading` feature must stay off (it is; it would only
 //! split loops 3 and 2 across threads, which does not change any element's
 //! chain either, but the workers are meant to be single-threaded).
@@ -130,8 +155,9 @@ const MR: usize = 4;
 
 /// Rows of `B` converted to `f64` at a time by the exact `i64` path, so its
 /// scratch space is `EXACT_KC × n` plus `rows × EXACT_KC` doubles rather than
-/// a copy of all of `B`. A multiple of matrixmultiply's own depth step (256),
-/// so cutting `k` here adds no extra passes over `C`.
+/// a copy of all of `B`. A multiple of the GEMMs' own depth step (256 in
+/// both [`crate::gemm`] and matrixmultiply), so cutting `k` here adds no extra
+/// passes over `C`.
 const EXACT_KC: usize = 512;
 
 /// Blocks of fewer rows than this always take the wrapping `i64` kernel. At
@@ -228,9 +254,10 @@ impl Kernel for f32 {
     }
 }
 
-/// Defines a safe wrapper around a matrixmultiply GEMM entry point.
+/// Defines a safe wrapper around a GEMM: ours ([`crate::gemm`]) when the CPU
+/// has AVX2 and FMA, else a matrixmultiply entry point.
 macro_rules! gemm_wrapper {
-    ($(#[$doc:meta])* $name:ident, $t:ty, $gemm:path) => {
+    ($(#[$doc:meta])* $name:ident, $t:ty, $ours:path, $gemm:path) => {
         $(#[$doc])*
         fn $name(a: &[$t], b: &[$t], c: &mut [$t], rows: usize, k: usize, n: usize, accumulate: bool) {
             assert!(
@@ -246,6 +273,12 @@ macro_rules! gemm_wrapper {
                 if !accumulate {
                     c.fill(0.0);
                 }
+                return;
+            }
+            // Our packed GEMM when the CPU has AVX2 and FMA (it returns
+            // false, without touching `c`, when not); matrixmultiply on
+            // every other CPU.
+            if $ours(a, b, c, rows, k, n, accumulate) {
                 return;
             }
             // Row strides: k and n are at most the lengths of the non-empty
@@ -270,26 +303,30 @@ macro_rules! gemm_wrapper {
 }
 
 gemm_wrapper!(
-    /// `c = a · b` (or `c += a · b` with `accumulate`) in `f64` through
-    /// [`matrixmultiply::dgemm`] with `alpha = 1`, row-major `rows × k`,
-    /// `k × n`, `rows × n`.
+    /// `c = a · b` (or `c += a · b` with `accumulate`) in `f64`, row-major
+    /// `rows × k`, `k × n`, `rows × n`: through [`crate::gemm::dgemm`] on
+    /// CPUs with AVX2 and FMA, else [`matrixmultiply::dgemm`] with
+    /// `alpha = 1`.
     ///
     /// # Panics
     ///
     /// If the slice lengths do not fit the shape.
     dgemm,
     f64,
+    crate::gemm::dgemm,
     matrixmultiply::dgemm
 );
 
 gemm_wrapper!(
-    /// [`dgemm`] for `f32`, through [`matrixmultiply::sgemm`].
+    /// [`dgemm`] for `f32`, through [`crate::gemm::sgemm`] or
+    /// [`matrixmultiply::sgemm`].
     ///
     /// # Panics
     ///
     /// If the slice lengths do not fit the shape.
     sgemm,
     f32,
+    crate::gemm::sgemm,
     matrixmultiply::sgemm
 );
 
@@ -640,9 +677,10 @@ mod tests {
     const SHAPES: [(usize, usize, usize); 7] =
         [(1, 1, 1), (7, 3, 5), (33, 65, 17), (64, 64, 64), (0, 4, 3), (4, 0, 3), (4, 3, 0)];
 
-    /// Shapes that cross the tile edges of both kernels: `tiled` (NC 256,
-    /// KC 128, 4 rows) and matrixmultiply (KC 256, MR 8, NR 4 or 8, MC 64),
-    /// with remainders of rows and columns.
+    /// Shapes that cross the tile edges of the kernels: `tiled` (NC 256,
+    /// KC 128, 4 rows), [`crate::gemm`] (KC 256, MR 6, NR 8 or 16, MC 48 or
+    /// 96) and matrixmultiply (KC 256, MR 8, NR 4 or 8, MC 64), with
+    /// remainders of rows and columns.
     const TILE_SHAPES: [(usize, usize, usize); 5] =
         [(9, 300, 520), (6, 129, 257), (5, 1, 1), (70, 513, 9), (3, 7, 1030)];
 
@@ -785,7 +823,8 @@ mod tests {
 
     /// The invariant itself: for k in {1, 7, 300, 2048} (inside one depth
     /// chunk, across several) and several n (1, fewer than a column panel,
-    /// a partial last panel, across matrixmultiply's NC = 1024), cutting 67
+    /// a partial last panel, across the NC = 1024 of matrixmultiply and of
+    /// the `f64` [`crate::gemm`]), cutting 67
     /// rows into blocks of 1, 2, 3, 5, 7, 16 or 33 rows and stacking gives the
     /// whole product's bits.
     fn split_invariance<T: Float>(seed: u64, make: fn(&mut SplitMix, usize) -> Vec<T>, bits: fn(&[T]) -> Vec<u64>) {

@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod dtype;
+pub mod gemm;
 pub mod kernels;
 pub mod npy;
 
