@@ -457,7 +457,14 @@ fn run_parallel(
         Mode::Copy => (owned(&inputs.a), owned(&inputs.b)),
         // Forked workers inherit A and B: they travel as references.
         Mode::Fork => (inputs.a.clone(), inputs.b.clone()),
-        _ => (mapped(&inputs.a, &dumps.0[0])?, mapped(&inputs.b, &dumps.0[1])?),
+        // A and B are written at the same time, on two threads: writing
+        // to tmpfs is bound by one core's page allocation and copying.
+        _ => std::thread::scope(|scope| {
+            let b = scope.spawn(|| mapped(&inputs.b, &dumps.0[1]));
+            let a = mapped(&inputs.a, &dumps.0[0]);
+            let b = b.join().unwrap_or_else(|_| Err(Error::Config("the thread writing B panicked".into())));
+            Ok::<_, Error>((a?, b?))
+        })?,
     };
     // C is a file-backed array in every worker mode: in memmap-out the
     // workers write their rows into it; otherwise the coordinator's readers

@@ -486,6 +486,28 @@ impl Array {
         }
     }
 
+    /// Asks the kernel to map this view's pages into the page tables now, in
+    /// one call, instead of one page fault at a time as a task touches them
+    /// (`MADV_POPULATE_READ`, or `_WRITE` for a writable map; Linux 5.14+).
+    /// Owned arrays, and kernels without it, ignore the request.
+    pub fn prefault(&self) {
+        #[cfg(target_os = "linux")]
+        if let Storage::Mapped(m) = &*self.storage {
+            let page = 4096usize;
+            let base = m.map.as_ptr() as usize;
+            let start = (base + self.offset) & !(page - 1);
+            let end = base + self.offset + self.nbytes();
+            if end > start {
+                let advice =
+                    if m.access == Access::ReadOnly { libc::MADV_POPULATE_READ } else { libc::MADV_POPULATE_WRITE };
+                // SAFETY: the range lies inside this mapping (the view was
+                // checked against it when made) and madvise only asks the
+                // kernel to fault pages in; it changes no memory contents.
+                unsafe { libc::madvise(start as *mut libc::c_void, end - start, advice) };
+            }
+        }
+    }
+
     /// A key that is equal for arrays sharing the same storage; used to dump
     /// an array shared by many tasks only once.
     pub fn storage_id(&self) -> usize {

@@ -377,7 +377,16 @@ struct MapCache {
 }
 
 impl MapCache {
+    /// Maps what a file reference names, and faults its pages in at once:
+    /// a task reads (or writes) all of them anyway, and one call is much
+    /// cheaper than a page fault per 4 KiB.
     fn map(&mut self, r: &ArrayRef) -> Result<Array, ArrayError> {
+        let view = self.view(r)?;
+        view.prefault();
+        Ok(view)
+    }
+
+    fn view(&mut self, r: &ArrayRef) -> Result<Array, ArrayError> {
         let ArrayRef::File { dtype, shape, path, offset, access } = r else {
             unreachable!("only file references are mapped")
         };
