@@ -283,7 +283,12 @@ fn wait_for_exit(pid: u32) {
     use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    assert!(fd >= 0, "pidfd_open failed");
+    if fd < 0 {
+        // ESRCH: it has exited and been reaped already.
+        let err = std::io::Error::last_os_error();
+        assert_eq!(err.raw_os_error(), Some(libc::ESRCH), "pidfd_open({pid}): {err}");
+        return;
+    }
     // SAFETY: the fd was just returned to us and is owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let borrowed: BorrowedFd<'_> = std::os::fd::AsFd::as_fd(&fd);
