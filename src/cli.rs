@@ -434,7 +434,7 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
     let reference = if check && !modes.contains(&Mode::Seq) { Some(matmul::multiply_seq(&inputs)?) } else { None };
     let mut runs: Vec<ModeRun> = Vec::new();
     let mut reports: Vec<ModeReport> = Vec::new();
-    let mut table = Table::new(args.json);
+    let mut table = Table::new();
     for &mode in &modes {
         if let Some(signal) = crate::signals::received() {
             return Err(Error::Interrupted { signal }.into());
@@ -731,18 +731,14 @@ fn median_index(xs: &[f64]) -> usize {
 /// The human table, one row per mode as it finishes.
 struct Table {
     header_done: bool,
-    json: bool,
 }
 
 impl Table {
-    fn new(json: bool) -> Table {
-        Table { header_done: false, json }
+    fn new() -> Table {
+        Table { header_done: false }
     }
 
     fn row(&mut self, out: &mut impl Write, r: &ModeReport) {
-        if self.json {
-            return;
-        }
         if !self.header_done {
             let _ = writeln!(
                 out,

@@ -745,7 +745,7 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
                 if panicked {
                     // A panic may have left the worker's state half-updated:
                     // replace it. The other workers keep serving.
-                    self.pool().retire(w);
+                    self.pool().reap(w); // closes its input: an idle worker exits at once
                     self.scheduler.handle(Event::WorkerLost { worker: w });
                 }
                 self.report_progress();
@@ -817,7 +817,11 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
             return;
         }
         match error {
-            Some(reason) if !died => self.fail(Error::Transport { worker, reason }),
+            Some(reason) if !died => {
+                // Keep how it ended too: a worker that wrote a bad frame
+                // usually says why on stderr and exits with a code.
+                self.fail(Error::Transport { worker, reason: format!("{reason} (the worker then {exit})") })
+            }
             _ => self.fail(Error::WorkerDied { worker, exit, tasks: flight.tasks }),
         }
     }

@@ -611,12 +611,6 @@ impl WorkerPool {
         self.record_batch(index, 0, Some(ready.memory));
     }
 
-    /// Stops worker `index` politely (closes its input; it exits at once
-    /// when idle) and reaps it.
-    pub fn retire(&mut self, index: usize) -> WorkerExit {
-        self.reap(index)
-    }
-
     /// Kills worker `index` at once and reaps it.
     pub fn kill(&mut self, index: usize) -> WorkerExit {
         if let Some(p) = self.slots[index].process.as_ref() {

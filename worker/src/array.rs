@@ -514,8 +514,8 @@ impl Array {
         Arc::as_ptr(&self.storage) as *const () as usize
     }
 
-    /// An owned copy of the whole storage this view belongs to, as a flat
-    /// byte vector together with this view's byte offset in it.
+    /// The bytes of the whole storage this view belongs to (not copied),
+    /// and this view's byte offset in them.
     pub fn storage_bytes(&self) -> (&[u8], usize) {
         (self.storage.bytes(), self.offset)
     }

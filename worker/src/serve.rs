@@ -189,8 +189,8 @@ fn install_panic_capture() {
     }));
 }
 
-/// Serves requests from `input` until it closes. Public for tests, which
-/// drive it through in-memory pipes.
+/// Serves requests from `input` until it closes, answering on `output`;
+/// `inherited` are the arrays a forked worker shares with its coordinator.
 pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
     mut input: BufReader<R>,
     output: W,
@@ -425,11 +425,5 @@ impl AsRawFdMaybe for File {
                 Err(_) => return true,
             }
         }
-    }
-}
-
-impl AsRawFdMaybe for &[u8] {
-    fn wait_readable(&self, _: Duration) -> bool {
-        true
     }
 }

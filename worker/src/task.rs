@@ -9,8 +9,8 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::array::{self, Array, ArrayEncoder};
-use crate::protocol::{ArrayRef, FailureCause, Outcome, TaskFailure};
+use crate::array::{self, Array};
+use crate::protocol::{FailureCause, Outcome, TaskFailure};
 
 /// Code that runs in a worker process.
 ///
@@ -108,13 +108,4 @@ impl ErasedOutcome {
             inline: Vec::new(),
         }
     }
-}
-
-/// Encodes a task input for sending: the bytes and the references of the
-/// arrays in it, as decided by `encoder`.
-pub fn encode_input<T: Task>(
-    input: &T::Input,
-    encoder: &mut dyn ArrayEncoder,
-) -> Result<(Vec<u8>, Vec<ArrayRef>), array::CodecError> {
-    array::encode_with(input, encoder)
 }
