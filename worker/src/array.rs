@@ -581,7 +581,7 @@ pub fn map_file_ref(
     if end > meta.len() {
         return Err(err(format!("needs bytes {offset}..{end} but the file has {} bytes", meta.len())));
     }
-    if offset % dtype.size() as u64 != 0 {
+    if !offset.is_multiple_of(dtype.size() as u64) {
         return Err(err(format!("offset {offset} is not a multiple of the element size")));
     }
     if nbytes == 0 {
@@ -598,7 +598,7 @@ impl Array {
         let nbytes = dtype.nbytes(shape).ok_or_else(|| ArrayError::Shape("shape overflows".into()))?;
         let total = self.storage.bytes().len();
         let end = (offset as usize).checked_add(nbytes);
-        if end.is_none_or(|e| e > total) || offset as usize % dtype.size() != 0 {
+        if end.is_none_or(|e| e > total) || !(offset as usize).is_multiple_of(dtype.size()) {
             return Err(ArrayError::Shape(format!("bytes {offset}..+{nbytes} out of range of {total}")));
         }
         Ok(Array { dtype, shape: shape.to_vec(), storage: Arc::clone(&self.storage), offset: offset as usize })

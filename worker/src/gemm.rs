@@ -1,34 +1,41 @@
-//! A packed, cache-blocked `f64`/`f32` GEMM with AVX2+FMA microkernels
-//! whose per-element arithmetic does not depend on the row count.
+//! A packed, cache-blocked `f64`/`f32` GEMM with AVX2+FMA and AVX-512
+//! microkernels whose per-element arithmetic does not depend on the row
+//! count.
 //!
 //! [`dgemm`] and [`sgemm`] compute `C = A·B` (or `C += A·B`) for row-major,
 //! contiguous `A` (`rows × k`), `B` (`k × n`) and `C` (`rows × n`), on one
 //! thread, in the style of BLIS / GotoBLAS: `B` is packed into `KC × NR`
 //! column panels, `A` into `MR × KC` row panels, and a register-blocked
 //! microkernel multiplies one `A` panel by one `B` panel into an `MR × NR`
-//! tile of `C`. They run only when the CPU has AVX2 and FMA (checked at run
-//! time with `is_x86_feature_detected!`) and return `false` otherwise, so the
-//! caller can fall back to another kernel (`kernels.rs` uses matrixmultiply).
+//! tile of `C`. They pick the AVX-512 kernels when the CPU has AVX-512F, the
+//! AVX2 ones when it has AVX2 and FMA (checked at run time with
+//! `is_x86_feature_detected!`), and return `false` otherwise, so the caller
+//! can fall back to another kernel (`kernels.rs` uses matrixmultiply).
 //!
-//! | type | tile `MR × NR` | accumulators | `KC` | `MC` | `NC` |
+//! | kernel | tile `MR × NR` | accumulators | `KC` | `MC` | `NC` |
 //! |---|---|---|---|---|---|
-//! | `f64` | 6 × 8 | 12 `ymm` (6 rows × 2 × 4 lanes) | 256 | 48 | 1024 |
-//! | `f32` | 6 × 16 | 12 `ymm` (6 rows × 2 × 8 lanes) | 256 | 96 | 2048 |
+//! | `f64`, AVX2 | 6 × 8 | 12 `ymm` (6 rows × 2 × 4 lanes) | 256 | 48 | 1024 |
+//! | `f32`, AVX2 | 6 × 16 | 12 `ymm` (6 rows × 2 × 8 lanes) | 256 | 96 | 2048 |
+//! | `f64`, AVX-512 | 12 × 16 | 24 `zmm` (12 rows × 2 × 8 lanes) | 256 | 96 | 1024 |
+//! | `f32`, AVX-512 | 12 × 32 | 24 `zmm` (12 rows × 2 × 16 lanes) | 256 | 96 | 2048 |
 //!
 //! Loops, outermost first: `jc` over the columns of `B`/`C` in steps of `NC`
 //! → `pc` over the depth `k` in steps of `KC` (pack `B[pc.., jc..]`) → `ic`
 //! over the rows in steps of `MC` (pack `A[ic.., pc..]`) → `jr` over the
 //! `NR`-column panels → `ir` over the `MR`-row panels → microkernel. So a
-//! `KC × NR` panel of `B` (16 KiB) stays in L1 while the `MR × KC` panels of
-//! `A` (12 KiB for `f64`, 6 KiB for `f32`) stream past it from the
-//! `MC × KC` block in L2 (96 KiB), and the packed `KC × NC` block of `B`
-//! (2 MiB) sits in L3. Tuned on one core of an AMD EPYC (Zen 3: 32 KiB L1d,
-//! 512 KiB L2); `docs/kernels.md` has the measurements (about 45 GFLOP/s
-//! `f64` and 91 GFLOP/s `f32` on large products, 88–90 % of the FMA peak;
-//! level with single-threaded OpenBLAS, `f64` 5 % ahead of it at 2048³). Small `MC` (24–60 rows) measured
-//! a little faster than large (144–288), and `KC` between 192 and 512 made
-//! little difference, so `KC` stays at 256, the value that keeps the bits of
-//! the previous kernel (see below).
+//! `KC × NR` panel of `B` (16 KiB; 32 KiB for AVX-512) stays in L1 while the
+//! `MR × KC` panels of `A` stream past it from the `MC × KC` block in L2, and
+//! the packed `KC × NC` block of `B` (2 MiB) sits in L2 or L3. The AVX2
+//! kernels were tuned on one core of an AMD EPYC (Zen 3: 32 KiB L1d, 512 KiB
+//! L2), the AVX-512 ones checked on an Intel Xeon (Sapphire Rapids class:
+//! 48 KiB L1d, 2 MiB L2); `docs/kernels.md` has the measurements (on the
+//! EPYC about 45 GFLOP/s `f64` and 91 GFLOP/s `f32` on large products, level
+//! with single-threaded OpenBLAS). Small `MC` (24–60 rows) measured a little
+//! faster than large (144–288) on the EPYC, and `KC` between 192 and 512
+//! made little difference, so `KC` stays at 256, the value that keeps the
+//! bits of the previous kernel (see below). Every kernel, whatever its tile,
+//! computes each element with the same operations (points 1–3 below), so the
+//! AVX2 and AVX-512 kernels give the same bits; a test checks it.
 //!
 //! # The invariant: a row's result does not depend on its block
 //!
@@ -46,7 +53,7 @@
 //!    the arithmetic, unlike `MC` and `NC`, and is never chosen from the
 //!    shape).
 //! 2. **Each chunk is a fresh FMA chain.** The microkernel starts its
-//!    accumulators at `+0` (`_mm256_setzero_*`) and, for `p` ascending through
+//!    accumulators at `+0` (`_mm256_setzero_*`, `_mm512_setzero_*`) and, for `p` ascending through
 //!    the chunk, does `s = fma(A[i][p], B[p][j], s)` — one fused multiply-add,
 //!    one rounding. Every SIMD lane holds one `(i, j)` and lanes never mix:
 //!    `A[i][p]` is broadcast to all lanes, `B[p][j..j+4]` (or `j..j+8`) is
@@ -93,7 +100,9 @@
 //! that such a `-0` survives every cut.
 //!
 //! Not promised: the same bits on a CPU without AVX2+FMA (the fallback
-//! rounds differently), or for a different `KC`.
+//! rounds differently), or for a different `KC`. Promised: the same bits
+//! from the AVX2 and the AVX-512 kernels (the chains are the same, only
+//! more of them run side by side).
 //!
 //! The tests here cut 67 rows into blocks of 1 to 33 rows for `k` from 1 to
 //! 2048 (around the chunk edge) and `n` from 1 to 1030 (around the panel
@@ -131,7 +140,11 @@ use std::arch::x86_64::*;
 /// If the slice lengths do not fit the shape.
 #[must_use]
 pub fn dgemm(a: &[f64], b: &[f64], c: &mut [f64], rows: usize, k: usize, n: usize, accumulate: bool) -> bool {
-    gemm::<F64>(a, b, c, rows, k, n, accumulate, Blocking::default_for::<F64>())
+    if F64x16::supported() {
+        gemm::<F64x16>(a, b, c, rows, k, n, accumulate, Blocking::default_for::<F64x16>())
+    } else {
+        gemm::<F64>(a, b, c, rows, k, n, accumulate, Blocking::default_for::<F64>())
+    }
 }
 
 /// [`dgemm`] for `f32`.
@@ -141,7 +154,11 @@ pub fn dgemm(a: &[f64], b: &[f64], c: &mut [f64], rows: usize, k: usize, n: usiz
 /// If the slice lengths do not fit the shape.
 #[must_use]
 pub fn sgemm(a: &[f32], b: &[f32], c: &mut [f32], rows: usize, k: usize, n: usize, accumulate: bool) -> bool {
-    gemm::<F32>(a, b, c, rows, k, n, accumulate, Blocking::default_for::<F32>())
+    if F32x32::supported() {
+        gemm::<F32x32>(a, b, c, rows, k, n, accumulate, Blocking::default_for::<F32x32>())
+    } else {
+        gemm::<F32>(a, b, c, rows, k, n, accumulate, Blocking::default_for::<F32>())
+    }
 }
 
 /// Whether this CPU can run [`dgemm`] and [`sgemm`] (x86-64 with AVX2 and
@@ -164,7 +181,8 @@ trait Micro {
     /// Rows of a microtile (and of a packed `A` panel).
     const MR: usize;
     /// Columns of a microtile (and of a packed `B` panel). `NR` elements are
-    /// 64 bytes, so every row of a packed `B` panel is 64-byte aligned.
+    /// a multiple of 64 bytes, so every row of a packed `B` panel is 64-byte
+    /// aligned.
     const NR: usize;
     /// Depth chunk. Part of the arithmetic (see the module docs): changing it
     /// changes the bits of `C`.
@@ -174,6 +192,28 @@ trait Micro {
     /// Columns of `B` packed at a time (a multiple of `NR`); only groups work.
     const NC: usize;
 
+    /// Whether this CPU has the instructions [`Micro::tile`] and
+    /// [`Micro::blocked`] are compiled for.
+    fn supported() -> bool;
+
+    /// The blocked product ([`drive`]) compiled for this kernel's
+    /// instruction set, so that [`Micro::tile`] inlines into it.
+    ///
+    /// # Safety
+    ///
+    /// As for [`drive`], and [`Micro::supported`] must be true.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn blocked(
+        a: &[Self::T],
+        b: &[Self::T],
+        c: &mut [Self::T],
+        rows: usize,
+        k: usize,
+        n: usize,
+        accumulate: bool,
+        blk: Blocking,
+    );
+
     /// Multiplies the packed `MR × kc` panel at `a` by the packed `kc × NR`
     /// panel at `b`, each lane an FMA chain from `+0` over `p` ascending, and
     /// stores the `MR × NR` result at `c` (row stride `ldc`): `C = s`, or
@@ -181,64 +221,98 @@ trait Micro {
     ///
     /// # Safety
     ///
-    /// The CPU must support AVX2 and FMA. `a` must be valid for reading
-    /// `MR·kc` elements, `b` for reading `kc·NR` elements and 32-byte
+    /// [`Micro::supported`] must be true. `a` must be valid for reading
+    /// `MR·kc` elements, `b` for reading `kc·NR` elements and 64-byte
     /// aligned, and `c` valid for reading and writing `NR` elements at each
     /// of `c + r·ldc`, `r < MR`, not overlapping `a` or `b`. `kc ≥ 1`.
     unsafe fn tile(kc: usize, a: *const Self::T, b: *const Self::T, c: *mut Self::T, ldc: usize, add: bool);
 }
 
-/// The `f64` kernel: 6 × 8 tiles.
-struct F64;
+/// Declares a kernel: a type implementing [`Micro`] with the given element
+/// type and constants, whose `tile` is the named microkernel and whose
+/// `blocked` is [`drive`] compiled by the named driver.
+macro_rules! kernel {
+    ($(#[$doc:meta])* $name:ident: $t:ty, MR $mr:literal, NR $nr:literal, MC $mc:literal, NC $nc:literal,
+     $tile:ident, $driver:ident, supported $supported:expr) => {
+        $(#[$doc])*
+        struct $name;
 
-/// The `f32` kernel: 6 × 16 tiles.
-struct F32;
+        impl Micro for $name {
+            type T = $t;
+            const MR: usize = $mr;
+            const NR: usize = $nr;
+            const KC: usize = 256;
+            const MC: usize = $mc;
+            const NC: usize = $nc;
 
-impl Micro for F64 {
-    type T = f64;
-    const MR: usize = 6;
-    const NR: usize = 8;
-    const KC: usize = 256;
-    const MC: usize = 48;
-    const NC: usize = 1024;
+            fn supported() -> bool {
+                $supported
+            }
 
-    #[inline(always)]
-    unsafe fn tile(kc: usize, a: *const f64, b: *const f64, c: *mut f64, ldc: usize, add: bool) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller upholds `tile_f64`'s contract, which is this
-        // method's (AVX2+FMA present, pointers valid for the panel and tile).
-        unsafe {
-            tile_f64(kc, a, b, c, ldc, add)
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn blocked(a: &[$t], b: &[$t], c: &mut [$t], rows: usize, k: usize, n: usize, accumulate: bool, blk: Blocking) {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the caller upholds `blocked`'s contract, which is
+                // the driver's (instructions present, shapes checked).
+                unsafe {
+                    $driver::<Self>(a, b, c, rows, k, n, accumulate, blk)
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    let _ = (a, b, c, rows, k, n, accumulate, blk);
+                    unreachable!("the packed GEMM only runs on x86-64");
+                }
+            }
+
+            #[inline(always)]
+            unsafe fn tile(kc: usize, a: *const $t, b: *const $t, c: *mut $t, ldc: usize, add: bool) {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the caller upholds the microkernel's contract,
+                // which is this method's (instructions present, pointers
+                // valid for the panels and the tile).
+                unsafe {
+                    $tile(kc, a, b, c, ldc, add)
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    let _ = (kc, a, b, c, ldc, add);
+                    unreachable!("the packed GEMM only runs on x86-64");
+                }
+            }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (kc, a, b, c, ldc, add);
-            unreachable!("the AVX2 GEMM only runs on x86-64");
-        }
-    }
+    };
 }
 
-impl Micro for F32 {
-    type T = f32;
-    const MR: usize = 6;
-    const NR: usize = 16;
-    const KC: usize = 256;
-    const MC: usize = 96;
-    const NC: usize = 2048;
+kernel! {
+    /// The AVX2 `f64` kernel: 6 × 8 tiles.
+    F64: f64, MR 6, NR 8, MC 48, NC 1024, tile_f64, drive_avx2, supported is_supported()
+}
 
-    #[inline(always)]
-    unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller upholds `tile_f32`'s contract, which is this
-        // method's (AVX2+FMA present, pointers valid for the panel and tile).
-        unsafe {
-            tile_f32(kc, a, b, c, ldc, add)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (kc, a, b, c, ldc, add);
-            unreachable!("the AVX2 GEMM only runs on x86-64");
-        }
+kernel! {
+    /// The AVX2 `f32` kernel: 6 × 16 tiles.
+    F32: f32, MR 6, NR 16, MC 96, NC 2048, tile_f32, drive_avx2, supported is_supported()
+}
+
+kernel! {
+    /// The AVX-512 `f64` kernel: 12 × 16 tiles.
+    F64x16: f64, MR 12, NR 16, MC 96, NC 1024, tile_f64_avx512, drive_avx512, supported has_avx512()
+}
+
+kernel! {
+    /// The AVX-512 `f32` kernel: 12 × 32 tiles.
+    F32x32: f32, MR 12, NR 32, MC 96, NC 2048, tile_f32_avx512, drive_avx512, supported has_avx512()
+}
+
+/// Whether this CPU has AVX-512F besides AVX2 and FMA (cached by the
+/// standard library after the first call).
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_supported() && std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -256,7 +330,7 @@ impl Micro for F32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_f64(kc: usize, a: *const f64, b: *const f64, c: *mut f64, ldc: usize, add: bool) {
-    debug_assert!(kc > 0 && b as usize % 32 == 0);
+    debug_assert!(kc > 0 && (b as usize).is_multiple_of(32));
     // SAFETY: AVX2 and FMA are present (the caller's contract). Iteration
     // `q < kc` reads `a[6q..6q+6]` (inside the `6·kc` elements of the A
     // panel) and `b[8q..8q+8]` as two aligned vectors (inside the `8·kc`
@@ -264,10 +338,10 @@ unsafe fn tile_f64(kc: usize, a: *const f64, b: *const f64, c: *mut f64, ldc: us
     // element of it). The prefetches only hint and cannot fault, and their
     // addresses are formed with `wrapping_add`, so they may point past the
     // panels. The write-back touches `c[r·ldc..r·ldc+8]` for `r < 6`, which
-    // the caller made valid and exclusive. One block for the whole body
-    // keeps this valid whether or not the arithmetic intrinsics count as
-    // safe inside a `target_feature` function (they do from Rust 1.87; the
-    // MSRV is 1.85).
+    // the caller made valid and exclusive. The pointer reads and writes are
+    // what needs the block; the intrinsics are safe inside a
+    // `target_feature` function (Rust 1.87 on; the MSRV is 1.89, the first
+    // with the AVX-512 intrinsics).
     unsafe {
         for r in 0..6 {
             _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc).cast::<i8>());
@@ -310,7 +384,7 @@ unsafe fn tile_f64(kc: usize, a: *const f64, b: *const f64, c: *mut f64, ldc: us
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_f32(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool) {
-    debug_assert!(kc > 0 && b as usize % 32 == 0);
+    debug_assert!(kc > 0 && (b as usize).is_multiple_of(32));
     // SAFETY: as in `tile_f64`, with 4-byte elements: iteration `q` reads
     // `a[6q..6q+6]` and `b[16q..16q+16]` (two aligned vectors), and the
     // write-back touches `c[r·ldc..r·ldc+16]` for `r < 6`.
@@ -341,6 +415,108 @@ unsafe fn tile_f32(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: us
             } else {
                 _mm256_storeu_ps(row, acc[0]);
                 _mm256_storeu_ps(row.add(8), acc[1]);
+            }
+        }
+    }
+}
+
+/// The 12 × 16 `f64` AVX-512 microkernel; see [`Micro::tile`] and
+/// [`tile_f64`] (the same chains with 8-lane vectors: row `p` of the `B`
+/// panel is columns 0–7 and 8–15, and twelve rows of `A` are broadcast).
+/// Twenty-four accumulators, two `B` vectors and a broadcast fit the 32
+/// `zmm` registers. Each lane still runs `s = fma(A[i][p], B[p][j], s)`
+/// from `+0` over `p` ascending, so `C` has the same bits as with the AVX2
+/// kernel.
+///
+/// # Safety
+///
+/// As for [`Micro::tile`] with `MR = 12`, `NR = 16`; the CPU must have
+/// AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn tile_f64_avx512(kc: usize, a: *const f64, b: *const f64, c: *mut f64, ldc: usize, add: bool) {
+    debug_assert!(kc > 0 && (b as usize).is_multiple_of(64));
+    // SAFETY: AVX-512F is present (the caller's contract). Iteration
+    // `q < kc` reads `a[12q..12q+12]` (inside the `12·kc` elements of the A
+    // panel) and `b[16q..16q+16]` as two aligned vectors (inside the
+    // `16·kc` elements of the B panel, 64-byte aligned, as is every 8th
+    // element of it). Prefetches only hint and cannot fault. The write-back
+    // touches `c[r·ldc..r·ldc+16]` for `r < 12`, valid and exclusive by the
+    // caller's contract.
+    unsafe {
+        for r in 0..12 {
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc).cast::<i8>());
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + 15).cast::<i8>());
+        }
+        let mut acc = [[_mm512_setzero_pd(); 2]; 12];
+        let (mut a, mut b) = (a, b);
+        for _ in 0..kc {
+            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PREFETCH_A_F64).cast::<i8>());
+            let b0 = _mm512_load_pd(b);
+            let b1 = _mm512_load_pd(b.add(8));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_pd(*a.add(r));
+                acc[0] = _mm512_fmadd_pd(x, b0, acc[0]);
+                acc[1] = _mm512_fmadd_pd(x, b1, acc[1]);
+            }
+            a = a.add(12);
+            b = b.add(16);
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let row = c.add(r * ldc);
+            if add {
+                _mm512_storeu_pd(row, _mm512_add_pd(_mm512_loadu_pd(row), acc[0]));
+                _mm512_storeu_pd(row.add(8), _mm512_add_pd(_mm512_loadu_pd(row.add(8)), acc[1]));
+            } else {
+                _mm512_storeu_pd(row, acc[0]);
+                _mm512_storeu_pd(row.add(8), acc[1]);
+            }
+        }
+    }
+}
+
+/// The 12 × 32 `f32` AVX-512 microkernel; see [`tile_f64_avx512`] (the
+/// same code with 16-lane vectors: row `p` of the `B` panel is columns 0–15
+/// and 16–31).
+///
+/// # Safety
+///
+/// As for [`Micro::tile`] with `MR = 12`, `NR = 32`; the CPU must have
+/// AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn tile_f32_avx512(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool) {
+    debug_assert!(kc > 0 && (b as usize).is_multiple_of(64));
+    // SAFETY: as in `tile_f64_avx512`, with 4-byte elements: iteration `q`
+    // reads `a[12q..12q+12]` and `b[32q..32q+32]` (two aligned vectors), and
+    // the write-back touches `c[r·ldc..r·ldc+32]` for `r < 12`.
+    unsafe {
+        for r in 0..12 {
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc).cast::<i8>());
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + 31).cast::<i8>());
+        }
+        let mut acc = [[_mm512_setzero_ps(); 2]; 12];
+        let (mut a, mut b) = (a, b);
+        for _ in 0..kc {
+            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PREFETCH_A_F32).cast::<i8>());
+            let b0 = _mm512_load_ps(b);
+            let b1 = _mm512_load_ps(b.add(16));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*a.add(r));
+                acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
+            }
+            a = a.add(12);
+            b = b.add(32);
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let row = c.add(r * ldc);
+            if add {
+                _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), acc[0]));
+                _mm512_storeu_ps(row.add(16), _mm512_add_ps(_mm512_loadu_ps(row.add(16)), acc[1]));
+            } else {
+                _mm512_storeu_ps(row, acc[0]);
+                _mm512_storeu_ps(row.add(16), acc[1]);
             }
         }
     }
@@ -390,8 +566,11 @@ fn gemm<M: Micro>(
         b.len(),
         c.len()
     );
-    assert!(blk.mc > 0 && blk.mc % M::MR == 0 && blk.nc > 0 && blk.nc % M::NR == 0, "gemm: bad blocking {blk:?}");
-    if !is_supported() {
+    assert!(
+        blk.mc > 0 && blk.mc.is_multiple_of(M::MR) && blk.nc > 0 && blk.nc.is_multiple_of(M::NR),
+        "gemm: bad blocking {blk:?}"
+    );
+    if !M::supported() {
         return false;
     }
     if rows == 0 || n == 0 {
@@ -403,12 +582,9 @@ fn gemm<M: Micro>(
         }
         return true;
     }
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX2 and FMA are present (`is_supported` above); the lengths
-    // were checked and `rows`, `k`, `n` are all positive.
-    unsafe {
-        gemm_avx2::<M>(a, b, c, rows, k, n, accumulate, blk);
-    }
+    // SAFETY: the kernel's instructions are present (`M::supported` above);
+    // the lengths were checked and `rows`, `k`, `n` are all positive.
+    unsafe { M::blocked(a, b, c, rows, k, n, accumulate, blk) };
     true
 }
 
@@ -429,17 +605,61 @@ fn round_to_lines<T>(len: usize) -> usize {
     len.div_ceil(per_line) * per_line
 }
 
-/// The blocked product; see the module docs.
+/// [`drive`] compiled for AVX2 and FMA.
 ///
 /// # Safety
 ///
-/// The CPU must support AVX2 and FMA. `a`, `b` and `c` must be
-/// `rows × k`, `k × n` and `rows × n` with `rows`, `k`, `n` all positive, and
-/// `blk` a valid [`Blocking`] for `M`.
+/// As for [`drive`]; the CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_avx2<M: Micro>(
+unsafe fn drive_avx2<M: Micro>(
+    a: &[M::T],
+    b: &[M::T],
+    c: &mut [M::T],
+    rows: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+    blk: Blocking,
+) {
+    // SAFETY: the caller's contract is `drive`'s.
+    unsafe { drive::<M>(a, b, c, rows, k, n, accumulate, blk) }
+}
+
+/// [`drive`] compiled for AVX-512F (and AVX2, FMA).
+///
+/// # Safety
+///
+/// As for [`drive`]; the CPU must have AVX-512F, AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn drive_avx512<M: Micro>(
+    a: &[M::T],
+    b: &[M::T],
+    c: &mut [M::T],
+    rows: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+    blk: Blocking,
+) {
+    // SAFETY: the caller's contract is `drive`'s.
+    unsafe { drive::<M>(a, b, c, rows, k, n, accumulate, blk) }
+}
+
+/// The blocked product; see the module docs. Always inlined into the
+/// driver compiled for the kernel's instruction set ([`Micro::blocked`]).
+///
+/// # Safety
+///
+/// [`Micro::supported`] must be true. `a`, `b` and `c` must be
+/// `rows × k`, `k × n` and `rows × n` with `rows`, `k`, `n` all positive, and
+/// `blk` a valid [`Blocking`] for `M`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn drive<M: Micro>(
     a: &[M::T],
     b: &[M::T],
     c: &mut [M::T],
@@ -451,7 +671,7 @@ unsafe fn gemm_avx2<M: Micro>(
 ) {
     let (mr, nr) = (M::MR, M::NR);
     debug_assert!(rows * k == a.len() && k * n == b.len() && rows * n == c.len());
-    debug_assert!(size_of::<M::T>() * nr == 64 && 64 % size_of::<M::T>() == 0);
+    debug_assert!((size_of::<M::T>() * nr) % 64 == 0 && 64 % size_of::<M::T>() == 0);
     // Sizes of the three regions actually needed for this shape (elements,
     // each a whole number of lines): packed A, packed B, the edge tile.
     let kc_max = M::KC.min(k);
@@ -498,11 +718,12 @@ unsafe fn gemm_avx2<M: Micro>(
                         let a_panel = a_pack[ir * kc..(ir + mr) * kc].as_ptr();
                         let (i, j) = (ic + ir, jc + jr);
                         if h == mr && cols == nr {
-                            // SAFETY: AVX2+FMA are present (this function's
-                            // contract). The panels are the `mr·kc` and
+                            // SAFETY: the kernel's instructions are present
+                            // (this function's contract). The panels are the `mr·kc` and
                             // `kc·nr` elements just sliced (B's 64-byte
                             // aligned: a line-aligned buffer, offsets that
-                            // are multiples of `nr` elements = 64 bytes).
+                            // are multiples of `nr` elements, a multiple
+                            // of 64 bytes).
                             // C rows i..i+mr, columns j..j+nr are inside the
                             // `rows × n` C (i + mr ≤ rows, j + nr ≤ n), which
                             // is exclusively borrowed and disjoint from the
@@ -574,6 +795,16 @@ fn pack_a<M: Micro>(dst: &mut [M::T], a: &[M::T], k: usize, ic: usize, mc: usize
             }
             continue;
         }
+        if h == mr {
+            // A full panel of another height: the rows side by side too.
+            let rows = &a[i0 * k + pc..(i0 + mr - 1) * k + pc + kc];
+            for (p, col) in panel.chunks_exact_mut(mr).enumerate() {
+                for (r, x) in col.iter_mut().enumerate() {
+                    *x = rows[r * k + p];
+                }
+            }
+            continue;
+        }
         if h < mr {
             panel.fill(M::T::default());
         }
@@ -615,7 +846,6 @@ mod tests {
 
     /// `f64`/`f32` seen through `f64`, with their kernel.
     trait Elem: Copy + Default + PartialEq + std::fmt::Debug + Add<Output = Self> {
-        type M: Micro<T = Self>;
         const EPS: f64;
         fn from_f64(x: f64) -> Self;
         fn to_f64(self) -> f64;
@@ -623,7 +853,6 @@ mod tests {
     }
 
     impl Elem for f64 {
-        type M = F64;
         const EPS: f64 = f64::EPSILON;
         fn from_f64(x: f64) -> f64 {
             x
@@ -637,7 +866,6 @@ mod tests {
     }
 
     impl Elem for f32 {
-        type M = F32;
         const EPS: f64 = f32::EPSILON as f64;
         fn from_f64(x: f64) -> f32 {
             x as f32
@@ -660,24 +888,33 @@ mod tests {
 
     /// Runs the kernel (with blocking `blk`) into a copy of `c0`.
     #[allow(clippy::too_many_arguments)]
-    fn run<T: Elem>(a: &[T], b: &[T], c0: &[T], m: usize, k: usize, n: usize, acc: bool, blk: Blocking) -> Vec<T> {
+    fn run<T: Elem, M: Micro<T = T>>(
+        a: &[T],
+        b: &[T],
+        c0: &[T],
+        m: usize,
+        k: usize,
+        n: usize,
+        acc: bool,
+        blk: Blocking,
+    ) -> Vec<T> {
         let mut c = c0.to_vec();
-        assert!(gemm::<T::M>(a, b, &mut c, m, k, n, acc, blk), "no AVX2+FMA");
+        assert!(gemm::<M>(a, b, &mut c, m, k, n, acc, blk), "no AVX2+FMA");
         c
     }
 
-    fn whole<T: Elem>(a: &[T], b: &[T], m: usize, k: usize, n: usize) -> Vec<T> {
-        run(a, b, &vec![T::from_f64(f64::NAN); m * n], m, k, n, false, Blocking::default_for::<T::M>())
+    fn whole<T: Elem, M: Micro<T = T>>(a: &[T], b: &[T], m: usize, k: usize, n: usize) -> Vec<T> {
+        run::<T, M>(a, b, &vec![T::from_f64(f64::NAN); m * n], m, k, n, false, Blocking::default_for::<M>())
     }
 
     /// Cuts the `m` rows into blocks of `rows`, multiplies each on its own
     /// (C pre-filled with junk) and stacks the results.
-    fn stacked<T: Elem>(a: &[T], b: &[T], m: usize, k: usize, n: usize, rows: usize) -> Vec<T> {
+    fn stacked<T: Elem, M: Micro<T = T>>(a: &[T], b: &[T], m: usize, k: usize, n: usize, rows: usize) -> Vec<T> {
         let mut c = Vec::with_capacity(m * n);
         for r0 in (0..m).step_by(rows) {
             let h = rows.min(m - r0);
             let junk = vec![T::from_f64(-3.5); h * n];
-            c.extend(run(&a[r0 * k..(r0 + h) * k], b, &junk, h, k, n, false, Blocking::default_for::<T::M>()));
+            c.extend(run::<T, M>(&a[r0 * k..(r0 + h) * k], b, &junk, h, k, n, false, Blocking::default_for::<M>()));
         }
         c
     }
@@ -710,8 +947,8 @@ mod tests {
     /// than, equal to and more than a row panel, and misaligned with it —
     /// stacks to the whole product's bits. The blocks' `C` starts as junk,
     /// the whole product's as NaN.
-    fn split_invariance<T: Elem>(seed: u64) {
-        if !is_supported() {
+    fn split_invariance<T: Elem, M: Micro<T = T>>(seed: u64) {
+        if !M::supported() {
             return;
         }
         let mut rng = SplitMix(seed);
@@ -720,9 +957,9 @@ mod tests {
             for n in [1, 7, 8, 9, 130, 1030] {
                 let a = random::<T>(&mut rng, m * k);
                 let b = random::<T>(&mut rng, k * n);
-                let want = bits(&whole(&a, &b, m, k, n));
+                let want = bits(&whole::<T, M>(&a, &b, m, k, n));
                 for rows in CUTS {
-                    let got = bits(&stacked(&a, &b, m, k, n, rows));
+                    let got = bits(&stacked::<T, M>(&a, &b, m, k, n, rows));
                     assert!(got == want, "{m}x{k}x{n} in blocks of {rows} rows differs from the whole product");
                 }
             }
@@ -731,12 +968,14 @@ mod tests {
 
     #[test]
     fn row_blocks_stack_bitwise_f64() {
-        split_invariance::<f64>(1);
+        split_invariance::<f64, F64>(1);
+        split_invariance::<f64, F64x16>(1);
     }
 
     #[test]
     fn row_blocks_stack_bitwise_f32() {
-        split_invariance::<f32>(2);
+        split_invariance::<f32, F32>(2);
+        split_invariance::<f32, F32x32>(2);
     }
 
     /// A chain whose every product underflows to `-0` sums to `-0`
@@ -744,13 +983,13 @@ mod tests {
     /// element must come out as `-0` in full and edge tiles alike, in every
     /// cut, through both depth chunks (`-0 + -0 = -0`); next to it, ordinary
     /// values.
-    fn negative_zero_from_underflow<T: Elem>(seed: u64) {
-        if !is_supported() {
+    fn negative_zero_from_underflow<T: Elem, M: Micro<T = T>>(seed: u64) {
+        if !M::supported() {
             return;
         }
         let mut rng = SplitMix(seed);
         let tiny = if size_of::<T>() == 8 { 1e-200 } else { 1e-30 };
-        let (m, k, n) = (13, 300, T::M::NR + 3);
+        let (m, k, n) = (13, 300, M::NR + 3);
         let mut a = random::<T>(&mut rng, m * k);
         let mut b = random::<T>(&mut rng, k * n);
         for i in [2, 7, 12] {
@@ -760,45 +999,47 @@ mod tests {
             b[p * n + 3] = T::from_f64(tiny);
             b[p * n + n - 1] = T::from_f64(tiny);
         }
-        let want = bits(&whole(&a, &b, m, k, n));
+        let want = bits(&whole::<T, M>(&a, &b, m, k, n));
         let neg_zero = T::from_f64(-0.0).bits();
         for i in [2, 7, 12] {
             assert_eq!(want[i * n + 3], neg_zero, "row {i}, full tile");
             assert_eq!(want[i * n + n - 1], neg_zero, "row {i}, edge tile");
         }
         for rows in CUTS {
-            assert!(bits(&stacked(&a, &b, m, k, n, rows)) == want, "blocks of {rows} rows");
+            assert!(bits(&stacked::<T, M>(&a, &b, m, k, n, rows)) == want, "blocks of {rows} rows");
         }
     }
 
     #[test]
     fn negative_zero_from_underflow_f64() {
-        negative_zero_from_underflow::<f64>(11);
+        negative_zero_from_underflow::<f64, F64>(11);
+        negative_zero_from_underflow::<f64, F64x16>(11);
     }
 
     #[test]
     fn negative_zero_from_underflow_f32() {
-        negative_zero_from_underflow::<f32>(12);
+        negative_zero_from_underflow::<f32, F32>(12);
+        negative_zero_from_underflow::<f32, F32x32>(12);
     }
 
     /// Point 4 of the module docs: `MC` and `NC` only group work. Tiny
     /// blockings (crossing many `MC` and `NC` edges, including ones that are
     /// not multiples of the tile) give the default blocking's bits, also when
     /// accumulating into `C`.
-    fn blocking_does_not_matter<T: Elem>(seed: u64) {
-        if !is_supported() {
+    fn blocking_does_not_matter<T: Elem, M: Micro<T = T>>(seed: u64) {
+        if !M::supported() {
             return;
         }
         let mut rng = SplitMix(seed);
-        let (mr, nr) = (T::M::MR, T::M::NR);
+        let (mr, nr) = (M::MR, M::NR);
         for (m, k, n) in [(50, 600, 70), (13, 300, 3 * nr + 5), (mr, 257, nr)] {
             let a = random::<T>(&mut rng, m * k);
             let b = random::<T>(&mut rng, k * n);
             let c0 = random::<T>(&mut rng, m * n);
             for acc in [false, true] {
-                let want = bits(&run(&a, &b, &c0, m, k, n, acc, Blocking::default_for::<T::M>()));
+                let want = bits(&run::<T, M>(&a, &b, &c0, m, k, n, acc, Blocking::default_for::<M>()));
                 for (mc, nc) in [(mr, nr), (2 * mr, 3 * nr), (7 * mr, nr), (mr, 5 * nr), (48 * mr, 64 * nr)] {
-                    let got = bits(&run(&a, &b, &c0, m, k, n, acc, Blocking { mc, nc }));
+                    let got = bits(&run::<T, M>(&a, &b, &c0, m, k, n, acc, Blocking { mc, nc }));
                     assert!(got == want, "{m}x{k}x{n}, accumulate {acc}, MC {mc}, NC {nc}");
                 }
             }
@@ -807,20 +1048,22 @@ mod tests {
 
     #[test]
     fn blocking_does_not_change_bits_f64() {
-        blocking_does_not_matter::<f64>(3);
+        blocking_does_not_matter::<f64, F64>(3);
+        blocking_does_not_matter::<f64, F64x16>(3);
     }
 
     #[test]
     fn blocking_does_not_change_bits_f32() {
-        blocking_does_not_matter::<f32>(4);
+        blocking_does_not_matter::<f32, F32>(4);
+        blocking_does_not_matter::<f32, F32x32>(4);
     }
 
     /// Within `2·k·eps·Σ|a·b|` of the naive loop (the bound of `kernels.rs`'s
     /// tests: both are within `γ_k·Σ|a·b|` of the exact sum), for shapes with
     /// edge tiles in both directions and several depth chunks; and
     /// `accumulate` adds the product to C's old contents.
-    fn accuracy<T: Elem>(seed: u64) {
-        if !is_supported() {
+    fn accuracy<T: Elem, M: Micro<T = T>>(seed: u64) {
+        if !M::supported() {
             return;
         }
         let mut rng = SplitMix(seed);
@@ -828,9 +1071,9 @@ mod tests {
             let a = random::<T>(&mut rng, m * k);
             let b = random::<T>(&mut rng, k * n);
             let (want, mag) = naive(&a, &b, m, k, n);
-            let got = whole(&a, &b, m, k, n);
+            let got = whole::<T, M>(&a, &b, m, k, n);
             let c0 = random::<T>(&mut rng, m * n);
-            let summed = run(&a, &b, &c0, m, k, n, true, Blocking::default_for::<T::M>());
+            let summed = run::<T, M>(&a, &b, &c0, m, k, n, true, Blocking::default_for::<M>());
             for idx in 0..m * n {
                 let tol = 2.0 * k as f64 * T::EPS * mag[idx];
                 let (x, y) = (got[idx].to_f64(), want[idx].to_f64());
@@ -844,38 +1087,42 @@ mod tests {
 
     #[test]
     fn accuracy_f64() {
-        accuracy::<f64>(5);
+        accuracy::<f64, F64>(5);
+        accuracy::<f64, F64x16>(5);
     }
 
     #[test]
     fn accuracy_f32() {
-        accuracy::<f32>(6);
+        accuracy::<f32, F32>(6);
+        accuracy::<f32, F32x32>(6);
     }
 
     /// Integer-valued data: every product and partial sum is an integer
     /// below 2^24 (|x| ≤ 15, k ≤ 2048: |sum| ≤ 225·2048 < 2^19), exact in
     /// any order with or without FMA, so C equals the naive loop bit for
     /// bit — the property the exact `i64` path of `kernels.rs` relies on.
-    fn integers_exact<T: Elem>(seed: u64) {
-        if !is_supported() {
+    fn integers_exact<T: Elem, M: Micro<T = T>>(seed: u64) {
+        if !M::supported() {
             return;
         }
         let mut rng = SplitMix(seed);
         for (m, k, n) in [(1, 1, 1), (9, 300, 21), (7, 2048, 17), (40, 513, 35)] {
             let a: Vec<T> = (0..m * k).map(|_| T::from_f64(rng.int(15))).collect();
             let b: Vec<T> = (0..k * n).map(|_| T::from_f64(rng.int(15))).collect();
-            assert_eq!(bits(&whole(&a, &b, m, k, n)), bits(&naive(&a, &b, m, k, n).0), "{m}x{k}x{n}");
+            assert_eq!(bits(&whole::<T, M>(&a, &b, m, k, n)), bits(&naive(&a, &b, m, k, n).0), "{m}x{k}x{n}");
         }
     }
 
     #[test]
     fn integers_exact_f64() {
-        integers_exact::<f64>(7);
+        integers_exact::<f64, F64>(7);
+        integers_exact::<f64, F64x16>(7);
     }
 
     #[test]
     fn integers_exact_f32() {
-        integers_exact::<f32>(8);
+        integers_exact::<f32, F32>(8);
+        integers_exact::<f32, F32x32>(8);
     }
 
     /// Large integers: sums up to 2^53 - 2^26 stay exact in f64 (the bound
@@ -892,10 +1139,43 @@ mod tests {
         let b: Vec<f64> = (0..k * n).map(|i| (big / (1 << 20) as f64).floor() - (i % 3) as f64).collect();
         let (want, _) = naive(&a, &b, m, k, n);
         assert!(want.iter().all(|&x| x < (1u64 << 53) as f64 && x > (1u64 << 52) as f64));
-        assert_eq!(whole(&a, &b, m, k, n), want);
+        assert_eq!(whole::<f64, F64>(&a, &b, m, k, n), want);
+        if F64x16::supported() {
+            assert_eq!(whole::<f64, F64x16>(&a, &b, m, k, n), want);
+        }
         let mut c = vec![5.0; m * n];
         assert!(dgemm(&a, &b, &mut c, m, k, n, true));
         assert_eq!(c, want.iter().map(|x| x + 5.0).collect::<Vec<_>>());
+    }
+
+    /// The AVX-512 kernels run the same chains as the AVX2 ones (module
+    /// docs), only more lanes at a time, so they give the same bits: for
+    /// shapes with edge tiles of both, several depth chunks and
+    /// `accumulate`, and for `-0` from underflow.
+    fn avx512_same_bits<T: Elem, M: Micro<T = T>, W: Micro<T = T>>(seed: u64) {
+        if !W::supported() {
+            return;
+        }
+        let mut rng = SplitMix(seed);
+        for (m, k, n) in [(1, 1, 1), (7, 3, 5), (13, 257, 19), (25, 600, 70), (67, 1000, 1030), (12, 256, 32)] {
+            let a = random::<T>(&mut rng, m * k);
+            let b = random::<T>(&mut rng, k * n);
+            let c0 = random::<T>(&mut rng, m * n);
+            assert!(bits(&whole::<T, W>(&a, &b, m, k, n)) == bits(&whole::<T, M>(&a, &b, m, k, n)), "{m}x{k}x{n}");
+            let with = |blk| bits(&run::<T, W>(&a, &b, &c0, m, k, n, true, blk));
+            let want = bits(&run::<T, M>(&a, &b, &c0, m, k, n, true, Blocking::default_for::<M>()));
+            assert!(with(Blocking::default_for::<W>()) == want, "{m}x{k}x{n}, accumulate");
+        }
+    }
+
+    #[test]
+    fn avx512_same_bits_as_avx2_f64() {
+        avx512_same_bits::<f64, F64, F64x16>(13);
+    }
+
+    #[test]
+    fn avx512_same_bits_as_avx2_f32() {
+        avx512_same_bits::<f32, F32, F32x32>(14);
     }
 
     #[test]
@@ -930,8 +1210,8 @@ mod tests {
     /// that no row, position or edge changes the arithmetic. Only on CPUs
     /// where matrixmultiply picks its AVX2+FMA kernel (not AVX-512).
     #[cfg(target_arch = "x86_64")]
-    fn same_as_matrixmultiply<T: Elem>(seed: u64, mm: RowMajorGemm<T>) {
-        if !is_supported() || std::arch::is_x86_feature_detected!("avx512f") || T::M::KC != 256 {
+    fn same_as_matrixmultiply<T: Elem, M: Micro<T = T>>(seed: u64, mm: RowMajorGemm<T>) {
+        if !M::supported() || std::arch::is_x86_feature_detected!("avx512f") || M::KC != 256 {
             return;
         }
         let mut rng = SplitMix(seed);
@@ -940,7 +1220,7 @@ mod tests {
             let b = random::<T>(&mut rng, k * n);
             let mut c = vec![T::default(); m * n];
             mm(&a, &b, &mut c, m, k, n);
-            assert_eq!(bits(&whole(&a, &b, m, k, n)), bits(&c), "{m}x{k}x{n}");
+            assert_eq!(bits(&whole::<T, M>(&a, &b, m, k, n)), bits(&c), "{m}x{k}x{n}");
         }
     }
 
@@ -966,12 +1246,12 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn same_bits_as_matrixmultiply_f64() {
-        same_as_matrixmultiply::<f64>(9, mm!(matrixmultiply::dgemm));
+        same_as_matrixmultiply::<f64, F64>(9, mm!(matrixmultiply::dgemm));
     }
 
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn same_bits_as_matrixmultiply_f32() {
-        same_as_matrixmultiply::<f32>(10, mm!(matrixmultiply::sgemm));
+        same_as_matrixmultiply::<f32, F32>(10, mm!(matrixmultiply::sgemm));
     }
 }
