@@ -1,0 +1,122 @@
+//! procjob's one-thread kernel against `numpy.dot` on one OpenBLAS thread,
+//! in paired runs: `cargo bench --bench vs_numpy [-- SIZES [PAIRS]]`.
+//!
+//! A Python child (`$PROCJOB_BENCH_PYTHON`, else the reference harness's
+//! venv at `~/.cache/procjob-bench-venv/bin/python`, made by
+//! `../shared/bench/setup.sh`) holds its own random `n × n` matrices and, per
+//! request, times one `np.dot` with `time.perf_counter()`. It runs with
+//! `OPENBLAS_NUM_THREADS=1` and without `OPENBLAS_CORETYPE` /
+//! `OPENBLAS_L2_SIZE`, which slow a current OpenBLAS down on some CPUs. For
+//! each dtype and size, after one warm-up each, every pair times one numpy
+//! call and one of ours (the order alternating), and the line printed last
+//! is the **median of the per-pair ratios** ours/numpy in time: below 1 is
+//! faster than numpy. Pairing keeps a shared machine's drift out of the
+//! ratio. Without the Python or numpy it says so and exits 0.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use procjob::matmul::Inputs;
+use procjob::DType;
+
+const CHILD: &str = r#"
+import sys, time
+import numpy as np
+try:
+    import threadpoolctl
+    info = threadpoolctl.threadpool_info()
+    print("numpy", np.__version__, [(i.get("internal_api"), i.get("version"), i.get("architecture"), i.get("num_threads")) for i in info], flush=True)
+except ImportError:
+    print("numpy", np.__version__, flush=True)
+cache = {}
+for line in sys.stdin:
+    n, dtype = line.split()
+    key = (int(n), dtype)
+    if key not in cache:
+        rng = np.random.default_rng(1)
+        cache.clear()
+        cache[key] = tuple(rng.random((key[0], key[0])).astype(dtype) for _ in range(2))
+    a, b = cache[key]
+    t = time.perf_counter()
+    np.dot(a, b)
+    print(time.perf_counter() - t, flush=True)
+"#;
+
+fn main() {
+    procjob::init();
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let sizes: Vec<usize> = match args.first() {
+        Some(list) => list.split(',').map(|s| s.parse().expect("SIZES: comma-separated integers")).collect(),
+        None => vec![1000, 2048],
+    };
+    let pairs: usize = args.get(1).map_or(7, |p| p.parse().expect("PAIRS: an integer"));
+    let python = std::env::var("PROCJOB_BENCH_PYTHON").unwrap_or_else(|_| {
+        format!("{}/.cache/procjob-bench-venv/bin/python", std::env::var("HOME").unwrap_or_default())
+    });
+    let child = Command::new(&python)
+        .args(["-c", CHILD])
+        .env("OPENBLAS_NUM_THREADS", "1")
+        .env("OMP_NUM_THREADS", "1")
+        .env_remove("OPENBLAS_CORETYPE")
+        .env_remove("OPENBLAS_L2_SIZE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) => {
+            println!("vs_numpy: skipped, cannot run {python}: {e} (run ../shared/bench/setup.sh)");
+            return;
+        }
+    };
+    let mut to_numpy = child.stdin.take().expect("piped");
+    let mut from_numpy = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let Some(Ok(banner)) = from_numpy.next() else {
+        println!("vs_numpy: skipped, {python} has no numpy (run ../shared/bench/setup.sh)");
+        return;
+    };
+    println!("{banner}");
+    let mut numpy = |n: usize, dtype: &str| -> f64 {
+        writeln!(to_numpy, "{n} {dtype}").expect("numpy child gone");
+        from_numpy.next().expect("numpy child gone").expect("read").trim().parse().expect("a time")
+    };
+    println!("{:<5} {:>5} {:>13} {:>13} {:>11}", "dtype", "n", "ours GFLOP/s", "numpy GFLOP/s", "ours/numpy");
+    for (dtype, name) in [(DType::F64, "float64"), (DType::F32, "float32")] {
+        for &n in &sizes {
+            let inputs = Inputs::random(dtype, n, n, n, 1);
+            let ours = || {
+                let t = Instant::now();
+                procjob::tasks::dot(&inputs.a, &inputs.b).expect("dot");
+                t.elapsed().as_secs_f64()
+            };
+            let flop = 2.0 * (n as f64).powi(3);
+            numpy(n, name);
+            ours();
+            let mut ratios = Vec::with_capacity(pairs);
+            for pair in 0..pairs {
+                let (t_ours, t_numpy) = if pair % 2 == 0 {
+                    let t = ours();
+                    (t, numpy(n, name))
+                } else {
+                    let t = numpy(n, name);
+                    (ours(), t)
+                };
+                ratios.push(t_ours / t_numpy);
+                println!(
+                    "{:<5} {n:>5} {:>13.1} {:>13.1} {:>11.3}",
+                    dtype.name(),
+                    flop / t_ours / 1e9,
+                    flop / t_numpy / 1e9,
+                    t_ours / t_numpy
+                );
+            }
+            ratios.sort_by(f64::total_cmp);
+            println!(
+                "{:<5} {n:>5} median of {pairs} paired ratios ours/numpy (time): {:.3}",
+                dtype.name(),
+                ratios[pairs / 2]
+            );
+        }
+    }
+}
