@@ -782,7 +782,7 @@ impl Table {
         let reps = first.walls_s.len();
         let _ = writeln!(
             out,
-            "wall: median of {reps} repetition{} (the first includes starting workers); to/from workers: bytes through the pipes",
+            "wall: median of {reps} repetition{} (the first includes starting workers and, in memmap modes, dumping A and B); to/from workers: bytes through the pipes",
             if reps == 1 { "" } else { "s" }
         );
         let _ = writeln!(

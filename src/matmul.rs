@@ -268,6 +268,8 @@ pub struct ModeRunner<'a> {
     progress: bool,
     /// The coordinator's own spans (dump, in-process compute), when tracing.
     trace: Option<crate::trace::Trace>,
+    /// A and B in the run folder, from the first repetition on (file modes).
+    dumped: Option<DumpedInputs>,
 }
 
 impl<'a> ModeRunner<'a> {
@@ -299,6 +301,7 @@ impl<'a> ModeRunner<'a> {
             threads: settings.processes,
             progress: settings.progress,
             trace: settings.trace.then(crate::trace::Trace::default),
+            dumped: None,
         }
     }
 
@@ -320,7 +323,7 @@ impl<'a> ModeRunner<'a> {
             Mode::Threads => run_threads(self.inputs, &self.ranges, self.threads),
             mode => {
                 let bar = self.progress.then(|| ProgressBar::new(mode, &self.ranges));
-                run_parallel(mode, self.inputs, &self.ranges, &mut self.parallel, self.folder, self.rep, bar)
+                run_parallel(self, bar)
             }
         }?;
         if let Some(trace) = self.trace.as_mut() {
@@ -432,39 +435,34 @@ fn run_seq(inputs: &Inputs) -> Result<(Repetition, Array), Error> {
     Ok((Repetition { wall, phases, bytes_to_workers: 0, bytes_from_workers: 0 }, c))
 }
 
-fn run_parallel(
-    mode: Mode,
-    inputs: &Inputs,
-    ranges: &[Range<usize>],
-    parallel: &mut Parallel,
-    folder: &RunFolder,
-    rep: usize,
-    mut bar: Option<ProgressBar>,
-) -> Result<(Repetition, Array), Error> {
+/// One repetition of a worker mode, with the runner's pool, run folder and
+/// dumped inputs.
+fn run_parallel(runner: &mut ModeRunner<'_>, mut bar: Option<ProgressBar>) -> Result<(Repetition, Array), Error> {
+    let ModeRunner { mode, inputs, ranges, parallel, folder, rep, dumped, .. } = runner;
+    let (mode, rep) = (*mode, *rep);
     let (m, _, n) = inputs.dims();
     let dtype = inputs.dtype();
     let t0 = Instant::now();
     // Dump (file modes): inputs not already backed by a file are written
-    // once and mapped; the user's own .npy files are mapped in place.
-    // Files of this repetition; unlinked when it ends (a mapping of an
-    // unlinked file stays valid, and its pages are freed with the mapping).
-    let dumps = DumpFiles([
-        folder.file(&format!("{}-A-{rep}.npy", mode.name())),
-        folder.file(&format!("{}-B-{rep}.npy", mode.name())),
-        folder.file(&format!("{}-C-{rep}.npy", mode.name())),
-    ]);
+    // once per mode run and mapped; the user's own .npy files are mapped in
+    // place. C's file belongs to this repetition and is unlinked when it
+    // ends (a mapping of an unlinked file stays valid, and its pages are
+    // freed with the mapping).
+    let c_file = DumpFiles(vec![folder.file(&format!("{}-C-{rep}.npy", mode.name()))]);
     let (a, b) = match mode {
         Mode::Copy => (owned(&inputs.a), owned(&inputs.b)),
         // Forked workers inherit A and B: they travel as references.
         Mode::Fork => (inputs.a.clone(), inputs.b.clone()),
-        // A and B are written at the same time, on two threads: writing
-        // to tmpfs is bound by one core's page allocation and copying.
-        _ => std::thread::scope(|scope| {
-            let b = scope.spawn(|| mapped(&inputs.b, &dumps.0[1]));
-            let a = mapped(&inputs.a, &dumps.0[0]);
-            let b = b.join().unwrap_or_else(|_| Err(Error::Config("the thread writing B panicked".into())));
-            Ok::<_, Error>((a?, b?))
-        })?,
+        // The first repetition dumps A and B; later ones map the same files
+        // (the inputs do not change between repetitions), as joblib reuses
+        // a dump whose content hash it has seen.
+        _ => {
+            if dumped.is_none() {
+                *dumped = Some(DumpedInputs::write(inputs, folder, mode)?);
+            }
+            let d = dumped.as_ref().expect("just dumped");
+            (d.a.clone(), d.b.clone())
+        }
     };
     // C is a file-backed array in every worker mode: in memmap-out the
     // workers write their rows into it; otherwise the coordinator's readers
@@ -473,7 +471,7 @@ fn run_parallel(
     let c = match mode {
         // No files at all: C is stacked in memory.
         Mode::Fork => Array::zeros(dtype, vec![m, n]),
-        _ => Array::create_npy(&dumps.0[2], dtype, vec![m, n]).map_err(|e| Error::Config(e.to_string()))?,
+        _ => Array::create_npy(&c_file.0[0], dtype, vec![m, n]).map_err(|e| Error::Config(e.to_string()))?,
     };
     // Copy and fork modes dump nothing; their inputs go through the pipes
     // or are inherited.
@@ -589,7 +587,34 @@ impl ProgressBar {
 }
 
 /// Paths unlinked on drop (missing ones are fine).
-struct DumpFiles([PathBuf; 3]);
+struct DumpFiles(Vec<PathBuf>);
+
+/// A and B as dumped to the run folder and mapped, kept for the mode's
+/// later repetitions; the files go when this is dropped.
+struct DumpedInputs {
+    a: Array,
+    b: Array,
+    _files: DumpFiles,
+}
+
+impl DumpedInputs {
+    /// Writes A and B (those not already backed by a file) at the same time,
+    /// on two threads: writing to tmpfs is bound by one core's page
+    /// allocation and copying.
+    fn write(inputs: &Inputs, folder: &RunFolder, mode: Mode) -> Result<DumpedInputs, Error> {
+        let files = DumpFiles(vec![
+            folder.file(&format!("{}-A.npy", mode.name())),
+            folder.file(&format!("{}-B.npy", mode.name())),
+        ]);
+        let (a, b) = std::thread::scope(|scope| {
+            let b = scope.spawn(|| mapped(&inputs.b, &files.0[1]));
+            let a = mapped(&inputs.a, &files.0[0]);
+            let b = b.join().unwrap_or_else(|_| Err(Error::Config("the thread writing B panicked".into())));
+            Ok::<_, Error>((a?, b?))
+        })?;
+        Ok(DumpedInputs { a, b, _files: files })
+    }
+}
 
 impl Drop for DumpFiles {
     fn drop(&mut self) {
