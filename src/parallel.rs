@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use procjob_worker::array::{self, Array, ArrayEncoder};
-use procjob_worker::protocol::{Access, ArrayRef, Batch, FailureCause, Outcome, TaskKind, TaskRequest};
+use procjob_worker::protocol::{Access, ArrayRef, Batch, FailureCause, Outcome, Request, TaskKind, TaskRequest};
 use procjob_worker::registry::entry_offset;
 use procjob_worker::Task;
 
@@ -494,9 +494,32 @@ struct Encoded {
 /// sent again if the worker dies.
 struct InFlight {
     tasks: Vec<TaskId>,
-    encoded: Vec<Encoded>,
+    /// The batch as sent (`Request::Run`), its inputs moved in, not copied.
+    request: Request,
+    /// Each task's inline arrays, in order.
+    inline: Vec<Vec<Array>>,
     sent: Instant,
     deadline: Option<Instant>,
+}
+
+impl InFlight {
+    /// The batch's tasks as they were before sending, to queue them again.
+    fn into_encoded(self) -> Vec<Encoded> {
+        let Request::Run(batch) = self.request else { unreachable!("a batch in flight is a Run request") };
+        batch
+            .tasks
+            .into_iter()
+            .zip(self.inline)
+            .zip(self.tasks)
+            .map(|((r, inline), id)| Encoded {
+                index: r.index,
+                input: r.input,
+                refs: r.arrays,
+                inline,
+                description: id.description,
+            })
+            .collect()
+    }
 }
 
 /// The state of one call. Yields outputs in completion order.
@@ -614,21 +637,20 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
     }
 
     fn send(&mut self, worker: usize, n: usize) -> Result<(), Error> {
-        let encoded: Vec<Encoded> = self.queue.drain(..n).collect();
         let kind = TaskKind { name: T::name().to_string(), entry: Some(entry_offset::<T>()) };
-        let ids: Vec<TaskId> =
-            encoded.iter().map(|t| TaskId { index: t.index, description: t.description.clone() }).collect();
-        // The encoded inputs stay in flight too: a batch lost to a dead
-        // worker may be sent again.
-        let requests: Vec<TaskRequest> = encoded
-            .iter()
-            .map(|t| TaskRequest { index: t.index, input: t.input.clone(), arrays: t.refs.clone() })
-            .collect();
-        let bulk: Vec<&[u8]> = encoded.iter().flat_map(|t| t.inline.iter().map(Array::as_bytes)).collect();
+        // The encoded inputs move into the request and stay in flight with
+        // it: a batch lost to a dead worker may be sent again.
+        let (mut ids, mut requests, mut inline) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for t in self.queue.drain(..n) {
+            ids.push(TaskId { index: t.index, description: t.description });
+            requests.push(TaskRequest { index: t.index, input: t.input, arrays: t.refs });
+            inline.push(t.inline);
+        }
+        let bulk: Vec<&[u8]> = inline.iter().flatten().map(Array::as_bytes).collect();
         if let Some(plan) = self.landing.as_mut() {
             let pool = self.parallel.pool.as_ref().expect("the pool exists during a call");
             let mut landings = pool.landings().lock().map_err(|_| Error::Config("landing table poisoned".into()))?;
-            for t in &encoded {
+            for t in &ids {
                 let landing = plan.landing(t.index).map_err(Error::Config)?;
                 landings.insert(t.index, landing);
             }
@@ -639,7 +661,9 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
         self.parallel.last.batches += 1;
         let pool = self.parallel.pool.as_mut().expect("the pool exists during a call");
         let send_start = procjob_worker::clock::monotonic_ns();
-        let result = pool.send(worker, Batch { call, kind, tasks: requests }, &bulk).map(|_| ());
+        let request = Request::Run(Batch { call, kind, tasks: requests });
+        let result = pool.send(worker, &request, &bulk).map(|_| ());
+        drop(bulk);
         if let Some(trace) = self.parallel.trace.as_mut() {
             let what = match (ids.first(), ids.last()) {
                 (Some(a), Some(b)) if ids.len() > 1 => {
@@ -650,7 +674,7 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
             };
             trace.span(Lane::Coordinator, "send", what, send_start, procjob_worker::clock::monotonic_ns());
         }
-        self.in_flight[worker] = Some(InFlight { tasks: ids, encoded, sent, deadline });
+        self.in_flight[worker] = Some(InFlight { tasks: ids, request, inline, sent, deadline });
         result
     }
 
@@ -800,7 +824,7 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
         let idled_out = error.is_none() && exit == crate::error::WorkerExit::Exited { code: 0 };
         if idled_out && self.failure.is_none() && flight.tasks.iter().all(|t| !self.resent.contains(&t.index)) {
             self.resent.extend(flight.tasks.iter().map(|t| t.index));
-            self.send_again(w, flight.encoded);
+            self.send_again(w, flight.into_encoded());
             return;
         }
         let retries = self.parallel.retries;
@@ -813,7 +837,7 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
                 *self.attempts.entry(t.index).or_default() += 1;
             }
             self.parallel.last.retried += flight.tasks.len() as u64;
-            self.send_again(w, flight.encoded);
+            self.send_again(w, flight.into_encoded());
             return;
         }
         match error {

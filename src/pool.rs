@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use procjob_worker::array::{self, Array, ArrayError, Landing};
 use procjob_worker::protocol::{
-    self, ArrayRef, Batch, DecodeError, FrameKind, Hello, MemorySnapshot, Outcome, Ready, Reply, Request, Results,
-    MAGIC, PROTOCOL_VERSION,
+    self, ArrayRef, DecodeError, FrameKind, Hello, MemorySnapshot, Outcome, Ready, Reply, Request, Results, MAGIC,
+    PROTOCOL_VERSION,
 };
 use procjob_worker::registry::BinaryId;
 use procjob_worker::serve::WORKER_ENV;
@@ -542,12 +542,12 @@ impl WorkerPool {
     }
 
     /// Sends a batch to worker `index`, with the bytes of its inline arrays.
-    pub fn send(&mut self, index: usize, batch: Batch, bulk: &[&[u8]]) -> Result<u64, Error> {
+    pub fn send(&mut self, index: usize, request: &Request, bulk: &[&[u8]]) -> Result<u64, Error> {
         let worker = self.worker_id(index);
         let Some(input) = self.slots[index].process.as_mut().and_then(|p| p.input.as_mut()) else {
             return Err(Error::Transport { worker, reason: "the worker is not running".into() });
         };
-        let n = protocol::send(input, FrameKind::Request, &Request::Run(batch), bulk)
+        let n = protocol::send(input, FrameKind::Request, request, bulk)
             .map_err(|e| Error::Transport { worker, reason: format!("cannot send a batch: {e}") })?;
         self.traffic.bytes_to_workers += n;
         self.traffic.frames_to_workers += 1;
