@@ -316,210 +316,103 @@ fn has_avx512() -> bool {
     }
 }
 
-/// The 6 × 8 `f64` microkernel; see [`Micro::tile`].
+/// Defines one microkernel (see [`Micro::tile`]): `MR` rows by two vectors
+/// of `lanes` elements (`NR = 2·lanes`), from the named intrinsics of one
+/// instruction set.
 ///
-/// Per `p` (ascending), row `p` of the `B` panel is loaded as two vectors
-/// (columns 0–3 and 4–7), each `A[r][p]` is broadcast, and the accumulators
-/// of tile row `r` take `fma(A[r][p], B[p][j], acc)` lane by lane
-/// (`vfmadd231pd`). Twelve accumulators, two `B` vectors and one broadcast
-/// fit the sixteen `ymm` registers.
-///
-/// # Safety
-///
-/// As for [`Micro::tile`] with `MR = 6`, `NR = 8`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_f64(kc: usize, a: *const f64, b: *const f64, c: *mut f64, ldc: usize, add: bool) {
-    debug_assert!(kc > 0 && (b as usize).is_multiple_of(32));
-    // SAFETY: AVX2 and FMA are present (the caller's contract). Iteration
-    // `q < kc` reads `a[6q..6q+6]` (inside the `6·kc` elements of the A
-    // panel) and `b[8q..8q+8]` as two aligned vectors (inside the `8·kc`
-    // elements of the B panel, which is 32-byte aligned, as is every 8q-th
-    // element of it). The prefetches only hint and cannot fault, and their
-    // addresses are formed with `wrapping_add`, so they may point past the
-    // panels. The write-back touches `c[r·ldc..r·ldc+8]` for `r < 6`, which
-    // the caller made valid and exclusive. The pointer reads and writes are
-    // what needs the block; the intrinsics are safe inside a
-    // `target_feature` function (Rust 1.87 on; the MSRV is 1.89, the first
-    // with the AVX-512 intrinsics).
-    unsafe {
-        for r in 0..6 {
-            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc).cast::<i8>());
-            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + 7).cast::<i8>());
-        }
-        let mut acc = [[_mm256_setzero_pd(); 2]; 6];
-        let (mut a, mut b) = (a, b);
-        for _ in 0..kc {
-            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PREFETCH_A_F64).cast::<i8>());
-            let b0 = _mm256_load_pd(b);
-            let b1 = _mm256_load_pd(b.add(4));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let x = _mm256_broadcast_sd(&*a.add(r));
-                acc[0] = _mm256_fmadd_pd(x, b0, acc[0]);
-                acc[1] = _mm256_fmadd_pd(x, b1, acc[1]);
+/// Per `p` (ascending), row `p` of the `B` panel is loaded as two aligned
+/// vectors (columns `0..lanes` and `lanes..NR`), each `A[r][p]` is
+/// broadcast, and the accumulators of tile row `r` take
+/// `fma(A[r][p], B[p][j], acc)` lane by lane. The accumulators start at
+/// `+0`; at the end each tile row is stored (`C = s`) or added to `C`
+/// (`C = C + s`). The AVX2 kernels hold 12 accumulators, two `B` vectors and
+/// a broadcast in the sixteen `ymm` registers; the AVX-512 kernels 24, two
+/// and one in the 32 `zmm` registers. Every lane runs the same chain
+/// whatever the vector width, so all kernels give the same bits.
+macro_rules! microkernel {
+    ($(#[$doc:meta])* $name:ident: $t:ty, MR $mr:literal, lanes $lanes:literal, features $features:literal,
+     prefetch_a $pf:ident, $zero:ident, $load:ident, $loadu:ident, $storeu:ident, $splat:ident, $fmadd:ident,
+     $add:ident) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        ///
+        /// As for [`Micro::tile`] with this kernel's `MR` and `NR`; the CPU
+        /// must have the instructions this function is compiled for.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(kc: usize, a: *const $t, b: *const $t, c: *mut $t, ldc: usize, add: bool) {
+            const NR: usize = 2 * $lanes;
+            debug_assert!(kc > 0 && (b as usize).is_multiple_of(size_of::<$t>() * $lanes));
+            // SAFETY: the instructions are present (the caller's contract).
+            // Iteration `q < kc` reads `a[MR·q..MR·q+MR]` (inside the `MR·kc`
+            // elements of the A panel) and `b[NR·q..NR·q+NR]` as two aligned
+            // vectors (inside the `NR·kc` elements of the B panel, which is
+            // 64-byte aligned, and every row of it is a multiple of 64
+            // bytes). The prefetches only hint and cannot fault, and their
+            // addresses are formed with `wrapping_add`, so they may point
+            // past the panels. The write-back touches `c[r·ldc..r·ldc+NR]`
+            // for `r < MR`, which the caller made valid and exclusive. The
+            // pointer reads and writes are what needs the block; the
+            // intrinsics are safe inside a `target_feature` function (Rust
+            // 1.87 on; the MSRV is 1.89, the first with the AVX-512
+            // intrinsics).
+            unsafe {
+                for r in 0..$mr {
+                    _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc).cast::<i8>());
+                    _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + NR - 1).cast::<i8>());
+                }
+                let mut acc = [[$zero(); 2]; $mr];
+                let (mut a, mut b) = (a, b);
+                for _ in 0..kc {
+                    _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add($pf).cast::<i8>());
+                    let b0 = $load(b);
+                    let b1 = $load(b.add($lanes));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let x = $splat(*a.add(r));
+                        acc[0] = $fmadd(x, b0, acc[0]);
+                        acc[1] = $fmadd(x, b1, acc[1]);
+                    }
+                    a = a.add($mr);
+                    b = b.add(NR);
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    let row = c.add(r * ldc);
+                    if add {
+                        $storeu(row, $add($loadu(row), acc[0]));
+                        $storeu(row.add($lanes), $add($loadu(row.add($lanes)), acc[1]));
+                    } else {
+                        $storeu(row, acc[0]);
+                        $storeu(row.add($lanes), acc[1]);
+                    }
+                }
             }
-            a = a.add(6);
-            b = b.add(8);
         }
-        for (r, acc) in acc.iter().enumerate() {
-            let row = c.add(r * ldc);
-            if add {
-                _mm256_storeu_pd(row, _mm256_add_pd(_mm256_loadu_pd(row), acc[0]));
-                _mm256_storeu_pd(row.add(4), _mm256_add_pd(_mm256_loadu_pd(row.add(4)), acc[1]));
-            } else {
-                _mm256_storeu_pd(row, acc[0]);
-                _mm256_storeu_pd(row.add(4), acc[1]);
-            }
-        }
-    }
+    };
 }
 
-/// The 6 × 16 `f32` microkernel; see [`Micro::tile`] and [`tile_f64`] (the
-/// same code with 8-lane vectors: row `p` of the `B` panel is columns 0–7
-/// and 8–15).
-///
-/// # Safety
-///
-/// As for [`Micro::tile`] with `MR = 6`, `NR = 16`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_f32(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool) {
-    debug_assert!(kc > 0 && (b as usize).is_multiple_of(32));
-    // SAFETY: as in `tile_f64`, with 4-byte elements: iteration `q` reads
-    // `a[6q..6q+6]` and `b[16q..16q+16]` (two aligned vectors), and the
-    // write-back touches `c[r·ldc..r·ldc+16]` for `r < 6`.
-    unsafe {
-        for r in 0..6 {
-            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc).cast::<i8>());
-            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + 15).cast::<i8>());
-        }
-        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
-        let (mut a, mut b) = (a, b);
-        for _ in 0..kc {
-            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PREFETCH_A_F32).cast::<i8>());
-            let b0 = _mm256_load_ps(b);
-            let b1 = _mm256_load_ps(b.add(8));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let x = _mm256_broadcast_ss(&*a.add(r));
-                acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
-                acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
-            }
-            a = a.add(6);
-            b = b.add(16);
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            let row = c.add(r * ldc);
-            if add {
-                _mm256_storeu_ps(row, _mm256_add_ps(_mm256_loadu_ps(row), acc[0]));
-                _mm256_storeu_ps(row.add(8), _mm256_add_ps(_mm256_loadu_ps(row.add(8)), acc[1]));
-            } else {
-                _mm256_storeu_ps(row, acc[0]);
-                _mm256_storeu_ps(row.add(8), acc[1]);
-            }
-        }
-    }
+microkernel! {
+    /// The 6 × 8 `f64` AVX2 microkernel.
+    tile_f64: f64, MR 6, lanes 4, features "avx2,fma", prefetch_a PREFETCH_A_F64,
+    _mm256_setzero_pd, _mm256_load_pd, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_set1_pd, _mm256_fmadd_pd, _mm256_add_pd
 }
 
-/// The 12 × 16 `f64` AVX-512 microkernel; see [`Micro::tile`] and
-/// [`tile_f64`] (the same chains with 8-lane vectors: row `p` of the `B`
-/// panel is columns 0–7 and 8–15, and twelve rows of `A` are broadcast).
-/// Twenty-four accumulators, two `B` vectors and a broadcast fit the 32
-/// `zmm` registers. Each lane still runs `s = fma(A[i][p], B[p][j], s)`
-/// from `+0` over `p` ascending, so `C` has the same bits as with the AVX2
-/// kernel.
-///
-/// # Safety
-///
-/// As for [`Micro::tile`] with `MR = 12`, `NR = 16`; the CPU must have
-/// AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn tile_f64_avx512(kc: usize, a: *const f64, b: *const f64, c: *mut f64, ldc: usize, add: bool) {
-    debug_assert!(kc > 0 && (b as usize).is_multiple_of(64));
-    // SAFETY: AVX-512F is present (the caller's contract). Iteration
-    // `q < kc` reads `a[12q..12q+12]` (inside the `12·kc` elements of the A
-    // panel) and `b[16q..16q+16]` as two aligned vectors (inside the
-    // `16·kc` elements of the B panel, 64-byte aligned, as is every 8th
-    // element of it). Prefetches only hint and cannot fault. The write-back
-    // touches `c[r·ldc..r·ldc+16]` for `r < 12`, valid and exclusive by the
-    // caller's contract.
-    unsafe {
-        for r in 0..12 {
-            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc).cast::<i8>());
-            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + 15).cast::<i8>());
-        }
-        let mut acc = [[_mm512_setzero_pd(); 2]; 12];
-        let (mut a, mut b) = (a, b);
-        for _ in 0..kc {
-            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PREFETCH_A_F64).cast::<i8>());
-            let b0 = _mm512_load_pd(b);
-            let b1 = _mm512_load_pd(b.add(8));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let x = _mm512_set1_pd(*a.add(r));
-                acc[0] = _mm512_fmadd_pd(x, b0, acc[0]);
-                acc[1] = _mm512_fmadd_pd(x, b1, acc[1]);
-            }
-            a = a.add(12);
-            b = b.add(16);
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            let row = c.add(r * ldc);
-            if add {
-                _mm512_storeu_pd(row, _mm512_add_pd(_mm512_loadu_pd(row), acc[0]));
-                _mm512_storeu_pd(row.add(8), _mm512_add_pd(_mm512_loadu_pd(row.add(8)), acc[1]));
-            } else {
-                _mm512_storeu_pd(row, acc[0]);
-                _mm512_storeu_pd(row.add(8), acc[1]);
-            }
-        }
-    }
+microkernel! {
+    /// The 6 × 16 `f32` AVX2 microkernel.
+    tile_f32: f32, MR 6, lanes 8, features "avx2,fma", prefetch_a PREFETCH_A_F32,
+    _mm256_setzero_ps, _mm256_load_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps
 }
 
-/// The 12 × 32 `f32` AVX-512 microkernel; see [`tile_f64_avx512`] (the
-/// same code with 16-lane vectors: row `p` of the `B` panel is columns 0–15
-/// and 16–31).
-///
-/// # Safety
-///
-/// As for [`Micro::tile`] with `MR = 12`, `NR = 32`; the CPU must have
-/// AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn tile_f32_avx512(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool) {
-    debug_assert!(kc > 0 && (b as usize).is_multiple_of(64));
-    // SAFETY: as in `tile_f64_avx512`, with 4-byte elements: iteration `q`
-    // reads `a[12q..12q+12]` and `b[32q..32q+32]` (two aligned vectors), and
-    // the write-back touches `c[r·ldc..r·ldc+32]` for `r < 12`.
-    unsafe {
-        for r in 0..12 {
-            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc).cast::<i8>());
-            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + 31).cast::<i8>());
-        }
-        let mut acc = [[_mm512_setzero_ps(); 2]; 12];
-        let (mut a, mut b) = (a, b);
-        for _ in 0..kc {
-            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PREFETCH_A_F32).cast::<i8>());
-            let b0 = _mm512_load_ps(b);
-            let b1 = _mm512_load_ps(b.add(16));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let x = _mm512_set1_ps(*a.add(r));
-                acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
-                acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
-            }
-            a = a.add(12);
-            b = b.add(32);
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            let row = c.add(r * ldc);
-            if add {
-                _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), acc[0]));
-                _mm512_storeu_ps(row.add(16), _mm512_add_ps(_mm512_loadu_ps(row.add(16)), acc[1]));
-            } else {
-                _mm512_storeu_ps(row, acc[0]);
-                _mm512_storeu_ps(row.add(16), acc[1]);
-            }
-        }
-    }
+microkernel! {
+    /// The 12 × 16 `f64` AVX-512 microkernel.
+    tile_f64_avx512: f64, MR 12, lanes 8, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F64,
+    _mm512_setzero_pd, _mm512_load_pd, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_set1_pd, _mm512_fmadd_pd, _mm512_add_pd
+}
+
+microkernel! {
+    /// The 12 × 32 `f32` AVX-512 microkernel.
+    tile_f32_avx512: f32, MR 12, lanes 16, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F32,
+    _mm512_setzero_ps, _mm512_load_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps
 }
 
 /// How far ahead (in elements) the microkernels prefetch the `A` panel
