@@ -663,7 +663,7 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
         let send_start = procjob_worker::clock::monotonic_ns();
         let request = Request::Run(Batch { call, kind, tasks: requests });
         let result = pool.send(worker, &request, &bulk).map(|_| ());
-        drop(bulk);
+        drop(bulk); // it borrows `inline`, which moves into the flight below
         if let Some(trace) = self.parallel.trace.as_mut() {
             let what = match (ids.first(), ids.last()) {
                 (Some(a), Some(b)) if ids.len() > 1 => {

@@ -230,10 +230,10 @@ trait Micro {
 
 /// Declares a kernel: a type implementing [`Micro`] with the given element
 /// type and constants, whose `tile` is the named microkernel and whose
-/// `blocked` is [`drive`] compiled by the named driver.
+/// `blocked` is [`drive`] compiled with the named target features.
 macro_rules! kernel {
     ($(#[$doc:meta])* $name:ident: $t:ty, MR $mr:literal, NR $nr:literal, MC $mc:literal, NC $nc:literal,
-     $tile:ident, $driver:ident, supported $supported:expr) => {
+     $tile:ident, features $features:literal, supported $supported:expr) => {
         $(#[$doc])*
         struct $name;
 
@@ -250,18 +250,11 @@ macro_rules! kernel {
             }
 
             #[allow(clippy::too_many_arguments)]
+            #[cfg_attr(target_arch = "x86_64", target_feature(enable = $features))]
             unsafe fn blocked(a: &[$t], b: &[$t], c: &mut [$t], rows: usize, k: usize, n: usize, accumulate: bool, blk: Blocking) {
-                #[cfg(target_arch = "x86_64")]
                 // SAFETY: the caller upholds `blocked`'s contract, which is
-                // the driver's (instructions present, shapes checked).
-                unsafe {
-                    $driver::<Self>(a, b, c, rows, k, n, accumulate, blk)
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                {
-                    let _ = (a, b, c, rows, k, n, accumulate, blk);
-                    unreachable!("the packed GEMM only runs on x86-64");
-                }
+                // `drive`'s (instructions present, shapes checked).
+                unsafe { drive::<Self>(a, b, c, rows, k, n, accumulate, blk) }
             }
 
             #[inline(always)]
@@ -285,22 +278,22 @@ macro_rules! kernel {
 
 kernel! {
     /// The AVX2 `f64` kernel: 6 × 8 tiles.
-    F64: f64, MR 6, NR 8, MC 48, NC 1024, tile_f64, drive_avx2, supported is_supported()
+    F64: f64, MR 6, NR 8, MC 48, NC 1024, tile_f64, features "avx2,fma", supported is_supported()
 }
 
 kernel! {
     /// The AVX2 `f32` kernel: 6 × 16 tiles.
-    F32: f32, MR 6, NR 16, MC 96, NC 2048, tile_f32, drive_avx2, supported is_supported()
+    F32: f32, MR 6, NR 16, MC 96, NC 2048, tile_f32, features "avx2,fma", supported is_supported()
 }
 
 kernel! {
     /// The AVX-512 `f64` kernel: 12 × 16 tiles.
-    F64x16: f64, MR 12, NR 16, MC 96, NC 1024, tile_f64_avx512, drive_avx512, supported has_avx512()
+    F64x16: f64, MR 12, NR 16, MC 96, NC 1024, tile_f64_avx512, features "avx512f,avx2,fma", supported has_avx512()
 }
 
 kernel! {
     /// The AVX-512 `f32` kernel: 12 × 32 tiles.
-    F32x32: f32, MR 12, NR 32, MC 96, NC 2048, tile_f32_avx512, drive_avx512, supported has_avx512()
+    F32x32: f32, MR 12, NR 32, MC 96, NC 2048, tile_f32_avx512, features "avx512f,avx2,fma", supported has_avx512()
 }
 
 /// Whether this CPU has AVX-512F besides AVX2 and FMA (cached by the
@@ -498,52 +491,8 @@ fn round_to_lines<T>(len: usize) -> usize {
     len.div_ceil(per_line) * per_line
 }
 
-/// [`drive`] compiled for AVX2 and FMA.
-///
-/// # Safety
-///
-/// As for [`drive`]; the CPU must have AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn drive_avx2<M: Micro>(
-    a: &[M::T],
-    b: &[M::T],
-    c: &mut [M::T],
-    rows: usize,
-    k: usize,
-    n: usize,
-    accumulate: bool,
-    blk: Blocking,
-) {
-    // SAFETY: the caller's contract is `drive`'s.
-    unsafe { drive::<M>(a, b, c, rows, k, n, accumulate, blk) }
-}
-
-/// [`drive`] compiled for AVX-512F (and AVX2, FMA).
-///
-/// # Safety
-///
-/// As for [`drive`]; the CPU must have AVX-512F, AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn drive_avx512<M: Micro>(
-    a: &[M::T],
-    b: &[M::T],
-    c: &mut [M::T],
-    rows: usize,
-    k: usize,
-    n: usize,
-    accumulate: bool,
-    blk: Blocking,
-) {
-    // SAFETY: the caller's contract is `drive`'s.
-    unsafe { drive::<M>(a, b, c, rows, k, n, accumulate, blk) }
-}
-
-/// The blocked product; see the module docs. Always inlined into the
-/// driver compiled for the kernel's instruction set ([`Micro::blocked`]).
+/// The blocked product; see the module docs. Always inlined into each
+/// kernel's [`Micro::blocked`], which is compiled for its instruction set.
 ///
 /// # Safety
 ///
