@@ -358,9 +358,12 @@ impl Parallel {
     where
         I: IntoIterator<Item = T::Input>,
     {
-        // Completion order, placed by index: no reordering buffer.
-        let mut out: Vec<Option<T::Output>> = Vec::new();
-        for result in self.run_unordered::<T, I>(inputs)? {
+        // Completion order, placed by index: no reordering buffer. Sized
+        // up front when the input says how long it is, so the slots are not
+        // reallocated (and their pages faulted in again) as they fill.
+        let inputs = inputs.into_iter();
+        let mut out: Vec<Option<T::Output>> = Vec::with_capacity(inputs.size_hint().0);
+        for result in self.run_unordered::<T, I::IntoIter>(inputs)? {
             let (index, output) = result?;
             let index = index as usize;
             if index >= out.len() {
@@ -481,6 +484,10 @@ fn refuse_recursive_spawn() {
     }
 }
 
+/// Inputs drawn (and encoded) at a time before the calling thread looks
+/// for answers again.
+const PULL_CHUNK: usize = 1024;
+
 /// One task, encoded and waiting to be sent.
 struct Encoded {
     index: u64,
@@ -588,7 +595,16 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
                 continue;
             }
             match self.scheduler.next_action() {
-                Action::Pull(n) => self.pull(n),
+                Action::Pull(n) => {
+                    // Draw in chunks, and let an answer that is already
+                    // waiting in between: its worker is idle until the
+                    // scheduler sees it.
+                    if let Some(event) = self.pool().next_event(Some(Duration::ZERO)) {
+                        self.on_event(event);
+                        continue;
+                    }
+                    self.pull(n.min(PULL_CHUNK));
+                }
                 Action::Send { worker, tasks } => {
                     if let Err(e) = self.send(worker, tasks) {
                         self.fail(e);

@@ -181,6 +181,14 @@ impl Scheduler {
             return if self.in_flight() == 0 { Action::Done } else { Action::Wait };
         }
         let size = self.batch_size();
+        // A worker waiting while a whole batch for it is queued gets it
+        // before anything more is drawn: drawing (encoding) inputs takes
+        // the calling thread's time, and the worker would sit idle for it.
+        if let Some(worker) = self.busy.iter().position(|b| !b) {
+            if self.queued > 0 && (self.queued >= size || self.input_done) {
+                return self.send_to(worker, size);
+            }
+        }
         let window = match self.pre_dispatch {
             PreDispatch::All => usize::MAX,
             PreDispatch::Batches(b) => b.max(1).saturating_mul(size),
@@ -194,17 +202,23 @@ impl Scheduler {
         }
         if let Some(worker) = self.busy.iter().position(|b| !b) {
             if self.queued > 0 {
-                let tasks = self.share(size);
-                self.queued -= tasks;
-                self.busy[worker] = true;
-                self.in_flight[worker] = tasks;
-                return Action::Send { worker, tasks };
+                return self.send_to(worker, size);
             }
         }
         if self.queued == 0 && self.input_done && self.in_flight() == 0 {
             return Action::Done;
         }
         Action::Wait
+    }
+
+    /// Sends the next batch (at most `size` tasks, see [`Scheduler::share`])
+    /// to the idle `worker`.
+    fn send_to(&mut self, worker: usize, size: usize) -> Action {
+        let tasks = self.share(size);
+        self.queued -= tasks;
+        self.busy[worker] = true;
+        self.in_flight[worker] = tasks;
+        Action::Send { worker, tasks }
     }
 
     /// Tasks for the next batch: the batch size, but near the end (with
@@ -299,7 +313,30 @@ mod tests {
         // 1 queued + 2 in flight = the window of 3: no pull until one finishes.
         assert_eq!(s.next_action(), Action::Wait);
         s.handle(Event::BatchDone { worker: 0, tasks: 1, seconds: 0.5 });
+        // The queued task goes to the idle worker first, then one more is
+        // drawn to refill the window.
+        assert_eq!(s.next_action(), Action::Send { worker: 0, tasks: 1 });
         assert_eq!(s.next_action(), Action::Pull(1));
+    }
+
+    #[test]
+    fn an_idle_worker_gets_a_queued_batch_before_more_is_drawn() {
+        let mut s = Scheduler::new(2, BatchSize::Fixed(4), PreDispatch::Batches(4));
+        assert_eq!(s.next_action(), Action::Pull(16));
+        s.pulled(16, false, None);
+        assert_eq!(s.next_action(), Action::Send { worker: 0, tasks: 4 });
+        assert_eq!(s.next_action(), Action::Send { worker: 1, tasks: 4 });
+        // 8 queued, 8 in flight: the window is full.
+        assert_eq!(s.next_action(), Action::Wait);
+        s.handle(Event::BatchDone { worker: 1, tasks: 4, seconds: 0.1 });
+        // Window room for 4 more, but worker 1 is idle and 8 are queued.
+        assert_eq!(s.next_action(), Action::Send { worker: 1, tasks: 4 });
+        assert_eq!(s.next_action(), Action::Pull(4));
+        // Fewer queued than a batch and more to come: draw first.
+        let mut s = Scheduler::new(1, BatchSize::Fixed(4), PreDispatch::Batches(2));
+        assert_eq!(s.next_action(), Action::Pull(8));
+        s.pulled(2, false, None);
+        assert_eq!(s.next_action(), Action::Pull(6));
     }
 
     #[test]
