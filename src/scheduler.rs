@@ -11,7 +11,9 @@
 //! while they finish faster than [`TARGET_BATCH`] (so a million tiny tasks
 //! cost a few hundred frames, not a million), and shrink when they run
 //! long; near the end of the input a batch never takes more than its share
-//! of what is left, so all workers finish together.
+//! of what is left, so all workers finish together. An idle worker is
+//! handed a whole queued batch before any more input is drawn, so it never
+//! waits while the calling thread encodes inputs for later batches.
 
 use std::time::Duration;
 
