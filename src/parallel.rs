@@ -34,7 +34,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use procjob_worker::array::{self, Array, ArrayEncoder};
-use procjob_worker::protocol::{Access, ArrayRef, Batch, FailureCause, Outcome, Request, TaskKind, TaskRequest};
+use procjob_worker::protocol::{
+    Access, ArrayRef, Batch, FailureCause, Outcome, Payload, Request, TaskKind, TaskRequest,
+};
 use procjob_worker::registry::entry_offset;
 use procjob_worker::Task;
 
@@ -491,7 +493,7 @@ const PULL_CHUNK: usize = 1024;
 /// One task, encoded and waiting to be sent.
 struct Encoded {
     index: u64,
-    input: Vec<u8>,
+    input: Payload,
     refs: Vec<ArrayRef>,
     inline: Vec<Array>,
     description: Option<String>,

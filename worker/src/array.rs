@@ -28,6 +28,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::dtype::{DType, Element};
 use crate::npy;
+use crate::payload::Payload;
 use crate::protocol::{Access, ArrayRef, DecodeError};
 
 /// Why an array operation failed.
@@ -688,18 +689,58 @@ struct Collect<'a> {
 /// Serializes `value` with postcard; each [`Array`] inside it is handed to
 /// `encoder` and replaced by the index of its reference. Returns the bytes
 /// and the references.
+///
+/// The bytes are written into a buffer kept per thread and then copied into
+/// the [`Payload`], which holds short encodings in place: a task with a
+/// small input or output costs no allocation here.
 pub fn encode_with<T: Serialize + ?Sized>(
     value: &T,
     encoder: &mut dyn ArrayEncoder,
-) -> Result<(Vec<u8>, Vec<ArrayRef>), CodecError> {
+) -> Result<(Payload, Vec<ArrayRef>), CodecError> {
     let mut collect = Collect { inner: encoder, refs: Vec::new() };
     let ptr = NonNull::from(&mut collect).cast::<Collect<'static>>();
     let previous = ENCODER.with(|c| c.replace(Some(ptr)));
     let restore = Restore { key: &ENCODER, previous };
-    let bytes = postcard::to_stdvec(value).map_err(|e| CodecError(e.to_string()));
+    let mut scratch = SCRATCH.take();
+    scratch.clear();
+    let written = postcard::serialize_with_flavor::<T, _, _>(value, Scratch(&mut scratch));
     // The slot must be reset before `collect` is used or dropped again.
     drop(restore);
+    let bytes = written.map(|()| Payload::from_slice(&scratch)).map_err(|e| CodecError(e.to_string()));
+    if scratch.capacity() <= SCRATCH_KEEP {
+        SCRATCH.set(scratch);
+    }
     Ok((bytes?, collect.refs))
+}
+
+thread_local! {
+    /// [`encode_with`]'s buffer, kept between calls on this thread.
+    static SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// The largest [`SCRATCH`] buffer kept for the next call (a huge encoding
+/// gives its memory back).
+const SCRATCH_KEEP: usize = 1 << 16;
+
+/// A postcard flavor appending to a borrowed `Vec`.
+struct Scratch<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Scratch<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
 }
 
 /// Deserializes a postcard value whose arrays are indices into `arrays`.

@@ -16,6 +16,7 @@ pub mod array;
 pub mod clock;
 pub mod matmul;
 pub mod memory;
+pub mod payload;
 pub mod protocol;
 pub mod registry;
 pub mod serve;

@@ -55,6 +55,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::dtype::DType;
+pub use crate::payload::Payload;
 
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"PJOB";
@@ -128,8 +129,8 @@ pub struct TaskRequest {
     /// Index of the task in its call (submission order).
     pub index: u64,
     /// The postcard encoding of the task's input; arrays in it are indices
-    /// into `arrays`.
-    pub input: Vec<u8>,
+    /// into `arrays`. On the wire, a byte string (as a `Vec<u8>`).
+    pub input: Payload,
     /// The arrays the input refers to.
     pub arrays: Vec<ArrayRef>,
 }
@@ -274,8 +275,9 @@ pub struct TaskReply {
 pub enum Outcome {
     /// It returned `Ok`.
     Ok {
-        /// The postcard encoding of the output; arrays are indices into `arrays`.
-        output: Vec<u8>,
+        /// The postcard encoding of the output; arrays are indices into
+        /// `arrays`. On the wire, a byte string (as a `Vec<u8>`).
+        output: Payload,
         /// The arrays the output refers to.
         arrays: Vec<ArrayRef>,
     },

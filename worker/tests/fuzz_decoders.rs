@@ -16,7 +16,7 @@ fn valid_frame() -> Vec<u8> {
         kind: protocol::TaskKind { name: "matmul".into(), entry: Some(-1234) },
         tasks: vec![protocol::TaskRequest {
             index: 9,
-            input: vec![1, 2, 3],
+            input: vec![1, 2, 3].into(),
             arrays: vec![ArrayRef::Inline { dtype: DType::F32, shape: vec![2, 2] }],
         }],
     });
@@ -139,7 +139,7 @@ fn an_inline_array_whose_size_overflows_is_refused() {
         kind: protocol::TaskKind { name: "x".into(), entry: None },
         tasks: vec![protocol::TaskRequest {
             index: 0,
-            input: vec![],
+            input: Vec::new().into(),
             arrays: vec![ArrayRef::Inline { dtype: DType::I64, shape: vec![1 << 40, 1 << 40] }],
         }],
     });
