@@ -690,9 +690,10 @@ struct Collect<'a> {
 /// `encoder` and replaced by the index of its reference. Returns the bytes
 /// and the references.
 ///
-/// The bytes are written into a buffer kept per thread and then copied into
-/// the [`Payload`], which holds short encodings in place: a task with a
-/// small input or output costs no allocation here.
+/// The bytes are written into a buffer kept per thread
+/// ([`with_scratch`](crate::payload::with_scratch)) and then copied into the
+/// [`Payload`], which holds short encodings in place: a task with a small
+/// input or output costs no allocation here.
 pub fn encode_with<T: Serialize + ?Sized>(
     value: &T,
     encoder: &mut dyn ArrayEncoder,
@@ -701,46 +702,14 @@ pub fn encode_with<T: Serialize + ?Sized>(
     let ptr = NonNull::from(&mut collect).cast::<Collect<'static>>();
     let previous = ENCODER.with(|c| c.replace(Some(ptr)));
     let restore = Restore { key: &ENCODER, previous };
-    let mut scratch = SCRATCH.take();
-    scratch.clear();
-    let written = postcard::serialize_with_flavor::<T, _, _>(value, Scratch(&mut scratch));
+    let bytes = crate::payload::with_scratch(|buf| {
+        crate::payload::encode_into(value, buf)
+            .map(|()| Payload::from_slice(buf))
+            .map_err(|e| CodecError(e.to_string()))
+    });
     // The slot must be reset before `collect` is used or dropped again.
     drop(restore);
-    let bytes = written.map(|()| Payload::from_slice(&scratch)).map_err(|e| CodecError(e.to_string()));
-    if scratch.capacity() <= SCRATCH_KEEP {
-        SCRATCH.set(scratch);
-    }
     Ok((bytes?, collect.refs))
-}
-
-thread_local! {
-    /// [`encode_with`]'s buffer, kept between calls on this thread.
-    static SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
-}
-
-/// The largest [`SCRATCH`] buffer kept for the next call (a huge encoding
-/// gives its memory back).
-const SCRATCH_KEEP: usize = 1 << 16;
-
-/// A postcard flavor appending to a borrowed `Vec`.
-struct Scratch<'a>(&'a mut Vec<u8>);
-
-impl postcard::ser_flavors::Flavor for Scratch<'_> {
-    type Output = ();
-
-    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
-        self.0.push(data);
-        Ok(())
-    }
-
-    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        self.0.extend_from_slice(data);
-        Ok(())
-    }
-
-    fn finalize(self) -> postcard::Result<()> {
-        Ok(())
-    }
 }
 
 /// Deserializes a postcard value whose arrays are indices into `arrays`.

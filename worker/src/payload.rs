@@ -11,6 +11,7 @@
 //! written with `serialize_bytes` and read with `deserialize_bytes`, one
 //! copy, not byte by byte.
 
+use std::cell::Cell;
 use std::fmt;
 use std::ops::Deref;
 
@@ -124,6 +125,55 @@ impl<'de> Visitor<'de> for PayloadVisitor {
     }
 }
 
+/// Appends the postcard encoding of `value` to `buf`.
+pub fn encode_into<T: Serialize + ?Sized>(value: &T, buf: &mut Vec<u8>) -> postcard::Result<()> {
+    postcard::serialize_with_flavor::<T, _, _>(value, Appender(buf))
+}
+
+/// Runs `f` with this thread's encoding buffer, empty, and keeps the buffer
+/// for the next call unless it grew past 4 MiB. Messages are
+/// encoded into it instead of into a fresh `Vec` each (which also grows by
+/// reallocating). A nested call gets a buffer of its own.
+pub fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    let mut buf = SCRATCH.take();
+    buf.clear();
+    let result = f(&mut buf);
+    if buf.capacity() <= SCRATCH_KEEP {
+        SCRATCH.set(buf);
+    }
+    result
+}
+
+thread_local! {
+    /// [`with_scratch`]'s buffer.
+    static SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// The largest encoding buffer kept between calls (a huge message gives
+/// its memory back).
+const SCRATCH_KEEP: usize = 4 << 20;
+
+/// A postcard flavor appending to a borrowed `Vec`.
+struct Appender<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Appender<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +195,26 @@ mod tests {
             assert_eq!(vec_back, v);
             assert_eq!(Payload::from(v.clone()), p);
         }
+    }
+
+    #[test]
+    fn encode_into_appends_the_postcard_bytes() {
+        let value = (7u64, String::from("matmul"), vec![1.5f64; 3]);
+        let mut buf = vec![9];
+        encode_into(&value, &mut buf).unwrap();
+        assert_eq!(buf[0], 9);
+        assert_eq!(&buf[1..], postcard::to_stdvec(&value).unwrap());
+        let nested = with_scratch(|outer| {
+            encode_into(&1u8, outer).unwrap();
+            let inner = with_scratch(|inner| {
+                assert!(inner.is_empty());
+                encode_into(&2u8, inner).unwrap();
+                inner.clone()
+            });
+            (outer.clone(), inner)
+        });
+        assert_eq!(nested, (vec![1], vec![2]));
+        assert!(with_scratch(|b| b.is_empty()));
     }
 
     #[test]

@@ -489,9 +489,11 @@ pub fn send<W: Write + ?Sized, M: Serialize>(
     message: &M,
     bulk: &[&[u8]],
 ) -> io::Result<u64> {
-    let payload = postcard::to_stdvec(message)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("cannot encode a message: {e}")))?;
-    write_frame(w, kind, &payload, bulk)
+    crate::payload::with_scratch(|payload| {
+        crate::payload::encode_into(message, payload)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("cannot encode a message: {e}")))?;
+        write_frame(w, kind, payload, bulk)
+    })
 }
 
 /// Reads exactly `buf.len()` bytes; distinguishes a short read as `Truncated`.

@@ -288,30 +288,32 @@ pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
             mapped_ns,
             replying_ns: crate::clock::monotonic_ns(),
         });
-        let payload = postcard::to_stdvec(&reply).map_err(std::io::Error::other)?;
-        if let (true, Reply::Results(mut results)) = (payload.len() > protocol::MAX_PAYLOAD, reply) {
-            // Too large for one frame: report it as each task's failure
-            // rather than die, so the coordinator can say which tasks.
-            let message = format!(
-                "the batch's results encode to {} bytes, over the frame limit of {} bytes; \
-                 return large data as procjob::Array (raw bytes, no limit) instead of serde values",
-                payload.len(),
-                protocol::MAX_PAYLOAD
-            );
-            for t in &mut results.tasks {
-                t.outcome = Outcome::Failed(protocol::TaskFailure {
-                    cause: FailureCause::Setup,
-                    message: message.clone(),
-                    location: None,
-                    error: None,
-                });
+        crate::payload::with_scratch(|payload| {
+            crate::payload::encode_into(&reply, payload).map_err(std::io::Error::other)?;
+            if let (true, Reply::Results(mut results)) = (payload.len() > protocol::MAX_PAYLOAD, reply) {
+                // Too large for one frame: report it as each task's failure
+                // rather than die, so the coordinator can say which tasks.
+                let message = format!(
+                    "the batch's results encode to {} bytes, over the frame limit of {} bytes; \
+                     return large data as procjob::Array (raw bytes, no limit) instead of serde values",
+                    payload.len(),
+                    protocol::MAX_PAYLOAD
+                );
+                for t in &mut results.tasks {
+                    t.outcome = Outcome::Failed(protocol::TaskFailure {
+                        cause: FailureCause::Setup,
+                        message: message.clone(),
+                        location: None,
+                        error: None,
+                    });
+                }
+                inline.clear();
+                protocol::send(&mut output, FrameKind::Reply, &Reply::Results(results), &[])
+            } else {
+                let bulk: Vec<&[u8]> = inline.iter().map(Array::as_bytes).collect();
+                protocol::write_frame(&mut output, FrameKind::Reply, payload, &bulk)
             }
-            inline.clear();
-            protocol::send(&mut output, FrameKind::Reply, &Reply::Results(results), &[])?;
-        } else {
-            let bulk: Vec<&[u8]> = inline.iter().map(Array::as_bytes).collect();
-            protocol::write_frame(&mut output, FrameKind::Reply, &payload, &bulk)?;
-        }
+        })?;
     }
 }
 
