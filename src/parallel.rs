@@ -679,7 +679,8 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
         self.parallel.last.batches += 1;
         let pool = self.parallel.pool.as_mut().expect("the pool exists during a call");
         let send_start = procjob_worker::clock::monotonic_ns();
-        let request = Request::Run(Batch { call, kind, tasks: requests });
+        let timestamps = self.parallel.trace.is_some();
+        let request = Request::Run(Batch { call, kind, tasks: requests, timestamps });
         let result = pool.send(worker, &request, &bulk).map(|_| ());
         drop(bulk); // it borrows `inline`, which moves into the flight below
         if let Some(trace) = self.parallel.trace.as_mut() {

@@ -19,6 +19,7 @@ fn valid_frame() -> Vec<u8> {
             input: vec![1, 2, 3].into(),
             arrays: vec![ArrayRef::Inline { dtype: DType::F32, shape: vec![2, 2] }],
         }],
+        timestamps: true,
     });
     let bulk = [0u8; 16];
     let mut buf = Vec::new();
@@ -142,6 +143,7 @@ fn an_inline_array_whose_size_overflows_is_refused() {
             input: Vec::new().into(),
             arrays: vec![ArrayRef::Inline { dtype: DType::I64, shape: vec![1 << 40, 1 << 40] }],
         }],
+        timestamps: false,
     });
     let mut bytes = Vec::new();
     protocol::send(&mut bytes, FrameKind::Request, &request, &[]).unwrap();
