@@ -455,6 +455,7 @@ impl Parallel {
             call,
             scheduler,
             encoder,
+            scratch: Vec::new(),
             queue: VecDeque::new(),
             in_flight: (0..workers).map(|_| None).collect(),
             ready: VecDeque::new(),
@@ -538,6 +539,8 @@ struct Call<'p, T: Task, I: Iterator<Item = T::Input>> {
     call: u64,
     scheduler: Scheduler,
     encoder: CallEncoder,
+    /// The buffer inputs are encoded into before each becomes a `Payload`.
+    scratch: Vec<u8>,
     queue: VecDeque<Encoded>,
     in_flight: Vec<Option<InFlight>>,
     ready: VecDeque<(u64, T::Output)>,
@@ -635,7 +638,7 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
             self.pulled += 1;
             got += 1;
             let description = T::describe(&input);
-            match array::encode_with(&input, &mut self.encoder) {
+            match array::encode_with_buffer(&input, &mut self.encoder, &mut self.scratch) {
                 Ok((bytes, refs)) => {
                     let inline = std::mem::take(&mut self.encoder.inline);
                     self.queue.push_back(Encoded { index, input: bytes, refs, inline, description });
@@ -768,7 +771,10 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
                     self.completed += 1;
                     match reply.outcome {
                         Outcome::Ok { output, arrays: refs } => {
-                            let mine: Result<Vec<Array>, _> = arrays.by_ref().take(refs.len()).collect();
+                            let mine: Result<Vec<Array>, _> = match refs.len() {
+                                0 => Ok(Vec::new()),
+                                n => arrays.by_ref().take(n).collect(),
+                            };
                             let decoded = mine
                                 .map_err(|e| e.to_string())
                                 .and_then(|a| array::decode_with::<T::Output>(&output, a).map_err(|e| e.to_string()));

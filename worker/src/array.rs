@@ -698,18 +698,26 @@ pub fn encode_with<T: Serialize + ?Sized>(
     value: &T,
     encoder: &mut dyn ArrayEncoder,
 ) -> Result<(Payload, Vec<ArrayRef>), CodecError> {
+    crate::payload::with_scratch(|buf| encode_with_buffer(value, encoder, buf))
+}
+
+/// [`encode_with`] using `buf` (cleared first) as its buffer: for a caller
+/// encoding many values in a row, which keeps its own.
+pub fn encode_with_buffer<T: Serialize + ?Sized>(
+    value: &T,
+    encoder: &mut dyn ArrayEncoder,
+    buf: &mut Vec<u8>,
+) -> Result<(Payload, Vec<ArrayRef>), CodecError> {
     let mut collect = Collect { inner: encoder, refs: Vec::new() };
     let ptr = NonNull::from(&mut collect).cast::<Collect<'static>>();
     let previous = ENCODER.with(|c| c.replace(Some(ptr)));
     let restore = Restore { key: &ENCODER, previous };
-    let bytes = crate::payload::with_scratch(|buf| {
-        crate::payload::encode_into(value, buf)
-            .map(|()| Payload::from_slice(buf))
-            .map_err(|e| CodecError(e.to_string()))
-    });
+    buf.clear();
+    let written = crate::payload::encode_into(value, buf);
     // The slot must be reset before `collect` is used or dropped again.
     drop(restore);
-    Ok((bytes?, collect.refs))
+    written.map_err(|e| CodecError(e.to_string()))?;
+    Ok((Payload::from_slice(buf), collect.refs))
 }
 
 /// Deserializes a postcard value whose arrays are indices into `arrays`.

@@ -270,7 +270,10 @@ pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
         let clock = || if batch.timestamps { crate::clock::monotonic_ns() } else { 0 };
         let mut started_ns = clock();
         for task in &batch.tasks {
-            let mine: Vec<Result<Array, ArrayError>> = arrays.by_ref().take(task.arrays.len()).collect();
+            let mine: Vec<Result<Array, ArrayError>> = match task.arrays.len() {
+                0 => Vec::new(),
+                n => arrays.by_ref().take(n).collect(),
+            };
             let result = run_one(&entry, &task.input, mine);
             let finished_ns = clock();
             replies.push(TaskReply { index: task.index, started_ns, finished_ns, outcome: result.outcome });
@@ -338,9 +341,13 @@ fn resolve(registry: &Registry, same_binary: bool, kind: &protocol::TaskKind) ->
 }
 
 fn run_one(entry: &Result<ErasedEntry, String>, input: &[u8], arrays: Vec<Result<Array, ArrayError>>) -> ErasedOutcome {
-    let arrays: Vec<Array> = match arrays.into_iter().collect() {
-        Ok(a) => a,
-        Err(e) => return ErasedOutcome::failed(FailureCause::Setup, e.to_string()),
+    // Most tiny tasks have no arrays: skip the fallible collect for them.
+    let arrays: Vec<Array> = match arrays.is_empty() {
+        true => Vec::new(),
+        false => match arrays.into_iter().collect() {
+            Ok(a) => a,
+            Err(e) => return ErasedOutcome::failed(FailureCause::Setup, e.to_string()),
+        },
     };
     let entry = match entry {
         Ok(entry) => *entry,
