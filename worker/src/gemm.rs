@@ -16,8 +16,8 @@
 //! |---|---|---|---|---|---|
 //! | `f64`, AVX2 | 6 × 8 | 12 `ymm` (6 rows × 2 × 4 lanes) | 256 | 48 | 1024 |
 //! | `f32`, AVX2 | 6 × 16 | 12 `ymm` (6 rows × 2 × 8 lanes) | 256 | 96 | 2048 |
-//! | `f64`, AVX-512 | 12 × 16 | 24 `zmm` (12 rows × 2 × 8 lanes) | 256 | 96 | 1024 |
-//! | `f32`, AVX-512 | 12 × 32 | 24 `zmm` (12 rows × 2 × 16 lanes) | 256 | 96 | 2048 |
+//! | `f64`, AVX-512 | 12 × 16 | 24 `zmm` (12 rows × 2 × 8 lanes) | 256 | 48 | 512 |
+//! | `f32`, AVX-512 | 12 × 32 | 24 `zmm` (12 rows × 2 × 16 lanes) | 256 | 48 | 1024 |
 //!
 //! Loops, outermost first: `jc` over the columns of `B`/`C` in steps of `NC`
 //! → `pc` over the depth `k` in steps of `KC` (pack `B[pc.., jc..]`) → `ic`
@@ -25,10 +25,11 @@
 //! `NR`-column panels → `ir` over the `MR`-row panels → microkernel. So a
 //! `KC × NR` panel of `B` (16 KiB; 32 KiB for AVX-512) stays in L1 while the
 //! `MR × KC` panels of `A` stream past it from the `MC × KC` block in L2, and
-//! the packed `KC × NC` block of `B` (2 MiB) sits in L2 or L3. The AVX2
-//! kernels were tuned on one core of an AMD EPYC (Zen 3: 32 KiB L1d, 512 KiB
-//! L2), the AVX-512 ones checked on an Intel Xeon (Sapphire Rapids class:
-//! 48 KiB L1d, 2 MiB L2); `docs/kernels.md` has the measurements (on the
+//! the packed `KC × NC` block of `B` (2 MiB for AVX2 in L3; 1 MiB for
+//! AVX-512, which fits the Xeon's L2 beside the `A` block) sits behind them.
+//! The AVX2 kernels were tuned on one core of an AMD EPYC (Zen 3: 32 KiB
+//! L1d, 512 KiB L2), the AVX-512 ones on an Intel Xeon (Sapphire Rapids
+//! class: 48 KiB L1d, 2 MiB L2); `docs/kernels.md` has the measurements (on the
 //! EPYC about 45 GFLOP/s `f64` and 91 GFLOP/s `f32` on large products, level
 //! with single-threaded OpenBLAS). Small `MC` (24–60 rows) measured a little
 //! faster than large (144–288) on the EPYC, and `KC` between 192 and 512
@@ -288,12 +289,12 @@ kernel! {
 
 kernel! {
     /// The AVX-512 `f64` kernel: 12 × 16 tiles.
-    F64x16: f64, MR 12, NR 16, MC 96, NC 1024, tile_f64_avx512, features "avx512f,avx2,fma", supported has_avx512()
+    F64x16: f64, MR 12, NR 16, MC 48, NC 512, tile_f64_avx512, features "avx512f,avx2,fma", supported has_avx512()
 }
 
 kernel! {
     /// The AVX-512 `f32` kernel: 12 × 32 tiles.
-    F32x32: f32, MR 12, NR 32, MC 96, NC 2048, tile_f32_avx512, features "avx512f,avx2,fma", supported has_avx512()
+    F32x32: f32, MR 12, NR 32, MC 48, NC 1024, tile_f32_avx512, features "avx512f,avx2,fma", supported has_avx512()
 }
 
 /// Whether this CPU has AVX-512F besides AVX2 and FMA (cached by the
