@@ -31,26 +31,6 @@ fn field_kib(text: &str, key: &str) -> Option<u64> {
     line[key.len()..].split_whitespace().next()?.parse().ok()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_kib_fields() {
-        let text = "Name:\tx\nVmHWM:\t    1234 kB\nPss:  7 kB\n";
-        assert_eq!(field_kib(text, "VmHWM:"), Some(1234));
-        assert_eq!(field_kib(text, "Pss:"), Some(7));
-        assert_eq!(field_kib(text, "Rss:"), None);
-    }
-
-    #[test]
-    fn own_snapshot_is_plausible() {
-        let m = snapshot();
-        assert!(m.peak_rss > 0 && m.pss > 0 && m.uss > 0, "{m:?}");
-        assert!(m.uss <= m.peak_rss.max(m.pss) * 2, "{m:?}");
-    }
-}
-
 /// Arrays at least this large ask for transparent huge pages (numpy's
 /// threshold too: it advises `MADV_HUGEPAGE` from 4 MiB on).
 pub const HUGE_PAGE_THRESHOLD: usize = 4 << 20;
@@ -76,4 +56,24 @@ pub fn advise_huge_pages(ptr: *const u8, len: usize) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (ptr, len);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kib_fields() {
+        let text = "Name:\tx\nVmHWM:\t    1234 kB\nPss:  7 kB\n";
+        assert_eq!(field_kib(text, "VmHWM:"), Some(1234));
+        assert_eq!(field_kib(text, "Pss:"), Some(7));
+        assert_eq!(field_kib(text, "Rss:"), None);
+    }
+
+    #[test]
+    fn own_snapshot_is_plausible() {
+        let m = snapshot();
+        assert!(m.peak_rss > 0 && m.pss > 0 && m.uss > 0, "{m:?}");
+        assert!(m.uss <= m.peak_rss.max(m.pss) * 2, "{m:?}");
+    }
 }
