@@ -238,9 +238,7 @@ impl Kernel for f64 {
     fn matmul_block(a: &[f64], b: &[f64], c: &mut [f64], rows: usize, k: usize, n: usize) {
         checked_lengths(a.len(), b.len(), Some(c.len()), rows, k, n);
         dgemm(a, b, c, rows, k, n, false);
-        for x in c.iter_mut().filter(|x| x.is_nan()) {
-            *x = f64::NAN;
-        }
+        canonical_nans(c, f64::NAN, f64::is_nan);
     }
 }
 
@@ -248,8 +246,22 @@ impl Kernel for f32 {
     fn matmul_block(a: &[f32], b: &[f32], c: &mut [f32], rows: usize, k: usize, n: usize) {
         checked_lengths(a.len(), b.len(), Some(c.len()), rows, k, n);
         sgemm(a, b, c, rows, k, n, false);
-        for x in c.iter_mut().filter(|x| x.is_nan()) {
-            *x = f32::NAN;
+        canonical_nans(c, f32::NAN, f32::is_nan);
+    }
+}
+
+/// Replaces every NaN in `c` by `nan`, the canonical quiet NaN, so a
+/// block's NaNs do not depend on which tile computed them (see
+/// `gemm.rs`, point 6). Checks 64 elements at a time with a branch-free
+/// test the compiler vectorises and writes only where it found a NaN: the
+/// plain `filter(is_nan)` loop it replaces ran one element per branch and
+/// took 1.5 % of a 2000² product.
+fn canonical_nans<T: Copy>(c: &mut [T], nan: T, is_nan: fn(T) -> bool) {
+    for chunk in c.chunks_mut(64) {
+        if chunk.iter().fold(false, |any, &x| any | is_nan(x)) {
+            for x in chunk.iter_mut().filter(|x| is_nan(**x)) {
+                *x = nan;
+            }
         }
     }
 }
