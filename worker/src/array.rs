@@ -66,6 +66,9 @@ enum Owned {
     I64(Vec<i64>),
     F64(Vec<f64>),
     F32(Vec<f32>),
+    /// A large zeroed array: fresh anonymous pages of its own (page-aligned;
+    /// every bit pattern is a valid element), asked to be huge pages.
+    Pages(memmap2::MmapMut),
 }
 
 impl Owned {
@@ -79,11 +82,14 @@ impl Owned {
     }
 
     /// `len` zeros of `dtype`, or `None` when the memory cannot be had.
-    /// Large arrays ask for transparent huge pages
-    /// ([`advise_huge_pages`](crate::memory::advise_huge_pages)), as numpy's
-    /// do: a 2000 × 2000 result is then first written with a few dozen
-    /// page faults instead of 8,000, and a GEMM writing it row after row
-    /// measured 1–8 % faster.
+    ///
+    /// From [`HUGE_PAGE_THRESHOLD`](crate::memory::HUGE_PAGE_THRESHOLD) on,
+    /// a mapping of fresh anonymous pages advised as transparent huge pages,
+    /// as numpy's large arrays are: a 2000 × 2000 result is then first
+    /// written with a few dozen page faults instead of 8,000, and a GEMM
+    /// writing it measured 1–8 % faster. A mapping of its own, because the
+    /// advice only takes effect on pages not yet touched, and the allocator
+    /// may hand back recycled, already-touched heap memory.
     fn try_zeroed(dtype: DType, len: usize) -> Option<Owned> {
         /// Zeroed by the allocator (`calloc`: fresh pages are zero
         /// already, so a large array costs no write pass), or `None`.
@@ -97,12 +103,16 @@ impl Owned {
             if ptr.is_null() {
                 return None;
             }
-            // Before the first write, so the first touch can take a huge page.
-            crate::memory::advise_huge_pages(ptr.cast(), layout.size());
             // SAFETY: `ptr` was allocated by the global allocator with the
             // layout of `len` T's, and all-zero bytes are a valid T
             // (Element types are plain numbers).
             Some(unsafe { Vec::from_raw_parts(ptr, len, len) })
+        }
+        let bytes = len.checked_mul(dtype.size())?;
+        if bytes >= crate::memory::HUGE_PAGE_THRESHOLD {
+            let map = memmap2::MmapMut::map_anon(bytes).ok()?;
+            crate::memory::advise_huge_pages(map.as_ptr(), bytes);
+            return Some(Owned::Pages(map));
         }
         Some(match dtype {
             DType::I64 => Owned::I64(alloc(len)?),
@@ -116,6 +126,7 @@ impl Owned {
             Owned::I64(v) => as_bytes(v),
             Owned::F64(v) => as_bytes(v),
             Owned::F32(v) => as_bytes(v),
+            Owned::Pages(map) => map,
         }
     }
 
@@ -124,6 +135,7 @@ impl Owned {
             Owned::I64(v) => as_bytes_mut(v),
             Owned::F64(v) => as_bytes_mut(v),
             Owned::F32(v) => as_bytes_mut(v),
+            Owned::Pages(map) => map,
         }
     }
 }
@@ -818,7 +830,7 @@ pub struct Landing {
 /// Reads the arrays of a frame: for each reference, in order, `place`
 /// (given its position and the reference) says where it goes. Checks the
 /// bulk length against the declared arrays before allocating anything.
-pub fn read_arrays<'a, R: Read + ?Sized>(
+pub fn read_arrays<'a, R: BulkSource + ?Sized>(
     r: &mut R,
     refs: impl IntoIterator<Item = &'a ArrayRef> + Clone,
     bulk_len: u64,
@@ -832,7 +844,7 @@ pub fn read_arrays<'a, R: Read + ?Sized>(
                 if land.view.dtype() == *dtype
                     && land.view.shape().iter().map(|&d| d as u64).eq(shape.iter().copied()) =>
             {
-                copy_to_file(r, &land.file, land.offset, land.view.nbytes() as u64)?;
+                r.copy_to_file(&land.file, land.offset, land.view.nbytes() as u64)?;
                 out.push(Ok(land.view));
             }
             (ArrayRef::Inline { dtype, shape }, _) => {
@@ -856,10 +868,70 @@ pub fn read_arrays<'a, R: Read + ?Sized>(
     Ok(out)
 }
 
+/// A stream [`read_arrays`] reads frames from, which can also move an
+/// array's bytes straight into a region of a file.
+pub trait BulkSource: Read {
+    /// Moves the next `len` bytes of the stream into `file` at `offset`.
+    fn copy_to_file(&mut self, file: &File, offset: u64, len: u64) -> Result<(), DecodeError>;
+}
+
+/// A buffered pipe (what the coordinator reads each worker's replies from,
+/// and a worker its requests from): the bytes already buffered are written
+/// with `pwrite`, the rest moved with `splice(2)` from the pipe into the
+/// file's pages — one copy, in the kernel, instead of two through a user
+/// buffer. When the descriptor cannot be spliced from (not a pipe, or an
+/// old kernel), the rest goes through a buffer as before.
+impl<R: Read + std::os::fd::AsFd> BulkSource for std::io::BufReader<R> {
+    fn copy_to_file(&mut self, file: &File, offset: u64, len: u64) -> Result<(), DecodeError> {
+        use std::io::BufRead;
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::FileExt;
+        let buffered = self.buffer();
+        let take = buffered.len().min(usize::try_from(len).unwrap_or(usize::MAX));
+        file.write_all_at(&buffered[..take], offset)?;
+        self.consume(take);
+        let (mut offset, mut left) = (offset + take as u64, len - take as u64);
+        #[cfg(target_os = "linux")]
+        while left > 0 {
+            use nix::errno::Errno;
+            use nix::fcntl::{splice, SpliceFFlags};
+            let mut off = offset as libc::loff_t;
+            let chunk = usize::try_from(left).unwrap_or(usize::MAX).min(1 << 30);
+            match splice(self.get_ref().as_fd(), None, file.as_fd(), Some(&mut off), chunk, SpliceFFlags::SPLICE_F_MOVE)
+            {
+                Ok(0) => return Err(DecodeError::Truncated { part: "bulk", needed: len, got: len - left }),
+                Ok(n) => {
+                    offset += n as u64;
+                    left -= n as u64;
+                }
+                Err(Errno::EINTR) => {}
+                Err(Errno::EINVAL | Errno::ENOSYS) => break, // not spliceable: copy below
+                Err(e) => return Err(DecodeError::Io(e.into())),
+            }
+        }
+        copy_through_buffer(self, file, offset, left)
+    }
+}
+
+/// Bytes in memory (tests, fuzzing): through the buffer.
+impl BulkSource for &[u8] {
+    fn copy_to_file(&mut self, file: &File, offset: u64, len: u64) -> Result<(), DecodeError> {
+        copy_through_buffer(self, file, offset, len)
+    }
+}
+
 /// Copies `len` bytes from the stream into `file` at `offset`, through a
 /// small buffer: memory stays bounded however large the array.
-fn copy_to_file<R: Read + ?Sized>(r: &mut R, file: &File, mut offset: u64, mut len: u64) -> Result<(), DecodeError> {
+fn copy_through_buffer<R: Read + ?Sized>(
+    r: &mut R,
+    file: &File,
+    mut offset: u64,
+    mut len: u64,
+) -> Result<(), DecodeError> {
     use std::os::unix::fs::FileExt;
+    if len == 0 {
+        return Ok(());
+    }
     let mut buf = vec![0u8; len.min(1 << 20) as usize];
     while len > 0 {
         let n = len.min(buf.len() as u64) as usize;
@@ -874,6 +946,42 @@ fn copy_to_file<R: Read + ?Sized>(r: &mut R, file: &File, mut offset: u64, mut l
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `BulkSource` on a buffered pipe: the bytes already buffered and the
+    /// ones still in the pipe (spliced) land in order at the offset, and the
+    /// stream goes on after them; from a regular file (which cannot be
+    /// spliced from) the same through the buffer.
+    #[test]
+    fn bulk_lands_in_a_file_from_a_pipe_and_from_a_file() {
+        use std::io::{BufReader, Write};
+        use std::os::unix::fs::FileExt;
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let check = |mut r: BufReader<File>| {
+            let mut head = [0u8; 3];
+            r.read_exact(&mut head).unwrap(); // fills the buffer past the head
+            assert_eq!(head, data[..3]);
+            let out = tempfile::tempfile().unwrap();
+            let len = 250_000u64;
+            r.copy_to_file(&out, 100, len).unwrap();
+            let mut landed = vec![0u8; len as usize];
+            out.read_exact_at(&mut landed, 100).unwrap();
+            assert!(landed == data[3..3 + len as usize], "the landed bytes differ");
+            let mut rest = Vec::new();
+            r.read_to_end(&mut rest).unwrap();
+            assert!(rest == data[3 + len as usize..], "the stream did not resume after the array");
+        };
+        let (rx, tx) = nix::unistd::pipe().unwrap();
+        let writer = {
+            let data = data.clone();
+            std::thread::spawn(move || File::from(tx).write_all(&data).unwrap())
+        };
+        check(BufReader::with_capacity(4096, File::from(rx)));
+        writer.join().unwrap();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&data).unwrap();
+        std::io::Seek::rewind(&mut file).unwrap();
+        check(BufReader::with_capacity(4096, file));
+    }
 
     #[test]
     fn split_and_stack_round_trip() {

@@ -31,8 +31,9 @@ fn field_kib(text: &str, key: &str) -> Option<u64> {
     line[key.len()..].split_whitespace().next()?.parse().ok()
 }
 
-/// Arrays at least this large ask for transparent huge pages (numpy's
-/// threshold too: it advises `MADV_HUGEPAGE` from 4 MiB on).
+/// Owned arrays at least this large get pages of their own, advised as
+/// transparent huge pages (numpy's threshold too: it advises
+/// `MADV_HUGEPAGE` from 4 MiB on).
 pub const HUGE_PAGE_THRESHOLD: usize = 4 << 20;
 
 /// Asks Linux to back the anonymous memory at `ptr..ptr + len` with

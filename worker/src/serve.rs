@@ -191,7 +191,7 @@ fn install_panic_capture() {
 
 /// Serves requests from `input` until it closes, answering on `output`;
 /// `inherited` are the arrays a forked worker shares with its coordinator.
-pub fn serve<R: Read + AsRawFdMaybe, W: Write>(
+pub fn serve<R: Read + AsRawFdMaybe + std::os::fd::AsFd, W: Write>(
     mut input: BufReader<R>,
     output: W,
     registry: &Registry,
