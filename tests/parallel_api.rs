@@ -96,6 +96,23 @@ impl Task for Hang {
     }
 }
 
+/// Returns a ramp `i·step` of `len` f64 in a fresh zeros array (from 4 MiB
+/// on, pages of its own, which the worker hands to the pipe by reference)
+/// and a small array `[step; 3]` after it in the same frame.
+struct Ramps;
+impl Task for Ramps {
+    type Input = (u64, f64);
+    type Output = (Array, Array);
+    type Error = String;
+    fn run((len, step): (u64, f64)) -> Result<(Array, Array), String> {
+        let mut ramp = Array::zeros(procjob::DType::F64, vec![len as usize]);
+        for (i, x) in ramp.as_mut_slice::<f64>().map_err(|e| e.to_string())?.iter_mut().enumerate() {
+            *x = i as f64 * step;
+        }
+        Ok((ramp, Array::from_vec(vec![3], vec![step; 3])))
+    }
+}
+
 fn f32_array(len: usize) -> Array {
     Array::from_vec(vec![len], vec![1.0f32; len])
 }
@@ -151,6 +168,22 @@ fn arrays_up_to_max_nbytes_travel_inline_and_larger_ones_as_files() {
     let seen = p.run::<Inspect, _>([f32_array(MIB)]).unwrap();
     assert!(seen[0].mapped_from.is_none());
     assert!(p.last_call().traffic.bytes_to_workers > 4 * MIB as u64);
+}
+
+#[test]
+fn large_result_arrays_arrive_intact_beside_small_ones() {
+    // Two tasks per frame; 600,000 and 524,288 f64 are over 4 MiB, 10 is not.
+    let inputs = [(600_000u64, 1.0), (10, 2.0), (700_000, 3.0), (524_288, 0.5), (1, 4.0)];
+    let mut p = Parallel::new().n_jobs(2).batch_size(BatchSize::Fixed(2));
+    for round in 0..2 {
+        let out = p.run::<Ramps, _>(inputs).unwrap();
+        for ((len, step), (ramp, small)) in inputs.iter().zip(&out) {
+            let ramp = ramp.as_slice::<f64>().unwrap();
+            assert_eq!(ramp.len() as u64, *len, "round {round}");
+            assert!(ramp.iter().enumerate().all(|(i, &x)| x == i as f64 * step), "round {round}: ramp {len} × {step}");
+            assert_eq!(small.as_slice::<f64>().unwrap(), &[*step; 3], "round {round}");
+        }
+    }
 }
 
 #[test]

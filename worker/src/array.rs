@@ -533,6 +533,16 @@ impl Array {
         }
     }
 
+    /// True when this array is the only reference to pages of its own
+    /// (a large [`zeros`](Array::zeros) array, see `Owned::Pages`): nothing
+    /// else can write them, and dropping the array unmaps them. Such bytes
+    /// may be handed to a pipe by reference (`vmsplice`) instead of copied,
+    /// provided the array is dropped, not written, after the send: the pipe
+    /// keeps the pages alive until they are read.
+    pub fn is_sole_owner_of_pages(&self) -> bool {
+        matches!(&*self.storage, Storage::Owned(Owned::Pages(_))) && Arc::strong_count(&self.storage) == 1
+    }
+
     /// A key that is equal for arrays sharing the same storage; used to dump
     /// an array shared by many tasks only once.
     pub fn storage_id(&self) -> usize {

@@ -191,7 +191,7 @@ fn install_panic_capture() {
 
 /// Serves requests from `input` until it closes, answering on `output`;
 /// `inherited` are the arrays a forked worker shares with its coordinator.
-pub fn serve<R: Read + AsRawFdMaybe + std::os::fd::AsFd, W: Write>(
+pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
     mut input: BufReader<R>,
     output: W,
     registry: &Registry,
@@ -315,11 +315,59 @@ pub fn serve<R: Read + AsRawFdMaybe + std::os::fd::AsFd, W: Write>(
                 inline.clear();
                 protocol::send(&mut output, FrameKind::Reply, &Reply::Results(results), &[])
             } else {
-                let bulk: Vec<&[u8]> = inline.iter().map(Array::as_bytes).collect();
-                protocol::write_frame(&mut output, FrameKind::Reply, payload, &bulk)
+                write_reply(&mut output, payload, &inline)
             }
         })?;
     }
+}
+
+/// Writes a reply frame whose bulk is `inline`'s bytes. Arrays that are
+/// the sole owners of pages of their own (a large result block) go into the
+/// pipe by reference with `vmsplice(2)` rather than copied by `write`: the
+/// pipe holds the pages until the coordinator has read them, and the caller
+/// drops `inline` (unmapping them from this process) without writing to
+/// them. When the output is not a pipe, the bytes are written.
+fn write_reply<W: Write + AsFd>(output: &mut BufWriter<W>, payload: &[u8], inline: &[Array]) -> std::io::Result<u64> {
+    let bulk: Vec<&[u8]> = inline.iter().map(Array::as_bytes).collect();
+    #[cfg(target_os = "linux")]
+    if inline.iter().any(Array::is_sole_owner_of_pages) {
+        let bulk_len: u64 = bulk.iter().map(|b| b.len() as u64).sum();
+        let prelude = protocol::encode_prelude(FrameKind::Reply, payload.len(), bulk_len);
+        output.write_all(&prelude)?;
+        output.write_all(payload)?;
+        for (bytes, array) in bulk.iter().zip(inline) {
+            if array.is_sole_owner_of_pages() {
+                output.flush()?;
+                if splice_into_pipe(output.get_ref(), bytes)? {
+                    continue;
+                }
+            }
+            output.write_all(bytes)?;
+        }
+        output.flush()?;
+        return Ok(protocol::PRELUDE_LEN as u64 + payload.len() as u64 + bulk_len);
+    }
+    protocol::write_frame(output, FrameKind::Reply, payload, &bulk)
+}
+
+/// Hands `bytes` to the pipe `fd` by reference (`vmsplice`); false, with
+/// nothing sent, when `fd` is not a pipe.
+#[cfg(target_os = "linux")]
+fn splice_into_pipe(fd: &impl AsFd, mut bytes: &[u8]) -> std::io::Result<bool> {
+    use nix::errno::Errno;
+    use nix::fcntl::{vmsplice, SpliceFFlags};
+    let mut first = true;
+    while !bytes.is_empty() {
+        match vmsplice(fd.as_fd(), &[std::io::IoSlice::new(bytes)], SpliceFFlags::empty()) {
+            Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "the peer stopped reading")),
+            Ok(n) => bytes = &bytes[n..],
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EINVAL | Errno::EBADF) if first => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+        first = false;
+    }
+    Ok(true)
 }
 
 /// Finds the code a task kind names: by code offset when this worker is
