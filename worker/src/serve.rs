@@ -237,7 +237,7 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         let received_ns = crate::clock::monotonic_ns();
         let Request::Run(batch) = &frame.message else { return Err(ServeError::NoHello) };
         if maps.call != batch.call {
-            maps = MapCache { call: batch.call, ..MapCache::default() };
+            maps.start_call(batch.call);
         }
         let arrays = array::read_arrays(&mut input, frame.message.array_refs(), frame.bulk_len, &mut |_, r| match r {
             ArrayRef::File { .. } => array::Placement::Mapped(maps.map(r)),
@@ -425,16 +425,48 @@ fn run_one(entry: &Result<ErasedEntry, String>, input: &[u8], arrays: Vec<Result
     }
 }
 
-/// Read-only mappings of the current call, shared by all its tasks so a
-/// file is mapped once per worker, not once per task. Writable mappings are
-/// never shared: each task gets its own, so it may write through it.
+/// Read-only mappings, shared by all tasks so a file is mapped once per
+/// worker, not once per task. Writable mappings are never shared: each task
+/// gets its own, so it may write through it.
+///
+/// A mapping outlives its call while its file does: at the start of each
+/// call every cached path is looked up again and the mapping kept only if
+/// the path still names the same inode with the same size. So repeated
+/// calls over the same dumped inputs (the matmul repetitions) map and fault
+/// them in once, while a file deleted or replaced since is dropped — and
+/// with it the memory a deleted file's pages would otherwise keep. The
+/// inode number is a sound identity because the mapping holds the inode:
+/// no new file can get its number while it is mapped; and a file written
+/// in place shows its new bytes through the shared mapping.
 #[derive(Default)]
 struct MapCache {
     call: u64,
-    read_only: HashMap<PathBuf, Array>,
+    read_only: HashMap<PathBuf, (Array, Option<FileId>)>,
+}
+
+/// What identifies a mapped file for [`MapCache`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    len: u64,
+}
+
+impl FileId {
+    fn of(path: &std::path::Path) -> Option<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileId { dev: m.dev(), ino: m.ino(), len: m.len() })
+    }
 }
 
 impl MapCache {
+    /// Starts call `call`: keeps the mappings whose files are unchanged.
+    fn start_call(&mut self, call: u64) {
+        self.call = call;
+        self.read_only.retain(|path, (_, id)| id.is_some() && FileId::of(path) == *id);
+    }
+
     /// Maps what a file reference names, and faults its pages in at once:
     /// a task reads (or writes) all of them anyway, and one call is much
     /// cheaper than a page fault per 4 KiB.
@@ -452,12 +484,12 @@ impl MapCache {
         if *access != Access::ReadOnly {
             return array::map_file_ref(path, *dtype, &shape, *offset, *access);
         }
-        if let Some(base) = self.read_only.get(path) {
+        if let Some((base, _)) = self.read_only.get(path) {
             return base.view_of_storage(*dtype, &shape, *offset);
         }
         let a = array::map_file_ref(path, *dtype, &shape, *offset, Access::ReadOnly)?;
         if a.is_mapped() {
-            self.read_only.insert(path.clone(), a.clone());
+            self.read_only.insert(path.clone(), (a.clone(), FileId::of(path)));
         }
         Ok(a)
     }
@@ -483,5 +515,44 @@ impl AsRawFdMaybe for File {
                 Err(_) => return true,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(a: &Array) -> f64 {
+        a.as_slice::<f64>().unwrap().iter().sum()
+    }
+
+    /// A mapping is reused by later calls while its file is unchanged, and
+    /// dropped once the file is replaced or deleted.
+    #[test]
+    fn mappings_outlive_calls_only_while_their_file_is_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.npy");
+        let save = |value: f64| Array::from_vec(vec![4], vec![value; 4]).save_npy(&path).unwrap();
+        save(1.0);
+        let reference = || array::file_ref(&Array::open_npy(&path, Access::ReadOnly).unwrap()).unwrap();
+        let mut maps = MapCache::default();
+        maps.start_call(1);
+        let first = maps.map(&reference()).unwrap();
+        assert_eq!(sum(&first), 4.0);
+        maps.start_call(2);
+        let again = maps.map(&reference()).unwrap();
+        assert_eq!(again.storage_id(), first.storage_id(), "an unchanged file is not mapped again");
+        // Replaced: a new file at the same path.
+        std::fs::remove_file(&path).unwrap();
+        save(2.0);
+        maps.start_call(3);
+        let rewritten = maps.map(&reference()).unwrap();
+        assert_ne!(rewritten.storage_id(), first.storage_id());
+        assert_eq!(sum(&rewritten), 8.0);
+        // Deleted: the cached mapping goes too.
+        drop((first, again, rewritten));
+        std::fs::remove_file(&path).unwrap();
+        maps.start_call(4);
+        assert!(maps.read_only.is_empty());
     }
 }
