@@ -11,7 +11,11 @@
 //! call and one of ours (the order alternating), and the line printed last
 //! is the **median of the per-pair ratios** ours/numpy in time: below 1 is
 //! faster than numpy. Pairing keeps a shared machine's drift out of the
-//! ratio. Without the Python or numpy it says so and exits 0.
+//! ratio, and both sides run on the same CPU (this process pins itself to
+//! the CPU it is on before starting the child, which inherits that): on a
+//! virtual machine one vCPU can be slowed by whatever shares its physical
+//! core while the other is not, which made one side of every pair slower
+//! for seconds at a time. Without the Python or numpy it says so and exits 0.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -54,6 +58,7 @@ fn main() {
     let python = std::env::var("PROCJOB_BENCH_PYTHON").unwrap_or_else(|_| {
         format!("{}/.cache/procjob-bench-venv/bin/python", std::env::var("HOME").unwrap_or_default())
     });
+    let cpu = pin_to_current_cpu();
     let child = Command::new(&python)
         .args(["-c", CHILD])
         .env("OPENBLAS_NUM_THREADS", "1")
@@ -77,6 +82,10 @@ fn main() {
         return;
     };
     println!("{banner}");
+    match cpu {
+        Some(cpu) => println!("both sides pinned to CPU {cpu}"),
+        None => println!("could not pin to one CPU; pairs may run on different CPUs"),
+    }
     let mut numpy = |n: usize, dtype: &str| -> f64 {
         writeln!(to_numpy, "{n} {dtype}").expect("numpy child gone");
         from_numpy.next().expect("numpy child gone").expect("read").trim().parse().expect("a time")
@@ -119,4 +128,15 @@ fn main() {
             );
         }
     }
+}
+
+/// Pins this process (and so the children it starts) to the CPU it runs on
+/// now; that CPU, or `None` when it cannot.
+fn pin_to_current_cpu() -> Option<usize> {
+    use nix::sched::{sched_getcpu, sched_setaffinity, CpuSet};
+    let cpu = sched_getcpu().ok()?;
+    let mut set = CpuSet::new();
+    set.set(cpu).ok()?;
+    sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).ok()?;
+    Some(cpu)
 }
