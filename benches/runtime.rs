@@ -5,6 +5,9 @@
 //! - `empty_task_round_trip`: one no-op task on a warm worker.
 //! - `pipe_throughput`: 64 MiB inline to a worker and its length back;
 //!   read "MB/s" from the byte counter.
+//! - `result_throughput`: the other way, a 64 MiB array returned by a
+//!   worker (a fresh `Array::zeros`, which the worker hands to the pipe by
+//!   reference) and read into a new array here.
 //! - `tiny_tasks_batched`: 100,000 no-op tasks on all CPUs with automatic
 //!   batching; read tasks per second from the item counter.
 
@@ -60,6 +63,24 @@ fn pipe_throughput(bencher: Bencher) {
     let mut p = Parallel::new().n_jobs(1).max_nbytes(None);
     p.start().unwrap();
     bencher.counter(BytesCount::new(BYTES)).bench_local(|| p.run::<Len, _>([a.clone()]).unwrap());
+}
+
+struct Zeros;
+impl Task for Zeros {
+    type Input = u64;
+    type Output = Array;
+    type Error = String;
+    fn run(len: u64) -> Result<Array, String> {
+        Ok(Array::zeros(procjob::DType::F64, vec![len as usize]))
+    }
+}
+
+#[divan::bench(sample_count = 20)]
+fn result_throughput(bencher: Bencher) {
+    const BYTES: usize = 64 << 20;
+    let mut p = Parallel::new().n_jobs(1);
+    p.start().unwrap();
+    bencher.counter(BytesCount::new(BYTES)).bench_local(|| p.run::<Zeros, _>([(BYTES / 8) as u64]).unwrap());
 }
 
 #[divan::bench(sample_count = 10)]
