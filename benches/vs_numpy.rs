@@ -11,8 +11,8 @@
 //! call and one of ours (the order alternating), and the line printed last
 //! is the **median of the per-pair ratios** ours/numpy in time: below 1 is
 //! faster than numpy. Pairing keeps a shared machine's drift out of the
-//! ratio, and both sides run on the same CPU (this process pins itself to
-//! the CPU it is on before starting the child, which inherits that): on a
+//! ratio, and both sides run on the same CPU (on Linux the main thread pins
+//! itself to the CPU it is on before starting the child, which inherits that): on a
 //! virtual machine one vCPU can be slowed by whatever shares its physical
 //! core while the other is not, which made one side of every pair slower
 //! for seconds at a time. Without the Python or numpy it says so and exits 0.
@@ -130,8 +130,10 @@ fn main() {
     }
 }
 
-/// Pins this process (and so the children it starts) to the CPU it runs on
-/// now; that CPU, or `None` when it cannot.
+/// Pins the calling thread (and so the children it starts, and our kernel,
+/// which runs on it) to the CPU it runs on now; that CPU, or `None` when it
+/// cannot.
+#[cfg(target_os = "linux")]
 fn pin_to_current_cpu() -> Option<usize> {
     use nix::sched::{sched_getcpu, sched_setaffinity, CpuSet};
     let cpu = sched_getcpu().ok()?;
@@ -139,4 +141,9 @@ fn pin_to_current_cpu() -> Option<usize> {
     set.set(cpu).ok()?;
     sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).ok()?;
     Some(cpu)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn pin_to_current_cpu() -> Option<usize> {
+    None
 }

@@ -96,16 +96,16 @@ impl Task for Hang {
     }
 }
 
-/// Returns a ramp `i·step` of `len` f64 in a fresh zeros array (from 4 MiB
-/// on, pages of its own, which the worker hands to the pipe by reference)
-/// and a small array `[step; 3]` after it in the same frame.
+/// Returns a ramp `i·step` of `len` f64 as a `1 × len` fresh zeros array
+/// (from 4 MiB on, pages of its own, which the worker hands to the pipe by
+/// reference) and a small array `[step; 3]` after it in the same frame.
 struct Ramps;
 impl Task for Ramps {
     type Input = (u64, f64);
     type Output = (Array, Array);
     type Error = String;
     fn run((len, step): (u64, f64)) -> Result<(Array, Array), String> {
-        let mut ramp = Array::zeros(procjob::DType::F64, vec![len as usize]);
+        let mut ramp = Array::zeros(procjob::DType::F64, vec![1, len as usize]);
         for (i, x) in ramp.as_mut_slice::<f64>().map_err(|e| e.to_string())?.iter_mut().enumerate() {
             *x = i as f64 * step;
         }
@@ -545,6 +545,34 @@ fn outputs_land_straight_in_their_rows_of_a_shared_array() {
     // An owned output array is refused: there is no file to land in.
     let owned = Array::zeros(procjob::DType::F64, vec![8, 3]);
     assert!(p.run_unordered_into::<Block23, _>([1.0], &owned, |_| 0..2).is_err());
+}
+
+#[test]
+fn large_outputs_land_intact_in_their_rows() {
+    // Rows of 600,000 f64 (4.8 MB): each handed to the pipe by reference in
+    // the worker and spliced from the pipe into the file here.
+    const LEN: usize = 600_000;
+    let dir = tempfile::tempdir().unwrap();
+    let out = Array::create_npy(&dir.path().join("out.npy"), procjob::DType::F64, vec![4, LEN]).unwrap();
+    let mut p = Parallel::new().n_jobs(2).batch_size(BatchSize::Fixed(2));
+    for round in 0..2 {
+        let step = |i: u64| (i + 1) as f64 * if round == 0 { 1.0 } else { -0.5 };
+        let inputs = (0..4u64).map(|i| (LEN as u64, step(i)));
+        let results: Vec<(u64, (Array, Array))> = p
+            .run_unordered_into::<Ramps, _>(inputs, &out, |i| i as usize..i as usize + 1)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        for (index, (ramp, small)) in &results {
+            assert_eq!(ramp.storage_id(), out.storage_id(), "task {index} landed in place");
+            assert_eq!(small.as_slice::<f64>().unwrap(), &[step(*index); 3]);
+        }
+        drop(results);
+        for (row, values) in out.as_slice::<f64>().unwrap().chunks(LEN).enumerate() {
+            let s = step(row as u64);
+            assert!(values.iter().enumerate().all(|(i, &x)| x == i as f64 * s), "round {round}, row {row}");
+        }
+    }
 }
 
 #[test]

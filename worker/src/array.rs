@@ -76,7 +76,7 @@ impl Owned {
     /// be had.
     fn zeroed(dtype: DType, len: usize) -> Owned {
         Owned::try_zeroed(dtype, len).unwrap_or_else(|| {
-            let bytes = len.saturating_mul(dtype.size()).min(isize::MAX as usize);
+            let bytes = len.saturating_mul(dtype.size()).min(isize::MAX as usize & !7);
             std::alloc::handle_alloc_error(std::alloc::Layout::from_size_align(bytes, 8).expect("valid layout"))
         })
     }
@@ -157,6 +157,33 @@ struct Mapping {
     map: memmap2::MmapRaw,
     path: PathBuf,
     access: Access,
+    /// The mapped file's identity when it was mapped, from the open file.
+    id: FileId,
+}
+
+/// What identifies a mapped file: device, inode and size. While a mapping
+/// holds the inode, no other file can get its number, so a path that still
+/// names this `(dev, ino)` names the mapped file; a file written in place
+/// shows its new bytes through a shared mapping, and a changed size means
+/// it was truncated or extended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct FileId {
+    dev: u64,
+    ino: u64,
+    len: u64,
+}
+
+impl FileId {
+    fn of_metadata(m: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId { dev: m.dev(), ino: m.ino(), len: m.len() }
+    }
+
+    /// The identity of what `path` names now, without following a symlink
+    /// (as mapping does not), or `None` when it cannot be read.
+    pub fn of_path(path: &Path) -> Option<FileId> {
+        std::fs::symlink_metadata(path).ok().map(|m| FileId::of_metadata(&m))
+    }
 }
 
 enum Storage {
@@ -533,6 +560,15 @@ impl Array {
         }
     }
 
+    /// The identity of the file this array maps, as it was when mapped;
+    /// `None` for an owned array.
+    pub fn mapped_file_id(&self) -> Option<FileId> {
+        match &*self.storage {
+            Storage::Mapped(m) => Some(m.id),
+            Storage::Owned(_) => None,
+        }
+    }
+
     /// True when this array is the only reference to pages of its own
     /// (a large [`zeros`](Array::zeros) array, see `Owned::Pages`): nothing
     /// else can write them, and dropping the array unmaps them. Such bytes
@@ -586,7 +622,7 @@ fn map_file(file: &File, path: &Path, access: Access) -> Result<Mapping, ArrayEr
         Access::CopyOnWrite => unsafe { opts.map_copy(file) }.map(memmap2::MmapRaw::from),
     }
     .map_err(|e| ArrayError::Map { path: path.into(), reason: e.to_string() })?;
-    Ok(Mapping { map, path: path.to_path_buf(), access })
+    Ok(Mapping { map, path: path.to_path_buf(), access, id: FileId::of_metadata(&meta) })
 }
 
 /// Maps the file an [`ArrayRef::File`] names, checking that the referenced
@@ -894,33 +930,48 @@ pub trait BulkSource: Read {
 impl<R: Read + std::os::fd::AsFd> BulkSource for std::io::BufReader<R> {
     fn copy_to_file(&mut self, file: &File, offset: u64, len: u64) -> Result<(), DecodeError> {
         use std::io::BufRead;
-        use std::os::fd::AsFd;
         use std::os::unix::fs::FileExt;
         let buffered = self.buffer();
         let take = buffered.len().min(usize::try_from(len).unwrap_or(usize::MAX));
         file.write_all_at(&buffered[..take], offset)?;
         self.consume(take);
-        let (mut offset, mut left) = (offset + take as u64, len - take as u64);
+        let (offset, left) = (offset + take as u64, len - take as u64);
         #[cfg(target_os = "linux")]
-        while left > 0 {
-            use nix::errno::Errno;
-            use nix::fcntl::{splice, SpliceFFlags};
-            let mut off = offset as libc::loff_t;
-            let chunk = usize::try_from(left).unwrap_or(usize::MAX).min(1 << 30);
-            match splice(self.get_ref().as_fd(), None, file.as_fd(), Some(&mut off), chunk, SpliceFFlags::SPLICE_F_MOVE)
-            {
-                Ok(0) => return Err(DecodeError::Truncated { part: "bulk", needed: len, got: len - left }),
-                Ok(n) => {
-                    offset += n as u64;
-                    left -= n as u64;
-                }
-                Err(Errno::EINTR) => {}
-                Err(Errno::EINVAL | Errno::ENOSYS) => break, // not spliceable: copy below
-                Err(e) => return Err(DecodeError::Io(e.into())),
-            }
-        }
+        let (offset, left) = splice_to_file(self.get_ref(), file, offset, left, len)?;
         copy_through_buffer(self, file, offset, left)
     }
+}
+
+/// Moves up to `left` bytes from the pipe `from` into `file` at `offset`
+/// with `splice(2)`; returns where it stopped and what is left, which is
+/// nothing unless `from` cannot be spliced from (then the caller copies the
+/// rest). `len` is the whole array's length, for the error message.
+#[cfg(target_os = "linux")]
+fn splice_to_file(
+    from: &impl std::os::fd::AsFd,
+    file: &File,
+    mut offset: u64,
+    mut left: u64,
+    len: u64,
+) -> Result<(u64, u64), DecodeError> {
+    use nix::errno::Errno;
+    use nix::fcntl::{splice, SpliceFFlags};
+    use std::os::fd::AsFd;
+    while left > 0 {
+        let mut off = offset as libc::loff_t;
+        let chunk = usize::try_from(left).unwrap_or(usize::MAX).min(1 << 30);
+        match splice(from.as_fd(), None, file.as_fd(), Some(&mut off), chunk, SpliceFFlags::SPLICE_F_MOVE) {
+            Ok(0) => return Err(DecodeError::Truncated { part: "bulk", needed: len, got: len - left }),
+            Ok(n) => {
+                offset += n as u64;
+                left -= n as u64;
+            }
+            Err(Errno::EINTR) => {}
+            Err(Errno::EINVAL | Errno::ENOSYS) => break, // not spliceable: the caller copies
+            Err(e) => return Err(DecodeError::Io(e.into())),
+        }
+    }
+    Ok((offset, left))
 }
 
 /// Bytes in memory (tests, fuzzing): through the buffer.

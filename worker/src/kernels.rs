@@ -256,7 +256,7 @@ impl Kernel for f32 {
 /// test the compiler vectorises and writes only where it found a NaN: the
 /// plain `filter(is_nan)` loop it replaces ran one element per branch and
 /// took 1.5 % of a 2000² product.
-fn canonical_nans<T: Copy>(c: &mut [T], nan: T, is_nan: fn(T) -> bool) {
+fn canonical_nans<T: Copy>(c: &mut [T], nan: T, is_nan: impl Fn(T) -> bool) {
     for chunk in c.chunks_mut(64) {
         if chunk.iter().fold(false, |any, &x| any | is_nan(x)) {
             for x in chunk.iter_mut().filter(|x| is_nan(**x)) {

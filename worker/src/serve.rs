@@ -14,7 +14,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::array::{self, Array, ArrayError};
+use crate::array::{self, Array, ArrayError, FileId};
 use crate::protocol::{
     self, Access, ArrayRef, DecodeError, FailureCause, FrameKind, Outcome, Ready, Reply, Request, Results, TaskReply,
     PROTOCOL_VERSION,
@@ -429,42 +429,30 @@ fn run_one(entry: &Result<ErasedEntry, String>, input: &[u8], arrays: Vec<Result
 /// worker, not once per task. Writable mappings are never shared: each task
 /// gets its own, so it may write through it.
 ///
-/// A mapping outlives its call while its file does: at the start of each
-/// call every cached path is looked up again and the mapping kept only if
-/// the path still names the same inode with the same size. So repeated
-/// calls over the same dumped inputs (the matmul repetitions) map and fault
-/// them in once, while a file deleted or replaced since is dropped — and
-/// with it the memory a deleted file's pages would otherwise keep. The
-/// inode number is a sound identity because the mapping holds the inode:
-/// no new file can get its number while it is mapped; and a file written
-/// in place shows its new bytes through the shared mapping.
+/// A mapping the last call used is kept for the next one while its path
+/// still names the same file ([`FileId`]: same inode, same size), so
+/// repeated calls over the same dumped inputs (the matmul repetitions) map
+/// and fault them in once. Everything else is dropped when a new call
+/// starts: files deleted or replaced since (and the memory a deleted
+/// file's pages would keep), and files the last call did not use, so the
+/// cache holds at most one call's inputs.
 #[derive(Default)]
 struct MapCache {
     call: u64,
-    read_only: HashMap<PathBuf, (Array, Option<FileId>)>,
-}
-
-/// What identifies a mapped file for [`MapCache`].
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct FileId {
-    dev: u64,
-    ino: u64,
-    len: u64,
-}
-
-impl FileId {
-    fn of(path: &std::path::Path) -> Option<FileId> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path).ok()?;
-        Some(FileId { dev: m.dev(), ino: m.ino(), len: m.len() })
-    }
+    /// Per path: the mapping, and whether the current call has used it.
+    read_only: HashMap<PathBuf, (Array, bool)>,
 }
 
 impl MapCache {
-    /// Starts call `call`: keeps the mappings whose files are unchanged.
+    /// Starts call `call`: keeps the mappings the last call used whose
+    /// files are unchanged.
     fn start_call(&mut self, call: u64) {
         self.call = call;
-        self.read_only.retain(|path, (_, id)| id.is_some() && FileId::of(path) == *id);
+        self.read_only.retain(|path, (array, used)| {
+            let keep = *used && array.mapped_file_id().is_some_and(|id| FileId::of_path(path) == Some(id));
+            *used = false;
+            keep
+        });
     }
 
     /// Maps what a file reference names, and faults its pages in at once:
@@ -484,12 +472,13 @@ impl MapCache {
         if *access != Access::ReadOnly {
             return array::map_file_ref(path, *dtype, &shape, *offset, *access);
         }
-        if let Some((base, _)) = self.read_only.get(path) {
+        if let Some((base, used)) = self.read_only.get_mut(path) {
+            *used = true;
             return base.view_of_storage(*dtype, &shape, *offset);
         }
         let a = array::map_file_ref(path, *dtype, &shape, *offset, Access::ReadOnly)?;
         if a.is_mapped() {
-            self.read_only.insert(path.clone(), (a.clone(), FileId::of(path)));
+            self.read_only.insert(path.clone(), (a.clone(), true));
         }
         Ok(a)
     }
@@ -526,27 +515,35 @@ mod tests {
         a.as_slice::<f64>().unwrap().iter().sum()
     }
 
-    /// A mapping is reused by later calls while its file is unchanged, and
-    /// dropped once the file is replaced or deleted.
+    /// A mapping is reused by the next call while its file is unchanged, and
+    /// dropped once the file is replaced or deleted, or a call did not use it.
     #[test]
-    fn mappings_outlive_calls_only_while_their_file_is_unchanged() {
+    fn mappings_outlive_calls_only_while_their_file_is_unchanged_and_used() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.npy");
-        let save = |value: f64| Array::from_vec(vec![4], vec![value; 4]).save_npy(&path).unwrap();
-        save(1.0);
-        let reference = || array::file_ref(&Array::open_npy(&path, Access::ReadOnly).unwrap()).unwrap();
+        let other = dir.path().join("y.npy");
+        let save =
+            |path: &std::path::Path, value: f64| Array::from_vec(vec![4], vec![value; 4]).save_npy(path).unwrap();
+        save(&path, 1.0);
+        save(&other, 5.0);
+        let reference =
+            |path: &std::path::Path| array::file_ref(&Array::open_npy(path, Access::ReadOnly).unwrap()).unwrap();
         let mut maps = MapCache::default();
         maps.start_call(1);
-        let first = maps.map(&reference()).unwrap();
+        let first = maps.map(&reference(&path)).unwrap();
         assert_eq!(sum(&first), 4.0);
+        assert_eq!(sum(&maps.map(&reference(&other)).unwrap()), 20.0);
         maps.start_call(2);
-        let again = maps.map(&reference()).unwrap();
+        let again = maps.map(&reference(&path)).unwrap();
         assert_eq!(again.storage_id(), first.storage_id(), "an unchanged file is not mapped again");
+        // `other` was kept into call 2 but not used there: call 3 drops it.
+        assert!(maps.read_only.contains_key(&other));
         // Replaced: a new file at the same path.
         std::fs::remove_file(&path).unwrap();
-        save(2.0);
+        save(&path, 2.0);
         maps.start_call(3);
-        let rewritten = maps.map(&reference()).unwrap();
+        assert!(!maps.read_only.contains_key(&other), "unused in call 2");
+        let rewritten = maps.map(&reference(&path)).unwrap();
         assert_ne!(rewritten.storage_id(), first.storage_id());
         assert_eq!(sum(&rewritten), 8.0);
         // Deleted: the cached mapping goes too.
