@@ -470,6 +470,7 @@ impl Parallel {
             traffic_before,
             finished: false,
             landing: None,
+            next_action: None,
         })
     }
 }
@@ -562,6 +563,8 @@ struct Call<'p, T: Task, I: Iterator<Item = T::Input>> {
     finished: bool,
     /// Where output arrays land, for `run_unordered_into`.
     landing: Option<LandingPlan>,
+    /// The scheduler's action drawn after a run of sends, to do next.
+    next_action: Option<Action>,
 }
 
 /// The shared output of a `run_unordered_into` call.
@@ -599,7 +602,7 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
                 self.interrupt(signal);
                 continue;
             }
-            match self.scheduler.next_action() {
+            match self.next_action.take().unwrap_or_else(|| self.scheduler.next_action()) {
                 Action::Pull(n) => {
                     // Draw in chunks, and let an answer that is already
                     // waiting in between: its worker is idle until the
@@ -611,9 +614,20 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
                     self.pull(n.min(PULL_CHUNK));
                 }
                 Action::Send { worker, tasks } => {
-                    if let Err(e) = self.send(worker, tasks) {
-                        self.fail(e);
-                    }
+                    // Stage this send and every one the scheduler has right
+                    // after it (each to a different worker: a worker has
+                    // one batch at a time), then write them together, so
+                    // large batches go to all workers at once instead of
+                    // one after the other.
+                    let mut staged: Vec<usize> = self.stage(worker, tasks).into_iter().collect();
+                    let next = loop {
+                        match self.scheduler.next_action() {
+                            Action::Send { worker, tasks } => staged.extend(self.stage(worker, tasks)),
+                            other => break other,
+                        }
+                    };
+                    self.write_staged(&staged);
+                    self.next_action = Some(next);
                 }
                 Action::Wait => self.wait(),
                 Action::Done => {
@@ -657,7 +671,9 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
         self.scheduler.pulled(got, done, hint);
     }
 
-    fn send(&mut self, worker: usize, n: usize) -> Result<(), Error> {
+    /// Makes the batch of the next `n` queued tasks for `worker` and puts it
+    /// in flight, to be written by [`write_staged`](Self::write_staged).
+    fn stage(&mut self, worker: usize, n: usize) -> Option<usize> {
         let kind = TaskKind { name: T::name().to_string(), entry: Some(entry_offset::<T>()) };
         // The encoded inputs move into the request and stay in flight with
         // it: a batch lost to a dead worker may be sent again.
@@ -667,37 +683,58 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
             requests.push(TaskRequest { index: t.index, input: t.input, arrays: t.refs });
             inline.push(t.inline);
         }
-        let bulk: Vec<&[u8]> = inline.iter().flatten().map(Array::as_bytes).collect();
         if let Some(plan) = self.landing.as_mut() {
             let pool = self.parallel.pool.as_ref().expect("the pool exists during a call");
-            let mut landings = pool.landings().lock().map_err(|_| Error::Config("landing table poisoned".into()))?;
-            for t in &ids {
-                let landing = plan.landing(t.index).map_err(Error::Config)?;
-                landings.insert(t.index, landing);
+            let landings = pool.landings().lock().map_err(|_| Error::Config("landing table poisoned".into()));
+            let placed = landings.and_then(|mut landings| {
+                ids.iter().try_for_each(|t| {
+                    landings.insert(t.index, plan.landing(t.index).map_err(Error::Config)?);
+                    Ok(())
+                })
+            });
+            if let Err(e) = placed {
+                self.fail(e);
+                return None;
             }
         }
         let sent = Instant::now();
         let deadline = self.parallel.timeout.map(|t| sent + t * ids.len() as u32);
-        let call = self.call;
         self.parallel.last.batches += 1;
-        let pool = self.parallel.pool.as_mut().expect("the pool exists during a call");
-        let send_start = procjob_worker::clock::monotonic_ns();
         let timestamps = self.parallel.trace.is_some();
-        let request = Request::Run(Batch { call, kind, tasks: requests, timestamps });
-        let result = pool.send(worker, &request, &bulk).map(|_| ());
-        drop(bulk); // it borrows `inline`, which moves into the flight below
-        if let Some(trace) = self.parallel.trace.as_mut() {
-            let what = match (ids.first(), ids.last()) {
-                (Some(a), Some(b)) if ids.len() > 1 => {
-                    format!("send tasks {}..={} to worker {worker}", a.index, b.index)
-                }
-                (Some(a), _) => format!("send {a} to worker {worker}"),
-                _ => format!("send to worker {worker}"),
-            };
-            trace.span(Lane::Coordinator, "send", what, send_start, procjob_worker::clock::monotonic_ns());
-        }
+        let request = Request::Run(Batch { call: self.call, kind, tasks: requests, timestamps });
         self.in_flight[worker] = Some(InFlight { tasks: ids, request, inline, sent, deadline });
-        result
+        Some(worker)
+    }
+
+    /// Writes the staged batches of `workers`: at once, one thread each,
+    /// when there are several and they carry megabytes; else in turn.
+    fn write_staged(&mut self, workers: &[usize]) {
+        let send_start = procjob_worker::clock::monotonic_ns();
+        let flights: Vec<(usize, &InFlight)> =
+            workers.iter().filter_map(|&w| self.in_flight[w].as_ref().map(|f| (w, f))).collect();
+        let bulks: Vec<Vec<&[u8]>> =
+            flights.iter().map(|(_, f)| f.inline.iter().flatten().map(Array::as_bytes).collect()).collect();
+        let frames: Vec<(usize, &Request, &[&[u8]])> =
+            flights.iter().zip(&bulks).map(|((w, f), bulk)| (*w, &f.request, bulk.as_slice())).collect();
+        let pool = self.parallel.pool.as_mut().expect("the pool exists during a call");
+        let results = pool.send_many(&frames);
+        let send_end = procjob_worker::clock::monotonic_ns();
+        if let Some(trace) = self.parallel.trace.as_mut() {
+            for (worker, flight) in &flights {
+                let ids = &flight.tasks;
+                let what = match (ids.first(), ids.last()) {
+                    (Some(a), Some(b)) if ids.len() > 1 => {
+                        format!("send tasks {}..={} to worker {worker}", a.index, b.index)
+                    }
+                    (Some(a), _) => format!("send {a} to worker {worker}"),
+                    _ => format!("send to worker {worker}"),
+                };
+                trace.span(Lane::Coordinator, "send", what, send_start, send_end);
+            }
+        }
+        for e in results.into_iter().filter_map(Result::err) {
+            self.fail(e);
+        }
     }
 
     fn wait(&mut self) {

@@ -216,6 +216,10 @@ pub struct WorkerReport {
 /// Reader threads take an entry when that task's result arrives.
 pub type Landings = Arc<Mutex<HashMap<u64, Landing>>>;
 
+/// Frames carrying at least this much bulk in total are written to their
+/// workers concurrently by [`WorkerPool::send_many`].
+pub const CONCURRENT_SEND_BYTES: usize = 1 << 20;
+
 /// A pool of worker processes.
 pub struct WorkerPool {
     config: PoolConfig,
@@ -552,6 +556,51 @@ impl WorkerPool {
         self.traffic.bytes_to_workers += n;
         self.traffic.frames_to_workers += 1;
         Ok(n)
+    }
+
+    /// Writes several frames, each to a different worker: together, one
+    /// thread each, when there are several and they carry at least
+    /// [`CONCURRENT_SEND_BYTES`] of bulk (copy mode's A blocks and B), so
+    /// no worker waits for another's inputs to be written; else one after
+    /// the other on this thread. The threads end before this returns.
+    pub fn send_many(&mut self, frames: &[(usize, &Request, &[&[u8]])]) -> Vec<Result<u64, Error>> {
+        let bulk: usize = frames.iter().flat_map(|(_, _, b)| b.iter()).map(|b| b.len()).sum();
+        if frames.len() < 2 || bulk < CONCURRENT_SEND_BYTES {
+            return frames.iter().map(|(index, request, bulk)| self.send(*index, request, bulk)).collect();
+        }
+        let ids: Vec<WorkerId> = frames.iter().map(|(index, _, _)| self.worker_id(*index)).collect();
+        let mut inputs: Vec<Option<&mut BufWriter<File>>> =
+            self.slots.iter_mut().map(|s| s.process.as_mut().and_then(|p| p.input.as_mut())).collect();
+        let results: Vec<Result<u64, Error>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = frames
+                .iter()
+                .zip(&ids)
+                .map(|((index, request, bulk), &worker)| {
+                    let input = inputs.get_mut(*index).and_then(Option::take);
+                    scope.spawn(move || {
+                        let Some(input) = input else {
+                            return Err(Error::Transport { worker, reason: "the worker is not running".into() });
+                        };
+                        protocol::send(input, FrameKind::Request, *request, bulk)
+                            .map_err(|e| Error::Transport { worker, reason: format!("cannot send a batch: {e}") })
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .zip(&ids)
+                .map(|(h, &worker)| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::Transport { worker, reason: "the thread sending a batch panicked".into() })
+                    })
+                })
+                .collect()
+        });
+        for n in results.iter().flatten() {
+            self.traffic.bytes_to_workers += n;
+            self.traffic.frames_to_workers += 1;
+        }
+        results
     }
 
     /// Waits for the next event from any worker, up to `timeout`

@@ -187,6 +187,24 @@ fn large_result_arrays_arrive_intact_beside_small_ones() {
 }
 
 #[test]
+fn large_inline_inputs_reach_every_worker_intact() {
+    // Four 4 MiB inputs, inline, one per batch on two workers: the batches
+    // sent together are written at once, one thread per worker.
+    let mut p = Parallel::new().n_jobs(2).max_nbytes(None).batch_size(BatchSize::Fixed(1));
+    let inputs: Vec<Array> = (0..4u32)
+        .map(|i| Array::from_vec(vec![1 << 20], (0..1u32 << 20).map(|j| (j * (i + 1) % 7) as f32).collect()))
+        .collect();
+    for _ in 0..2 {
+        let seen = p.run::<Inspect, _>(inputs.clone()).unwrap();
+        for (s, a) in seen.iter().zip(&inputs) {
+            assert!(s.mapped_from.is_none(), "sent inline");
+            assert_eq!(s.sum, a.as_slice::<f32>().unwrap().iter().map(|&x| f64::from(x)).sum::<f64>());
+        }
+        assert!(p.last_call().traffic.bytes_to_workers > 16 << 20);
+    }
+}
+
+#[test]
 fn an_array_shared_by_many_tasks_is_dumped_once() {
     let big = f32_array(1 << 20);
     let mut p = Parallel::new().n_jobs(2);
