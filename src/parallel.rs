@@ -710,6 +710,16 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
     /// when there are several and they carry megabytes; else in turn.
     fn write_staged(&mut self, workers: &[usize]) {
         let send_start = procjob_worker::clock::monotonic_ns();
+        if let ([worker], None) = (workers, self.parallel.trace.as_ref()) {
+            // One batch, no trace: straight to its worker.
+            let Some(flight) = self.in_flight[*worker].as_ref() else { return };
+            let bulk: Vec<&[u8]> = flight.inline.iter().flatten().map(Array::as_bytes).collect();
+            let pool = self.parallel.pool.as_mut().expect("the pool exists during a call");
+            if let Err(e) = pool.send(*worker, &flight.request, &bulk) {
+                self.fail(e);
+            }
+            return;
+        }
         let flights: Vec<(usize, &InFlight)> =
             workers.iter().filter_map(|&w| self.in_flight[w].as_ref().map(|f| (w, f))).collect();
         let bulks: Vec<Vec<&[u8]>> =
