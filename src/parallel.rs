@@ -614,20 +614,34 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
                     self.pull(n.min(PULL_CHUNK));
                 }
                 Action::Send { worker, tasks } => {
-                    // Stage this send and every one the scheduler has right
-                    // after it (each to a different worker: a worker has
-                    // one batch at a time), then write them together, so
-                    // large batches go to all workers at once instead of
-                    // one after the other.
-                    let mut staged: Vec<usize> = self.stage(worker, tasks).into_iter().collect();
+                    self.stage(worker, tasks);
+                    if self.staged_bulk(worker) < crate::pool::CONCURRENT_SEND_BYTES {
+                        self.write_one(worker);
+                        continue;
+                    }
+                    // A batch with megabytes of inputs: stage every send the
+                    // scheduler has right after it (each to a different
+                    // worker, which has one batch at a time), then write
+                    // them at once, one thread each, so no worker waits for
+                    // another's inputs to be written.
+                    let mut staged = vec![worker];
                     let next = loop {
                         match self.scheduler.next_action() {
-                            Action::Send { worker, tasks } => staged.extend(self.stage(worker, tasks)),
+                            Action::Send { worker, tasks } => {
+                                self.stage(worker, tasks);
+                                staged.push(worker);
+                            }
                             other => break other,
                         }
                     };
-                    self.write_staged(&staged);
-                    self.next_action = Some(next);
+                    if staged.len() == 1 {
+                        self.write_one(worker);
+                    } else {
+                        self.write_together(&staged);
+                    }
+                    // Only Send changes the scheduler; a drawn Pull, Wait or
+                    // Done stays valid, unless the call failed meanwhile.
+                    self.next_action = self.failure.is_none().then_some(next);
                 }
                 Action::Wait => self.wait(),
                 Action::Done => {
@@ -672,8 +686,11 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
     }
 
     /// Makes the batch of the next `n` queued tasks for `worker` and puts it
-    /// in flight, to be written by [`write_staged`](Self::write_staged).
-    fn stage(&mut self, worker: usize, n: usize) -> Option<usize> {
+    /// in flight, to be written by [`write_one`](Self::write_one) or
+    /// [`write_together`](Self::write_together). A batch whose output
+    /// landings cannot be placed fails the call but is still sent, so the
+    /// scheduler's count of what is in flight stays true and the call ends.
+    fn stage(&mut self, worker: usize, n: usize) {
         let kind = TaskKind { name: T::name().to_string(), entry: Some(entry_offset::<T>()) };
         // The encoded inputs move into the request and stay in flight with
         // it: a batch lost to a dead worker may be sent again.
@@ -694,7 +711,6 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
             });
             if let Err(e) = placed {
                 self.fail(e);
-                return None;
             }
         }
         let sent = Instant::now();
@@ -703,48 +719,61 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
         let timestamps = self.parallel.trace.is_some();
         let request = Request::Run(Batch { call: self.call, kind, tasks: requests, timestamps });
         self.in_flight[worker] = Some(InFlight { tasks: ids, request, inline, sent, deadline });
-        Some(worker)
     }
 
-    /// Writes the staged batches of `workers`: at once, one thread each,
-    /// when there are several and they carry megabytes; else in turn.
-    fn write_staged(&mut self, workers: &[usize]) {
-        let send_start = procjob_worker::clock::monotonic_ns();
-        if let ([worker], None) = (workers, self.parallel.trace.as_ref()) {
-            // One batch, no trace: straight to its worker.
-            let Some(flight) = self.in_flight[*worker].as_ref() else { return };
-            let bulk: Vec<&[u8]> = flight.inline.iter().flatten().map(Array::as_bytes).collect();
-            let pool = self.parallel.pool.as_mut().expect("the pool exists during a call");
-            if let Err(e) = pool.send(*worker, &flight.request, &bulk) {
-                self.fail(e);
-            }
-            return;
-        }
-        let flights: Vec<(usize, &InFlight)> =
-            workers.iter().filter_map(|&w| self.in_flight[w].as_ref().map(|f| (w, f))).collect();
-        let bulks: Vec<Vec<&[u8]>> =
-            flights.iter().map(|(_, f)| f.inline.iter().flatten().map(Array::as_bytes).collect()).collect();
-        let frames: Vec<(usize, &Request, &[&[u8]])> =
-            flights.iter().zip(&bulks).map(|((w, f), bulk)| (*w, &f.request, bulk.as_slice())).collect();
+    /// The bulk bytes of the batch staged for `worker`.
+    fn staged_bulk(&self, worker: usize) -> usize {
+        self.in_flight[worker].as_ref().map_or(0, |f| f.inline.iter().flatten().map(Array::nbytes).sum())
+    }
+
+    /// Writes the batch staged for `worker` on this thread.
+    fn write_one(&mut self, worker: usize) {
+        let Some(flight) = self.in_flight[worker].as_ref() else { return };
+        let bulk: Vec<&[u8]> = flight.inline.iter().flatten().map(Array::as_bytes).collect();
+        let start = procjob_worker::clock::monotonic_ns();
         let pool = self.parallel.pool.as_mut().expect("the pool exists during a call");
-        let results = pool.send_many(&frames);
-        let send_end = procjob_worker::clock::monotonic_ns();
-        if let Some(trace) = self.parallel.trace.as_mut() {
-            for (worker, flight) in &flights {
-                let ids = &flight.tasks;
-                let what = match (ids.first(), ids.last()) {
-                    (Some(a), Some(b)) if ids.len() > 1 => {
-                        format!("send tasks {}..={} to worker {worker}", a.index, b.index)
-                    }
-                    (Some(a), _) => format!("send {a} to worker {worker}"),
-                    _ => format!("send to worker {worker}"),
-                };
-                trace.span(Lane::Coordinator, "send", what, send_start, send_end);
-            }
+        let result = pool.send(worker, &flight.request, &bulk);
+        self.trace_send(worker, start);
+        if let Err(e) = result {
+            self.fail(e);
+        }
+    }
+
+    /// Writes the batches staged for `workers` (all different) at once, one
+    /// thread each. Every one is written even if another fails.
+    fn write_together(&mut self, workers: &[usize]) {
+        let start = procjob_worker::clock::monotonic_ns();
+        let results = {
+            let flights: Vec<(usize, &InFlight)> =
+                workers.iter().filter_map(|&w| self.in_flight[w].as_ref().map(|f| (w, f))).collect();
+            let bulks: Vec<Vec<&[u8]>> =
+                flights.iter().map(|(_, f)| f.inline.iter().flatten().map(Array::as_bytes).collect()).collect();
+            let frames: Vec<(usize, &Request, &[&[u8]])> =
+                flights.iter().zip(&bulks).map(|((w, f), bulk)| (*w, &f.request, bulk.as_slice())).collect();
+            let pool = self.parallel.pool.as_mut().expect("the pool exists during a call");
+            pool.send_many(&frames)
+        };
+        for &w in workers {
+            self.trace_send(w, start);
         }
         for e in results.into_iter().filter_map(Result::err) {
             self.fail(e);
         }
+    }
+
+    /// Records, when tracing, that the batch in flight on `worker` was
+    /// written from `start` until now.
+    fn trace_send(&mut self, worker: usize, start: u64) {
+        let (Some(trace), Some(flight)) = (self.parallel.trace.as_mut(), self.in_flight[worker].as_ref()) else {
+            return;
+        };
+        let ids = &flight.tasks;
+        let what = match (ids.first(), ids.last()) {
+            (Some(a), Some(b)) if ids.len() > 1 => format!("send tasks {}..={} to worker {worker}", a.index, b.index),
+            (Some(a), _) => format!("send {a} to worker {worker}"),
+            _ => format!("send to worker {worker}"),
+        };
+        trace.span(Lane::Coordinator, "send", what, start, procjob_worker::clock::monotonic_ns());
     }
 
     fn wait(&mut self) {

@@ -216,8 +216,9 @@ pub struct WorkerReport {
 /// Reader threads take an entry when that task's result arrives.
 pub type Landings = Arc<Mutex<HashMap<u64, Landing>>>;
 
-/// Frames carrying at least this much bulk in total are written to their
-/// workers concurrently by [`WorkerPool::send_many`].
+/// A batch carrying at least this much bulk is written together with the
+/// batches sent right after it, one thread per worker
+/// ([`WorkerPool::send_many`]).
 pub const CONCURRENT_SEND_BYTES: usize = 1 << 20;
 
 /// A pool of worker processes.
@@ -558,16 +559,10 @@ impl WorkerPool {
         Ok(n)
     }
 
-    /// Writes several frames, each to a different worker: together, one
-    /// thread each, when there are several and they carry at least
-    /// [`CONCURRENT_SEND_BYTES`] of bulk (copy mode's A blocks and B), so
-    /// no worker waits for another's inputs to be written; else one after
-    /// the other on this thread. The threads end before this returns.
+    /// Writes several frames, each to a different worker, at once: one
+    /// thread each, so no worker waits for another's inputs to be written
+    /// (copy mode's A blocks and B). The threads end before this returns.
     pub fn send_many(&mut self, frames: &[(usize, &Request, &[&[u8]])]) -> Vec<Result<u64, Error>> {
-        let bulk: usize = frames.iter().flat_map(|(_, _, b)| b.iter()).map(|b| b.len()).sum();
-        if frames.len() < 2 || bulk < CONCURRENT_SEND_BYTES {
-            return frames.iter().map(|(index, request, bulk)| self.send(*index, request, bulk)).collect();
-        }
         let ids: Vec<WorkerId> = frames.iter().map(|(index, _, _)| self.worker_id(*index)).collect();
         let mut inputs: Vec<Option<&mut BufWriter<File>>> =
             self.slots.iter_mut().map(|s| s.process.as_mut().and_then(|p| p.input.as_mut())).collect();

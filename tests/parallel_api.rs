@@ -186,6 +186,21 @@ fn large_result_arrays_arrive_intact_beside_small_ones() {
     }
 }
 
+/// A position-weighted checksum of an f32 array: `Σ x[j]·(j mod 997 + 1)`.
+struct Weighted;
+impl Task for Weighted {
+    type Input = Array;
+    type Output = f64;
+    type Error = String;
+    fn run(a: Array) -> Result<f64, String> {
+        Ok(weighted(a.as_slice::<f32>().map_err(|e| e.to_string())?))
+    }
+}
+
+fn weighted(x: &[f32]) -> f64 {
+    x.iter().enumerate().map(|(j, &v)| f64::from(v) * ((j % 997) + 1) as f64).sum()
+}
+
 #[test]
 fn large_inline_inputs_reach_every_worker_intact() {
     // Four 4 MiB inputs, inline, one per batch on two workers: the batches
@@ -195,10 +210,10 @@ fn large_inline_inputs_reach_every_worker_intact() {
         .map(|i| Array::from_vec(vec![1 << 20], (0..1u32 << 20).map(|j| (j * (i + 1) % 7) as f32).collect()))
         .collect();
     for _ in 0..2 {
-        let seen = p.run::<Inspect, _>(inputs.clone()).unwrap();
-        for (s, a) in seen.iter().zip(&inputs) {
-            assert!(s.mapped_from.is_none(), "sent inline");
-            assert_eq!(s.sum, a.as_slice::<f32>().unwrap().iter().map(|&x| f64::from(x)).sum::<f64>());
+        let seen = p.run::<Weighted, _>(inputs.clone()).unwrap();
+        assert_eq!(seen.len(), inputs.len());
+        for (sum, a) in seen.iter().zip(&inputs) {
+            assert_eq!(*sum, weighted(a.as_slice::<f32>().unwrap()));
         }
         assert!(p.last_call().traffic.bytes_to_workers > 16 << 20);
     }
@@ -591,6 +606,25 @@ fn large_outputs_land_intact_in_their_rows() {
             assert!(values.iter().enumerate().all(|(i, &x)| x == i as f64 * s), "round {round}, row {row}");
         }
     }
+}
+
+#[test]
+fn an_output_region_outside_the_array_fails_the_call_without_hanging() {
+    // Task 1's rows are past the end of the 8-row output: the call must
+    // fail with that reason, not wait for a batch it never sent.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Array::create_npy(&dir.path().join("out.npy"), procjob::DType::F64, vec![8, 3]).unwrap();
+        let mut p = Parallel::new().n_jobs(2).batch_size(BatchSize::Fixed(1));
+        let rows = |i: u64| if i == 1 { 100..102 } else { 2 * i as usize..2 * i as usize + 2 };
+        let outcome: Result<Vec<_>, _> =
+            p.run_unordered_into::<Block23, _>((0..4).map(f64::from), &out, rows).and_then(|it| it.collect());
+        let _ = tx.send(outcome.map(|v| v.len()).map_err(|e| e.to_string()));
+    });
+    let outcome = rx.recv_timeout(Duration::from_secs(120)).expect("the call hung");
+    let err = outcome.expect_err("rows past the end must fail the call");
+    assert!(err.contains("output rows for task 1"), "{err}");
 }
 
 #[test]
