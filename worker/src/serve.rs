@@ -425,6 +425,9 @@ fn run_one(entry: &Result<ErasedEntry, String>, input: &[u8], arrays: Vec<Result
     }
 }
 
+/// How many faulted-in views [`MapCache`] remembers per file.
+const MAX_FAULTED_VIEWS: usize = 4096;
+
 /// Read-only mappings, shared by all tasks so a file is mapped once per
 /// worker, not once per task. Writable mappings are never shared: each task
 /// gets its own, so it may write through it.
@@ -439,8 +442,17 @@ fn run_one(entry: &Result<ErasedEntry, String>, input: &[u8], arrays: Vec<Result
 #[derive(Default)]
 struct MapCache {
     call: u64,
-    /// Per path: the mapping, and whether the current call has used it.
-    read_only: HashMap<PathBuf, (Array, bool)>,
+    read_only: HashMap<PathBuf, Cached>,
+}
+
+/// One file's entry in [`MapCache`].
+struct Cached {
+    /// The mapping of the whole file.
+    map: Array,
+    /// Whether the current call has used it.
+    used: bool,
+    /// The views of it already faulted in: byte offset and length.
+    faulted: std::collections::HashSet<(usize, usize)>,
 }
 
 impl MapCache {
@@ -448,9 +460,9 @@ impl MapCache {
     /// files are unchanged.
     fn start_call(&mut self, call: u64) {
         self.call = call;
-        self.read_only.retain(|path, (array, used)| {
-            let keep = *used && array.mapped_file_id().is_some_and(|id| FileId::of_path(path) == Some(id));
-            *used = false;
+        self.read_only.retain(|path, cached| {
+            let keep = cached.used && cached.map.mapped_file_id().is_some_and(|id| FileId::of_path(path) == Some(id));
+            cached.used = false;
             keep
         });
     }
@@ -460,6 +472,21 @@ impl MapCache {
     /// cheaper than a page fault per 4 KiB.
     fn map(&mut self, r: &ArrayRef) -> Result<Array, ArrayError> {
         let view = self.view(r)?;
+        // A read-only view already faulted in by an earlier task (the same
+        // B every repetition) is still mapped: walking its page tables
+        // again costs about a millisecond for 32 MB and finds nothing to do.
+        if let ArrayRef::File { path, access: Access::ReadOnly, .. } = r {
+            if let Some(cached) = self.read_only.get_mut(path) {
+                if !cached.faulted.insert((view.storage_bytes().1, view.nbytes())) {
+                    return Ok(view);
+                }
+                if cached.faulted.len() > MAX_FAULTED_VIEWS {
+                    // Many small views (a task per row slice): forget them
+                    // rather than grow; at worst they are walked again.
+                    cached.faulted.clear();
+                }
+            }
+        }
         view.prefault();
         Ok(view)
     }
@@ -472,13 +499,13 @@ impl MapCache {
         if *access != Access::ReadOnly {
             return array::map_file_ref(path, *dtype, &shape, *offset, *access);
         }
-        if let Some((base, used)) = self.read_only.get_mut(path) {
-            *used = true;
-            return base.view_of_storage(*dtype, &shape, *offset);
+        if let Some(cached) = self.read_only.get_mut(path) {
+            cached.used = true;
+            return cached.map.view_of_storage(*dtype, &shape, *offset);
         }
         let a = array::map_file_ref(path, *dtype, &shape, *offset, Access::ReadOnly)?;
         if a.is_mapped() {
-            self.read_only.insert(path.clone(), (a.clone(), true));
+            self.read_only.insert(path.clone(), Cached { map: a.clone(), used: true, faulted: Default::default() });
         }
         Ok(a)
     }
@@ -533,9 +560,12 @@ mod tests {
         let first = maps.map(&reference(&path)).unwrap();
         assert_eq!(sum(&first), 4.0);
         assert_eq!(sum(&maps.map(&reference(&other)).unwrap()), 20.0);
+        let view = (first.storage_bytes().1, first.nbytes());
+        assert!(maps.read_only[&path].faulted.contains(&view), "faulted in once");
         maps.start_call(2);
         let again = maps.map(&reference(&path)).unwrap();
         assert_eq!(again.storage_id(), first.storage_id(), "an unchanged file is not mapped again");
+        assert_eq!(maps.read_only[&path].faulted.len(), 1, "the same view is recorded once");
         // `other` was kept into call 2 but not used there: call 3 drops it.
         assert!(maps.read_only.contains_key(&other));
         // Replaced: a new file at the same path.
