@@ -514,6 +514,11 @@ struct InFlight {
 }
 
 impl InFlight {
+    /// The bytes of the batch's inline arrays, in order: the frame's bulk.
+    fn bulk(&self) -> Vec<&[u8]> {
+        self.inline.iter().flatten().map(Array::as_bytes).collect()
+    }
+
     /// The batch's tasks as they were before sending, to queue them again.
     fn into_encoded(self) -> Vec<Encoded> {
         let Request::Run(batch) = self.request else { unreachable!("a batch in flight is a Run request") };
@@ -729,7 +734,7 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
     /// Writes the batch staged for `worker` on this thread.
     fn write_one(&mut self, worker: usize) {
         let Some(flight) = self.in_flight[worker].as_ref() else { return };
-        let bulk: Vec<&[u8]> = flight.inline.iter().flatten().map(Array::as_bytes).collect();
+        let bulk = flight.bulk();
         let start = procjob_worker::clock::monotonic_ns();
         let pool = self.parallel.pool.as_mut().expect("the pool exists during a call");
         let result = pool.send(worker, &flight.request, &bulk);
@@ -746,8 +751,7 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
         let results = {
             let flights: Vec<(usize, &InFlight)> =
                 workers.iter().filter_map(|&w| self.in_flight[w].as_ref().map(|f| (w, f))).collect();
-            let bulks: Vec<Vec<&[u8]>> =
-                flights.iter().map(|(_, f)| f.inline.iter().flatten().map(Array::as_bytes).collect()).collect();
+            let bulks: Vec<Vec<&[u8]>> = flights.iter().map(|(_, f)| f.bulk()).collect();
             let frames: Vec<(usize, &Request, &[&[u8]])> =
                 flights.iter().zip(&bulks).map(|((w, f), bulk)| (*w, &f.request, bulk.as_slice())).collect();
             let pool = self.parallel.pool.as_mut().expect("the pool exists during a call");

@@ -216,6 +216,20 @@ pub struct WorkerReport {
 /// Reader threads take an entry when that task's result arrives.
 pub type Landings = Arc<Mutex<HashMap<u64, Landing>>>;
 
+/// Writes one request frame to a worker's input (`None`: it is not running).
+fn write_batch(
+    input: Option<&mut BufWriter<File>>,
+    worker: WorkerId,
+    request: &Request,
+    bulk: &[&[u8]],
+) -> Result<u64, Error> {
+    let Some(input) = input else {
+        return Err(Error::Transport { worker, reason: "the worker is not running".into() });
+    };
+    protocol::send(input, FrameKind::Request, request, bulk)
+        .map_err(|e| Error::Transport { worker, reason: format!("cannot send a batch: {e}") })
+}
+
 /// A batch carrying at least this much bulk is written together with the
 /// batches sent right after it, one thread per worker
 /// ([`WorkerPool::send_many`]).
@@ -549,11 +563,8 @@ impl WorkerPool {
     /// Sends a batch to worker `index`, with the bytes of its inline arrays.
     pub fn send(&mut self, index: usize, request: &Request, bulk: &[&[u8]]) -> Result<u64, Error> {
         let worker = self.worker_id(index);
-        let Some(input) = self.slots[index].process.as_mut().and_then(|p| p.input.as_mut()) else {
-            return Err(Error::Transport { worker, reason: "the worker is not running".into() });
-        };
-        let n = protocol::send(input, FrameKind::Request, request, bulk)
-            .map_err(|e| Error::Transport { worker, reason: format!("cannot send a batch: {e}") })?;
+        let input = self.slots[index].process.as_mut().and_then(|p| p.input.as_mut());
+        let n = write_batch(input, worker, request, bulk)?;
         self.traffic.bytes_to_workers += n;
         self.traffic.frames_to_workers += 1;
         Ok(n)
@@ -572,13 +583,7 @@ impl WorkerPool {
                 .zip(&ids)
                 .map(|((index, request, bulk), &worker)| {
                     let input = inputs.get_mut(*index).and_then(Option::take);
-                    scope.spawn(move || {
-                        let Some(input) = input else {
-                            return Err(Error::Transport { worker, reason: "the worker is not running".into() });
-                        };
-                        protocol::send(input, FrameKind::Request, *request, bulk)
-                            .map_err(|e| Error::Transport { worker, reason: format!("cannot send a batch: {e}") })
-                    })
+                    scope.spawn(move || write_batch(input, worker, request, bulk))
                 })
                 .collect();
             handles

@@ -36,15 +36,15 @@ fn field_kib(text: &str, key: &str) -> Option<u64> {
 /// `MADV_HUGEPAGE` from 4 MiB on).
 pub const HUGE_PAGE_THRESHOLD: usize = 4 << 20;
 
-/// Asks Linux to back the anonymous memory at `ptr..ptr + len` with
-/// transparent huge pages (`MADV_HUGEPAGE`) when its pages are first
-/// touched, if `len` reaches [`HUGE_PAGE_THRESHOLD`]. Fewer page faults
-/// when a large buffer is first written, and fewer TLB misses when a
-/// kernel walks it with a large stride. Only a hint: with THP off, or
-/// elsewhere than Linux, nothing happens, and the contents never change.
+/// Asks Linux to back the anonymous memory at `ptr..ptr + len` (the whole
+/// pages inside it) with transparent huge pages (`MADV_HUGEPAGE`) when its
+/// pages are first touched. Fewer page faults when a large buffer is first
+/// written, and fewer TLB misses when a kernel walks it with a large
+/// stride. Only a hint: with THP off, or elsewhere than Linux, nothing
+/// happens, and the contents never change.
 pub fn advise_huge_pages(ptr: *const u8, len: usize) {
     #[cfg(target_os = "linux")]
-    if len >= HUGE_PAGE_THRESHOLD {
+    {
         let page = 4096usize;
         let start = (ptr as usize).next_multiple_of(page);
         let end = (ptr as usize + len) & !(page - 1);

@@ -469,45 +469,46 @@ impl MapCache {
 
     /// Maps what a file reference names, and faults its pages in at once:
     /// a task reads (or writes) all of them anyway, and one call is much
-    /// cheaper than a page fault per 4 KiB.
+    /// cheaper than a page fault per 4 KiB. A read-only view an earlier task
+    /// already faulted in (the same B every repetition) is still mapped, so
+    /// it is not walked again: that cost about a millisecond for 32 MB and
+    /// found nothing to do.
     fn map(&mut self, r: &ArrayRef) -> Result<Array, ArrayError> {
-        let view = self.view(r)?;
-        // A read-only view already faulted in by an earlier task (the same
-        // B every repetition) is still mapped: walking its page tables
-        // again costs about a millisecond for 32 MB and finds nothing to do.
-        if let ArrayRef::File { path, access: Access::ReadOnly, .. } = r {
-            if let Some(cached) = self.read_only.get_mut(path) {
-                if !cached.faulted.insert((view.storage_bytes().1, view.nbytes())) {
-                    return Ok(view);
-                }
-                if cached.faulted.len() > MAX_FAULTED_VIEWS {
-                    // Many small views (a task per row slice): forget them
-                    // rather than grow; at worst they are walked again.
-                    cached.faulted.clear();
-                }
-            }
+        let (view, fresh) = self.view(r)?;
+        if fresh {
+            view.prefault();
         }
-        view.prefault();
         Ok(view)
     }
 
-    fn view(&mut self, r: &ArrayRef) -> Result<Array, ArrayError> {
+    /// The view a file reference names, and whether it still needs faulting
+    /// in.
+    fn view(&mut self, r: &ArrayRef) -> Result<(Array, bool), ArrayError> {
         let ArrayRef::File { dtype, shape, path, offset, access } = r else {
             unreachable!("only file references are mapped")
         };
         let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
         if *access != Access::ReadOnly {
-            return array::map_file_ref(path, *dtype, &shape, *offset, *access);
+            return Ok((array::map_file_ref(path, *dtype, &shape, *offset, *access)?, true));
         }
+        let key = |a: &Array| (a.storage_bytes().1, a.nbytes());
         if let Some(cached) = self.read_only.get_mut(path) {
             cached.used = true;
-            return cached.map.view_of_storage(*dtype, &shape, *offset);
+            let view = cached.map.view_of_storage(*dtype, &shape, *offset)?;
+            if cached.faulted.len() >= MAX_FAULTED_VIEWS {
+                // Many small views (a task per row slice): forget them
+                // rather than grow; at worst they are walked again.
+                cached.faulted.clear();
+            }
+            let fresh = cached.faulted.insert(key(&view));
+            return Ok((view, fresh));
         }
         let a = array::map_file_ref(path, *dtype, &shape, *offset, Access::ReadOnly)?;
         if a.is_mapped() {
-            self.read_only.insert(path.clone(), Cached { map: a.clone(), used: true, faulted: Default::default() });
+            let faulted = [key(&a)].into_iter().collect();
+            self.read_only.insert(path.clone(), Cached { map: a.clone(), used: true, faulted });
         }
-        Ok(a)
+        Ok((a, true))
     }
 }
 
