@@ -14,30 +14,34 @@
 //!
 //! | kernel | tile `MR × NR` | accumulators | `KC` | `MC` | `NC` |
 //! |---|---|---|---|---|---|
-//! | `f64`, AVX2 | 6 × 8 | 12 `ymm` (6 rows × 2 × 4 lanes) | 256 | 48 | 1024 |
-//! | `f32`, AVX2 | 6 × 16 | 12 `ymm` (6 rows × 2 × 8 lanes) | 256 | 96 | 2048 |
-//! | `f64`, AVX-512 | 12 × 16 | 24 `zmm` (12 rows × 2 × 8 lanes) | 256 | 96 | 2048 |
-//! | `f32`, AVX-512 | 12 × 32 | 24 `zmm` (12 rows × 2 × 16 lanes) | 256 | 96 | 2048 |
+//! | `f64`, AVX2 | 6 × 8 | 12 `ymm` (6 rows × 2 × 4 lanes) | 256 | 1008 | 128 |
+//! | `f32`, AVX2 | 6 × 16 | 12 `ymm` (6 rows × 2 × 8 lanes) | 256 | 1008 | 256 |
+//! | `f64`, AVX-512 | 12 × 16 | 24 `zmm` (12 rows × 2 × 8 lanes) | 256 | 1008 | 384 |
+//! | `f32`, AVX-512 | 12 × 32 | 24 `zmm` (12 rows × 2 × 16 lanes) | 256 | 1008 | 768 |
 //!
-//! Loops, outermost first: `jc` over the columns of `B`/`C` in steps of `NC`
-//! → `pc` over the depth `k` in steps of `KC` (pack `B[pc.., jc..]`) → `ic`
-//! over the rows in steps of `MC` (pack `A[ic.., pc..]`) → `jr` over the
-//! `NR`-column panels → `ir` over the `MR`-row panels → microkernel. So a
-//! `KC × NR` panel of `B` (16 KiB; 32 KiB for AVX-512) stays in L1 while the
-//! `MR × KC` panels of `A` stream past it from the `MC × KC` block in L2, and
-//! the packed `KC × NC` block of `B` (2 MiB for AVX2; 4 MiB `f64` and
-//! 2 MiB `f32` for AVX-512, in L3) sits behind them. A large `NC` means `A`,
-//! which has to be read from L3 and transposed into panels, is packed
-//! `n / NC` times instead of more: at 2048³ `f64` that took packing from 6.5 %
-//! of the time (`NC` 512) to 1.5 %.
-//! The AVX2 kernels were tuned on one core of an AMD EPYC (Zen 3: 32 KiB
-//! L1d, 512 KiB L2), the AVX-512 ones on an Intel Xeon (Sapphire Rapids
-//! class: 48 KiB L1d, 2 MiB L2); `docs/kernels.md` has the measurements (on the
-//! EPYC about 45 GFLOP/s `f64` and 91 GFLOP/s `f32` on large products, level
-//! with single-threaded OpenBLAS). Small `MC` (24–60 rows) measured a little
-//! faster than large (144–288) on the EPYC, and `KC` between 192 and 512
-//! made little difference, so `KC` stays at 256, the value that keeps the
-//! bits of the previous kernel (see below). Every kernel, whatever its tile,
+//! Loops, outermost first: `pc` over the depth `k` in steps of `KC` → `ic`
+//! over the rows in steps of `MC` → `jc` over the columns of `B`/`C` in steps
+//! of `NC` (pack `B[pc.., jc..]`) → `ir` over the `MR`-row panels of `A`
+//! (each packed once per `pc` and `ic`, just before the first `jc` block
+//! uses it) → `jr` over the `NR`-column panels of the `B` block →
+//! microkernel. This is OpenBLAS's order on Skylake-X: the packed `KC × NC`
+//! block of `B` (256 KiB for the AVX2 kernels, 768 KiB for AVX-512) sits in
+//! L2 and streams into the microkernel (which prefetches it four steps of
+//! `p` ahead); one `MR × KC` panel of `A` (24 KiB for AVX-512 `f64`) stays in
+//! L1 across the `NC / NR` tiles of a column block; the `MC × KC` block of
+//! packed `A` (2 MiB `f64`) waits in L3 for the next column block; and
+//! consecutive tiles lie side by side along rows of `C`, so the `C` lines a
+//! tile reads and writes follow each other in memory.
+//! The AVX2 kernels were first tuned on one core of an AMD EPYC (Zen 3:
+//! 32 KiB L1d, 512 KiB L2), the AVX-512 ones on an Intel Xeon (Sapphire
+//! Rapids class: 48 KiB L1d, 2 MiB L2); `docs/kernels.md` has the
+//! measurements. The loop order above replaced one with `B` in L1 and `A`
+//! streaming from L2 (`jc` → `pc` → `ic` → `jr` → `ir`, `MC` 96, `NC` 2048):
+//! on the Xeon it is 3–11 % faster for `f64` and 2–13 % for `f32` at
+//! 2000–2048, and about 7 % on two cores at once; the AVX2 kernels there are
+//! level or 1–2 % faster. The AVX2 `NC` keeps their `B` block at 256 KiB, half
+//! of Zen 3's L2. `KC` stays at 256, the value that keeps the bits of the
+//! previous kernels (see below). Every kernel, whatever its tile,
 //! computes each element with the same operations (points 1–3 below), so the
 //! AVX2 and AVX-512 kernels give the same bits; a test checks it.
 //!
@@ -79,7 +83,7 @@
 //!    packed together, the `jc` and `jr` loops which columns; neither changes
 //!    the chunks of `k`, the order of `p`, or the combination with `C`, and
 //!    every element is written exactly once per chunk, in ascending chunk
-//!    order (the `pc` loop is outside the `ic`, `jr` and `ir` loops).
+//!    order (the `pc` loop is outside all the others).
 //!    Position within a panel only decides which lane holds an element.
 //! 5. **Packing copies bits.** Packing moves values into the panels unchanged
 //!    (and pads with `+0`); `B` is the same `k × n` matrix for every block.
@@ -116,11 +120,10 @@
 //! # Buffers
 //!
 //! The packed panels live in one 64-byte-aligned buffer per thread
-//! (`KC × NC` of `B` — 2 MiB, 4 MiB for `f64` with AVX-512 — plus `MC × KC`
-//! of `A` and one scratch tile, or less for small shapes), grown on demand
-//! and kept for the next call:
-//! calls on a fresh buffer each time measured 5–10 % slower on thin blocks
-//! (6 × 2048 × 2048: 3.8 ms against 3.5 ms).
+//! (`MC × KC` of `A` — 2 MiB for `f64` — plus `KC × NC` of `B` and one
+//! scratch tile, or less for small shapes), grown on demand and kept for the
+//! next call: calls on a fresh buffer each time measured 5–10 % slower on
+//! thin blocks (6 × 2048 × 2048: 3.8 ms against 3.5 ms).
 
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
@@ -283,22 +286,22 @@ macro_rules! kernel {
 
 kernel! {
     /// The AVX2 `f64` kernel: 6 × 8 tiles.
-    F64: f64, MR 6, NR 8, MC 48, NC 1024, tile_f64, features "avx2,fma", supported is_supported()
+    F64: f64, MR 6, NR 8, MC 1008, NC 128, tile_f64, features "avx2,fma", supported is_supported()
 }
 
 kernel! {
     /// The AVX2 `f32` kernel: 6 × 16 tiles.
-    F32: f32, MR 6, NR 16, MC 96, NC 2048, tile_f32, features "avx2,fma", supported is_supported()
+    F32: f32, MR 6, NR 16, MC 1008, NC 256, tile_f32, features "avx2,fma", supported is_supported()
 }
 
 kernel! {
     /// The AVX-512 `f64` kernel: 12 × 16 tiles.
-    F64x16: f64, MR 12, NR 16, MC 96, NC 2048, tile_f64_avx512, features "avx512f,avx2,fma", supported has_avx512()
+    F64x16: f64, MR 12, NR 16, MC 1008, NC 384, tile_f64_avx512, features "avx512f,avx2,fma", supported has_avx512()
 }
 
 kernel! {
     /// The AVX-512 `f32` kernel: 12 × 32 tiles.
-    F32x32: f32, MR 12, NR 32, MC 96, NC 2048, tile_f32_avx512, features "avx512f,avx2,fma", supported has_avx512()
+    F32x32: f32, MR 12, NR 32, MC 1008, NC 768, tile_f32_avx512, features "avx512f,avx2,fma", supported has_avx512()
 }
 
 /// Whether this CPU has AVX-512F besides AVX2 and FMA (cached by the
@@ -366,6 +369,10 @@ macro_rules! microkernel {
                 // `2·MR` FMAs.
                 let mut step = || {
                     _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add($pf).cast::<i8>());
+                    // The B panel streams from L2 (see `drive`): fetch the
+                    // row `PREFETCH_B_STEPS` steps ahead into L1.
+                    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH_B_STEPS * NR).cast::<i8>());
+                    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH_B_STEPS * NR + $lanes).cast::<i8>());
                     let b0 = $load(b);
                     let b1 = $load(b.add($lanes));
                     for (r, acc) in acc.iter_mut().enumerate() {
@@ -426,11 +433,15 @@ microkernel! {
     _mm512_setzero_ps, _mm512_load_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps
 }
 
-/// How far ahead (in elements) the microkernels prefetch the `A` panel
-/// they stream from L2: 384 bytes, eight iterations of `p`.
+/// How far ahead (in elements) the microkernels prefetch the `A` panel:
+/// 384 bytes, four (`MR` 12) or eight (`MR` 6) iterations of `p`.
 const PREFETCH_A_F64: usize = 48;
 /// [`PREFETCH_A_F64`] for `f32`.
 const PREFETCH_A_F32: usize = 48;
+/// How many iterations of `p` ahead the microkernels prefetch the `B`
+/// panel, which streams from L2 (a row is one or two lines; for the rows of
+/// one line the second prefetch repeats the first).
+const PREFETCH_B_STEPS: usize = 4;
 
 /// The `MC`/`NC` cache blocking of one call. Only groups work (module docs,
 /// point 4); the tests shrink it to cross every blocking edge.
@@ -558,36 +569,40 @@ unsafe fn drive<M: Micro>(
     };
     // From here on C is only reached through `c_ptr`.
     let c_ptr = c.as_mut_ptr();
-    for jc in (0..n).step_by(blk.nc) {
-        let nc = blk.nc.min(n - jc);
-        for pc in (0..k).step_by(M::KC) {
-            let kc = M::KC.min(k - pc);
-            // Point 3 of the module docs: the first chunk overwrites C
-            // unless accumulating, every later chunk adds to it.
-            let add = accumulate || pc > 0;
-            pack_b::<M>(b_pack, b, n, pc, kc, jc, nc);
-            for ic in (0..rows).step_by(blk.mc) {
-                let mc = blk.mc.min(rows - ic);
-                pack_a::<M>(a_pack, a, k, ic, mc, pc, kc);
-                for jr in (0..nc).step_by(nr) {
-                    let cols = nr.min(nc - jr);
-                    // The panel of columns jc+jr.. starts at (jr / nr)·kc·nr.
-                    let b_panel = b_pack[jr * kc..(jr + nr) * kc].as_ptr();
-                    for ir in (0..mc).step_by(mr) {
-                        let h = mr.min(mc - ir);
-                        let a_panel = a_pack[ir * kc..(ir + mr) * kc].as_ptr();
+    for pc in (0..k).step_by(M::KC) {
+        let kc = M::KC.min(k - pc);
+        // Point 3 of the module docs: the first chunk overwrites C unless
+        // accumulating, every later chunk adds to it.
+        let add = accumulate || pc > 0;
+        for ic in (0..rows).step_by(blk.mc) {
+            let mc = blk.mc.min(rows - ic);
+            for jc in (0..n).step_by(blk.nc) {
+                let nc = blk.nc.min(n - jc);
+                pack_b::<M>(b_pack, b, n, pc, kc, jc, nc);
+                for ir in (0..mc).step_by(mr) {
+                    let h = mr.min(mc - ir);
+                    let sliver = &mut a_pack[ir * kc..(ir + mr) * kc];
+                    // Each A panel is packed once per (pc, ic), just before
+                    // its first use, and reused for every later column block.
+                    if jc == 0 {
+                        pack_a::<M>(sliver, a, k, ic + ir, h, pc, kc);
+                    }
+                    let a_panel = sliver.as_ptr();
+                    for jr in (0..nc).step_by(nr) {
+                        let cols = nr.min(nc - jr);
+                        // The panel of columns jc+jr.. starts at (jr / nr)·kc·nr.
+                        let b_panel = b_pack[jr * kc..(jr + nr) * kc].as_ptr();
                         let (i, j) = (ic + ir, jc + jr);
                         if h == mr && cols == nr {
                             // SAFETY: the kernel's instructions are present
-                            // (this function's contract). The panels are the `mr·kc` and
-                            // `kc·nr` elements just sliced (B's 64-byte
-                            // aligned: a line-aligned buffer, offsets that
-                            // are multiples of `nr` elements, a multiple
-                            // of 64 bytes).
-                            // C rows i..i+mr, columns j..j+nr are inside the
-                            // `rows × n` C (i + mr ≤ rows, j + nr ≤ n), which
-                            // is exclusively borrowed and disjoint from the
-                            // packing buffer.
+                            // (this function's contract). The panels are the
+                            // `mr·kc` and `kc·nr` elements just sliced (B's
+                            // 64-byte aligned: a line-aligned buffer, offsets
+                            // that are multiples of `nr` elements, a multiple
+                            // of 64 bytes). C rows i..i+mr, columns j..j+nr
+                            // are inside the `rows × n` C (i + mr ≤ rows,
+                            // j + nr ≤ n), which is exclusively borrowed and
+                            // disjoint from the packing buffer.
                             unsafe { M::tile(kc, a_panel, b_panel, c_ptr.add(i * n + j), n, add) };
                         } else {
                             // An edge tile: the same chain into the scratch
