@@ -396,12 +396,24 @@ impl WorkerPool {
         Ok(())
     }
 
-    /// Notices workers that exited while idle and empties their slots.
+    /// Notices workers that exited while idle and empties their slots: those
+    /// whose reader already reported the end of their stream, and those that
+    /// have ended but whose reader has not yet seen it (the exit and the
+    /// event race; sending to such a worker would fail with a broken pipe).
     fn reap_idle_exits(&mut self) {
         while let Ok(event) = self.events.try_recv() {
             if self.is_current(&event) {
                 if let WorkerEvent::Lost { .. } = event.event {
                     self.reap(event.index);
+                }
+            }
+        }
+        for index in 0..self.slots.len() {
+            let Some(p) = self.slots[index].process.as_mut() else { continue };
+            if p.exited.is_none() {
+                if let Ok(Some(exit)) = try_wait(p.pid) {
+                    p.exited = Some(exit);
+                    self.reap(index);
                 }
             }
         }
