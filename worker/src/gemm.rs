@@ -20,8 +20,9 @@
 //! | `f32`, AVX-512 | 12 × 32 | 24 `zmm` (12 rows × 2 × 16 lanes) | 256 | 1008 | 768 |
 //!
 //! Loops, outermost first: `pc` over the depth `k` in steps of `KC` → `ic`
-//! over the rows in steps of `MC` → `jc` over the columns of `B`/`C` in steps
-//! of `NC` (pack `B[pc.., jc..]`) → `ir` over the `MR`-row panels of `A`
+//! over the rows in steps of `MC` → `jc` over the columns of `B`/`C` in
+//! blocks of at most `NC`, as even as whole panels allow (pack
+//! `B[pc.., jc..]`) → `ir` over the `MR`-row panels of `A`
 //! (each packed once per `pc` and `ic`, just before the first `jc` block
 //! uses it) → `jr` over the `NR`-column panels of the `B` block →
 //! microkernel. This is OpenBLAS's order on Skylake-X: the packed `KC × NC`
@@ -197,7 +198,8 @@ trait Micro {
     const KC: usize;
     /// Rows of `A` packed at a time (a multiple of `MR`); only groups work.
     const MC: usize;
-    /// Columns of `B` packed at a time (a multiple of `NR`); only groups work.
+    /// Most columns of `B` packed at a time (a multiple of `NR`; `drive`
+    /// evens the blocks out below it); only groups work.
     const NC: usize;
 
     /// Whether this CPU has the instructions [`Micro::tile`] and
@@ -449,7 +451,7 @@ const PREFETCH_B_STEPS: usize = 4;
 struct Blocking {
     /// Rows packed at a time, a positive multiple of `MR`.
     mc: usize,
-    /// Columns packed at a time, a positive multiple of `NR`.
+    /// Most columns packed at a time, a positive multiple of `NR`.
     nc: usize,
 }
 
@@ -567,6 +569,11 @@ unsafe fn drive<M: Micro>(
             std::slice::from_raw_parts_mut(base.add(a_len + b_len), t_len),
         )
     };
+    // Columns per block: at most `blk.nc`, and as even as whole panels
+    // allow, so that the last block is not a thin remainder (for which every
+    // A panel would come back from L3 to serve a few tiles): n = 2000 with
+    // `NC` 384 is cut 6 × 336 rather than 5 × 384 + 80.
+    let nc_step = n.div_ceil(n.div_ceil(blk.nc)).next_multiple_of(nr).min(blk.nc);
     // From here on C is only reached through `c_ptr`.
     let c_ptr = c.as_mut_ptr();
     for pc in (0..k).step_by(M::KC) {
@@ -576,8 +583,8 @@ unsafe fn drive<M: Micro>(
         let add = accumulate || pc > 0;
         for ic in (0..rows).step_by(blk.mc) {
             let mc = blk.mc.min(rows - ic);
-            for jc in (0..n).step_by(blk.nc) {
-                let nc = blk.nc.min(n - jc);
+            for jc in (0..n).step_by(nc_step) {
+                let nc = nc_step.min(n - jc);
                 pack_b::<M>(b_pack, b, n, pc, kc, jc, nc);
                 for ir in (0..mc).step_by(mr) {
                     let h = mr.min(mc - ir);
