@@ -740,7 +740,21 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
         let result = pool.send(worker, &flight.request, &bulk);
         self.trace_send(worker, start);
         if let Err(e) = result {
-            self.fail(e);
+            self.on_send_failed(worker, e);
+        }
+    }
+
+    /// A batch could not be written to `worker`. When the worker has closed
+    /// its input — its idle timeout passed just before the batch went out,
+    /// or it died — it is handled as lost (`on_lost`): a worker that
+    /// idled out gets the batch, which it never read, sent again on a fresh
+    /// worker; one that died counts against the retries. Any other write
+    /// error fails the call.
+    fn on_send_failed(&mut self, worker: usize, error: Error) {
+        if self.pool().input_closed(worker) {
+            self.on_lost(worker, None);
+        } else {
+            self.fail(error);
         }
     }
 
@@ -748,20 +762,22 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
     /// thread each. Every one is written even if another fails.
     fn write_together(&mut self, workers: &[usize]) {
         let start = procjob_worker::clock::monotonic_ns();
-        let results = {
+        let results: Vec<(usize, Result<u64, Error>)> = {
             let flights: Vec<(usize, &InFlight)> =
                 workers.iter().filter_map(|&w| self.in_flight[w].as_ref().map(|f| (w, f))).collect();
             let bulks: Vec<Vec<&[u8]>> = flights.iter().map(|(_, f)| f.bulk()).collect();
             let frames: Vec<(usize, &Request, &[&[u8]])> =
                 flights.iter().zip(&bulks).map(|((w, f), bulk)| (*w, &f.request, bulk.as_slice())).collect();
             let pool = self.parallel.pool.as_mut().expect("the pool exists during a call");
-            pool.send_many(&frames)
+            frames.iter().map(|(w, _, _)| *w).zip(pool.send_many(&frames)).collect()
         };
         for &w in workers {
             self.trace_send(w, start);
         }
-        for e in results.into_iter().filter_map(Result::err) {
-            self.fail(e);
+        for (w, result) in results {
+            if let Err(e) = result {
+                self.on_send_failed(w, e);
+            }
         }
     }
 

@@ -615,6 +615,23 @@ impl WorkerPool {
         results
     }
 
+    /// Whether worker `index`'s input pipe has no reader any more: the
+    /// worker has closed its input, which it does only by exiting (its idle
+    /// timeout, or a crash). A write to it fails with a broken pipe.
+    pub fn input_closed(&self, index: usize) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let Some(input) = self.slots[index].process.as_ref().and_then(|p| p.input.as_ref()) else { return true };
+        let mut fds = [PollFd::new(input.get_ref().as_fd(), PollFlags::POLLOUT)];
+        loop {
+            match poll(&mut fds, PollTimeout::ZERO) {
+                Ok(_) => return fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLERR)),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
     /// Waits for the next event from any worker, up to `timeout`
     /// (`None`: forever). Stale events (from replaced processes) are skipped.
     pub fn next_event(&mut self, timeout: Option<Duration>) -> Option<PoolEvent> {

@@ -345,6 +345,21 @@ fn idle_workers_exit_and_the_next_call_starts_new_ones() {
     assert_ne!(p.worker_pids()[0], pid);
 }
 
+#[test]
+fn a_batch_sent_to_a_worker_that_just_idled_out_runs_on_a_fresh_one() {
+    let mut p = Parallel::new().n_jobs(1).idle_timeout(Some(Duration::from_millis(50)));
+    p.run::<Square, _>([1u64]).unwrap();
+    let pid = p.worker_pids()[0];
+    // The call starts while the worker lives; its first input is drawn only
+    // once the worker has exited, so the batch meets a closed pipe.
+    let inputs = std::iter::once(()).flat_map(move |()| {
+        wait_for_exit(pid);
+        [2u64, 3]
+    });
+    assert_eq!(p.run::<Square, _>(inputs).unwrap(), vec![4, 9]);
+    assert_ne!(p.worker_pids()[0], pid);
+}
+
 fn wait_for_exit(pid: u32) {
     use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.

@@ -436,7 +436,8 @@ microkernel! {
 }
 
 /// How far ahead (in elements) the microkernels prefetch the `A` panel:
-/// 384 bytes, four (`MR` 12) or eight (`MR` 6) iterations of `p`.
+/// 384 bytes for `f64`, 192 for `f32`; four (`MR` 12) or eight (`MR` 6)
+/// iterations of `p`.
 const PREFETCH_A_F64: usize = 48;
 /// [`PREFETCH_A_F64`] for `f32`.
 const PREFETCH_A_F32: usize = 48;
