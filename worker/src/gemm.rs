@@ -41,7 +41,7 @@
 //! on the Xeon it is 3–11 % faster for `f64` and 2–13 % for `f32` at
 //! 2000–2048, and about 7 % on two cores at once; the AVX2 kernels there are
 //! level or 1–2 % faster. The AVX2 `NC` keeps their `B` block at 256 KiB, half
-//! of Zen 3's L2. `KC` stays at 256, the value that keeps the bits of the
+//! of Zen 3's L2 (no Zen 3 machine was at hand to measure the new order on). `KC` stays at 256, the value that keeps the bits of the
 //! previous kernels (see below). Every kernel, whatever its tile,
 //! computes each element with the same operations (points 1–3 below), so the
 //! AVX2 and AVX-512 kernels give the same bits; a test checks it.
