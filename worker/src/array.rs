@@ -111,7 +111,10 @@ impl Owned {
         let bytes = len.checked_mul(dtype.size())?;
         if bytes >= crate::memory::HUGE_PAGE_THRESHOLD {
             let map = memmap2::MmapMut::map_anon(bytes).ok()?;
-            crate::memory::advise_huge_pages(map.as_ptr(), bytes);
+            // Only a hint, given before the first touch: with THP off
+            // nothing changes, and the contents are never affected.
+            #[cfg(target_os = "linux")]
+            let _ = map.advise(memmap2::Advice::HugePage);
             return Some(Owned::Pages(map));
         }
         Some(match dtype {

@@ -36,29 +36,6 @@ fn field_kib(text: &str, key: &str) -> Option<u64> {
 /// `MADV_HUGEPAGE` from 4 MiB on).
 pub const HUGE_PAGE_THRESHOLD: usize = 4 << 20;
 
-/// Asks Linux to back the anonymous memory at `ptr..ptr + len` (the whole
-/// pages inside it) with transparent huge pages (`MADV_HUGEPAGE`) when its
-/// pages are first touched. Fewer page faults when a large buffer is first
-/// written, and fewer TLB misses when a kernel walks it with a large
-/// stride. Only a hint: with THP off, or elsewhere than Linux, nothing
-/// happens, and the contents never change.
-pub fn advise_huge_pages(ptr: *const u8, len: usize) {
-    #[cfg(target_os = "linux")]
-    {
-        let page = 4096usize;
-        let start = (ptr as usize).next_multiple_of(page);
-        let end = (ptr as usize + len) & !(page - 1);
-        if end > start {
-            // SAFETY: the range lies inside memory the caller owns;
-            // MADV_HUGEPAGE only changes how the kernel backs it, never
-            // what it holds.
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (ptr, len);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
