@@ -149,9 +149,9 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
         let seq_settings = settings(1, None);
         let mut seq = ModeRunner::new(Mode::Seq, &inputs, &seq_settings, &folder);
         for _ in 0..sweep.warmup {
-            seq.run_once()?;
+            seq.time_once()?;
         }
-        let seq_times = timed(sweep.repeat, || Ok(seq.run_once()?.0.wall))?;
+        let seq_times = timed(sweep.repeat, || Ok(seq.time_once()?.wall))?;
         let seq_stats = Stats::of(&seq_times);
         let seq_report =
             case(Mode::Seq, sweep, size, 1, 1, seq_stats.clone(), seq_stats.mean_s, None, WorkersMemory::default());
@@ -164,12 +164,12 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
             for &mode in sweep.modes.iter().filter(|&&m| m != Mode::Seq) {
                 let mut runner = ModeRunner::new(mode, &inputs, &s, &folder);
                 for _ in 0..sweep.warmup {
-                    runner.run_once()?;
+                    runner.time_once()?;
                 }
                 let (mut times, mut ideals) = (Vec::new(), Vec::new());
                 for _ in 0..sweep.repeat.max(1) {
                     ideals.push(ideal.run(processes)?.as_secs_f64());
-                    times.push(runner.run_once()?.0.wall.as_secs_f64());
+                    times.push(runner.time_once()?.wall.as_secs_f64());
                     check_interrupt()?;
                 }
                 let blocks = runner.blocks();

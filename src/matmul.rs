@@ -16,7 +16,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use procjob_worker::array::Array;
+use procjob_worker::array::{Array, FileId};
 use procjob_worker::kernels::Kernel;
 use procjob_worker::matmul::{MatmulBlock, MatmulInput, MatmulOutput};
 use procjob_worker::protocol::Access;
@@ -238,6 +238,11 @@ pub fn run_mode(mode: Mode, inputs: &Inputs, settings: &RunSettings, folder: &Ru
     let mut repetitions = Vec::with_capacity(settings.repeat);
     let mut c = None;
     for _ in 0..settings.repeat.max(1) {
+        // The last repetition's C is not needed once the next one starts:
+        // it is written over, as numpy's next product reuses freed memory.
+        if let Some(old) = c.take() {
+            runner.recycle(old);
+        }
         let (r, out) = runner.run_once()?;
         repetitions.push(r);
         c = Some(out);
@@ -270,6 +275,12 @@ pub struct ModeRunner<'a> {
     trace: Option<crate::trace::Trace>,
     /// A and B in the run folder, from the first repetition on (file modes).
     dumped: Option<DumpedInputs>,
+    /// The latest repetition's C file (none for an owned C), kept until the
+    /// next repetition so that its C can be handed back with it.
+    latest_c: Option<DumpFiles>,
+    /// A C handed back by [`recycle`](ModeRunner::recycle), with its file:
+    /// the next repetition writes over it.
+    spare_c: Option<(Array, DumpFiles)>,
 }
 
 impl<'a> ModeRunner<'a> {
@@ -302,6 +313,27 @@ impl<'a> ModeRunner<'a> {
             progress: settings.progress,
             trace: settings.trace.then(crate::trace::Trace::default),
             dumped: None,
+            latest_c: None,
+            spare_c: None,
+        }
+    }
+
+    /// Hands back the C of the latest repetition, no longer needed: the
+    /// next repetition writes every element of it again instead of taking
+    /// fresh pages. Fresh pages cost a page fault and a zeroing each, about
+    /// 8 ms per 16 MB on /dev/shm here, where C's pages already mapped cost
+    /// nothing; numpy's next product likewise gets the memory its last one
+    /// freed from the allocator. Anything else (an earlier repetition's C,
+    /// an array still shared, another shape) is just dropped.
+    pub fn recycle(&mut self, c: Array) {
+        let Some(file) = self.latest_c.take() else { return };
+        let (m, _, n) = self.inputs.dims();
+        let same_file = match file.0.first() {
+            Some(path) => c.mapped_file_id().is_some() && c.mapped_file_id() == FileId::of_path(path),
+            None => !c.is_mapped(),
+        };
+        if same_file && c.is_unshared() && c.shape() == [m, n] && c.dtype() == self.inputs.dtype() {
+            self.spare_c = Some((c, file));
         }
     }
 
@@ -318,14 +350,17 @@ impl<'a> ModeRunner<'a> {
     pub fn run_once(&mut self) -> Result<(Repetition, Array), Error> {
         self.rep += 1;
         let start_ns = procjob_worker::clock::monotonic_ns();
-        let result = match self.mode {
-            Mode::Seq => run_seq(self.inputs),
-            Mode::Threads => run_threads(self.inputs, &self.ranges, self.threads),
+        let spare = self.spare_c.take();
+        let (repetition, c, c_file) = match self.mode {
+            Mode::Seq => run_threads(self.inputs, &plan_blocks(self.inputs.dims().0, 1), 1, spare),
+            Mode::Threads => run_threads(self.inputs, &self.ranges, self.threads, spare),
             mode => {
                 let bar = self.progress.then(|| ProgressBar::new(mode, &self.ranges));
-                run_parallel(self, bar)
+                run_parallel(self, spare, bar)
             }
         }?;
+        self.latest_c = Some(c_file);
+        let result = (repetition, c);
         if let Some(trace) = self.trace.as_mut() {
             let name = self.mode.name();
             let (rep, end_ns) = (self.rep, procjob_worker::clock::monotonic_ns());
@@ -337,6 +372,14 @@ impl<'a> ModeRunner<'a> {
             trace.span(Lane::Coordinator, category, format!("{name}: repetition {rep}"), start_ns, end_ns);
         }
         Ok(result)
+    }
+
+    /// Runs one repetition for its figures only: its C is handed back
+    /// ([`recycle`](ModeRunner::recycle)) for the next repetition.
+    pub fn time_once(&mut self) -> Result<Repetition, Error> {
+        let (repetition, c) = self.run_once()?;
+        self.recycle(c);
+        Ok(repetition)
     }
 
     /// Stops the workers and returns what each did, and the timeline.
@@ -399,17 +442,23 @@ pub fn multiply_threads_into(
             rest = tail;
         }
         let next = std::sync::atomic::AtomicUsize::new(0);
-        std::thread::scope(|scope| {
-            for _ in 0..threads.max(1) {
-                scope.spawn(|| loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(block) = blocks.get(i) else { break };
-                    let mut guard = block.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    let (r, c_rows) = &mut *guard;
-                    procjob_worker::kernels::matmul_block(&a[r.start * k..r.end * k], b, c_rows, r.len(), k, n);
-                });
-            }
-        });
+        let work = || loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(block) = blocks.get(i) else { break };
+            let mut guard = block.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (r, c_rows) = &mut *guard;
+            procjob_worker::kernels::matmul_block(&a[r.start * k..r.end * k], b, c_rows, r.len(), k, n);
+        };
+        if threads <= 1 {
+            // One thread: this one (seq runs here).
+            work();
+        } else {
+            std::thread::scope(|scope| {
+                for _ in 0..threads {
+                    scope.spawn(work);
+                }
+            });
+        }
         Ok(())
     }
     match inputs.dtype() {
@@ -419,25 +468,32 @@ pub fn multiply_threads_into(
     }
 }
 
-fn run_threads(inputs: &Inputs, ranges: &[Range<usize>], threads: usize) -> Result<(Repetition, Array), Error> {
+/// One repetition in this process (seq is one block on one thread), into
+/// the C handed back if there is one.
+fn run_threads(
+    inputs: &Inputs,
+    ranges: &[Range<usize>],
+    threads: usize,
+    spare: Option<(Array, DumpFiles)>,
+) -> Result<(Repetition, Array, DumpFiles), Error> {
     let t = Instant::now();
-    let c = multiply_threads(inputs, ranges, threads)?;
+    let (mut c, file) = spare.unwrap_or_else(|| {
+        let (m, _, n) = inputs.dims();
+        (Array::zeros(inputs.dtype(), vec![m, n]), DumpFiles(Vec::new()))
+    });
+    multiply_threads_into(inputs, ranges, threads, &mut c)?;
     let wall = t.elapsed();
     let phases = Phases { compute_s: wall.as_secs_f64(), ..Phases::default() };
-    Ok((Repetition { wall, phases, bytes_to_workers: 0, bytes_from_workers: 0 }, c))
-}
-
-fn run_seq(inputs: &Inputs) -> Result<(Repetition, Array), Error> {
-    let t = Instant::now();
-    let c = multiply_seq(inputs)?;
-    let wall = t.elapsed();
-    let phases = Phases { compute_s: wall.as_secs_f64(), ..Phases::default() };
-    Ok((Repetition { wall, phases, bytes_to_workers: 0, bytes_from_workers: 0 }, c))
+    Ok((Repetition { wall, phases, bytes_to_workers: 0, bytes_from_workers: 0 }, c, file))
 }
 
 /// One repetition of a worker mode, with the runner's pool, run folder and
 /// dumped inputs.
-fn run_parallel(runner: &mut ModeRunner<'_>, mut bar: Option<ProgressBar>) -> Result<(Repetition, Array), Error> {
+fn run_parallel(
+    runner: &mut ModeRunner<'_>,
+    spare: Option<(Array, DumpFiles)>,
+    mut bar: Option<ProgressBar>,
+) -> Result<(Repetition, Array, DumpFiles), Error> {
     let ModeRunner { mode, inputs, ranges, parallel, folder, rep, dumped, .. } = runner;
     let (mode, rep) = (*mode, *rep);
     let (m, _, n) = inputs.dims();
@@ -445,10 +501,7 @@ fn run_parallel(runner: &mut ModeRunner<'_>, mut bar: Option<ProgressBar>) -> Re
     let t0 = Instant::now();
     // Dump (file modes): inputs not already backed by a file are written
     // once per mode run and mapped; the user's own .npy files are mapped in
-    // place. C's file belongs to this repetition and is unlinked when it
-    // ends (a mapping of an unlinked file stays valid, and its pages are
-    // freed with the mapping).
-    let c_file = DumpFiles(vec![folder.file(&format!("{}-C-{rep}.npy", mode.name()))]);
+    // place.
     let (a, b) = match mode {
         Mode::Copy => (owned(&inputs.a), owned(&inputs.b)),
         // Forked workers inherit A and B: they travel as references.
@@ -468,10 +521,19 @@ fn run_parallel(runner: &mut ModeRunner<'_>, mut bar: Option<ProgressBar>) -> Re
     // workers write their rows into it; otherwise the coordinator's readers
     // write each returned block straight into its rows as it comes off the
     // pipe (no block-sized buffer, no copy to stack it).
-    let c = match mode {
+    // A C handed back from the last repetition is written over. C's file
+    // stays until the repetition after this one (or the runner's end), so
+    // that this C can be handed back in turn; a mapping of it outlives the
+    // file.
+    let (c, c_file) = match spare {
+        Some(spare) => spare,
         // No files at all: C is stacked in memory.
-        Mode::Fork => Array::zeros(dtype, vec![m, n]),
-        _ => Array::create_npy(&c_file.0[0], dtype, vec![m, n]).map_err(|e| Error::Config(e.to_string()))?,
+        None if mode == Mode::Fork => (Array::zeros(dtype, vec![m, n]), DumpFiles(Vec::new())),
+        None => {
+            let file = DumpFiles(vec![folder.file(&format!("{}-C-{rep}.npy", mode.name()))]);
+            let c = Array::create_npy(&file.0[0], dtype, vec![m, n]).map_err(|e| Error::Config(e.to_string()))?;
+            (c, file)
+        }
     };
     // Copy and fork modes dump nothing; their inputs go through the pipes
     // or are inherited.
@@ -536,6 +598,7 @@ fn run_parallel(runner: &mut ModeRunner<'_>, mut bar: Option<ProgressBar>) -> Re
             bytes_from_workers: traffic.bytes_from_workers,
         },
         c,
+        c_file,
     ))
 }
 

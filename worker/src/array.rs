@@ -579,7 +579,13 @@ impl Array {
     /// provided the array is dropped, not written, after the send: the pipe
     /// keeps the pages alive until they are read.
     pub fn is_sole_owner_of_pages(&self) -> bool {
-        matches!(&*self.storage, Storage::Owned(Owned::Pages(_))) && Arc::strong_count(&self.storage) == 1
+        matches!(&*self.storage, Storage::Owned(Owned::Pages(_))) && self.is_unshared()
+    }
+
+    /// True when no other array (view or clone) shares this one's storage:
+    /// writing it changes nothing anyone else can see in this process.
+    pub fn is_unshared(&self) -> bool {
+        Arc::strong_count(&self.storage) == 1
     }
 
     /// A key that is equal for arrays sharing the same storage; used to dump
