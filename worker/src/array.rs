@@ -543,23 +543,20 @@ impl Array {
 
     /// Asks the kernel to map this view's pages into the page tables now, in
     /// one call, instead of one page fault at a time as a task touches them
-    /// (`MADV_POPULATE_READ`, or `_WRITE` for a writable map; Linux 5.14+).
-    /// Owned arrays, and kernels without it, ignore the request.
+    /// (`MADV_POPULATE_WRITE` for a read-write map, `MADV_POPULATE_READ`
+    /// otherwise: populating a copy-on-write map for writing would copy
+    /// every page; Linux 5.14+). Owned arrays, and kernels without it,
+    /// ignore the request.
     pub fn prefault(&self) {
         #[cfg(target_os = "linux")]
         if let Storage::Mapped(m) = &*self.storage {
-            let page = 4096usize;
-            let base = m.map.as_ptr() as usize;
-            let start = (base + self.offset) & !(page - 1);
-            let end = base + self.offset + self.nbytes();
-            if end > start {
-                let advice =
-                    if m.access == Access::ReadOnly { libc::MADV_POPULATE_READ } else { libc::MADV_POPULATE_WRITE };
-                // SAFETY: the range lies inside this mapping (the view was
-                // checked against it when made) and madvise only asks the
-                // kernel to fault pages in; it changes no memory contents.
-                unsafe { libc::madvise(start as *mut libc::c_void, end - start, advice) };
-            }
+            let advice = match m.access {
+                Access::ReadWrite => memmap2::Advice::PopulateWrite,
+                Access::ReadOnly | Access::CopyOnWrite => memmap2::Advice::PopulateRead,
+            };
+            // Only a request: an older kernel refuses it and the pages
+            // fault in as they are touched.
+            let _ = m.map.advise_range(advice, self.offset, self.nbytes());
         }
     }
 
@@ -1051,6 +1048,48 @@ mod tests {
         file.write_all(&data).unwrap();
         std::io::Seek::rewind(&mut file).unwrap();
         check(BufReader::with_capacity(4096, file));
+    }
+
+    /// Anonymous bytes of this process, which is what a copy-on-write
+    /// map's copied pages are (`/proc/self/smaps_rollup`).
+    #[cfg(target_os = "linux")]
+    fn anonymous() -> u64 {
+        let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap();
+        let line = rollup.lines().find(|l| l.starts_with("Anonymous:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn prefaulting_maps_writable_pages_and_copies_no_private_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 1 << 20; // 8 MiB of f64
+        let path = dir.path().join("x.npy");
+        // Read-write: the file's pages exist once prefaulted (mincore sees
+        // them in the page cache), where the fresh file had none.
+        let rw = Array::create_npy(&path, DType::F64, vec![n]).unwrap();
+        let resident = |a: &Array| {
+            let (bytes, offset) = a.storage_bytes();
+            let page = 4096;
+            let start = (bytes.as_ptr() as usize + offset) & !(page - 1);
+            let len = (bytes.as_ptr() as usize + offset + a.nbytes()) - start;
+            let mut v = vec![0u8; len.div_ceil(page)];
+            // SAFETY: the range lies inside the mapping; `v` has a byte
+            // per page of it.
+            assert_eq!(unsafe { libc::mincore(start as *mut libc::c_void, len, v.as_mut_ptr()) }, 0);
+            v.iter().filter(|&&b| b & 1 == 1).count()
+        };
+        assert!(resident(&rw) < 8, "a fresh file has no pages yet");
+        rw.prefault();
+        assert_eq!(resident(&rw), (rw.nbytes() + rw.storage_bytes().1 % 4096).div_ceil(4096));
+        drop(rw);
+        // Copy-on-write: prefaulting reads; writing would give this process
+        // a private copy of every page.
+        let cow = Array::open_npy(&path, Access::CopyOnWrite).unwrap();
+        let before = anonymous();
+        cow.prefault();
+        let grown = anonymous().saturating_sub(before);
+        assert!(grown < (n * 8 / 4) as u64, "prefaulting a copy-on-write map made {grown} bytes private");
     }
 
     #[test]
