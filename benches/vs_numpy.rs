@@ -16,12 +16,23 @@
 //! virtual machine one vCPU can be slowed by whatever shares its physical
 //! core while the other is not, which made one side of every pair slower
 //! for seconds at a time. Without the Python or numpy it says so and exits 0.
+//!
+//! `-- SIZES PAIRS --threads N` (N > 1) compares the whole product on N
+//! CPUs instead: numpy on N OpenBLAS threads against procjob's `f64` ideal
+//! (N threads of this process, as `procjob bench` measures it) and its
+//! `memmap` and `memmap-out` modes on N warm worker processes, nothing
+//! pinned, and OpenBLAS's idle threads told not to spin between calls
+//! (`OPENBLAS_THREAD_TIMEOUT=4`). Each round times one numpy call and one repetition of each of
+//! ours, in an order that rotates, and the medians of the per-round ratios
+//! are printed last. Rounds of a fifth of a second keep the machine's
+//! drift, which here moves numpy's own time by 1.5× over a minute, out of
+//! the ratios better than medians of separate runs.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use procjob::matmul::Inputs;
+use procjob::matmul::{Inputs, Mode, ModeRunner, RunSettings};
 use procjob::DType;
 
 const CHILD: &str = r#"
@@ -49,7 +60,18 @@ for line in sys.stdin:
 
 fn main() {
     procjob::init();
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    let threads: usize = all
+        .iter()
+        .position(|a| a == "--threads")
+        .and_then(|i| all.get(i + 1))
+        .map_or(1, |t| t.parse().expect("--threads: an integer"));
+    let args: Vec<String> = all
+        .iter()
+        .enumerate()
+        .filter(|&(i, a)| !a.starts_with("--") && (i == 0 || all[i - 1] != "--threads"))
+        .map(|(_, a)| a.clone())
+        .collect();
     let sizes: Vec<usize> = match args.first() {
         Some(list) => list.split(',').map(|s| s.parse().expect("SIZES: comma-separated integers")).collect(),
         None => vec![1000, 2048],
@@ -58,11 +80,17 @@ fn main() {
     let python = std::env::var("PROCJOB_BENCH_PYTHON").unwrap_or_else(|_| {
         format!("{}/.cache/procjob-bench-venv/bin/python", std::env::var("HOME").unwrap_or_default())
     });
-    let cpu = pin_to_current_cpu();
+    let cpu = if threads == 1 { pin_to_current_cpu() } else { None };
     let child = Command::new(&python)
         .args(["-c", CHILD])
-        .env("OPENBLAS_NUM_THREADS", "1")
-        .env("OMP_NUM_THREADS", "1")
+        .env("OPENBLAS_NUM_THREADS", threads.to_string())
+        .env("OMP_NUM_THREADS", threads.to_string())
+        // After a call OpenBLAS's idle threads spin for a while (measured:
+        // 130 ms of CPU in the 0.2 s after a 2000² product on 2 threads),
+        // which slowed whichever of ours ran next by up to 1.4×. The
+        // shortest timeout puts them to sleep at once; numpy's own times
+        // did not change with it.
+        .env("OPENBLAS_THREAD_TIMEOUT", "4")
         .env_remove("OPENBLAS_CORETYPE")
         .env_remove("OPENBLAS_L2_SIZE")
         .stdin(Stdio::piped())
@@ -82,14 +110,18 @@ fn main() {
         return;
     };
     println!("{banner}");
-    match cpu {
-        Some(cpu) => println!("both sides pinned to CPU {cpu}"),
-        None => println!("could not pin to one CPU; pairs may run on different CPUs"),
-    }
     let mut numpy = |n: usize, dtype: &str| -> f64 {
         writeln!(to_numpy, "{n} {dtype}").expect("numpy child gone");
         from_numpy.next().expect("numpy child gone").expect("read").trim().parse().expect("a time")
     };
+    if threads > 1 {
+        on_threads(threads, &sizes, pairs, &mut numpy);
+        return;
+    }
+    match cpu {
+        Some(cpu) => println!("both sides pinned to CPU {cpu}"),
+        None => println!("could not pin to one CPU; pairs may run on different CPUs"),
+    }
     println!("{:<5} {:>5} {:>13} {:>13} {:>11}", "dtype", "n", "ours GFLOP/s", "numpy GFLOP/s", "ours/numpy");
     for (dtype, name) in [(DType::F64, "float64"), (DType::F32, "float32")] {
         for &n in &sizes {
@@ -125,6 +157,72 @@ fn main() {
                 "{:<5} {n:>5} median of {pairs} paired ratios ours/numpy (time): {:.3}",
                 dtype.name(),
                 ratios[pairs / 2]
+            );
+        }
+    }
+}
+
+/// The `--threads N` comparison (module docs): rounds of numpy on N
+/// threads and procjob's ideal, memmap and memmap-out on N.
+fn on_threads(threads: usize, sizes: &[usize], rounds: usize, numpy: &mut dyn FnMut(usize, &str) -> f64) {
+    println!(
+        "numpy on {threads} OpenBLAS threads against procjob on {threads} threads / processes, f64, nothing pinned"
+    );
+    let settings = RunSettings {
+        processes: threads,
+        blocks: threads,
+        temp_folder: None,
+        repeat: 1,
+        retries: 0,
+        timeout: None,
+        trace: false,
+        fork: false,
+        progress: false,
+    };
+    let sides = [Mode::Threads, Mode::Memmap, Mode::MemmapOut];
+    for &n in sizes {
+        let inputs = Inputs::random(DType::F64, n, n, n, 1);
+        let folder = procjob::store::RunFolder::create(None, 3 * (n * n * 8) as u64).expect("a run folder");
+        let mut runners: Vec<ModeRunner> =
+            sides.iter().map(|&m| ModeRunner::new(m, &inputs, &settings, &folder)).collect();
+        // Warm up: numpy's pool, our workers and dumps.
+        numpy(n, "float64");
+        for r in &mut runners {
+            r.time_once().expect("a repetition");
+        }
+        let mut ratios = vec![Vec::with_capacity(rounds); sides.len()];
+        println!("{:>5} {:>9} {:>12} {:>12} {:>12}", "n", "numpy", "ideal", "memmap", "memmap-out");
+        for round in 0..rounds {
+            // Who goes first rotates: numpy, then each of ours.
+            let mut times = vec![0.0; sides.len()];
+            let mut t_numpy = 0.0;
+            for slot in 0..=sides.len() {
+                match (slot + round) % (sides.len() + 1) {
+                    0 => t_numpy = numpy(n, "float64"),
+                    i => times[i - 1] = runners[i - 1].time_once().expect("a repetition").wall.as_secs_f64(),
+                }
+            }
+            for (r, t) in ratios.iter_mut().zip(&times) {
+                r.push(t / t_numpy);
+            }
+            println!(
+                "{n:>5} {:>7.1}ms {:>10.1}ms {:>10.1}ms {:>10.1}ms",
+                t_numpy * 1e3,
+                times[0] * 1e3,
+                times[1] * 1e3,
+                times[2] * 1e3
+            );
+        }
+        for r in runners {
+            r.finish();
+        }
+        for (side, mut r) in sides.iter().zip(ratios) {
+            r.sort_by(f64::total_cmp);
+            let name = if *side == Mode::Threads { "ideal" } else { side.name() };
+            println!(
+                "f64 {n:>5} {name:<10} median of {rounds} per-round ratios procjob/numpy (time): {:.3} ({} of {rounds} faster)",
+                r[rounds / 2],
+                r.iter().filter(|&&x| x < 1.0).count()
             );
         }
     }
