@@ -10,6 +10,12 @@
 //!   reference) and read into a new array here.
 //! - `tiny_tasks_batched`: 100,000 no-op tasks on all CPUs with automatic
 //!   batching; read tasks per second from the item counter.
+//! - `output_pages`: readying 16 MB of a file-backed output for writing
+//!   (map it read-write, fault its pages in at once), as a memmap-out
+//!   worker does with its rows of C at 2000²: in a new file of the run
+//!   folder (on /dev/shm where there is room), whose pages must be
+//!   allocated and zeroed, and in a file whose pages are already there, as
+//!   a repetition finds the last one's C.
 
 use divan::counter::{BytesCount, ItemsCount};
 use divan::Bencher;
@@ -89,4 +95,30 @@ fn tiny_tasks_batched(bencher: Bencher) {
     let mut p = Parallel::new();
     p.start().unwrap();
     bencher.counter(ItemsCount::new(TASKS)).bench_local(|| p.run::<Noop, _>(0..TASKS).unwrap());
+}
+
+#[divan::bench(args = ["new file", "pages already there"], sample_count = 30)]
+fn output_pages(bencher: Bencher, file: &str) {
+    const LEN: usize = 2_000_000; // 16 MB of f64
+    let folder = procjob::store::RunFolder::create(None, 2 * 8 * LEN as u64).unwrap();
+    let existing = folder.file("existing.npy");
+    Array::create_npy(&existing, procjob::DType::F64, vec![LEN]).unwrap().prefault();
+    let mut count = 0;
+    bencher
+        .counter(BytesCount::new(8 * LEN))
+        .with_inputs(|| {
+            count += 1;
+            let path = folder.file(&format!("new-{count}.npy"));
+            let _ = std::fs::remove_file(folder.file(&format!("new-{}.npy", count - 1)));
+            path
+        })
+        .bench_local_values(|path| {
+            let out = if file == "new file" {
+                Array::create_npy(&path, procjob::DType::F64, vec![LEN]).unwrap()
+            } else {
+                Array::open_npy(&existing, procjob::Access::ReadWrite).unwrap()
+            };
+            out.prefault();
+            out
+        });
 }
