@@ -97,7 +97,9 @@ fn tiny_tasks_batched(bencher: Bencher) {
     bencher.counter(ItemsCount::new(TASKS)).bench_local(|| p.run::<Noop, _>(0..TASKS).unwrap());
 }
 
-#[divan::bench(args = ["new file", "pages already there"], sample_count = 30)]
+// One iteration per sample: divan makes a sample's inputs before running
+// any of them, and each input here is a file to remove before the next.
+#[divan::bench(args = ["new file", "pages already there"], sample_count = 30, sample_size = 1)]
 fn output_pages(bencher: Bencher, file: &str) {
     const LEN: usize = 2_000_000; // 16 MB of f64
     let folder = procjob::store::RunFolder::create(None, 2 * 8 * LEN as u64).unwrap();

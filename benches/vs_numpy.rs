@@ -64,8 +64,7 @@ fn main() {
     let threads: usize = all
         .iter()
         .position(|a| a == "--threads")
-        .and_then(|i| all.get(i + 1))
-        .map_or(1, |t| t.parse().expect("--threads: an integer"));
+        .map_or(1, |i| all.get(i + 1).and_then(|t| t.parse().ok()).expect("--threads N: N, an integer"));
     let args: Vec<String> = all
         .iter()
         .enumerate()
@@ -77,6 +76,7 @@ fn main() {
         None => vec![1000, 2048],
     };
     let pairs: usize = args.get(1).map_or(7, |p| p.parse().expect("PAIRS: an integer"));
+    assert!(pairs > 0, "PAIRS: at least one");
     let python = std::env::var("PROCJOB_BENCH_PYTHON").unwrap_or_else(|_| {
         format!("{}/.cache/procjob-bench-venv/bin/python", std::env::var("HOME").unwrap_or_default())
     });

@@ -147,11 +147,14 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
         let needed = 3 * (size * size * sweep.dtype.size()) as u64 + (1 << 20);
         let folder = RunFolder::create(sweep.temp_folder.as_deref(), needed)?;
         let seq_settings = settings(1, None);
-        let mut seq = ModeRunner::new(Mode::Seq, &inputs, &seq_settings, &folder);
-        for _ in 0..sweep.warmup {
-            seq.time_once()?;
-        }
-        let seq_times = timed(sweep.repeat, || Ok(seq.time_once()?.wall))?;
+        let seq_times = {
+            // Dropped before the other modes run, with the C it keeps.
+            let mut seq = ModeRunner::new(Mode::Seq, &inputs, &seq_settings, &folder);
+            for _ in 0..sweep.warmup {
+                seq.time_once()?;
+            }
+            timed(sweep.repeat, || Ok(seq.time_once()?.wall))?
+        };
         let seq_stats = Stats::of(&seq_times);
         let seq_report =
             case(Mode::Seq, sweep, size, 1, 1, seq_stats.clone(), seq_stats.mean_s, None, WorkersMemory::default());

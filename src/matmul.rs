@@ -74,6 +74,12 @@ impl Mode {
     pub fn uses_workers(self) -> bool {
         !matches!(self, Mode::Seq | Mode::Threads)
     }
+
+    /// Whether C lives in a file of the run folder (copy, memmap,
+    /// memmap-out), rather than in this process's memory.
+    pub fn c_in_file(self) -> bool {
+        matches!(self, Mode::Copy | Mode::Memmap | Mode::MemmapOut)
+    }
 }
 
 /// Splits `m` rows into `blocks` contiguous ranges as `np.array_split`
@@ -273,14 +279,30 @@ pub struct ModeRunner<'a> {
     progress: bool,
     /// The coordinator's own spans (dump, in-process compute), when tracing.
     trace: Option<crate::trace::Trace>,
+    /// What this runner's files in the run folder are called after (two
+    /// runners of one mode may share a folder).
+    name: String,
     /// A and B in the run folder, from the first repetition on (file modes).
     dumped: Option<DumpedInputs>,
-    /// The latest repetition's C file (none for an owned C), kept until the
-    /// next repetition so that its C can be handed back with it.
-    latest_c: Option<DumpFiles>,
-    /// A C handed back by [`recycle`](ModeRunner::recycle), with its file:
-    /// the next repetition writes over it.
-    spare_c: Option<(Array, DumpFiles)>,
+    /// The latest repetition's C file (file modes), kept until the next
+    /// repetition so that its C can be handed back with it.
+    latest_c_file: Option<TempFiles>,
+    /// A C handed back by [`recycle`](ModeRunner::recycle), with its file
+    /// (file modes): the next repetition writes over it.
+    spare_c: Option<(Array, Option<TempFiles>)>,
+}
+
+/// What [`ModeRunner::recycle`] did with the C it was handed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recycled {
+    /// Kept: the next repetition writes over it.
+    Kept,
+    /// Dropped: another view or clone of it still exists.
+    Shared,
+    /// Dropped: not what this runner's next C can be (another shape or
+    /// dtype, not the latest repetition's C file or not mapped read-write
+    /// in a file mode, a mapped array in an in-memory mode).
+    NotThisRunners,
 }
 
 impl<'a> ModeRunner<'a> {
@@ -312,8 +334,13 @@ impl<'a> ModeRunner<'a> {
             threads: settings.processes,
             progress: settings.progress,
             trace: settings.trace.then(crate::trace::Trace::default),
+            name: {
+                static RUNNERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+                let id = RUNNERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                format!("{}-{id}", mode.name())
+            },
             dumped: None,
-            latest_c: None,
+            latest_c_file: None,
             spare_c: None,
         }
     }
@@ -323,18 +350,32 @@ impl<'a> ModeRunner<'a> {
     /// fresh pages. Fresh pages cost a page fault and a zeroing each, about
     /// 8 ms per 16 MB on /dev/shm here, where C's pages already mapped cost
     /// nothing; numpy's next product likewise gets the memory its last one
-    /// freed from the allocator. Anything else (an earlier repetition's C,
-    /// an array still shared, another shape) is just dropped.
-    pub fn recycle(&mut self, c: Array) {
-        let Some(file) = self.latest_c.take() else { return };
+    /// freed from the allocator. In the file modes only the latest
+    /// repetition's C qualifies (its file is the one workers open); in the
+    /// in-memory modes any unshared owned array of C's shape and dtype does.
+    pub fn recycle(&mut self, c: Array) -> Recycled {
         let (m, _, n) = self.inputs.dims();
-        let same_file = match file.0.first() {
-            Some(path) => c.mapped_file_id().is_some() && c.mapped_file_id() == FileId::of_path(path),
-            None => !c.is_mapped(),
-        };
-        if same_file && c.is_unshared() && c.shape() == [m, n] && c.dtype() == self.inputs.dtype() {
-            self.spare_c = Some((c, file));
+        if c.shape() != [m, n] || c.dtype() != self.inputs.dtype() {
+            return Recycled::NotThisRunners;
         }
+        if !c.is_unshared() {
+            return Recycled::Shared;
+        }
+        let file = if self.mode.c_in_file() {
+            let Some(file) = self.latest_c_file.take() else { return Recycled::NotThisRunners };
+            let read_write = c.file_location().is_some_and(|(_, _, access)| access == Access::ReadWrite);
+            if !read_write || !c.mapped_file_id().is_some_and(|id| FileId::of_path(&file.0[0]) == Some(id)) {
+                self.latest_c_file = Some(file);
+                return Recycled::NotThisRunners;
+            }
+            Some(file)
+        } else if c.is_mapped() {
+            return Recycled::NotThisRunners;
+        } else {
+            None
+        };
+        self.spare_c = Some((c, file));
+        Recycled::Kept
     }
 
     /// Row blocks (tasks) per repetition: 1 for seq.
@@ -352,26 +393,28 @@ impl<'a> ModeRunner<'a> {
         let start_ns = procjob_worker::clock::monotonic_ns();
         let spare = self.spare_c.take();
         let (repetition, c, c_file) = match self.mode {
-            Mode::Seq => run_threads(self.inputs, &plan_blocks(self.inputs.dims().0, 1), 1, spare),
-            Mode::Threads => run_threads(self.inputs, &self.ranges, self.threads, spare),
+            Mode::Seq => {
+                let whole = plan_blocks(self.inputs.dims().0, 1);
+                run_threads(self.inputs, &whole, 1, spare.map(|(c, _)| c))
+            }
+            Mode::Threads => run_threads(self.inputs, &self.ranges, self.threads, spare.map(|(c, _)| c)),
             mode => {
                 let bar = self.progress.then(|| ProgressBar::new(mode, &self.ranges));
                 run_parallel(self, spare, bar)
             }
         }?;
-        self.latest_c = Some(c_file);
-        let result = (repetition, c);
+        self.latest_c_file = c_file;
         if let Some(trace) = self.trace.as_mut() {
             let name = self.mode.name();
             let (rep, end_ns) = (self.rep, procjob_worker::clock::monotonic_ns());
-            let dump_ns = (result.0.phases.dump_s * 1e9) as u64;
+            let dump_ns = (repetition.phases.dump_s * 1e9) as u64;
             if dump_ns > 0 {
                 trace.span(Lane::Coordinator, "dump", format!("{name}: dump A and B"), start_ns, start_ns + dump_ns);
             }
             let category = if self.mode.uses_workers() { "run" } else { "compute" };
             trace.span(Lane::Coordinator, category, format!("{name}: repetition {rep}"), start_ns, end_ns);
         }
-        Ok(result)
+        Ok((repetition, c))
     }
 
     /// Runs one repetition for its figures only: its C is handed back
@@ -429,7 +472,13 @@ pub fn multiply_threads_into(
     c: &mut Array,
 ) -> Result<(), Error> {
     fn typed<T: Kernel>(inputs: &Inputs, ranges: &[Range<usize>], threads: usize, c: &mut Array) -> Result<(), Error> {
-        let (_, k, n) = inputs.dims();
+        let (m, k, n) = procjob_worker::matmul::check_shapes(&inputs.a, &inputs.b).map_err(Error::Config)?;
+        if c.shape() != [m, n] || ranges.iter().any(|r| r.end > m) {
+            return Err(Error::Config(format!(
+                "C is {:?} and the blocks {ranges:?}, for a {m} × {n} product",
+                c.shape()
+            )));
+        }
         let config = |e: procjob_worker::array::ArrayError| Error::Config(e.to_string());
         let a = inputs.a.as_slice::<T>().map_err(config)?;
         let b = inputs.b.as_slice::<T>().map_err(config)?;
@@ -474,27 +523,27 @@ fn run_threads(
     inputs: &Inputs,
     ranges: &[Range<usize>],
     threads: usize,
-    spare: Option<(Array, DumpFiles)>,
-) -> Result<(Repetition, Array, DumpFiles), Error> {
+    spare: Option<Array>,
+) -> Result<(Repetition, Array, Option<TempFiles>), Error> {
     let t = Instant::now();
-    let (mut c, file) = spare.unwrap_or_else(|| {
+    let mut c = spare.unwrap_or_else(|| {
         let (m, _, n) = inputs.dims();
-        (Array::zeros(inputs.dtype(), vec![m, n]), DumpFiles(Vec::new()))
+        Array::zeros(inputs.dtype(), vec![m, n])
     });
     multiply_threads_into(inputs, ranges, threads, &mut c)?;
     let wall = t.elapsed();
     let phases = Phases { compute_s: wall.as_secs_f64(), ..Phases::default() };
-    Ok((Repetition { wall, phases, bytes_to_workers: 0, bytes_from_workers: 0 }, c, file))
+    Ok((Repetition { wall, phases, bytes_to_workers: 0, bytes_from_workers: 0 }, c, None))
 }
 
 /// One repetition of a worker mode, with the runner's pool, run folder and
 /// dumped inputs.
 fn run_parallel(
     runner: &mut ModeRunner<'_>,
-    spare: Option<(Array, DumpFiles)>,
+    spare: Option<(Array, Option<TempFiles>)>,
     mut bar: Option<ProgressBar>,
-) -> Result<(Repetition, Array, DumpFiles), Error> {
-    let ModeRunner { mode, inputs, ranges, parallel, folder, rep, dumped, .. } = runner;
+) -> Result<(Repetition, Array, Option<TempFiles>), Error> {
+    let ModeRunner { mode, inputs, ranges, parallel, folder, rep, name, dumped, .. } = runner;
     let (mode, rep) = (*mode, *rep);
     let (m, _, n) = inputs.dims();
     let dtype = inputs.dtype();
@@ -511,28 +560,29 @@ fn run_parallel(
         // a dump whose content hash it has seen.
         _ => {
             if dumped.is_none() {
-                *dumped = Some(DumpedInputs::write(inputs, folder, mode)?);
+                *dumped = Some(DumpedInputs::write(inputs, folder, name)?);
             }
             let d = dumped.as_ref().expect("just dumped");
             (d.a.clone(), d.b.clone())
         }
     };
-    // C is a file-backed array in every worker mode: in memmap-out the
-    // workers write their rows into it; otherwise the coordinator's readers
-    // write each returned block straight into its rows as it comes off the
-    // pipe (no block-sized buffer, no copy to stack it).
+    // C is a file-backed array in copy, memmap and memmap-out: in
+    // memmap-out the workers write their rows into it; in the other two the
+    // coordinator's readers write each returned block straight into its
+    // rows as it comes off the pipe (no block-sized buffer, no copy to stack
+    // it). Fork stacks C in memory.
+    //
     // A C handed back from the last repetition is written over. C's file
     // stays until the repetition after this one (or the runner's end), so
     // that this C can be handed back in turn; a mapping of it outlives the
     // file.
     let (c, c_file) = match spare {
         Some(spare) => spare,
-        // No files at all: C is stacked in memory.
-        None if mode == Mode::Fork => (Array::zeros(dtype, vec![m, n]), DumpFiles(Vec::new())),
+        None if mode == Mode::Fork => (Array::zeros(dtype, vec![m, n]), None),
         None => {
-            let file = DumpFiles(vec![folder.file(&format!("{}-C-{rep}.npy", mode.name()))]);
-            let c = Array::create_npy(&file.0[0], dtype, vec![m, n]).map_err(|e| Error::Config(e.to_string()))?;
-            (c, file)
+            let path = folder.file(&format!("{name}-C-{rep}.npy"));
+            let c = Array::create_npy(&path, dtype, vec![m, n]).map_err(|e| Error::Config(e.to_string()))?;
+            (c, Some(TempFiles(vec![path])))
         }
     };
     // Copy and fork modes dump nothing; their inputs go through the pipes
@@ -649,26 +699,24 @@ impl ProgressBar {
     }
 }
 
-/// Paths unlinked on drop (missing ones are fine).
-struct DumpFiles(Vec<PathBuf>);
+/// Files of a runner in the run folder, unlinked on drop (missing ones
+/// are fine).
+struct TempFiles(Vec<PathBuf>);
 
 /// A and B as dumped to the run folder and mapped, kept for the mode's
 /// later repetitions; the files go when this is dropped.
 struct DumpedInputs {
     a: Array,
     b: Array,
-    _files: DumpFiles,
+    _files: TempFiles,
 }
 
 impl DumpedInputs {
     /// Writes A and B (those not already backed by a file) at the same time,
     /// on two threads: writing to tmpfs is bound by one core's page
     /// allocation and copying.
-    fn write(inputs: &Inputs, folder: &RunFolder, mode: Mode) -> Result<DumpedInputs, Error> {
-        let files = DumpFiles(vec![
-            folder.file(&format!("{}-A.npy", mode.name())),
-            folder.file(&format!("{}-B.npy", mode.name())),
-        ]);
+    fn write(inputs: &Inputs, folder: &RunFolder, name: &str) -> Result<DumpedInputs, Error> {
+        let files = TempFiles(vec![folder.file(&format!("{name}-A.npy")), folder.file(&format!("{name}-B.npy"))]);
         let (a, b) = std::thread::scope(|scope| {
             let b = scope.spawn(|| mapped(&inputs.b, &files.0[1]));
             let a = mapped(&inputs.a, &files.0[0]);
@@ -679,7 +727,7 @@ impl DumpedInputs {
     }
 }
 
-impl Drop for DumpFiles {
+impl Drop for TempFiles {
     fn drop(&mut self) {
         for p in &self.0 {
             let _ = std::fs::remove_file(p);
@@ -692,11 +740,13 @@ fn place_rows(c: &mut Array, block: &Array, index: u64, rows: &Range<usize>, n: 
     let start = rows.start;
     let size = c.dtype().size();
     let bytes = block.as_bytes();
-    let dtype_ok = block.dtype() == c.dtype();
+    // Exactly the block's rows: a shorter block would leave rows of C as
+    // they were (a handed-back C holds the last repetition's values there).
+    let fits = block.dtype() == c.dtype() && block.shape() == [rows.len(), n];
     let dst = c_bytes_mut(c)?;
     let at = start * n * size;
     let end = at + bytes.len();
-    if end > dst.len() || !dtype_ok {
+    if end > dst.len() || !fits {
         return Err(Error::Codec {
             task: crate::error::TaskId { index, description: Some(format!("rows {}..{}", rows.start, rows.end)) },
             reason: format!(

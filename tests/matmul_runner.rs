@@ -1,12 +1,12 @@
 //! The matmul runner across repetitions: a C handed back is written over,
-//! every element of it, in every mode.
+//! every element of it, in every mode, and the runner leaves no file behind.
 //!
 //! Without libtest's harness (`harness = false` in Cargo.toml): the fork
 //! mode refuses to fork a process with more than one thread, and the
 //! harness runs each test on a thread of its own. Workers of the other
 //! modes are re-executions of this binary.
 
-use procjob::matmul::{multiply_seq, Inputs, Mode, ModeRunner, RunSettings};
+use procjob::matmul::{multiply_seq, run_mode, Inputs, Mode, ModeRunner, Recycled, RunSettings};
 use procjob::store::RunFolder;
 use procjob::DType;
 
@@ -15,7 +15,8 @@ fn main() {
         procjob::__serve_as_worker();
     }
     a_handed_back_c_is_written_over_in_every_mode();
-    a_c_still_shared_is_not_written_over();
+    a_c_still_shared_or_of_another_runner_is_not_taken();
+    repeated_runs_leave_the_run_folder_empty();
 }
 
 fn settings() -> RunSettings {
@@ -32,28 +33,37 @@ fn settings() -> RunSettings {
     }
 }
 
+/// The names left in the run folder.
+fn left_in(folder: &RunFolder) -> Vec<String> {
+    std::fs::read_dir(folder.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+}
+
 fn a_handed_back_c_is_written_over_in_every_mode() {
-    let inputs = Inputs::pattern(DType::I64, 37, 23, 29);
-    let reference = multiply_seq(&inputs).unwrap();
-    let folder = RunFolder::create(None, 0).unwrap();
-    for mode in Mode::ALL {
-        let mut runner = ModeRunner::new(mode, &inputs, &settings(), &folder);
-        let (_, mut c) = runner.run_once().unwrap();
-        assert_eq!(c, reference, "{mode:?}, first repetition");
-        // Poison every element: a repetition that skipped any row or
-        // column of the C it was handed back would leave a -1 behind.
-        c.as_mut_slice::<i64>().unwrap().fill(-1);
-        let storage = c.storage_id();
-        runner.recycle(c);
-        let (_, c) = runner.run_once().unwrap();
-        assert_eq!(c.storage_id(), storage, "{mode:?}: the handed-back C was not reused");
-        assert_eq!(c, reference, "{mode:?}, second repetition");
-        runner.finish();
-        println!("{mode:?}: a handed-back C is written over ... ok");
+    // Shapes: ordinary, k = 0 (C is all zeros), no rows at all.
+    for (m, k, n) in [(37, 23, 29), (5, 0, 4), (0, 6, 3)] {
+        let inputs = Inputs::pattern(DType::I64, m, k, n);
+        let reference = multiply_seq(&inputs).unwrap();
+        let folder = RunFolder::create(None, 0).unwrap();
+        for mode in Mode::ALL {
+            let mut runner = ModeRunner::new(mode, &inputs, &settings(), &folder);
+            let (_, mut c) = runner.run_once().unwrap();
+            assert_eq!(c, reference, "{mode:?} {m}×{k}×{n}, first repetition");
+            // Poison every element: a repetition that skipped any row or
+            // column of the C it was handed back would leave a -1 behind.
+            c.as_mut_slice::<i64>().unwrap().fill(-1);
+            let storage = c.storage_id();
+            assert_eq!(runner.recycle(c), Recycled::Kept, "{mode:?} {m}×{k}×{n}");
+            let (_, c) = runner.run_once().unwrap();
+            assert_eq!(c.storage_id(), storage, "{mode:?} {m}×{k}×{n}: the handed-back C was not reused");
+            assert_eq!(c, reference, "{mode:?} {m}×{k}×{n}, second repetition");
+            runner.finish();
+            println!("{mode:?} {m}×{k}×{n}: a handed-back C is written over ... ok");
+        }
+        assert_eq!(left_in(&folder), Vec::<String>::new(), "{m}×{k}×{n}: files left after the runners finished");
     }
 }
 
-fn a_c_still_shared_is_not_written_over() {
+fn a_c_still_shared_or_of_another_runner_is_not_taken() {
     let inputs = Inputs::pattern(DType::F64, 20, 10, 8);
     let folder = RunFolder::create(None, 0).unwrap();
     for mode in [Mode::Threads, Mode::Memmap, Mode::MemmapOut] {
@@ -61,12 +71,31 @@ fn a_c_still_shared_is_not_written_over() {
         let (_, mut kept) = runner.run_once().unwrap();
         kept.as_mut_slice::<f64>().unwrap().fill(f64::NAN);
         let view = kept.rows(0..1).unwrap();
-        runner.recycle(kept.clone());
+        assert_eq!(runner.recycle(kept.clone()), Recycled::Shared, "{mode:?}");
+        // Another runner's C of the same mode and shape is not this one's.
+        let mut other = ModeRunner::new(mode, &inputs, &settings(), &folder);
+        let (_, foreign) = other.run_once().unwrap();
+        let expected = if mode.c_in_file() { Recycled::NotThisRunners } else { Recycled::Kept };
+        assert_eq!(runner.recycle(foreign), expected, "{mode:?}");
+        other.finish();
         let (_, c) = runner.run_once().unwrap();
         assert_ne!(c.storage_id(), kept.storage_id(), "{mode:?}");
         assert!(kept.as_slice::<f64>().unwrap().iter().all(|x| x.is_nan()), "{mode:?}: a shared C was written");
         drop(view);
         runner.finish();
-        println!("{mode:?}: a C still shared is left alone ... ok");
+        println!("{mode:?}: a C still shared, or another runner's, is not taken ... ok");
+    }
+}
+
+fn repeated_runs_leave_the_run_folder_empty() {
+    let inputs = Inputs::pattern(DType::I64, 30, 12, 17);
+    let reference = multiply_seq(&inputs).unwrap();
+    let folder = RunFolder::create(None, 0).unwrap();
+    for mode in Mode::ALL {
+        let run = run_mode(mode, &inputs, &RunSettings { repeat: 3, ..settings() }, &folder).unwrap();
+        assert_eq!(run.repetitions.len(), 3, "{mode:?}");
+        assert_eq!(run.c, reference, "{mode:?}");
+        assert_eq!(left_in(&folder), Vec::<String>::new(), "{mode:?}: files left after the mode");
+        println!("{mode:?}: three repetitions, nothing left in the run folder ... ok");
     }
 }
