@@ -18,15 +18,19 @@
 //! for seconds at a time. Without the Python or numpy it says so and exits 0.
 //!
 //! `-- SIZES PAIRS --threads N` (N > 1) compares the whole product on N
-//! CPUs instead: numpy on N OpenBLAS threads against procjob's `f64` ideal
-//! (N threads of this process, as `procjob bench` measures it) and its
-//! `memmap` and `memmap-out` modes on N warm worker processes, nothing
-//! pinned, and OpenBLAS's idle threads told not to spin between calls
-//! (`OPENBLAS_THREAD_TIMEOUT=4`). Each round times one numpy call and one repetition of each of
-//! ours, in an order that rotates, and the medians of the per-round ratios
-//! are printed last. Rounds of a fifth of a second keep the machine's
-//! drift, which here moves numpy's own time by 1.5× over a minute, out of
-//! the ratios better than medians of separate runs.
+//! CPUs instead: numpy on N OpenBLAS threads and joblib's memmapped
+//! `parallel_dot` on N loky workers (A and B dumped once to /dev/shm and
+//! loaded with `mmap_mode='r'`, A split with `np.array_split`, the blocks
+//! stacked with `np.vstack`) against procjob's `f64` ideal (N threads of
+//! this process, as `procjob bench` measures it) and its `memmap` and
+//! `memmap-out` modes on N warm worker processes, nothing pinned, and OpenBLAS's idle threads told not to spin between calls
+//! (`OPENBLAS_THREAD_TIMEOUT=4`). Each round times one call of each side,
+//! in an order that rotates, and the medians of the per-round ratios are
+//! printed last: procjob's time over numpy's, and joblib's time over
+//! procjob's memmap modes (the speedup the targets name). Rounds of about
+//! a second keep the machine's drift, which here moves numpy's own time by
+//! 1.5× over a minute, out of the ratios better than medians of separate
+//! runs.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -36,7 +40,7 @@ use procjob::matmul::{Inputs, Mode, ModeRunner, RunSettings};
 use procjob::DType;
 
 const CHILD: &str = r#"
-import sys, time
+import os, sys, tempfile, time
 import numpy as np
 try:
     import threadpoolctl
@@ -45,8 +49,31 @@ try:
 except ImportError:
     print("numpy", np.__version__, flush=True)
 cache = {}
+dumps = None
 for line in sys.stdin:
-    n, dtype = line.split()
+    words = line.split()
+    if words[0] == "joblib":
+        # The classic parallel_dot on joblib's loky workers: A and B dumped
+        # once and memory-mapped ('r'), A split into `jobs` row blocks, the
+        # blocks stacked. One worker BLAS thread each (loky's default).
+        import joblib
+        n, jobs = int(words[1]), int(words[2])
+        key = ("joblib", n)
+        if key not in cache:
+            if dumps is None:
+                dumps = tempfile.TemporaryDirectory(prefix="procjob-vs-joblib-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+            rng = np.random.default_rng(1)
+            cache.clear()
+            paths = [os.path.join(dumps.name, f"{x}-{n}.pkl") for x in "AB"]
+            for path in paths:
+                joblib.dump(rng.random((n, n)), path)
+            cache[key] = tuple(joblib.load(path, mmap_mode="r") for path in paths)
+        a, b = cache[key]
+        t = time.perf_counter()
+        np.vstack(joblib.Parallel(n_jobs=jobs)(joblib.delayed(np.dot)(block, b) for block in np.array_split(a, jobs)))
+        print(time.perf_counter() - t, flush=True)
+        continue
+    n, dtype = words
     key = (int(n), dtype)
     if key not in cache:
         rng = np.random.default_rng(1)
@@ -110,14 +137,16 @@ fn main() {
         return;
     };
     println!("{banner}");
-    let mut numpy = |n: usize, dtype: &str| -> f64 {
-        writeln!(to_numpy, "{n} {dtype}").expect("numpy child gone");
+    // One request to the child, one time back.
+    let mut ask = |request: &str| -> f64 {
+        writeln!(to_numpy, "{request}").expect("numpy child gone");
         from_numpy.next().expect("numpy child gone").expect("read").trim().parse().expect("a time")
     };
     if threads > 1 {
-        on_threads(threads, &sizes, pairs, &mut numpy);
+        on_threads(threads, &sizes, pairs, &mut ask);
         return;
     }
+    let mut numpy = |n: usize, dtype: &str| ask(&format!("{n} {dtype}"));
     match cpu {
         Some(cpu) => println!("both sides pinned to CPU {cpu}"),
         None => println!("could not pin to one CPU; pairs may run on different CPUs"),
@@ -163,10 +192,12 @@ fn main() {
 }
 
 /// The `--threads N` comparison (module docs): rounds of numpy on N
-/// threads and procjob's ideal, memmap and memmap-out on N.
-fn on_threads(threads: usize, sizes: &[usize], rounds: usize, numpy: &mut dyn FnMut(usize, &str) -> f64) {
+/// threads, joblib's memmapped `parallel_dot` on N loky workers, and
+/// procjob's ideal, memmap and memmap-out on N.
+fn on_threads(threads: usize, sizes: &[usize], rounds: usize, ask: &mut dyn FnMut(&str) -> f64) {
     println!(
-        "numpy on {threads} OpenBLAS threads against procjob on {threads} threads / processes, f64, nothing pinned"
+        "numpy on {threads} OpenBLAS threads and joblib memmap on {threads} workers against procjob on {threads} \
+         threads / processes, f64, nothing pinned"
     );
     let settings = RunSettings {
         processes: threads,
@@ -179,50 +210,58 @@ fn on_threads(threads: usize, sizes: &[usize], rounds: usize, numpy: &mut dyn Fn
         fork: false,
         progress: false,
     };
-    let sides = [Mode::Threads, Mode::Memmap, Mode::MemmapOut];
+    // The sides of a round: numpy and joblib (asked of the child), then
+    // procjob's modes.
+    let ours = [Mode::Threads, Mode::Memmap, Mode::MemmapOut];
+    let names = ["numpy", "joblib", "ideal", "memmap", "memmap-out"];
     for &n in sizes {
         let inputs = Inputs::random(DType::F64, n, n, n, 1);
         let folder = procjob::store::RunFolder::create(None, 3 * (n * n * 8) as u64).expect("a run folder");
         let mut runners: Vec<ModeRunner> =
-            sides.iter().map(|&m| ModeRunner::new(m, &inputs, &settings, &folder)).collect();
-        // Warm up: numpy's pool, our workers and dumps.
-        numpy(n, "float64");
+            ours.iter().map(|&m| ModeRunner::new(m, &inputs, &settings, &folder)).collect();
+        let numpy = format!("{n} float64");
+        let joblib = format!("joblib {n} {threads}");
+        // Warm up: numpy's pool, joblib's workers and dumps, ours.
+        ask(&numpy);
+        ask(&joblib);
         for r in &mut runners {
             r.time_once().expect("a repetition");
         }
-        let mut ratios = vec![Vec::with_capacity(rounds); sides.len()];
-        println!("{:>5} {:>9} {:>12} {:>12} {:>12}", "n", "numpy", "ideal", "memmap", "memmap-out");
+        let mut times: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); names.len()];
+        println!("{n:>5} {}", names.map(|s| format!("{s:>11}")).join(""));
         for round in 0..rounds {
-            // Who goes first rotates: numpy, then each of ours.
-            let mut times = vec![0.0; sides.len()];
-            let mut t_numpy = 0.0;
-            for slot in 0..=sides.len() {
-                match (slot + round) % (sides.len() + 1) {
-                    0 => t_numpy = numpy(n, "float64"),
-                    i => times[i - 1] = runners[i - 1].time_once().expect("a repetition").wall.as_secs_f64(),
-                }
+            // Who goes first rotates.
+            for slot in 0..names.len() {
+                let side = (slot + round) % names.len();
+                let t = match side {
+                    0 => ask(&numpy),
+                    1 => ask(&joblib),
+                    i => runners[i - 2].time_once().expect("a repetition").wall.as_secs_f64(),
+                };
+                times[side].push(t);
             }
-            for (r, t) in ratios.iter_mut().zip(&times) {
-                r.push(t / t_numpy);
-            }
-            println!(
-                "{n:>5} {:>7.1}ms {:>10.1}ms {:>10.1}ms {:>10.1}ms",
-                t_numpy * 1e3,
-                times[0] * 1e3,
-                times[1] * 1e3,
-                times[2] * 1e3
-            );
+            println!("{n:>5} {}", times.iter().map(|t| format!("{:>9.1}ms", t[round] * 1e3)).collect::<String>());
         }
         for r in runners {
             r.finish();
         }
-        for (side, mut r) in sides.iter().zip(ratios) {
+        let median = |mut r: Vec<f64>| {
             r.sort_by(f64::total_cmp);
-            let name = if *side == Mode::Threads { "ideal" } else { side.name() };
+            r[r.len() / 2]
+        };
+        for (i, name) in names.iter().enumerate().skip(2) {
+            let to_numpy: Vec<f64> = times[i].iter().zip(&times[0]).map(|(ours, np)| ours / np).collect();
+            let faster = to_numpy.iter().filter(|&&x| x < 1.0).count();
             println!(
-                "f64 {n:>5} {name:<10} median of {rounds} per-round ratios procjob/numpy (time): {:.3} ({} of {rounds} faster)",
-                r[rounds / 2],
-                r.iter().filter(|&&x| x < 1.0).count()
+                "f64 {n:>5} {name:<10} median of {rounds} per-round ratios procjob/numpy (time): {:.3} ({faster} of {rounds} faster)",
+                median(to_numpy)
+            );
+        }
+        for (i, name) in [(3, "memmap"), (4, "memmap-out")] {
+            let speedup: Vec<f64> = times[1].iter().zip(&times[i]).map(|(joblib, ours)| joblib / ours).collect();
+            println!(
+                "f64 {n:>5} {name:<10} median of {rounds} per-round speedups over joblib memmap (joblib/procjob time): {:.3}",
+                median(speedup)
             );
         }
     }
