@@ -431,17 +431,23 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
             folder.path().display()
         );
     }
-    let reference = if check && !modes.contains(&Mode::Seq) { Some(matmul::multiply_seq(&inputs)?) } else { None };
-    let mut runs: Vec<ModeRun> = Vec::new();
+    // What every mode's C is checked against: seq's C, computed here when
+    // seq is not among the modes, else taken from seq's run.
+    let mut reference = if check && !modes.contains(&Mode::Seq) { Some(matmul::multiply_seq(&inputs)?) } else { None };
     let mut reports: Vec<ModeReport> = Vec::new();
+    let mut trace = crate::trace::Trace::default();
+    // Only the reference and the last mode's C (for --out) are kept: a
+    // mode's C is dropped once checked, not held through the modes after it
+    // (six of them at 4000² would be 768 MB, and forked workers would
+    // inherit them).
+    let mut last_c = None;
     let mut table = Table::new();
     for &mode in &modes {
         if let Some(signal) = crate::signals::received() {
             return Err(Error::Interrupted { signal }.into());
         }
         let run = matmul::run_mode(mode, &inputs, &settings, &folder)?;
-        let seq_c = reference.as_ref().or_else(|| runs.iter().find(|r| r.mode == Mode::Seq).map(|r| &r.c));
-        let matches = if check { Some(seq_c.is_none_or(|s| *s == run.c)) } else { None };
+        let matches = if check { Some(reference.as_ref().is_none_or(|s| *s == run.c)) } else { None };
         let seq_wall = reports.iter().find(|r| r.mode == "seq").map(|r| r.wall_s);
         let report = ModeReport::new(&run, &inputs, &settings, seq_wall, matches);
         if args.json {
@@ -452,22 +458,22 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
         }
         let _ = out.flush();
         reports.push(report);
-        runs.push(run);
+        let ModeRun { c, trace: mode_trace, .. } = run;
+        trace.extend(mode_trace);
+        if check && mode == Mode::Seq && reference.is_none() {
+            reference = Some(c.clone());
+        }
+        last_c = Some(c);
     }
     if !args.json {
         table.footer(&mut out, &reports);
     }
     if let Some(path) = &args.trace {
-        let mut trace = crate::trace::Trace::default();
-        for run in &mut runs {
-            trace.extend(std::mem::take(&mut run.trace));
-        }
         std::fs::write(path, trace.to_chrome_json())
             .map_err(|e| CliError::usage(format!("--trace {}: {e}", path.display())))?;
     }
     if let Some(path) = &out_path {
-        let c = &runs.last().expect("at least one mode").c;
-        save_replacing(c, path)?;
+        save_replacing(last_c.as_ref().expect("at least one mode"), path)?;
     }
     if reports.iter().any(|r| r.matches_seq == Some(false)) {
         return Err(CliError {

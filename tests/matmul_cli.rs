@@ -608,6 +608,25 @@ fn json_lines_have_every_field_and_nothing_else() {
     assert!(reports[0]["speedup_vs_seq"].is_null(), "seq not run: {}", reports[0]);
 }
 
+#[test]
+fn a_mode_s_c_is_not_held_through_the_modes_after_it() {
+    // C is 16 MB; checking it against seq's touches all of it, so a C
+    // still held shows in the next mode's coordinator peak RSS.
+    let dir = TestDir::new("c_dropped");
+    let reports = run_json(&dir, &["--dtype", "f64", "--shape", "1000x10x2000", "--processes", "2", "--mode", "all"]);
+    let rss = |mode: &str| {
+        let r = reports.iter().find(|r| str_field(r, "mode") == mode).expect("every mode ran");
+        u64_field(&r["coordinator"], "peak_rss_bytes")
+    };
+    let c_bytes = 1000 * 2000 * 8;
+    assert!(
+        rss("memmap-out") < rss("memmap") + c_bytes / 2,
+        "memmap-out's coordinator peak {} is memmap's {} plus a C or more: an earlier C is still held",
+        rss("memmap-out"),
+        rss("memmap")
+    );
+}
+
 fn mentions_shape(text: &str, rows: usize, cols: usize) -> bool {
     [format!("{rows}×{cols}"), format!("{rows}x{cols}"), format!("({rows}, {cols})"), format!("[{rows}, {cols}]")]
         .iter()
