@@ -436,16 +436,17 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
     let mut reference = if check && !modes.contains(&Mode::Seq) { Some(matmul::multiply_seq(&inputs)?) } else { None };
     let mut reports: Vec<ModeReport> = Vec::new();
     let mut trace = crate::trace::Trace::default();
-    // Only the reference and the last mode's C (for --out) are kept: a
-    // mode's C is dropped once checked, not held through the modes after it
-    // (six of them at 4000² would be 768 MB, and forked workers would
-    // inherit them).
+    // Only the reference and the last mode's C (for --out) are kept, and a
+    // mode's C is dropped before the next mode runs: not held through the
+    // modes after it (six of them at 4000² would be 768 MB, and forked
+    // workers would inherit them).
     let mut last_c = None;
     let mut table = Table::new();
     for &mode in &modes {
         if let Some(signal) = crate::signals::received() {
             return Err(Error::Interrupted { signal }.into());
         }
+        drop(last_c.take());
         let run = matmul::run_mode(mode, &inputs, &settings, &folder)?;
         let matches = if check { Some(reference.as_ref().is_none_or(|s| *s == run.c)) } else { None };
         let seq_wall = reports.iter().find(|r| r.mode == "seq").map(|r| r.wall_s);
