@@ -19,9 +19,10 @@
 //!
 //! `-- SIZES PAIRS --threads N` (N > 1) compares the whole product on N
 //! CPUs instead: numpy on N OpenBLAS threads and joblib's memmapped
-//! `parallel_dot` on N loky workers (A and B dumped once to /dev/shm and
-//! loaded with `mmap_mode='r'`, A split with `np.array_split`, the blocks
-//! stacked with `np.vstack`) against procjob's `f64` ideal (N threads of
+//! `parallel_dot` on N loky workers (A and B dumped once per size to
+//! /dev/shm and loaded with `mmap_mode='r'`, A split with `np.array_split`,
+//! the blocks stacked with `np.vstack`, one BLAS thread per worker; the
+//! dumps go when the child ends, unless it is killed) against procjob's `f64` ideal (N threads of
 //! this process, as `procjob bench` measures it) and its `memmap` and
 //! `memmap-out` modes on N warm worker processes, nothing pinned, and OpenBLAS's idle threads told not to spin between calls
 //! (`OPENBLAS_THREAD_TIMEOUT=4`). Each round times one call of each side,
@@ -48,38 +49,40 @@ try:
     print("numpy", np.__version__, [(i.get("internal_api"), i.get("version"), i.get("architecture"), i.get("num_threads")) for i in info], flush=True)
 except ImportError:
     print("numpy", np.__version__, flush=True)
-cache = {}
+# The inputs of the latest size, one set for numpy and one for joblib.
+numpy_inputs, joblib_inputs = {}, {}
 dumps = None
 for line in sys.stdin:
     words = line.split()
     if words[0] == "joblib":
         # The classic parallel_dot on joblib's loky workers: A and B dumped
-        # once and memory-mapped ('r'), A split into `jobs` row blocks, the
-        # blocks stacked. One worker BLAS thread each (loky's default).
+        # once per size and memory-mapped ('r'), A split into `jobs` row
+        # blocks, the blocks stacked; one BLAS thread per worker (set
+        # explicitly: the OPENBLAS_NUM_THREADS this child has would
+        # otherwise pass on to the workers).
         import joblib
         n, jobs = int(words[1]), int(words[2])
-        key = ("joblib", n)
-        if key not in cache:
-            if dumps is None:
-                dumps = tempfile.TemporaryDirectory(prefix="procjob-vs-joblib-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        if n not in joblib_inputs:
+            if dumps is not None:
+                dumps.cleanup()
+            dumps = tempfile.TemporaryDirectory(prefix="procjob-vs-joblib-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
             rng = np.random.default_rng(1)
-            cache.clear()
-            paths = [os.path.join(dumps.name, f"{x}-{n}.pkl") for x in "AB"]
+            paths = [os.path.join(dumps.name, f"{x}.pkl") for x in "AB"]
             for path in paths:
                 joblib.dump(rng.random((n, n)), path)
-            cache[key] = tuple(joblib.load(path, mmap_mode="r") for path in paths)
-        a, b = cache[key]
-        t = time.perf_counter()
-        np.vstack(joblib.Parallel(n_jobs=jobs)(joblib.delayed(np.dot)(block, b) for block in np.array_split(a, jobs)))
-        print(time.perf_counter() - t, flush=True)
+            joblib_inputs = {n: tuple(joblib.load(path, mmap_mode="r") for path in paths)}
+        a, b = joblib_inputs[n]
+        with joblib.parallel_config(backend="loky", inner_max_num_threads=1):
+            t = time.perf_counter()
+            np.vstack(joblib.Parallel(n_jobs=jobs)(joblib.delayed(np.dot)(block, b) for block in np.array_split(a, jobs)))
+            print(time.perf_counter() - t, flush=True)
         continue
     n, dtype = words
     key = (int(n), dtype)
-    if key not in cache:
+    if key not in numpy_inputs:
         rng = np.random.default_rng(1)
-        cache.clear()
-        cache[key] = tuple(rng.random((key[0], key[0])).astype(dtype) for _ in range(2))
-    a, b = cache[key]
+        numpy_inputs = {key: tuple(rng.random((key[0], key[0])).astype(dtype) for _ in range(2))}
+    a, b = numpy_inputs[key]
     t = time.perf_counter()
     np.dot(a, b)
     print(time.perf_counter() - t, flush=True)
@@ -228,7 +231,7 @@ fn on_threads(threads: usize, sizes: &[usize], rounds: usize, ask: &mut dyn FnMu
             r.time_once().expect("a repetition");
         }
         let mut times: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); names.len()];
-        println!("{n:>5} {}", names.map(|s| format!("{s:>11}")).join(""));
+        println!("{:>5} {}", "n", names.map(|s| format!("{s:>11}")).join(""));
         for round in 0..rounds {
             // Who goes first rotates.
             for slot in 0..names.len() {
