@@ -202,17 +202,7 @@ fn on_threads(threads: usize, sizes: &[usize], rounds: usize, ask: &mut dyn FnMu
         "numpy on {threads} OpenBLAS threads and joblib memmap on {threads} workers against procjob on {threads} \
          threads / processes, f64, nothing pinned"
     );
-    let settings = RunSettings {
-        processes: threads,
-        blocks: threads,
-        temp_folder: None,
-        repeat: 1,
-        retries: 0,
-        timeout: None,
-        trace: false,
-        fork: false,
-        progress: false,
-    };
+    let settings = RunSettings::with_processes(threads);
     // The sides of a round: numpy and joblib (asked of the child), then
     // procjob's modes.
     let ours = [Mode::Threads, Mode::Memmap, Mode::MemmapOut];

@@ -190,17 +190,7 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
 }
 
 fn settings(processes: usize, temp_folder: Option<std::path::PathBuf>) -> RunSettings {
-    RunSettings {
-        processes,
-        blocks: processes,
-        temp_folder,
-        repeat: 1,
-        retries: 0,
-        timeout: None,
-        trace: false,
-        fork: false,
-        progress: false,
-    }
+    RunSettings { temp_folder, ..RunSettings::with_processes(processes) }
 }
 
 fn check_interrupt() -> Result<(), Error> {

@@ -89,17 +89,7 @@ pub fn run(opts: &DemoOptions, out: &mut dyn Write) -> Result<(), Error> {
     let needed = 4 * matrix_bytes + matrix_bytes + 64 * 1024;
     let folder = RunFolder::create(opts.temp_folder.as_deref(), needed)?;
     let inputs = Inputs::pattern(dtype, n, n, n);
-    let settings = RunSettings {
-        processes: p,
-        blocks: p,
-        temp_folder: opts.temp_folder.clone(),
-        repeat: 1,
-        retries: 0,
-        timeout: None,
-        trace: true,
-        fork: false,
-        progress: false,
-    };
+    let settings = RunSettings { temp_folder: opts.temp_folder.clone(), trace: true, ..RunSettings::with_processes(p) };
     let mut s = Screen { out, section: 0 };
 
     intro(&mut s, &inputs, p);

@@ -217,6 +217,25 @@ pub struct RunSettings {
     pub progress: bool,
 }
 
+impl RunSettings {
+    /// `processes` workers (or threads), one block each, one repetition,
+    /// the default temp folder, no retries, time limit, trace, fork or
+    /// progress bar.
+    pub fn with_processes(processes: usize) -> RunSettings {
+        RunSettings {
+            processes,
+            blocks: processes,
+            temp_folder: None,
+            repeat: 1,
+            retries: 0,
+            timeout: None,
+            trace: false,
+            fork: false,
+            progress: false,
+        }
+    }
+}
+
 /// The outcome of one mode: every repetition, its workers, and C.
 #[derive(Debug)]
 pub struct ModeRun {

@@ -20,17 +20,7 @@ fn main() {
 }
 
 fn settings() -> RunSettings {
-    RunSettings {
-        processes: 2,
-        blocks: 3,
-        temp_folder: None,
-        repeat: 1,
-        retries: 0,
-        timeout: None,
-        trace: false,
-        fork: false,
-        progress: false,
-    }
+    RunSettings { blocks: 3, ..RunSettings::with_processes(2) }
 }
 
 /// The names left in the run folder.
