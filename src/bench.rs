@@ -242,7 +242,8 @@ fn case(
 
 /// The machine's ideal: threads running the kernel on blocks already in
 /// memory, each writing its own rows of a C allocated beforehand, taking
-/// blocks as they free up — the `threads` mode without its allocation.
+/// blocks as they free up: what the `threads` mode does once its C is handed
+/// back, here measured on its own.
 struct Ideal<'a> {
     inputs: &'a Inputs,
     ranges: Vec<Range<usize>>,

@@ -473,17 +473,11 @@ pub fn multiply_seq(inputs: &Inputs) -> Result<Array, Error> {
     .map_err(Error::Config)
 }
 
-/// C = A × B with the blocks `ranges` of A's rows computed on `threads`
-/// threads of this process, each taking the next block when it is done
-/// (the same dynamic dispatch as the pool), written straight into C.
-pub fn multiply_threads(inputs: &Inputs, ranges: &[Range<usize>], threads: usize) -> Result<Array, Error> {
-    let (m, _, n) = inputs.dims();
-    let mut c = Array::zeros(inputs.dtype(), vec![m, n]);
-    multiply_threads_into(inputs, ranges, threads, &mut c)?;
-    Ok(c)
-}
-
-/// [`multiply_threads`] into an existing C (m × n, owned and unshared).
+/// C = A × B into an existing C (m × n, owned and unshared), with the
+/// blocks `ranges` of A's rows computed on `threads` threads of this
+/// process (one: the calling thread), each taking the next block when it
+/// is done (the same dynamic dispatch as the pool), written straight into
+/// their rows of C.
 pub fn multiply_threads_into(
     inputs: &Inputs,
     ranges: &[Range<usize>],
