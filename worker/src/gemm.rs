@@ -16,8 +16,8 @@
 //! |---|---|---|---|---|---|
 //! | `f64`, AVX2 | 6 × 8 | 12 `ymm` (6 rows × 2 × 4 lanes) | 256 | 1008 | 128 |
 //! | `f32`, AVX2 | 6 × 16 | 12 `ymm` (6 rows × 2 × 8 lanes) | 256 | 1008 | 256 |
-//! | `f64`, AVX-512 | 12 × 16 | 24 `zmm` (12 rows × 2 × 8 lanes) | 256 | 1008 | 384 |
-//! | `f32`, AVX-512 | 12 × 32 | 24 `zmm` (12 rows × 2 × 16 lanes) | 256 | 1008 | 768 |
+//! | `f64`, AVX-512 | 6 × 32 | 24 `zmm` (6 rows × 4 × 8 lanes) | 256 | 1008 | 384 |
+//! | `f32`, AVX-512 | 6 × 64 | 24 `zmm` (6 rows × 4 × 16 lanes) | 256 | 1008 | 768 |
 //!
 //! Loops, outermost first: `pc` over the depth `k` in steps of `KC` → `ic`
 //! over the rows in steps of `MC` → `jc` over the columns of `B`/`C` in
@@ -28,7 +28,7 @@
 //! microkernel. This is OpenBLAS's order on Skylake-X: the packed `KC × NC`
 //! block of `B` (256 KiB for the AVX2 kernels, 768 KiB for AVX-512) sits in
 //! L2 and streams into the microkernel (which prefetches it four steps of
-//! `p` ahead); one `MR × KC` panel of `A` (24 KiB for AVX-512 `f64`) stays in
+//! `p` ahead); one `MR × KC` panel of `A` (12 KiB for AVX-512 `f64`) stays in
 //! L1 across the `NC / NR` tiles of a column block; the `MC × KC` block of
 //! packed `A` (2 MiB `f64`) waits in L3 for the next column block; and
 //! consecutive tiles lie side by side along rows of `C`, so the `C` lines a
@@ -45,6 +45,13 @@
 //! previous kernels (see below). Every kernel, whatever its tile,
 //! computes each element with the same operations (points 1–3 below), so the
 //! AVX2 and AVX-512 kernels give the same bits; a test checks it.
+//!
+//! The AVX-512 tiles are 6 rows by four vectors, the shape of the `gemm`
+//! crate's AVX-512 kernel, rather than OpenBLAS's 12 rows by two: the same
+//! 24 accumulators, but 6 broadcasts and 4 loads per step of `p` instead of
+//! 12 and 2, and half the `A` panel in L1. On the Xeon, 12 × 16 and 6 × 32
+//! run level when the machine is quiet, and 6 × 32 is 6–10 % faster in its
+//! slow spells, when 12 × 16 drops further (`docs/kernels.md`).
 //!
 //! # The invariant: a row's result does not depend on its block
 //!
@@ -149,8 +156,8 @@ use std::arch::x86_64::*;
 /// If the slice lengths do not fit the shape.
 #[must_use]
 pub fn dgemm(a: &[f64], b: &[f64], c: &mut [f64], rows: usize, k: usize, n: usize, accumulate: bool) -> bool {
-    if F64x16::supported() {
-        gemm::<F64x16>(a, b, c, rows, k, n, accumulate, Blocking::default_for::<F64x16>())
+    if F64x32::supported() {
+        gemm::<F64x32>(a, b, c, rows, k, n, accumulate, Blocking::default_for::<F64x32>())
     } else {
         gemm::<F64>(a, b, c, rows, k, n, accumulate, Blocking::default_for::<F64>())
     }
@@ -163,8 +170,8 @@ pub fn dgemm(a: &[f64], b: &[f64], c: &mut [f64], rows: usize, k: usize, n: usiz
 /// If the slice lengths do not fit the shape.
 #[must_use]
 pub fn sgemm(a: &[f32], b: &[f32], c: &mut [f32], rows: usize, k: usize, n: usize, accumulate: bool) -> bool {
-    if F32x32::supported() {
-        gemm::<F32x32>(a, b, c, rows, k, n, accumulate, Blocking::default_for::<F32x32>())
+    if F32x64::supported() {
+        gemm::<F32x64>(a, b, c, rows, k, n, accumulate, Blocking::default_for::<F32x64>())
     } else {
         gemm::<F32>(a, b, c, rows, k, n, accumulate, Blocking::default_for::<F32>())
     }
@@ -297,13 +304,13 @@ kernel! {
 }
 
 kernel! {
-    /// The AVX-512 `f64` kernel: 12 × 16 tiles.
-    F64x16: f64, MR 12, NR 16, MC 1008, NC 384, tile_f64_avx512, features "avx512f,avx2,fma", supported has_avx512()
+    /// The AVX-512 `f64` kernel: 6 × 32 tiles.
+    F64x32: f64, MR 6, NR 32, MC 1008, NC 384, tile_f64_avx512, features "avx512f,avx2,fma", supported has_avx512()
 }
 
 kernel! {
-    /// The AVX-512 `f32` kernel: 12 × 32 tiles.
-    F32x32: f32, MR 12, NR 32, MC 1008, NC 768, tile_f32_avx512, features "avx512f,avx2,fma", supported has_avx512()
+    /// The AVX-512 `f32` kernel: 6 × 64 tiles.
+    F32x64: f32, MR 6, NR 64, MC 1008, NC 768, tile_f32_avx512, features "avx512f,avx2,fma", supported has_avx512()
 }
 
 /// Whether this CPU has AVX-512F besides AVX2 and FMA (cached by the
@@ -319,21 +326,22 @@ fn has_avx512() -> bool {
     }
 }
 
-/// Defines one microkernel (see [`Micro::tile`]): `MR` rows by two vectors
-/// of `lanes` elements (`NR = 2·lanes`), from the named intrinsics of one
-/// instruction set.
+/// Defines one microkernel (see [`Micro::tile`]): `MR` rows by `vectors`
+/// vectors of `lanes` elements (`NR = vectors·lanes`), from the named
+/// intrinsics of one instruction set.
 ///
-/// Per `p` (ascending), row `p` of the `B` panel is loaded as two aligned
-/// vectors (columns `0..lanes` and `lanes..NR`), each `A[r][p]` is
-/// broadcast, and the accumulators of tile row `r` take
+/// Per `p` (ascending), row `p` of the `B` panel is loaded as `vectors`
+/// aligned vectors (columns `0..lanes`, `lanes..2·lanes`, …), each
+/// `A[r][p]` is broadcast, and the accumulators of tile row `r` take
 /// `fma(A[r][p], B[p][j], acc)` lane by lane. The accumulators start at
 /// `+0`; at the end each tile row is stored (`C = s`) or added to `C`
-/// (`C = C + s`). The AVX2 kernels hold 12 accumulators, two `B` vectors and
-/// a broadcast in the sixteen `ymm` registers; the AVX-512 kernels 24, two
-/// and one in the 32 `zmm` registers. Every lane runs the same chain
+/// (`C = C + s`). The AVX2 kernels (6 rows, 2 vectors) hold 12
+/// accumulators, two `B` vectors and a broadcast in the sixteen `ymm`
+/// registers; the AVX-512 kernels (6 rows, 4 vectors) 24, four and one in
+/// the 32 `zmm` registers. Every lane runs the same chain
 /// whatever the vector width, so all kernels give the same bits.
 macro_rules! microkernel {
-    ($(#[$doc:meta])* $name:ident: $t:ty, MR $mr:literal, lanes $lanes:literal, features $features:literal,
+    ($(#[$doc:meta])* $name:ident: $t:ty, MR $mr:literal, lanes $lanes:literal, vectors $v:literal, features $features:literal,
      prefetch_a $pf:ident, $zero:ident, $load:ident, $loadu:ident, $storeu:ident, $splat:ident, $fmadd:ident,
      $add:ident) => {
         $(#[$doc])*
@@ -345,11 +353,11 @@ macro_rules! microkernel {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
         unsafe fn $name(kc: usize, a: *const $t, b: *const $t, c: *mut $t, ldc: usize, add: bool) {
-            const NR: usize = 2 * $lanes;
+            const NR: usize = $v * $lanes;
             debug_assert!(kc > 0 && (b as usize).is_multiple_of(size_of::<$t>() * $lanes));
             // SAFETY: the instructions are present (the caller's contract).
             // Iteration `q < kc` reads `a[MR·q..MR·q+MR]` (inside the `MR·kc`
-            // elements of the A panel) and `b[NR·q..NR·q+NR]` as two aligned
+            // elements of the A panel) and `b[NR·q..NR·q+NR]` as aligned
             // vectors (inside the `NR·kc` elements of the B panel, which is
             // 64-byte aligned, and every row of it is a multiple of 64
             // bytes). The prefetches only hint and cannot fault, and their
@@ -361,26 +369,31 @@ macro_rules! microkernel {
             // 1.87 on; the MSRV is 1.89, the first with the AVX-512
             // intrinsics).
             unsafe {
+                // Every line of the tile's rows (a row need not start on a
+                // line, so its last element may be on one line more).
                 for r in 0..$mr {
-                    _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc).cast::<i8>());
+                    for v in 0..$v {
+                        _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + v * $lanes).cast::<i8>());
+                    }
                     _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + NR - 1).cast::<i8>());
                 }
-                let mut acc = [[$zero(); 2]; $mr];
+                let mut acc = [[$zero(); $v]; $mr];
                 let (mut a, mut b) = (a, b);
-                // One step of `p`: two B vectors, `MR` broadcasts of A,
-                // `2·MR` FMAs.
+                // One step of `p`: `vectors` B vectors, `MR` broadcasts of
+                // A, `vectors·MR` FMAs.
                 let mut step = || {
                     _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add($pf).cast::<i8>());
                     // The B panel streams from L2 (see `drive`): fetch the
                     // row `PREFETCH_B_STEPS` steps ahead into L1.
-                    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH_B_STEPS * NR).cast::<i8>());
-                    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH_B_STEPS * NR + $lanes).cast::<i8>());
-                    let b0 = $load(b);
-                    let b1 = $load(b.add($lanes));
+                    for v in 0..$v {
+                        _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH_B_STEPS * NR + v * $lanes).cast::<i8>());
+                    }
+                    let bv: [_; $v] = std::array::from_fn(|v| $load(b.add(v * $lanes)));
                     for (r, acc) in acc.iter_mut().enumerate() {
                         let x = $splat(*a.add(r));
-                        acc[0] = $fmadd(x, b0, acc[0]);
-                        acc[1] = $fmadd(x, b1, acc[1]);
+                        for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                            *acc = $fmadd(x, bv, *acc);
+                        }
                     }
                     a = a.add($mr);
                     b = b.add(NR);
@@ -397,13 +410,13 @@ macro_rules! microkernel {
                     step();
                 }
                 for (r, acc) in acc.iter().enumerate() {
-                    let row = c.add(r * ldc);
-                    if add {
-                        $storeu(row, $add($loadu(row), acc[0]));
-                        $storeu(row.add($lanes), $add($loadu(row.add($lanes)), acc[1]));
-                    } else {
-                        $storeu(row, acc[0]);
-                        $storeu(row.add($lanes), acc[1]);
+                    for (v, &acc) in acc.iter().enumerate() {
+                        let at = c.add(r * ldc + v * $lanes);
+                        if add {
+                            $storeu(at, $add($loadu(at), acc));
+                        } else {
+                            $storeu(at, acc);
+                        }
                     }
                 }
             }
@@ -413,37 +426,36 @@ macro_rules! microkernel {
 
 microkernel! {
     /// The 6 × 8 `f64` AVX2 microkernel.
-    tile_f64: f64, MR 6, lanes 4, features "avx2,fma", prefetch_a PREFETCH_A_F64,
+    tile_f64: f64, MR 6, lanes 4, vectors 2, features "avx2,fma", prefetch_a PREFETCH_A_F64,
     _mm256_setzero_pd, _mm256_load_pd, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_set1_pd, _mm256_fmadd_pd, _mm256_add_pd
 }
 
 microkernel! {
     /// The 6 × 16 `f32` AVX2 microkernel.
-    tile_f32: f32, MR 6, lanes 8, features "avx2,fma", prefetch_a PREFETCH_A_F32,
+    tile_f32: f32, MR 6, lanes 8, vectors 2, features "avx2,fma", prefetch_a PREFETCH_A_F32,
     _mm256_setzero_ps, _mm256_load_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps
 }
 
 microkernel! {
-    /// The 12 × 16 `f64` AVX-512 microkernel.
-    tile_f64_avx512: f64, MR 12, lanes 8, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F64,
+    /// The 6 × 32 `f64` AVX-512 microkernel.
+    tile_f64_avx512: f64, MR 6, lanes 8, vectors 4, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F64,
     _mm512_setzero_pd, _mm512_load_pd, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_set1_pd, _mm512_fmadd_pd, _mm512_add_pd
 }
 
 microkernel! {
-    /// The 12 × 32 `f32` AVX-512 microkernel.
-    tile_f32_avx512: f32, MR 12, lanes 16, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F32,
+    /// The 6 × 64 `f32` AVX-512 microkernel.
+    tile_f32_avx512: f32, MR 6, lanes 16, vectors 4, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F32,
     _mm512_setzero_ps, _mm512_load_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps
 }
 
 /// How far ahead (in elements) the microkernels prefetch the `A` panel:
-/// 384 bytes for `f64`, 192 for `f32`; four (`MR` 12) or eight (`MR` 6)
-/// iterations of `p`.
+/// 384 bytes for `f64`, 192 for `f32`; eight iterations of `p` (`MR` 6).
 const PREFETCH_A_F64: usize = 48;
 /// [`PREFETCH_A_F64`] for `f32`.
 const PREFETCH_A_F32: usize = 48;
 /// How many iterations of `p` ahead the microkernels prefetch the `B`
-/// panel, which streams from L2 (a row is one or two lines; for the rows of
-/// one line the second prefetch repeats the first).
+/// panel, which streams from L2 (one prefetch per vector of a row: for the
+/// AVX2 `f64` rows of one line the second repeats the first).
 const PREFETCH_B_STEPS: usize = 4;
 
 /// The `MC`/`NC` cache blocking of one call. Only groups work (module docs,
@@ -674,7 +686,6 @@ fn pack_a<M: Micro>(dst: &mut [M::T], a: &[M::T], k: usize, ic: usize, mc: usize
             // in registers; a strided loop here compiled to scatters).
             match mr {
                 6 => pack_full_panel::<M::T, 6>(panel, a, k, i0, pc, kc),
-                12 => pack_full_panel::<M::T, 12>(panel, a, k, i0, pc, kc),
                 _ => unreachable!("no kernel has MR = {mr}"),
             }
             continue;
@@ -860,13 +871,13 @@ mod tests {
     #[test]
     fn row_blocks_stack_bitwise_f64() {
         split_invariance::<f64, F64>(1);
-        split_invariance::<f64, F64x16>(1);
+        split_invariance::<f64, F64x32>(1);
     }
 
     #[test]
     fn row_blocks_stack_bitwise_f32() {
         split_invariance::<f32, F32>(2);
-        split_invariance::<f32, F32x32>(2);
+        split_invariance::<f32, F32x64>(2);
     }
 
     /// A chain whose every product underflows to `-0` sums to `-0`
@@ -904,13 +915,13 @@ mod tests {
     #[test]
     fn negative_zero_from_underflow_f64() {
         negative_zero_from_underflow::<f64, F64>(11);
-        negative_zero_from_underflow::<f64, F64x16>(11);
+        negative_zero_from_underflow::<f64, F64x32>(11);
     }
 
     #[test]
     fn negative_zero_from_underflow_f32() {
         negative_zero_from_underflow::<f32, F32>(12);
-        negative_zero_from_underflow::<f32, F32x32>(12);
+        negative_zero_from_underflow::<f32, F32x64>(12);
     }
 
     /// Point 4 of the module docs: `MC` and `NC` only group work. Tiny
@@ -940,13 +951,13 @@ mod tests {
     #[test]
     fn blocking_does_not_change_bits_f64() {
         blocking_does_not_matter::<f64, F64>(3);
-        blocking_does_not_matter::<f64, F64x16>(3);
+        blocking_does_not_matter::<f64, F64x32>(3);
     }
 
     #[test]
     fn blocking_does_not_change_bits_f32() {
         blocking_does_not_matter::<f32, F32>(4);
-        blocking_does_not_matter::<f32, F32x32>(4);
+        blocking_does_not_matter::<f32, F32x64>(4);
     }
 
     /// Within `2·k·eps·Σ|a·b|` of the naive loop (the bound of `kernels.rs`'s
@@ -979,13 +990,13 @@ mod tests {
     #[test]
     fn accuracy_f64() {
         accuracy::<f64, F64>(5);
-        accuracy::<f64, F64x16>(5);
+        accuracy::<f64, F64x32>(5);
     }
 
     #[test]
     fn accuracy_f32() {
         accuracy::<f32, F32>(6);
-        accuracy::<f32, F32x32>(6);
+        accuracy::<f32, F32x64>(6);
     }
 
     /// Integer-valued data: every product and partial sum is an integer
@@ -1007,13 +1018,13 @@ mod tests {
     #[test]
     fn integers_exact_f64() {
         integers_exact::<f64, F64>(7);
-        integers_exact::<f64, F64x16>(7);
+        integers_exact::<f64, F64x32>(7);
     }
 
     #[test]
     fn integers_exact_f32() {
         integers_exact::<f32, F32>(8);
-        integers_exact::<f32, F32x32>(8);
+        integers_exact::<f32, F32x64>(8);
     }
 
     /// Large integers: sums up to 2^53 - 2^26 stay exact in f64 (the bound
@@ -1031,8 +1042,8 @@ mod tests {
         let (want, _) = naive(&a, &b, m, k, n);
         assert!(want.iter().all(|&x| x < (1u64 << 53) as f64 && x > (1u64 << 52) as f64));
         assert_eq!(whole::<f64, F64>(&a, &b, m, k, n), want);
-        if F64x16::supported() {
-            assert_eq!(whole::<f64, F64x16>(&a, &b, m, k, n), want);
+        if F64x32::supported() {
+            assert_eq!(whole::<f64, F64x32>(&a, &b, m, k, n), want);
         }
         let mut c = vec![5.0; m * n];
         assert!(dgemm(&a, &b, &mut c, m, k, n, true));
@@ -1048,7 +1059,7 @@ mod tests {
             return;
         }
         let mut rng = SplitMix(seed);
-        for (m, k, n) in [(1, 1, 1), (7, 3, 5), (13, 257, 19), (25, 600, 70), (67, 1000, 1030), (12, 256, 32)] {
+        for (m, k, n) in [(1, 1, 1), (7, 3, 5), (13, 257, 19), (25, 600, 70), (67, 1000, 1030), (12, 256, 64)] {
             let a = random::<T>(&mut rng, m * k);
             let b = random::<T>(&mut rng, k * n);
             let c0 = random::<T>(&mut rng, m * n);
@@ -1061,12 +1072,12 @@ mod tests {
 
     #[test]
     fn avx512_same_bits_as_avx2_f64() {
-        avx512_same_bits::<f64, F64, F64x16>(13);
+        avx512_same_bits::<f64, F64, F64x32>(13);
     }
 
     #[test]
     fn avx512_same_bits_as_avx2_f32() {
-        avx512_same_bits::<f32, F32, F32x32>(14);
+        avx512_same_bits::<f32, F32, F32x64>(14);
     }
 
     #[test]
