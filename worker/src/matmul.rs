@@ -61,7 +61,8 @@ impl Task for MatmulBlock {
         let (rows, k, n) = check_shapes(&a, &b)?;
         match out {
             None => {
-                let mut c = Array::zeros(a.dtype(), vec![rows, n]);
+                // Every element is written (`Kernel::matmul_block` overwrites).
+                let mut c = Array::for_overwrite(a.dtype(), vec![rows, n]);
                 multiply_into(&a, &b, &mut c, rows, k, n)?;
                 Ok(MatmulOutput::Block(c))
             }
@@ -135,7 +136,7 @@ fn multiply_into(a: &Array, b: &Array, c: &mut Array, rows: usize, k: usize, n: 
 /// Multiplies in this process: the `seq` baseline and the reference.
 pub fn multiply<T: Kernel + Element>(a: &Array, b: &Array) -> Result<Array, String> {
     let (rows, k, n) = check_shapes(a, b)?;
-    let mut c = Array::zeros(T::DTYPE, vec![rows, n]);
+    let mut c = Array::for_overwrite(T::DTYPE, vec![rows, n]);
     multiply_into(a, b, &mut c, rows, k, n)?;
     Ok(c)
 }

@@ -223,6 +223,10 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
     let idle = (hello.idle_timeout_ms > 0).then(|| Duration::from_millis(hello.idle_timeout_ms));
     let mut maps = MapCache::default();
     let mut last_snapshot = Instant::now();
+    // The large results of the last reply, which went into the pipe by
+    // reference: their pages serve this batch's results once the pipe has
+    // let go of them.
+    let mut sent: Vec<Array> = Vec::new();
     loop {
         if let Some(idle) = idle {
             if input.buffer().is_empty() && !input.get_ref().wait_readable(idle) {
@@ -236,6 +240,7 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         };
         let received_ns = crate::clock::monotonic_ns();
         let Request::Run(batch) = &frame.message else { return Err(ServeError::NoHello) };
+        put_back_sent(&mut sent, output.get_ref());
         if maps.call != batch.call {
             maps.start_call(batch.call);
         }
@@ -280,6 +285,7 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
             inline.extend(result.inline);
             started_ns = finished_ns;
         }
+        Array::drop_spare_pages();
         let memory = (batch_started.elapsed() >= SNAPSHOT_AFTER_BUSY || last_snapshot.elapsed() >= SNAPSHOT_EVERY)
             .then(|| {
                 last_snapshot = Instant::now();
@@ -318,6 +324,7 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
                 write_reply(&mut output, payload, &inline)
             }
         })?;
+        sent.extend(inline.into_iter().filter(Array::is_sole_owner_of_pages));
     }
 }
 
@@ -348,6 +355,44 @@ fn write_reply<W: Write + AsFd>(output: &mut BufWriter<W>, payload: &[u8], inlin
         return Ok(protocol::PRELUDE_LEN as u64 + payload.len() as u64 + bulk_len);
     }
     protocol::write_frame(output, FrameKind::Reply, payload, &bulk)
+}
+
+/// Puts the pages of `sent` (the last reply's large results) back for the
+/// next results (`Array::for_overwrite`) when `output` is a pipe with
+/// nothing left in it: the coordinator has read every byte of the reply, so
+/// the pipe holds none of those pages any more. Otherwise drops them: a
+/// pipe still holding pages keeps its own references, and anything but a
+/// pipe was written by copy. (Sound because the coordinator's readers copy
+/// out of the pipe — `read`, or `splice` into a file — and never pass its
+/// pages on by reference, as `tee` would.)
+fn put_back_sent(sent: &mut Vec<Array>, output: &impl AsFd) {
+    if !sent.is_empty() && pipe_is_empty(output) {
+        sent.drain(..).for_each(Array::put_back_pages);
+    } else {
+        sent.clear();
+    }
+}
+
+/// Whether `fd` is a pipe that holds no bytes (`FIONREAD` is 0); false
+/// when that cannot be told.
+fn pipe_is_empty(fd: &impl AsFd) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        if !nix::sys::stat::fstat(fd.as_fd()).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO) {
+            return false;
+        }
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD on a pipe writes one `c_int`, through a pointer
+        // to a live local of that type.
+        let r = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), libc::FIONREAD, &mut queued) };
+        r == 0 && queued == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = fd;
+        false
+    }
 }
 
 /// Hands `bytes` to the pipe `fd` by reference (`vmsplice`); false, with
@@ -538,6 +583,38 @@ impl AsRawFdMaybe for File {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reply's large result goes back into service for the next result
+    /// only once the pipe it went into is empty: while the pipe holds
+    /// bytes, or when the output is not a pipe, its pages are dropped. (Put
+    /// back, the next array of its size starts with its old elements
+    /// instead of fresh zeros.)
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn sent_pages_come_back_only_from_an_empty_pipe() {
+        // An odd size, so no other test running meanwhile takes the pages.
+        let len = crate::memory::HUGE_PAGE_THRESHOLD / 8 + 1000 + 3;
+        let sent = || {
+            let mut a = Array::zeros(crate::DType::F64, vec![len]);
+            a.as_mut_slice::<f64>().unwrap().fill(7.0);
+            assert!(a.is_sole_owner_of_pages());
+            vec![a]
+        };
+        let next_starts_with = || Array::for_overwrite(crate::DType::F64, vec![len]).as_slice::<f64>().unwrap()[0];
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let (mut r, mut w) = (File::from(r), File::from(w));
+        w.write_all(b"x").unwrap();
+        put_back_sent(&mut sent(), &w);
+        assert_eq!(next_starts_with(), 0.0, "pages came back while the pipe held a byte");
+        r.read_exact(&mut [0u8; 1]).unwrap();
+        let mut list = sent();
+        put_back_sent(&mut list, &w);
+        assert!(list.is_empty());
+        assert_eq!(next_starts_with(), 7.0, "the pages did not come back from the empty pipe");
+        put_back_sent(&mut sent(), &tempfile::tempfile().unwrap());
+        assert_eq!(next_starts_with(), 0.0, "pages came back from a file");
+        Array::drop_spare_pages();
+    }
 
     fn sum(a: &Array) -> f64 {
         a.as_slice::<f64>().unwrap().iter().sum()
