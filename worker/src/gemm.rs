@@ -50,8 +50,9 @@
 //! crate's AVX-512 kernel, rather than OpenBLAS's 12 rows by two: the same
 //! 24 accumulators, but 6 broadcasts and 4 loads per step of `p` instead of
 //! 12 and 2, and half the `A` panel in L1. On the Xeon, 12 × 16 and 6 × 32
-//! run level when the machine is quiet, and 6 × 32 is 6–10 % faster in its
-//! slow spells, when 12 × 16 drops further (`docs/kernels.md`).
+//! run level when the machine is quiet, and 6 × 32 is 2–10 % faster (median
+//! 7 %) in its slow spells, when 12 × 16 drops further (`docs/kernels.md`,
+//! "6 × 32 tiles").
 //!
 //! # The invariant: a row's result does not depend on its block
 //!
