@@ -510,6 +510,9 @@ impl WorkerPool {
             worker_index: index as u32,
             binary: BinaryId::current(),
             idle_timeout_ms: self.config.idle_timeout.map_or(0, |d| d.as_millis().max(1) as u64),
+            // Its stdout is this pipe, read by `read_replies`, which copies
+            // (into its buffer, or spliced into C's file).
+            reuse_lent_pages: self.config.program.is_none() || matches!(self.config.start, StartMethod::Fork { .. }),
         });
         let sent = protocol::send(&mut input, FrameKind::Request, &hello, &[]);
         slot.process = Some(WorkerProcess {

@@ -186,6 +186,35 @@ fn large_result_arrays_arrive_intact_beside_small_ones() {
     }
 }
 
+/// A worker reuses the pages of a large result it sent for its next one,
+/// once the coordinator has read them (the worker's side is tested in
+/// `serve`): whatever the timing, every result, one task per call or many
+/// queued on one worker, is its own product. Each task's inputs differ, so
+/// a block written into pages still on their way would show.
+#[test]
+fn large_results_in_a_row_on_one_worker_are_each_their_own() {
+    let (rows, k, n) = (1024, 3, 1024); // an 8 MiB result
+    let inputs = |t: usize| {
+        let a: Vec<f64> = (0..rows * k).map(|i| ((i * 7 + t * 13) % 11) as f64).collect();
+        let b: Vec<f64> = (0..k * n).map(|i| ((i * 5 + t) % 9) as f64).collect();
+        (Array::from_vec(vec![rows, k], a), Array::from_vec(vec![k, n], b))
+    };
+    let expected = |t: usize| {
+        let (a, b) = inputs(t);
+        let (a, b) = (a.as_slice::<f64>().unwrap().to_vec(), b.as_slice::<f64>().unwrap().to_vec());
+        (0..rows * n).map(|e| (0..k).map(|p| a[e / n * k + p] * b[p * n + e % n]).sum::<f64>()).collect::<Vec<_>>()
+    };
+    let mut p = Parallel::new().n_jobs(1).max_nbytes(None);
+    for t in 0..3 {
+        let c = p.run::<procjob::tasks::Dot, _>([inputs(t)]).unwrap();
+        assert!(c[0].as_slice::<f64>().unwrap() == expected(t).as_slice(), "call {t}");
+    }
+    let c = p.run::<procjob::tasks::Dot, _>((3..9).map(inputs)).unwrap();
+    for (t, c) in (3..9).zip(&c) {
+        assert!(c.as_slice::<f64>().unwrap() == expected(t).as_slice(), "task {t} of one call");
+    }
+}
+
 /// A position-weighted checksum of an f32 array: `Σ x[j]·(j mod 997 + 1)`.
 struct Weighted;
 impl Task for Weighted {

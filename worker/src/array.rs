@@ -66,8 +66,10 @@ enum Owned {
     I64(Vec<i64>),
     F64(Vec<f64>),
     F32(Vec<f32>),
-    /// A large zeroed array: fresh anonymous pages of its own (page-aligned;
-    /// every bit pattern is a valid element), asked to be huge pages.
+    /// A large array: anonymous pages of its own (page-aligned; every bit
+    /// pattern is a valid element), asked to be huge pages. Fresh and zeroed
+    /// from [`Array::zeros`]; from [`Array::for_overwrite`], possibly the
+    /// pages of an earlier array put back.
     Pages(memmap2::MmapMut),
 }
 
@@ -144,39 +146,42 @@ impl Owned {
 }
 
 /// The pages [`Array::put_back_pages`] keeps for [`Array::for_overwrite`]:
-/// a few mappings, taken by exact length.
+/// a few mappings per thread (the serve loop runs a batch's tasks on its
+/// own thread), taken by exact length.
 mod spare_pages {
-    use std::sync::Mutex;
+    use std::cell::RefCell;
 
     /// At most this many mappings are kept (a batch rarely returns more
     /// than one large block).
-    const KEEP: usize = 2;
+    pub(crate) const KEEP: usize = 2;
 
-    static SPARES: Mutex<Vec<memmap2::MmapMut>> = Mutex::new(Vec::new());
-
-    fn spares() -> std::sync::MutexGuard<'static, Vec<memmap2::MmapMut>> {
-        // A panic elsewhere while the lock was held leaves a valid list.
-        SPARES.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    thread_local! {
+        static SPARES: RefCell<Vec<memmap2::MmapMut>> = const { RefCell::new(Vec::new()) };
     }
 
     pub(super) fn take(bytes: usize) -> Option<memmap2::MmapMut> {
-        let mut spares = spares();
-        let at = spares.iter().position(|m| m.len() == bytes)?;
-        Some(spares.swap_remove(at))
+        SPARES.with_borrow_mut(|spares| {
+            let at = spares.iter().position(|m| m.len() == bytes)?;
+            Some(spares.swap_remove(at))
+        })
     }
 
     pub(super) fn put(map: memmap2::MmapMut) {
-        let mut spares = spares();
-        if spares.len() < KEEP {
-            spares.push(map);
-        }
+        SPARES.with_borrow_mut(|spares| {
+            if spares.len() < KEEP {
+                spares.push(map);
+            }
+        });
     }
 
     pub(super) fn clear() {
-        let dropped = std::mem::take(&mut *spares());
-        drop(dropped); // unmapped outside the lock
+        SPARES.with_borrow_mut(Vec::clear);
     }
 }
+
+/// How many large results a worker keeps for reuse (see
+/// [`Array::put_back_pages`]).
+pub(crate) const SPARES_KEPT: usize = spare_pages::KEEP;
 
 fn as_bytes<T: Element>(v: &[T]) -> &[u8] {
     // SAFETY: Element types are plain numbers without padding; any initialized
@@ -322,19 +327,26 @@ impl Array {
 
     /// An owned array for a caller that overwrites every element before
     /// reading any: its initial elements are unspecified (zeros, or the
-    /// elements of an earlier array of this process).
+    /// elements of an earlier array of this thread).
     ///
     /// A large one (pages of its own, see [`Array::zeros`]) takes the pages
-    /// of an earlier result of the same byte size when the serve loop has
-    /// put them back (`Array::put_back_pages`) — a worker's next 16 MB
-    /// block then skips the 2.5–3 ms of faulting in and zeroing fresh pages,
-    /// as numpy's next product reuses the memory its last one freed. Any
-    /// other array is [`Array::zeros`].
-    pub fn for_overwrite(dtype: DType, shape: impl Into<Vec<usize>>) -> Array {
+    /// of an earlier result of the same byte size when this thread's serve
+    /// loop has put them back (`Array::put_back_pages`) — a worker's next
+    /// 16 MB block then skips the 2.5–3 ms of faulting in and zeroing fresh
+    /// pages, as numpy's next product reuses the memory its last one freed.
+    /// Any other array is [`Array::zeros`]. In debug builds reused pages
+    /// are first filled with `0xFF` bytes (NaN, or -1 for `i64`), so that a
+    /// caller that stops overwriting everything shows in the tests.
+    pub(crate) fn for_overwrite(dtype: DType, shape: impl Into<Vec<usize>>) -> Array {
         let shape = shape.into();
         let bytes = product(&shape).saturating_mul(dtype.size());
         match spare_pages::take(bytes) {
-            Some(map) => Array { dtype, shape, storage: Arc::new(Storage::Owned(Owned::Pages(map))), offset: 0 },
+            Some(mut map) => {
+                if cfg!(debug_assertions) {
+                    map.fill(0xFF);
+                }
+                Array { dtype, shape, storage: Arc::new(Storage::Owned(Owned::Pages(map))), offset: 0 }
+            }
             None => Array::zeros(dtype, shape),
         }
     }
@@ -356,7 +368,7 @@ impl Array {
         }
     }
 
-    /// Drops the pages put back and not taken since.
+    /// Drops the pages put back on this thread and not taken since.
     pub(crate) fn drop_spare_pages() {
         spare_pages::clear();
     }
@@ -649,8 +661,10 @@ impl Array {
     /// (a large [`zeros`](Array::zeros) array, see `Owned::Pages`): nothing
     /// else can write them, and dropping the array unmaps them. Such bytes
     /// may be handed to a pipe by reference (`vmsplice`) instead of copied,
-    /// provided the array is dropped, not written, after the send: the pipe
-    /// keeps the pages alive until they are read.
+    /// provided nothing writes them after the send until the reader has
+    /// copied them out (the pipe keeps the pages alive until then): the
+    /// array is dropped, or put back for reuse only once the pipe is empty
+    /// and the reader is known to copy (see `serve`).
     pub fn is_sole_owner_of_pages(&self) -> bool {
         matches!(&*self.storage, Storage::Owned(Owned::Pages(_))) && self.is_unshared()
     }
@@ -1090,34 +1104,36 @@ fn copy_through_buffer<R: Read + ?Sized>(
 mod tests {
     use super::*;
 
-    /// Pages put back serve the next `for_overwrite` of the same byte size,
-    /// whatever its dtype and shape, once; other sizes, and arrays too small
-    /// for pages of their own, start from zeros.
+    /// Pages put back serve the next `for_overwrite` of the same byte size
+    /// on this thread, whatever its dtype and shape, once; other sizes,
+    /// shared arrays and arrays too small for pages of their own start from
+    /// zeros. (Taken pages hold their old elements, or in debug builds the
+    /// `0xFF` marker: either way not zeros.)
     #[test]
     fn for_overwrite_takes_pages_put_back_by_byte_size() {
-        // Odd sizes, so no other test running meanwhile takes the pages.
-        let len = crate::memory::HUGE_PAGE_THRESHOLD / 8 + 2000 + 5;
+        let len = crate::memory::HUGE_PAGE_THRESHOLD / 8 + 2000;
         let filled = |len: usize| {
             let mut a = Array::zeros(DType::F64, vec![len]);
             a.as_mut_slice::<f64>().unwrap().fill(3.0);
             a
         };
-        let first_byte = |a: &Array| a.as_bytes()[0];
+        let zeros = |a: &Array| a.as_bytes().iter().all(|&b| b == 0);
         filled(len).put_back_pages();
-        assert_eq!(first_byte(&Array::for_overwrite(DType::F64, vec![len + 1])), 0, "another size");
+        assert!(zeros(&Array::for_overwrite(DType::F64, vec![len + 1])), "another size");
         let reused = Array::for_overwrite(DType::I64, vec![len]);
         assert_eq!((reused.dtype(), reused.shape()), (DType::I64, &[len][..]));
-        assert_eq!(reused.as_bytes(), filled(len).as_bytes(), "the pages put back, as they were");
+        assert!(!zeros(&reused), "the pages put back were not taken");
+        if !cfg!(debug_assertions) {
+            assert_eq!(reused.as_bytes(), filled(len).as_bytes(), "the pages put back, as they were");
+        }
         drop(reused);
-        assert_eq!(first_byte(&Array::for_overwrite(DType::F64, vec![len])), 0, "taken only once");
-        // A shared array's pages are not put back.
+        assert!(zeros(&Array::for_overwrite(DType::F64, vec![len])), "taken only once");
         let shared = filled(len);
         let _other_view = shared.clone();
         shared.put_back_pages();
-        assert_eq!(first_byte(&Array::for_overwrite(DType::F64, vec![len])), 0, "a shared array's pages");
-        // Too small for pages of their own: always zeros.
+        assert!(zeros(&Array::for_overwrite(DType::F64, vec![len])), "a shared array's pages");
         Array::from_vec(vec![3], vec![1.0f64; 3]).put_back_pages();
-        assert_eq!(Array::for_overwrite(DType::F64, vec![3]).as_slice::<f64>().unwrap(), &[0.0; 3]);
+        assert!(zeros(&Array::for_overwrite(DType::F64, vec![3])), "a small array");
         Array::drop_spare_pages();
     }
 

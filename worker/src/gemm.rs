@@ -73,8 +73,8 @@
 //!    accumulators at `+0` (`_mm256_setzero_*`, `_mm512_setzero_*`) and, for `p` ascending through
 //!    the chunk, does `s = fma(A[i][p], B[p][j], s)` — one fused multiply-add,
 //!    one rounding. Every SIMD lane holds one `(i, j)` and lanes never mix:
-//!    `A[i][p]` is broadcast to all lanes, `B[p][j..j+4]` (or `j..j+8`) is
-//!    loaded as it was packed, and nothing permutes the accumulators.
+//!    `A[i][p]` is broadcast to all lanes, `B[p][j..j+lanes]` (4 or 8 lanes
+//!    with AVX2, 8 or 16 with AVX-512) is loaded as it was packed, and nothing permutes the accumulators.
 //! 3. **Chunks are combined with `C` one at a time, the same way for every
 //!    element.** The first chunk stores `C = s` (a plain store, no arithmetic;
 //!    `C`'s old contents are not read) unless `accumulate` is set; every later
@@ -370,11 +370,12 @@ macro_rules! microkernel {
             // 1.87 on; the MSRV is 1.89, the first with the AVX-512
             // intrinsics).
             unsafe {
-                // Every line of the tile's rows (a row need not start on a
-                // line, so its last element may be on one line more).
+                // Every line of the tile's rows: one prefetch per 64 bytes,
+                // and one at the last element (a row need not start on a
+                // line, so it may end on one line more).
                 for r in 0..$mr {
-                    for v in 0..$v {
-                        _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + v * $lanes).cast::<i8>());
+                    for at in (0..NR).step_by(64 / size_of::<$t>()) {
+                        _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + at).cast::<i8>());
                     }
                     _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + NR - 1).cast::<i8>());
                 }
@@ -456,7 +457,7 @@ const PREFETCH_A_F64: usize = 48;
 const PREFETCH_A_F32: usize = 48;
 /// How many iterations of `p` ahead the microkernels prefetch the `B`
 /// panel, which streams from L2 (one prefetch per vector of a row: for the
-/// AVX2 `f64` rows of one line the second repeats the first).
+/// AVX2 rows, one line each, the second repeats the first).
 const PREFETCH_B_STEPS: usize = 4;
 
 /// The `MC`/`NC` cache blocking of one call. Only groups work (module docs,
@@ -845,8 +846,7 @@ mod tests {
     /// The invariant: for every `k` (inside one chunk, at and around the
     /// chunk boundary, several chunks) and `n` (one column, less than an
     /// `f64` panel, exactly one, one more, partial last panels, across the
-    /// `f64` `NC` of 1024), cutting 67 rows (more than the `f64` `MC`, so the
-    /// whole product crosses an `MC` edge) into blocks of 1 to 33 rows — less
+    /// `NC` of every kernel), cutting 67 rows into blocks of 1 to 33 rows — less
     /// than, equal to and more than a row panel, and misaligned with it —
     /// stacks to the whole product's bits. The blocks' `C` starts as junk,
     /// the whole product's as NaN.

@@ -60,7 +60,7 @@ pub use crate::payload::Payload;
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"PJOB";
 /// The protocol version; bumped on any incompatible change of frames or messages.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Length of the fixed frame prelude.
 pub const PRELUDE_LEN: usize = 20;
 /// Largest payload (the postcard part) a reader accepts: 64 MiB.
@@ -109,6 +109,15 @@ pub struct Hello {
     pub binary: crate::registry::BinaryId,
     /// Exit after this many milliseconds without a request (0 = never).
     pub idle_timeout_ms: u64,
+    /// The worker's replies reach the coordinator's own readers directly,
+    /// which copy every byte out of the pipe (`read`, or `splice` into a
+    /// file) and never pass its pages on by reference. The worker may then
+    /// write again into pages it lent the pipe with `vmsplice` once the
+    /// pipe is empty (it reuses a large result's pages for the next one).
+    /// Set for workers the coordinator starts itself (re-executing its own
+    /// program, or forking); not for a configured worker program, which
+    /// could relay the pipe (`pv` splices pipe to pipe).
+    pub reuse_lent_pages: bool,
 }
 
 /// A batch of tasks for one worker.
@@ -617,6 +626,7 @@ mod tests {
             worker_index: 3,
             binary: crate::registry::BinaryId::default(),
             idle_timeout_ms: 0,
+            reuse_lent_pages: true,
         })
     }
 

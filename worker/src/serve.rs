@@ -225,7 +225,9 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
     let mut last_snapshot = Instant::now();
     // The large results of the last reply, which went into the pipe by
     // reference: their pages serve this batch's results once the pipe has
-    // let go of them.
+    // let go of them — when the coordinator says its readers copy, and the
+    // output is a pipe (anything else was written by copy).
+    let reuse_lent_pages = hello.reuse_lent_pages && is_pipe(output.get_ref());
     let mut sent: Vec<Array> = Vec::new();
     loop {
         if let Some(idle) = idle {
@@ -324,7 +326,9 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
                 write_reply(&mut output, payload, &inline)
             }
         })?;
-        sent.extend(inline.into_iter().filter(Array::is_sole_owner_of_pages));
+        if reuse_lent_pages {
+            sent.extend(inline.into_iter().filter(Array::is_sole_owner_of_pages).take(array::SPARES_KEPT));
+        }
     }
 }
 
@@ -332,8 +336,9 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
 /// the sole owners of pages of their own (a large result block) go into the
 /// pipe by reference with `vmsplice(2)` rather than copied by `write`: the
 /// pipe holds the pages until the coordinator has read them, and the caller
-/// drops `inline` (unmapping them from this process) without writing to
-/// them. When the output is not a pipe, the bytes are written.
+/// does not write to them before that — it drops `inline`, or keeps the
+/// arrays for [`put_back_sent`], which waits for the pipe to be empty.
+/// When the output is not a pipe, the bytes are written.
 fn write_reply<W: Write + AsFd>(output: &mut BufWriter<W>, payload: &[u8], inline: &[Array]) -> std::io::Result<u64> {
     let bulk: Vec<&[u8]> = inline.iter().map(Array::as_bytes).collect();
     #[cfg(target_os = "linux")]
@@ -362,9 +367,10 @@ fn write_reply<W: Write + AsFd>(output: &mut BufWriter<W>, payload: &[u8], inlin
 /// nothing left in it: the coordinator has read every byte of the reply, so
 /// the pipe holds none of those pages any more. Otherwise drops them: a
 /// pipe still holding pages keeps its own references, and anything but a
-/// pipe was written by copy. (Sound because the coordinator's readers copy
-/// out of the pipe — `read`, or `splice` into a file — and never pass its
-/// pages on by reference, as `tee` would.)
+/// pipe was written by copy. Sound only because the coordinator's readers
+/// copy out of the pipe — `read`, or `splice` into a file — and nothing
+/// between passes its pages on by reference, as `tee` or a pipe-to-pipe
+/// `splice` would ([`Hello::reuse_lent_pages`](protocol::Hello)).
 fn put_back_sent(sent: &mut Vec<Array>, output: &impl AsFd) {
     if !sent.is_empty() && pipe_is_empty(output) {
         sent.drain(..).for_each(Array::put_back_pages);
@@ -373,13 +379,18 @@ fn put_back_sent(sent: &mut Vec<Array>, output: &impl AsFd) {
     }
 }
 
+/// Whether `fd` is a pipe (or FIFO).
+fn is_pipe(fd: &impl AsFd) -> bool {
+    nix::sys::stat::fstat(fd.as_fd()).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO)
+}
+
 /// Whether `fd` is a pipe that holds no bytes (`FIONREAD` is 0); false
 /// when that cannot be told.
 fn pipe_is_empty(fd: &impl AsFd) -> bool {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
-        if !nix::sys::stat::fstat(fd.as_fd()).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO) {
+        if !is_pipe(fd) {
             return false;
         }
         let mut queued: libc::c_int = 0;
@@ -587,32 +598,30 @@ mod tests {
     /// A reply's large result goes back into service for the next result
     /// only once the pipe it went into is empty: while the pipe holds
     /// bytes, or when the output is not a pipe, its pages are dropped. (Put
-    /// back, the next array of its size starts with its old elements
-    /// instead of fresh zeros.)
+    /// back, the next array of its size does not start as zeros.)
     #[cfg(target_os = "linux")]
     #[test]
     fn sent_pages_come_back_only_from_an_empty_pipe() {
-        // An odd size, so no other test running meanwhile takes the pages.
-        let len = crate::memory::HUGE_PAGE_THRESHOLD / 8 + 1000 + 3;
+        let len = crate::memory::HUGE_PAGE_THRESHOLD / 8 + 1000;
         let sent = || {
             let mut a = Array::zeros(crate::DType::F64, vec![len]);
             a.as_mut_slice::<f64>().unwrap().fill(7.0);
             assert!(a.is_sole_owner_of_pages());
             vec![a]
         };
-        let next_starts_with = || Array::for_overwrite(crate::DType::F64, vec![len]).as_slice::<f64>().unwrap()[0];
+        let next_is_fresh = || Array::for_overwrite(crate::DType::F64, vec![len]).as_bytes().iter().all(|&b| b == 0);
         let (r, w) = nix::unistd::pipe().unwrap();
         let (mut r, mut w) = (File::from(r), File::from(w));
         w.write_all(b"x").unwrap();
         put_back_sent(&mut sent(), &w);
-        assert_eq!(next_starts_with(), 0.0, "pages came back while the pipe held a byte");
+        assert!(next_is_fresh(), "pages came back while the pipe held a byte");
         r.read_exact(&mut [0u8; 1]).unwrap();
         let mut list = sent();
         put_back_sent(&mut list, &w);
         assert!(list.is_empty());
-        assert_eq!(next_starts_with(), 7.0, "the pages did not come back from the empty pipe");
+        assert!(!next_is_fresh(), "the pages did not come back from the empty pipe");
         put_back_sent(&mut sent(), &tempfile::tempfile().unwrap());
-        assert_eq!(next_starts_with(), 0.0, "pages came back from a file");
+        assert!(next_is_fresh(), "pages came back from a file");
         Array::drop_spare_pages();
     }
 
