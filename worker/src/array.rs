@@ -197,11 +197,82 @@ fn as_bytes_mut<T: Element>(v: &mut [T]) -> &mut [u8] {
 
 /// A memory map of a whole file, with where it came from.
 struct Mapping {
-    map: memmap2::MmapRaw,
+    /// `None` only while being dropped, once handed to `kept_maps`.
+    map: Option<memmap2::MmapRaw>,
     path: PathBuf,
     access: Access,
     /// The mapped file's identity when it was mapped, from the open file.
     id: FileId,
+    /// For a read-write map a worker lends a task ([`Array::map_kept`]):
+    /// the views already faulted in (byte offset and length). When its
+    /// last view goes, the map goes back to this thread's `kept_maps`
+    /// instead of being unmapped.
+    kept: Option<Vec<(usize, usize)>>,
+}
+
+impl Mapping {
+    fn raw(&self) -> &memmap2::MmapRaw {
+        self.map.as_ref().expect("a mapping stays mapped until dropped")
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if let (Some(faulted), Some(map)) = (self.kept.take(), self.map.take()) {
+            kept_maps::put(kept_maps::Kept { map, path: std::mem::take(&mut self.path), id: self.id, faulted });
+        }
+    }
+}
+
+/// The read-write maps [`Array::map_kept`] lends tasks, between calls: a
+/// few per thread (the serve loop runs a batch's tasks on its own thread).
+mod kept_maps {
+    use std::cell::RefCell;
+    use std::path::{Path, PathBuf};
+
+    use super::FileId;
+
+    /// At most this many maps are kept (the oldest goes first).
+    const KEEP: usize = 2;
+
+    pub(super) struct Kept {
+        pub(super) map: memmap2::MmapRaw,
+        pub(super) path: PathBuf,
+        pub(super) id: FileId,
+        pub(super) faulted: Vec<(usize, usize)>,
+    }
+
+    thread_local! {
+        pub(super) static KEPT: RefCell<Vec<Kept>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn put(kept: Kept) {
+        let evicted = KEPT.with_borrow_mut(|all| {
+            all.push(kept);
+            (all.len() > KEEP).then(|| all.remove(0))
+        });
+        drop(evicted); // unmapped outside the borrow
+    }
+
+    /// The kept map of `path`, if that path still names the same file.
+    pub(super) fn take(path: &Path) -> Option<Kept> {
+        let kept = KEPT.with_borrow_mut(|all| {
+            let at = all.iter().position(|k| k.path == path)?;
+            Some(all.remove(at))
+        })?;
+        (FileId::of_path(path) == Some(kept.id)).then_some(kept)
+    }
+
+    /// Drops the maps whose path no longer names the file they map
+    /// (deleted or replaced): a deleted file's pages would live on.
+    pub(super) fn forget_changed() {
+        let gone: Vec<Kept> = KEPT.with_borrow_mut(|all| {
+            let (stay, gone) = std::mem::take(all).into_iter().partition(|k| FileId::of_path(&k.path) == Some(k.id));
+            *all = stay;
+            gone
+        });
+        drop(gone);
+    }
 }
 
 /// What identifies a mapped file: device, inode and size. While a mapping
@@ -243,7 +314,7 @@ impl Storage {
                 // procjob's own temp file or a user file mapped in place, which
                 // the contract of `Array::open_npy` says must not shrink while
                 // mapped.
-                unsafe { std::slice::from_raw_parts(m.map.as_ptr(), m.map.len()) }
+                unsafe { std::slice::from_raw_parts(m.raw().as_ptr(), m.raw().len()) }
             }
         }
     }
@@ -501,7 +572,7 @@ impl Array {
                 // `Arc::get_mut` proved this view is its only user in this
                 // process, and the range lies inside the map (checked when the
                 // view was made).
-                unsafe { std::slice::from_raw_parts_mut(m.map.as_mut_ptr().add(offset), nbytes) }
+                unsafe { std::slice::from_raw_parts_mut(m.raw().as_mut_ptr().add(offset), nbytes) }
             }
         };
         if bytes.is_empty() {
@@ -644,7 +715,7 @@ impl Array {
             };
             // Only a request: an older kernel refuses it and the pages
             // fault in as they are touched.
-            let _ = m.map.advise_range(advice, self.offset, self.nbytes());
+            let _ = m.raw().advise_range(advice, self.offset, self.nbytes());
         }
     }
 
@@ -718,7 +789,7 @@ fn map_file(file: &File, path: &Path, access: Access) -> Result<Mapping, ArrayEr
         Access::CopyOnWrite => unsafe { opts.map_copy(file) }.map(memmap2::MmapRaw::from),
     }
     .map_err(|e| ArrayError::Map { path: path.into(), reason: e.to_string() })?;
-    Ok(Mapping { map, path: path.to_path_buf(), access, id: FileId::of_metadata(&meta) })
+    Ok(Mapping { map: Some(map), path: path.to_path_buf(), access, id: FileId::of_metadata(&meta), kept: None })
 }
 
 /// Maps the file an [`ArrayRef::File`] names, checking that the referenced
@@ -759,6 +830,53 @@ pub fn map_file_ref(
 }
 
 impl Array {
+    /// Maps a read-write file reference for a task as [`map_file_ref`]
+    /// does, but reuses this thread's kept map of the same, unchanged file,
+    /// and keeps the map again when the task's last view of it goes: a
+    /// worker writing its rows of the same output every call (memmap-out's
+    /// `C`, written over each repetition) then maps and faults them in
+    /// once, not every call (about 3 ms for 16 MB of /dev/shm pages).
+    /// Returns the view and whether its pages still need faulting in.
+    pub(crate) fn map_kept(
+        path: &Path,
+        dtype: DType,
+        shape: &[usize],
+        offset: u64,
+    ) -> Result<(Array, bool), ArrayError> {
+        let nbytes = dtype.nbytes(shape).ok_or_else(|| ArrayError::Shape("shape overflows".into()))?;
+        let view = (offset as usize, nbytes);
+        if let Some(kept) = kept_maps::take(path) {
+            let fits = offset.is_multiple_of(dtype.size() as u64)
+                && (offset as usize).checked_add(nbytes).is_some_and(|end| end <= kept.map.len());
+            if fits && nbytes > 0 {
+                let mut faulted = kept.faulted;
+                let fresh = !faulted.contains(&view);
+                if fresh {
+                    faulted.push(view);
+                }
+                let mapping = Mapping {
+                    map: Some(kept.map),
+                    path: kept.path,
+                    access: Access::ReadWrite,
+                    id: kept.id,
+                    kept: Some(faulted),
+                };
+                let storage = Arc::new(Storage::Mapped(mapping));
+                return Ok((Array { dtype, shape: shape.to_vec(), storage, offset: offset as usize }, fresh));
+            }
+        }
+        let mut array = map_file_ref(path, dtype, shape, offset, Access::ReadWrite)?;
+        if let Some(Storage::Mapped(m)) = Arc::get_mut(&mut array.storage) {
+            m.kept = Some(vec![view]);
+        }
+        Ok((array, true))
+    }
+
+    /// Drops this thread's kept maps of files deleted or replaced since.
+    pub(crate) fn forget_changed_kept_maps() {
+        kept_maps::forget_changed();
+    }
+
     /// A view with the given dtype, shape and offset into the same storage as
     /// `self` (used to share one mapping among many file references).
     pub fn view_of_storage(&self, dtype: DType, shape: &[usize], offset: u64) -> Result<Array, ArrayError> {
@@ -1103,6 +1221,48 @@ fn copy_through_buffer<R: Read + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A read-write map lent to a task comes back when its last view goes,
+    /// and serves the next view of the same unchanged file without being
+    /// mapped or faulted in again; a replaced or deleted file's map is not
+    /// reused, and `forget_changed_kept_maps` unmaps it.
+    #[test]
+    fn kept_maps_serve_the_same_file_until_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.npy");
+        Array::zeros(DType::F64, vec![4, 1024]).save_npy(&path).unwrap();
+        let data = Array::open_npy(&path, Access::ReadOnly).unwrap().file_location().unwrap().1;
+        let offset = |row: u64| data + row * 1024 * 8;
+        let kept_here = || kept_maps::KEPT.with_borrow(|all| all.iter().filter(|k| k.path == path).count());
+        let (mut first, fresh) = Array::map_kept(&path, DType::F64, &[2, 1024], offset(0)).unwrap();
+        assert!(fresh);
+        first.as_mut_slice::<f64>().unwrap().fill(5.0);
+        let at = first.as_bytes().as_ptr();
+        assert_eq!(kept_here(), 0, "kept while a view lives");
+        drop(first);
+        assert_eq!(kept_here(), 1, "not kept after the last view went");
+        let (again, fresh) = Array::map_kept(&path, DType::F64, &[2, 1024], offset(0)).unwrap();
+        assert!(!fresh, "the same view was faulted in again");
+        assert_eq!(again.as_bytes().as_ptr(), at, "mapped again");
+        assert!(again.as_slice::<f64>().unwrap().iter().all(|&x| x == 5.0));
+        drop(again);
+        let (other_rows, fresh) = Array::map_kept(&path, DType::F64, &[2, 1024], offset(2)).unwrap();
+        assert!(fresh, "other rows of the kept map still need faulting in");
+        drop(other_rows);
+        let saved = Array::open_npy(&path, Access::ReadOnly).unwrap();
+        assert!(saved.as_slice::<f64>().unwrap()[..2048].iter().all(|&x| x == 5.0), "writes reach the file");
+        // Replaced: a new file at the same path is mapped afresh.
+        std::fs::remove_file(&path).unwrap();
+        Array::from_vec(vec![4, 1024], vec![1.0f64; 4096]).save_npy(&path).unwrap();
+        let (replaced, fresh) = Array::map_kept(&path, DType::F64, &[2, 1024], offset(0)).unwrap();
+        assert!(fresh && replaced.as_slice::<f64>().unwrap().iter().all(|&x| x == 1.0));
+        drop(replaced);
+        // Deleted: forgotten at the next call's start.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(kept_here(), 1);
+        Array::forget_changed_kept_maps();
+        assert_eq!(kept_here(), 0, "a deleted file's map is kept");
+    }
 
     /// Pages put back serve the next `for_overwrite` of the same byte size
     /// on this thread, whatever its dtype and shape, once; other sizes,

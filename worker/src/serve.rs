@@ -486,7 +486,10 @@ const MAX_FAULTED_VIEWS: usize = 4096;
 
 /// Read-only mappings, shared by all tasks so a file is mapped once per
 /// worker, not once per task. Writable mappings are never shared: each task
-/// gets its own, so it may write through it.
+/// gets its own, so it may write through it; a read-write one is lent
+/// ([`Array::map_kept`]) and comes back for the next view of the same file
+/// once the task's last view goes, so the same output rows every call
+/// (memmap-out's `C`) are mapped and faulted in once too.
 ///
 /// A mapping the last call used is kept for the next one while its path
 /// still names the same file ([`FileId`]: same inode, same size), so
@@ -516,6 +519,7 @@ impl MapCache {
     /// files are unchanged.
     fn start_call(&mut self, call: u64) {
         self.call = call;
+        Array::forget_changed_kept_maps();
         self.read_only.retain(|path, cached| {
             let keep = cached.used && cached.map.mapped_file_id().is_some_and(|id| FileId::of_path(path) == Some(id));
             cached.used = false;
@@ -544,8 +548,10 @@ impl MapCache {
             unreachable!("only file references are mapped")
         };
         let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-        if *access != Access::ReadOnly {
-            return Ok((array::map_file_ref(path, *dtype, &shape, *offset, *access)?, true));
+        match access {
+            Access::ReadWrite => return Array::map_kept(path, *dtype, &shape, *offset),
+            Access::CopyOnWrite => return Ok((array::map_file_ref(path, *dtype, &shape, *offset, *access)?, true)),
+            Access::ReadOnly => {}
         }
         let key = |a: &Array| (a.storage_bytes().1, a.nbytes());
         if let Some(cached) = self.read_only.get_mut(path) {
