@@ -17,6 +17,13 @@
 //! core while the other is not, which made one side of every pair slower
 //! for seconds at a time. Without the Python or numpy it says so and exits 0.
 //!
+//! `--out`: both sides write into a `C` allocated once per size
+//! (`np.dot(a, b, out=c)`, and our one-thread kernel into an `Array` of
+//! ours), so only the kernels are timed. Without it each call allocates its
+//! `C` as `np.dot(a, b)` and `procjob::tasks::dot` do, and the two
+//! allocators differ: ours maps fresh huge pages for every large result,
+//! while glibc may hand numpy the heap memory its last `C` freed.
+//!
 //! `-- SIZES PAIRS --threads N` (N > 1) compares the whole product on N
 //! CPUs instead: numpy on N OpenBLAS threads and joblib's memmapped
 //! `parallel_dot` on N loky workers (A and B dumped once per size to
@@ -50,7 +57,7 @@ try:
 except ImportError:
     print("numpy", np.__version__, flush=True)
 # The inputs of the latest size, one set for numpy and one for joblib.
-numpy_inputs, joblib_inputs = {}, {}
+numpy_inputs, joblib_inputs, outs = {}, {}, {}
 dumps = None
 for line in sys.stdin:
     words = line.split()
@@ -77,14 +84,19 @@ for line in sys.stdin:
             np.vstack(joblib.Parallel(n_jobs=jobs)(joblib.delayed(np.dot)(block, b) for block in np.array_split(a, jobs)))
             print(time.perf_counter() - t, flush=True)
         continue
-    n, dtype = words
+    n, dtype = words[:2]
     key = (int(n), dtype)
     if key not in numpy_inputs:
         rng = np.random.default_rng(1)
         numpy_inputs = {key: tuple(rng.random((key[0], key[0])).astype(dtype) for _ in range(2))}
+        outs = {key: np.empty((key[0], key[0]), dtype=dtype)}
     a, b = numpy_inputs[key]
-    t = time.perf_counter()
-    np.dot(a, b)
+    if len(words) > 2:
+        t = time.perf_counter()
+        np.dot(a, b, out=outs[key])
+    else:
+        t = time.perf_counter()
+        np.dot(a, b)
     print(time.perf_counter() - t, flush=True)
 "#;
 
@@ -149,18 +161,27 @@ fn main() {
         on_threads(threads, &sizes, pairs, &mut ask);
         return;
     }
-    let mut numpy = |n: usize, dtype: &str| ask(&format!("{n} {dtype}"));
+    let out = all.iter().any(|a| a == "--out");
+    let mut numpy = |n: usize, dtype: &str| ask(&format!("{n} {dtype}{}", if out { " out" } else { "" }));
     match cpu {
         Some(cpu) => println!("both sides pinned to CPU {cpu}"),
         None => println!("could not pin to one CPU; pairs may run on different CPUs"),
+    }
+    if out {
+        println!("both sides write into a C allocated once per size");
     }
     println!("{:<5} {:>5} {:>13} {:>13} {:>11}", "dtype", "n", "ours GFLOP/s", "numpy GFLOP/s", "ours/numpy");
     for (dtype, name) in [(DType::F64, "float64"), (DType::F32, "float32")] {
         for &n in &sizes {
             let inputs = Inputs::random(dtype, n, n, n, 1);
-            let ours = || {
+            let mut c = procjob::Array::zeros(dtype, vec![n, n]);
+            let mut ours = || {
                 let t = Instant::now();
-                procjob::tasks::dot(&inputs.a, &inputs.b).expect("dot");
+                if out {
+                    procjob::matmul::multiply_threads_into(&inputs, &[0..n], 1, &mut c).expect("kernel");
+                } else {
+                    procjob::tasks::dot(&inputs.a, &inputs.b).expect("dot");
+                }
                 t.elapsed().as_secs_f64()
             };
             let flop = 2.0 * (n as f64).powi(3);
