@@ -178,7 +178,8 @@ fn main() {
             let mut ours = || {
                 let t = Instant::now();
                 if out {
-                    procjob::matmul::multiply_threads_into(&inputs, &[0..n], 1, &mut c).expect("kernel");
+                    procjob::matmul::multiply_threads_into(&inputs, std::slice::from_ref(&(0..n)), 1, &mut c)
+                        .expect("kernel");
                 } else {
                     procjob::tasks::dot(&inputs.a, &inputs.b).expect("dot");
                 }
