@@ -118,6 +118,8 @@ fn main() {
         None => vec![1000, 2048],
     };
     let pairs: usize = args.get(1).map_or(7, |p| p.parse().expect("PAIRS: an integer"));
+    let out = all.iter().any(|a| a == "--out");
+    assert!(!out || threads == 1, "--out is for the one-thread comparison, not --threads {threads}");
     assert!(pairs > 0, "PAIRS: at least one");
     let python = std::env::var("PROCJOB_BENCH_PYTHON").unwrap_or_else(|_| {
         format!("{}/.cache/procjob-bench-venv/bin/python", std::env::var("HOME").unwrap_or_default())
@@ -161,7 +163,6 @@ fn main() {
         on_threads(threads, &sizes, pairs, &mut ask);
         return;
     }
-    let out = all.iter().any(|a| a == "--out");
     let mut numpy = |n: usize, dtype: &str| ask(&format!("{n} {dtype}{}", if out { " out" } else { "" }));
     match cpu {
         Some(cpu) => println!("both sides pinned to CPU {cpu}"),

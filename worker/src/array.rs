@@ -204,10 +204,19 @@ struct Mapping {
     /// The mapped file's identity when it was mapped, from the open file.
     id: FileId,
     /// For a read-write map a worker lends a task ([`Array::map_kept`]):
-    /// the views already faulted in (byte offset and length). When its
-    /// last view goes, the map goes back to this thread's `kept_maps`
-    /// instead of being unmapped.
-    kept: Option<Vec<(usize, usize)>>,
+    /// when its last view goes on the lending thread, the map goes back to
+    /// that thread's `kept_maps` instead of being unmapped.
+    kept: Option<Lent>,
+}
+
+/// What a lent read-write map carries back to `kept_maps`.
+struct Lent {
+    /// The thread whose pool the map came from and goes back to; dropped on
+    /// any other thread (a task may hand its view to a thread of its own),
+    /// the map is simply unmapped.
+    lender: std::thread::ThreadId,
+    /// The views already faulted in: byte offset and length.
+    faulted: Vec<(usize, usize)>,
 }
 
 impl Mapping {
@@ -218,8 +227,13 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        if let (Some(faulted), Some(map)) = (self.kept.take(), self.map.take()) {
-            kept_maps::put(kept_maps::Kept { map, path: std::mem::take(&mut self.path), id: self.id, faulted });
+        if let Some(lent) = self.kept.take() {
+            if lent.lender == std::thread::current().id() {
+                if let Some(map) = self.map.take() {
+                    let path = std::mem::take(&mut self.path);
+                    kept_maps::put(kept_maps::Kept { map, path, id: self.id, faulted: lent.faulted });
+                }
+            }
         }
     }
 }
@@ -235,6 +249,9 @@ mod kept_maps {
     /// At most this many maps are kept (the oldest goes first).
     const KEEP: usize = 2;
 
+    /// At most this many faulted-in views are remembered per map.
+    pub(super) const MAX_FAULTED: usize = 64;
+
     pub(super) struct Kept {
         pub(super) map: memmap2::MmapRaw,
         pub(super) path: PathBuf,
@@ -246,21 +263,33 @@ mod kept_maps {
         pub(super) static KEPT: RefCell<Vec<Kept>> = const { RefCell::new(Vec::new()) };
     }
 
+    /// Keeps `kept` (unmapped instead when this thread's pool is gone, as
+    /// it is while the thread exits).
     pub(super) fn put(kept: Kept) {
-        let evicted = KEPT.with_borrow_mut(|all| {
+        if let Ok(evicted) = KEPT.try_with(|all| {
+            let mut all = all.borrow_mut();
             all.push(kept);
             (all.len() > KEEP).then(|| all.remove(0))
-        });
-        drop(evicted); // unmapped outside the borrow
+        }) {
+            drop(evicted); // unmapped outside the borrow
+        }
     }
 
-    /// The kept map of `path`, if that path still names the same file.
-    pub(super) fn take(path: &Path) -> Option<Kept> {
+    /// A kept map of `path`, if that path still names the same file: one
+    /// that has `view` faulted in if there is one.
+    pub(super) fn take(path: &Path, view: (usize, usize)) -> Option<Kept> {
         let kept = KEPT.with_borrow_mut(|all| {
-            let at = all.iter().position(|k| k.path == path)?;
+            let mine = |k: &Kept| k.path == path;
+            let at =
+                all.iter().position(|k| mine(k) && k.faulted.contains(&view)).or_else(|| all.iter().position(mine))?;
             Some(all.remove(at))
         })?;
         (FileId::of_path(path) == Some(kept.id)).then_some(kept)
+    }
+
+    /// Whether this thread keeps any map.
+    pub(super) fn any() -> bool {
+        KEPT.with_borrow(|all| !all.is_empty())
     }
 
     /// Drops the maps whose path no longer names the file they map
@@ -843,15 +872,18 @@ impl Array {
         shape: &[usize],
         offset: u64,
     ) -> Result<(Array, bool), ArrayError> {
-        let nbytes = dtype.nbytes(shape).ok_or_else(|| ArrayError::Shape("shape overflows".into()))?;
+        let lender = std::thread::current().id();
+        let nbytes = dtype.nbytes(shape).unwrap_or(0);
         let view = (offset as usize, nbytes);
-        if let Some(kept) = kept_maps::take(path) {
-            let fits = offset.is_multiple_of(dtype.size() as u64)
-                && (offset as usize).checked_add(nbytes).is_some_and(|end| end <= kept.map.len());
-            if fits && nbytes > 0 {
+        let aligned = nbytes > 0 && offset.is_multiple_of(dtype.size() as u64);
+        if let Some(kept) = aligned.then(|| kept_maps::take(path, view)).flatten() {
+            if (offset as usize).checked_add(nbytes).is_some_and(|end| end <= kept.map.len()) {
                 let mut faulted = kept.faulted;
                 let fresh = !faulted.contains(&view);
                 if fresh {
+                    if faulted.len() >= kept_maps::MAX_FAULTED {
+                        faulted.clear();
+                    }
                     faulted.push(view);
                 }
                 let mapping = Mapping {
@@ -859,15 +891,18 @@ impl Array {
                     path: kept.path,
                     access: Access::ReadWrite,
                     id: kept.id,
-                    kept: Some(faulted),
+                    kept: Some(Lent { lender, faulted }),
                 };
                 let storage = Arc::new(Storage::Mapped(mapping));
                 return Ok((Array { dtype, shape: shape.to_vec(), storage, offset: offset as usize }, fresh));
             }
+            // Past the end of the file: kept for a view that fits, and
+            // `map_file_ref` says what is wrong with this one.
+            kept_maps::put(kept);
         }
         let mut array = map_file_ref(path, dtype, shape, offset, Access::ReadWrite)?;
         if let Some(Storage::Mapped(m)) = Arc::get_mut(&mut array.storage) {
-            m.kept = Some(vec![view]);
+            m.kept = Some(Lent { lender, faulted: vec![view] });
         }
         Ok((array, true))
     }
@@ -875,6 +910,11 @@ impl Array {
     /// Drops this thread's kept maps of files deleted or replaced since.
     pub(crate) fn forget_changed_kept_maps() {
         kept_maps::forget_changed();
+    }
+
+    /// Whether this thread keeps any read-write map for the next call.
+    pub(crate) fn has_kept_maps() -> bool {
+        kept_maps::any()
     }
 
     /// A view with the given dtype, shape and offset into the same storage as
@@ -1249,6 +1289,12 @@ mod tests {
         let (other_rows, fresh) = Array::map_kept(&path, DType::F64, &[2, 1024], offset(2)).unwrap();
         assert!(fresh, "other rows of the kept map still need faulting in");
         drop(other_rows);
+        // A view dropped on another thread is unmapped there, not kept.
+        let (elsewhere, _) = Array::map_kept(&path, DType::F64, &[2, 1024], offset(0)).unwrap();
+        assert_eq!(kept_here(), 0);
+        std::thread::spawn(move || drop(elsewhere)).join().unwrap();
+        assert_eq!(kept_here(), 0, "a map dropped on another thread came back");
+        drop(Array::map_kept(&path, DType::F64, &[2, 1024], offset(2)).unwrap());
         let saved = Array::open_npy(&path, Access::ReadOnly).unwrap();
         assert!(saved.as_slice::<f64>().unwrap()[..2048].iter().all(|&x| x == 5.0), "writes reach the file");
         // Replaced: a new file at the same path is mapped afresh.

@@ -230,10 +230,8 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
     let reuse_lent_pages = hello.reuse_lent_pages && is_pipe(output.get_ref());
     let mut sent: Vec<Array> = Vec::new();
     loop {
-        if let Some(idle) = idle {
-            if input.buffer().is_empty() && !input.get_ref().wait_readable(idle) {
-                return Ok(()); // idle timeout: exit quietly, the pool starts another when needed
-            }
+        if input.buffer().is_empty() && !wait_for_request(input.get_ref(), idle, &mut maps, FIRST_MAP_CHECK) {
+            return Ok(()); // idle timeout: exit quietly, the pool starts another when needed
         }
         let frame = match protocol::recv::<_, Request>(&mut input, FrameKind::Request) {
             Ok(f) => f,
@@ -481,6 +479,44 @@ fn run_one(entry: &Result<ErasedEntry, String>, input: &[u8], arrays: Vec<Result
     }
 }
 
+/// How long a worker holding maps waits for its next request before it
+/// first checks them for files deleted or replaced since (see
+/// [`wait_for_request`]); it checks again after twice as long each time, up
+/// to [`MAX_MAP_CHECK`].
+const FIRST_MAP_CHECK: Duration = Duration::from_secs(1);
+/// The longest wait between two such checks.
+const MAX_MAP_CHECK: Duration = Duration::from_secs(64);
+
+/// Waits until `input` is readable (true), or until `idle` has passed
+/// without a request (false; with no `idle`, waits for ever). While it
+/// waits with maps held, it lets go of those whose files were deleted or
+/// replaced — a run's temp files, removed after its last call — so that
+/// their pages do not live on in this worker until its next call. It first
+/// checks after `first_check` ([`FIRST_MAP_CHECK`]).
+fn wait_for_request(
+    input: &impl AsRawFdMaybe,
+    idle: Option<Duration>,
+    maps: &mut MapCache,
+    first_check: Duration,
+) -> bool {
+    let start = Instant::now();
+    let mut check = first_check;
+    loop {
+        let left = idle.map(|d| d.saturating_sub(start.elapsed()));
+        if !maps.holds_any() {
+            return left.is_none_or(|left| input.wait_readable(left));
+        }
+        if left == Some(Duration::ZERO) {
+            return false;
+        }
+        if input.wait_readable(left.map_or(check, |left| left.min(check))) {
+            return true;
+        }
+        maps.forget_changed();
+        check = (check * 2).min(MAX_MAP_CHECK);
+    }
+}
+
 /// How many faulted-in views [`MapCache`] remembers per file.
 const MAX_FAULTED_VIEWS: usize = 4096;
 
@@ -515,6 +551,20 @@ struct Cached {
 }
 
 impl MapCache {
+    /// Whether any map is held between calls (read-only ones here, or a
+    /// read-write one kept by [`Array::map_kept`]).
+    fn holds_any(&self) -> bool {
+        !self.read_only.is_empty() || Array::has_kept_maps()
+    }
+
+    /// Drops the maps, here and kept read-write ones, whose path no longer
+    /// names the file they map.
+    fn forget_changed(&mut self) {
+        self.read_only
+            .retain(|path, cached| cached.map.mapped_file_id().is_some_and(|id| FileId::of_path(path) == Some(id)));
+        Array::forget_changed_kept_maps();
+    }
+
     /// Starts call `call`: keeps the mappings the last call used whose
     /// files are unchanged.
     fn start_call(&mut self, call: u64) {
@@ -629,6 +679,37 @@ mod tests {
         put_back_sent(&mut sent(), &tempfile::tempfile().unwrap());
         assert!(next_is_fresh(), "pages came back from a file");
         Array::drop_spare_pages();
+    }
+
+    /// A worker waiting for its next request lets go of the maps of files
+    /// deleted since the last call (read-only ones and kept read-write
+    /// ones), keeps the others, and still gives up when its idle time has
+    /// passed.
+    #[test]
+    fn waiting_workers_let_go_of_maps_of_deleted_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gone, stays, out) = (dir.path().join("gone.npy"), dir.path().join("stays.npy"), dir.path().join("c.npy"));
+        for path in [&gone, &stays, &out] {
+            Array::from_vec(vec![4], vec![1.0f64; 4]).save_npy(path).unwrap();
+        }
+        let reference =
+            |path: &std::path::Path, access| array::file_ref(&Array::open_npy(path, access).unwrap()).unwrap();
+        let mut maps = MapCache::default();
+        maps.start_call(1);
+        drop(maps.map(&reference(&gone, Access::ReadOnly)).unwrap());
+        drop(maps.map(&reference(&stays, Access::ReadOnly)).unwrap());
+        drop(maps.map(&reference(&out, Access::ReadWrite)).unwrap());
+        assert!(Array::has_kept_maps(), "the read-write map was not kept");
+        std::fs::remove_file(&gone).unwrap();
+        std::fs::remove_file(&out).unwrap();
+        let (r, _w) = nix::unistd::pipe().unwrap(); // never readable
+        let idle = Duration::from_millis(60);
+        let started = Instant::now();
+        assert!(!wait_for_request(&File::from(r), Some(idle), &mut maps, Duration::from_millis(10)));
+        assert!(started.elapsed() >= idle, "gave up before its idle time");
+        assert!(!maps.read_only.contains_key(&gone), "the deleted input's map is held");
+        assert!(maps.read_only.contains_key(&stays), "an unchanged file's map was dropped");
+        assert!(!Array::has_kept_maps(), "the deleted output's map is held");
     }
 
     fn sum(a: &Array) -> f64 {
