@@ -20,7 +20,8 @@
 //! | `f32`, AVX-512 | 6 × 64 | 24 `zmm` (6 rows × 4 × 16 lanes) | 256 | 1008 | 768 |
 //!
 //! Loops, outermost first: `pc` over the depth `k` in steps of `KC` → `ic`
-//! over the rows in steps of `MC` → `jc` over the columns of `B`/`C` in
+//! over the rows in blocks of about `MC` (as even as whole panels allow,
+//! at most 1.5 × `MC`) → `jc` over the columns of `B`/`C` in
 //! blocks of at most `NC`, as even as whole panels allow (pack
 //! `B[pc.., jc..]`) → `ir` over the `MR`-row panels of `A`
 //! (each packed once per `pc` and `ic`, just before the first `jc` block
@@ -129,7 +130,7 @@
 //! # Buffers
 //!
 //! The packed panels live in one 64-byte-aligned buffer per thread
-//! (`MC × KC` of `A` — 2 MiB for `f64` — plus `KC × NC` of `B` and one
+//! (up to `1.5 × MC × KC` of `A` — 3 MiB for `f64` — plus `KC × NC` of `B` and one
 //! scratch tile, or less for small shapes), grown on demand and kept for the
 //! next call: calls on a fresh buffer each time measured 5–10 % slower on
 //! thin blocks (6 × 2048 × 2048: 3.8 ms against 3.5 ms).
@@ -204,7 +205,8 @@ trait Micro {
     /// Depth chunk. Part of the arithmetic (see the module docs): changing it
     /// changes the bits of `C`.
     const KC: usize;
-    /// Rows of `A` packed at a time (a multiple of `MR`); only groups work.
+    /// Rows of `A` packed at a time (a multiple of `MR`; `drive` evens the
+    /// blocks out up to 1.5 times it); only groups work.
     const MC: usize;
     /// Most columns of `B` packed at a time (a multiple of `NR`; `drive`
     /// evens the blocks out below it); only groups work.
@@ -464,7 +466,8 @@ const PREFETCH_B_STEPS: usize = 4;
 /// point 4); the tests shrink it to cross every blocking edge.
 #[derive(Clone, Copy, Debug)]
 struct Blocking {
-    /// Rows packed at a time, a positive multiple of `MR`.
+    /// Rows packed at a time (up to 1.5 times it, see `drive`), a positive
+    /// multiple of `MR`.
     mc: usize,
     /// Most columns packed at a time, a positive multiple of `NR`.
     nc: usize,
@@ -563,7 +566,14 @@ unsafe fn drive<M: Micro>(
     // Sizes of the three regions actually needed for this shape (elements,
     // each a whole number of lines): packed A, packed B, the edge tile.
     let kc_max = M::KC.min(k);
-    let a_len = round_to_lines::<M::T>(blk.mc.min(rows.div_ceil(mr) * mr) * kc_max);
+    // Rows per block: as even as whole panels allow, up to 1.5 × `blk.mc`,
+    // so that no thin remainder block repacks all of B for a few rows:
+    // 2048 rows with `MC` 1008 are cut 1026 + 1022 rather than 1008 + 1008
+    // + 32, which packs each depth chunk of B twice instead of three times
+    // (about 1 % of a one-thread 2048³ product).
+    let mc_cap = blk.mc + blk.mc / 2 / mr * mr;
+    let mc_step = rows.div_ceil(rows.div_ceil(mc_cap)).next_multiple_of(mr).min(mc_cap);
+    let a_len = round_to_lines::<M::T>(mc_step.min(rows.div_ceil(mr) * mr) * kc_max);
     let b_len = round_to_lines::<M::T>(blk.nc.min(n.div_ceil(nr) * nr) * kc_max);
     let t_len = round_to_lines::<M::T>(mr * nr);
     let lines = (a_len + b_len + t_len) * size_of::<M::T>() / 64;
@@ -596,8 +606,8 @@ unsafe fn drive<M: Micro>(
         // Point 3 of the module docs: the first chunk overwrites C unless
         // accumulating, every later chunk adds to it.
         let add = accumulate || pc > 0;
-        for ic in (0..rows).step_by(blk.mc) {
-            let mc = blk.mc.min(rows - ic);
+        for ic in (0..rows).step_by(mc_step) {
+            let mc = mc_step.min(rows - ic);
             for jc in (0..n).step_by(nc_step) {
                 let nc = nc_step.min(n - jc);
                 pack_b::<M>(b_pack, b, n, pc, kc, jc, nc);
