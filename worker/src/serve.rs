@@ -634,7 +634,10 @@ pub trait AsRawFdMaybe {
 impl AsRawFdMaybe for File {
     fn wait_readable(&self, timeout: Duration) -> bool {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        let ms = PollTimeout::try_from(timeout.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
+        // Rounded up: a timeout rounded down to 0 ms would return at once,
+        // and a caller waiting out a deadline would spin on it.
+        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        let ms = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
         let mut fds = [PollFd::new(self.as_fd(), PollFlags::POLLIN)];
         loop {
             match poll(&mut fds, ms) {
@@ -710,6 +713,46 @@ mod tests {
         assert!(!maps.read_only.contains_key(&gone), "the deleted input's map is held");
         assert!(maps.read_only.contains_key(&stays), "an unchanged file's map was dropped");
         assert!(!Array::has_kept_maps(), "the deleted output's map is held");
+    }
+
+    /// An input that is never readable until its script says so, and
+    /// records the timeouts it was asked to wait.
+    struct Scripted {
+        readable: RefCell<std::collections::VecDeque<bool>>,
+        asked: RefCell<Vec<Duration>>,
+    }
+
+    impl AsRawFdMaybe for Scripted {
+        fn wait_readable(&self, timeout: Duration) -> bool {
+            self.asked.borrow_mut().push(timeout);
+            self.readable.borrow_mut().pop_front().unwrap_or(true)
+        }
+    }
+
+    /// Without an idle timeout, a worker holding maps wakes after the first
+    /// check, then after twice as long, letting go of a deleted file's map
+    /// at the first wake, and returns as soon as its input is readable;
+    /// holding none, it does not wait at all (it blocks in `recv`).
+    #[test]
+    fn waiting_without_an_idle_timeout_checks_the_maps_at_doubling_intervals() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone.npy");
+        Array::from_vec(vec![4], vec![1.0f64; 4]).save_npy(&gone).unwrap();
+        let mut maps = MapCache::default();
+        maps.start_call(1);
+        drop(maps.map(&array::file_ref(&Array::open_npy(&gone, Access::ReadOnly).unwrap()).unwrap()).unwrap());
+        let stays = dir.path().join("stays.npy");
+        Array::from_vec(vec![4], vec![1.0f64; 4]).save_npy(&stays).unwrap();
+        drop(maps.map(&array::file_ref(&Array::open_npy(&stays, Access::ReadOnly).unwrap()).unwrap()).unwrap());
+        std::fs::remove_file(&gone).unwrap();
+        let input = Scripted { readable: RefCell::new([false, false, true].into()), asked: RefCell::default() };
+        let first = Duration::from_millis(10);
+        assert!(wait_for_request(&input, None, &mut maps, first));
+        assert_eq!(*input.asked.borrow(), [first, first * 2, first * 4]);
+        assert!(!maps.read_only.contains_key(&gone) && maps.read_only.contains_key(&stays));
+        let idle_input = Scripted { readable: RefCell::default(), asked: RefCell::default() };
+        assert!(wait_for_request(&idle_input, None, &mut MapCache::default(), first));
+        assert!(idle_input.asked.borrow().is_empty(), "waited with nothing to check");
     }
 
     fn sum(a: &Array) -> f64 {
