@@ -550,6 +550,14 @@ struct Cached {
     faulted: std::collections::HashSet<(usize, usize)>,
 }
 
+impl Cached {
+    /// Whether `path` still names the file this entry maps (same inode and
+    /// size).
+    fn names_its_file(&self, path: &std::path::Path) -> bool {
+        self.map.mapped_file_id().is_some_and(|id| FileId::of_path(path) == Some(id))
+    }
+}
+
 impl MapCache {
     /// Whether any map is held between calls (read-only ones here, or a
     /// read-write one kept by [`Array::map_kept`]).
@@ -560,8 +568,7 @@ impl MapCache {
     /// Drops the maps, here and kept read-write ones, whose path no longer
     /// names the file they map.
     fn forget_changed(&mut self) {
-        self.read_only
-            .retain(|path, cached| cached.map.mapped_file_id().is_some_and(|id| FileId::of_path(path) == Some(id)));
+        self.read_only.retain(|path, cached| cached.names_its_file(path));
         Array::forget_changed_kept_maps();
     }
 
@@ -571,7 +578,7 @@ impl MapCache {
         self.call = call;
         Array::forget_changed_kept_maps();
         self.read_only.retain(|path, cached| {
-            let keep = cached.used && cached.map.mapped_file_id().is_some_and(|id| FileId::of_path(path) == Some(id));
+            let keep = cached.used && cached.names_its_file(path);
             cached.used = false;
             keep
         });
