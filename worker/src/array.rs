@@ -215,8 +215,44 @@ struct Lent {
     /// any other thread (a task may hand its view to a thread of its own),
     /// the map is simply unmapped.
     lender: std::thread::ThreadId,
-    /// The views already faulted in: byte offset and length.
-    faulted: Vec<(usize, usize)>,
+    /// The views already faulted in.
+    faulted: FaultedViews,
+}
+
+/// The views of one mapping already faulted in (byte offset in the map and
+/// length), so that a view seen before is not walked again. Past
+/// [`FaultedViews::MAX`] views (many small ones, a task per row slice)
+/// they are forgotten rather than grow: at worst they are walked again.
+#[derive(Default)]
+pub(crate) struct FaultedViews(std::collections::HashSet<(usize, usize)>);
+
+impl FaultedViews {
+    /// The most views remembered.
+    const MAX: usize = 4096;
+
+    /// A set holding `view`.
+    pub(crate) fn of(view: (usize, usize)) -> FaultedViews {
+        FaultedViews([view].into_iter().collect())
+    }
+
+    /// Records `view`; true the first time.
+    pub(crate) fn first_time(&mut self, view: (usize, usize)) -> bool {
+        if self.0.len() >= Self::MAX && !self.0.contains(&view) {
+            self.0.clear();
+        }
+        self.0.insert(view)
+    }
+
+    /// Whether `view` was recorded.
+    pub(crate) fn contains(&self, view: &(usize, usize)) -> bool {
+        self.0.contains(view)
+    }
+
+    /// How many views are recorded.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 impl Mapping {
@@ -244,19 +280,16 @@ mod kept_maps {
     use std::cell::RefCell;
     use std::path::{Path, PathBuf};
 
-    use super::FileId;
+    use super::{FaultedViews, FileId};
 
     /// At most this many maps are kept (the oldest goes first).
     const KEEP: usize = 2;
-
-    /// At most this many faulted-in views are remembered per map.
-    pub(super) const MAX_FAULTED: usize = 64;
 
     pub(super) struct Kept {
         pub(super) map: memmap2::MmapRaw,
         pub(super) path: PathBuf,
         pub(super) id: FileId,
-        pub(super) faulted: Vec<(usize, usize)>,
+        pub(super) faulted: FaultedViews,
     }
 
     thread_local! {
@@ -879,13 +912,7 @@ impl Array {
         if let Some(kept) = aligned.then(|| kept_maps::take(path, view)).flatten() {
             if (offset as usize).checked_add(nbytes).is_some_and(|end| end <= kept.map.len()) {
                 let mut faulted = kept.faulted;
-                let fresh = !faulted.contains(&view);
-                if fresh {
-                    if faulted.len() >= kept_maps::MAX_FAULTED {
-                        faulted.clear();
-                    }
-                    faulted.push(view);
-                }
+                let fresh = faulted.first_time(view);
                 let mapping = Mapping {
                     map: Some(kept.map),
                     path: kept.path,
@@ -902,7 +929,7 @@ impl Array {
         }
         let mut array = map_file_ref(path, dtype, shape, offset, Access::ReadWrite)?;
         if let Some(Storage::Mapped(m)) = Arc::get_mut(&mut array.storage) {
-            m.kept = Some(Lent { lender, faulted: vec![view] });
+            m.kept = Some(Lent { lender, faulted: FaultedViews::of(view) });
         }
         Ok((array, true))
     }

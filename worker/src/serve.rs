@@ -517,9 +517,6 @@ fn wait_for_request(
     }
 }
 
-/// How many faulted-in views [`MapCache`] remembers per file.
-const MAX_FAULTED_VIEWS: usize = 4096;
-
 /// Read-only mappings, shared by all tasks so a file is mapped once per
 /// worker, not once per task. Writable mappings are never shared: each task
 /// gets its own, so it may write through it; a read-write one is lent
@@ -547,7 +544,7 @@ struct Cached {
     /// Whether the current call has used it.
     used: bool,
     /// The views of it already faulted in: byte offset and length.
-    faulted: std::collections::HashSet<(usize, usize)>,
+    faulted: array::FaultedViews,
 }
 
 impl Cached {
@@ -576,12 +573,8 @@ impl MapCache {
     /// files are unchanged.
     fn start_call(&mut self, call: u64) {
         self.call = call;
-        Array::forget_changed_kept_maps();
-        self.read_only.retain(|path, cached| {
-            let keep = cached.used && cached.names_its_file(path);
-            cached.used = false;
-            keep
-        });
+        self.forget_changed();
+        self.read_only.retain(|_, cached| std::mem::take(&mut cached.used));
     }
 
     /// Maps what a file reference names, and faults its pages in at once:
@@ -614,17 +607,12 @@ impl MapCache {
         if let Some(cached) = self.read_only.get_mut(path) {
             cached.used = true;
             let view = cached.map.view_of_storage(*dtype, &shape, *offset)?;
-            if cached.faulted.len() >= MAX_FAULTED_VIEWS {
-                // Many small views (a task per row slice): forget them
-                // rather than grow; at worst they are walked again.
-                cached.faulted.clear();
-            }
-            let fresh = cached.faulted.insert(key(&view));
+            let fresh = cached.faulted.first_time(key(&view));
             return Ok((view, fresh));
         }
         let a = array::map_file_ref(path, *dtype, &shape, *offset, Access::ReadOnly)?;
         if a.is_mapped() {
-            let faulted = [key(&a)].into_iter().collect();
+            let faulted = array::FaultedViews::of(key(&a));
             self.read_only.insert(path.clone(), Cached { map: a.clone(), used: true, faulted });
         }
         Ok((a, true))
