@@ -41,7 +41,7 @@ use procjob_worker::registry::entry_offset;
 use procjob_worker::Task;
 
 use crate::error::{Error, TaskId};
-use crate::pool::{PoolConfig, PoolEvent, StartMethod, Traffic, WorkerEvent, WorkerPool, WorkerReport};
+use crate::pool::{PoolConfig, PoolEvent, SendError, StartMethod, Traffic, WorkerEvent, WorkerPool, WorkerReport};
 use crate::scheduler::{Action, BatchSize, Event, PreDispatch, Scheduler};
 use crate::store::RunFolder;
 use crate::trace::{Lane, Trace};
@@ -501,6 +501,14 @@ struct Encoded {
     description: Option<String>,
 }
 
+/// When a batch of `tasks` tasks sent at `sent` is late: `tasks` × `limit`
+/// later, or never when that is past what `Instant` can hold (a limit of
+/// `Duration::MAX` is no limit).
+fn batch_deadline(sent: Instant, limit: Duration, tasks: usize) -> Option<Instant> {
+    let tasks = u32::try_from(tasks.max(1)).unwrap_or(u32::MAX);
+    sent.checked_add(limit.checked_mul(tasks)?)
+}
+
 /// A batch a worker is running, kept until it is answered so it can be
 /// sent again if the worker dies.
 struct InFlight {
@@ -719,7 +727,7 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
             }
         }
         let sent = Instant::now();
-        let deadline = self.parallel.timeout.map(|t| sent + t * ids.len() as u32);
+        let deadline = self.parallel.timeout.and_then(|t| batch_deadline(sent, t, ids.len()));
         self.parallel.last.batches += 1;
         let timestamps = self.parallel.trace.is_some();
         let request = Request::Run(Batch { call: self.call, kind, tasks: requests, timestamps });
@@ -744,17 +752,40 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
         }
     }
 
-    /// A batch could not be written to `worker`. When the worker has closed
-    /// its input — its idle timeout passed just before the batch went out,
-    /// or it died — it is handled as lost (`on_lost`): a worker that
-    /// idled out gets the batch, which it never read, sent again on a fresh
-    /// worker; one that died counts against the retries. Any other write
-    /// error fails the call.
-    fn on_send_failed(&mut self, worker: usize, error: Error) {
-        if self.pool().input_closed(worker) {
-            self.on_lost(worker, None);
-        } else {
-            self.fail(error);
+    /// A batch could not be written to `worker`; whatever happened, it is
+    /// no longer in flight, so the call cannot wait for it.
+    ///
+    /// - The frame could not be made (an input too large for a frame, a
+    ///   message that does not encode): nothing reached the worker, which
+    ///   stays; the call fails naming the batch's first task.
+    /// - The worker has closed its input — its idle timeout passed just
+    ///   before the batch went out, or it died: handled as lost
+    ///   ([`on_lost`](Self::on_lost)), so a worker that idled out gets the
+    ///   batch, which it never read, sent again on a fresh worker, and one
+    ///   that died counts against the retries.
+    /// - Any other write error may have left part of a frame in the pipe:
+    ///   the worker is killed and the call fails.
+    fn on_send_failed(&mut self, worker: usize, error: SendError) {
+        match error {
+            SendError::Unsendable(e) => {
+                let Some(flight) = self.in_flight[worker].take() else { return };
+                let tasks = flight.tasks.len();
+                self.scheduler.handle(Event::BatchDone { worker, tasks, seconds: 0.0 });
+                let task = flight.tasks.into_iter().next().expect("a batch has a task");
+                let hint = if e.kind() == std::io::ErrorKind::InvalidInput {
+                    "; large data travels as procjob::Array, which is memory-mapped above max_nbytes"
+                } else {
+                    ""
+                };
+                self.fail(Error::Codec { task, reason: format!("cannot send it to a worker: {e}{hint}") });
+            }
+            SendError::Broken(_) if self.pool().input_closed(worker) => self.on_lost(worker, None),
+            SendError::Broken(e) => {
+                self.in_flight[worker] = None;
+                self.pool().kill(worker);
+                self.scheduler.handle(Event::WorkerLost { worker });
+                self.fail(e);
+            }
         }
     }
 
@@ -762,7 +793,7 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
     /// thread each. Every one is written even if another fails.
     fn write_together(&mut self, workers: &[usize]) {
         let start = procjob_worker::clock::monotonic_ns();
-        let results: Vec<(usize, Result<u64, Error>)> = {
+        let results: Vec<(usize, Result<u64, SendError>)> = {
             let flights: Vec<(usize, &InFlight)> =
                 workers.iter().filter_map(|&w| self.in_flight[w].as_ref().map(|f| (w, f))).collect();
             let bulks: Vec<Vec<&[u8]>> = flights.iter().map(|(_, f)| f.bulk()).collect();
@@ -827,15 +858,31 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
                 });
             }
         }
+        // Judge the deadlines on what has arrived: answers already read, and
+        // answers waiting in a pipe. When the coordinator itself was not
+        // running (stopped, or starved of CPU), the workers may have
+        // answered long ago.
+        while let Some(event) = self.pool().next_event(Some(Duration::ZERO)) {
+            self.on_event(event);
+        }
+        let now = Instant::now();
         let expired: Vec<usize> = (0..self.in_flight.len())
             .filter(|&w| self.in_flight[w].as_ref().and_then(|f| f.deadline).is_some_and(|d| d <= now))
             .collect();
+        let limit = self.parallel.timeout.unwrap_or_default();
         for w in expired {
+            if self.pool().reply_arriving(w) {
+                // The worker has finished and is answering: give the answer
+                // time to be read, without killing it for our own delay.
+                if let Some(flight) = self.in_flight[w].as_mut() {
+                    flight.deadline = batch_deadline(now, limit, 1);
+                }
+                continue;
+            }
             let flight = self.in_flight[w].take().expect("expired batches are in flight");
             let worker = self.pool().worker_id(w);
             self.pool().kill(w);
             self.scheduler.handle(Event::WorkerLost { worker: w });
-            let limit = self.parallel.timeout.unwrap_or_default();
             let task = flight.tasks.into_iter().next().expect("a batch has a task");
             self.fail(Error::Timeout { task, worker, limit });
         }

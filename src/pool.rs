@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read};
+use std::io::{BufRead, BufReader, BufWriter, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -169,6 +169,11 @@ struct WorkerProcess {
     spawned_ns: u64,
     pid: u32,
     input: Option<BufWriter<File>>,
+    /// A second handle on its output pipe, to see whether a reply is
+    /// waiting there (the reader thread owns the first).
+    output: Option<File>,
+    /// Set by the reader thread while it reads a frame.
+    arriving: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
     ready: bool,
     /// How it ended, once reaped.
@@ -216,18 +221,34 @@ pub struct WorkerReport {
 /// Reader threads take an entry when that task's result arrives.
 pub type Landings = Arc<Mutex<HashMap<u64, Landing>>>;
 
+/// Why a batch could not be sent to a worker.
+#[derive(Debug)]
+pub enum SendError {
+    /// The frame could not be made (its message does not encode, or it is
+    /// over the frame limit): nothing was written, and the worker is as it
+    /// was.
+    Unsendable(std::io::Error),
+    /// Writing failed, possibly part-way through the frame, or the worker
+    /// is not running: its input stream is unusable.
+    Broken(Error),
+}
+
 /// Writes one request frame to a worker's input (`None`: it is not running).
 fn write_batch(
     input: Option<&mut BufWriter<File>>,
     worker: WorkerId,
     request: &Request,
     bulk: &[&[u8]],
-) -> Result<u64, Error> {
+) -> Result<u64, SendError> {
     let Some(input) = input else {
-        return Err(Error::Transport { worker, reason: "the worker is not running".into() });
+        return Err(SendError::Broken(Error::Transport { worker, reason: "the worker is not running".into() }));
     };
-    protocol::send(input, FrameKind::Request, request, bulk)
-        .map_err(|e| Error::Transport { worker, reason: format!("cannot send a batch: {e}") })
+    protocol::send(input, FrameKind::Request, request, bulk).map_err(|e| match e.kind() {
+        // `protocol::send` checks the message before writing a byte: it
+        // fails to encode (InvalidData) or is over the limit (InvalidInput).
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => SendError::Unsendable(e),
+        _ => SendError::Broken(Error::Transport { worker, reason: format!("cannot send a batch: {e}") }),
+    })
 }
 
 /// A batch carrying at least this much bulk is written together with the
@@ -500,9 +521,12 @@ impl WorkerPool {
             StartMethod::Fork { inherit } => inherit.clone(),
             StartMethod::Spawn => Vec::new(),
         };
+        let output = stdout.try_clone().ok();
+        let arriving = Arc::new(AtomicBool::new(false));
+        let reading = Arc::clone(&arriving);
         let reader = std::thread::Builder::new()
             .name(format!("procjob-reader-{index}"))
-            .spawn(move || read_replies(index, generation, stdout, tx, landings, inherited))
+            .spawn(move || read_replies(index, generation, stdout, tx, landings, inherited, reading))
             .map_err(|e| Error::Start { index, reason: format!("cannot start a reader thread: {e}") })?;
         let mut input = BufWriter::with_capacity(1 << 16, stdin);
         let hello = Request::Hello(Hello {
@@ -520,6 +544,8 @@ impl WorkerPool {
             spawned_ns,
             pid,
             input: Some(input),
+            output,
+            arriving,
             reader: Some(reader),
             ready: false,
             exited: None,
@@ -576,7 +602,7 @@ impl WorkerPool {
     }
 
     /// Sends a batch to worker `index`, with the bytes of its inline arrays.
-    pub fn send(&mut self, index: usize, request: &Request, bulk: &[&[u8]]) -> Result<u64, Error> {
+    pub fn send(&mut self, index: usize, request: &Request, bulk: &[&[u8]]) -> Result<u64, SendError> {
         let worker = self.worker_id(index);
         let input = self.slots[index].process.as_mut().and_then(|p| p.input.as_mut());
         let n = write_batch(input, worker, request, bulk)?;
@@ -588,26 +614,40 @@ impl WorkerPool {
     /// Writes several frames, each to a different worker, at once: one
     /// thread each, so no worker waits for another's inputs to be written
     /// (copy mode's A blocks and B). The threads end before this returns.
-    pub fn send_many(&mut self, frames: &[(usize, &Request, &[&[u8]])]) -> Vec<Result<u64, Error>> {
+    pub fn send_many(&mut self, frames: &[(usize, &Request, &[&[u8]])]) -> Vec<Result<u64, SendError>> {
         let ids: Vec<WorkerId> = frames.iter().map(|(index, _, _)| self.worker_id(*index)).collect();
         let mut inputs: Vec<Option<&mut BufWriter<File>>> =
             self.slots.iter_mut().map(|s| s.process.as_mut().and_then(|p| p.input.as_mut())).collect();
-        let results: Vec<Result<u64, Error>> = std::thread::scope(|scope| {
+        let results: Vec<Result<u64, SendError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = frames
                 .iter()
                 .zip(&ids)
                 .map(|((index, request, bulk), &worker)| {
                     let input = inputs.get_mut(*index).and_then(Option::take);
-                    scope.spawn(move || write_batch(input, worker, request, bulk))
+                    // A thread that cannot be started (a process limit)
+                    // has written nothing: the batch is not sent.
+                    std::thread::Builder::new()
+                        .name("procjob-send".into())
+                        .spawn_scoped(scope, move || write_batch(input, worker, request, bulk))
+                        .map_err(|e| {
+                            SendError::Unsendable(std::io::Error::new(
+                                e.kind(),
+                                format!("cannot start a thread to write it: {e}"),
+                            ))
+                        })
                 })
                 .collect();
             handles
                 .into_iter()
                 .zip(&ids)
-                .map(|(h, &worker)| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(Error::Transport { worker, reason: "the thread sending a batch panicked".into() })
-                    })
+                .map(|(h, &worker)| match h {
+                    Ok(h) => h.join().unwrap_or_else(|_| {
+                        Err(SendError::Broken(Error::Transport {
+                            worker,
+                            reason: "the thread sending a batch panicked".into(),
+                        }))
+                    }),
+                    Err(not_started) => Err(not_started),
                 })
                 .collect()
         });
@@ -629,6 +669,31 @@ impl WorkerPool {
         loop {
             match poll(&mut fds, PollTimeout::ZERO) {
                 Ok(_) => return fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLERR)),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Whether worker `index` has begun to answer: its reply is being read,
+    /// or bytes (or the end of its stream) wait in its output pipe. A batch
+    /// whose deadline passed while the coordinator itself was not running
+    /// (stopped by SIGSTOP or Ctrl-Z, or starved) may have its answer here.
+    pub fn reply_arriving(&self, index: usize) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let Some(p) = self.slots[index].process.as_ref() else { return false };
+        if p.arriving.load(Ordering::SeqCst) {
+            return true;
+        }
+        let Some(output) = p.output.as_ref() else { return false };
+        let mut fds = [PollFd::new(output.as_fd(), PollFlags::POLLIN)];
+        loop {
+            match poll(&mut fds, PollTimeout::ZERO) {
+                Ok(_) => {
+                    let ready = PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR;
+                    return fds[0].revents().is_some_and(|r| r.intersects(ready));
+                }
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(_) => return false,
             }
@@ -939,6 +1004,7 @@ fn read_replies(
     tx: Sender<PoolEvent>,
     landings: Landings,
     inherited: Vec<Array>,
+    arriving: Arc<AtomicBool>,
 ) {
     let send = |event| tx.send(PoolEvent { index, generation, event }).is_ok();
     let mut stdout = stdout;
@@ -977,6 +1043,10 @@ fn read_replies(
         }
     }
     loop {
+        // Wait for the first byte of the next frame; from then until its
+        // event is sent, the worker's answer is arriving.
+        let _ = r.fill_buf();
+        arriving.store(true, Ordering::SeqCst);
         let frame = match protocol::recv::<_, Reply>(&mut r, FrameKind::Reply) {
             Ok(f) => f,
             Err(DecodeError::Closed) => {
@@ -1036,7 +1106,9 @@ fn read_replies(
         };
         let bytes = frame.header_bytes + frame.bulk_len;
         let read_ns = procjob_worker::clock::monotonic_ns();
-        if !send(WorkerEvent::Results { results, arrays, bytes, arrived_ns, read_ns }) {
+        let sent = send(WorkerEvent::Results { results, arrays, bytes, arrived_ns, read_ns });
+        arriving.store(false, Ordering::SeqCst);
+        if !sent {
             return;
         }
     }

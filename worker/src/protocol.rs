@@ -189,7 +189,9 @@ pub enum ArrayRef {
         /// Shape (C order).
         shape: Vec<u64>,
         /// Path of the file (absolute and canonical when procjob made the
-        /// reference).
+        /// reference). It travels as the path's bytes, so a path that is not
+        /// UTF-8 works too.
+        #[serde(with = "path_bytes")]
         path: PathBuf,
         /// Byte offset of the first element in the file.
         offset: u64,
@@ -208,6 +210,44 @@ pub enum ArrayRef {
         /// Byte offset of the first element in that array's storage.
         offset: u64,
     },
+}
+
+/// A path on the wire: its bytes (`OsStr` on Unix), so any path the
+/// system accepts travels, UTF-8 or not. For a UTF-8 path the encoding is
+/// the same as serde's default for `PathBuf` (a length and the bytes).
+pub mod path_bytes {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    use std::path::{Path, PathBuf};
+
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    /// Writes the path's bytes.
+    pub fn serialize<S: Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(path.as_os_str().as_bytes())
+    }
+
+    /// Reads a path from its bytes.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        struct PathVisitor;
+        impl Visitor<'_> for PathVisitor {
+            type Value = PathBuf;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("the bytes of a path")
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<PathBuf, E> {
+                Ok(PathBuf::from(OsString::from_vec(v.to_vec())))
+            }
+            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<PathBuf, E> {
+                Ok(PathBuf::from(OsString::from_vec(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PathBuf, E> {
+                Ok(PathBuf::from(v))
+            }
+        }
+        d.deserialize_byte_buf(PathVisitor)
+    }
 }
 
 impl ArrayRef {
@@ -638,6 +678,36 @@ mod tests {
         let frame: Frame<Request> = recv(&mut buf.as_slice(), FrameKind::Request).unwrap();
         assert_eq!(frame.message, hello());
         assert_eq!(frame.bulk_len, 0);
+    }
+
+    #[test]
+    fn paths_travel_as_bytes_utf8_or_not() {
+        use std::os::unix::ffi::OsStringExt;
+        let file = |path: PathBuf| ArrayRef::File {
+            dtype: DType::F64,
+            shape: vec![2, 3],
+            path,
+            offset: 128,
+            access: Access::ReadOnly,
+        };
+        let odd = PathBuf::from(std::ffi::OsString::from_vec(b"/tmp/bad\xffx/A.npy".to_vec()));
+        let bytes = postcard::to_stdvec(&file(odd.clone())).unwrap();
+        assert_eq!(postcard::from_bytes::<ArrayRef>(&bytes).unwrap(), file(odd));
+        // A UTF-8 path is encoded as serde encodes a `PathBuf` (a string).
+        #[derive(Serialize)]
+        enum Plain {
+            _Inline { dtype: DType, shape: Vec<u64> },
+            File { dtype: DType, shape: Vec<u64>, path: PathBuf, offset: u64, access: Access },
+        }
+        let path = PathBuf::from("/dev/shm/procjob-1-x/A.npy");
+        let plain = Plain::File {
+            dtype: DType::F64,
+            shape: vec![2, 3],
+            path: path.clone(),
+            offset: 128,
+            access: Access::ReadOnly,
+        };
+        assert_eq!(postcard::to_stdvec(&file(path)).unwrap(), postcard::to_stdvec(&plain).unwrap());
     }
 
     #[test]
