@@ -25,23 +25,23 @@ fn bench(bencher: Bencher, inputs: Inputs) {
 
 #[divan::bench(args = SIZES, sample_count = 10)]
 fn f64(bencher: Bencher, n: usize) {
-    bench(bencher, Inputs::random(DType::F64, n, n, n, 1));
+    bench(bencher, Inputs::random(DType::F64, n, n, n, 1).expect("inputs fit in memory"));
 }
 
 #[divan::bench(args = SIZES, sample_count = 10)]
 fn f32(bencher: Bencher, n: usize) {
-    bench(bencher, Inputs::random(DType::F32, n, n, n, 1));
+    bench(bencher, Inputs::random(DType::F32, n, n, n, 1).expect("inputs fit in memory"));
 }
 
 #[divan::bench(args = SIZES, sample_count = 10)]
 fn i64_exact(bencher: Bencher, n: usize) {
-    bench(bencher, Inputs::random(DType::I64, n, n, n, 1));
+    bench(bencher, Inputs::random(DType::I64, n, n, n, 1).expect("inputs fit in memory"));
 }
 
 #[divan::bench(args = SIZES, sample_count = 10)]
 fn i64_wrapping(bencher: Bencher, n: usize) {
     // Values near 2^40: products overflow the exact-in-f64 bound (and wrap).
-    let Inputs { a, b } = Inputs::random(DType::I64, n, n, n, 1);
+    let Inputs { a, b } = Inputs::random(DType::I64, n, n, n, 1).expect("inputs fit in memory");
     let big = |x: &Array| {
         let v: Vec<i64> = x.as_slice::<i64>().unwrap().iter().map(|&e| (e + 1) << 40).collect();
         Array::from_vec(x.shape().to_vec(), v)

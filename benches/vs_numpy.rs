@@ -174,7 +174,7 @@ fn main() {
     println!("{:<5} {:>5} {:>13} {:>13} {:>11}", "dtype", "n", "ours GFLOP/s", "numpy GFLOP/s", "ours/numpy");
     for (dtype, name) in [(DType::F64, "float64"), (DType::F32, "float32")] {
         for &n in &sizes {
-            let inputs = Inputs::random(dtype, n, n, n, 1);
+            let inputs = Inputs::random(dtype, n, n, n, 1).expect("inputs fit in memory");
             let mut c = procjob::Array::zeros(dtype, vec![n, n]);
             let mut ours = || {
                 let t = Instant::now();
@@ -231,7 +231,7 @@ fn on_threads(threads: usize, sizes: &[usize], rounds: usize, ask: &mut dyn FnMu
     let ours = [Mode::Threads, Mode::Memmap, Mode::MemmapOut];
     let names = ["numpy", "joblib", "ideal", "memmap", "memmap-out"];
     for &n in sizes {
-        let inputs = Inputs::random(DType::F64, n, n, n, 1);
+        let inputs = Inputs::random(DType::F64, n, n, n, 1).expect("inputs fit in memory");
         let folder = procjob::store::RunFolder::create(None, 3 * (n * n * 8) as u64).expect("a run folder");
         let mut runners: Vec<ModeRunner> =
             ours.iter().map(|&m| ModeRunner::new(m, &inputs, &settings, &folder)).collect();

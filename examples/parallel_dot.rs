@@ -26,7 +26,7 @@ fn main() -> Result<(), procjob::Error> {
     let n: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1000);
     let n_jobs: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(2);
     // Integers in [0, 10) as np.random.randint(0, 10), like the blog post.
-    let Inputs { a, b } = Inputs::random(DType::I64, n, n, n, 0);
+    let Inputs { a, b } = Inputs::random(DType::I64, n, n, n, 0)?;
 
     let t = std::time::Instant::now();
     let c = parallel_dot(&a, &b, n_jobs)?;

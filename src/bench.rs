@@ -143,7 +143,7 @@ impl WorkersMemory {
 pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<CaseReport>, Error> {
     let mut all = Vec::new();
     for &size in &sweep.sizes {
-        let inputs = Inputs::pattern(sweep.dtype, size, size, size);
+        let inputs = Inputs::pattern(sweep.dtype, size, size, size)?;
         let needed = 3 * (size * size * sweep.dtype.size()) as u64 + (1 << 20);
         let folder = RunFolder::create(sweep.temp_folder.as_deref(), needed)?;
         let seq_settings = settings(1, None);
@@ -278,7 +278,7 @@ mod tests {
 
     #[test]
     fn ideal_computes_the_product() {
-        let inputs = Inputs::pattern(DType::I64, 9, 5, 4);
+        let inputs = Inputs::pattern(DType::I64, 9, 5, 4).unwrap();
         let ranges = plan_blocks(9, 3);
         let mut ideal = Ideal::new(&inputs, &ranges);
         ideal.run(2).unwrap();

@@ -188,7 +188,7 @@ impl CliError {
 impl From<Error> for CliError {
     fn from(e: Error) -> CliError {
         let code = match e {
-            Error::Config(_) | Error::Store(_) => exit::USAGE,
+            Error::Config(_) | Error::Store(_) | Error::OutOfMemory { .. } => exit::USAGE,
             Error::Interrupted { signal } => crate::signals::exit_code(signal),
             _ => exit::RUN_FAILED,
         };
@@ -240,9 +240,9 @@ impl Source {
         }
     }
 
-    fn materialize(self) -> Inputs {
+    fn materialize(self) -> Result<Inputs, Error> {
         match self {
-            Source::Files(i) => i,
+            Source::Files(i) => Ok(i),
             Source::Pattern { dtype, m, k, n } => Inputs::pattern(dtype, m, k, n),
             Source::Random { dtype, m, k, n, seed } => Inputs::random(dtype, m, k, n, seed),
         }
@@ -255,7 +255,8 @@ struct Request {
     source: Source,
     settings: RunSettings,
     check: bool,
-    out: Option<PathBuf>,
+    out: Option<OutputTarget>,
+    trace: Option<OutputTarget>,
 }
 
 fn parse_shape(s: &str) -> Result<(usize, usize, usize), CliError> {
@@ -357,20 +358,31 @@ fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
         }
         _ => return Err(CliError::usage("--a and --b go together: give both or neither")),
     };
-    for (flag, path) in [("--out", &args.out), ("--trace", &args.trace)] {
-        let Some(path) = path else { continue };
-        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        if !parent.is_dir() {
+    // Every output is checked before any work starts, so a run is never
+    // lost to an output path that could not have been written.
+    let out = args.out.as_deref().map(|p| check_output("--out", p)).transpose()?;
+    let trace = args.trace.as_deref().map(|p| check_output("--trace", p)).transpose()?;
+    if let (Some(o), Some(t)) = (&out, &trace) {
+        if o.path() == t.path() {
             return Err(CliError::usage(format!(
-                "{flag} {}: the folder {} does not exist",
-                path.display(),
-                parent.display()
+                "--out and --trace both name {}; give each its own file",
+                o.path().display()
             )));
         }
     }
+    let (dtype, m, k, n) = source.dims();
+    for (what, rows, cols) in [("A", m, k), ("B", k, n), ("C", m, n)] {
+        matrix_bytes(what, dtype, rows, cols)?;
+    }
+    // More blocks or workers than A has rows would idle: say what runs.
+    let rows = m.max(1);
+    let blocks = clamp_to_rows("--blocks", args.blocks.is_some(), blocks, rows, "blocks");
+    let processes = clamp_to_rows("--processes", args.processes.is_some(), processes, rows, "worker processes");
     let timeout = match args.timeout {
         None => None,
-        Some(t) if t.is_finite() && t > 0.0 => Some(std::time::Duration::from_secs_f64(t)),
+        Some(t) if t.is_finite() && t > 0.0 => Some(std::time::Duration::try_from_secs_f64(t).map_err(|_| {
+            CliError::usage(format!("--timeout {t}: too large a number of seconds; leave --timeout out for no limit"))
+        })?),
         Some(t) => return Err(CliError::usage(format!("--timeout {t}: a positive number of seconds is needed"))),
     };
     Ok(Request {
@@ -392,24 +404,277 @@ fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
             },
         },
         check: !args.no_check,
-        out: args.out.clone(),
+        out,
+        trace,
     })
+}
+
+/// Bytes of a `rows × cols` matrix of `dtype`; an error naming it when
+/// that is more than one array can hold on this machine.
+fn matrix_bytes(what: &str, dtype: DType, rows: usize, cols: usize) -> Result<u64, CliError> {
+    let bytes = rows as u128 * cols as u128 * dtype.size() as u128;
+    u64::try_from(bytes).ok().filter(|&b| b <= isize::MAX as u64).ok_or_else(|| {
+        CliError::usage(format!(
+            "{what} would be {rows}×{cols} {dtype}, {bytes} bytes: more than one array can hold on this machine"
+        ))
+    })
+}
+
+/// `value` or A's `rows`, whichever is smaller, with a note on stderr when
+/// the user asked for more.
+fn clamp_to_rows(flag: &str, given: bool, value: usize, rows: usize, what: &str) -> usize {
+    if value <= rows {
+        return value;
+    }
+    if given {
+        eprintln!(
+            "procjob: note: {flag} {value} is more than A's {rows} row{}; running {rows} {what}",
+            if rows == 1 { "" } else { "s" }
+        );
+    }
+    rows
+}
+
+/// Where an output file goes, as checked before the run.
+#[derive(Debug)]
+enum OutputTarget {
+    /// A regular file, new or replaced: written beside it under a temporary
+    /// name and renamed over it, so a reader never sees half a file. A
+    /// replaced file keeps its mode (and, where allowed, its owner).
+    File {
+        /// The real path (a symbolic link followed, as `cp` does).
+        path: PathBuf,
+        /// The file replaced, if one was there.
+        replaced: Option<std::fs::Metadata>,
+    },
+    /// A character device or a FIFO (`/dev/null`, a named pipe): written
+    /// through, never replaced.
+    Through {
+        /// The real path.
+        path: PathBuf,
+    },
+}
+
+impl OutputTarget {
+    fn path(&self) -> &Path {
+        match self {
+            OutputTarget::File { path, .. } | OutputTarget::Through { path } => path,
+        }
+    }
+}
+
+/// Checks an output path before the run: what is there, and that it can
+/// be written. A symbolic link is followed (as `cp` does), a dangling one
+/// refused; a regular file must be writable, and its folder too (the new
+/// file is made there and renamed over it); a character device or FIFO is
+/// written through; anything else (a folder, a block device, a socket) is
+/// refused.
+fn check_output(flag: &str, path: &Path) -> Result<OutputTarget, CliError> {
+    use std::os::unix::fs::FileTypeExt;
+    let shown = path.display();
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if path.symlink_metadata().is_ok() {
+                return Err(CliError::usage(format!(
+                    "{flag} {shown} is a symbolic link to a file that does not exist; procjob does not write through it"
+                )));
+            }
+            None
+        }
+        Err(e) => return Err(CliError::usage(format!("{flag} {shown}: {e}"))),
+    };
+    let real = match &meta {
+        Some(_) => std::fs::canonicalize(path).map_err(|e| CliError::usage(format!("{flag} {shown}: {e}")))?,
+        None => path.to_path_buf(),
+    };
+    let writable = |p: &Path| {
+        nix::unistd::access(p, nix::unistd::AccessFlags::W_OK)
+            .map_err(|e| CliError::usage(format!("{flag} {shown}: cannot write it: {}", std::io::Error::from(e))))
+    };
+    let Some(meta) = meta else {
+        check_folder_writable(flag, path)?;
+        return Ok(OutputTarget::File { path: real, replaced: None });
+    };
+    let kind = meta.file_type();
+    if kind.is_file() {
+        writable(&real)?;
+        check_folder_writable(flag, &real)?;
+        Ok(OutputTarget::File { path: real, replaced: Some(meta) })
+    } else if kind.is_char_device() || kind.is_fifo() {
+        writable(&real)?;
+        Ok(OutputTarget::Through { path: real })
+    } else {
+        let what = if kind.is_dir() {
+            "a folder"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        Err(CliError::usage(format!(
+            "{flag} {shown} is {what}; procjob writes a regular file, or through a character device or FIFO"
+        )))
+    }
+}
+
+/// The folder of `path` exists and a file can be made in it.
+fn check_folder_writable(flag: &str, path: &Path) -> Result<(), CliError> {
+    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !folder.is_dir() {
+        return Err(CliError::usage(format!(
+            "{flag} {}: the folder {} does not exist",
+            path.display(),
+            folder.display()
+        )));
+    }
+    tempfile::Builder::new()
+        .prefix(".procjob-probe-")
+        .tempfile_in(folder)
+        .map(drop)
+        .map_err(|e| CliError::usage(format!("{flag} {}: cannot write in {}: {e}", path.display(), folder.display())))
+}
+
+/// Writes `parts` to an output checked by [`check_output`].
+fn write_output(flag: &str, target: &OutputTarget, parts: &[&[u8]]) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let fail = |e: std::io::Error| format!("{flag} {}: {e}", target.path().display());
+    match target {
+        OutputTarget::Through { path } => {
+            let mut f = std::fs::OpenOptions::new().write(true).open(path).map_err(fail)?;
+            parts.iter().try_for_each(|p| f.write_all(p)).and_then(|()| f.flush()).map_err(fail)
+        }
+        OutputTarget::File { path, replaced } => {
+            let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            // A new file gets the usual 0666 less the umask, as numpy's
+            // np.save gives it; a replaced one keeps its own mode.
+            let mut tmp = tempfile::Builder::new()
+                .prefix(&format!(".{name}."))
+                .suffix(".procjob-tmp")
+                .permissions(std::fs::Permissions::from_mode(0o666))
+                .tempfile_in(folder)
+                .map_err(fail)?;
+            parts.iter().try_for_each(|p| tmp.write_all(p)).and_then(|()| tmp.flush()).map_err(fail)?;
+            if let Some(old) = replaced {
+                let file = tmp.as_file();
+                file.set_permissions(std::fs::Permissions::from_mode(old.mode() & 0o7777)).map_err(fail)?;
+                // Only root may give a file away; anyone else already owns it.
+                let _ = std::os::unix::fs::fchown(file, Some(old.uid()), Some(old.gid()));
+            }
+            tmp.persist(path).map(drop).map_err(|e| fail(e.error))
+        }
+    }
+}
+
+/// Standard output that keeps its first write error, so that a report that
+/// could not be written fails the command at its end instead of passing
+/// silently (`> /dev/full`). The run goes on meanwhile: what it computes
+/// for other outputs (`--out`) is not lost.
+struct Checked<W: Write> {
+    inner: W,
+    error: Option<std::io::Error>,
+}
+
+impl<W: Write> Checked<W> {
+    fn new(inner: W) -> Checked<W> {
+        Checked { inner, error: None }
+    }
+
+    /// Flushes, then: nothing went wrong, or the reader went away (a
+    /// closed pipe, `| head -1`: quiet, as a Unix filter is), or an error
+    /// naming what failed.
+    fn finish(mut self) -> Result<(), CliError> {
+        let _ = self.flush();
+        match self.error {
+            None => Ok(()),
+            Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            Some(e) => {
+                Err(CliError { code: exit::RUN_FAILED, message: format!("cannot write to standard output: {e}") })
+            }
+        }
+    }
+
+    fn keep(&mut self, result: std::io::Result<()>) {
+        if let Err(e) = result {
+            self.error.get_or_insert(e);
+        }
+    }
+}
+
+impl<W: Write> Write for Checked<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.error.is_some() {
+            return Ok(buf.len());
+        }
+        match self.inner.write(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Err(e),
+            Err(e) => {
+                self.error = Some(e);
+                Ok(buf.len())
+            }
+            ok => ok,
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.error.is_none() {
+            let result = self.inner.flush();
+            self.keep(result);
+        }
+        Ok(())
+    }
 }
 
 /// Room the run folder needs: the A and B dumps (none for the user's own
 /// files, mapped in place) and a C file, per mode that writes files.
 fn needed_bytes(source: &Source, modes: &[Mode]) -> u64 {
     let (dtype, m, k, n) = source.dims();
-    let size = dtype.size() as u64;
-    let (m, k, n) = (m as u64, k as u64, n as u64);
+    let size = dtype.size() as u128;
+    let (m, k, n) = (m as u128, k as u128, n as u128);
     let file_modes = modes.iter().any(|m| matches!(m, Mode::Memmap | Mode::MemmapOut));
     let inputs = if matches!(source, Source::Files(_)) || !file_modes { 0 } else { (m * k + k * n) * size };
     // Every worker mode stacks C in a file of the run folder.
     let outputs = if modes.iter().any(|m| m.uses_workers()) { m * n * size } else { 0 };
     // Each repetition's dumps are unlinked when it ends, but warm workers
     // keep the previous repetition's maps (and so its pages) until their next
-    // batch: room for two sets of inputs.
-    2 * inputs + outputs + 64 * 1024
+    // batch: room for two sets of inputs. (Each matrix was checked to fit
+    // in an isize, so this sum fits in a u128 and saturates only beyond any
+    // real folder's room.)
+    u64::try_from(2 * inputs + outputs + 64 * 1024).unwrap_or(u64::MAX)
+}
+
+/// A run that failed for want of room in the temp folder's filesystem
+/// (another run or program filled it after the room check): say so, with
+/// the folder, what the run needs and what to do, instead of the worker's
+/// death or the read error it showed up as.
+fn explain_full_folder(e: Error, folder: &RunFolder, needed: u64) -> CliError {
+    let full = match &e {
+        Error::WorkerDied { exit: crate::error::WorkerExit::Signaled { signal }, .. } => {
+            *signal == nix::sys::signal::Signal::SIGBUS
+                && crate::store::free_bytes(folder.path()).is_some_and(|free| free < 1 << 20)
+        }
+        other => {
+            let text = other.to_string();
+            text.contains("No space left on device") || text.contains("os error 28")
+        }
+    };
+    if !full {
+        return e.into();
+    }
+    let parent = folder.path().parent().unwrap_or(folder.path());
+    let free = crate::store::free_bytes(folder.path()).unwrap_or(0);
+    CliError::usage(format!(
+        "the temp folder {} is full ({} free; this run needs {} there): something else filled it while \
+         this run was using it. Free some space, or pick another folder with --temp-folder or {} \
+         (what failed: {e})",
+        parent.display(),
+        crate::store::human_bytes(free),
+        crate::store::human_bytes(needed),
+        crate::store::TEMP_FOLDER_ENV,
+    ))
 }
 
 fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
@@ -417,10 +682,10 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
     let needed = needed_bytes(&req.source, &req.modes);
     let folder =
         RunFolder::create(req.settings.temp_folder.as_deref(), needed).map_err(|e| CliError::usage(e.to_string()))?;
-    let Request { modes, source, settings, check, out: out_path } = req;
-    let inputs = source.materialize();
+    let Request { modes, source, settings, check, out: out_target, trace: trace_target } = req;
+    let inputs = source.materialize()?;
     let (m, k, n) = inputs.dims();
-    let mut out = std::io::stdout().lock();
+    let mut out = Checked::new(std::io::stdout().lock());
     if !args.json {
         let _ = writeln!(
             out,
@@ -447,7 +712,8 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
             return Err(Error::Interrupted { signal }.into());
         }
         drop(last_c.take());
-        let run = matmul::run_mode(mode, &inputs, &settings, &folder)?;
+        let run =
+            matmul::run_mode(mode, &inputs, &settings, &folder).map_err(|e| explain_full_folder(e, &folder, needed))?;
         let matches = if check { Some(reference.as_ref().is_none_or(|s| *s == run.c)) } else { None };
         let seq_wall = reports.iter().find(|r| r.mode == "seq").map(|r| r.wall_s);
         let report = ModeReport::new(&run, &inputs, &settings, seq_wall, matches);
@@ -469,13 +735,24 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
     if !args.json {
         table.footer(&mut out, &reports);
     }
-    if let Some(path) = &args.trace {
-        std::fs::write(path, trace.to_chrome_json())
-            .map_err(|e| CliError::usage(format!("--trace {}: {e}", path.display())))?;
+    // Each output is written even if another fails: one failure never
+    // loses what another output holds.
+    let mut failures = Vec::new();
+    if let Some(target) = &out_target {
+        let c = last_c.as_ref().expect("at least one mode");
+        let written = procjob_worker::npy::try_encode_header(c.dtype(), c.shape())
+            .map_err(|e| format!("--out: {e}"))
+            .and_then(|header| write_output("--out", target, &[&header, c.as_bytes()]));
+        failures.extend(written.err());
     }
-    if let Some(path) = &out_path {
-        save_replacing(last_c.as_ref().expect("at least one mode"), path)?;
+    if let Some(target) = &trace_target {
+        failures.extend(write_output("--trace", target, &[trace.to_chrome_json().as_bytes()]).err());
     }
+    let printed = out.finish();
+    if !failures.is_empty() {
+        return Err(CliError { code: exit::RUN_FAILED, message: failures.join("; ") });
+    }
+    printed?;
     if reports.iter().any(|r| r.matches_seq == Some(false)) {
         return Err(CliError {
             code: exit::RUN_FAILED,
@@ -494,8 +771,9 @@ fn demo_command(args: &DemoArgs) -> Result<(), CliError> {
         dtype,
         temp_folder: args.temp_folder.clone(),
     };
-    crate::demo::run(&options, &mut std::io::stdout().lock())?;
-    Ok(())
+    let mut out = Checked::new(std::io::stdout().lock());
+    crate::demo::run(&options, &mut out)?;
+    out.finish()
 }
 
 fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
@@ -530,7 +808,7 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
         warmup: args.warmup,
         temp_folder: args.temp_folder.clone(),
     };
-    let mut out = std::io::stdout().lock();
+    let mut out = Checked::new(std::io::stdout().lock());
     if !args.json {
         let _ = writeln!(
             out,
@@ -561,16 +839,18 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
             }
         }
     }
-    Ok(())
+    out.finish()
 }
 
-/// `--plot DIR` must name an existing folder we can write into; checked
-/// before the sweep so a long run does not end in an error.
+/// `--plot DIR` must name a folder we can write into, made if it does not
+/// exist; checked before the sweep so a long run does not end in an error.
 fn check_plot_dir(dir: &Path) -> Result<(), CliError> {
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => return Err(CliError::usage(format!("--plot {}: not a directory", dir.display()))),
-        Err(e) => return Err(CliError::usage(format!("--plot {}: {e} (the folder must exist)", dir.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(dir)
+            .map_err(|e| CliError::usage(format!("--plot {}: cannot create the folder: {e}", dir.display())))?,
+        Err(e) => return Err(CliError::usage(format!("--plot {}: {e}", dir.display()))),
     }
     tempfile::Builder::new()
         .prefix(".procjob-plot-probe-")
@@ -608,17 +888,6 @@ fn print_case(out: &mut impl Write, r: &crate::bench::CaseReport) {
         relative,
         r.gflops,
     );
-}
-
-/// Writes C to `path`, replacing an existing file atomically.
-fn save_replacing(c: &Array, path: &Path) -> Result<(), CliError> {
-    let tmp = path.with_extension(format!("npy.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    c.save_npy(&tmp).map_err(|e| CliError::usage(format!("--out: {e}")))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        CliError::usage(format!("--out {}: {e}", path.display()))
-    })
 }
 
 /// One JSON object per mode (../shared/CLI.md).

@@ -88,7 +88,7 @@ pub fn run(opts: &DemoOptions, out: &mut dyn Write) -> Result<(), Error> {
     // (two sets while warm workers keep the previous maps) and a C file.
     let needed = 4 * matrix_bytes + matrix_bytes + 64 * 1024;
     let folder = RunFolder::create(opts.temp_folder.as_deref(), needed)?;
-    let inputs = Inputs::pattern(dtype, n, n, n);
+    let inputs = Inputs::pattern(dtype, n, n, n)?;
     let settings = RunSettings { temp_folder: opts.temp_folder.clone(), trace: true, ..RunSettings::with_processes(p) };
     let mut s = Screen { out, section: 0 };
 
@@ -575,7 +575,7 @@ fn warning_case(
     dtype: DType,
 ) -> Result<(), Error> {
     s.heading("When parallel loses: B with a single column");
-    let inputs = Inputs::pattern(dtype, n, n, 1);
+    let inputs = Inputs::pattern(dtype, n, n, 1)?;
     let (m, k, cols) = inputs.dims();
     let big = work(m, k, m);
     let small = work(m, k, cols);

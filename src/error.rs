@@ -81,7 +81,7 @@ pub enum Error {
         failure: Box<TaskFailure>,
     },
     /// A worker died while running tasks.
-    #[error("{worker} {exit} while running {}{}", list_tasks(.tasks), death_hint(.exit))]
+    #[error("{worker} {exit} while running {}{}", list_tasks(.tasks), death_hint(.exit, .mapped))]
     WorkerDied {
         /// The worker.
         worker: WorkerId,
@@ -89,6 +89,9 @@ pub enum Error {
         exit: WorkerExit,
         /// The tasks it was running.
         tasks: Vec<TaskId>,
+        /// The files those tasks had the worker map (a SIGBUS is a read
+        /// of one of them that failed).
+        mapped: Vec<std::path::PathBuf>,
     },
     /// A task ran past the call's timeout; its worker was killed.
     #[error("{task} on {worker} ran longer than the timeout of {:.3} s; the worker was killed", .limit.as_secs_f64())]
@@ -130,6 +133,27 @@ pub enum Error {
     /// A bad parameter.
     #[error("{0}")]
     Config(String),
+    /// Memory for a large buffer could not be had: the machine's memory,
+    /// or a limit such as `ulimit -v`, is too small for it.
+    #[error(
+        "cannot allocate {} for {what}: out of memory (the machine's memory or a limit such as ulimit -v is too small)",
+        crate::store::human_bytes(*.bytes)
+    )]
+    OutOfMemory {
+        /// What the memory was for.
+        what: String,
+        /// How much was asked for.
+        bytes: u64,
+    },
+    /// The system refused a resource the call needs, such as a thread.
+    #[error("cannot {what}: {source}")]
+    System {
+        /// What could not be done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The process received SIGINT or SIGTERM; the workers were stopped.
     #[error("interrupted by {}", .signal.as_str())]
     Interrupted {
@@ -174,9 +198,21 @@ fn list_tasks(tasks: &[TaskId]) -> String {
     }
 }
 
-fn death_hint(exit: &WorkerExit) -> &'static str {
+fn death_hint(exit: &WorkerExit, mapped: &[std::path::PathBuf]) -> String {
+    use nix::sys::signal::Signal;
     match exit {
-        WorkerExit::Signaled { signal: nix::sys::signal::Signal::SIGKILL } => "; the system may be out of memory",
-        _ => "",
+        WorkerExit::Signaled { signal: Signal::SIGKILL } => "; the system may be out of memory".into(),
+        WorkerExit::Signaled { signal: Signal::SIGBUS } => {
+            let files = match mapped {
+                [] => "a file it had mapped".to_string(),
+                [one] => one.display().to_string(),
+                many => many.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            };
+            format!(
+                "; it was reading {files}: a SIGBUS means a mapped file shrank while it was read, \
+                 or the filesystem holding it is full"
+            )
+        }
+        _ => String::new(),
     }
 }

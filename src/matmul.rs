@@ -119,37 +119,77 @@ impl Inputs {
         self.a.dtype()
     }
 
-    /// The deterministic pattern of CLI.md and ../shared/bench:
+    /// The deterministic pattern of the CLI contract and the numpy bench:
     /// `A[i,j] = (31·i + 17·j) mod 10`, `B[i,j] = (7·i + 13·j) mod 10`.
-    pub fn pattern(dtype: DType, m: usize, k: usize, n: usize) -> Inputs {
-        let a = filled(dtype, m, k, |i, j| ((31 * i as u64 + 17 * j as u64) % 10) as i64);
-        let b = filled(dtype, k, n, |i, j| ((7 * i as u64 + 13 * j as u64) % 10) as i64);
-        Inputs { a, b }
+    /// Fails, without allocating, when A or B is larger than memory allows.
+    pub fn pattern(dtype: DType, m: usize, k: usize, n: usize) -> Result<Inputs, Error> {
+        let a = filled("A", dtype, m, k, |i, j| ((31 * i as u64 + 17 * j as u64) % 10) as i64)?;
+        let b = filled("B", dtype, k, n, |i, j| ((7 * i as u64 + 13 * j as u64) % 10) as i64)?;
+        Ok(Inputs { a, b })
     }
 
     /// Integers uniform in [0, 10), cast to the dtype, from `seed`.
-    pub fn random(dtype: DType, m: usize, k: usize, n: usize, seed: u64) -> Inputs {
+    pub fn random(dtype: DType, m: usize, k: usize, n: usize, seed: u64) -> Result<Inputs, Error> {
         let mut rng = SplitMix64(seed);
-        let a = filled(dtype, m, k, |_, _| (rng.next() % 10) as i64);
-        let b = filled(dtype, k, n, |_, _| (rng.next() % 10) as i64);
-        Inputs { a, b }
+        let a = filled("A", dtype, m, k, |_, _| (rng.next() % 10) as i64)?;
+        let b = filled("B", dtype, k, n, |_, _| (rng.next() % 10) as i64)?;
+        Ok(Inputs { a, b })
     }
 }
 
-fn filled(dtype: DType, rows: usize, cols: usize, mut f: impl FnMut(usize, usize) -> i64) -> Array {
-    fn build<T: Element>(rows: usize, cols: usize, mut f: impl FnMut(usize, usize) -> T) -> Array {
-        let mut v = Vec::with_capacity(rows * cols);
+/// A `rows × cols` vector's worth of room, reserved fallibly: a size that
+/// overflows, or that memory (or `ulimit -v`) cannot hold, is an error
+/// naming `what`, not an abort.
+fn reserve<T>(what: &str, dtype: DType, rows: usize, cols: usize) -> Result<Vec<T>, Error> {
+    let too_big = |bytes: u128| Error::OutOfMemory {
+        what: format!("{what} ({rows}×{cols} {dtype})"),
+        bytes: u64::try_from(bytes).unwrap_or(u64::MAX),
+    };
+    let len = rows.checked_mul(cols).ok_or_else(|| too_big(rows as u128 * cols as u128 * dtype.size() as u128))?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| too_big(len as u128 * dtype.size() as u128))?;
+    Ok(v)
+}
+
+fn filled(
+    what: &str,
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    mut f: impl FnMut(usize, usize) -> i64,
+) -> Result<Array, Error> {
+    fn build<T: Element>(
+        what: &str,
+        rows: usize,
+        cols: usize,
+        mut f: impl FnMut(usize, usize) -> T,
+    ) -> Result<Array, Error> {
+        let mut v = reserve(what, T::DTYPE, rows, cols)?;
         for i in 0..rows {
             for j in 0..cols {
                 v.push(f(i, j));
             }
         }
-        Array::from_vec(vec![rows, cols], v)
+        Ok(Array::from_vec(vec![rows, cols], v))
     }
     match dtype {
-        DType::I64 => build::<i64>(rows, cols, f),
-        DType::F64 => build::<f64>(rows, cols, |i, j| f(i, j) as f64),
-        DType::F32 => build::<f32>(rows, cols, |i, j| f(i, j) as f32),
+        DType::I64 => build::<i64>(what, rows, cols, f),
+        DType::F64 => build::<f64>(what, rows, cols, |i, j| f(i, j) as f64),
+        DType::F32 => build::<f32>(what, rows, cols, |i, j| f(i, j) as f32),
+    }
+}
+
+/// An `m × n` C of zeros, allocated fallibly (see [`reserve`]).
+fn zeros_c(dtype: DType, m: usize, n: usize) -> Result<Array, Error> {
+    fn typed<T: Element + Default + Clone>(m: usize, n: usize) -> Result<Array, Error> {
+        let mut v = reserve::<T>("C", T::DTYPE, m, n)?;
+        v.resize(m * n, T::default());
+        Ok(Array::from_vec(vec![m, n], v))
+    }
+    match dtype {
+        DType::I64 => typed::<i64>(m, n),
+        DType::F64 => typed::<f64>(m, n),
+        DType::F32 => typed::<f32>(m, n),
     }
 }
 
@@ -514,14 +554,21 @@ pub fn multiply_threads_into(
         if threads <= 1 {
             // One thread: this one (seq runs here).
             work();
-        } else {
-            std::thread::scope(|scope| {
-                for _ in 0..threads {
-                    scope.spawn(work);
-                }
-            });
+            return Ok(());
         }
-        Ok(())
+        // A thread the system refuses (a process limit such as ulimit -u)
+        // fails the run once the threads already started have finished.
+        std::thread::scope(|scope| {
+            for started in 0..threads {
+                if let Err(source) = std::thread::Builder::new().spawn_scoped(scope, work) {
+                    return Err(Error::System {
+                        what: format!("start thread {} of {threads} (a process limit such as ulimit -u?)", started + 1),
+                        source,
+                    });
+                }
+            }
+            Ok(())
+        })
     }
     match inputs.dtype() {
         DType::I64 => typed::<i64>(inputs, ranges, threads, c),
@@ -539,10 +586,13 @@ fn run_threads(
     spare: Option<Array>,
 ) -> Result<(Repetition, Array, Option<TempFiles>), Error> {
     let t = Instant::now();
-    let mut c = spare.unwrap_or_else(|| {
-        let (m, _, n) = inputs.dims();
-        Array::zeros(inputs.dtype(), vec![m, n])
-    });
+    let mut c = match spare {
+        Some(c) => c,
+        None => {
+            let (m, _, n) = inputs.dims();
+            zeros_c(inputs.dtype(), m, n)?
+        }
+    };
     multiply_threads_into(inputs, ranges, threads, &mut c)?;
     let wall = t.elapsed();
     let phases = Phases { compute_s: wall.as_secs_f64(), ..Phases::default() };
@@ -591,7 +641,7 @@ fn run_parallel(
     // file.
     let (c, c_file) = match spare {
         Some(spare) => spare,
-        None if mode == Mode::Fork => (Array::zeros(dtype, vec![m, n]), None),
+        None if mode == Mode::Fork => (zeros_c(dtype, m, n)?, None),
         None => {
             let path = folder.file(&format!("{name}-C-{rep}.npy"));
             let c = Array::create_npy(&path, dtype, vec![m, n]).map_err(|e| Error::Config(e.to_string()))?;
@@ -731,9 +781,13 @@ impl DumpedInputs {
     fn write(inputs: &Inputs, folder: &RunFolder, name: &str) -> Result<DumpedInputs, Error> {
         let files = TempFiles(vec![folder.file(&format!("{name}-A.npy")), folder.file(&format!("{name}-B.npy"))]);
         let (a, b) = std::thread::scope(|scope| {
-            let b = scope.spawn(|| mapped(&inputs.b, &files.0[1]));
+            // Without a second thread (a process limit), one after the other.
+            let b = std::thread::Builder::new().spawn_scoped(scope, || mapped(&inputs.b, &files.0[1]));
             let a = mapped(&inputs.a, &files.0[0]);
-            let b = b.join().unwrap_or_else(|_| Err(Error::Config("the thread writing B panicked".into())));
+            let b = match b {
+                Ok(b) => b.join().unwrap_or_else(|_| Err(Error::Config("the thread writing B panicked".into()))),
+                Err(_) => mapped(&inputs.b, &files.0[1]),
+            };
             Ok::<_, Error>((a?, b?))
         })?;
         Ok(DumpedInputs { a, b, _files: files })
@@ -821,7 +875,7 @@ mod tests {
 
     #[test]
     fn pattern_matches_the_shared_bench_definition() {
-        let inputs = Inputs::pattern(DType::I64, 3, 4, 2);
+        let inputs = Inputs::pattern(DType::I64, 3, 4, 2).unwrap();
         let a = inputs.a.as_slice::<i64>().unwrap();
         assert_eq!(a[4 + 1], (31 + 17) % 10);
         let b = inputs.b.as_slice::<i64>().unwrap();
@@ -829,10 +883,22 @@ mod tests {
     }
 
     #[test]
+    fn inputs_too_large_for_memory_are_an_error_not_an_abort() {
+        // 2^31 × 2^31 f64 overflows nothing in usize but no machine holds it.
+        let err = Inputs::pattern(DType::F64, 1 << 31, 1 << 31, 1).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::OutOfMemory { .. }), "{msg}");
+        assert!(msg.contains("A (2147483648×2147483648 f64)") && msg.contains("PiB"), "{msg}");
+        // A product that overflows usize.
+        let err = Inputs::random(DType::I64, usize::MAX, 2, 1, 0).unwrap_err();
+        assert!(matches!(err, Error::OutOfMemory { .. }), "{err}");
+    }
+
+    #[test]
     fn random_inputs_are_seeded_digits() {
-        let x = Inputs::random(DType::I64, 20, 20, 20, 7);
-        let y = Inputs::random(DType::I64, 20, 20, 20, 7);
-        let z = Inputs::random(DType::I64, 20, 20, 20, 8);
+        let x = Inputs::random(DType::I64, 20, 20, 20, 7).unwrap();
+        let y = Inputs::random(DType::I64, 20, 20, 20, 7).unwrap();
+        let z = Inputs::random(DType::I64, 20, 20, 20, 8).unwrap();
         assert_eq!(x.a, y.a);
         assert_ne!(x.a, z.a);
         assert!(x.a.as_slice::<i64>().unwrap().iter().all(|v| (0..10).contains(v)));

@@ -522,6 +522,20 @@ struct InFlight {
 }
 
 impl InFlight {
+    /// The files the batch has its worker map, each once.
+    fn mapped_files(&self) -> Vec<PathBuf> {
+        let Request::Run(batch) = &self.request else { return Vec::new() };
+        let mut files: Vec<PathBuf> = Vec::new();
+        for r in batch.tasks.iter().flat_map(|t| &t.arrays) {
+            if let ArrayRef::File { path, .. } = r {
+                if !files.contains(path) {
+                    files.push(path.clone());
+                }
+            }
+        }
+        files
+    }
+
     /// The bytes of the batch's inline arrays, in order: the frame's bulk.
     fn bulk(&self) -> Vec<&[u8]> {
         self.inline.iter().flatten().map(Array::as_bytes).collect()
@@ -1014,7 +1028,10 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
                 // usually says why on stderr and exits with a code.
                 self.fail(Error::Transport { worker, reason: format!("{reason} (the worker then {exit})") })
             }
-            _ => self.fail(Error::WorkerDied { worker, exit, tasks: flight.tasks }),
+            _ => {
+                let mapped = flight.mapped_files();
+                self.fail(Error::WorkerDied { worker, exit, tasks: flight.tasks, mapped })
+            }
         }
     }
 

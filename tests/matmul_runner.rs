@@ -31,7 +31,7 @@ fn left_in(folder: &RunFolder) -> Vec<String> {
 fn a_handed_back_c_is_written_over_in_every_mode() {
     // Shapes: ordinary, k = 0 (C is all zeros), no rows at all.
     for (m, k, n) in [(37, 23, 29), (5, 0, 4), (0, 6, 3)] {
-        let inputs = Inputs::pattern(DType::I64, m, k, n);
+        let inputs = Inputs::pattern(DType::I64, m, k, n).unwrap();
         let reference = multiply_seq(&inputs).unwrap();
         let folder = RunFolder::create(None, 0).unwrap();
         for mode in Mode::ALL {
@@ -54,7 +54,7 @@ fn a_handed_back_c_is_written_over_in_every_mode() {
 }
 
 fn a_c_still_shared_or_of_another_runner_is_not_taken() {
-    let inputs = Inputs::pattern(DType::F64, 20, 10, 8);
+    let inputs = Inputs::pattern(DType::F64, 20, 10, 8).unwrap();
     let folder = RunFolder::create(None, 0).unwrap();
     for mode in [Mode::Threads, Mode::Memmap, Mode::MemmapOut] {
         let mut runner = ModeRunner::new(mode, &inputs, &settings(), &folder);
@@ -78,7 +78,7 @@ fn a_c_still_shared_or_of_another_runner_is_not_taken() {
 }
 
 fn repeated_runs_leave_the_run_folder_empty() {
-    let inputs = Inputs::pattern(DType::I64, 30, 12, 17);
+    let inputs = Inputs::pattern(DType::I64, 30, 12, 17).unwrap();
     let reference = multiply_seq(&inputs).unwrap();
     let folder = RunFolder::create(None, 0).unwrap();
     for mode in Mode::ALL {
