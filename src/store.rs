@@ -132,18 +132,18 @@ fn choose_parent_with(
     needed: u64,
     free: &dyn Fn(&Path) -> Option<u64>,
 ) -> Result<PathBuf, StoreError> {
-    let chosen = match (explicit, from_env) {
-        (Some(p), _) => p.to_path_buf(),
-        (None, Some(p)) => p,
+    let (chosen, named_by) = match (explicit, from_env) {
+        (Some(p), _) => (p.to_path_buf(), ""),
+        (None, Some(p)) => (p, " (named by PROCJOB_TEMP_FOLDER)"),
         (None, None) => match free(Path::new(SHM)) {
-            Some(room) if room > SHM_MIN_FREE && room >= needed => PathBuf::from(SHM),
-            _ => std::env::temp_dir(),
+            Some(room) if room > SHM_MIN_FREE && room >= needed => (PathBuf::from(SHM), ""),
+            _ => (std::env::temp_dir(), ""),
         },
     };
     let meta = std::fs::metadata(&chosen)
-        .map_err(|e| StoreError::Parent { path: chosen.clone(), reason: format!("cannot use it: {e}") })?;
+        .map_err(|e| StoreError::Parent { path: chosen.clone(), reason: format!("cannot use it{named_by}: {e}") })?;
     if !meta.is_dir() {
-        return Err(StoreError::Parent { path: chosen, reason: "is not a directory".into() });
+        return Err(StoreError::Parent { path: chosen, reason: format!("is not a directory{named_by}") });
     }
     if let Some(room) = free(&chosen) {
         if room < needed {
@@ -261,6 +261,8 @@ mod tests {
         std::fs::write(&file, b"").unwrap();
         let err = choose_parent(Some(&file), 0).unwrap_err();
         assert!(err.to_string().contains("is not a directory"), "{err}");
+        let err = choose_parent_with(None, Some(file.clone()), 0, &|_: &Path| None).unwrap_err();
+        assert!(err.to_string().contains("is not a directory (named by PROCJOB_TEMP_FOLDER)"), "{err}");
         let err = choose_parent(Some(&parent.path().join("missing")), 0).unwrap_err();
         assert!(err.to_string().contains("cannot use it"), "{err}");
         let err = choose_parent(Some(parent.path()), u64::MAX).unwrap_err();
