@@ -1,0 +1,34 @@
+//! The `Parallel` API at its limits: an input too large for a frame fails
+//! the call at once, naming the task and the limit, and the pool serves the
+//! next call.
+
+use procjob::{Error, Parallel, Task};
+
+procjob::test_support!();
+
+/// Sums a vector that travels inside the frame (serde, not an `Array`).
+struct SumVec;
+
+impl Task for SumVec {
+    type Input = Vec<f64>;
+    type Output = f64;
+    type Error = String;
+    fn run(v: Vec<f64>) -> Result<f64, String> {
+        Ok(v.iter().sum())
+    }
+}
+
+#[test]
+fn an_input_over_the_frame_limit_fails_at_once_and_the_pool_goes_on() {
+    let mut p = Parallel::new().n_jobs(2);
+    // 8.4 million f64 is 67.2 MB of payload: over the 64 MiB frame limit.
+    let err = p.run::<SumVec, _>(vec![vec![1.0f64; 10], vec![1.0f64; 8_400_000]]).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Codec { .. }), "{msg}");
+    assert_eq!(err.task_index(), Some(1), "{msg}");
+    assert!(msg.contains("frame payload limit") && msg.contains("procjob::Array"), "{msg}");
+    // Nothing reached a worker: the same workers serve the next call.
+    let pids = p.worker_pids();
+    assert_eq!(p.run::<SumVec, _>(vec![vec![1.0f64; 10]; 3]).unwrap(), vec![10.0; 3]);
+    assert_eq!(p.worker_pids(), pids);
+}
