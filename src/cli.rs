@@ -374,10 +374,19 @@ fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
     for (what, rows, cols) in [("A", m, k), ("B", k, n), ("C", m, n)] {
         matrix_bytes(what, dtype, rows, cols)?;
     }
-    // More blocks or workers than A has rows would idle: say what runs.
+    // A block has at least one row: more blocks than rows are clamped, and
+    // said. More workers than rows are started as asked (the CLI contract:
+    // the extra ones idle), and said too.
     let rows = m.max(1);
     let blocks = clamp_to_rows("--blocks", args.blocks.is_some(), blocks, rows, "blocks");
-    let processes = clamp_to_rows("--processes", args.processes.is_some(), processes, rows, "worker processes");
+    if args.processes.is_some() && processes > rows {
+        eprintln!(
+            "procjob: note: --processes {processes} is more than A's {rows} row{}; {} worker{} will idle",
+            if rows == 1 { "" } else { "s" },
+            processes - rows,
+            if processes - rows == 1 { "" } else { "s" }
+        );
+    }
     let timeout = match args.timeout {
         None => None,
         Some(t) if t.is_finite() && t > 0.0 => Some(std::time::Duration::try_from_secs_f64(t).map_err(|_| {

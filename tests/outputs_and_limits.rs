@@ -113,8 +113,9 @@ fn blocks_and_processes_above_the_rows_are_clamped_with_a_note() {
     let mut cmd = dir.matmul();
     cmd.args(["--size", "10", "--blocks", "100000", "--processes", "50", "--mode", "memmap"]);
     let run = run_checked(&cmd).assert_ok();
-    assert_mentions(&run, &["--blocks 100000 is more than A's 10 rows", "--processes 50 is more than A's 10 rows"]);
-    assert!(run.stdout.contains("10 processes, 10 blocks"), "{}: header:\n{}", run.command, run.stdout);
+    assert_mentions(&run, &["--blocks 100000 is more than A's 10 rows; running 10 blocks"]);
+    assert_mentions(&run, &["--processes 50 is more than A's 10 rows; 40 workers will idle"]);
+    assert!(run.stdout.contains("50 processes, 10 blocks"), "{}: header:\n{}", run.command, run.stdout);
     let mut cmd = dir.matmul();
     cmd.args(["--size", "10", "--blocks", "100000", "--mode", "memmap"]);
     let reports = cmd.run_json();
