@@ -22,8 +22,9 @@ use procjob_worker::npy;
 use procjob_worker::testkinds::FAULT_ENV;
 use procjob_worker::DType;
 use util::{
-    assert_bits_eq, assert_no_workers_left, live_workers_of, matmul_ref, pattern_a, pattern_b, pids_named,
-    read_npy_i64, run_folders_in, wait_process_gone, write_npy, Background, Matrix, Procjob, Run, Stream, TestDir,
+    assert_bits_eq, assert_mentions, assert_no_workers_left, live_workers_of, matmul_ref, pattern_a, pattern_b,
+    pids_named, read_npy_i64, run_checked, run_folders_in, wait_process_gone, write_npy, Background, Matrix, Procjob,
+    Run, Stream, TestDir,
 };
 
 /// Longest a run may take before the test fails.
@@ -42,26 +43,6 @@ fn faulty(dir: &TestDir, fault: &str) -> Procjob {
     let mut cmd = dir.matmul();
     cmd.args(["--size", "100", "--blocks", "4", "--processes", "2", "--mode", "memmap"]).env(FAULT_ENV, fault);
     cmd
-}
-
-/// Runs `cmd` to its end and checks that no worker is left (the temp
-/// parent is checked by the run itself).
-fn run_checked(cmd: &Procjob) -> Run {
-    let run = cmd.spawn().finish(RUN);
-    assert_no_workers_left(run.pid, &pids_named(&run.stderr), &run.command);
-    run
-}
-
-#[track_caller]
-fn assert_mentions(run: &Run, needles: &[&str]) {
-    for needle in needles {
-        assert!(
-            run.stderr.contains(needle),
-            "{}: stderr does not mention {needle:?}\n--- stderr\n{}",
-            run.command,
-            run.stderr
-        );
-    }
 }
 
 /// The pid in "worker K (pid N)" of the error message; asserts there is one

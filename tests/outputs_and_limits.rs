@@ -18,26 +18,6 @@ use util::*;
 
 const RUN: Duration = Duration::from_secs(60);
 
-#[track_caller]
-fn assert_mentions(run: &Run, needles: &[&str]) {
-    for needle in needles {
-        assert!(
-            run.stderr.contains(needle),
-            "{}: stderr does not mention {needle:?}\n--- stderr\n{}",
-            run.command,
-            run.stderr
-        );
-    }
-}
-
-/// Runs `cmd` to its end; checks that no worker is left (the temp parent is
-/// checked by the run itself).
-fn run_checked(cmd: &Procjob) -> Run {
-    let run = cmd.spawn().finish(RUN);
-    assert_no_workers_left(run.pid, &pids_named(&run.stderr), &run.command);
-    run
-}
-
 #[test]
 fn sizes_that_overflow_are_refused_at_once_naming_them() {
     let dir = TestDir::new("limits-overflow");

@@ -78,6 +78,27 @@ impl TestDir {
     }
 }
 
+/// Asserts that the run's stderr mentions every one of `needles`.
+#[track_caller]
+pub fn assert_mentions(run: &Run, needles: &[&str]) {
+    for needle in needles {
+        assert!(
+            run.stderr.contains(needle),
+            "{}: stderr does not mention {needle:?}\n--- stderr\n{}",
+            run.command,
+            run.stderr
+        );
+    }
+}
+
+/// Runs `cmd` to its end (up to a minute) and checks that no worker is
+/// left (the temp parent is checked by the run itself).
+pub fn run_checked(cmd: &Procjob) -> Run {
+    let run = cmd.spawn().finish(RUN_TIMEOUT);
+    assert_no_workers_left(run.pid, &pids_named(&run.stderr), &run.command);
+    run
+}
+
 /// Asserts that `parent` is still a directory and is empty: a run removes
 /// its own `procjob-<pid>-<random>` folder and nothing else.
 pub fn assert_clean_parent(parent: &Path, context: &str) {
