@@ -696,7 +696,7 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
     /// landings cannot be placed fails the call but is still sent, so the
     /// scheduler's count of what is in flight stays true and the call ends.
     fn stage(&mut self, worker: usize, n: usize) {
-        let kind = TaskKind { name: T::name().to_string(), entry: Some(entry_offset::<T>()) };
+        let kind = TaskKind { name: T::name().to_string(), entry: entry_offset::<T>() };
         // The encoded inputs move into the request and stay in flight with
         // it: a batch lost to a dead worker may be sent again.
         let (mut ids, mut requests, mut inline) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));

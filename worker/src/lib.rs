@@ -14,6 +14,8 @@ pub mod npy;
 pub use dtype::{DType, Element};
 pub mod array;
 pub mod clock;
+pub mod entry;
+pub mod image;
 pub mod matmul;
 pub mod memory;
 pub mod payload;

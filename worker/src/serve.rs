@@ -19,7 +19,7 @@ use crate::protocol::{
     self, Access, ArrayRef, DecodeError, FailureCause, FrameKind, Outcome, Ready, Reply, Request, Results, TaskReply,
     PROTOCOL_VERSION,
 };
-use crate::registry::{self, Registry};
+use crate::registry::Registry;
 use crate::task::{ErasedEntry, ErasedOutcome};
 
 /// The environment variable that marks a process as a procjob worker; its
@@ -424,15 +424,15 @@ fn splice_into_pipe(fd: &impl AsFd, mut bytes: &[u8]) -> std::io::Result<bool> {
     Ok(true)
 }
 
-/// Finds the code a task kind names: by code offset when this worker is
-/// the coordinator's own executable (exact: a name could be shadowed by a
-/// user task called "matmul"), else by name in the registry.
+/// Finds the code a task kind names: by entry descriptor when this worker
+/// is the coordinator's own executable (exact: a name could be shadowed by
+/// a user task called "matmul"), else by name in the registry. An offset
+/// that does not name a descriptor of that kind is refused, never called
+/// ([`crate::entry::resolve`]).
 fn resolve(registry: &Registry, same_binary: bool, kind: &protocol::TaskKind) -> Result<ErasedEntry, String> {
     match (same_binary, kind.entry, registry.get(&kind.name)) {
-        // SAFETY: the handshake checked that this worker runs the
-        // coordinator's own executable (`same_binary`), where the offset was
-        // made by `entry_offset`.
-        (true, Some(offset), _) => Ok(unsafe { registry::entry_at(offset) }),
+        (true, Some(offset), _) => crate::entry::resolve(offset, &kind.name)
+            .map_err(|e| format!("task kind '{}' was refused: not a task entry of this executable ({e})", kind.name)),
         (_, _, Some(entry)) => Ok(entry),
         (_, _, None) => Err(format!(
             "task kind '{}' is not known to this worker (it is not the coordinator's executable, and knows only: {})",
