@@ -32,6 +32,7 @@ use procjob_worker::protocol::{
     PROTOCOL_VERSION,
 };
 use procjob_worker::registry::BinaryId;
+use procjob_worker::secret::{PoolSecret, SECRET_FD_ENV};
 use procjob_worker::serve::WORKER_ENV;
 
 use crate::error::{Error, WorkerExit, WorkerId};
@@ -245,6 +246,9 @@ pub struct WorkerPool {
     traffic: Traffic,
     landings: Landings,
     starts: Vec<StartRecord>,
+    /// What every worker's handshake proves: drawn when the first worker
+    /// starts, handed to each out of band (see [`procjob_worker::secret`]).
+    secret: Option<PoolSecret>,
     _interrupts: crate::signals::Listener,
 }
 
@@ -265,7 +269,18 @@ impl WorkerPool {
             traffic: Traffic::default(),
             landings: Landings::default(),
             starts: Vec::new(),
+            secret: None,
         }
+    }
+
+    /// The pool's secret, drawn the first time a worker starts.
+    fn secret(&mut self, index: usize) -> Result<PoolSecret, Error> {
+        if self.secret.is_none() {
+            let secret = PoolSecret::generate()
+                .map_err(|e| Error::Start { index, reason: format!("cannot draw the pool's secret: {e}") })?;
+            self.secret = Some(secret);
+        }
+        Ok(self.secret.clone().expect("just drawn"))
     }
 
     /// Number of worker slots.
@@ -431,8 +446,16 @@ impl WorkerPool {
             None => std::env::current_exe()
                 .map_err(|e| Error::Start { index, reason: format!("cannot find the running executable: {e}") })?,
         };
+        // The secret goes through a pipe only this child inherits, never the
+        // command line or the environment (see procjob_worker::secret).
+        let secret = self
+            .secret(index)?
+            .pipe_for_child()
+            .map_err(|e| Error::Start { index, reason: format!("cannot make the secret's pipe: {e}") })?;
+        let secret_fd = secret.as_raw_fd();
         let mut cmd = Command::new(&program);
         cmd.env(WORKER_ENV, std::process::id().to_string())
+            .env(SECRET_FD_ENV, secret_fd.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -447,10 +470,15 @@ impl WorkerPool {
                 cmd.env(var, &threads);
             }
         }
-        // SAFETY: setpgid and sigprocmask are async-signal-safe; nothing
-        // else runs between fork and exec.
+        // SAFETY: fcntl, setpgid and sigprocmask are async-signal-safe;
+        // nothing else runs between fork and exec.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
+                // The secret's pipe is close-on-exec in the coordinator, so
+                // no other child inherits it; this child keeps it.
+                if libc::fcntl(secret_fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 // Own process group: a terminal's Ctrl-C reaches the
                 // coordinator, which decides how workers stop.
                 nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))
@@ -468,6 +496,7 @@ impl WorkerPool {
         let requested_ns = procjob_worker::clock::monotonic_ns();
         let mut child = spawn_from_long_lived_thread(cmd)
             .map_err(|e| Error::Start { index, reason: format!("cannot run {}: {e}", program.display()) })?;
+        drop(secret);
         let pid = child.id();
         let spawned_ns = procjob_worker::clock::monotonic_ns();
         crate::signals::worker_started(pid);
@@ -491,6 +520,7 @@ impl WorkerPool {
     ) -> Result<(), Error> {
         enlarge_pipe(stdin.as_raw_fd());
         enlarge_pipe(stdout.as_raw_fd());
+        let secret = self.secret(index)?;
         let slot = &mut self.slots[index];
         slot.generation += 1;
         let generation = slot.generation;
@@ -513,6 +543,7 @@ impl WorkerPool {
             // Its stdout is this pipe, read by `read_replies`, which copies
             // (into its buffer, or spliced into C's file).
             reuse_lent_pages: self.config.program.is_none() || matches!(self.config.start, StartMethod::Fork { .. }),
+            secret,
         });
         let sent = protocol::send(&mut input, FrameKind::Request, &hello, &[]);
         slot.process = Some(WorkerProcess {
@@ -545,6 +576,7 @@ impl WorkerPool {
         let StartMethod::Fork { inherit } = &self.config.start else { unreachable!("called for fork only") };
         let inherit = inherit.clone();
         let parent = std::process::id() as i32;
+        let secret = self.secret(indices.first().copied().unwrap_or(0))?;
         let mut forked = Vec::with_capacity(indices.len());
         let result = crate::signals::single_threaded(|| {
             stop_spawner_if_idle();
@@ -559,7 +591,7 @@ impl WorkerPool {
             }
             for &index in indices {
                 let requested_ns = procjob_worker::clock::monotonic_ns();
-                let (to_child, from_child) = fork_one(&inherit, parent)
+                let (to_child, from_child) = fork_one(&inherit, parent, &secret)
                     .map_err(|e| Error::Start { index, reason: format!("cannot fork: {e}") })?;
                 let (pid, stdin, stdout) = (to_child.0, to_child.1, from_child);
                 crate::signals::worker_started(pid);
@@ -859,9 +891,10 @@ pub fn thread_count() -> Option<usize> {
     status.lines().find_map(|l| l.strip_prefix("Threads:"))?.trim().parse().ok()
 }
 
-/// Forks one worker that serves on new pipes and reads `inherit` in
-/// place. Returns (pid, its input) and its output.
-fn fork_one(inherit: &[Array], parent: i32) -> std::io::Result<((u32, File), File)> {
+/// Forks one worker that serves on new pipes, reads `inherit` in place and
+/// accepts the handshake that carries `secret`. Returns (pid, its input)
+/// and its output.
+fn fork_one(inherit: &[Array], parent: i32, secret: &PoolSecret) -> std::io::Result<((u32, File), File)> {
     use nix::unistd::{fork, pipe2, ForkResult};
     let (req_read, req_write) = pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (rep_read, rep_write) = pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -879,6 +912,7 @@ fn fork_one(inherit: &[Array], parent: i32) -> std::io::Result<((u32, File), Fil
                 &procjob_worker::Registry::builtin(),
                 inherit,
                 parent,
+                secret.clone(),
             )
         }
         ForkResult::Parent { child } => Ok(((child.as_raw() as u32, File::from(req_write)), File::from(rep_read))),

@@ -21,6 +21,7 @@ pub mod memory;
 pub mod payload;
 pub mod protocol;
 pub mod registry;
+pub mod secret;
 pub mod serve;
 pub mod task;
 #[cfg(feature = "test-tasks")]

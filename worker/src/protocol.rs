@@ -60,7 +60,7 @@ pub use crate::payload::Payload;
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"PJOB";
 /// The protocol version; bumped on any incompatible change of frames or messages.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Length of the fixed frame prelude.
 pub const PRELUDE_LEN: usize = 20;
 /// Largest payload (the postcard part) a reader accepts: 64 MiB.
@@ -118,6 +118,9 @@ pub struct Hello {
     /// program, or forking); not for a configured worker program, which
     /// could relay the pipe (`pv` splices pipe to pipe).
     pub reuse_lent_pages: bool,
+    /// The secret of the pool that started the worker, handed to it out of
+    /// band ([`crate::secret`]); a worker refuses a handshake without it.
+    pub secret: crate::secret::PoolSecret,
 }
 
 /// A batch of tasks for one worker.
@@ -627,6 +630,7 @@ mod tests {
             binary: crate::registry::BinaryId::default(),
             idle_timeout_ms: 0,
             reuse_lent_pages: true,
+            secret: crate::secret::PoolSecret::from_bytes([7; 32]),
         })
     }
 

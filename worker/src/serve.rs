@@ -1,9 +1,10 @@
 //! The serve loop: what a worker process does from start to exit.
 //!
-//! [`run_worker`] prepares the process (moves the protocol off fds 0 and 1,
-//! asks for a signal when the parent dies, captures panics) and then
-//! [`serve`]s: read a request, run its tasks under panic capture, answer,
-//! until the input closes.
+//! [`run_worker`] prepares the process (reads its pool secret, moves the
+//! protocol off fds 0 and 1, asks for a signal when the parent dies,
+//! captures panics) and then [`serve`]s: check the handshake, then read a
+//! request, run its tasks under panic capture, answer, until the input
+//! closes.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -20,6 +21,7 @@ use crate::protocol::{
     PROTOCOL_VERSION,
 };
 use crate::registry::Registry;
+use crate::secret::{PoolSecret, SecretError};
 use crate::task::{ErasedEntry, ErasedOutcome};
 
 /// The environment variable that marks a process as a procjob worker; its
@@ -67,22 +69,33 @@ pub fn run_worker(registry: &Registry) -> ! {
 }
 
 fn prepare_and_serve(registry: &Registry) -> Result<(), ServeError> {
+    // First, before anything opens a descriptor of its own.
+    let secret = PoolSecret::take_inherited();
     let (input, output) = take_protocol_fds()?;
     die_with_parent(std::env::var(WORKER_ENV).ok().and_then(|v| v.parse::<i32>().ok()));
     install_panic_capture();
-    serve(BufReader::with_capacity(1 << 16, input), output, registry, &[])
+    serve(BufReader::with_capacity(1 << 16, input), output, registry, &[], &secret)
 }
 
 /// The body of a worker forked by the coordinator (start method `fork`):
 /// serves on the given pipe ends, with `inherited` — arrays of the
 /// coordinator that this process shares copy-on-write — resolvable by
-/// [`ArrayRef::Inherited`] references. Never returns.
+/// [`ArrayRef::Inherited`] references, and accepting the handshake that
+/// carries `secret`, its pool's (which it has in memory). Never returns.
 ///
 /// Must be called in the child right after `fork`, while it is the only
 /// thread of its process (as the coordinator was when it forked).
-pub fn run_forked_worker(input: File, output: File, registry: &Registry, inherited: &[Array], parent: i32) -> ! {
+pub fn run_forked_worker(
+    input: File,
+    output: File,
+    registry: &Registry,
+    inherited: &[Array],
+    parent: i32,
+    secret: PoolSecret,
+) -> ! {
     let code = match prepare_forked(parent).and_then(|()| {
-        serve(BufReader::with_capacity(1 << 16, input), output, registry, inherited).map_err(std::io::Error::other)
+        serve(BufReader::with_capacity(1 << 16, input), output, registry, inherited, &Ok(secret))
+            .map_err(std::io::Error::other)
     }) {
         Ok(()) => 0,
         Err(e) => {
@@ -191,11 +204,14 @@ fn install_panic_capture() {
 
 /// Serves requests from `input` until it closes, answering on `output`;
 /// `inherited` are the arrays a forked worker shares with its coordinator.
+/// The handshake must carry `secret`, the secret of the pool that started
+/// this worker; without one (`Err`), every handshake is refused.
 pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
     mut input: BufReader<R>,
     output: W,
     registry: &Registry,
     inherited: &[Array],
+    secret: &Result<PoolSecret, SecretError>,
 ) -> Result<(), ServeError> {
     let mut output = BufWriter::with_capacity(1 << 16, output);
     let hello = match protocol::recv::<_, Request>(&mut input, FrameKind::Request) {
@@ -213,6 +229,10 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
     if hello.protocol != PROTOCOL_VERSION {
         let reason =
             format!("protocol version mismatch: coordinator speaks {}, worker {PROTOCOL_VERSION}", hello.protocol);
+        protocol::send(&mut output, FrameKind::Reply, &Reply::Refused { reason: reason.clone() }, &[])?;
+        return Err(ServeError::Refused(reason));
+    }
+    if let Err(reason) = check_secret(secret, &hello.secret) {
         protocol::send(&mut output, FrameKind::Reply, &Reply::Refused { reason: reason.clone() }, &[])?;
         return Err(ServeError::Refused(reason));
     }
@@ -327,6 +347,24 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         if reuse_lent_pages {
             sent.extend(inline.into_iter().filter(Array::is_sole_owner_of_pages).take(array::SPARES_KEPT));
         }
+    }
+}
+
+/// Whether a handshake's secret is the one this worker was started with;
+/// if not, the reason for the refusal. Only the coordinator that started
+/// the worker knows it, so this is the proof that the stream is its.
+fn check_secret(expected: &Result<PoolSecret, SecretError>, carried: &PoolSecret) -> Result<(), String> {
+    match expected {
+        Ok(secret) if secret == carried => Ok(()),
+        Ok(_) => Err("the handshake does not carry the secret of the pool that started this worker; \
+                      a worker accepts frames only from the coordinator that started it"
+            .into()),
+        Err(e) => Err(format!(
+            "this worker has no pool secret to check the handshake against: {e}; a launcher hands it \
+             {} bytes through an inherited descriptor named in {} (see docs/protocol.md)",
+            crate::secret::SECRET_LEN,
+            crate::secret::SECRET_FD_ENV
+        )),
     }
 }
 
