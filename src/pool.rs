@@ -174,6 +174,8 @@ struct WorkerProcess {
     ready: bool,
     /// How it ended, once reaped.
     exited: Option<WorkerExit>,
+    /// How many of the pool's folders it has been told of.
+    folders_sent: usize,
 }
 
 /// A slot of the pool and the process in it, if any.
@@ -249,6 +251,9 @@ pub struct WorkerPool {
     /// What every worker's handshake proves: drawn when the first worker
     /// starts, handed to each out of band (see [`procjob_worker::secret`]).
     secret: Option<PoolSecret>,
+    /// The folders workers may map files from (canonical), in the order
+    /// they were named; each worker is told of them once.
+    folders: Vec<PathBuf>,
     _interrupts: crate::signals::Listener,
 }
 
@@ -270,6 +275,34 @@ impl WorkerPool {
             landings: Landings::default(),
             starts: Vec::new(),
             secret: None,
+            folders: Vec::new(),
+        }
+    }
+
+    /// Lets every worker map files under `folder` (absolute and canonical:
+    /// a worker follows no symbolic link below it, and refuses any other
+    /// file, see [`procjob_worker::confine`]). A worker is told before the
+    /// next batch sent to it; one started later, in its handshake.
+    pub fn allow_folder(&mut self, folder: PathBuf) {
+        if !self.folders.contains(&folder) {
+            self.folders.push(folder);
+        }
+    }
+
+    /// Tells worker `index` of the folders named since it was last told
+    /// (`Request::Allow`). A failed write is left for the batch that
+    /// follows, which fails the same way and is handled there.
+    fn send_allowance(&mut self, index: usize) {
+        let Some(p) = self.slots[index].process.as_mut() else { return };
+        let (Some(input), Some(new)) = (p.input.as_mut(), self.folders.get(p.folders_sent..)) else { return };
+        if new.is_empty() {
+            return;
+        }
+        let request = Request::Allow { folders: new.to_vec() };
+        if let Ok(n) = protocol::send(input, FrameKind::Request, &request, &[]) {
+            p.folders_sent = self.folders.len();
+            self.traffic.bytes_to_workers += n;
+            self.traffic.frames_to_workers += 1;
         }
     }
 
@@ -544,6 +577,7 @@ impl WorkerPool {
             // (into its buffer, or spliced into C's file).
             reuse_lent_pages: self.config.program.is_none() || matches!(self.config.start, StartMethod::Fork { .. }),
             secret,
+            folders: self.folders.clone(),
         });
         let sent = protocol::send(&mut input, FrameKind::Request, &hello, &[]);
         slot.process = Some(WorkerProcess {
@@ -554,6 +588,7 @@ impl WorkerPool {
             reader: Some(reader),
             ready: false,
             exited: None,
+            folders_sent: self.folders.len(),
         });
         self.last_pids[index] = pid;
         match sent {
@@ -609,6 +644,7 @@ impl WorkerPool {
 
     /// Sends a batch to worker `index`, with the bytes of its inline arrays.
     pub fn send(&mut self, index: usize, request: &Request, bulk: &[&[u8]]) -> Result<u64, Error> {
+        self.send_allowance(index);
         let worker = self.worker_id(index);
         let input = self.slots[index].process.as_mut().and_then(|p| p.input.as_mut());
         let n = write_batch(input, worker, request, bulk)?;
@@ -621,6 +657,9 @@ impl WorkerPool {
     /// thread each, so no worker waits for another's inputs to be written
     /// (copy mode's A blocks and B). The threads end before this returns.
     pub fn send_many(&mut self, frames: &[(usize, &Request, &[&[u8]])]) -> Vec<Result<u64, Error>> {
+        for (index, _, _) in frames {
+            self.send_allowance(*index);
+        }
         let ids: Vec<WorkerId> = frames.iter().map(|(index, _, _)| self.worker_id(*index)).collect();
         let mut inputs: Vec<Option<&mut BufWriter<File>>> =
             self.slots.iter_mut().map(|s| s.process.as_mut().and_then(|p| p.input.as_mut())).collect();

@@ -14,6 +14,7 @@ pub mod npy;
 pub use dtype::{DType, Element};
 pub mod array;
 pub mod clock;
+pub mod confine;
 pub mod entry;
 pub mod image;
 pub mod matmul;

@@ -95,6 +95,14 @@ pub enum Request {
     Hello(Hello),
     /// Run these tasks, in order, and answer with one [`Reply::Results`].
     Run(Batch),
+    /// The worker may also map files under these folders from now on (see
+    /// [`crate::confine`]); not answered. The coordinator sends it before
+    /// the first batch that refers to a file in a folder the worker has not
+    /// been told of.
+    Allow {
+        /// Absolute, canonical folders.
+        folders: Vec<PathBuf>,
+    },
 }
 
 /// The handshake request.
@@ -121,6 +129,9 @@ pub struct Hello {
     /// The secret of the pool that started the worker, handed to it out of
     /// band ([`crate::secret`]); a worker refuses a handshake without it.
     pub secret: crate::secret::PoolSecret,
+    /// The folders the worker may map files from (absolute, canonical);
+    /// [`Request::Allow`] adds more later.
+    pub folders: Vec<PathBuf>,
 }
 
 /// A batch of tasks for one worker.
@@ -599,7 +610,7 @@ impl Request {
     pub fn array_refs(&self) -> impl Iterator<Item = &ArrayRef> + Clone {
         let tasks: &[TaskRequest] = match self {
             Request::Run(b) => &b.tasks,
-            Request::Hello(_) => &[],
+            Request::Hello(_) | Request::Allow { .. } => &[],
         };
         tasks.iter().flat_map(|t| t.arrays.iter())
     }
@@ -631,6 +642,7 @@ mod tests {
             idle_timeout_ms: 0,
             reuse_lent_pages: true,
             secret: crate::secret::PoolSecret::from_bytes([7; 32]),
+            folders: vec![PathBuf::from("/tmp/procjob-1-x")],
         })
     }
 

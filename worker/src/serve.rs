@@ -242,6 +242,7 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
     protocol::send(&mut output, FrameKind::Reply, &Reply::Ready(ready), &[])?;
     let idle = (hello.idle_timeout_ms > 0).then(|| Duration::from_millis(hello.idle_timeout_ms));
     let mut maps = MapCache::default();
+    hello.folders.into_iter().for_each(|f| maps.folders.allow(f));
     let mut last_snapshot = Instant::now();
     // The large results of the last reply, which went into the pipe by
     // reference: their pages serve this batch's results once the pipe has
@@ -259,7 +260,15 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
             Err(e) => return Err(e.into()),
         };
         let received_ns = crate::clock::monotonic_ns();
-        let Request::Run(batch) = &frame.message else { return Err(ServeError::NoHello) };
+        let batch = match &frame.message {
+            Request::Run(batch) => batch,
+            Request::Allow { folders } => {
+                protocol::check_bulk(frame.message.array_refs(), frame.bulk_len)?;
+                folders.iter().for_each(|f| maps.folders.allow(f.clone()));
+                continue;
+            }
+            Request::Hello(_) => return Err(ServeError::NoHello),
+        };
         put_back_sent(&mut sent, output.get_ref());
         if maps.call != batch.call {
             maps.start_call(batch.call);
@@ -573,6 +582,8 @@ fn wait_for_request(
 struct MapCache {
     call: u64,
     read_only: HashMap<PathBuf, Cached>,
+    /// The folders the coordinator named: nothing outside them is mapped.
+    folders: crate::confine::Folders,
 }
 
 /// One file's entry in [`MapCache`].
@@ -637,8 +648,11 @@ impl MapCache {
         };
         let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
         match access {
-            Access::ReadWrite => return Array::map_kept(path, *dtype, &shape, *offset),
-            Access::CopyOnWrite => return Ok((array::map_file_ref(path, *dtype, &shape, *offset, *access)?, true)),
+            Access::ReadWrite => return Array::map_kept(Some(&self.folders), path, *dtype, &shape, *offset),
+            Access::CopyOnWrite => {
+                let a = array::map_file_ref_within(Some(&self.folders), path, *dtype, &shape, *offset, *access)?;
+                return Ok((a, true));
+            }
             Access::ReadOnly => {}
         }
         let key = |a: &Array| (a.storage_bytes().1, a.nbytes());
@@ -648,7 +662,7 @@ impl MapCache {
             let fresh = cached.faulted.first_time(key(&view));
             return Ok((view, fresh));
         }
-        let a = array::map_file_ref(path, *dtype, &shape, *offset, Access::ReadOnly)?;
+        let a = array::map_file_ref_within(Some(&self.folders), path, *dtype, &shape, *offset, Access::ReadOnly)?;
         if a.is_mapped() {
             let faulted = array::FaultedViews::of(key(&a));
             self.read_only.insert(path.clone(), Cached { map: a.clone(), used: true, faulted });
@@ -731,6 +745,7 @@ mod tests {
         let reference =
             |path: &std::path::Path, access| array::file_ref(&Array::open_npy(path, access).unwrap()).unwrap();
         let mut maps = MapCache::default();
+        maps.folders.allow(std::fs::canonicalize(dir.path()).unwrap());
         maps.start_call(1);
         drop(maps.map(&reference(&gone, Access::ReadOnly)).unwrap());
         drop(maps.map(&reference(&stays, Access::ReadOnly)).unwrap());
@@ -772,6 +787,7 @@ mod tests {
         let gone = dir.path().join("gone.npy");
         Array::from_vec(vec![4], vec![1.0f64; 4]).save_npy(&gone).unwrap();
         let mut maps = MapCache::default();
+        maps.folders.allow(std::fs::canonicalize(dir.path()).unwrap());
         maps.start_call(1);
         drop(maps.map(&array::file_ref(&Array::open_npy(&gone, Access::ReadOnly).unwrap()).unwrap()).unwrap());
         let stays = dir.path().join("stays.npy");
@@ -806,6 +822,7 @@ mod tests {
         let reference =
             |path: &std::path::Path| array::file_ref(&Array::open_npy(path, Access::ReadOnly).unwrap()).unwrap();
         let mut maps = MapCache::default();
+        maps.folders.allow(std::fs::canonicalize(dir.path()).unwrap());
         maps.start_call(1);
         let first = maps.map(&reference(&path)).unwrap();
         assert_eq!(sum(&first), 4.0);
