@@ -9,7 +9,7 @@
 //! built (there are no generic statics, so `linkme`/`inventory` cannot
 //! collect them), but none is needed: a coordinator that is the worker's
 //! own executable names a task by the offset of its descriptor from the
-//! image's load address ([`offset_of`]), and the worker ([`resolve`])
+//! image's load address ([`offset_of()`]), and the worker ([`resolve`])
 //! accepts the offset only if
 //!
 //! 1. `[address, address + size_of::<EntryDesc>())` lies inside memory the

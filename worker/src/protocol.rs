@@ -47,7 +47,17 @@
 //! [`DecodeError::VersionMismatch`]. A conversation opens with the
 //! coordinator's [`Request::Hello`], answered by [`Reply::Ready`]; only then
 //! do [`Request::Run`] batches follow, each answered by one
-//! [`Reply::Results`]. The worker exits when its input closes.
+//! [`Reply::Results`], and [`Request::Allow`] frames, not answered. The
+//! worker exits when its input closes.
+//!
+//! # Trust
+//!
+//! The `Hello` must carry the secret of the pool that started the worker
+//! ([`crate::secret`]), else the worker refuses it; a batch names code only
+//! by the offset of an entry descriptor, which the worker proves before it
+//! calls anything ([`crate::entry`]); a file reference is mapped only under
+//! the folders the coordinator named ([`crate::confine`]). docs/protocol.md,
+//! "What the worker trusts", says what this defends against and what not.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::path::PathBuf;
@@ -113,7 +123,8 @@ pub struct Hello {
     /// The worker's index in its pool (0-based), for messages.
     pub worker_index: u32,
     /// Identity of the coordinator's executable, so the worker can tell
-    /// whether it is the same binary (and may run tasks by code offset).
+    /// whether it is the same binary (and may run tasks by entry descriptor
+    /// offset). It guards against a stale binary; it authenticates no one.
     pub binary: crate::registry::BinaryId,
     /// Exit after this many milliseconds without a request (0 = never).
     pub idle_timeout_ms: u64,
@@ -168,8 +179,10 @@ pub struct TaskRequest {
 pub struct TaskKind {
     /// The task's name (its registry key, and what messages show).
     pub name: String,
-    /// Offset of the task's entry point from the binary's anchor function;
-    /// used only when the worker is the same executable as the coordinator.
+    /// Offset of the task's entry descriptor from the executable's load
+    /// address ([`crate::entry`]); used only when the worker is the same
+    /// executable as the coordinator, and only once proven to be a
+    /// descriptor of the kind `name`.
     pub entry: Option<i64>,
 }
 
