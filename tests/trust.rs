@@ -2,12 +2,13 @@
 //! a batch naming any other code offset is refused, nothing is called, and
 //! the worker serves the next batch. The workers are re-executions of this
 //! test binary, driven through the real pool; the batches are built with
-//! the crate's own types and encoder.
+//! the crate's own types and encoder. And the folders a worker may map from
+//! are named canonically, so arrays in a symlinked folder still travel.
 
 use std::time::Duration;
 
 use procjob::pool::{PoolConfig, StartMethod, WorkerEvent, WorkerPool};
-use procjob::Task;
+use procjob::{Access, Array, Parallel, Task};
 use procjob_worker::array::{self, InlineEncoder};
 use procjob_worker::protocol::{Batch, FailureCause, Outcome, Request, TaskKind, TaskReply, TaskRequest};
 use procjob_worker::registry::entry_offset;
@@ -89,4 +90,41 @@ fn a_forged_entry_offset_is_refused_and_the_worker_serves_on() {
     assert_eq!(array::decode_with::<u64>(output, Vec::new()).unwrap(), 27);
     assert_eq!(pool.pid(0), Some(pid));
     pool.shutdown(Duration::from_secs(5));
+}
+
+/// Sums a mapped f64 array; says where it was mapped from.
+struct SumMapped;
+impl Task for SumMapped {
+    type Input = (Array, Array);
+    type Output = (f64, Option<String>, Option<String>);
+    type Error = String;
+    fn run((a, dumped): (Array, Array)) -> Result<Self::Output, String> {
+        let sum = a.as_slice::<f64>().map_err(|e| e.to_string())?.iter().sum::<f64>()
+            + dumped.as_slice::<f64>().map_err(|e| e.to_string())?.iter().sum::<f64>();
+        let from = |x: &Array| x.file_location().map(|(p, _, _)| p.display().to_string());
+        Ok((sum, from(&a), from(&dumped)))
+    }
+}
+
+/// The user's array opened through a symlinked folder, and a temp folder
+/// reached through one: the coordinator names their canonical folders and
+/// sends canonical paths, which workers map; no symlink is followed.
+#[test]
+fn arrays_in_symlinked_folders_travel_by_their_canonical_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = std::fs::canonicalize(dir.path()).unwrap().join("real");
+    std::fs::create_dir_all(real.join("tmp")).unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    Array::from_vec(vec![4], vec![1.0f64, 2.0, 3.0, 4.0]).save_npy(&real.join("a.npy")).unwrap();
+    let a = Array::open_npy(&link.join("a.npy"), Access::ReadOnly).unwrap();
+    let big = Array::from_vec(vec![1000], vec![0.5f64; 1000]);
+    let mut p = Parallel::new().n_jobs(2).max_nbytes(Some(100)).temp_folder(link.join("tmp"));
+    let out = p.run::<SumMapped, _>((0..4).map(|_| (a.clone(), big.clone()))).unwrap();
+    for (sum, from_a, from_dump) in out {
+        assert_eq!(sum, 510.0);
+        assert_eq!(from_a.as_deref(), Some(real.join("a.npy").to_str().unwrap()));
+        let dump = from_dump.expect("the large array was dumped and mapped");
+        assert!(dump.starts_with(real.join("tmp").to_str().unwrap()), "{dump}");
+    }
 }
