@@ -707,6 +707,8 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
                 }
             }
         }
+        let pool = self.parallel.pool.as_mut().expect("the pool exists during a call");
+        self.encoder.allow_folders(pool);
         let (lo, hi) = self.inputs.size_hint();
         let hint = (Some(lo) == hi).then_some(lo);
         self.scheduler.pulled(got, done, hint);
@@ -718,7 +720,7 @@ impl<T: Task, I: Iterator<Item = T::Input>> Call<'_, T, I> {
     /// landings cannot be placed fails the call but is still sent, so the
     /// scheduler's count of what is in flight stays true and the call ends.
     fn stage(&mut self, worker: usize, n: usize) {
-        let kind = TaskKind { name: T::name().to_string(), entry: Some(entry_offset::<T>()) };
+        let kind = TaskKind { name: T::name().to_string(), entry: entry_offset::<T>() };
         // The encoded inputs move into the request and stay in flight with
         // it: a batch lost to a dead worker may be sent again.
         let (mut ids, mut requests, mut inline) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
@@ -1186,6 +1188,12 @@ struct CallEncoder {
     inline: Vec<Array>,
     /// Storage ids of the arrays forked workers inherited, by index.
     inherited: Vec<usize>,
+    /// The run folder's canonical path, once made.
+    folder_path: Option<PathBuf>,
+    /// The folders of the files this call refers to (canonical), each
+    /// once, in order; the first `folders_allowed` were handed to the pool.
+    folders: Vec<PathBuf>,
+    folders_allowed: usize,
 }
 
 impl CallEncoder {
@@ -1199,7 +1207,30 @@ impl CallEncoder {
             dumped_bytes: 0,
             inline: Vec::new(),
             inherited: Vec::new(),
+            folder_path: None,
+            folders: Vec::new(),
+            folders_allowed: 0,
         }
+    }
+
+    /// Notes the folder of a file reference, which workers must be allowed
+    /// to map from (see [`procjob_worker::confine`]). The path is canonical:
+    /// `Array::open_npy`/`create_npy` and the run folder make it so.
+    fn note_folder(&mut self, r: &ArrayRef) {
+        let ArrayRef::File { path, .. } = r else { return };
+        let Some(folder) = path.parent() else { return };
+        if !self.folders.iter().any(|f| f == folder) {
+            self.folders.push(folder.to_path_buf());
+        }
+    }
+
+    /// Hands the folders noted since the last time to the pool, which tells
+    /// each worker once.
+    fn allow_folders(&mut self, pool: &mut WorkerPool) {
+        for folder in &self.folders[self.folders_allowed..] {
+            pool.allow_folder(folder.clone());
+        }
+        self.folders_allowed = self.folders.len();
     }
 
     /// Dumps the whole storage of `a` (once per call) and returns the file
@@ -1212,10 +1243,15 @@ impl CallEncoder {
         if self.folder.is_none() {
             let folder =
                 RunFolder::create(self.temp_parent.as_deref(), bytes.len() as u64).map_err(|e| e.to_string())?;
+            // Workers follow no symbolic link below the folders they are
+            // given, and compare paths with them: name it canonically.
+            let canonical = std::fs::canonicalize(folder.path())
+                .map_err(|e| format!("cannot resolve the run folder {}: {e}", folder.path().display()))?;
             self.folder = Some(folder);
+            self.folder_path = Some(canonical);
         }
-        let folder = self.folder.as_ref().expect("just made");
-        let path = folder.file(&format!("arg-{}.npy", self.dumped.len()));
+        let folder = self.folder_path.as_ref().expect("just made");
+        let path = folder.join(format!("arg-{}.npy", self.dumped.len()));
         let elements = bytes.len() / a.dtype().size();
         let header = procjob_worker::npy::write(&path, a.dtype(), &[elements], bytes).map_err(|e| e.to_string())?;
         self.dumped_bytes += bytes.len() as u64;
@@ -1236,18 +1272,21 @@ impl ArrayEncoder for CallEncoder {
             });
         }
         if let Some(r) = array::file_ref(a) {
+            self.note_folder(&r);
             return Ok(r);
         }
         if self.max_nbytes.is_some_and(|max| a.nbytes() > max) {
             let (path, data_offset) = self.dump(a)?;
             let (_, view_offset) = a.storage_bytes();
-            return Ok(ArrayRef::File {
+            let r = ArrayRef::File {
                 dtype: a.dtype(),
                 shape: a.shape().iter().map(|&d| d as u64).collect(),
                 path,
                 offset: data_offset + view_offset as u64,
                 access: self.mmap_mode,
-            });
+            };
+            self.note_folder(&r);
+            return Ok(r);
         }
         self.inline.push(a.clone());
         Ok(array::inline_ref(a))

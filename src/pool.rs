@@ -32,6 +32,7 @@ use procjob_worker::protocol::{
     PROTOCOL_VERSION,
 };
 use procjob_worker::registry::BinaryId;
+use procjob_worker::secret::{PoolSecret, SECRET_FD_ENV};
 use procjob_worker::serve::WORKER_ENV;
 
 use crate::error::{Error, WorkerExit, WorkerId};
@@ -178,6 +179,8 @@ struct WorkerProcess {
     ready: bool,
     /// How it ended, once reaped.
     exited: Option<WorkerExit>,
+    /// How many of the pool's folders it has been told of.
+    folders_sent: usize,
 }
 
 /// A slot of the pool and the process in it, if any.
@@ -266,6 +269,12 @@ pub struct WorkerPool {
     traffic: Traffic,
     landings: Landings,
     starts: Vec<StartRecord>,
+    /// What every worker's handshake proves: drawn when the first worker
+    /// starts, handed to each out of band (see [`procjob_worker::secret`]).
+    secret: Option<PoolSecret>,
+    /// The folders workers may map files from (canonical), in the order
+    /// they were named; each worker is told of them once.
+    folders: Vec<PathBuf>,
     _interrupts: crate::signals::Listener,
 }
 
@@ -286,7 +295,46 @@ impl WorkerPool {
             traffic: Traffic::default(),
             landings: Landings::default(),
             starts: Vec::new(),
+            secret: None,
+            folders: Vec::new(),
         }
+    }
+
+    /// Lets every worker map files under `folder` (absolute and canonical:
+    /// a worker follows no symbolic link below it, and refuses any other
+    /// file, see [`procjob_worker::confine`]). A worker is told before the
+    /// next batch sent to it; one started later, in its handshake.
+    pub fn allow_folder(&mut self, folder: PathBuf) {
+        if !self.folders.contains(&folder) {
+            self.folders.push(folder);
+        }
+    }
+
+    /// Tells worker `index` of the folders named since it was last told
+    /// (`Request::Allow`). A failed write is left for the batch that
+    /// follows, which fails the same way and is handled there.
+    fn send_allowance(&mut self, index: usize) {
+        let Some(p) = self.slots[index].process.as_mut() else { return };
+        let (Some(input), Some(new)) = (p.input.as_mut(), self.folders.get(p.folders_sent..)) else { return };
+        if new.is_empty() {
+            return;
+        }
+        let request = Request::Allow { folders: new.to_vec() };
+        if let Ok(n) = protocol::send(input, FrameKind::Request, &request, &[]) {
+            p.folders_sent = self.folders.len();
+            self.traffic.bytes_to_workers += n;
+            self.traffic.frames_to_workers += 1;
+        }
+    }
+
+    /// The pool's secret, drawn the first time a worker starts.
+    fn secret(&mut self, index: usize) -> Result<PoolSecret, Error> {
+        if self.secret.is_none() {
+            let secret = PoolSecret::generate()
+                .map_err(|e| Error::Start { index, reason: format!("cannot draw the pool's secret: {e}") })?;
+            self.secret = Some(secret);
+        }
+        Ok(self.secret.clone().expect("just drawn"))
     }
 
     /// Number of worker slots.
@@ -452,8 +500,16 @@ impl WorkerPool {
             None => std::env::current_exe()
                 .map_err(|e| Error::Start { index, reason: format!("cannot find the running executable: {e}") })?,
         };
+        // The secret goes through a pipe only this child inherits, never the
+        // command line or the environment (see procjob_worker::secret).
+        let secret = self
+            .secret(index)?
+            .pipe_for_child()
+            .map_err(|e| Error::Start { index, reason: format!("cannot make the secret's pipe: {e}") })?;
+        let secret_fd = secret.as_raw_fd();
         let mut cmd = Command::new(&program);
         cmd.env(WORKER_ENV, std::process::id().to_string())
+            .env(SECRET_FD_ENV, secret_fd.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -468,10 +524,15 @@ impl WorkerPool {
                 cmd.env(var, &threads);
             }
         }
-        // SAFETY: setpgid and sigprocmask are async-signal-safe; nothing
-        // else runs between fork and exec.
+        // SAFETY: fcntl, setpgid and sigprocmask are async-signal-safe;
+        // nothing else runs between fork and exec.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
+                // The secret's pipe is close-on-exec in the coordinator, so
+                // no other child inherits it; this child keeps it.
+                if libc::fcntl(secret_fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 // Own process group: a terminal's Ctrl-C reaches the
                 // coordinator, which decides how workers stop.
                 nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))
@@ -489,6 +550,7 @@ impl WorkerPool {
         let requested_ns = procjob_worker::clock::monotonic_ns();
         let mut child = spawn_from_long_lived_thread(cmd)
             .map_err(|e| Error::Start { index, reason: format!("cannot run {}: {e}", program.display()) })?;
+        drop(secret);
         let pid = child.id();
         let spawned_ns = procjob_worker::clock::monotonic_ns();
         crate::signals::worker_started(pid);
@@ -512,6 +574,7 @@ impl WorkerPool {
     ) -> Result<(), Error> {
         enlarge_pipe(stdin.as_raw_fd());
         enlarge_pipe(stdout.as_raw_fd());
+        let secret = self.secret(index)?;
         let slot = &mut self.slots[index];
         slot.generation += 1;
         let generation = slot.generation;
@@ -537,6 +600,8 @@ impl WorkerPool {
             // Its stdout is this pipe, read by `read_replies`, which copies
             // (into its buffer, or spliced into C's file).
             reuse_lent_pages: self.config.program.is_none() || matches!(self.config.start, StartMethod::Fork { .. }),
+            secret,
+            folders: self.folders.clone(),
         });
         let sent = protocol::send(&mut input, FrameKind::Request, &hello, &[]);
         slot.process = Some(WorkerProcess {
@@ -549,6 +614,7 @@ impl WorkerPool {
             reader: Some(reader),
             ready: false,
             exited: None,
+            folders_sent: self.folders.len(),
         });
         self.last_pids[index] = pid;
         match sent {
@@ -571,6 +637,7 @@ impl WorkerPool {
         let StartMethod::Fork { inherit } = &self.config.start else { unreachable!("called for fork only") };
         let inherit = inherit.clone();
         let parent = std::process::id() as i32;
+        let secret = self.secret(indices.first().copied().unwrap_or(0))?;
         let mut forked = Vec::with_capacity(indices.len());
         let result = crate::signals::single_threaded(|| {
             stop_spawner_if_idle();
@@ -585,7 +652,7 @@ impl WorkerPool {
             }
             for &index in indices {
                 let requested_ns = procjob_worker::clock::monotonic_ns();
-                let (to_child, from_child) = fork_one(&inherit, parent)
+                let (to_child, from_child) = fork_one(&inherit, parent, &secret)
                     .map_err(|e| Error::Start { index, reason: format!("cannot fork: {e}") })?;
                 let (pid, stdin, stdout) = (to_child.0, to_child.1, from_child);
                 crate::signals::worker_started(pid);
@@ -603,6 +670,7 @@ impl WorkerPool {
 
     /// Sends a batch to worker `index`, with the bytes of its inline arrays.
     pub fn send(&mut self, index: usize, request: &Request, bulk: &[&[u8]]) -> Result<u64, SendError> {
+        self.send_allowance(index);
         let worker = self.worker_id(index);
         let input = self.slots[index].process.as_mut().and_then(|p| p.input.as_mut());
         let n = write_batch(input, worker, request, bulk)?;
@@ -615,6 +683,9 @@ impl WorkerPool {
     /// thread each, so no worker waits for another's inputs to be written
     /// (copy mode's A blocks and B). The threads end before this returns.
     pub fn send_many(&mut self, frames: &[(usize, &Request, &[&[u8]])]) -> Vec<Result<u64, SendError>> {
+        for (index, _, _) in frames {
+            self.send_allowance(*index);
+        }
         let ids: Vec<WorkerId> = frames.iter().map(|(index, _, _)| self.worker_id(*index)).collect();
         let mut inputs: Vec<Option<&mut BufWriter<File>>> =
             self.slots.iter_mut().map(|s| s.process.as_mut().and_then(|p| p.input.as_mut())).collect();
@@ -924,9 +995,10 @@ pub fn thread_count() -> Option<usize> {
     status.lines().find_map(|l| l.strip_prefix("Threads:"))?.trim().parse().ok()
 }
 
-/// Forks one worker that serves on new pipes and reads `inherit` in
-/// place. Returns (pid, its input) and its output.
-fn fork_one(inherit: &[Array], parent: i32) -> std::io::Result<((u32, File), File)> {
+/// Forks one worker that serves on new pipes, reads `inherit` in place and
+/// accepts the handshake that carries `secret`. Returns (pid, its input)
+/// and its output.
+fn fork_one(inherit: &[Array], parent: i32, secret: &PoolSecret) -> std::io::Result<((u32, File), File)> {
     use nix::unistd::{fork, pipe2, ForkResult};
     let (req_read, req_write) = pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (rep_read, rep_write) = pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -944,6 +1016,7 @@ fn fork_one(inherit: &[Array], parent: i32) -> std::io::Result<((u32, File), Fil
                 &procjob_worker::Registry::builtin(),
                 inherit,
                 parent,
+                secret.clone(),
             )
         }
         ForkResult::Parent { child } => Ok(((child.as_raw() as u32, File::from(req_write)), File::from(rep_read))),

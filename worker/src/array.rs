@@ -26,6 +26,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::confine::Folders;
 use crate::dtype::{DType, Element};
 use crate::npy;
 use crate::payload::Payload;
@@ -856,7 +857,9 @@ fn map_file(file: &File, path: &Path, access: Access) -> Result<Mapping, ArrayEr
 
 /// Maps the file an [`ArrayRef::File`] names, checking that the referenced
 /// bytes lie inside it. The file need not be a `.npy` (a row slice points
-/// into the middle of one); it must be a regular file.
+/// into the middle of one); it must be a regular file. Opens any path but
+/// a final symbolic link: for the coordinator, which maps the references
+/// of its own workers' replies; a worker uses [`map_file_ref_within`].
 pub fn map_file_ref(
     path: &Path,
     dtype: DType,
@@ -864,14 +867,22 @@ pub fn map_file_ref(
     offset: u64,
     access: Access,
 ) -> Result<Array, ArrayError> {
+    map_file_ref_within(None, path, dtype, shape, offset, access)
+}
+
+/// [`map_file_ref`], opening the file only if it lies under one of
+/// `within`'s folders, with no symbolic link below the folder (see
+/// [`crate::confine`]); `None` opens it as [`map_file_ref`] does.
+pub fn map_file_ref_within(
+    within: Option<&Folders>,
+    path: &Path,
+    dtype: DType,
+    shape: &[usize],
+    offset: u64,
+    access: Access,
+) -> Result<Array, ArrayError> {
     let err = |reason: String| ArrayError::Map { path: path.to_path_buf(), reason };
-    let mut opts = std::fs::OpenOptions::new();
-    opts.read(true).write(access == Access::ReadWrite);
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
-    }
-    let file = opts.open(path).map_err(|e| err(e.to_string()))?;
+    let file = open_file_ref(within, path, access).map_err(err)?;
     let meta = file.metadata().map_err(|e| err(e.to_string()))?;
     if !meta.is_file() {
         return Err(err("not a regular file".into()));
@@ -891,8 +902,22 @@ pub fn map_file_ref(
     Ok(Array { dtype, shape: shape.to_vec(), storage: Arc::new(Storage::Mapped(mapping)), offset: offset as usize })
 }
 
+/// Opens the file a reference names, for [`map_file_ref_within`].
+fn open_file_ref(within: Option<&Folders>, path: &Path, access: Access) -> Result<File, String> {
+    let flags = if access == Access::ReadWrite { libc::O_RDWR } else { libc::O_RDONLY };
+    match within {
+        Some(folders) => folders.open(path, flags).map_err(|e| e.to_string()),
+        None => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut opts = std::fs::OpenOptions::new();
+            opts.read(true).write(access == Access::ReadWrite).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+            opts.open(path).map_err(|e| e.to_string())
+        }
+    }
+}
+
 impl Array {
-    /// Maps a read-write file reference for a task as [`map_file_ref`]
+    /// Maps a read-write file reference for a task as [`map_file_ref_within`]
     /// does, but reuses this thread's kept map of the same, unchanged file,
     /// and keeps the map again when the task's last view of it goes: a
     /// worker writing its rows of the same output every call (memmap-out's
@@ -900,6 +925,7 @@ impl Array {
     /// once, not every call (about 3 ms for 16 MB of /dev/shm pages).
     /// Returns the view and whether its pages still need faulting in.
     pub(crate) fn map_kept(
+        within: Option<&Folders>,
         path: &Path,
         dtype: DType,
         shape: &[usize],
@@ -927,7 +953,7 @@ impl Array {
             // `map_file_ref` says what is wrong with this one.
             kept_maps::put(kept);
         }
-        let mut array = map_file_ref(path, dtype, shape, offset, Access::ReadWrite)?;
+        let mut array = map_file_ref_within(within, path, dtype, shape, offset, Access::ReadWrite)?;
         if let Some(Storage::Mapped(m)) = Arc::get_mut(&mut array.storage) {
             m.kept = Some(Lent { lender, faulted: FaultedViews::of(view) });
         }
@@ -1301,33 +1327,33 @@ mod tests {
         let data = Array::open_npy(&path, Access::ReadOnly).unwrap().file_location().unwrap().1;
         let offset = |row: u64| data + row * 1024 * 8;
         let kept_here = || kept_maps::KEPT.with_borrow(|all| all.iter().filter(|k| k.path == path).count());
-        let (mut first, fresh) = Array::map_kept(&path, DType::F64, &[2, 1024], offset(0)).unwrap();
+        let (mut first, fresh) = Array::map_kept(None, &path, DType::F64, &[2, 1024], offset(0)).unwrap();
         assert!(fresh);
         first.as_mut_slice::<f64>().unwrap().fill(5.0);
         let at = first.as_bytes().as_ptr();
         assert_eq!(kept_here(), 0, "kept while a view lives");
         drop(first);
         assert_eq!(kept_here(), 1, "not kept after the last view went");
-        let (again, fresh) = Array::map_kept(&path, DType::F64, &[2, 1024], offset(0)).unwrap();
+        let (again, fresh) = Array::map_kept(None, &path, DType::F64, &[2, 1024], offset(0)).unwrap();
         assert!(!fresh, "the same view was faulted in again");
         assert_eq!(again.as_bytes().as_ptr(), at, "mapped again");
         assert!(again.as_slice::<f64>().unwrap().iter().all(|&x| x == 5.0));
         drop(again);
-        let (other_rows, fresh) = Array::map_kept(&path, DType::F64, &[2, 1024], offset(2)).unwrap();
+        let (other_rows, fresh) = Array::map_kept(None, &path, DType::F64, &[2, 1024], offset(2)).unwrap();
         assert!(fresh, "other rows of the kept map still need faulting in");
         drop(other_rows);
         // A view dropped on another thread is unmapped there, not kept.
-        let (elsewhere, _) = Array::map_kept(&path, DType::F64, &[2, 1024], offset(0)).unwrap();
+        let (elsewhere, _) = Array::map_kept(None, &path, DType::F64, &[2, 1024], offset(0)).unwrap();
         assert_eq!(kept_here(), 0);
         std::thread::spawn(move || drop(elsewhere)).join().unwrap();
         assert_eq!(kept_here(), 0, "a map dropped on another thread came back");
-        drop(Array::map_kept(&path, DType::F64, &[2, 1024], offset(2)).unwrap());
+        drop(Array::map_kept(None, &path, DType::F64, &[2, 1024], offset(2)).unwrap());
         let saved = Array::open_npy(&path, Access::ReadOnly).unwrap();
         assert!(saved.as_slice::<f64>().unwrap()[..2048].iter().all(|&x| x == 5.0), "writes reach the file");
         // Replaced: a new file at the same path is mapped afresh.
         std::fs::remove_file(&path).unwrap();
         Array::from_vec(vec![4, 1024], vec![1.0f64; 4096]).save_npy(&path).unwrap();
-        let (replaced, fresh) = Array::map_kept(&path, DType::F64, &[2, 1024], offset(0)).unwrap();
+        let (replaced, fresh) = Array::map_kept(None, &path, DType::F64, &[2, 1024], offset(0)).unwrap();
         assert!(fresh && replaced.as_slice::<f64>().unwrap().iter().all(|&x| x == 1.0));
         drop(replaced);
         // Deleted: forgotten at the next call's start.

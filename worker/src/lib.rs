@@ -14,11 +14,15 @@ pub mod npy;
 pub use dtype::{DType, Element};
 pub mod array;
 pub mod clock;
+pub mod confine;
+pub mod entry;
+pub mod image;
 pub mod matmul;
 pub mod memory;
 pub mod payload;
 pub mod protocol;
 pub mod registry;
+pub mod secret;
 pub mod serve;
 pub mod task;
 #[cfg(feature = "test-tasks")]

@@ -47,7 +47,17 @@
 //! [`DecodeError::VersionMismatch`]. A conversation opens with the
 //! coordinator's [`Request::Hello`], answered by [`Reply::Ready`]; only then
 //! do [`Request::Run`] batches follow, each answered by one
-//! [`Reply::Results`]. The worker exits when its input closes.
+//! [`Reply::Results`], and [`Request::Allow`] frames, not answered. The
+//! worker exits when its input closes.
+//!
+//! # Trust
+//!
+//! The `Hello` must carry the secret of the pool that started the worker
+//! ([`crate::secret`]), else the worker refuses it; a batch names code only
+//! by the offset of an entry descriptor, which the worker proves before it
+//! calls anything ([`crate::entry`]); a file reference is mapped only under
+//! the folders the coordinator named ([`crate::confine`]). docs/protocol.md,
+//! "What the worker trusts", says what this defends against and what not.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::path::PathBuf;
@@ -60,7 +70,7 @@ pub use crate::payload::Payload;
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"PJOB";
 /// The protocol version; bumped on any incompatible change of frames or messages.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Length of the fixed frame prelude.
 pub const PRELUDE_LEN: usize = 20;
 /// Largest payload (the postcard part) a reader accepts: 64 MiB.
@@ -95,6 +105,16 @@ pub enum Request {
     Hello(Hello),
     /// Run these tasks, in order, and answer with one [`Reply::Results`].
     Run(Batch),
+    /// The worker may also map files under these folders from now on (see
+    /// [`crate::confine`]); not answered. The coordinator sends it before
+    /// the first batch that refers to a file in a folder the worker has not
+    /// been told of.
+    Allow {
+        /// Absolute, canonical folders (as bytes on the wire, like every
+        /// path: see [`path_bytes`]).
+        #[serde(with = "paths_bytes")]
+        folders: Vec<PathBuf>,
+    },
 }
 
 /// The handshake request.
@@ -105,7 +125,8 @@ pub struct Hello {
     /// The worker's index in its pool (0-based), for messages.
     pub worker_index: u32,
     /// Identity of the coordinator's executable, so the worker can tell
-    /// whether it is the same binary (and may run tasks by code offset).
+    /// whether it is the same binary (and may run tasks by entry descriptor
+    /// offset). It guards against a stale binary; it authenticates no one.
     pub binary: crate::registry::BinaryId,
     /// Exit after this many milliseconds without a request (0 = never).
     pub idle_timeout_ms: u64,
@@ -118,6 +139,13 @@ pub struct Hello {
     /// program, or forking); not for a configured worker program, which
     /// could relay the pipe (`pv` splices pipe to pipe).
     pub reuse_lent_pages: bool,
+    /// The secret of the pool that started the worker, handed to it out of
+    /// band ([`crate::secret`]); a worker refuses a handshake without it.
+    pub secret: crate::secret::PoolSecret,
+    /// The folders the worker may map files from (absolute, canonical);
+    /// [`Request::Allow`] adds more later.
+    #[serde(with = "paths_bytes")]
+    pub folders: Vec<PathBuf>,
 }
 
 /// A batch of tasks for one worker.
@@ -154,8 +182,10 @@ pub struct TaskRequest {
 pub struct TaskKind {
     /// The task's name (its registry key, and what messages show).
     pub name: String,
-    /// Offset of the task's entry point from the binary's anchor function;
-    /// used only when the worker is the same executable as the coordinator.
+    /// Offset of the task's entry descriptor from the executable's load
+    /// address ([`crate::entry`]); used only when the worker is the same
+    /// executable as the coordinator, and only once proven to be a
+    /// descriptor of the kind `name`.
     pub entry: Option<i64>,
 }
 
@@ -247,6 +277,36 @@ pub mod path_bytes {
             }
         }
         d.deserialize_byte_buf(PathVisitor)
+    }
+}
+
+/// A list of paths on the wire, each as [`path_bytes`] writes it.
+pub mod paths_bytes {
+    use std::path::{Path, PathBuf};
+
+    use serde::ser::SerializeSeq;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    /// Writes each path's bytes.
+    pub fn serialize<S: Serializer>(paths: &[PathBuf], s: S) -> Result<S::Ok, S::Error> {
+        struct One<'a>(&'a Path);
+        impl Serialize for One<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                super::path_bytes::serialize(self.0, s)
+            }
+        }
+        let mut seq = s.serialize_seq(Some(paths.len()))?;
+        for p in paths {
+            seq.serialize_element(&One(p))?;
+        }
+        seq.end()
+    }
+
+    /// Reads paths from their bytes.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+        #[derive(Deserialize)]
+        struct One(#[serde(with = "super::path_bytes")] PathBuf);
+        Ok(Vec::<One>::deserialize(d)?.into_iter().map(|o| o.0).collect())
     }
 }
 
@@ -636,7 +696,7 @@ impl Request {
     pub fn array_refs(&self) -> impl Iterator<Item = &ArrayRef> + Clone {
         let tasks: &[TaskRequest] = match self {
             Request::Run(b) => &b.tasks,
-            Request::Hello(_) => &[],
+            Request::Hello(_) | Request::Allow { .. } => &[],
         };
         tasks.iter().flat_map(|t| t.arrays.iter())
     }
@@ -667,6 +727,8 @@ mod tests {
             binary: crate::registry::BinaryId::default(),
             idle_timeout_ms: 0,
             reuse_lent_pages: true,
+            secret: crate::secret::PoolSecret::from_bytes([7; 32]),
+            folders: vec![PathBuf::from("/tmp/procjob-1-x")],
         })
     }
 

@@ -1,14 +1,15 @@
 //! Which task kinds a worker can run, and how a task names its code.
 //!
 //! A task travels with its name and, when the coordinator is this same
-//! executable, the offset of its erased entry point from an anchor function
-//! in this crate. Inside one executable that offset is fixed at link time;
-//! address-space randomisation moves the whole image, not the distance
-//! between two functions. So a worker that has checked it is the
-//! coordinator's own executable ([`BinaryId`]) can run any [`Task`] type
-//! the coordinator names, with no registration — the mechanism procspawn
-//! uses. A worker that is another executable (the standalone
-//! `procjob-worker`) runs only the tasks in its [`Registry`], by name.
+//! executable, the offset of its entry descriptor from the image's load
+//! address ([`entry_offset`]; see [`crate::entry`]). Address-space
+//! randomisation moves the whole image, not the distance from its start,
+//! so a worker that has checked it is the coordinator's own executable
+//! ([`BinaryId`]) can run any [`Task`] type the coordinator names, with no
+//! registration — the mechanism procspawn uses — and it calls the offset
+//! only after proving it names a descriptor of the kind the batch names. A
+//! worker that is another executable (the standalone `procjob-worker`) runs
+//! only the tasks in its [`Registry`], by name.
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -69,22 +70,11 @@ impl BinaryId {
     }
 }
 
-/// The offset that names task `T`'s entry point in this executable.
-pub fn entry_offset<T: Task>() -> i64 {
-    (entry::<T> as ErasedEntry as usize as i64).wrapping_sub(anchor_addr() as i64)
-}
-
-/// Resolves an entry offset made by [`entry_offset`] in this executable.
-///
-/// # Safety
-/// `offset` must come from [`entry_offset`] in a process running the same
-/// executable file (checked with [`BinaryId::is_current`]); any other value
-/// is a jump to an arbitrary address.
-pub unsafe fn entry_at(offset: i64) -> ErasedEntry {
-    let addr = (anchor_addr() as i64).wrapping_add(offset) as usize;
-    // SAFETY: the caller guarantees the offset came from `entry_offset` in
-    // the same executable, so `addr` is the address of an `ErasedEntry`.
-    unsafe { std::mem::transmute::<usize, ErasedEntry>(addr) }
+/// The offset that names task `T` in this executable: that of its entry
+/// descriptor ([`crate::entry::offset_of`]); `None` where the platform does
+/// not tell where the image lies, so the task goes by name.
+pub fn entry_offset<T: Task>() -> Option<i64> {
+    crate::entry::offset_of::<T>()
 }
 
 /// Task kinds a worker runs by name.

@@ -1,9 +1,10 @@
 //! The serve loop: what a worker process does from start to exit.
 //!
-//! [`run_worker`] prepares the process (moves the protocol off fds 0 and 1,
-//! asks for a signal when the parent dies, captures panics) and then
-//! [`serve`]s: read a request, run its tasks under panic capture, answer,
-//! until the input closes.
+//! [`run_worker`] prepares the process (reads its pool secret, moves the
+//! protocol off fds 0 and 1, asks for a signal when the parent dies,
+//! captures panics) and then [`serve`]s: check the handshake, then read a
+//! request, run its tasks under panic capture, answer, until the input
+//! closes.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -19,7 +20,8 @@ use crate::protocol::{
     self, Access, ArrayRef, DecodeError, FailureCause, FrameKind, Outcome, Ready, Reply, Request, Results, TaskReply,
     PROTOCOL_VERSION,
 };
-use crate::registry::{self, Registry};
+use crate::registry::Registry;
+use crate::secret::{PoolSecret, SecretError};
 use crate::task::{ErasedEntry, ErasedOutcome};
 
 /// The environment variable that marks a process as a procjob worker; its
@@ -67,22 +69,33 @@ pub fn run_worker(registry: &Registry) -> ! {
 }
 
 fn prepare_and_serve(registry: &Registry) -> Result<(), ServeError> {
+    // First, before anything opens a descriptor of its own.
+    let secret = PoolSecret::take_inherited();
     let (input, output) = take_protocol_fds()?;
     die_with_parent(std::env::var(WORKER_ENV).ok().and_then(|v| v.parse::<i32>().ok()));
     install_panic_capture();
-    serve(BufReader::with_capacity(1 << 16, input), output, registry, &[])
+    serve(BufReader::with_capacity(1 << 16, input), output, registry, &[], &secret)
 }
 
 /// The body of a worker forked by the coordinator (start method `fork`):
 /// serves on the given pipe ends, with `inherited` — arrays of the
 /// coordinator that this process shares copy-on-write — resolvable by
-/// [`ArrayRef::Inherited`] references. Never returns.
+/// [`ArrayRef::Inherited`] references, and accepting the handshake that
+/// carries `secret`, its pool's (which it has in memory). Never returns.
 ///
 /// Must be called in the child right after `fork`, while it is the only
 /// thread of its process (as the coordinator was when it forked).
-pub fn run_forked_worker(input: File, output: File, registry: &Registry, inherited: &[Array], parent: i32) -> ! {
+pub fn run_forked_worker(
+    input: File,
+    output: File,
+    registry: &Registry,
+    inherited: &[Array],
+    parent: i32,
+    secret: PoolSecret,
+) -> ! {
     let code = match prepare_forked(parent).and_then(|()| {
-        serve(BufReader::with_capacity(1 << 16, input), output, registry, inherited).map_err(std::io::Error::other)
+        serve(BufReader::with_capacity(1 << 16, input), output, registry, inherited, &Ok(secret))
+            .map_err(std::io::Error::other)
     }) {
         Ok(()) => 0,
         Err(e) => {
@@ -191,11 +204,14 @@ fn install_panic_capture() {
 
 /// Serves requests from `input` until it closes, answering on `output`;
 /// `inherited` are the arrays a forked worker shares with its coordinator.
+/// The handshake must carry `secret`, the secret of the pool that started
+/// this worker; without one (`Err`), every handshake is refused.
 pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
     mut input: BufReader<R>,
     output: W,
     registry: &Registry,
     inherited: &[Array],
+    secret: &Result<PoolSecret, SecretError>,
 ) -> Result<(), ServeError> {
     let mut output = BufWriter::with_capacity(1 << 16, output);
     let hello = match protocol::recv::<_, Request>(&mut input, FrameKind::Request) {
@@ -216,12 +232,17 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         protocol::send(&mut output, FrameKind::Reply, &Reply::Refused { reason: reason.clone() }, &[])?;
         return Err(ServeError::Refused(reason));
     }
+    if let Err(reason) = check_secret(secret, &hello.secret) {
+        protocol::send(&mut output, FrameKind::Reply, &Reply::Refused { reason: reason.clone() }, &[])?;
+        return Err(ServeError::Refused(reason));
+    }
     let same_binary = hello.binary.is_current();
     let ready =
         Ready { protocol: PROTOCOL_VERSION, pid: std::process::id(), same_binary, memory: crate::memory::snapshot() };
     protocol::send(&mut output, FrameKind::Reply, &Reply::Ready(ready), &[])?;
     let idle = (hello.idle_timeout_ms > 0).then(|| Duration::from_millis(hello.idle_timeout_ms));
     let mut maps = MapCache::default();
+    hello.folders.into_iter().for_each(|f| maps.folders.allow(f));
     let mut last_snapshot = Instant::now();
     // The large results of the last reply, which went into the pipe by
     // reference: their pages serve this batch's results once the pipe has
@@ -239,7 +260,15 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
             Err(e) => return Err(e.into()),
         };
         let received_ns = crate::clock::monotonic_ns();
-        let Request::Run(batch) = &frame.message else { return Err(ServeError::NoHello) };
+        let batch = match &frame.message {
+            Request::Run(batch) => batch,
+            Request::Allow { folders } => {
+                protocol::check_bulk(frame.message.array_refs(), frame.bulk_len)?;
+                folders.iter().for_each(|f| maps.folders.allow(f.clone()));
+                continue;
+            }
+            Request::Hello(_) => return Err(ServeError::NoHello),
+        };
         put_back_sent(&mut sent, output.get_ref());
         if maps.call != batch.call {
             maps.start_call(batch.call);
@@ -327,6 +356,24 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         if reuse_lent_pages {
             sent.extend(inline.into_iter().filter(Array::is_sole_owner_of_pages).take(array::SPARES_KEPT));
         }
+    }
+}
+
+/// Whether a handshake's secret is the one this worker was started with;
+/// if not, the reason for the refusal. Only the coordinator that started
+/// the worker knows it, so this is the proof that the stream is its.
+fn check_secret(expected: &Result<PoolSecret, SecretError>, carried: &PoolSecret) -> Result<(), String> {
+    match expected {
+        Ok(secret) if secret == carried => Ok(()),
+        Ok(_) => Err("the handshake does not carry the secret of the pool that started this worker; \
+                      a worker accepts frames only from the coordinator that started it"
+            .into()),
+        Err(e) => Err(format!(
+            "this worker has no pool secret to check the handshake against: {e}; a launcher hands it \
+             {} bytes through an inherited descriptor named in {} (see docs/protocol.md)",
+            crate::secret::SECRET_LEN,
+            crate::secret::SECRET_FD_ENV
+        )),
     }
 }
 
@@ -424,15 +471,15 @@ fn splice_into_pipe(fd: &impl AsFd, mut bytes: &[u8]) -> std::io::Result<bool> {
     Ok(true)
 }
 
-/// Finds the code a task kind names: by code offset when this worker is
-/// the coordinator's own executable (exact: a name could be shadowed by a
-/// user task called "matmul"), else by name in the registry.
+/// Finds the code a task kind names: by entry descriptor when this worker
+/// is the coordinator's own executable (exact: a name could be shadowed by
+/// a user task called "matmul"), else by name in the registry. An offset
+/// that does not name a descriptor of that kind is refused, never called
+/// ([`crate::entry::resolve`]).
 fn resolve(registry: &Registry, same_binary: bool, kind: &protocol::TaskKind) -> Result<ErasedEntry, String> {
     match (same_binary, kind.entry, registry.get(&kind.name)) {
-        // SAFETY: the handshake checked that this worker runs the
-        // coordinator's own executable (`same_binary`), where the offset was
-        // made by `entry_offset`.
-        (true, Some(offset), _) => Ok(unsafe { registry::entry_at(offset) }),
+        (true, Some(offset), _) => crate::entry::resolve(offset, &kind.name)
+            .map_err(|e| format!("task kind '{}' was refused: not a task entry of this executable ({e})", kind.name)),
         (_, _, Some(entry)) => Ok(entry),
         (_, _, None) => Err(format!(
             "task kind '{}' is not known to this worker (it is not the coordinator's executable, and knows only: {})",
@@ -535,6 +582,8 @@ fn wait_for_request(
 struct MapCache {
     call: u64,
     read_only: HashMap<PathBuf, Cached>,
+    /// The folders the coordinator named: nothing outside them is mapped.
+    folders: crate::confine::Folders,
 }
 
 /// One file's entry in [`MapCache`].
@@ -599,8 +648,11 @@ impl MapCache {
         };
         let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
         match access {
-            Access::ReadWrite => return Array::map_kept(path, *dtype, &shape, *offset),
-            Access::CopyOnWrite => return Ok((array::map_file_ref(path, *dtype, &shape, *offset, *access)?, true)),
+            Access::ReadWrite => return Array::map_kept(Some(&self.folders), path, *dtype, &shape, *offset),
+            Access::CopyOnWrite => {
+                let a = array::map_file_ref_within(Some(&self.folders), path, *dtype, &shape, *offset, *access)?;
+                return Ok((a, true));
+            }
             Access::ReadOnly => {}
         }
         let key = |a: &Array| (a.storage_bytes().1, a.nbytes());
@@ -610,7 +662,7 @@ impl MapCache {
             let fresh = cached.faulted.first_time(key(&view));
             return Ok((view, fresh));
         }
-        let a = array::map_file_ref(path, *dtype, &shape, *offset, Access::ReadOnly)?;
+        let a = array::map_file_ref_within(Some(&self.folders), path, *dtype, &shape, *offset, Access::ReadOnly)?;
         if a.is_mapped() {
             let faulted = array::FaultedViews::of(key(&a));
             self.read_only.insert(path.clone(), Cached { map: a.clone(), used: true, faulted });
@@ -693,6 +745,7 @@ mod tests {
         let reference =
             |path: &std::path::Path, access| array::file_ref(&Array::open_npy(path, access).unwrap()).unwrap();
         let mut maps = MapCache::default();
+        maps.folders.allow(std::fs::canonicalize(dir.path()).unwrap());
         maps.start_call(1);
         drop(maps.map(&reference(&gone, Access::ReadOnly)).unwrap());
         drop(maps.map(&reference(&stays, Access::ReadOnly)).unwrap());
@@ -734,6 +787,7 @@ mod tests {
         let gone = dir.path().join("gone.npy");
         Array::from_vec(vec![4], vec![1.0f64; 4]).save_npy(&gone).unwrap();
         let mut maps = MapCache::default();
+        maps.folders.allow(std::fs::canonicalize(dir.path()).unwrap());
         maps.start_call(1);
         drop(maps.map(&array::file_ref(&Array::open_npy(&gone, Access::ReadOnly).unwrap()).unwrap()).unwrap());
         let stays = dir.path().join("stays.npy");
@@ -768,6 +822,7 @@ mod tests {
         let reference =
             |path: &std::path::Path| array::file_ref(&Array::open_npy(path, Access::ReadOnly).unwrap()).unwrap();
         let mut maps = MapCache::default();
+        maps.folders.allow(std::fs::canonicalize(dir.path()).unwrap());
         maps.start_call(1);
         let first = maps.map(&reference(&path)).unwrap();
         assert_eq!(sum(&first), 4.0);
