@@ -45,13 +45,11 @@
 //! (dispatch decisions), [`parallel`] (the API), and the matmul job and CLI.
 #![warn(missing_docs)]
 
-pub mod bench;
+#[cfg(feature = "cli")]
 pub mod cli;
-pub mod demo;
 pub mod error;
 pub mod matmul;
 pub mod parallel;
-pub mod plot;
 pub mod pool;
 pub mod scheduler;
 pub mod signals;

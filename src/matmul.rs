@@ -252,9 +252,8 @@ pub struct RunSettings {
     /// Fork the workers of the copy, memmap and memmap-out modes instead of
     /// re-executing this program (mode fork always forks).
     pub fork: bool,
-    /// Show a progress bar on stderr for runs longer than about a second
-    /// (never when stderr is not a terminal).
-    pub progress: bool,
+    /// Told of each block done in the worker modes (`None`: nothing is).
+    pub progress: Option<ProgressHook>,
 }
 
 impl RunSettings {
@@ -271,7 +270,7 @@ impl RunSettings {
             timeout: None,
             trace: false,
             fork: false,
-            progress: false,
+            progress: None,
         }
     }
 }
@@ -335,7 +334,7 @@ pub struct ModeRunner<'a> {
     folder: &'a RunFolder,
     rep: usize,
     threads: usize,
-    progress: bool,
+    progress: Option<ProgressHook>,
     /// The coordinator's own spans (dump, in-process compute), when tracing.
     trace: Option<crate::trace::Trace>,
     /// What this runner's files in the run folder are called after (two
@@ -391,7 +390,7 @@ impl<'a> ModeRunner<'a> {
             folder,
             rep: 0,
             threads: settings.processes,
-            progress: settings.progress,
+            progress: settings.progress.clone(),
             trace: settings.trace.then(crate::trace::Trace::default),
             name: {
                 static RUNNERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -458,7 +457,7 @@ impl<'a> ModeRunner<'a> {
             }
             Mode::Threads => run_threads(self.inputs, &self.ranges, self.threads, spare.map(|(c, _)| c)),
             mode => {
-                let bar = self.progress.then(|| ProgressBar::new(mode, &self.ranges));
+                let bar = self.progress.as_ref().map(|hook| (hook.0)(mode, &self.ranges));
                 run_parallel(self, spare, bar)
             }
         }?;
@@ -604,7 +603,7 @@ fn run_threads(
 fn run_parallel(
     runner: &mut ModeRunner<'_>,
     spare: Option<(Array, Option<TempFiles>)>,
-    mut bar: Option<ProgressBar>,
+    mut bar: Option<Box<dyn BlockProgress>>,
 ) -> Result<(Repetition, Array, Option<TempFiles>), Error> {
     let ModeRunner { mode, inputs, ranges, parallel, folder, rep, name, dumped, .. } = runner;
     let (mode, rep) = (*mode, *rep);
@@ -715,50 +714,26 @@ fn run_parallel(
     ))
 }
 
-/// A progress bar on stderr for one repetition: blocks and rows done, the
-/// rate, the time left. It appears only once the repetition has run for a
-/// second (short runs stay quiet) and never when stderr is not a terminal.
-/// It is drawn as blocks complete, with no ticker thread (a thread would
-/// stop the fork mode from forking).
-pub struct ProgressBar {
-    bar: indicatif::ProgressBar,
-    started: Instant,
-    rows: usize,
-    total_rows: usize,
+/// Told how one repetition of a worker mode progresses, block by block
+/// (the CLI draws a progress bar from it).
+pub trait BlockProgress {
+    /// A block of `rows` rows is done.
+    fn block_done(&mut self, rows: usize);
+    /// The repetition is over.
+    fn finish(self: Box<Self>);
 }
 
-/// A repetition must have run this long before its progress bar shows.
-const PROGRESS_AFTER: Duration = Duration::from_secs(1);
+/// What makes a [`BlockProgress`] from a mode and its blocks of rows.
+pub type MakeProgress = dyn Fn(Mode, &[Range<usize>]) -> Box<dyn BlockProgress> + Send + Sync;
 
-impl ProgressBar {
-    fn new(mode: Mode, ranges: &[Range<usize>]) -> ProgressBar {
-        let bar = indicatif::ProgressBar::with_draw_target(
-            Some(ranges.len() as u64),
-            indicatif::ProgressDrawTarget::hidden(),
-        );
-        let style = indicatif::ProgressStyle::with_template(
-            "{prefix:>10} [{bar:30}] {pos}/{len} blocks, {msg}, {elapsed} elapsed, ~{eta} left",
-        )
-        .map(|s| s.progress_chars("=> "))
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-        bar.set_style(style);
-        bar.set_prefix(mode.name());
-        ProgressBar { bar, started: Instant::now(), rows: 0, total_rows: ranges.iter().map(Range::len).sum() }
-    }
+/// Makes a [`BlockProgress`] for each repetition of a mode, given the mode
+/// and its blocks of rows.
+#[derive(Clone)]
+pub struct ProgressHook(pub std::sync::Arc<MakeProgress>);
 
-    fn block_done(&mut self, rows: usize) {
-        self.rows += rows;
-        let elapsed = self.started.elapsed();
-        if elapsed >= PROGRESS_AFTER && self.bar.is_hidden() {
-            self.bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        }
-        let rate = self.rows as f64 / elapsed.as_secs_f64().max(1e-9);
-        self.bar.set_message(format!("{}/{} rows, {rate:.0} rows/s", self.rows, self.total_rows));
-        self.bar.inc(1);
-    }
-
-    fn finish(self) {
-        self.bar.finish_and_clear();
+impl std::fmt::Debug for ProgressHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressHook")
     }
 }
 

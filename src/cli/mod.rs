@@ -15,6 +15,11 @@ use procjob_worker::array::Array;
 use procjob_worker::protocol::Access;
 use procjob_worker::DType;
 
+pub mod bench;
+pub mod demo;
+pub mod plot;
+mod progress;
+
 use crate::error::Error;
 use crate::matmul::{self, Inputs, Mode, ModeRun, RunSettings};
 use crate::store::RunFolder;
@@ -405,7 +410,7 @@ fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
             retries: args.retries,
             timeout,
             trace: args.trace.is_some(),
-            progress: !args.quiet,
+            progress: (!args.quiet).then(progress::ProgressBar::hook),
             fork: match args.start_method.as_str() {
                 "spawn" => false,
                 "fork" => true,
@@ -774,14 +779,14 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
 fn demo_command(args: &DemoArgs) -> Result<(), CliError> {
     let dtype = DType::from_name(&args.dtype)
         .ok_or_else(|| CliError::usage(format!("--dtype {:?} is not one of: i64, f64, f32", args.dtype)))?;
-    let options = crate::demo::DemoOptions {
+    let options = crate::cli::demo::DemoOptions {
         size: args.size,
         processes: args.processes.unwrap_or_else(crate::pool::available_cpus),
         dtype,
         temp_folder: args.temp_folder.clone(),
     };
     let mut out = Checked::new(std::io::stdout().lock());
-    crate::demo::run(&options, &mut out)?;
+    crate::cli::demo::run(&options, &mut out)?;
     out.finish()
 }
 
@@ -808,7 +813,7 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
     if let Some(dir) = &args.plot {
         check_plot_dir(dir)?;
     }
-    let sweep = crate::bench::Sweep {
+    let sweep = crate::cli::bench::Sweep {
         sizes: args.sizes.clone(),
         processes,
         modes,
@@ -826,7 +831,7 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
         );
     }
     let json = args.json;
-    let reports = crate::bench::run(&sweep, |r| {
+    let reports = crate::cli::bench::run(&sweep, |r| {
         if json {
             let _ = writeln!(out, "{}", serde_json::to_string(r).expect("reports serialize"));
         } else {
@@ -835,7 +840,8 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
         let _ = out.flush();
     })?;
     if let Some(dir) = &args.plot {
-        let paths = crate::plot::write_charts(&reports, dir).map_err(|e| CliError::usage(format!("--plot: {e}")))?;
+        let paths =
+            crate::cli::plot::write_charts(&reports, dir).map_err(|e| CliError::usage(format!("--plot: {e}")))?;
         if !json {
             let _ = writeln!(out);
         }
@@ -868,7 +874,7 @@ fn check_plot_dir(dir: &Path) -> Result<(), CliError> {
         .map_err(|e| CliError::usage(format!("--plot {}: cannot write there: {e}", dir.display())))
 }
 
-fn print_case(out: &mut impl Write, r: &crate::bench::CaseReport) {
+fn print_case(out: &mut impl Write, r: &crate::cli::bench::CaseReport) {
     if r.mode == "seq" {
         let _ = writeln!(out, "\nsize {}:", r.size);
     }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::bench::CaseReport;
+use crate::cli::bench::CaseReport;
 use crate::matmul::Mode;
 
 /// Chart size in pixels.
@@ -70,7 +70,7 @@ pub fn speedup_chart(reports: &[CaseReport], size: usize) -> io::Result<Option<S
                 .filter_map(|r| r.ideal_median_s)
                 .filter(|&t| t > 0.0)
                 .collect();
-            let speedup = seq_mean? / crate::bench::median(&times);
+            let speedup = seq_mean? / crate::cli::bench::median(&times);
             (!times.is_empty() && speedup.is_finite()).then_some((p as i32, speedup))
         })
         .collect();
@@ -294,7 +294,7 @@ fn mode_color(mode: &str, index: usize) -> RGBColor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::Stats;
+    use crate::cli::bench::Stats;
 
     /// A synthetic case: `mean_s` seconds, seq's mean 1 s, the ideal at
     /// 1/processes s, and `mib` MiB of USS per worker (PSS 3/4 of it).
