@@ -8,5 +8,5 @@ fn main() {
         eprintln!("procjob: warning: cannot take the signals that end it ({e}); a signal may leave workers and temp files behind");
     }
     let cli = procjob::cli::Cli::parse();
-    std::process::exit(procjob::cli::run(cli));
+    procjob::signals::exit(procjob::cli::run(cli));
 }

@@ -78,7 +78,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Mutex, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
@@ -115,6 +115,13 @@ static FAULT_CLAIMED: AtomicBool = AtomicBool::new(false);
 static FAULT_READY: AtomicBool = AtomicBool::new(false);
 static FAULT_ADDR: AtomicUsize = AtomicUsize::new(0);
 static FAULT_CODE: AtomicI32 = AtomicI32::new(0);
+/// Who ends the process: nobody yet ([`RUNNING`]), the signal thread in a
+/// stop that cannot wait ([`STOPPING`]), or `main` through [`exit`]
+/// ([`EXITING`]). The first to claim it does; the other waits for the end.
+static ENDING: AtomicU8 = AtomicU8::new(RUNNING);
+const RUNNING: u8 = 0;
+const STOPPING: u8 = 1;
+const EXITING: u8 = 2;
 static NEXT_LISTENER: AtomicU64 = AtomicU64::new(1);
 static LISTENERS: Mutex<Option<HashMap<u64, Sender<PoolEvent>>>> = Mutex::new(None);
 static LIVE_PIDS: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
@@ -363,6 +370,43 @@ pub fn exit_code(signal: Signal) -> i32 {
     128 + signal as i32
 }
 
+/// Ends the process with `code`, as `std::process::exit` does, unless the
+/// signal thread is stopping it at once (it kills the workers, removes the
+/// folders, prints its line and exits 128 + N): then waits for that.
+///
+/// A program that called [`install`] ends through this, so that a stop
+/// that cannot wait, whose killing of the workers may make the program
+/// fail on its own at the same moment, is the one that decides the exit.
+pub fn exit(code: i32) -> ! {
+    if ENDING.compare_exchange(RUNNING, EXITING, Ordering::SeqCst, Ordering::SeqCst) == Err(STOPPING) {
+        park_forever()
+    }
+    std::process::exit(code)
+}
+
+/// Waits for the end of the process when the signal thread is stopping it
+/// at once (see [`exit`]); returns at once otherwise. A program calls it
+/// before it reports a failure, which may be the workers that stop killed.
+pub fn wait_if_stopping() {
+    if ENDING.load(Ordering::SeqCst) == STOPPING {
+        park_forever()
+    }
+}
+
+fn park_forever() -> ! {
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Claims the end of the process for the signal thread; waits for the end
+/// when `main` has claimed it first (it is exiting).
+fn claim_stop() {
+    if ENDING.compare_exchange(RUNNING, STOPPING, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+        park_forever()
+    }
+}
+
 /// Waits up to `timeout` for one of `set`; its number, or `None`.
 fn wait_for(set: &libc::sigset_t, timeout: Duration) -> Option<i32> {
     let timeout =
@@ -460,9 +504,30 @@ fn snapshot<T: Clone>(set: &Mutex<Option<HashSet<T>>>) -> Vec<T> {
     }
 }
 
+/// The children of this process that are workers it started: the
+/// processes each of its threads started (`/proc/self/task/*/children`)
+/// whose environment names this process as their coordinator. They
+/// include a worker just started, not yet recorded by `worker_started`.
+fn started_workers() -> Vec<i32> {
+    let wanted = format!("{}={}", procjob_worker::serve::WORKER_ENV, std::process::id());
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|children| children.split_whitespace().filter_map(|p| p.parse::<i32>().ok()).collect::<Vec<_>>())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == wanted.as_bytes()))
+        })
+        .collect()
+}
+
 /// SIGKILL every live worker, reap them, and remove every live run folder.
 fn kill_workers_and_remove_folders() {
-    let pids = snapshot(&LIVE_PIDS);
+    let mut pids = snapshot(&LIVE_PIDS);
+    pids.extend(started_workers());
+    pids.sort_unstable();
+    pids.dedup();
     for &pid in &pids {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
     }
@@ -477,6 +542,7 @@ fn kill_workers_and_remove_folders() {
 /// SIGKILL every live worker, reap them, remove every live run folder, and
 /// exit with 128 + `signal`.
 fn stop_now(signal: i32) -> ! {
+    claim_stop();
     kill_workers_and_remove_folders();
     write_stderr(
         format!("procjob: stopped by {}; workers killed, temp folder removed\n", signal_name(signal)).as_bytes(),
@@ -489,6 +555,7 @@ fn stop_now(signal: i32) -> ! {
 /// Stops after a SIGBUS fault: names the file mapped where it happened,
 /// then as [`stop_now`], with the exit code of [`fault_report`].
 fn stop_after_fault(fault: Fault) -> ! {
+    claim_stop();
     let file = std::fs::read("/proc/self/maps").ok().and_then(|maps| mapped_file_at(&maps, fault.addr));
     let (line, code) = fault_report(fault, file.as_ref(), &snapshot(&LIVE_FOLDERS));
     kill_workers_and_remove_folders();
@@ -612,10 +679,17 @@ impl Drop for Listener {
     }
 }
 
-/// Records a live worker process, for a stop that cannot wait.
+/// Records a live worker process, for a stop that cannot wait. During such
+/// a stop (the pool may start a worker to replace one it killed), kills it
+/// at once: it must not live on to write to a coordinator that is gone.
 pub(crate) fn worker_started(pid: u32) {
     if let Ok(mut s) = LIVE_PIDS.lock() {
         s.get_or_insert_with(HashSet::new).insert(pid as i32);
+    }
+    // After the insert: a stop that began before it took its list of
+    // workers either saw this one or is seen here.
+    if ENDING.load(Ordering::SeqCst) == STOPPING {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
     }
 }
 
