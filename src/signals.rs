@@ -35,15 +35,15 @@
 //!    SIGKILL) and reaped, temp folders removed, exit 128 + the signal's
 //!    number with one line `procjob: stopped by SIGHUP; ...`;
 //! 2. if the program has not exited [`FORCE_AFTER`] later (it was busy in a
-//!    long computation of its own), or on a second signal, stops at once
-//!    ([`stop_now`]): SIGKILL to every live worker, reap them, remove every
+//!    long computation of its own), or on a second signal, stops at once:
+//!    SIGKILL to every live worker, reap them, remove every
 //!    live run folder, and exit with 128 + the signal number.
 //!
 //! A real-time signal has no [`Signal`] value (nix names only the standard
 //! ones), which [`Error::Interrupted`](crate::Error::Interrupted) carries: it
 //! takes step 2 at once.
 //!
-//! Not taken:
+//! Left alone:
 //! - a signal that is ignored, or has a handler, when [`install`] runs:
 //!   `nohup` and a shell's `cmd &` ignore SIGHUP, SIGINT and SIGQUIT on
 //!   purpose, and they stay ignored (Linux queues a blocked signal even
@@ -51,12 +51,14 @@
 //! - SIGPIPE, which Rust's runtime ignores (a closed pipe is an `EPIPE`);
 //! - SIGSEGV, SIGILL and SIGFPE: raised by a faulting instruction in the
 //!   thread that executed it, they cannot be waited for, and Rust's own
-//!   SIGSEGV handler reports stack overflows;
-//! - signals the kernel directs at one thread for what it just did: a
-//!   breakpoint's SIGTRAP, seccomp's SIGSYS and `abort()`'s SIGABRT are
-//!   delivered even when blocked and end the process as before; a write
-//!   over `RLIMIT_FSIZE` gets `EFBIG` (its SIGXFSZ stays pending on the
-//!   writing thread), which is reported as the write's error.
+//!   SIGSEGV handler reports stack overflows.
+//!
+//! Some of the taken signals also come from the kernel, directed at the
+//! one thread that caused them: a breakpoint's SIGTRAP, seccomp's SIGSYS
+//! and `abort()`'s SIGABRT are delivered even though blocked and end the
+//! process as before; a write over `RLIMIT_FSIZE` gets `EFBIG` (its SIGXFSZ
+//! stays pending on the writing thread) and is reported as the write's
+//! error. Only the ones sent from outside are taken.
 //!
 //! SIGBUS has a handler ([`install`] replaces Rust's, which on Linux only
 //! watches SIGSEGV's guard pages): a read of a mapped file that has shrunk
