@@ -35,8 +35,9 @@
 //!    run holds it. The sweeper keeps the lock while it removes the folder.
 //!
 //! So a folder without the lock file, be it a user's, one of an older
-//! procjob version, or one whose run died within the microseconds between
-//! making the folder and naming its lock, is never removed. The folder is
+//! procjob version, one whose run died within the microseconds between
+//! making the folder and naming its lock, or one on a filesystem that
+//! cannot `flock` (where the run makes no lock file), is never removed. The folder is
 //! removed through the descriptor it was checked with (its entries with
 //! `unlinkat`, never following a symlink), then its name with
 //! `rmdir`, which fails unless it is empty.
@@ -126,7 +127,8 @@ pub struct RunFolder {
     // Fields drop in this order: the folder is removed before its lock is
     // released, so no sweeper ever sees it unlocked.
     dir: tempfile::TempDir,
-    _lock: Flock<File>,
+    /// `None` on a filesystem without `flock`: no lock file, never swept.
+    _lock: Option<Flock<File>>,
 }
 
 impl RunFolder {
@@ -211,8 +213,10 @@ fn choose_parent_with(
 
 /// Writes the lock file of the new run folder `dir` and locks it for the
 /// folder's life (see the module docs): written and locked as
-/// [`LOCK_FILE_NEW`], then renamed to [`LOCK_FILE`].
-fn lock_folder(dir: &Path) -> std::io::Result<Flock<File>> {
+/// [`LOCK_FILE_NEW`], then renamed to [`LOCK_FILE`]. On a filesystem that
+/// cannot `flock`, makes no lock file and returns `None`: the folder is
+/// then never swept, rather than the run refused.
+fn lock_folder(dir: &Path) -> std::io::Result<Option<Flock<File>>> {
     let new = dir.join(LOCK_FILE_NEW);
     // std opens with O_CLOEXEC: spawned workers do not inherit the lock.
     let file = std::fs::OpenOptions::new()
@@ -221,10 +225,17 @@ fn lock_folder(dir: &Path) -> std::io::Result<Flock<File>> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&new)?;
-    let mut lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| std::io::Error::from(e))?;
+    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err((file, _)) => {
+            drop(file);
+            std::fs::remove_file(&new)?;
+            return Ok(None);
+        }
+    };
     lock.write_all(format!("{LOCK_FILE_HEADER}pid {}\n", std::process::id()).as_bytes())?;
     std::fs::rename(&new, dir.join(LOCK_FILE))?;
-    Ok(lock)
+    Ok(Some(lock))
 }
 
 /// Removes the stale run folders in `parent`: those that meet every rule of
