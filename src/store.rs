@@ -37,10 +37,12 @@
 //! So a folder without the lock file, be it a user's, one of an older
 //! procjob version, one whose run died within the microseconds between
 //! making the folder and naming its lock, or one on a filesystem that
-//! cannot `flock` (where the run makes no lock file), is never removed. The folder is
-//! removed through the descriptor it was checked with (its entries with
-//! `unlinkat`, never following a symlink), then its name with
-//! `rmdir`, which fails unless it is empty.
+//! cannot `flock` (where the run makes no lock file), is never removed.
+//!
+//! A stale folder is removed through the descriptor it was checked with
+//! (its entries with `unlinkat`, never following a symlink), then its name
+//! with `rmdir`, which fails unless it is empty: what it checked is what it
+//! removes, even if the name is swapped meanwhile.
 
 use std::ffi::OsString;
 use std::fs::File;
