@@ -174,3 +174,34 @@ fn an_input_truncated_while_the_coordinator_reads_it_is_named() {
         println!("{mode}: SIGBUS names {} ... ok", a.display());
     }
 }
+
+#[test]
+fn a_forked_worker_reading_a_truncated_input_still_dies_of_sigbus() {
+    // Forked workers inherit the coordinator's SIGBUS handler and its map
+    // of A. The handler must see it runs in a worker and let SIGBUS kill
+    // it (the coordinator then names the worker and the signal), not park
+    // the worker for good. With --no-check the coordinator itself does not
+    // read A; the workers read all of A in every repetition.
+    let dir = TestDir::new("sigbus-fork");
+    let (a, b) = ones(&dir, 300);
+    let mut bg = dir
+        .matmul()
+        .arg("--a")
+        .arg(&a)
+        .arg("--b")
+        .arg(&b)
+        .args(["--mode", "fork", "--no-check", "--repeat", "100000000", "--quiet", "--processes", "2"])
+        .spawn();
+    wait_banner(&mut bg);
+    truncate(&a);
+    let run = bg.finish(RUN);
+    assert_no_workers_left(run.pid, &pids_named(&run.stderr), &run.command);
+    let run = run.assert_code(1);
+    assert!(
+        run.stderr.starts_with("procjob: error: worker ")
+            && run.stderr.contains(" was killed by SIGBUS while running task "),
+        "{}: expected a worker killed by SIGBUS:\n{}",
+        run.command,
+        run.stderr
+    );
+}
