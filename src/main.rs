@@ -5,8 +5,8 @@ use clap::Parser;
 fn main() {
     procjob::init();
     if let Err(e) = procjob::signals::install() {
-        eprintln!("procjob: warning: cannot take SIGINT and SIGTERM ({e}); Ctrl-C may leave workers behind");
+        eprintln!("procjob: warning: cannot take the signals that end it ({e}); a signal may leave workers and temp files behind");
     }
     let cli = procjob::cli::Cli::parse();
-    std::process::exit(procjob::cli::run(cli));
+    procjob::signals::exit(procjob::cli::run(cli));
 }

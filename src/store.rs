@@ -5,16 +5,70 @@
 //! without following symlinks by `tempfile`) under a parent chosen as
 //! `--temp-folder`, else `PROCJOB_TEMP_FOLDER`, else `/dev/shm` when it has
 //! more than 2 GB free and room for the data, else the system temp dir.
-//! Only that folder is ever removed: on drop, whatever the outcome. A
-//! process killed with SIGKILL cannot remove its folder, so every new run
-//! first sweeps `procjob-<pid>-*` folders whose process no longer exists.
+//! Only that folder is ever removed: on drop, whatever the outcome.
+//!
+//! # The lock, and the sweep of stale folders
+//!
+//! A process killed with SIGKILL cannot remove its folder, so every new run
+//! first sweeps the parent for folders of runs that are gone. Whether a run
+//! is gone is not judged by its pid (another PID namespace may reuse it, or
+//! not see it at all): each run folder holds a lock file, [`LOCK_FILE`],
+//! that its run keeps locked (`flock`, exclusive) for the folder's whole
+//! life. The kernel drops the lock when the last descriptor of it closes,
+//! however the process ends. The descriptor is close-on-exec, so spawned
+//! workers do not hold it, and forked workers close every descriptor but
+//! their pipes (`pool::close_other_fds`), so the lock lives exactly as long
+//! as the run.
+//!
+//! The lock file is written (its first line is [`LOCK_FILE_HEADER`]) and
+//! locked under another name, then renamed to [`LOCK_FILE`]: a folder that
+//! has one is locked from the moment it shows.
+//!
+//! An entry of the parent is swept only when all of these hold:
+//! 1. its name is exactly `procjob-<pid>-<random>`: `<pid>` a decimal
+//!    number from 1 to 2^31 - 1 without sign or leading zero, `<random>`
+//!    exactly 10 ASCII letters and digits (what `tempfile` makes);
+//! 2. it is a directory, not a symlink, owned by this user;
+//! 3. it holds [`LOCK_FILE`]: a regular file (not a symlink) owned by this
+//!    user whose content begins with [`LOCK_FILE_HEADER`];
+//! 4. an exclusive, non-blocking `flock` of that file succeeds: no live
+//!    run holds it. The sweeper keeps the lock while it removes the folder.
+//!
+//! So a folder without the lock file, be it a user's, one of an older
+//! procjob version, one whose run died within the microseconds between
+//! making the folder and naming its lock, or one on a filesystem that
+//! cannot `flock` (where the run makes no lock file), is never removed.
+//!
+//! A stale folder is removed through the descriptor it was checked with
+//! (its entries with `unlinkat`, never following a symlink), then its name
+//! with `rmdir`, which fails unless it is empty: what it checked is what it
+//! removes, even if the name is swapped meanwhile.
 
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg, OFlag};
+use nix::sys::stat::Mode;
 
 /// The environment variable that names the parent of run folders.
 pub const TEMP_FOLDER_ENV: &str = "PROCJOB_TEMP_FOLDER";
 const SHM: &str = "/dev/shm";
 const SHM_MIN_FREE: u64 = 2_000_000_000;
+/// The name of the lock file in every run folder (see the module docs).
+pub const LOCK_FILE: &str = ".lock";
+/// The first line of a run folder's lock file: what marks the folder as
+/// procjob's (see the module docs).
+pub const LOCK_FILE_HEADER: &str = "procjob run folder lock v1\n";
+/// The name of the lock file before it is locked.
+const LOCK_FILE_NEW: &str = ".lock-new";
+/// Length of the random part of a run folder's name.
+const RANDOM_LEN: usize = 10;
+/// How deep the sweep goes into a stale folder (run folders are flat).
+const SWEEP_DEPTH: usize = 8;
 
 /// Why a run folder could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -69,10 +123,14 @@ pub fn human_bytes(b: u64) -> String {
     }
 }
 
-/// A run's private temp folder, removed on drop.
+/// A run's private temp folder, locked while it lives and removed on drop.
 #[derive(Debug)]
 pub struct RunFolder {
+    // Fields drop in this order: the folder is removed before its lock is
+    // released, so no sweeper ever sees it unlocked.
     dir: tempfile::TempDir,
+    /// `None` on a filesystem without `flock`: no lock file, never swept.
+    _lock: Option<Flock<File>>,
 }
 
 impl RunFolder {
@@ -83,12 +141,14 @@ impl RunFolder {
         sweep_stale(&parent);
         let dir = tempfile::Builder::new()
             .prefix(&format!("procjob-{}-", std::process::id()))
-            .rand_bytes(10)
+            .rand_bytes(RANDOM_LEN)
             .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir_in(&parent)
             .map_err(|source| StoreError::Create { path: parent.clone(), source })?;
+        // On failure `dir` drops here, and with it the folder.
+        let lock = lock_folder(dir.path()).map_err(|source| StoreError::Create { path: parent.clone(), source })?;
         crate::signals::folder_created(dir.path().to_path_buf());
-        Ok(RunFolder { dir })
+        Ok(RunFolder { dir, _lock: lock })
     }
 
     /// The folder's path.
@@ -153,45 +213,180 @@ fn choose_parent_with(
     Ok(chosen)
 }
 
-/// Removes `procjob-<pid>-*` folders in `parent` whose process no longer
-/// exists and that belong to this user. A folder whose process is alive is
-/// never touched. Returns the folders removed.
+/// Writes the lock file of the new run folder `dir` and locks it for the
+/// folder's life (see the module docs): written and locked as
+/// [`LOCK_FILE_NEW`], then renamed to [`LOCK_FILE`]. On a filesystem that
+/// cannot `flock`, makes no lock file and returns `None`: the folder is
+/// then never swept, rather than the run refused.
+fn lock_folder(dir: &Path) -> std::io::Result<Option<Flock<File>>> {
+    let new = dir.join(LOCK_FILE_NEW);
+    // std opens with O_CLOEXEC: spawned workers do not inherit the lock.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&new)?;
+    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err((file, _)) => {
+            drop(file);
+            std::fs::remove_file(&new)?;
+            return Ok(None);
+        }
+    };
+    lock.write_all(format!("{LOCK_FILE_HEADER}pid {}\n", std::process::id()).as_bytes())?;
+    std::fs::rename(&new, dir.join(LOCK_FILE))?;
+    Ok(Some(lock))
+}
+
+/// Removes the stale run folders in `parent`: those that meet every rule of
+/// the module docs (procjob's name, this user's directory, procjob's lock
+/// file, and that lock free). A folder whose lock is held, by a run in any
+/// PID namespace, is never touched, nor is anything that is not provably a
+/// procjob run folder. Returns the folders removed.
 pub fn sweep_stale(parent: &Path) -> Vec<PathBuf> {
-    use std::os::unix::fs::MetadataExt;
     let mut removed = Vec::new();
     let Ok(entries) = std::fs::read_dir(parent) else { return removed };
+    let Ok(parent_fd) =
+        nix::fcntl::open(parent, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+    else {
+        return removed;
+    };
     let uid = nix::unistd::getuid().as_raw();
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(owner_pid) else { continue };
-        let Ok(meta) = entry.path().symlink_metadata() else { continue };
-        if !meta.is_dir() || meta.uid() != uid || process_alive(pid) {
+        if !name.to_str().is_some_and(is_run_folder_name) {
             continue;
         }
-        if std::fs::remove_dir_all(entry.path()).is_ok() {
+        let Some(stale) = StaleFolder::claim(parent_fd.as_fd(), &name, uid) else { continue };
+        if stale.remove(parent_fd.as_fd()).is_ok() {
             removed.push(entry.path());
         }
     }
     removed
 }
 
-/// The pid in a run folder's name `procjob-<pid>-<random>`.
-fn owner_pid(name: &str) -> Option<i32> {
-    let rest = name.strip_prefix("procjob-")?;
-    let (pid, random) = rest.split_once('-')?;
-    if random.is_empty() {
-        return None;
-    }
-    pid.parse().ok().filter(|&p| p > 0)
+/// Whether `name` is exactly a run folder's: `procjob-<pid>-<random>`, the
+/// pid in decimal from 1 to `i32::MAX` without sign or leading zero, the
+/// random part [`RANDOM_LEN`] ASCII letters and digits.
+fn is_run_folder_name(name: &str) -> bool {
+    let Some((pid, random)) = name.strip_prefix("procjob-").and_then(|rest| rest.split_once('-')) else {
+        return false;
+    };
+    let pid_ok = !pid.is_empty()
+        && !pid.starts_with('0')
+        && pid.bytes().all(|b| b.is_ascii_digit())
+        && pid.parse::<i32>().is_ok_and(|p| p > 0);
+    pid_ok && random.len() == RANDOM_LEN && random.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
-fn process_alive(pid: i32) -> bool {
-    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
-        Ok(()) => true,
-        Err(nix::errno::Errno::ESRCH) => false,
-        // EPERM: it exists, owned by someone else.
-        Err(_) => true,
+/// A run folder proved stale: checked through `dir`, and locked by this
+/// process until it is removed.
+struct StaleFolder {
+    name: OsString,
+    dir: OwnedFd,
+    _lock: Flock<File>,
+}
+
+impl StaleFolder {
+    /// Checks rules 2 to 4 of the module docs for the entry `name` of the
+    /// parent open as `parent`, and takes its lock. `None` when any fails.
+    fn claim(parent: BorrowedFd<'_>, name: &std::ffi::OsStr, uid: u32) -> Option<StaleFolder> {
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let dir = nix::fcntl::openat(parent, name, flags, Mode::empty()).ok()?;
+        let st = nix::sys::stat::fstat(&dir).ok()?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR || st.st_uid != uid {
+            return None;
+        }
+        // O_NONBLOCK: a FIFO in its place must not block the open.
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+        let lock_fd = nix::fcntl::openat(&dir, LOCK_FILE, flags, Mode::empty()).ok()?;
+        let st = nix::sys::stat::fstat(&lock_fd).ok()?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_uid != uid {
+            return None;
+        }
+        let mut file = File::from(lock_fd);
+        let mut head = vec![0u8; LOCK_FILE_HEADER.len()];
+        file.read_exact(&mut head).ok()?;
+        if head != LOCK_FILE_HEADER.as_bytes() {
+            return None;
+        }
+        // Held by a live run (of any PID namespace): EWOULDBLOCK.
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).ok()?;
+        Some(StaleFolder { name: name.to_owned(), dir, _lock: lock })
     }
+
+    /// Empties the folder through its descriptor, then removes its name
+    /// from `parent` (which fails unless what has that name is empty).
+    fn remove(self, parent: BorrowedFd<'_>) -> std::io::Result<()> {
+        remove_entries(self.dir.as_fd(), SWEEP_DEPTH)?;
+        nix::unistd::unlinkat(parent, self.name.as_os_str(), nix::unistd::UnlinkatFlags::RemoveDir)?;
+        Ok(())
+    }
+}
+
+/// Removes everything in the directory open as `dir`, without following
+/// symlinks, down to `depth` levels of subfolders.
+fn remove_entries(dir: BorrowedFd<'_>, depth: usize) -> std::io::Result<()> {
+    use nix::sys::stat::{fstatat, SFlag};
+    use nix::unistd::{unlinkat, UnlinkatFlags};
+    for name in entry_names(dir)? {
+        let st = fstatat(dir, name.as_os_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)?;
+        if SFlag::from_bits_truncate(st.st_mode & libc::S_IFMT) == SFlag::S_IFDIR {
+            if depth == 0 {
+                return Err(std::io::Error::other("too deep"));
+            }
+            let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+            let sub = nix::fcntl::openat(dir, name.as_os_str(), flags, Mode::empty())?;
+            remove_entries(sub.as_fd(), depth - 1)?;
+            unlinkat(dir, name.as_os_str(), UnlinkatFlags::RemoveDir)?;
+        } else {
+            unlinkat(dir, name.as_os_str(), UnlinkatFlags::NoRemoveDir)?;
+        }
+    }
+    Ok(())
+}
+
+/// The names in the directory open as `dir`, but `.` and `..`.
+fn entry_names(dir: BorrowedFd<'_>) -> std::io::Result<Vec<OsString>> {
+    use std::os::unix::ffi::OsStrExt;
+    // fdopendir takes over the descriptor it is given: give it a duplicate
+    // (it shares the read position, at the start: `dir` is read only here).
+    let dup = dir.try_clone_to_owned()?;
+    let raw = std::os::fd::IntoRawFd::into_raw_fd(dup);
+    // SAFETY: `raw` is an open directory descriptor this function owns;
+    // fdopendir takes it over on success and leaves it ours on failure.
+    let stream = unsafe { libc::fdopendir(raw) };
+    if stream.is_null() {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: fdopendir failed, so `raw` is still ours to close.
+        unsafe { libc::close(raw) };
+        return Err(e);
+    }
+    let mut names = Vec::new();
+    let result = loop {
+        // SAFETY: `stream` is a valid DIR* until closedir below; errno is
+        // cleared first so an error can be told from the end; the entry
+        // readdir returns stays valid until the next call on `stream`, and
+        // its name is copied out before that.
+        unsafe {
+            *libc::__errno_location() = 0;
+            let entry = libc::readdir64(stream);
+            if entry.is_null() {
+                let errno = *libc::__errno_location();
+                break if errno == 0 { Ok(()) } else { Err(std::io::Error::from_raw_os_error(errno)) };
+            }
+            let name = std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()).to_bytes();
+            if name != b"." && name != b".." {
+                names.push(std::ffi::OsStr::from_bytes(name).to_owned());
+            }
+        }
+    };
+    // SAFETY: `stream` came from fdopendir and is closed once (with the
+    // duplicate descriptor it owns).
+    unsafe { libc::closedir(stream) };
+    result.map(|()| names)
 }
 
 #[cfg(test)]
@@ -200,18 +395,140 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
-    fn run_folder_is_private_and_removed_on_drop() {
+    fn run_folder_is_private_locked_and_removed_on_drop() {
         let parent = tempfile::tempdir().unwrap();
         let folder = RunFolder::create(Some(parent.path()), 0).unwrap();
         let path = folder.path().to_path_buf();
         let name = path.file_name().unwrap().to_str().unwrap().to_string();
-        assert_eq!(owner_pid(&name), Some(std::process::id() as i32), "{name}");
+        assert!(is_run_folder_name(&name) && name.starts_with(&format!("procjob-{}-", std::process::id())), "{name}");
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
+        let lock = path.join(LOCK_FILE);
+        let text = std::fs::read_to_string(&lock).unwrap();
+        assert_eq!(text, format!("{LOCK_FILE_HEADER}pid {}\n", std::process::id()));
+        assert_eq!(std::fs::metadata(&lock).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(!path.join(LOCK_FILE_NEW).exists());
+        // Held: another open file description cannot take it.
+        let other = File::open(&lock).unwrap();
+        let (_, errno) = Flock::lock(other, FlockArg::LockExclusiveNonblock).unwrap_err();
+        assert_eq!(errno, nix::errno::Errno::EWOULDBLOCK);
         std::fs::write(folder.file("x"), b"x").unwrap();
         drop(folder);
         assert!(!path.exists());
         assert!(parent.path().exists());
+    }
+
+    #[test]
+    fn run_folder_names_are_exactly_procjobs_form() {
+        for name in ["procjob-1-abcdefghij", "procjob-4711-AbC0eFgH9z", "procjob-2147483647-0123456789"] {
+            assert!(is_run_folder_name(name), "{name}");
+        }
+        for name in [
+            "procjob-2024-results",
+            "procjob-+99994-x",
+            "procjob-099993-x",
+            "procjob-+99994-abcdefghij",
+            "procjob-099993-abcdefghij",
+            "procjob-0-abcdefghij",
+            "procjob--5-abcdefghij",
+            "procjob-2147483648-abcdefghij",
+            "procjob-4711-abcdefghi",
+            "procjob-4711-abcdefghijk",
+            "procjob-4711-abcdefgh_j",
+            "procjob-4711-abcdéfghi",
+            "procjob-4711-",
+            "procjob-4711",
+            "procjob- 4711-abcdefghij",
+            "xprocjob-4711-abcdefghij",
+        ] {
+            assert!(!is_run_folder_name(name), "{name}");
+        }
+    }
+
+    /// A folder `parent/name` with a lock file holding `lock_text` (none
+    /// when `None`), as a run of procjob or something else might leave it.
+    fn folder_with_lock(parent: &Path, name: &str, lock_text: Option<&str>) -> PathBuf {
+        let dir = parent.join(name);
+        std::fs::create_dir(&dir).unwrap();
+        if let Some(text) = lock_text {
+            std::fs::write(dir.join(LOCK_FILE), text).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn sweep_removes_only_procjob_folders_whose_lock_is_free() {
+        let parent = tempfile::tempdir().unwrap();
+        let p = parent.path();
+        let outside = tempfile::tempdir().unwrap();
+        let header = format!("{LOCK_FILE_HEADER}pid 2147483646\n");
+        // This process's own run folder (made first: making one sweeps).
+        let own = RunFolder::create(Some(p), 0).unwrap();
+        // A dead run's folder (its lock free), with what a run leaves.
+        let dead = folder_with_lock(p, "procjob-2147483646-deadRun001", Some(&header));
+        std::fs::write(dead.join("memmap-A-1.npy"), b"left behind").unwrap();
+        std::fs::create_dir(dead.join("sub")).unwrap();
+        std::fs::write(dead.join("sub").join("f"), b"").unwrap();
+        let precious = outside.path().join("precious");
+        std::fs::write(&precious, b"keep").unwrap();
+        std::os::unix::fs::symlink(&precious, dead.join("link")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dead.join("dirlink")).unwrap();
+        // A live run's folder: a pid that exists nowhere, but its lock held
+        // (here by another open file description of this process).
+        let live = folder_with_lock(p, "procjob-2147483646-liveRun001", Some(&header));
+        let held = Flock::lock(File::open(live.join(LOCK_FILE)).unwrap(), FlockArg::LockExclusiveNonblock).unwrap();
+        // The user's folder with a procjob-like name.
+        let user = p.join("procjob-2024-results");
+        std::fs::create_dir(&user).unwrap();
+        std::fs::write(user.join("data.csv"), b"x").unwrap();
+        // Names procjob never makes, even with procjob's lock file.
+        let signed = folder_with_lock(p, "procjob-+99994-x", Some(&header));
+        let zero = folder_with_lock(p, "procjob-099993-x", Some(&header));
+        let zero_long = folder_with_lock(p, "procjob-099993-abcdefghij", Some(&header));
+        // An older procjob's folder (no lock file), a lock file of another
+        // program, and a lock file that is a symlink to procjob's.
+        let old = folder_with_lock(p, "procjob-2147483646-oldVersion", None);
+        let foreign = folder_with_lock(p, "procjob-2147483646-foreignLck", Some("some other lock\n"));
+        let linked = folder_with_lock(p, "procjob-2147483646-linkedLock", None);
+        std::fs::write(outside.path().join("lock"), &header).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("lock"), linked.join(LOCK_FILE)).unwrap();
+        // A symlink with a run folder's name, to a stale-looking folder.
+        let target = folder_with_lock(outside.path(), "procjob-2147483646-symTarget1", Some(&header));
+        let symlink = p.join("procjob-2147483646-symlinkRun");
+        std::os::unix::fs::symlink(&target, &symlink).unwrap();
+
+        let removed = sweep_stale(p);
+        assert_eq!(removed, vec![dead.clone()]);
+        assert!(!dead.exists());
+        assert_eq!(std::fs::read(&precious).unwrap(), b"keep");
+        for kept in [&live, own.path(), &user, &signed, &zero, &zero_long, &old, &foreign, &linked, &target] {
+            assert!(kept.join(".").is_dir(), "{} was removed", kept.display());
+        }
+        assert!(user.join("data.csv").is_file() && live.join(LOCK_FILE).is_file());
+        assert!(symlink.symlink_metadata().unwrap().file_type().is_symlink());
+
+        // Once its run is gone (the lock released), the live folder is stale.
+        drop(held);
+        assert_eq!(sweep_stale(p), vec![live.clone()]);
+        assert!(own.path().is_dir());
+    }
+
+    #[test]
+    fn sweep_leaves_other_users_folders() {
+        if !nix::unistd::getuid().is_root() {
+            println!("skipped: needs root to give a folder to another user");
+            return;
+        }
+        let parent = tempfile::tempdir().unwrap();
+        let theirs =
+            folder_with_lock(parent.path(), "procjob-2147483646-otherUser1", Some(&format!("{LOCK_FILE_HEADER}\n")));
+        let other = Some(nix::unistd::Uid::from_raw(12345));
+        nix::unistd::chown(&theirs, other, None).unwrap();
+        assert_eq!(sweep_stale(parent.path()), Vec::<PathBuf>::new());
+        nix::unistd::chown(&theirs, Some(nix::unistd::getuid()), None).unwrap();
+        nix::unistd::chown(&theirs.join(LOCK_FILE), other, None).unwrap();
+        assert_eq!(sweep_stale(parent.path()), Vec::<PathBuf>::new());
+        assert!(theirs.join(LOCK_FILE).is_file());
     }
 
     #[test]
@@ -237,21 +554,6 @@ mod tests {
         let err = choose_parent_with(Some(flag.path()), None, 5 * gb, &|_: &Path| Some(gb)).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("953.7 MiB free") && msg.contains("needs 4.7 GiB"), "{msg}");
-    }
-
-    #[test]
-    fn sweep_removes_dead_owners_only() {
-        let parent = tempfile::tempdir().unwrap();
-        // A pid that cannot be alive: above the kernel's maximum.
-        let dead = parent.path().join("procjob-2147483646-abc");
-        std::fs::create_dir(&dead).unwrap();
-        let alive = parent.path().join(format!("procjob-{}-abc", std::process::id()));
-        std::fs::create_dir(&alive).unwrap();
-        let unrelated = parent.path().join("procjob-notapid-abc");
-        std::fs::create_dir(&unrelated).unwrap();
-        let removed = sweep_stale(parent.path());
-        assert_eq!(removed, vec![dead.clone()]);
-        assert!(!dead.exists() && alive.exists() && unrelated.exists());
     }
 
     #[test]

@@ -282,10 +282,12 @@ fn coordinator_sigkill_makes_workers_exit_and_next_run_sweeps_its_folder() {
         .unwrap_or_else(|| panic!("{}: no run folder {live_prefix}* in {}", live.command, dir.tmp().display()));
     assert!(!dead_folder.exists(), "{}: did not sweep {}", live.command, file_name(&dead_folder));
 
-    // Another stale folder of the dead coordinator, with a file in it, for
-    // the third run to find next to the live run's folder.
-    let stale = dir.tmp().join(format!("procjob-{}-stale", killed.pid));
+    // Another stale folder of the dead coordinator, with a file in it and
+    // procjob's lock file (free), for the third run to find next to the
+    // live run's folder.
+    let stale = dir.tmp().join(format!("procjob-{}-staleFoldr", killed.pid));
     std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join(procjob::store::LOCK_FILE), procjob::store::LOCK_FILE_HEADER).unwrap();
     std::fs::write(stale.join("memmap-A-1.npy"), b"left behind").unwrap();
 
     // A third, normal run sweeps the dead coordinator's folder, never the

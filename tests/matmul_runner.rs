@@ -23,9 +23,13 @@ fn settings() -> RunSettings {
     RunSettings { blocks: 3, ..RunSettings::with_processes(2) }
 }
 
-/// The names left in the run folder.
+/// The names left in the run folder, but the folder's own lock file.
 fn left_in(folder: &RunFolder) -> Vec<String> {
-    std::fs::read_dir(folder.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+    std::fs::read_dir(folder.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name != procjob::store::LOCK_FILE)
+        .collect()
 }
 
 fn a_handed_back_c_is_written_over_in_every_mode() {

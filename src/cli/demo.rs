@@ -213,6 +213,7 @@ fn temp_folder(s: &mut Screen, opts: &DemoOptions, folder: &RunFolder, inputs: &
     let mut listing: Vec<(String, u64, u32)> = std::fs::read_dir(path)
         .map_err(|e| Error::Config(format!("cannot list {}: {e}", path.display())))?
         .flatten()
+        .filter(|e| e.file_name() != crate::store::LOCK_FILE)
         .filter_map(|e| {
             let meta = e.metadata().ok()?;
             Some((e.file_name().to_string_lossy().into_owned(), meta.len(), file_mode(&meta)))
@@ -378,7 +379,8 @@ fn narrate_mode(s: &mut Screen, r: &Measured, earlier: &[Measured], inputs: &Inp
     if let Some(send) = longest(&r.trace, Lane::Coordinator, "send") {
         s.line(&format!("  the slowest send of one task took {}", secs(dur_s(send))));
     }
-    let left = std::fs::read_dir(folder.path()).map_or(0, |d| d.count());
+    let left = std::fs::read_dir(folder.path())
+        .map_or(0, |d| d.flatten().filter(|e| e.file_name() != crate::store::LOCK_FILE).count());
     s.line(&format!("  files left in the temp folder: {left}"));
     s.line(&format!("  wall time {}: {}", secs(r.wall_s), versus_seq(seq_wall, r.wall_s)));
     s.line(&format!("  C is identical to seq's, byte for byte: {}", yes_no(r.same_as_seq)));

@@ -210,6 +210,7 @@ pub fn run(cli: Cli) -> i32 {
     };
     // A run that ended while a signal was being handled ends as that signal
     // says, whatever else went wrong on the way.
+    crate::signals::wait_if_stopping();
     if let Some(signal) = crate::signals::received() {
         eprintln!("procjob: stopped by {}; workers stopped, temp folder removed", signal.as_str());
         return crate::signals::exit_code(signal);

@@ -117,6 +117,8 @@ pub struct Procjob {
     args: Vec<OsString>,
     env: Vec<(OsString, Option<OsString>)>,
     clean_parent: Option<PathBuf>,
+    /// Signals [`Procjob::spawn`] starts the binary with ignored.
+    ignored_signals: Vec<i32>,
 }
 
 impl Default for Procjob {
@@ -129,7 +131,12 @@ impl Procjob {
     /// The binary with no arguments. `PROCJOB_TEMP_FOLDER` is removed from
     /// its environment unless [`Procjob::env`] sets it.
     pub fn new() -> Procjob {
-        Procjob { args: Vec::new(), env: vec![(TEMP_FOLDER_ENV.into(), None)], clean_parent: None }
+        Procjob {
+            args: Vec::new(),
+            env: vec![(TEMP_FOLDER_ENV.into(), None)],
+            clean_parent: None,
+            ignored_signals: Vec::new(),
+        }
     }
 
     /// Adds one argument.
@@ -153,6 +160,13 @@ impl Procjob {
         let key = key.as_ref().to_owned();
         self.env.retain(|(k, _)| *k != key);
         self.env.push((key, Some(value.as_ref().to_owned())));
+        self
+    }
+
+    /// Starts the binary (with [`Procjob::spawn`]) with signal `n` ignored,
+    /// as `nohup` does for SIGHUP.
+    pub fn ignore_signal(&mut self, n: i32) -> &mut Procjob {
+        self.ignored_signals.push(n);
         self
     }
 
@@ -624,6 +638,23 @@ impl Procjob {
                 Some(v) => cmd.env(k, v),
                 None => cmd.env_remove(k),
             };
+        }
+        // Every signal with its default action but those asked ignored,
+        // whatever the test runner was started with (nohup, `&` in a script).
+        let ignored = self.ignored_signals.clone();
+        let last = libc::SIGRTMAX();
+        // SAFETY: only sigaction, which is async-signal-safe, runs between
+        // fork and exec; `ignored` was allocated before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                for n in 1..=last {
+                    let mut action: libc::sigaction = std::mem::zeroed();
+                    action.sa_sigaction = if ignored.contains(&n) { libc::SIG_IGN } else { libc::SIG_DFL };
+                    // Fails for SIGKILL, SIGSTOP and glibc's own: left as they are.
+                    libc::sigaction(n, &action, std::ptr::null_mut());
+                }
+                Ok(())
+            });
         }
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
         let (tx, lines) = std::sync::mpsc::channel();
