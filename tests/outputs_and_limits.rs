@@ -337,11 +337,12 @@ fn a_paused_coordinator_does_not_time_out_tasks_that_answered() {
     ]);
     let mut bg = cmd.spawn();
     bg.wait_for_line(Stream::Stdout, "procjob matmul:", RUN);
-    // Ctrl-Z and `fg` three times, each pause well past the timeout: the
+    // Ctrl-Z and `fg` three times, each pause well past the timeout (a task
+    // takes milliseconds; the timeout leaves room for a loaded machine): the
     // pause is the stimulus here, not a wait for an event.
     for _ in 0..3 {
         bg.signal(Signal::SIGSTOP);
-        std::thread::sleep(Duration::from_millis(900));
+        std::thread::sleep(Duration::from_millis(1500));
         bg.signal(Signal::SIGCONT);
         std::thread::sleep(Duration::from_millis(100));
     }
