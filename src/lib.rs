@@ -48,6 +48,7 @@
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod error;
+mod lifecycle;
 pub mod matmul;
 pub mod parallel;
 pub mod pool;

@@ -275,7 +275,7 @@ pub struct WorkerPool {
     /// The folders workers may map files from (canonical), in the order
     /// they were named; each worker is told of them once.
     folders: Vec<PathBuf>,
-    _interrupts: crate::signals::Listener,
+    _interrupts: crate::lifecycle::Waker,
 }
 
 impl WorkerPool {
@@ -289,7 +289,14 @@ impl WorkerPool {
             last_pids: vec![0; config.workers],
             config,
             slots,
-            _interrupts: crate::signals::Listener::new(events_tx.clone()),
+            _interrupts: {
+                let tx = Mutex::new(events_tx.clone());
+                crate::lifecycle::Waker::new(move |signal| {
+                    if let Ok(tx) = tx.lock() {
+                        let _ = tx.send(PoolEvent::interrupted(signal));
+                    }
+                })
+            },
             events,
             events_tx,
             traffic: Traffic::default(),
@@ -553,7 +560,7 @@ impl WorkerPool {
         drop(secret);
         let pid = child.id();
         let spawned_ns = procjob_worker::clock::monotonic_ns();
-        crate::signals::worker_started(pid);
+        crate::lifecycle::worker_started(pid);
         let stdin = File::from(std::os::fd::OwnedFd::from(child.stdin.take().expect("stdin was piped")));
         let stdout = File::from(std::os::fd::OwnedFd::from(child.stdout.take().expect("stdout was piped")));
         // The pool waits for and kills the worker by pid from here on.
@@ -655,7 +662,7 @@ impl WorkerPool {
                 let (to_child, from_child) = fork_one(&inherit, parent, &secret)
                     .map_err(|e| Error::Start { index, reason: format!("cannot fork: {e}") })?;
                 let (pid, stdin, stdout) = (to_child.0, to_child.1, from_child);
-                crate::signals::worker_started(pid);
+                crate::lifecycle::worker_started(pid);
                 forked.push((index, pid, stdin, stdout, requested_ns, procjob_worker::clock::monotonic_ns()));
             }
             Ok(())
@@ -806,7 +813,7 @@ impl WorkerPool {
             Some(exit) => exit,
             None => wait_or_kill(p.pid, SHUTDOWN_GRACE),
         };
-        crate::signals::worker_reaped(p.pid);
+        crate::lifecycle::worker_reaped(p.pid);
         if let Some(r) = p.reader.take() {
             let _ = r.join();
         }
@@ -907,7 +914,7 @@ fn spawn_from_long_lived_thread(cmd: Command) -> std::io::Result<Child> {
 /// Stops the spawner thread if no worker is alive (so the process can be
 /// single-threaded again, as forking requires).
 fn stop_spawner_if_idle() {
-    if crate::signals::live_workers() > 0 {
+    if crate::lifecycle::live_workers() > 0 {
         return;
     }
     let taken = SPAWNER.lock().ok().and_then(|mut s| s.take());

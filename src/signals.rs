@@ -78,16 +78,14 @@
 //! it runs in a worker and lets SIGBUS kill it, as it would without the
 //! handler.
 
-use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::mpsc::Sender;
-use std::sync::{Mutex, OnceLock, TryLockError};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use crate::pool::PoolEvent;
+use crate::lifecycle;
 
 /// How long after the first signal the program may take to stop on its own.
 pub const FORCE_AFTER: Duration = Duration::from_secs(2);
@@ -101,9 +99,6 @@ static WATCHER: Mutex<Option<std::thread::JoinHandle<()>>> = Mutex::new(None);
 /// How often the watcher looks at [`STOP_WATCHER`] and for a SIGBUS while
 /// no signal comes.
 const WATCH_TICK: Duration = Duration::from_millis(5);
-/// How long a stop that cannot wait waits for a lock another thread holds
-/// (one parked in the SIGBUS handler may hold it forever).
-const LOCK_PATIENCE: Duration = Duration::from_millis(500);
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
 /// The signals the watcher takes, decided once by [`install`].
 static TAKEN: OnceLock<Vec<i32>> = OnceLock::new();
@@ -117,18 +112,6 @@ static FAULT_CLAIMED: AtomicBool = AtomicBool::new(false);
 static FAULT_READY: AtomicBool = AtomicBool::new(false);
 static FAULT_ADDR: AtomicUsize = AtomicUsize::new(0);
 static FAULT_CODE: AtomicI32 = AtomicI32::new(0);
-/// Who ends the process: nobody yet ([`RUNNING`]), the signal thread in a
-/// stop that cannot wait ([`STOPPING`]), or `main` through [`exit`]
-/// ([`EXITING`]). The first to claim it does; the other waits for the end.
-static ENDING: AtomicU8 = AtomicU8::new(RUNNING);
-const RUNNING: u8 = 0;
-const STOPPING: u8 = 1;
-const EXITING: u8 = 2;
-static NEXT_LISTENER: AtomicU64 = AtomicU64::new(1);
-static LISTENERS: Mutex<Option<HashMap<u64, Sender<PoolEvent>>>> = Mutex::new(None);
-static LIVE_PIDS: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
-static LIVE_FOLDERS: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
-
 /// The standard signals whose default action ends the process and that
 /// can come from outside (see the module docs for the ones left out).
 const STANDARD: [Signal; 17] = [
@@ -354,7 +337,7 @@ pub fn single_threaded<R>(f: impl FnOnce() -> R) -> R {
 
 /// Live workers of this process (started and not yet reaped).
 pub fn live_workers() -> usize {
-    LIVE_PIDS.lock().ok().and_then(|s| s.as_ref().map(HashSet::len)).unwrap_or(0)
+    lifecycle::live_workers()
 }
 
 /// The first taken signal received since [`install`], if any (a real-time
@@ -380,7 +363,7 @@ pub fn exit_code(signal: Signal) -> i32 {
 /// that cannot wait, whose killing of the workers may make the program
 /// fail on its own at the same moment, is the one that decides the exit.
 pub fn exit(code: i32) -> ! {
-    if ENDING.compare_exchange(RUNNING, EXITING, Ordering::SeqCst, Ordering::SeqCst) == Err(STOPPING) {
+    if !lifecycle::claim_exit() {
         park_forever()
     }
     std::process::exit(code)
@@ -390,7 +373,7 @@ pub fn exit(code: i32) -> ! {
 /// at once (see [`exit`]); returns at once otherwise. A program calls it
 /// before it reports a failure, which may be the workers that stop killed.
 pub fn wait_if_stopping() {
-    if ENDING.load(Ordering::SeqCst) == STOPPING {
+    if lifecycle::is_stopping() {
         park_forever()
     }
 }
@@ -404,7 +387,7 @@ fn park_forever() -> ! {
 /// Claims the end of the process for the signal thread; waits for the end
 /// when `main` has claimed it first (it is exiting).
 fn claim_stop() {
-    if ENDING.compare_exchange(RUNNING, STOPPING, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+    if !lifecycle::claim_stop() {
         park_forever()
     }
 }
@@ -468,11 +451,7 @@ fn watch() {
         stop_now(first)
     };
     RECEIVED.store(first, Ordering::SeqCst);
-    if let Ok(listeners) = LISTENERS.lock() {
-        for tx in listeners.iter().flat_map(|m| m.values()) {
-            let _ = tx.send(PoolEvent::interrupted(signal));
-        }
-    }
+    lifecycle::wake_all(signal);
     // A second signal, a fault, or no exit within FORCE_AFTER: stop at once.
     let deadline = Instant::now() + FORCE_AFTER;
     loop {
@@ -488,20 +467,6 @@ fn watch() {
         }
         if let Some(n) = wait_for(&set, left.min(WATCH_TICK)) {
             stop_now(n);
-        }
-    }
-}
-
-/// The contents of a set behind a lock, waiting at most [`LOCK_PATIENCE`]
-/// for it: a thread parked in the SIGBUS handler may hold it for good.
-fn snapshot<T: Clone>(set: &Mutex<Option<HashSet<T>>>) -> Vec<T> {
-    let deadline = Instant::now() + LOCK_PATIENCE;
-    loop {
-        match set.try_lock() {
-            Ok(s) => return s.iter().flatten().cloned().collect(),
-            Err(TryLockError::Poisoned(p)) => return p.into_inner().iter().flatten().cloned().collect(),
-            Err(TryLockError::WouldBlock) if Instant::now() < deadline => std::thread::yield_now(),
-            Err(TryLockError::WouldBlock) => return Vec::new(),
         }
     }
 }
@@ -526,7 +491,7 @@ fn started_workers() -> Vec<i32> {
 
 /// SIGKILL every live worker, reap them, and remove every live run folder.
 fn kill_workers_and_remove_folders() {
-    let mut pids = snapshot(&LIVE_PIDS);
+    let mut pids = lifecycle::live_pids();
     pids.extend(started_workers());
     pids.sort_unstable();
     pids.dedup();
@@ -536,7 +501,7 @@ fn kill_workers_and_remove_folders() {
     for &pid in &pids {
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
     }
-    for folder in snapshot(&LIVE_FOLDERS) {
+    for folder in lifecycle::live_folders() {
         let _ = std::fs::remove_dir_all(folder);
     }
 }
@@ -559,7 +524,7 @@ fn stop_now(signal: i32) -> ! {
 fn stop_after_fault(fault: Fault) -> ! {
     claim_stop();
     let file = std::fs::read("/proc/self/maps").ok().and_then(|maps| mapped_file_at(&maps, fault.addr));
-    let (line, code) = fault_report(fault, file.as_ref(), &snapshot(&LIVE_FOLDERS));
+    let (line, code) = fault_report(fault, file.as_ref(), &lifecycle::live_folders());
     kill_workers_and_remove_folders();
     write_stderr(format!("{line}\n").as_bytes());
     // SAFETY: _exit ends the process at once; the faulting thread is parked
@@ -653,70 +618,6 @@ fn fault_report(fault: Fault, file: Option<&MappedFile>, run_folders: &[PathBuf]
             ),
             1,
         )
-    }
-}
-
-/// A pool's subscription to interruptions; unsubscribes on drop.
-#[derive(Debug)]
-pub(crate) struct Listener(u64);
-
-impl Listener {
-    /// Subscribes `tx` to interruptions.
-    pub(crate) fn new(tx: Sender<PoolEvent>) -> Listener {
-        let id = NEXT_LISTENER.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut l) = LISTENERS.lock() {
-            l.get_or_insert_with(HashMap::new).insert(id, tx);
-        }
-        Listener(id)
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        if let Ok(mut l) = LISTENERS.lock() {
-            if let Some(m) = l.as_mut() {
-                m.remove(&self.0);
-            }
-        }
-    }
-}
-
-/// Records a live worker process, for a stop that cannot wait. During such
-/// a stop (the pool may start a worker to replace one it killed), kills it
-/// at once: it must not live on to write to a coordinator that is gone.
-pub(crate) fn worker_started(pid: u32) {
-    if let Ok(mut s) = LIVE_PIDS.lock() {
-        s.get_or_insert_with(HashSet::new).insert(pid as i32);
-    }
-    // After the insert: a stop that began before it took its list of
-    // workers either saw this one or is seen here.
-    if ENDING.load(Ordering::SeqCst) == STOPPING {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
-    }
-}
-
-/// Forgets a reaped worker process.
-pub(crate) fn worker_reaped(pid: u32) {
-    if let Ok(mut s) = LIVE_PIDS.lock() {
-        if let Some(s) = s.as_mut() {
-            s.remove(&(pid as i32));
-        }
-    }
-}
-
-/// Records a live run folder, for a stop that cannot wait.
-pub(crate) fn folder_created(path: PathBuf) {
-    if let Ok(mut s) = LIVE_FOLDERS.lock() {
-        s.get_or_insert_with(HashSet::new).insert(path);
-    }
-}
-
-/// Forgets a removed run folder.
-pub(crate) fn folder_removed(path: &std::path::Path) {
-    if let Ok(mut s) = LIVE_FOLDERS.lock() {
-        if let Some(s) = s.as_mut() {
-            s.remove(path);
-        }
     }
 }
 

@@ -147,7 +147,7 @@ impl RunFolder {
             .map_err(|source| StoreError::Create { path: parent.clone(), source })?;
         // On failure `dir` drops here, and with it the folder.
         let lock = lock_folder(dir.path()).map_err(|source| StoreError::Create { path: parent.clone(), source })?;
-        crate::signals::folder_created(dir.path().to_path_buf());
+        crate::lifecycle::folder_created(dir.path().to_path_buf());
         Ok(RunFolder { dir, _lock: lock })
     }
 
@@ -165,7 +165,7 @@ impl RunFolder {
 impl Drop for RunFolder {
     fn drop(&mut self) {
         // The TempDir field removes the folder right after this.
-        crate::signals::folder_removed(self.dir.path());
+        crate::lifecycle::folder_removed(self.dir.path());
     }
 }
 
