@@ -211,14 +211,37 @@ pub enum ArrayRef {
 }
 
 impl ArrayRef {
-    /// Bytes of the array, or `None` if the shape overflows.
-    pub fn nbytes(&self) -> Option<u64> {
-        let (dtype, shape) = match self {
+    /// The element type and shape.
+    pub fn dtype_and_shape(&self) -> (DType, &[u64]) {
+        match self {
             ArrayRef::Inline { dtype, shape }
             | ArrayRef::File { dtype, shape, .. }
-            | ArrayRef::Inherited { dtype, shape, .. } => (dtype, shape),
-        };
+            | ArrayRef::Inherited { dtype, shape, .. } => (*dtype, shape),
+        }
+    }
+
+    /// Bytes of the array (`dtype.size() × product(shape)`, checked; 0 when
+    /// a dimension is 0), or `None` if that overflows.
+    pub fn nbytes(&self) -> Option<u64> {
+        let (dtype, shape) = self.dtype_and_shape();
+        if shape.contains(&0) {
+            return Some(0);
+        }
         shape.iter().try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d))
+    }
+
+    /// The shape as this process's sizes, or [`ArrayError::TooLarge`]
+    /// (naming the shape and dtype) when its size in bytes overflows or
+    /// exceeds what this process can address (`isize::MAX`).
+    ///
+    /// [`ArrayError::TooLarge`]: crate::array::ArrayError::TooLarge
+    pub fn checked_shape(&self) -> Result<Vec<usize>, crate::array::ArrayError> {
+        let (dtype, shape) = self.dtype_and_shape();
+        let too_large = || crate::array::ArrayError::TooLarge { dtype, shape: shape.to_vec() };
+        let usize_shape: Vec<usize> =
+            shape.iter().map(|&d| usize::try_from(d)).collect::<Result<_, _>>().map_err(|_| too_large())?;
+        dtype.nbytes(&usize_shape).ok_or_else(too_large)?;
+        Ok(usize_shape)
     }
 }
 

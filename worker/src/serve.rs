@@ -117,18 +117,14 @@ fn prepare_forked(parent: i32) -> std::io::Result<()> {
 
 /// Resolves an [`ArrayRef::Inherited`] against the arrays this forked
 /// worker shares with its coordinator.
-fn inherit(
-    inherited: &[Array],
-    dtype: crate::DType,
-    shape: &[u64],
-    index: u32,
-    offset: u64,
-) -> Result<Array, ArrayError> {
-    let base = inherited.get(index as usize).ok_or_else(|| {
+fn inherit(inherited: &[Array], r: &ArrayRef) -> Result<Array, ArrayError> {
+    let ArrayRef::Inherited { dtype, index, offset, .. } = r else {
+        unreachable!("only inherited references are resolved here")
+    };
+    let base = inherited.get(*index as usize).ok_or_else(|| {
         ArrayError::Shape(format!("inherited array {index} does not exist ({} were inherited)", inherited.len()))
     })?;
-    let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-    base.view_of_storage(dtype, &shape, offset)
+    base.view_of_storage(*dtype, &r.checked_shape()?, *offset)
 }
 
 /// Moves the protocol off fds 0 and 1: stdin becomes /dev/null and stdout
@@ -247,9 +243,7 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         let arrays = array::read_arrays(&mut input, frame.message.array_refs(), frame.bulk_len, &mut |_, r| match r {
             ArrayRef::File { .. } => array::Placement::Mapped(maps.map(r)),
             ArrayRef::Inline { .. } => array::Placement::Own,
-            ArrayRef::Inherited { dtype, shape, index, offset } => {
-                array::Placement::Mapped(inherit(inherited, *dtype, shape, *index, *offset))
-            }
+            ArrayRef::Inherited { .. } => array::Placement::Mapped(inherit(inherited, r)),
         })?;
         // The batch's received bytes stay alive until the memory snapshot
         // below, so it shows what the tasks held (a B copied into this worker
@@ -361,7 +355,7 @@ fn write_reply<W: Write + AsFd>(output: &mut BufWriter<W>, payload: &[u8], inlin
 }
 
 /// Puts the pages of `sent` (the last reply's large results) back for the
-/// next results (`Array::for_overwrite`) when `output` is a pipe with
+/// next results (`Array::try_for_overwrite`) when `output` is a pipe with
 /// nothing left in it: the coordinator has read every byte of the reply, so
 /// the pipe holds none of those pages any more. Otherwise drops them: a
 /// pipe still holding pages keeps its own references, and anything but a
@@ -594,10 +588,10 @@ impl MapCache {
     /// The view a file reference names, and whether it still needs faulting
     /// in.
     fn view(&mut self, r: &ArrayRef) -> Result<(Array, bool), ArrayError> {
-        let ArrayRef::File { dtype, shape, path, offset, access } = r else {
+        let ArrayRef::File { dtype, path, offset, access, .. } = r else {
             unreachable!("only file references are mapped")
         };
-        let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        let shape = r.checked_shape()?;
         match access {
             Access::ReadWrite => return Array::map_kept(path, *dtype, &shape, *offset),
             Access::CopyOnWrite => return Ok((array::map_file_ref(path, *dtype, &shape, *offset, *access)?, true)),
@@ -663,7 +657,8 @@ mod tests {
             assert!(a.is_sole_owner_of_pages());
             vec![a]
         };
-        let next_is_fresh = || Array::for_overwrite(crate::DType::F64, vec![len]).as_bytes().iter().all(|&b| b == 0);
+        let next_is_fresh =
+            || Array::try_for_overwrite(crate::DType::F64, vec![len]).unwrap().as_bytes().iter().all(|&b| b == 0);
         let (r, w) = nix::unistd::pipe().unwrap();
         let (mut r, mut w) = (File::from(r), File::from(w));
         w.write_all(b"x").unwrap();
