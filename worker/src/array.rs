@@ -584,11 +584,11 @@ impl Array {
         let (file, header) = npy::read_header(path)?;
         let file = match access {
             Access::ReadOnly | Access::CopyOnWrite => file,
-            Access::ReadWrite => std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .map_err(|e| ArrayError::Npy(npy::NpyError::Io { path: path.to_path_buf(), source: e }))?,
+            // Opened again, without blocking: the path may name something
+            // else by now.
+            Access::ReadWrite => {
+                open_regular(path, true).map_err(|reason| ArrayError::Map { path: path.clone(), reason })?
+            }
         };
         let mapping = map_file(&file, path, access)?;
         Ok(Array {
@@ -921,6 +921,31 @@ fn map_file(file: &File, path: &Path, access: Access) -> Result<Mapping, ArrayEr
     Ok(Mapping { map: Some(map), path: path.to_path_buf(), access, id: FileId::of_metadata(&meta), kept: None })
 }
 
+/// Opens `path` (not following a last-component symlink) for reading, and
+/// writing if `write`, and refuses anything but a regular file at once.
+///
+/// Opened with `O_NONBLOCK`: opening a FIFO for reading blocks until a
+/// writer comes, so without it a reference naming a FIFO would hang the
+/// worker before the file type could be checked. The flag is cleared once
+/// the descriptor is known to be a regular file (it means nothing there).
+fn open_regular(path: &Path, write: bool) -> Result<File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err(format!("not a regular file ({})", npy::file_kind(meta.file_type())));
+    }
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = fcntl(&file, FcntlArg::F_GETFL).map_err(|e| e.to_string())?;
+    fcntl(&file, FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) - OFlag::O_NONBLOCK)).map_err(|e| e.to_string())?;
+    Ok(file)
+}
+
 /// Maps the file an [`ArrayRef::File`] names, checking that the referenced
 /// bytes lie inside it. The file need not be a `.npy` (a row slice points
 /// into the middle of one); it must be a regular file.
@@ -932,17 +957,8 @@ pub fn map_file_ref(
     access: Access,
 ) -> Result<Array, ArrayError> {
     let err = |reason: String| ArrayError::Map { path: path.to_path_buf(), reason };
-    let mut opts = std::fs::OpenOptions::new();
-    opts.read(true).write(access == Access::ReadWrite);
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
-    }
-    let file = opts.open(path).map_err(|e| err(e.to_string()))?;
+    let file = open_regular(path, access == Access::ReadWrite).map_err(err)?;
     let meta = file.metadata().map_err(|e| err(e.to_string()))?;
-    if !meta.is_file() {
-        return Err(err("not a regular file".into()));
-    }
     let nbytes = dtype.nbytes(shape).ok_or_else(|| err("shape overflows".into()))? as u64;
     let end = offset.checked_add(nbytes).ok_or_else(|| err("offset overflows".into()))?;
     if end > meta.len() {
@@ -1627,6 +1643,19 @@ mod tests {
         assert!(err.to_string().contains("link.npy"), "{err}");
         assert!(map_file_ref(&dir, DType::F64, &[0], 0, Access::ReadOnly).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A FIFO is refused at once, for every access: opening one for
+    /// reading would otherwise wait for a writer for ever.
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.npy");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        for access in [Access::ReadOnly, Access::CopyOnWrite, Access::ReadWrite] {
+            let err = map_file_ref(&fifo, DType::F64, &[1], 0, access).unwrap_err().to_string();
+            assert!(err.contains("fifo.npy") && err.contains("not a regular file (a fifo)"), "{access:?}: {err}");
+        }
     }
 
     #[test]

@@ -604,7 +604,7 @@ fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Names a non-regular file type for the error message.
-fn file_kind(ft: std::fs::FileType) -> &'static str {
+pub(crate) fn file_kind(ft: std::fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
     if ft.is_dir() {
         "a directory"
