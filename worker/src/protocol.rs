@@ -67,6 +67,11 @@ pub const PRELUDE_LEN: usize = 20;
 pub const MAX_PAYLOAD: usize = 64 << 20;
 /// Largest bulk part a reader accepts: 1 TiB.
 pub const MAX_BULK: u64 = 1 << 40;
+/// Longest task kind name ([`TaskKind::name`]) a worker accepts, in bytes:
+/// refused at decode ([`DecodeError::KindNameTooLong`]). A name is a
+/// registry key and appears in messages, some repeated per task; type
+/// paths of generic tasks (`Task::name`'s default) stay well under it.
+pub const MAX_KIND_NAME: usize = 256;
 
 /// Who sent a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -432,6 +437,14 @@ pub enum DecodeError {
         /// `bulk_len` of the frame.
         actual: u64,
     },
+    /// A batch names a task kind longer than [`MAX_KIND_NAME`].
+    #[error("task kind name of {len} bytes exceeds the limit of {max} bytes")]
+    KindNameTooLong {
+        /// The name's length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
 }
 
 /// A decoded frame prelude.
@@ -595,6 +608,19 @@ pub fn recv<R: Read + ?Sized, M: serde::de::DeserializeOwned>(
         return Err(DecodeError::TrailingBytes(rest.len()));
     }
     Ok(Frame { message, bulk_len: prelude.bulk_len, header_bytes: (PRELUDE_LEN + payload.len()) as u64 })
+}
+
+/// [`recv`] for a worker: reads a [`Request`] and checks the limits its
+/// payload can break without being malformed (a task kind name longer than
+/// [`MAX_KIND_NAME`] is [`DecodeError::KindNameTooLong`]).
+pub fn recv_request<R: Read + ?Sized>(r: &mut R) -> Result<Frame<Request>, DecodeError> {
+    let frame = recv::<_, Request>(r, FrameKind::Request)?;
+    if let Request::Run(batch) = &frame.message {
+        if batch.kind.name.len() > MAX_KIND_NAME {
+            return Err(DecodeError::KindNameTooLong { len: batch.kind.name.len(), max: MAX_KIND_NAME });
+        }
+    }
+    Ok(frame)
 }
 
 /// Checks that the inline arrays declared in `refs` need exactly `bulk_len`

@@ -229,7 +229,7 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         if input.buffer().is_empty() && !wait_for_request(input.get_ref(), idle, &mut maps, FIRST_MAP_CHECK) {
             return Ok(()); // idle timeout: exit quietly, the pool starts another when needed
         }
-        let frame = match protocol::recv::<_, Request>(&mut input, FrameKind::Request) {
+        let frame = match protocol::recv_request(&mut input) {
             Ok(f) => f,
             Err(DecodeError::Closed) => return Ok(()),
             Err(e) => return Err(e.into()),
@@ -268,13 +268,25 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         // moves).
         let clock = || if batch.timestamps { crate::clock::monotonic_ns() } else { 0 };
         let mut started_ns = clock();
+        let mut budget = ReplyBudget::default();
+        let first_index = batch.tasks.first().map(|t| t.index);
         for task in &batch.tasks {
             let mine: Vec<Result<Array, ArrayError>> = match task.arrays.len() {
                 0 => Vec::new(),
                 n => arrays.by_ref().take(n).collect(),
             };
-            let result = run_one(&entry, &task.input, mine);
+            let result = match (&entry, first_index) {
+                // The same message for every task of the batch: in full
+                // once, then a pointer to it (a kind name repeated per
+                // task made a 73 KB request take 253 MB).
+                (Err(_), Some(first)) if first != task.index => ErasedOutcome::failed(
+                    FailureCause::Setup,
+                    format!("task kind '{}' is not known to this worker (see task {first})", batch.kind.name),
+                ),
+                _ => run_one(&entry, &task.input, mine),
+            };
             let finished_ns = clock();
+            let result = budget.admit(task.index, result);
             replies.push(TaskReply { index: task.index, started_ns, finished_ns, outcome: result.outcome });
             inline.extend(result.inline);
             started_ns = finished_ns;
@@ -296,18 +308,22 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         crate::payload::with_scratch(|payload| {
             crate::payload::encode_into(&reply, payload).map_err(std::io::Error::other)?;
             if let (true, Reply::Results(mut results)) = (payload.len() > protocol::MAX_PAYLOAD, reply) {
-                // Too large for one frame: report it as each task's failure
-                // rather than die, so the coordinator can say which tasks.
+                // Too large for one frame (the budget's estimate fell
+                // short): report it as the tasks' failure rather than die,
+                // so the coordinator can say which tasks — the explanation
+                // once, a short pointer to it for the others.
                 let message = format!(
                     "the batch's results encode to {} bytes, over the frame limit of {} bytes; \
                      return large data as procjob::Array (raw bytes, no limit) instead of serde values",
                     payload.len(),
                     protocol::MAX_PAYLOAD
                 );
-                for t in &mut results.tasks {
+                let first = results.tasks.first().map_or(0, |t| t.index);
+                for (i, t) in results.tasks.iter_mut().enumerate() {
+                    let message = if i == 0 { message.clone() } else { ReplyBudget::dropped_message(first) };
                     t.outcome = Outcome::Failed(protocol::TaskFailure {
                         cause: FailureCause::Setup,
-                        message: message.clone(),
+                        message,
                         location: None,
                         error: None,
                     });
@@ -320,6 +336,94 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         })?;
         if reuse_lent_pages {
             sent.extend(inline.into_iter().filter(Array::is_sole_owner_of_pages).take(array::SPARES_KEPT));
+        }
+    }
+}
+
+/// What a batch's reply may grow to while it is built: its payload (the
+/// encoded outcomes) up to [`protocol::MAX_PAYLOAD`] and its bulk (inline
+/// arrays) up to [`protocol::MAX_BULK`], the limits the reader enforces.
+/// Each task's outcome is admitted with an upper bound of its encoded size;
+/// from the first that would pass a limit on, outcomes are dropped as they
+/// come (their arrays freed at once) and replaced by a short failure: the
+/// first says why, the others point to it. So a batch of many tasks that
+/// fail with long messages holds at most one frame's worth of them, not a
+/// copy per task of a message that could never be sent.
+#[derive(Default)]
+struct ReplyBudget {
+    payload: usize,
+    bulk: u64,
+    first_dropped: Option<u64>,
+}
+
+impl ReplyBudget {
+    /// What a task's entry costs besides its outcome, at most: index and
+    /// two timestamps (varints of up to 10 bytes) and tags.
+    const PER_TASK: usize = 32;
+    /// The `Results` fields besides the tasks, at most.
+    const PER_REPLY: usize = 96;
+
+    /// The outcome to report for task `index`: `result` when it fits.
+    fn admit(&mut self, index: u64, result: ErasedOutcome) -> ErasedOutcome {
+        if let Some(first) = self.first_dropped {
+            return ErasedOutcome::failed(FailureCause::Setup, ReplyBudget::dropped_message(first));
+        }
+        let payload = Self::PER_TASK + encoded_len_bound(&result.outcome);
+        let bulk: u64 = result.inline.iter().map(|a| a.nbytes() as u64).sum();
+        let fits = self.payload + payload + Self::PER_REPLY <= protocol::MAX_PAYLOAD
+            && self.bulk.checked_add(bulk).is_some_and(|b| b <= protocol::MAX_BULK);
+        if fits {
+            self.payload += payload;
+            self.bulk += bulk;
+            return result;
+        }
+        self.first_dropped = Some(index);
+        ErasedOutcome::failed(
+            FailureCause::Setup,
+            format!(
+                "the batch's reply would exceed the frame limit ({} bytes of encoded outcomes, {} bytes of arrays) \
+                 with this task's outcome ({payload} bytes encoded, {bulk} bytes of arrays), so it and the later \
+                 tasks' outcomes were dropped; return large data as procjob::Array (raw bytes) instead of serde \
+                 values, or send smaller batches",
+                protocol::MAX_PAYLOAD,
+                protocol::MAX_BULK
+            ),
+        )
+    }
+
+    /// The short failure of a task dropped after task `first`.
+    fn dropped_message(first: u64) -> String {
+        format!("dropped: the batch's reply was full (see task {first})")
+    }
+}
+
+/// An upper bound of an outcome's postcard encoding (every varint counted
+/// at its longest): what [`ReplyBudget`] charges for it.
+fn encoded_len_bound(outcome: &Outcome) -> usize {
+    const VARINT: usize = 10;
+    let bytes = |n: usize| VARINT + n;
+    match outcome {
+        Outcome::Ok { output, arrays } => {
+            let refs: usize = arrays
+                .iter()
+                .map(|r| {
+                    let (_, shape) = r.dtype_and_shape();
+                    let extra = match r {
+                        ArrayRef::Inline { .. } => 0,
+                        ArrayRef::File { path, .. } => bytes(path.as_os_str().len()) + VARINT + 1,
+                        ArrayRef::Inherited { .. } => 2 * VARINT,
+                    };
+                    2 + VARINT * (1 + shape.len()) + extra
+                })
+                .sum();
+            1 + bytes(output.len()) + VARINT + refs
+        }
+        Outcome::Failed(f) => {
+            2 + bytes(f.message.len())
+                + 1
+                + f.location.as_ref().map_or(0, |l| bytes(l.len()))
+                + 1
+                + f.error.as_ref().map_or(0, |e| bytes(e.len()))
         }
     }
 }

@@ -105,6 +105,8 @@ pub enum Misbehavior {
     Garbage,
     /// Return far more than a frame may carry.
     TooMuch,
+    /// Return an error whose message is this many bytes long.
+    LongError(u32),
 }
 
 /// A task that misbehaves as told.
@@ -149,6 +151,7 @@ impl Task for Misbehave {
             }
             // 10 M varints of ≥ 8 bytes: over the 64 MiB payload limit.
             Misbehavior::TooMuch => Ok(vec![u64::MAX; 10 << 20]),
+            Misbehavior::LongError(len) => Err("e".repeat(len as usize)),
         }
     }
 }
