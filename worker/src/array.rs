@@ -234,6 +234,10 @@ fn as_bytes_mut<T: Element>(v: &mut [T]) -> &mut [u8] {
 
 /// A memory map of a whole file, with where it came from.
 struct Mapping {
+    /// The mapping's entry in the SIGBUS table (a worker's maps only);
+    /// declared before `map` so that it is unregistered before the map is
+    /// unmapped.
+    guard: Option<crate::sigbus::Guard>,
     /// `None` only while being dropped, once handed to `kept_maps`.
     map: Option<memmap2::MmapRaw>,
     path: PathBuf,
@@ -304,7 +308,8 @@ impl Drop for Mapping {
             if lent.lender == std::thread::current().id() {
                 if let Some(map) = self.map.take() {
                     let path = std::mem::take(&mut self.path);
-                    kept_maps::put(kept_maps::Kept { map, path, id: self.id, faulted: lent.faulted });
+                    let guard = self.guard.take();
+                    kept_maps::put(kept_maps::Kept { guard, map, path, id: self.id, faulted: lent.faulted });
                 }
             }
         }
@@ -323,6 +328,8 @@ mod kept_maps {
     const KEEP: usize = 2;
 
     pub(super) struct Kept {
+        /// Before `map`: unregistered before it is unmapped.
+        pub(super) guard: Option<crate::sigbus::Guard>,
         pub(super) map: memmap2::MmapRaw,
         pub(super) path: PathBuf,
         pub(super) id: FileId,
@@ -336,6 +343,10 @@ mod kept_maps {
     /// Keeps `kept` (unmapped instead when this thread's pool is gone, as
     /// it is while the thread exits).
     pub(super) fn put(kept: Kept) {
+        // A map a SIGBUS was absorbed in holds zero pages: never lent again.
+        if kept.guard.as_ref().is_some_and(crate::sigbus::Guard::is_poisoned) {
+            return;
+        }
         if let Ok(evicted) = KEPT.try_with(|all| {
             let mut all = all.borrow_mut();
             all.push(kept);
@@ -848,6 +859,16 @@ impl Array {
         }
     }
 
+    /// Whether this array maps a file in which a SIGBUS was absorbed (see
+    /// `crate::sigbus`): its pages past the fault read as zeros now, not as
+    /// the file's bytes, so no task may be given it.
+    pub(crate) fn is_poisoned(&self) -> bool {
+        match &*self.storage {
+            Storage::Mapped(m) => m.guard.as_ref().is_some_and(crate::sigbus::Guard::is_poisoned),
+            Storage::Owned(_) => false,
+        }
+    }
+
     /// The identity of the file this array maps, as it was when mapped;
     /// `None` for an owned array.
     pub fn mapped_file_id(&self) -> Option<FileId> {
@@ -918,9 +939,9 @@ fn map_file(file: &File, path: &Path, access: Access) -> Result<Mapping, ArrayEr
         Access::CopyOnWrite => unsafe { opts.map_copy(file) }.map(memmap2::MmapRaw::from),
     }
     .map_err(|e| ArrayError::Map { path: path.into(), reason: e.to_string() })?;
-    Ok(Mapping { map: Some(map), path: path.to_path_buf(), access, id: FileId::of_metadata(&meta), kept: None })
+    let guard = crate::sigbus::register(map.as_ptr(), map.len(), path, access != Access::ReadOnly);
+    Ok(Mapping { guard, map: Some(map), path: path.to_path_buf(), access, id: FileId::of_metadata(&meta), kept: None })
 }
-
 /// Opens `path` (not following a last-component symlink) for reading, and
 /// writing if `write`, and refuses anything but a regular file at once.
 ///
@@ -997,6 +1018,7 @@ impl Array {
                 let mut faulted = kept.faulted;
                 let fresh = faulted.first_time(view);
                 let mapping = Mapping {
+                    guard: kept.guard,
                     map: Some(kept.map),
                     path: kept.path,
                     access: Access::ReadWrite,

@@ -20,6 +20,7 @@ pub mod payload;
 pub mod protocol;
 pub mod registry;
 pub mod serve;
+mod sigbus;
 pub mod task;
 #[cfg(feature = "test-tasks")]
 pub mod testkinds;

@@ -70,6 +70,7 @@ fn prepare_and_serve(registry: &Registry) -> Result<(), ServeError> {
     let (input, output) = take_protocol_fds()?;
     die_with_parent(std::env::var(WORKER_ENV).ok().and_then(|v| v.parse::<i32>().ok()));
     install_panic_capture();
+    crate::sigbus::install()?;
     serve(BufReader::with_capacity(1 << 16, input), output, registry, &[])
 }
 
@@ -112,7 +113,7 @@ fn prepare_forked(parent: i32) -> std::io::Result<()> {
     .map_err(std::io::Error::from)?;
     die_with_parent(Some(parent));
     install_panic_capture();
-    Ok(())
+    crate::sigbus::install()
 }
 
 /// Resolves an [`ArrayRef::Inherited`] against the arrays this forked
@@ -240,6 +241,7 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         if maps.call != batch.call {
             maps.start_call(batch.call);
         }
+        maps.start_batch();
         let arrays = array::read_arrays(&mut input, frame.message.array_refs(), frame.bulk_len, &mut |_, r| match r {
             ArrayRef::File { .. } => array::Placement::Mapped(maps.map(r)),
             ArrayRef::Inline { .. } => array::Placement::Own,
@@ -275,22 +277,34 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
                 0 => Vec::new(),
                 n => arrays.by_ref().take(n).collect(),
             };
-            let result = match (&entry, first_index) {
-                // The same message for every task of the batch: in full
-                // once, then a pointer to it (a kind name repeated per
-                // task made a 73 KB request take 253 MB).
-                (Err(_), Some(first)) if first != task.index => ErasedOutcome::failed(
+            let result = match poisoned_input(&mine) {
+                Some(path) => ErasedOutcome::failed(
                     FailureCause::Setup,
-                    format!("task kind '{}' is not known to this worker (see task {first})", batch.kind.name),
+                    format!(
+                        "{} shrank while an earlier task of this batch read it; \
+                         a mapped file must not be truncated while tasks use it",
+                        path.display()
+                    ),
                 ),
-                _ => run_one(&entry, &task.input, mine),
+                None => match (&entry, first_index) {
+                    // The same message for every task of the batch: in full
+                    // once, then a pointer to it (a kind name repeated per
+                    // task made a 73 KB request take 253 MB).
+                    (Err(_), Some(first)) if first != task.index => ErasedOutcome::failed(
+                        FailureCause::Setup,
+                        format!("task kind '{}' is not known to this worker (see task {first})", batch.kind.name),
+                    ),
+                    _ => run_one(&entry, &task.input, mine),
+                },
             };
+            let result = fail_on_faults(task.index, result);
             let finished_ns = clock();
             let result = budget.admit(task.index, result);
             replies.push(TaskReply { index: task.index, started_ns, finished_ns, outcome: result.outcome });
             inline.extend(result.inline);
             started_ns = finished_ns;
         }
+        maps.forget_poisoned();
         Array::drop_spare_pages();
         let memory = (batch_started.elapsed() >= SNAPSHOT_AFTER_BUSY || last_snapshot.elapsed() >= SNAPSHOT_EVERY)
             .then(|| {
@@ -338,6 +352,48 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
             sent.extend(inline.into_iter().filter(Array::is_sole_owner_of_pages).take(array::SPARES_KEPT));
         }
     }
+}
+
+/// The mapped file behind the first of a task's arrays in which a SIGBUS
+/// was absorbed (by an earlier task of the batch): its pages read as zeros
+/// now, so the task must not run on it.
+fn poisoned_input(arrays: &[Result<Array, ArrayError>]) -> Option<PathBuf> {
+    arrays
+        .iter()
+        .flatten()
+        .find(|a| a.is_poisoned())
+        .map(|a| a.file_location().map_or_else(PathBuf::new, |l| l.0.into()))
+}
+
+/// Replaces a task's outcome with a failure naming the file when a SIGBUS
+/// was absorbed while it ran (see `crate::sigbus`): it read zeros where a
+/// truncated file's bytes were, so its result is wrong whatever it says.
+fn fail_on_faults(index: u64, result: ErasedOutcome) -> ErasedOutcome {
+    let faults = crate::sigbus::take_faults();
+    if faults.is_empty() {
+        return result;
+    }
+    let files: Vec<String> = faults
+        .iter()
+        .map(|f| match std::fs::metadata(&f.path) {
+            Ok(m) if m.len() < f.mapped_len => {
+                format!(
+                    "{} shrank while task {index} read it ({} bytes when mapped, {} now)",
+                    f.path.display(),
+                    f.mapped_len,
+                    m.len()
+                )
+            }
+            _ => format!(
+                "{} could not be read while task {index} read it (SIGBUS: truncated, or an I/O error)",
+                f.path.display()
+            ),
+        })
+        .collect();
+    ErasedOutcome::failed(
+        FailureCause::Setup,
+        format!("{}; a mapped file must not be truncated while tasks use it", files.join("; ")),
+    )
 }
 
 /// What a batch's reply may grow to while it is built: its payload (the
@@ -629,9 +685,16 @@ fn wait_for_request(
 /// starts: files deleted or replaced since (and the memory a deleted
 /// file's pages would keep), and files the last call did not use, so the
 /// cache holds at most one call's inputs.
+///
+/// A cached mapping is reused only after its file has been checked again
+/// in this batch ([`FileId`]: a file truncated since would raise SIGBUS
+/// when read), once per file and batch; and never when a SIGBUS was
+/// absorbed in it (`crate::sigbus`).
 #[derive(Default)]
 struct MapCache {
     call: u64,
+    /// Counts batches, for the once-per-batch check of cached files.
+    batch: u64,
     read_only: HashMap<PathBuf, Cached>,
 }
 
@@ -643,6 +706,8 @@ struct Cached {
     used: bool,
     /// The views of it already faulted in: byte offset and length.
     faulted: array::FaultedViews,
+    /// The batch ([`MapCache::batch`]) in which its file was last checked.
+    checked: u64,
 }
 
 impl Cached {
@@ -665,6 +730,17 @@ impl MapCache {
     fn forget_changed(&mut self) {
         self.read_only.retain(|path, cached| cached.names_its_file(path));
         Array::forget_changed_kept_maps();
+    }
+
+    /// Starts a batch: every cached file is checked again before its map
+    /// serves this batch.
+    fn start_batch(&mut self) {
+        self.batch += 1;
+    }
+
+    /// Drops the mappings a SIGBUS was absorbed in.
+    fn forget_poisoned(&mut self) {
+        self.read_only.retain(|_, cached| !cached.map.is_poisoned());
     }
 
     /// Starts call `call`: keeps the mappings the last call used whose
@@ -702,16 +778,38 @@ impl MapCache {
             Access::ReadOnly => {}
         }
         let key = |a: &Array| (a.storage_bytes().1, a.nbytes());
+        let batch = self.batch;
         if let Some(cached) = self.read_only.get_mut(path) {
+            if cached.checked != batch && (cached.map.is_poisoned() || !cached.names_its_file(path)) {
+                // Truncated, replaced or poisoned since: map it afresh, which
+                // checks the reference against the file as it is now.
+                self.read_only.remove(path);
+                return self.fresh_view(path, *dtype, &shape, *offset);
+            }
+        }
+        if let Some(cached) = self.read_only.get_mut(path) {
+            cached.checked = batch;
             cached.used = true;
             let view = cached.map.view_of_storage(*dtype, &shape, *offset)?;
             let fresh = cached.faulted.first_time(key(&view));
             return Ok((view, fresh));
         }
-        let a = array::map_file_ref(path, *dtype, &shape, *offset, Access::ReadOnly)?;
+        self.fresh_view(path, *dtype, &shape, *offset)
+    }
+
+    /// Maps a read-only file reference anew, and caches the map.
+    fn fresh_view(
+        &mut self,
+        path: &std::path::Path,
+        dtype: crate::DType,
+        shape: &[usize],
+        offset: u64,
+    ) -> Result<(Array, bool), ArrayError> {
+        let a = array::map_file_ref(path, dtype, shape, offset, Access::ReadOnly)?;
         if a.is_mapped() {
-            let faulted = array::FaultedViews::of(key(&a));
-            self.read_only.insert(path.clone(), Cached { map: a.clone(), used: true, faulted });
+            let faulted = array::FaultedViews::of((a.storage_bytes().1, a.nbytes()));
+            let cached = Cached { map: a.clone(), used: true, faulted, checked: self.batch };
+            self.read_only.insert(path.to_path_buf(), cached);
         }
         Ok((a, true))
     }

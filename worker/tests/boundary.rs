@@ -159,3 +159,78 @@ fn a_fifo_is_refused_at_once() {
     assert_eq!(scalar(&results.tasks[0].outcome, &arrays), 512.0);
     assert_eq!(w.finish().code, Some(0));
 }
+
+/// A read-only map cached by one batch is checked again before the next
+/// batch of the same call uses it: a file truncated in between fails that
+/// task, naming the file, instead of raising SIGBUS in the worker.
+#[test]
+fn a_file_truncated_between_two_batches_of_one_call_fails_the_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.npy");
+    let x = saved(&path, 1.0, 512);
+    let mut w = Worker::start();
+    let (batch, bulk) = batch_of("dot", 7, &[(x.clone(), column(512))]);
+    let (results, arrays) = w.run(&batch, &bulk);
+    assert_eq!(scalar(&results.tasks[0].outcome, &arrays), 512.0);
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(0).unwrap();
+    let (results, _) = w.run(&batch, &bulk);
+    let message = &failure(&results.tasks[0].outcome).message;
+    assert!(message.contains("x.npy") && message.contains("the file has 0 bytes"), "{message}");
+    drop(x);
+    let y = saved(&dir.path().join("y.npy"), 2.0, 512);
+    let (batch, bulk) = batch_of("dot", 7, &[(y, column(512))]);
+    let (results, arrays) = w.run(&batch, &bulk);
+    assert_eq!(scalar(&results.tasks[0].outcome, &arrays), 1024.0);
+    assert_eq!(w.finish().code, Some(0));
+}
+
+/// A task whose mapped input is truncated while it reads it (the test kind
+/// truncates its own input, then sums it) fails with a message naming the
+/// file; the worker lives, and does not hand the poisoned map to the next
+/// batch even when the file has its old size again (same inode and size).
+#[test]
+#[cfg_attr(not(feature = "test-tasks"), ignore = "needs the test-tasks feature")]
+fn a_sigbus_mid_task_fails_that_task_and_names_the_file() {
+    #[cfg(feature = "test-tasks")]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shrinks.npy");
+        let len = 64 << 10; // 512 KiB of data: many pages past the first
+        let x = saved(&path, 1.0, len);
+        let header = x.file_location().unwrap().1;
+        let mut w = Worker::start();
+        let (batch, bulk) = batch_of("test.truncate_then_read", 3, std::slice::from_ref(&x));
+        let (results, _) = w.run(&batch, &bulk);
+        let message = &failure(&results.tasks[0].outcome).message;
+        assert!(message.contains("shrinks.npy shrank while task 0 read it"), "{message}");
+        assert!(message.contains(&format!("{} bytes when mapped, 0 now", header + 8 * len as u64)), "{message}");
+        // The file gets its size back, with other contents: the same inode
+        // and size, so only the poison tells the cached map is stale.
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.set_len(header + 8 * len as u64).unwrap();
+            let mut bytes = Vec::new();
+            for _ in 0..len {
+                bytes.extend_from_slice(&2.0f64.to_le_bytes());
+            }
+            f.write_all_at(&bytes, header).unwrap();
+        }
+        let (batch, bulk) = batch_of("test.checksum", 3, &[x]);
+        let (results, _) = w.run(&batch, &bulk);
+        let Outcome::Ok { output, .. } = &results.tasks[0].outcome else { panic!("{:?}", results.tasks[0].outcome) };
+        let sum: procjob_worker::testkinds::ChecksumOutput = array::decode_with(output, Vec::new()).unwrap();
+        assert_eq!(sum.sum, 2.0 * len as f64, "the poisoned map was read again");
+        assert_eq!(w.finish().code, Some(0));
+    }
+}
+
+/// A SIGBUS that is not a fault in a registered mapping (here one sent by
+/// another process) still ends the worker with the default action.
+#[test]
+fn a_sigbus_sent_from_outside_still_kills_the_worker() {
+    let w = Worker::start();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.pid() as i32), nix::sys::signal::Signal::SIGBUS).unwrap();
+    let exit = w.finish();
+    assert_eq!(exit.signal, Some(libc::SIGBUS), "{exit:?}");
+}
