@@ -980,7 +980,7 @@ pub fn map_file_ref(
     let err = |reason: String| ArrayError::Map { path: path.to_path_buf(), reason };
     let file = open_regular(path, access == Access::ReadWrite).map_err(err)?;
     let meta = file.metadata().map_err(|e| err(e.to_string()))?;
-    let nbytes = dtype.nbytes(shape).ok_or_else(|| err("shape overflows".into()))? as u64;
+    let nbytes = dtype.nbytes(shape).ok_or_else(|| ArrayError::too_large(dtype, shape))? as u64;
     let end = offset.checked_add(nbytes).ok_or_else(|| err("offset overflows".into()))?;
     if end > meta.len() {
         return Err(err(format!("needs bytes {offset}..{end} but the file has {} bytes", meta.len())));
@@ -1052,7 +1052,7 @@ impl Array {
     /// A view with the given dtype, shape and offset into the same storage as
     /// `self` (used to share one mapping among many file references).
     pub fn view_of_storage(&self, dtype: DType, shape: &[usize], offset: u64) -> Result<Array, ArrayError> {
-        let nbytes = dtype.nbytes(shape).ok_or_else(|| ArrayError::Shape("shape overflows".into()))?;
+        let nbytes = dtype.nbytes(shape).ok_or_else(|| ArrayError::too_large(dtype, shape))?;
         let total = self.storage.bytes().len();
         let end = (offset as usize).checked_add(nbytes);
         if end.is_none_or(|e| e > total) || !(offset as usize).is_multiple_of(dtype.size()) {
