@@ -13,7 +13,7 @@ mod util;
 
 use procjob_worker::array::{self, Array};
 use procjob_worker::matmul::MatmulInput;
-use procjob_worker::protocol::{ArrayRef, Outcome, TaskFailure};
+use procjob_worker::protocol::{ArrayRef, Outcome};
 use procjob_worker::DType;
 use util::{batch_of, failure, Worker};
 
@@ -120,7 +120,8 @@ fn a_reply_is_bounded_while_it_is_built() {
         let inputs: Vec<(u64, Misbehavior)> = (0..200).map(|i| (i, Misbehavior::LongError(1 << 20))).collect();
         let (batch, bulk) = batch_of("test.misbehave", 1, &inputs);
         let (results, _) = w.run(&batch, &bulk);
-        let messages: Vec<&TaskFailure> = results.tasks.iter().map(|t| failure(&t.outcome)).collect();
+        let messages: Vec<&procjob_worker::protocol::TaskFailure> =
+            results.tasks.iter().map(|t| failure(&t.outcome)).collect();
         let kept = messages.iter().take_while(|f| f.message.len() == 1 << 20).count();
         // A task's error travels twice, as its message and postcard-encoded
         // (`TaskFailure::error`): 2 MiB each, so about 32 fit in 64 MiB.
