@@ -721,6 +721,10 @@ impl Array {
     }
 
     /// An owned copy of this view (a mapped array's bytes copied into memory).
+    ///
+    /// Like `vec!`, it aborts the process when the system refuses the
+    /// memory (the size is that of an array that exists already, so it
+    /// cannot overflow).
     pub fn to_owned_array(&self) -> Array {
         let mut out = Array::zeros(self.dtype, self.shape.clone());
         let storage = Arc::get_mut(&mut out.storage).expect("a fresh array is unshared");

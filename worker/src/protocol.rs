@@ -601,7 +601,17 @@ pub fn recv<R: Read + ?Sized, M: serde::de::DeserializeOwned>(
         e => e,
     })?;
     let prelude = decode_prelude(&p, expected)?;
-    let mut payload = vec![0u8; prelude.payload_len as usize];
+    // Up to MAX_PAYLOAD, reserved fallibly: under a memory limit, a large
+    // payload the system refuses is an error, not an abort.
+    let len = prelude.payload_len as usize;
+    let mut payload = Vec::new();
+    payload.try_reserve_exact(len).map_err(|_| {
+        DecodeError::Io(io::Error::new(
+            io::ErrorKind::OutOfMemory,
+            format!("cannot allocate {len} bytes for a frame payload"),
+        ))
+    })?;
+    payload.resize(len, 0);
     read_part(r, &mut payload, "payload")?;
     let (message, rest) = postcard::take_from_bytes(&payload)?;
     if !rest.is_empty() {
