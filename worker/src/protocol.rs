@@ -39,7 +39,11 @@
 //! [`DecodeError`]. A bad length is refused before anything is allocated for
 //! it; a frame whose declared arrays agree with its bulk length is read
 //! array by array into fallible allocations, so an advertised size that
-//! memory cannot hold is an error, not an abort.
+//! memory cannot hold is an error, not an abort. Every size is a checked
+//! product ([`ArrayRef::nbytes`], [`ArrayRef::checked_shape`]); a task kind
+//! name longer than [`MAX_KIND_NAME`] is refused by [`recv_request`]. A
+//! worker bounds the reply it builds by the same limits (see
+//! `docs/protocol.md`, "Limits").
 //!
 //! # Versioning and handshake
 //!
