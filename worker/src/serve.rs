@@ -947,6 +947,81 @@ mod tests {
         assert!(idle_input.asked.borrow().is_empty(), "waited with nothing to check");
     }
 
+    /// The budget's charge for an outcome is never less than its encoding
+    /// (else a reply could pass the frame limit while the budget thinks it
+    /// fits).
+    #[test]
+    fn the_budget_never_undercharges_an_outcome() {
+        let file = ArrayRef::File {
+            dtype: crate::DType::F64,
+            shape: vec![u64::MAX, 3],
+            path: "/tmp/some/where.npy".into(),
+            offset: u64::MAX,
+            access: Access::CopyOnWrite,
+        };
+        let inherited =
+            ArrayRef::Inherited { dtype: crate::DType::I64, shape: vec![7], index: u32::MAX, offset: 1 << 40 };
+        let inline = ArrayRef::Inline { dtype: crate::DType::F32, shape: vec![] };
+        let outcomes = [
+            Outcome::Ok { output: vec![9u8; 300].into(), arrays: vec![file, inherited, inline] },
+            Outcome::Ok { output: Default::default(), arrays: Vec::new() },
+            Outcome::Failed(protocol::TaskFailure {
+                cause: FailureCause::Panic,
+                message: "m".repeat(200),
+                location: Some("src/x.rs:1:2".into()),
+                error: Some(vec![1; 20]),
+            }),
+        ];
+        for outcome in outcomes {
+            let reply = TaskReply { index: u64::MAX, started_ns: u64::MAX, finished_ns: u64::MAX, outcome };
+            let encoded = postcard::to_stdvec(&reply).unwrap().len();
+            let charged = ReplyBudget::PER_TASK + encoded_len_bound(&reply.outcome);
+            assert!(charged >= encoded, "charged {charged} for {encoded} bytes: {:?}", reply.outcome);
+        }
+    }
+
+    /// Once an outcome would pass the payload limit, it and every later
+    /// one are dropped: the first with the explanation, the others with a
+    /// pointer to it, and their arrays are let go.
+    #[test]
+    fn the_budget_drops_outcomes_past_the_frame_limit() {
+        let mut budget = ReplyBudget::default();
+        let long = |n: usize| ErasedOutcome::failed(FailureCause::Error, "x".repeat(n));
+        assert!(
+            matches!(budget.admit(0, long(protocol::MAX_PAYLOAD / 2)).outcome, Outcome::Failed(f) if f.message.len() == protocol::MAX_PAYLOAD / 2)
+        );
+        let Outcome::Failed(f) = budget.admit(1, long(protocol::MAX_PAYLOAD / 2)).outcome else { unreachable!() };
+        assert!(f.message.contains("would exceed the frame limit"), "{}", f.message);
+        let with_array = ErasedOutcome {
+            outcome: Outcome::Ok { output: Default::default(), arrays: Vec::new() },
+            inline: vec![Array::from_vec(vec![2], vec![1.0f64; 2])],
+        };
+        let dropped = budget.admit(2, with_array);
+        assert!(dropped.inline.is_empty(), "a dropped outcome kept its arrays");
+        let Outcome::Failed(f) = dropped.outcome else { unreachable!() };
+        assert_eq!(f.message, "dropped: the batch's reply was full (see task 1)");
+    }
+
+    /// A cached read-only map is checked against its file in every batch
+    /// that uses it: truncated in between, the reference is checked afresh
+    /// against the file as it is now, and refused.
+    #[test]
+    fn a_cached_map_is_checked_again_in_every_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.npy");
+        Array::from_vec(vec![512], vec![1.0f64; 512]).save_npy(&path).unwrap();
+        let reference = array::file_ref(&Array::open_npy(&path, Access::ReadOnly).unwrap()).unwrap();
+        let mut maps = MapCache::default();
+        maps.start_call(1);
+        maps.start_batch();
+        drop(maps.map(&reference).unwrap());
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(0).unwrap();
+        maps.start_batch();
+        let err = maps.map(&reference).unwrap_err().to_string();
+        assert!(err.contains("x.npy") && err.contains("the file has 0 bytes"), "{err}");
+        assert!(!maps.read_only.contains_key(&path), "the stale map is still cached");
+    }
+
     fn sum(a: &Array) -> f64 {
         a.as_slice::<f64>().unwrap().iter().sum()
     }
