@@ -179,18 +179,16 @@ fn filled(
     }
 }
 
-/// An `m × n` C of zeros, allocated fallibly (see [`reserve`]).
-fn zeros_c(dtype: DType, m: usize, n: usize) -> Result<Array, Error> {
-    fn typed<T: Element + Default + Clone>(m: usize, n: usize) -> Result<Array, Error> {
-        let mut v = reserve::<T>("C", T::DTYPE, m, n)?;
-        v.resize(m * n, T::default());
-        Ok(Array::from_vec(vec![m, n], v))
-    }
-    match dtype {
-        DType::I64 => typed::<i64>(m, n),
-        DType::F64 => typed::<f64>(m, n),
-        DType::F32 => typed::<f32>(m, n),
-    }
+/// An `m × n` C of zeros, allocated fallibly: a size that overflows, or
+/// that memory (or `ulimit -v`) cannot hold, is an error naming C.
+pub(crate) fn zeros_c(dtype: DType, m: usize, n: usize) -> Result<Array, Error> {
+    Array::try_zeros(dtype, vec![m, n]).map_err(|e| Error::OutOfMemory {
+        what: format!("C ({m}×{n} {dtype})"),
+        bytes: match e {
+            procjob_worker::array::ArrayError::OutOfMemory { bytes, .. } => bytes,
+            _ => u64::MAX,
+        },
+    })
 }
 
 /// A small, fast, seedable generator (Steele et al.'s SplitMix64).

@@ -163,7 +163,7 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
         for &processes in &sweep.processes {
             let s = settings(processes, sweep.temp_folder.clone());
             let ranges = plan_blocks(size, processes);
-            let mut ideal = Ideal::new(&inputs, &ranges);
+            let mut ideal = Ideal::new(&inputs, &ranges)?;
             for &mode in sweep.modes.iter().filter(|&&m| m != Mode::Seq) {
                 let mut runner = ModeRunner::new(mode, &inputs, &s, &folder);
                 for _ in 0..sweep.warmup {
@@ -251,9 +251,9 @@ struct Ideal<'a> {
 }
 
 impl<'a> Ideal<'a> {
-    fn new(inputs: &'a Inputs, ranges: &[Range<usize>]) -> Ideal<'a> {
+    fn new(inputs: &'a Inputs, ranges: &[Range<usize>]) -> Result<Ideal<'a>, Error> {
         let (m, _, n) = inputs.dims();
-        Ideal { inputs, ranges: ranges.to_vec(), c: Array::zeros(inputs.dtype(), vec![m, n]) }
+        Ok(Ideal { inputs, ranges: ranges.to_vec(), c: crate::matmul::zeros_c(inputs.dtype(), m, n)? })
     }
 
     fn run(&mut self, threads: usize) -> Result<Duration, Error> {
@@ -280,7 +280,7 @@ mod tests {
     fn ideal_computes_the_product() {
         let inputs = Inputs::pattern(DType::I64, 9, 5, 4).unwrap();
         let ranges = plan_blocks(9, 3);
-        let mut ideal = Ideal::new(&inputs, &ranges);
+        let mut ideal = Ideal::new(&inputs, &ranges).unwrap();
         ideal.run(2).unwrap();
         assert_eq!(ideal.c, crate::matmul::multiply_seq(&inputs).unwrap());
     }

@@ -34,6 +34,7 @@ use crate::protocol::{Access, ArrayRef, DecodeError};
 
 /// Why an array operation failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ArrayError {
     /// The element type asked for is not the array's.
     #[error("array has dtype {actual}, not {requested}")]
@@ -60,6 +61,41 @@ pub enum ArrayError {
         /// Why.
         reason: String,
     },
+    /// The shape's size in bytes (`dtype.size() × product(shape)`)
+    /// overflows, or exceeds `isize::MAX`: no allocation, slice or map can
+    /// hold it. Nothing was allocated.
+    #[error("a {dtype} array of shape {shape:?} has more bytes than this process can address")]
+    TooLarge {
+        /// The element type.
+        dtype: DType,
+        /// The shape asked for.
+        shape: Vec<u64>,
+    },
+    /// The system refused the memory for an array (an allocation failed,
+    /// for example under `ulimit -v` or strict overcommit).
+    #[error("cannot allocate a {dtype} array of shape {shape:?} ({bytes} bytes): the system refused the memory")]
+    OutOfMemory {
+        /// The element type.
+        dtype: DType,
+        /// The shape asked for.
+        shape: Vec<u64>,
+        /// The bytes asked for.
+        bytes: u64,
+    },
+}
+
+impl ArrayError {
+    /// [`ArrayError::TooLarge`] for `dtype` and `shape`.
+    pub fn too_large(dtype: DType, shape: &[usize]) -> ArrayError {
+        ArrayError::TooLarge { dtype, shape: shape.iter().map(|&d| d as u64).collect() }
+    }
+}
+
+/// The element count of a shape, checked: `None` when `dtype.size() ×
+/// product(shape)` overflows or exceeds `isize::MAX`.
+fn checked_len(dtype: DType, shape: &[usize]) -> Option<usize> {
+    dtype.nbytes(shape)?;
+    crate::dtype::elements(shape)
 }
 
 /// Owned, 8-byte-aligned element storage.
@@ -69,14 +105,15 @@ enum Owned {
     F32(Vec<f32>),
     /// A large array: anonymous pages of its own (page-aligned; every bit
     /// pattern is a valid element), asked to be huge pages. Fresh and zeroed
-    /// from [`Array::zeros`]; from [`Array::for_overwrite`], possibly the
+    /// from [`Array::zeros`]; from [`Array::try_for_overwrite`], possibly the
     /// pages of an earlier array put back.
     Pages(memmap2::MmapMut),
 }
 
 impl Owned {
-    /// `len` zeros of `dtype`; aborts like `vec!` when the memory cannot
-    /// be had.
+    /// `len` zeros of `dtype` (`len × dtype.size()` already checked to be
+    /// at most `isize::MAX`); aborts like `vec!` when the memory cannot be
+    /// had.
     fn zeroed(dtype: DType, len: usize) -> Owned {
         Owned::try_zeroed(dtype, len).unwrap_or_else(|| {
             let bytes = len.saturating_mul(dtype.size()).min(isize::MAX as usize & !7);
@@ -146,7 +183,7 @@ impl Owned {
     }
 }
 
-/// The pages [`Array::put_back_pages`] keeps for [`Array::for_overwrite`]:
+/// The pages [`Array::put_back_pages`] keeps for [`Array::try_for_overwrite`]:
 /// a few mappings per thread (the serve loop runs a batch's tasks on its
 /// own thread), taken by exact length.
 mod spare_pages {
@@ -198,6 +235,10 @@ fn as_bytes_mut<T: Element>(v: &mut [T]) -> &mut [u8] {
 
 /// A memory map of a whole file, with where it came from.
 struct Mapping {
+    /// The mapping's entry in the SIGBUS table (a worker's maps only);
+    /// declared before `map` so that it is unregistered before the map is
+    /// unmapped.
+    guard: Option<crate::sigbus::Guard>,
     /// `None` only while being dropped, once handed to `kept_maps`.
     map: Option<memmap2::MmapRaw>,
     path: PathBuf,
@@ -268,7 +309,8 @@ impl Drop for Mapping {
             if lent.lender == std::thread::current().id() {
                 if let Some(map) = self.map.take() {
                     let path = std::mem::take(&mut self.path);
-                    kept_maps::put(kept_maps::Kept { map, path, id: self.id, faulted: lent.faulted });
+                    let guard = self.guard.take();
+                    kept_maps::put(kept_maps::Kept { guard, map, path, id: self.id, faulted: lent.faulted });
                 }
             }
         }
@@ -287,6 +329,8 @@ mod kept_maps {
     const KEEP: usize = 2;
 
     pub(super) struct Kept {
+        /// Before `map`: unregistered before it is unmapped.
+        pub(super) guard: Option<crate::sigbus::Guard>,
         pub(super) map: memmap2::MmapRaw,
         pub(super) path: PathBuf,
         pub(super) id: FileId,
@@ -300,6 +344,10 @@ mod kept_maps {
     /// Keeps `kept` (unmapped instead when this thread's pool is gone, as
     /// it is while the thread exits).
     pub(super) fn put(kept: Kept) {
+        // A map a SIGBUS was absorbed in holds zero pages: never lent again.
+        if kept.guard.as_ref().is_some_and(crate::sigbus::Guard::is_poisoned) {
+            return;
+        }
         if let Ok(evicted) = KEPT.try_with(|all| {
             let mut all = all.borrow_mut();
             all.push(kept);
@@ -416,18 +464,34 @@ impl PartialEq for Array {
     }
 }
 
+/// The element count of a shape an [`Array`] already has: every
+/// constructor checked it ([`checked_len`]), so it cannot overflow.
 fn product(shape: &[usize]) -> usize {
-    shape.iter().product()
+    crate::dtype::elements(shape).expect("an array's shape was checked when it was made")
 }
 
 impl Array {
     /// An owned array from a vector; `shape` must hold exactly `data.len()` elements.
     ///
     /// # Panics
-    /// If the shape's element count differs from `data.len()`.
+    /// If the shape's element count differs from `data.len()` or overflows
+    /// ([`Array::try_from_vec`] returns an error instead).
     pub fn from_vec<T: Element>(shape: impl Into<Vec<usize>>, data: Vec<T>) -> Array {
+        match Array::try_from_vec(shape, data) {
+            Ok(a) => a,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// An owned array from a vector, or [`ArrayError::TooLarge`] when the
+    /// shape's size overflows and [`ArrayError::Shape`] when it does not
+    /// hold exactly `data.len()` elements.
+    pub fn try_from_vec<T: Element>(shape: impl Into<Vec<usize>>, data: Vec<T>) -> Result<Array, ArrayError> {
         let shape = shape.into();
-        assert_eq!(product(&shape), data.len(), "shape {shape:?} does not hold {} elements", data.len());
+        let len = checked_len(T::DTYPE, &shape).ok_or_else(|| ArrayError::too_large(T::DTYPE, &shape))?;
+        if len != data.len() {
+            return Err(ArrayError::Shape(format!("shape {shape:?} does not hold {} elements", data.len())));
+        }
         let owned = match T::DTYPE {
             // The Element trait is sealed to these three types, so the casts
             // below are identity conversions checked by `downcast`.
@@ -435,27 +499,34 @@ impl Array {
             DType::F64 => Owned::F64(downcast(data)),
             DType::F32 => Owned::F32(downcast(data)),
         };
-        Array { dtype: T::DTYPE, shape, storage: Arc::new(Storage::Owned(owned)), offset: 0 }
+        Ok(Array { dtype: T::DTYPE, shape, storage: Arc::new(Storage::Owned(owned)), offset: 0 })
     }
 
-    /// An owned array of zeros, or an error (not an abort) when the memory
-    /// cannot be had: for sizes that come from another process.
+    /// An owned array of zeros, or an error (not an abort) for sizes that
+    /// come from outside — a frame, a file, a user's shape: the size is a
+    /// checked product ([`ArrayError::TooLarge`], nothing allocated), and
+    /// memory the system refuses is [`ArrayError::OutOfMemory`].
     pub fn try_zeros(dtype: DType, shape: impl Into<Vec<usize>>) -> Result<Array, ArrayError> {
         let shape = shape.into();
-        let len = product(&shape);
-        let owned = Owned::try_zeroed(dtype, len).ok_or_else(|| {
-            ArrayError::Shape(format!(
-                "cannot allocate {len} {dtype} elements ({} bytes)",
-                len.saturating_mul(dtype.size())
-            ))
+        let len = checked_len(dtype, &shape).ok_or_else(|| ArrayError::too_large(dtype, &shape))?;
+        let owned = Owned::try_zeroed(dtype, len).ok_or_else(|| ArrayError::OutOfMemory {
+            dtype,
+            shape: shape.iter().map(|&d| d as u64).collect(),
+            bytes: (len * dtype.size()) as u64,
         })?;
         Ok(Array { dtype, shape, storage: Arc::new(Storage::Owned(owned)), offset: 0 })
     }
 
     /// An owned array of zeros.
+    ///
+    /// # Panics
+    /// If the shape's size in bytes overflows or exceeds `isize::MAX`; and
+    /// like `vec!`, it aborts the process when the system refuses the
+    /// memory. For sizes that come from outside, use [`Array::try_zeros`].
     pub fn zeros(dtype: DType, shape: impl Into<Vec<usize>>) -> Array {
         let shape = shape.into();
-        let owned = Owned::zeroed(dtype, product(&shape));
+        let len = checked_len(dtype, &shape).unwrap_or_else(|| panic!("{}", ArrayError::too_large(dtype, &shape)));
+        let owned = Owned::zeroed(dtype, len);
         Array { dtype, shape, storage: Arc::new(Storage::Owned(owned)), offset: 0 }
     }
 
@@ -471,21 +542,24 @@ impl Array {
     /// Any other array is [`Array::zeros`]. In debug builds reused pages
     /// are first filled with `0xFF` bytes (NaN, or -1 for `i64`), so that a
     /// caller that stops overwriting everything shows in the tests.
-    pub(crate) fn for_overwrite(dtype: DType, shape: impl Into<Vec<usize>>) -> Array {
+    ///
+    /// Fallible as [`Array::try_zeros`]: a task's output shape comes from
+    /// its inputs (`A[2²⁰, 0] · B[0, 2²⁰]` asks for 8 TiB from 0 bytes).
+    pub(crate) fn try_for_overwrite(dtype: DType, shape: impl Into<Vec<usize>>) -> Result<Array, ArrayError> {
         let shape = shape.into();
-        let bytes = product(&shape).saturating_mul(dtype.size());
+        let bytes = dtype.nbytes(&shape).ok_or_else(|| ArrayError::too_large(dtype, &shape))?;
         match spare_pages::take(bytes) {
             Some(mut map) => {
                 if cfg!(debug_assertions) {
                     map.fill(0xFF);
                 }
-                Array { dtype, shape, storage: Arc::new(Storage::Owned(Owned::Pages(map))), offset: 0 }
+                Ok(Array { dtype, shape, storage: Arc::new(Storage::Owned(Owned::Pages(map))), offset: 0 })
             }
-            None => Array::zeros(dtype, shape),
+            None => Array::try_zeros(dtype, shape),
         }
     }
 
-    /// Puts this array's pages back for the next [`Array::for_overwrite`]
+    /// Puts this array's pages back for the next [`Array::try_for_overwrite`]
     /// of the same byte size, when it is their sole owner (see
     /// [`Array::is_sole_owner_of_pages`]); otherwise simply drops it.
     ///
@@ -522,11 +596,11 @@ impl Array {
         let (file, header) = npy::read_header(path)?;
         let file = match access {
             Access::ReadOnly | Access::CopyOnWrite => file,
-            Access::ReadWrite => std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .map_err(|e| ArrayError::Npy(npy::NpyError::Io { path: path.to_path_buf(), source: e }))?,
+            // Opened again, without blocking: the path may name something
+            // else by now.
+            Access::ReadWrite => {
+                open_regular(path, true).map_err(|reason| ArrayError::Map { path: path.clone(), reason })?
+            }
         };
         let mapping = map_file(&file, path, access)?;
         Ok(Array {
@@ -648,6 +722,10 @@ impl Array {
     }
 
     /// An owned copy of this view (a mapped array's bytes copied into memory).
+    ///
+    /// Like `vec!`, it aborts the process when the system refuses the
+    /// memory (the size is that of an array that exists already, so it
+    /// cannot overflow).
     pub fn to_owned_array(&self) -> Array {
         let mut out = Array::zeros(self.dtype, self.shape.clone());
         let storage = Arc::get_mut(&mut out.storage).expect("a fresh array is unshared");
@@ -711,7 +789,7 @@ impl Array {
         let Some((_, rest)) = first.shape.split_first() else {
             return Err(ArrayError::Shape("cannot stack 0-dimensional arrays".into()));
         };
-        let mut rows = 0;
+        let mut rows: usize = 0;
         for p in parts {
             if p.dtype != first.dtype || p.shape.get(1..) != Some(rest) {
                 return Err(ArrayError::Shape(format!(
@@ -719,11 +797,15 @@ impl Array {
                     p.dtype, p.shape, first.dtype, first.shape
                 )));
             }
-            rows += p.shape[0];
+            rows = rows.checked_add(p.shape[0]).ok_or_else(|| {
+                let mut shape = first.shape.clone();
+                shape[0] = usize::MAX;
+                ArrayError::too_large(first.dtype, &shape)
+            })?;
         }
         let mut shape = first.shape.clone();
         shape[0] = rows;
-        let mut out = Array::zeros(first.dtype, shape);
+        let mut out = Array::try_zeros(first.dtype, shape)?;
         let storage = Arc::get_mut(&mut out.storage).expect("a fresh array is unshared");
         let Storage::Owned(owned) = storage else { unreachable!("zeros() is owned") };
         let mut at = 0;
@@ -739,7 +821,7 @@ impl Array {
     /// The same elements with another shape of the same element count.
     pub fn reshape(mut self, shape: impl Into<Vec<usize>>) -> Result<Array, ArrayError> {
         let shape = shape.into();
-        if product(&shape) != self.len() {
+        if checked_len(self.dtype, &shape) != Some(self.len()) {
             return Err(ArrayError::Shape(format!("cannot reshape {:?} into {shape:?}", self.shape)));
         }
         self.shape = shape;
@@ -779,6 +861,16 @@ impl Array {
             // Only a request: an older kernel refuses it and the pages
             // fault in as they are touched.
             let _ = m.raw().advise_range(advice, self.offset, self.nbytes());
+        }
+    }
+
+    /// Whether this array maps a file in which a SIGBUS was absorbed (see
+    /// `crate::sigbus`): its pages past the fault read as zeros now, not as
+    /// the file's bytes, so no task may be given it.
+    pub(crate) fn is_poisoned(&self) -> bool {
+        match &*self.storage {
+            Storage::Mapped(m) => m.guard.as_ref().is_some_and(crate::sigbus::Guard::is_poisoned),
+            Storage::Owned(_) => false,
         }
     }
 
@@ -852,7 +944,39 @@ fn map_file(file: &File, path: &Path, access: Access) -> Result<Mapping, ArrayEr
         Access::CopyOnWrite => unsafe { opts.map_copy(file) }.map(memmap2::MmapRaw::from),
     }
     .map_err(|e| ArrayError::Map { path: path.into(), reason: e.to_string() })?;
-    Ok(Mapping { map: Some(map), path: path.to_path_buf(), access, id: FileId::of_metadata(&meta), kept: None })
+    let guard = crate::sigbus::register(map.as_ptr(), map.len(), path, access != Access::ReadOnly);
+    Ok(Mapping { guard, map: Some(map), path: path.to_path_buf(), access, id: FileId::of_metadata(&meta), kept: None })
+}
+/// Opens `path` (not following a last-component symlink) for reading, and
+/// writing if `write`, and refuses anything but a regular file at once.
+fn open_regular(path: &Path, write: bool) -> Result<File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    regular_and_blocking(file)
+}
+
+/// Refuses a descriptor that is not a regular file, and clears the
+/// `O_NONBLOCK` it was opened with.
+///
+/// Files are opened with `O_NONBLOCK`: opening a FIFO for reading blocks
+/// until a writer comes, so without it a reference naming a FIFO would hang
+/// the worker before the file type could be checked. The flag is cleared
+/// once the descriptor is known to be a regular file (it means nothing
+/// there).
+fn regular_and_blocking(file: File) -> Result<File, String> {
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err(format!("not a regular file ({})", npy::file_kind(meta.file_type())));
+    }
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = fcntl(&file, FcntlArg::F_GETFL).map_err(|e| e.to_string())?;
+    fcntl(&file, FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) - OFlag::O_NONBLOCK)).map_err(|e| e.to_string())?;
+    Ok(file)
 }
 
 /// Maps the file an [`ArrayRef::File`] names, checking that the referenced
@@ -884,10 +1008,7 @@ pub fn map_file_ref_within(
     let err = |reason: String| ArrayError::Map { path: path.to_path_buf(), reason };
     let file = open_file_ref(within, path, access).map_err(err)?;
     let meta = file.metadata().map_err(|e| err(e.to_string()))?;
-    if !meta.is_file() {
-        return Err(err("not a regular file".into()));
-    }
-    let nbytes = dtype.nbytes(shape).ok_or_else(|| err("shape overflows".into()))? as u64;
+    let nbytes = dtype.nbytes(shape).ok_or_else(|| ArrayError::too_large(dtype, shape))? as u64;
     let end = offset.checked_add(nbytes).ok_or_else(|| err("offset overflows".into()))?;
     if end > meta.len() {
         return Err(err(format!("needs bytes {offset}..{end} but the file has {} bytes", meta.len())));
@@ -904,15 +1025,13 @@ pub fn map_file_ref_within(
 
 /// Opens the file a reference names, for [`map_file_ref_within`].
 fn open_file_ref(within: Option<&Folders>, path: &Path, access: Access) -> Result<File, String> {
-    let flags = if access == Access::ReadWrite { libc::O_RDWR } else { libc::O_RDONLY };
     match within {
-        Some(folders) => folders.open(path, flags).map_err(|e| e.to_string()),
-        None => {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut opts = std::fs::OpenOptions::new();
-            opts.read(true).write(access == Access::ReadWrite).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
-            opts.open(path).map_err(|e| e.to_string())
+        Some(folders) => {
+            let flags = if access == Access::ReadWrite { libc::O_RDWR } else { libc::O_RDONLY };
+            let file = folders.open(path, flags | libc::O_NONBLOCK).map_err(|e| e.to_string())?;
+            regular_and_blocking(file)
         }
+        None => open_regular(path, access == Access::ReadWrite),
     }
 }
 
@@ -940,6 +1059,7 @@ impl Array {
                 let mut faulted = kept.faulted;
                 let fresh = faulted.first_time(view);
                 let mapping = Mapping {
+                    guard: kept.guard,
                     map: Some(kept.map),
                     path: kept.path,
                     access: Access::ReadWrite,
@@ -973,7 +1093,7 @@ impl Array {
     /// A view with the given dtype, shape and offset into the same storage as
     /// `self` (used to share one mapping among many file references).
     pub fn view_of_storage(&self, dtype: DType, shape: &[usize], offset: u64) -> Result<Array, ArrayError> {
-        let nbytes = dtype.nbytes(shape).ok_or_else(|| ArrayError::Shape("shape overflows".into()))?;
+        let nbytes = dtype.nbytes(shape).ok_or_else(|| ArrayError::too_large(dtype, shape))?;
         let total = self.storage.bytes().len();
         let end = (offset as usize).checked_add(nbytes);
         if end.is_none_or(|e| e > total) || !(offset as usize).is_multiple_of(dtype.size()) {
@@ -1200,9 +1320,10 @@ pub fn read_arrays<'a, R: BulkSource + ?Sized>(
                 r.copy_to_file(&land.file, land.offset, land.view.nbytes() as u64)?;
                 out.push(Ok(land.view));
             }
-            (ArrayRef::Inline { dtype, shape }, _) => {
-                let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-                let mut array = Array::try_zeros(*dtype, shape).map_err(|e| {
+            (ArrayRef::Inline { dtype, .. }, _) => {
+                // The sizes were checked against the bulk above; this also
+                // checks what a slice can address.
+                let mut array = r_.checked_shape().and_then(|shape| Array::try_zeros(*dtype, shape)).map_err(|e| {
                     DecodeError::Io(std::io::Error::new(std::io::ErrorKind::OutOfMemory, e.to_string()))
                 })?;
                 let storage = Arc::get_mut(&mut array.storage).expect("a fresh array is unshared");
@@ -1378,21 +1499,21 @@ mod tests {
         };
         let zeros = |a: &Array| a.as_bytes().iter().all(|&b| b == 0);
         filled(len).put_back_pages();
-        assert!(zeros(&Array::for_overwrite(DType::F64, vec![len + 1])), "another size");
-        let reused = Array::for_overwrite(DType::I64, vec![len]);
+        assert!(zeros(&Array::try_for_overwrite(DType::F64, vec![len + 1]).unwrap()), "another size");
+        let reused = Array::try_for_overwrite(DType::I64, vec![len]).unwrap();
         assert_eq!((reused.dtype(), reused.shape()), (DType::I64, &[len][..]));
         assert!(!zeros(&reused), "the pages put back were not taken");
         if !cfg!(debug_assertions) {
             assert_eq!(reused.as_bytes(), filled(len).as_bytes(), "the pages put back, as they were");
         }
         drop(reused);
-        assert!(zeros(&Array::for_overwrite(DType::F64, vec![len])), "taken only once");
+        assert!(zeros(&Array::try_for_overwrite(DType::F64, vec![len]).unwrap()), "taken only once");
         let shared = filled(len);
         let _other_view = shared.clone();
         shared.put_back_pages();
-        assert!(zeros(&Array::for_overwrite(DType::F64, vec![len])), "a shared array's pages");
+        assert!(zeros(&Array::try_for_overwrite(DType::F64, vec![len]).unwrap()), "a shared array's pages");
         Array::from_vec(vec![3], vec![1.0f64; 3]).put_back_pages();
-        assert!(zeros(&Array::for_overwrite(DType::F64, vec![3])), "a small array");
+        assert!(zeros(&Array::try_for_overwrite(DType::F64, vec![3]).unwrap()), "a small array");
         Array::drop_spare_pages();
     }
 
@@ -1491,6 +1612,56 @@ mod tests {
         assert_eq!(copied, 0, "prefaulting a copy-on-write map copied {copied} bytes");
     }
 
+    /// Shapes whose size overflows (or exceeds `isize::MAX`) are refused
+    /// with the typed error naming dtype and shape, before anything is
+    /// allocated; a 0 dimension makes any shape 0 bytes, in any order.
+    #[test]
+    fn overflowing_shapes_are_refused_with_a_typed_error() {
+        let too_large = |r: Result<Array, ArrayError>, dtype: DType, shape: &[u64]| match r {
+            Err(ArrayError::TooLarge { dtype: d, shape: s }) => {
+                assert_eq!((d, s.as_slice()), (dtype, shape));
+            }
+            other => panic!("expected TooLarge for {dtype} {shape:?}, got {other:?}"),
+        };
+        let wraps = [(1usize << 32) + 1, 1 << 32]; // 2^64 + 2^32 elements: wraps to 2^32
+        too_large(Array::try_zeros(DType::F64, wraps.to_vec()), DType::F64, &[(1 << 32) + 1, 1 << 32]);
+        too_large(Array::try_zeros(DType::I64, vec![usize::MAX, 2]), DType::I64, &[u64::MAX, 2]);
+        // Fits in usize, but not in what a slice may span.
+        too_large(Array::try_zeros(DType::F32, vec![1 << 62]), DType::F32, &[1 << 62]);
+        too_large(Array::try_from_vec(vec![1usize << 63, 2], Vec::<f64>::new()), DType::F64, &[1 << 63, 2]);
+        let err = Array::try_zeros(DType::F64, wraps.to_vec()).unwrap_err().to_string();
+        assert!(err.contains("f64") && err.contains("4294967297"), "{err}");
+        assert!(matches!(Array::try_from_vec(vec![2, 2], vec![1i64; 3]), Err(ArrayError::Shape(_))));
+        assert_eq!(Array::try_zeros(DType::F64, vec![usize::MAX, 2, 0]).unwrap().len(), 0);
+        assert_eq!(Array::try_zeros(DType::F64, vec![0, usize::MAX, 2]).unwrap().nbytes(), 0);
+        let panicked = std::panic::catch_unwind(|| Array::zeros(DType::F64, wraps.to_vec())).unwrap_err();
+        let message = panicked.downcast_ref::<String>().unwrap();
+        assert!(message.contains("more bytes than this process can address"), "{message}");
+        let empty = Array::try_zeros(DType::F64, vec![usize::MAX, 0]).unwrap();
+        assert!(matches!(Array::vstack(&[empty.clone(), empty]), Err(ArrayError::TooLarge { .. })));
+        let a = Array::from_vec(vec![2], vec![1.0f64; 2]);
+        assert!(a.reshape(vec![(1usize << 63) + 1, 2]).is_err(), "a reshape whose product wraps to 2");
+    }
+
+    /// Memory the system refuses is an error, not an abort.
+    #[test]
+    fn an_allocation_the_system_refuses_is_an_error() {
+        // 16 TiB of pages: more than a machine's memory and swap, which
+        // the kernel's overcommit heuristic refuses (with overcommit
+        // "always" it would be granted, and the test proves nothing).
+        let overcommit = std::fs::read_to_string("/proc/sys/vm/overcommit_memory").unwrap_or_default();
+        if overcommit.trim() == "1" {
+            eprintln!("skipping: vm.overcommit_memory is 1, every allocation is granted");
+            return;
+        }
+        match Array::try_zeros(DType::F64, vec![1 << 41]) {
+            Err(ArrayError::OutOfMemory { dtype: DType::F64, shape, bytes }) => {
+                assert_eq!((shape, bytes), (vec![1 << 41], 1 << 44));
+            }
+            other => panic!("16 TiB was granted: {other:?}"),
+        }
+    }
+
     #[test]
     fn split_and_stack_round_trip() {
         let a = Array::from_vec(vec![7, 2], (0..14i64).collect::<Vec<_>>());
@@ -1535,6 +1706,19 @@ mod tests {
         assert!(err.to_string().contains("link.npy"), "{err}");
         assert!(map_file_ref(&dir, DType::F64, &[0], 0, Access::ReadOnly).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A FIFO is refused at once, for every access: opening one for
+    /// reading would otherwise wait for a writer for ever.
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.npy");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        for access in [Access::ReadOnly, Access::CopyOnWrite, Access::ReadWrite] {
+            let err = map_file_ref(&fifo, DType::F64, &[1], 0, access).unwrap_err().to_string();
+            assert!(err.contains("fifo.npy") && err.contains("not a regular file (a fifo)"), "{access:?}: {err}");
+        }
     }
 
     #[test]

@@ -50,10 +50,23 @@ impl DType {
         DType::ALL.into_iter().find(|d| d.name() == name)
     }
 
-    /// Number of bytes of an array of this dtype and shape, or `None` on overflow.
+    /// Number of bytes of an array of this dtype and shape, or `None` when
+    /// the product overflows or exceeds `isize::MAX` (the most a slice, an
+    /// allocation or a memory map can span). A shape with a 0 dimension
+    /// holds 0 bytes whatever its other dimensions.
     pub fn nbytes(self, shape: &[usize]) -> Option<usize> {
-        shape.iter().try_fold(self.size(), |acc, &d| acc.checked_mul(d))
+        elements(shape)?.checked_mul(self.size()).filter(|&n| n <= isize::MAX as usize)
     }
+}
+
+/// The number of elements of `shape` (1 for a 0-d shape), or `None` when
+/// the product overflows `usize`. A 0 dimension makes it 0 whatever the
+/// others, so the order of the dimensions never matters.
+pub fn elements(shape: &[usize]) -> Option<usize> {
+    if shape.contains(&0) {
+        return Some(0);
+    }
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
 }
 
 impl std::fmt::Display for DType {

@@ -24,6 +24,7 @@ pub mod protocol;
 pub mod registry;
 pub mod secret;
 pub mod serve;
+mod sigbus;
 pub mod task;
 #[cfg(feature = "test-tasks")]
 pub mod testkinds;

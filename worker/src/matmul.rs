@@ -62,7 +62,8 @@ impl Task for MatmulBlock {
         match out {
             None => {
                 // Every element is written (`Kernel::matmul_block` overwrites).
-                let mut c = Array::for_overwrite(a.dtype(), vec![rows, n]);
+                let mut c = Array::try_for_overwrite(a.dtype(), vec![rows, n])
+                    .map_err(|e| format!("cannot make the output block: {e}"))?;
                 multiply_into(&a, &b, &mut c, rows, k, n)?;
                 Ok(MatmulOutput::Block(c))
             }
@@ -136,7 +137,10 @@ fn multiply_into(a: &Array, b: &Array, c: &mut Array, rows: usize, k: usize, n: 
 /// Multiplies in this process: the `seq` baseline and the reference.
 pub fn multiply<T: Kernel + Element>(a: &Array, b: &Array) -> Result<Array, String> {
     let (rows, k, n) = check_shapes(a, b)?;
-    let mut c = Array::for_overwrite(T::DTYPE, vec![rows, n]);
+    // Fallible: the output's size comes from the inputs' shapes, not their
+    // bytes (A[2²⁰, 0] · B[0, 2²⁰] is 8 TiB of C from 0 bytes of input).
+    let mut c =
+        Array::try_for_overwrite(T::DTYPE, vec![rows, n]).map_err(|e| format!("cannot make the product: {e}"))?;
     multiply_into(a, b, &mut c, rows, k, n)?;
     Ok(c)
 }

@@ -139,8 +139,14 @@ pub enum HeaderError {
     #[error("Fortran-order arrays are not accepted; save np.ascontiguousarray(a)")]
     FortranOrder,
     /// The shape's size in bytes (plus the header) does not fit the address space.
-    #[error("the shape's total size in bytes overflows the address space")]
-    ShapeOverflow,
+    #[error("a {dtype} array of shape {shape} has more bytes than this process can address")]
+    ShapeOverflow {
+        /// The header's dtype.
+        dtype: DType,
+        /// The header's shape, as written there (its entries may not fit
+        /// in `usize`).
+        shape: String,
+    },
     /// The data would start at an offset that is not a multiple of [`MIN_DATA_ALIGN`].
     #[error(
         "data starts at byte {offset}, which is not a multiple of {align}, so \
@@ -214,13 +220,14 @@ pub fn parse_header(bytes: &[u8]) -> Result<NpyHeader, HeaderError> {
     if fortran_order {
         return Err(HeaderError::FortranOrder);
     }
-    let shape = shape.ok_or(HeaderError::ShapeOverflow)?;
+    let overflow = || HeaderError::ShapeOverflow { dtype, shape: fields.shape_text.to_string() };
+    let shape = shape.ok_or_else(overflow)?;
     // Slices (and so memory maps viewed as slices) may not exceed isize::MAX
     // bytes; checking here means every later size computation is safe.
-    let data_len = dtype.nbytes(&shape).ok_or(HeaderError::ShapeOverflow)?;
+    let data_len = dtype.nbytes(&shape).ok_or_else(overflow)?;
     match data_offset.checked_add(data_len) {
         Some(total) if total <= isize::MAX as usize => {}
-        _ => return Err(HeaderError::ShapeOverflow),
+        _ => return Err(overflow()),
     }
     if data_offset % MIN_DATA_ALIGN != 0 {
         return Err(HeaderError::MisalignedData { offset: data_offset });
@@ -264,6 +271,8 @@ struct DictFields<'a> {
     descr: Option<&'a str>,
     fortran_order: Option<bool>,
     shape: Option<Option<Vec<usize>>>,
+    /// The shape's tuple as written, for messages.
+    shape_text: &'a str,
 }
 
 /// Cursor over the header dict bytes (already known to be ASCII).
@@ -316,7 +325,12 @@ impl<'a> DictParser<'a> {
             let duplicate = match key {
                 "descr" => fields.descr.replace(self.descr()?).is_some(),
                 "fortran_order" => fields.fortran_order.replace(self.boolean()?).is_some(),
-                "shape" => fields.shape.replace(self.shape()?).is_some(),
+                "shape" => {
+                    let start = self.pos;
+                    let shape = self.shape()?;
+                    fields.shape_text = std::str::from_utf8(&self.s[start..self.pos]).unwrap_or("(…)");
+                    fields.shape.replace(shape).is_some()
+                }
                 _ => {
                     self.pos = key_pos;
                     return Err(self.err(&format!(
@@ -604,7 +618,7 @@ fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Names a non-regular file type for the error message.
-fn file_kind(ft: std::fs::FileType) -> &'static str {
+pub(crate) fn file_kind(ft: std::fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
     if ft.is_dir() {
         "a directory"
@@ -1000,15 +1014,20 @@ mod tests {
     #[test]
     fn shape_overflow_and_alignment() {
         let huge = format!("({},)", u128::from(u64::MAX) + 1);
-        assert_eq!(err(&dict("<i8", "False", &huge)), HeaderError::ShapeOverflow);
+        let overflow = |shape: &str| HeaderError::ShapeOverflow { dtype: DType::I64, shape: shape.to_string() };
+        assert_eq!(err(&dict("<i8", "False", &huge)), overflow(&huge));
+        assert_eq!(
+            err(&dict("<i8", "False", &huge)).to_string(),
+            format!("a i64 array of shape {huge} has more bytes than this process can address")
+        );
         let product = format!("({}, {})", u32::MAX, u32::MAX);
-        assert_eq!(err(&dict("<i8", "False", &product)), HeaderError::ShapeOverflow);
+        assert_eq!(err(&dict("<i8", "False", &product)), overflow(&product));
         // Fits usize as a count but not as bytes.
         let bytes = format!("({},)", usize::MAX / 4);
-        assert_eq!(err(&dict("<i8", "False", &bytes)), HeaderError::ShapeOverflow);
+        assert_eq!(err(&dict("<i8", "False", &bytes)), overflow(&bytes));
         // Fits as bytes but not in isize (slices are limited to isize::MAX bytes).
         let isize_over = format!("({},)", usize::MAX / 16);
-        assert_eq!(err(&dict("<i8", "False", &isize_over)), HeaderError::ShapeOverflow);
+        assert_eq!(err(&dict("<i8", "False", &isize_over)), overflow(&isize_over));
         // Malformed syntax takes precedence over the overflow it contains.
         malformed(&format!("{{'descr': '<i8', 'fortran_order': False, 'shape': ({}, -1)}}", u128::MAX));
 

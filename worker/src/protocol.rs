@@ -39,7 +39,11 @@
 //! [`DecodeError`]. A bad length is refused before anything is allocated for
 //! it; a frame whose declared arrays agree with its bulk length is read
 //! array by array into fallible allocations, so an advertised size that
-//! memory cannot hold is an error, not an abort.
+//! memory cannot hold is an error, not an abort. Every size is a checked
+//! product ([`ArrayRef::nbytes`], [`ArrayRef::checked_shape`]); a task kind
+//! name longer than [`MAX_KIND_NAME`] is refused by [`recv_request`]. A
+//! worker bounds the reply it builds by the same limits (see
+//! `docs/protocol.md`, "Limits").
 //!
 //! # Versioning and handshake
 //!
@@ -77,6 +81,11 @@ pub const PRELUDE_LEN: usize = 20;
 pub const MAX_PAYLOAD: usize = 64 << 20;
 /// Largest bulk part a reader accepts: 1 TiB.
 pub const MAX_BULK: u64 = 1 << 40;
+/// Longest task kind name ([`TaskKind::name`]) a worker accepts, in bytes:
+/// refused at decode ([`DecodeError::KindNameTooLong`]). A name is a
+/// registry key and appears in messages, some repeated per task; type
+/// paths of generic tasks (`Task::name`'s default) stay well under it.
+pub const MAX_KIND_NAME: usize = 256;
 
 /// Who sent a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,14 +320,37 @@ pub mod paths_bytes {
 }
 
 impl ArrayRef {
-    /// Bytes of the array, or `None` if the shape overflows.
-    pub fn nbytes(&self) -> Option<u64> {
-        let (dtype, shape) = match self {
+    /// The element type and shape.
+    pub fn dtype_and_shape(&self) -> (DType, &[u64]) {
+        match self {
             ArrayRef::Inline { dtype, shape }
             | ArrayRef::File { dtype, shape, .. }
-            | ArrayRef::Inherited { dtype, shape, .. } => (dtype, shape),
-        };
+            | ArrayRef::Inherited { dtype, shape, .. } => (*dtype, shape),
+        }
+    }
+
+    /// Bytes of the array (`dtype.size() × product(shape)`, checked; 0 when
+    /// a dimension is 0), or `None` if that overflows.
+    pub fn nbytes(&self) -> Option<u64> {
+        let (dtype, shape) = self.dtype_and_shape();
+        if shape.contains(&0) {
+            return Some(0);
+        }
         shape.iter().try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d))
+    }
+
+    /// The shape as this process's sizes, or [`ArrayError::TooLarge`]
+    /// (naming the shape and dtype) when its size in bytes overflows or
+    /// exceeds what this process can address (`isize::MAX`).
+    ///
+    /// [`ArrayError::TooLarge`]: crate::array::ArrayError::TooLarge
+    pub fn checked_shape(&self) -> Result<Vec<usize>, crate::array::ArrayError> {
+        let (dtype, shape) = self.dtype_and_shape();
+        let too_large = || crate::array::ArrayError::TooLarge { dtype, shape: shape.to_vec() };
+        let usize_shape: Vec<usize> =
+            shape.iter().map(|&d| usize::try_from(d)).collect::<Result<_, _>>().map_err(|_| too_large())?;
+        dtype.nbytes(&usize_shape).ok_or_else(too_large)?;
+        Ok(usize_shape)
     }
 }
 
@@ -509,6 +541,14 @@ pub enum DecodeError {
         /// `bulk_len` of the frame.
         actual: u64,
     },
+    /// A batch names a task kind longer than [`MAX_KIND_NAME`].
+    #[error("task kind name of {len} bytes exceeds the limit of {max} bytes")]
+    KindNameTooLong {
+        /// The name's length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
 }
 
 /// A decoded frame prelude.
@@ -665,13 +705,36 @@ pub fn recv<R: Read + ?Sized, M: serde::de::DeserializeOwned>(
         e => e,
     })?;
     let prelude = decode_prelude(&p, expected)?;
-    let mut payload = vec![0u8; prelude.payload_len as usize];
+    // Up to MAX_PAYLOAD, reserved fallibly: under a memory limit, a large
+    // payload the system refuses is an error, not an abort.
+    let len = prelude.payload_len as usize;
+    let mut payload = Vec::new();
+    payload.try_reserve_exact(len).map_err(|_| {
+        DecodeError::Io(io::Error::new(
+            io::ErrorKind::OutOfMemory,
+            format!("cannot allocate {len} bytes for a frame payload"),
+        ))
+    })?;
+    payload.resize(len, 0);
     read_part(r, &mut payload, "payload")?;
     let (message, rest) = postcard::take_from_bytes(&payload)?;
     if !rest.is_empty() {
         return Err(DecodeError::TrailingBytes(rest.len()));
     }
     Ok(Frame { message, bulk_len: prelude.bulk_len, header_bytes: (PRELUDE_LEN + payload.len()) as u64 })
+}
+
+/// [`recv`] for a worker: reads a [`Request`] and checks the limits its
+/// payload can break without being malformed (a task kind name longer than
+/// [`MAX_KIND_NAME`] is [`DecodeError::KindNameTooLong`]).
+pub fn recv_request<R: Read + ?Sized>(r: &mut R) -> Result<Frame<Request>, DecodeError> {
+    let frame = recv::<_, Request>(r, FrameKind::Request)?;
+    if let Request::Run(batch) = &frame.message {
+        if batch.kind.name.len() > MAX_KIND_NAME {
+            return Err(DecodeError::KindNameTooLong { len: batch.kind.name.len(), max: MAX_KIND_NAME });
+        }
+    }
+    Ok(frame)
 }
 
 /// Checks that the inline arrays declared in `refs` need exactly `bulk_len`

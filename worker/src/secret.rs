@@ -106,6 +106,28 @@ impl PoolSecret {
         Ok(read)
     }
 
+    /// Hands this secret to the child `cmd` will start, as a pool does: the
+    /// read end of a [`pipe_for_child`](PoolSecret::pipe_for_child), named
+    /// in [`SECRET_FD_ENV`] and kept open across `exec` in the child only.
+    /// Keep the returned descriptor until the child is spawned, then drop
+    /// it. For launchers of `procjob-worker` and tests.
+    pub fn hand_to(&self, cmd: &mut std::process::Command) -> io::Result<OwnedFd> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let pipe = self.pipe_for_child()?;
+        let fd = pipe.as_raw_fd();
+        cmd.env(SECRET_FD_ENV, fd.to_string());
+        // SAFETY: fcntl is async-signal-safe; between fork and exec it only
+        // clears close-on-exec on the secret's pipe, in the child.
+        unsafe {
+            cmd.pre_exec(move || match libc::fcntl(fd, libc::F_SETFD, 0) {
+                0 => Ok(()),
+                _ => Err(io::Error::last_os_error()),
+            });
+        }
+        Ok(pipe)
+    }
+
     /// Reads the secret a launcher handed this process (see
     /// [`SECRET_FD_ENV`]) and closes its descriptor. Call once, at start,
     /// before anything else opens descriptors.

@@ -74,6 +74,7 @@ fn prepare_and_serve(registry: &Registry) -> Result<(), ServeError> {
     let (input, output) = take_protocol_fds()?;
     die_with_parent(std::env::var(WORKER_ENV).ok().and_then(|v| v.parse::<i32>().ok()));
     install_panic_capture();
+    crate::sigbus::install()?;
     serve(BufReader::with_capacity(1 << 16, input), output, registry, &[], &secret)
 }
 
@@ -125,23 +126,19 @@ fn prepare_forked(parent: i32) -> std::io::Result<()> {
     .map_err(std::io::Error::from)?;
     die_with_parent(Some(parent));
     install_panic_capture();
-    Ok(())
+    crate::sigbus::install()
 }
 
 /// Resolves an [`ArrayRef::Inherited`] against the arrays this forked
 /// worker shares with its coordinator.
-fn inherit(
-    inherited: &[Array],
-    dtype: crate::DType,
-    shape: &[u64],
-    index: u32,
-    offset: u64,
-) -> Result<Array, ArrayError> {
-    let base = inherited.get(index as usize).ok_or_else(|| {
+fn inherit(inherited: &[Array], r: &ArrayRef) -> Result<Array, ArrayError> {
+    let ArrayRef::Inherited { dtype, index, offset, .. } = r else {
+        unreachable!("only inherited references are resolved here")
+    };
+    let base = inherited.get(*index as usize).ok_or_else(|| {
         ArrayError::Shape(format!("inherited array {index} does not exist ({} were inherited)", inherited.len()))
     })?;
-    let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-    base.view_of_storage(dtype, &shape, offset)
+    base.view_of_storage(*dtype, &r.checked_shape()?, *offset)
 }
 
 /// Moves the protocol off fds 0 and 1: stdin becomes /dev/null and stdout
@@ -254,7 +251,7 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         if input.buffer().is_empty() && !wait_for_request(input.get_ref(), idle, &mut maps, FIRST_MAP_CHECK) {
             return Ok(()); // idle timeout: exit quietly, the pool starts another when needed
         }
-        let frame = match protocol::recv::<_, Request>(&mut input, FrameKind::Request) {
+        let frame = match protocol::recv_request(&mut input) {
             Ok(f) => f,
             Err(DecodeError::Closed) => return Ok(()),
             Err(e) => return Err(e.into()),
@@ -273,12 +270,11 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         if maps.call != batch.call {
             maps.start_call(batch.call);
         }
+        maps.start_batch();
         let arrays = array::read_arrays(&mut input, frame.message.array_refs(), frame.bulk_len, &mut |_, r| match r {
             ArrayRef::File { .. } => array::Placement::Mapped(maps.map(r)),
             ArrayRef::Inline { .. } => array::Placement::Own,
-            ArrayRef::Inherited { dtype, shape, index, offset } => {
-                array::Placement::Mapped(inherit(inherited, *dtype, shape, *index, *offset))
-            }
+            ArrayRef::Inherited { .. } => array::Placement::Mapped(inherit(inherited, r)),
         })?;
         // The batch's received bytes stay alive until the memory snapshot
         // below, so it shows what the tasks held (a B copied into this worker
@@ -303,17 +299,41 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         // moves).
         let clock = || if batch.timestamps { crate::clock::monotonic_ns() } else { 0 };
         let mut started_ns = clock();
+        let mut budget = ReplyBudget::default();
+        let first_index = batch.tasks.first().map(|t| t.index);
         for task in &batch.tasks {
             let mine: Vec<Result<Array, ArrayError>> = match task.arrays.len() {
                 0 => Vec::new(),
                 n => arrays.by_ref().take(n).collect(),
             };
-            let result = run_one(&entry, &task.input, mine);
+            let result = match poisoned_input(&mine) {
+                Some(path) => ErasedOutcome::failed(
+                    FailureCause::Setup,
+                    format!(
+                        "{} shrank while an earlier task of this batch read it; \
+                         a mapped file must not be truncated while tasks use it",
+                        path.display()
+                    ),
+                ),
+                None => match (&entry, first_index) {
+                    // The same message for every task of the batch: in full
+                    // once, then a pointer to it (a kind name repeated per
+                    // task made a 73 KB request take 253 MB).
+                    (Err(_), Some(first)) if first != task.index => ErasedOutcome::failed(
+                        FailureCause::Setup,
+                        format!("task kind '{}' is not known to this worker (see task {first})", batch.kind.name),
+                    ),
+                    _ => run_one(&entry, &task.input, mine),
+                },
+            };
+            let result = fail_on_faults(task.index, result);
             let finished_ns = clock();
+            let result = budget.admit(task.index, result);
             replies.push(TaskReply { index: task.index, started_ns, finished_ns, outcome: result.outcome });
             inline.extend(result.inline);
             started_ns = finished_ns;
         }
+        maps.forget_poisoned();
         Array::drop_spare_pages();
         let memory = (batch_started.elapsed() >= SNAPSHOT_AFTER_BUSY || last_snapshot.elapsed() >= SNAPSHOT_EVERY)
             .then(|| {
@@ -331,18 +351,22 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         crate::payload::with_scratch(|payload| {
             crate::payload::encode_into(&reply, payload).map_err(std::io::Error::other)?;
             if let (true, Reply::Results(mut results)) = (payload.len() > protocol::MAX_PAYLOAD, reply) {
-                // Too large for one frame: report it as each task's failure
-                // rather than die, so the coordinator can say which tasks.
+                // Too large for one frame (the budget's estimate fell
+                // short): report it as the tasks' failure rather than die,
+                // so the coordinator can say which tasks — the explanation
+                // once, a short pointer to it for the others.
                 let message = format!(
                     "the batch's results encode to {} bytes, over the frame limit of {} bytes; \
                      return large data as procjob::Array (raw bytes, no limit) instead of serde values",
                     payload.len(),
                     protocol::MAX_PAYLOAD
                 );
-                for t in &mut results.tasks {
+                let first = results.tasks.first().map_or(0, |t| t.index);
+                for (i, t) in results.tasks.iter_mut().enumerate() {
+                    let message = if i == 0 { message.clone() } else { ReplyBudget::dropped_message(first) };
                     t.outcome = Outcome::Failed(protocol::TaskFailure {
                         cause: FailureCause::Setup,
-                        message: message.clone(),
+                        message,
                         location: None,
                         error: None,
                     });
@@ -377,6 +401,136 @@ fn check_secret(expected: &Result<PoolSecret, SecretError>, carried: &PoolSecret
     }
 }
 
+/// The mapped file behind the first of a task's arrays in which a SIGBUS
+/// was absorbed (by an earlier task of the batch): its pages read as zeros
+/// now, so the task must not run on it.
+fn poisoned_input(arrays: &[Result<Array, ArrayError>]) -> Option<PathBuf> {
+    arrays
+        .iter()
+        .flatten()
+        .find(|a| a.is_poisoned())
+        .map(|a| a.file_location().map_or_else(PathBuf::new, |l| l.0.into()))
+}
+
+/// Replaces a task's outcome with a failure naming the file when a SIGBUS
+/// was absorbed while it ran (see `crate::sigbus`): it read zeros where a
+/// truncated file's bytes were, so its result is wrong whatever it says.
+fn fail_on_faults(index: u64, result: ErasedOutcome) -> ErasedOutcome {
+    let faults = crate::sigbus::take_faults();
+    if faults.is_empty() {
+        return result;
+    }
+    let files: Vec<String> = faults
+        .iter()
+        .map(|f| match std::fs::metadata(&f.path) {
+            Ok(m) if m.len() < f.mapped_len => {
+                format!(
+                    "{} shrank while task {index} read it ({} bytes when mapped, {} now)",
+                    f.path.display(),
+                    f.mapped_len,
+                    m.len()
+                )
+            }
+            _ => format!(
+                "{} could not be read while task {index} read it (SIGBUS: truncated, or an I/O error)",
+                f.path.display()
+            ),
+        })
+        .collect();
+    ErasedOutcome::failed(
+        FailureCause::Setup,
+        format!("{}; a mapped file must not be truncated while tasks use it", files.join("; ")),
+    )
+}
+
+/// What a batch's reply may grow to while it is built: its payload (the
+/// encoded outcomes) up to [`protocol::MAX_PAYLOAD`] and its bulk (inline
+/// arrays) up to [`protocol::MAX_BULK`], the limits the reader enforces.
+/// Each task's outcome is admitted with an upper bound of its encoded size;
+/// from the first that would pass a limit on, outcomes are dropped as they
+/// come (their arrays freed at once) and replaced by a short failure: the
+/// first says why, the others point to it. So a batch of many tasks that
+/// fail with long messages holds at most one frame's worth of them, not a
+/// copy per task of a message that could never be sent.
+#[derive(Default)]
+struct ReplyBudget {
+    payload: usize,
+    bulk: u64,
+    first_dropped: Option<u64>,
+}
+
+impl ReplyBudget {
+    /// What a task's entry costs besides its outcome, at most: index and
+    /// two timestamps (varints of up to 10 bytes) and tags.
+    const PER_TASK: usize = 32;
+    /// The `Results` fields besides the tasks, at most.
+    const PER_REPLY: usize = 96;
+
+    /// The outcome to report for task `index`: `result` when it fits.
+    fn admit(&mut self, index: u64, result: ErasedOutcome) -> ErasedOutcome {
+        if let Some(first) = self.first_dropped {
+            return ErasedOutcome::failed(FailureCause::Setup, ReplyBudget::dropped_message(first));
+        }
+        let payload = Self::PER_TASK + encoded_len_bound(&result.outcome);
+        let bulk: u64 = result.inline.iter().map(|a| a.nbytes() as u64).sum();
+        let fits = self.payload + payload + Self::PER_REPLY <= protocol::MAX_PAYLOAD
+            && self.bulk.checked_add(bulk).is_some_and(|b| b <= protocol::MAX_BULK);
+        if fits {
+            self.payload += payload;
+            self.bulk += bulk;
+            return result;
+        }
+        self.first_dropped = Some(index);
+        ErasedOutcome::failed(
+            FailureCause::Setup,
+            format!(
+                "the batch's reply would exceed the frame limit ({} bytes of encoded outcomes, {} bytes of arrays) \
+                 with this task's outcome ({payload} bytes encoded, {bulk} bytes of arrays), so it and the later \
+                 tasks' outcomes were dropped; return large data as procjob::Array (raw bytes) instead of serde \
+                 values, or send smaller batches",
+                protocol::MAX_PAYLOAD,
+                protocol::MAX_BULK
+            ),
+        )
+    }
+
+    /// The short failure of a task dropped after task `first`.
+    fn dropped_message(first: u64) -> String {
+        format!("dropped: the batch's reply was full (see task {first})")
+    }
+}
+
+/// An upper bound of an outcome's postcard encoding (every varint counted
+/// at its longest): what [`ReplyBudget`] charges for it.
+fn encoded_len_bound(outcome: &Outcome) -> usize {
+    const VARINT: usize = 10;
+    let bytes = |n: usize| VARINT + n;
+    match outcome {
+        Outcome::Ok { output, arrays } => {
+            let refs: usize = arrays
+                .iter()
+                .map(|r| {
+                    let (_, shape) = r.dtype_and_shape();
+                    let extra = match r {
+                        ArrayRef::Inline { .. } => 0,
+                        ArrayRef::File { path, .. } => bytes(path.as_os_str().len()) + VARINT + 1,
+                        ArrayRef::Inherited { .. } => 2 * VARINT,
+                    };
+                    2 + VARINT * (1 + shape.len()) + extra
+                })
+                .sum();
+            1 + bytes(output.len()) + VARINT + refs
+        }
+        Outcome::Failed(f) => {
+            2 + bytes(f.message.len())
+                + 1
+                + f.location.as_ref().map_or(0, |l| bytes(l.len()))
+                + 1
+                + f.error.as_ref().map_or(0, |e| bytes(e.len()))
+        }
+    }
+}
+
 /// Writes a reply frame whose bulk is `inline`'s bytes. Arrays that are
 /// the sole owners of pages of their own (a large result block) go into the
 /// pipe by reference with `vmsplice(2)` rather than copied by `write`: the
@@ -408,7 +562,7 @@ fn write_reply<W: Write + AsFd>(output: &mut BufWriter<W>, payload: &[u8], inlin
 }
 
 /// Puts the pages of `sent` (the last reply's large results) back for the
-/// next results (`Array::for_overwrite`) when `output` is a pipe with
+/// next results (`Array::try_for_overwrite`) when `output` is a pipe with
 /// nothing left in it: the coordinator has read every byte of the reply, so
 /// the pipe holds none of those pages any more. Otherwise drops them: a
 /// pipe still holding pages keeps its own references, and anything but a
@@ -578,9 +732,16 @@ fn wait_for_request(
 /// starts: files deleted or replaced since (and the memory a deleted
 /// file's pages would keep), and files the last call did not use, so the
 /// cache holds at most one call's inputs.
+///
+/// A cached mapping is reused only after its file has been checked again
+/// in this batch ([`FileId`]: a file truncated since would raise SIGBUS
+/// when read), once per file and batch; and never when a SIGBUS was
+/// absorbed in it (`crate::sigbus`).
 #[derive(Default)]
 struct MapCache {
     call: u64,
+    /// Counts batches, for the once-per-batch check of cached files.
+    batch: u64,
     read_only: HashMap<PathBuf, Cached>,
     /// The folders the coordinator named: nothing outside them is mapped.
     folders: crate::confine::Folders,
@@ -594,6 +755,8 @@ struct Cached {
     used: bool,
     /// The views of it already faulted in: byte offset and length.
     faulted: array::FaultedViews,
+    /// The batch ([`MapCache::batch`]) in which its file was last checked.
+    checked: u64,
 }
 
 impl Cached {
@@ -616,6 +779,17 @@ impl MapCache {
     fn forget_changed(&mut self) {
         self.read_only.retain(|path, cached| cached.names_its_file(path));
         Array::forget_changed_kept_maps();
+    }
+
+    /// Starts a batch: every cached file is checked again before its map
+    /// serves this batch.
+    fn start_batch(&mut self) {
+        self.batch += 1;
+    }
+
+    /// Drops the mappings a SIGBUS was absorbed in.
+    fn forget_poisoned(&mut self) {
+        self.read_only.retain(|_, cached| !cached.map.is_poisoned());
     }
 
     /// Starts call `call`: keeps the mappings the last call used whose
@@ -643,10 +817,10 @@ impl MapCache {
     /// The view a file reference names, and whether it still needs faulting
     /// in.
     fn view(&mut self, r: &ArrayRef) -> Result<(Array, bool), ArrayError> {
-        let ArrayRef::File { dtype, shape, path, offset, access } = r else {
+        let ArrayRef::File { dtype, path, offset, access, .. } = r else {
             unreachable!("only file references are mapped")
         };
-        let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        let shape = r.checked_shape()?;
         match access {
             Access::ReadWrite => return Array::map_kept(Some(&self.folders), path, *dtype, &shape, *offset),
             Access::CopyOnWrite => {
@@ -656,16 +830,38 @@ impl MapCache {
             Access::ReadOnly => {}
         }
         let key = |a: &Array| (a.storage_bytes().1, a.nbytes());
+        let batch = self.batch;
         if let Some(cached) = self.read_only.get_mut(path) {
+            if cached.checked != batch && (cached.map.is_poisoned() || !cached.names_its_file(path)) {
+                // Truncated, replaced or poisoned since: map it afresh, which
+                // checks the reference against the file as it is now.
+                self.read_only.remove(path);
+                return self.fresh_view(path, *dtype, &shape, *offset);
+            }
+        }
+        if let Some(cached) = self.read_only.get_mut(path) {
+            cached.checked = batch;
             cached.used = true;
             let view = cached.map.view_of_storage(*dtype, &shape, *offset)?;
             let fresh = cached.faulted.first_time(key(&view));
             return Ok((view, fresh));
         }
-        let a = array::map_file_ref_within(Some(&self.folders), path, *dtype, &shape, *offset, Access::ReadOnly)?;
+        self.fresh_view(path, *dtype, &shape, *offset)
+    }
+
+    /// Maps a read-only file reference anew, and caches the map.
+    fn fresh_view(
+        &mut self,
+        path: &std::path::Path,
+        dtype: crate::DType,
+        shape: &[usize],
+        offset: u64,
+    ) -> Result<(Array, bool), ArrayError> {
+        let a = array::map_file_ref_within(Some(&self.folders), path, dtype, shape, offset, Access::ReadOnly)?;
         if a.is_mapped() {
-            let faulted = array::FaultedViews::of(key(&a));
-            self.read_only.insert(path.clone(), Cached { map: a.clone(), used: true, faulted });
+            let faulted = array::FaultedViews::of((a.storage_bytes().1, a.nbytes()));
+            let cached = Cached { map: a.clone(), used: true, faulted, checked: self.batch };
+            self.read_only.insert(path.to_path_buf(), cached);
         }
         Ok((a, true))
     }
@@ -715,7 +911,8 @@ mod tests {
             assert!(a.is_sole_owner_of_pages());
             vec![a]
         };
-        let next_is_fresh = || Array::for_overwrite(crate::DType::F64, vec![len]).as_bytes().iter().all(|&b| b == 0);
+        let next_is_fresh =
+            || Array::try_for_overwrite(crate::DType::F64, vec![len]).unwrap().as_bytes().iter().all(|&b| b == 0);
         let (r, w) = nix::unistd::pipe().unwrap();
         let (mut r, mut w) = (File::from(r), File::from(w));
         w.write_all(b"x").unwrap();
@@ -802,6 +999,82 @@ mod tests {
         let idle_input = Scripted { readable: RefCell::default(), asked: RefCell::default() };
         assert!(wait_for_request(&idle_input, None, &mut MapCache::default(), first));
         assert!(idle_input.asked.borrow().is_empty(), "waited with nothing to check");
+    }
+
+    /// The budget's charge for an outcome is never less than its encoding
+    /// (else a reply could pass the frame limit while the budget thinks it
+    /// fits).
+    #[test]
+    fn the_budget_never_undercharges_an_outcome() {
+        let file = ArrayRef::File {
+            dtype: crate::DType::F64,
+            shape: vec![u64::MAX, 3],
+            path: "/tmp/some/where.npy".into(),
+            offset: u64::MAX,
+            access: Access::CopyOnWrite,
+        };
+        let inherited =
+            ArrayRef::Inherited { dtype: crate::DType::I64, shape: vec![7], index: u32::MAX, offset: 1 << 40 };
+        let inline = ArrayRef::Inline { dtype: crate::DType::F32, shape: vec![] };
+        let outcomes = [
+            Outcome::Ok { output: vec![9u8; 300].into(), arrays: vec![file, inherited, inline] },
+            Outcome::Ok { output: Default::default(), arrays: Vec::new() },
+            Outcome::Failed(protocol::TaskFailure {
+                cause: FailureCause::Panic,
+                message: "m".repeat(200),
+                location: Some("src/x.rs:1:2".into()),
+                error: Some(vec![1; 20]),
+            }),
+        ];
+        for outcome in outcomes {
+            let reply = TaskReply { index: u64::MAX, started_ns: u64::MAX, finished_ns: u64::MAX, outcome };
+            let encoded = postcard::to_stdvec(&reply).unwrap().len();
+            let charged = ReplyBudget::PER_TASK + encoded_len_bound(&reply.outcome);
+            assert!(charged >= encoded, "charged {charged} for {encoded} bytes: {:?}", reply.outcome);
+        }
+    }
+
+    /// Once an outcome would pass the payload limit, it and every later
+    /// one are dropped: the first with the explanation, the others with a
+    /// pointer to it, and their arrays are let go.
+    #[test]
+    fn the_budget_drops_outcomes_past_the_frame_limit() {
+        let mut budget = ReplyBudget::default();
+        let long = |n: usize| ErasedOutcome::failed(FailureCause::Error, "x".repeat(n));
+        assert!(
+            matches!(budget.admit(0, long(protocol::MAX_PAYLOAD / 2)).outcome, Outcome::Failed(f) if f.message.len() == protocol::MAX_PAYLOAD / 2)
+        );
+        let Outcome::Failed(f) = budget.admit(1, long(protocol::MAX_PAYLOAD / 2)).outcome else { unreachable!() };
+        assert!(f.message.contains("would exceed the frame limit"), "{}", f.message);
+        let with_array = ErasedOutcome {
+            outcome: Outcome::Ok { output: Default::default(), arrays: Vec::new() },
+            inline: vec![Array::from_vec(vec![2], vec![1.0f64; 2])],
+        };
+        let dropped = budget.admit(2, with_array);
+        assert!(dropped.inline.is_empty(), "a dropped outcome kept its arrays");
+        let Outcome::Failed(f) = dropped.outcome else { unreachable!() };
+        assert_eq!(f.message, "dropped: the batch's reply was full (see task 1)");
+    }
+
+    /// A cached read-only map is checked against its file in every batch
+    /// that uses it: truncated in between, the reference is checked afresh
+    /// against the file as it is now, and refused.
+    #[test]
+    fn a_cached_map_is_checked_again_in_every_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.npy");
+        Array::from_vec(vec![512], vec![1.0f64; 512]).save_npy(&path).unwrap();
+        let reference = array::file_ref(&Array::open_npy(&path, Access::ReadOnly).unwrap()).unwrap();
+        let mut maps = MapCache::default();
+        maps.folders.allow(std::fs::canonicalize(dir.path()).unwrap());
+        maps.start_call(1);
+        maps.start_batch();
+        drop(maps.map(&reference).unwrap());
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(0).unwrap();
+        maps.start_batch();
+        let err = maps.map(&reference).unwrap_err().to_string();
+        assert!(err.contains("x.npy") && err.contains("the file has 0 bytes"), "{err}");
+        assert!(!maps.read_only.contains_key(&path), "the stale map is still cached");
     }
 
     fn sum(a: &Array) -> f64 {

@@ -47,7 +47,33 @@ pub fn fault_point(rows: (u64, u64)) -> Result<(), String> {
 
 /// Registers every test kind.
 pub fn register(r: Registry) -> Registry {
-    r.with::<Checksum>().with::<Misbehave>()
+    r.with::<Checksum>().with::<Misbehave>().with::<TruncateThenRead>()
+}
+
+/// Truncates the file its input array maps to 0 bytes, then sums the
+/// array: every page it reads after the first lies past the file's end, so
+/// without the worker's SIGBUS guard the read kills the process. Makes a
+/// SIGBUS mid-task deterministic for the tests.
+pub struct TruncateThenRead;
+
+impl Task for TruncateThenRead {
+    type Input = Array;
+    type Output = f64;
+    type Error = String;
+
+    fn name() -> &'static str {
+        "test.truncate_then_read"
+    }
+
+    fn run(a: Array) -> Result<f64, String> {
+        let (path, _, _) = a.file_location().ok_or("the input is not a mapped file")?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_len(0))
+            .map_err(|e| format!("cannot truncate {}: {e}", path.display()))?;
+        Ok(a.as_slice::<f64>().map_err(|e| e.to_string())?.iter().sum())
+    }
 }
 
 /// Sums an array's elements as f64 and reports its shape: a second task
@@ -105,6 +131,8 @@ pub enum Misbehavior {
     Garbage,
     /// Return far more than a frame may carry.
     TooMuch,
+    /// Return an error whose message is this many bytes long.
+    LongError(u32),
 }
 
 /// A task that misbehaves as told.
@@ -149,6 +177,7 @@ impl Task for Misbehave {
             }
             // 10 M varints of ≥ 8 bytes: over the 64 MiB payload limit.
             Misbehavior::TooMuch => Ok(vec![u64::MAX; 10 << 20]),
+            Misbehavior::LongError(len) => Err("e".repeat(len as usize)),
         }
     }
 }

@@ -13,8 +13,7 @@
 //! executable: see the root crate's tests/trust.rs.)
 
 use std::io::{BufReader, BufWriter};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 
@@ -43,18 +42,7 @@ impl Worker {
     fn start(secret: Option<&PoolSecret>) -> Worker {
         let mut cmd = Command::new(WORKER);
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let pipe: Option<OwnedFd> = secret.map(|s| s.pipe_for_child().unwrap());
-        if let Some(fd) = pipe.as_ref().map(AsRawFd::as_raw_fd) {
-            cmd.env(SECRET_FD_ENV, fd.to_string());
-            // SAFETY: fcntl is async-signal-safe; it only clears
-            // close-on-exec on the secret's pipe in the child.
-            unsafe {
-                cmd.pre_exec(move || match libc::fcntl(fd, libc::F_SETFD, 0) {
-                    0 => Ok(()),
-                    _ => Err(std::io::Error::last_os_error()),
-                });
-            }
-        }
+        let pipe: Option<OwnedFd> = secret.map(|s| s.hand_to(&mut cmd).unwrap());
         let mut child = cmd.spawn().unwrap();
         drop(pipe);
         let input = BufWriter::new(child.stdin.take().unwrap());
