@@ -36,9 +36,9 @@
 //! in an order that rotates, and the medians of the per-round ratios are
 //! printed last: procjob's time over numpy's, and joblib's time over
 //! procjob's memmap modes (the speedup the targets name). Rounds of about
-//! a second keep the machine's drift, which here moves numpy's own time by
-//! 1.5× over a minute, out of the ratios better than medians of separate
-//! runs.
+//! a second keep a shared machine's drift, which can move numpy's own time
+//! a great deal within a minute, out of the ratios better than medians of
+//! separate runs (`docs/performance.md`, "Machines").
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -129,11 +129,11 @@ fn main() {
         .args(["-c", CHILD])
         .env("OPENBLAS_NUM_THREADS", threads.to_string())
         .env("OMP_NUM_THREADS", threads.to_string())
-        // After a call OpenBLAS's idle threads spin for a while (measured:
-        // 130 ms of CPU in the 0.2 s after a 2000² product on 2 threads),
-        // which slowed whichever of ours ran next by up to 1.4×. The
-        // shortest timeout puts them to sleep at once; numpy's own times
-        // did not change with it.
+        // After a call OpenBLAS's idle threads spin for a while, which
+        // slowed whichever of ours ran next. The shortest timeout puts them
+        // to sleep at once; numpy's own times did not change with it
+        // (`docs/performance-journal.md`, "Intel Xeon (AVX-512), 2026-12-01,
+        // third session: C written over").
         .env("OPENBLAS_THREAD_TIMEOUT", "4")
         .env_remove("OPENBLAS_CORETYPE")
         .env_remove("OPENBLAS_L2_SIZE")

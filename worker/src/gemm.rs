@@ -36,13 +36,13 @@
 //! tile reads and writes follow each other in memory.
 //! The AVX2 kernels were first tuned on one core of an AMD EPYC (Zen 3:
 //! 32 KiB L1d, 512 KiB L2), the AVX-512 ones on an Intel Xeon (Sapphire
-//! Rapids class: 48 KiB L1d, 2 MiB L2); `docs/kernels.md` has the
-//! measurements. The loop order above replaced one with `B` in L1 and `A`
-//! streaming from L2 (`jc` → `pc` → `ic` → `jr` → `ir`, `MC` 96, `NC` 2048):
-//! on the Xeon it is 3–11 % faster for `f64` and 2–13 % for `f32` at
-//! 2000–2048, and about 7 % on two cores at once; the AVX2 kernels there are
-//! level or 1–2 % faster. The AVX2 `NC` keeps their `B` block at 256 KiB, half
-//! of Zen 3's L2 (no Zen 3 machine was at hand to measure the new order on). `KC` stays at 256, the value that keeps the bits of the
+//! Rapids class: 48 KiB L1d, 2 MiB L2). The loop order above replaced one
+//! with `B` in L1 and `A` streaming from L2 (`jc` → `pc` → `ic` → `jr` →
+//! `ir`, `MC` 96, `NC` 2048), which it matched or beat on the Xeon for
+//! every kernel, on one core and on two at once (`docs/kernels.md`, "Tile
+//! shapes and blocking", has the figures). The AVX2 `NC` keeps their `B` block at
+//! 256 KiB, half of Zen 3's L2 (no Zen 3 machine was at hand to measure the
+//! new order on). `KC` stays at 256, the value that keeps the bits of the
 //! previous kernels (see below). Every kernel, whatever its tile,
 //! computes each element with the same operations (points 1–3 below), so the
 //! AVX2 and AVX-512 kernels give the same bits; a test checks it.
@@ -51,9 +51,9 @@
 //! crate's AVX-512 kernel, rather than OpenBLAS's 12 rows by two: the same
 //! 24 accumulators, but 6 broadcasts and 4 loads per step of `p` instead of
 //! 12 and 2, and half the `A` panel in L1. On the Xeon, 12 × 16 and 6 × 32
-//! run level when the machine is quiet, and 6 × 32 is 2–10 % faster (median
-//! 7 %) in its slow spells, when 12 × 16 drops further (`docs/kernels.md`,
-//! "6 × 32 tiles").
+//! run level when the machine is quiet, and 6 × 32 holds up better in its
+//! slow spells, when 12 × 16 drops further (`docs/kernels.md`, "Tile shapes
+//! and blocking").
 //!
 //! # The invariant: a row's result does not depend on its block
 //!
@@ -132,8 +132,9 @@
 //! The packed panels live in one 64-byte-aligned buffer per thread
 //! (up to `1.5 × MC × KC` of `A` — 3 MiB for `f64` — plus `KC × NC` of `B` and one
 //! scratch tile, or less for small shapes), grown on demand and kept for the
-//! next call: calls on a fresh buffer each time measured 5–10 % slower on
-//! thin blocks (6 × 2048 × 2048: 3.8 ms against 3.5 ms).
+//! next call: a fresh buffer per call measured slower on thin blocks, where
+//! packing is most of the work (`docs/kernels.md`, "Tile shapes and
+//! blocking").
 
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
@@ -402,8 +403,10 @@ macro_rules! microkernel {
                     a = a.add($mr);
                     b = b.add(NR);
                 };
-                // Four steps per trip (2–3 % faster on the Xeon, paired
-                // runs); the order of `p` is the same either way.
+                // Four steps per trip: less loop overhead around the FMAs
+                // (measured faster on the Xeon: `docs/kernels-journal.md`,
+                // "Profiling the AVX-512 kernel"); the order of `p` is the
+                // same either way.
                 for _ in 0..kc / 4 {
                     step();
                     step();
@@ -570,7 +573,7 @@ unsafe fn drive<M: Micro>(
     // so that no thin remainder block repacks all of B for a few rows:
     // 2048 rows with `MC` 1008 are cut 1026 + 1022 rather than 1008 + 1008
     // + 32, which packs each depth chunk of B twice instead of three times
-    // (about 1 % of a one-thread 2048³ product).
+    // (`docs/kernels.md`, "Tile shapes and blocking").
     let mc_cap = blk.mc + blk.mc / 2 / mr * mr;
     let mc_step = rows.div_ceil(rows.div_ceil(mc_cap)).next_multiple_of(mr).min(mc_cap);
     let a_len = round_to_lines::<M::T>(mc_step.min(rows.div_ceil(mr) * mr) * kc_max);

@@ -18,11 +18,10 @@
 //! # `f64` and `f32`: our packed GEMM, or matrixmultiply
 //!
 //! On x86-64 CPUs with AVX2 and FMA (checked at run time), [`crate::gemm`]:
-//! a BLIS-style packed GEMM with 6 × 8 (`f64`) and 6 × 16 (`f32`) FMA
-//! microkernels, about 45 GFLOP/s f64 and 91 GFLOP/s f32 on one core here:
-//! f64 2–5 % faster than single-threaded OpenBLAS behind `numpy.dot` at
-//! n = 1000, 2048 and 4000 (1 % slower at 2000), f32 on par with it
-//! (`docs/kernels.md` has the paired measurements). Its module docs give the
+//! a BLIS-style packed GEMM with AVX-512 (6 × 32 `f64`, 6 × 64 `f32`) or
+//! AVX2 (6 × 8, 6 × 16) FMA microkernels, level with single-threaded
+//! OpenBLAS behind `numpy.dot` on the CPUs measured (`docs/kernels.md`,
+//! "Figures", has the paired measurements). Its module docs give the
 //! split-invariance argument in full; in short, for every `C[i][j]`: `k` is
 //! cut into chunks of a constant
 //! `KC = 256`, in ascending order; each chunk is a fresh chain
@@ -38,8 +37,8 @@
 //! ## Fallback: matrixmultiply
 //!
 //! On every other CPU, [`matrixmultiply::dgemm`] / [`matrixmultiply::sgemm`]
-//! with `alpha = 1`, `beta = 0` and row-major strides (about 37 GFLOP/s f64
-//! and 83 GFLOP/s f32 on one core here, when forced). Why its per-element
+//! with `alpha = 1`, `beta = 0` and row-major strides (slower than ours where
+//! both run: `docs/kernels.md`, "Figures"). Why its per-element
 //! order does not depend on the block's row count,
 //! checked against the source of matrixmultiply 0.3.11 (`src/gemm.rs`,
 //! `src/packing.rs`, `src/util.rs`, `src/archparam_defaults.rs`,
@@ -160,10 +159,11 @@ const MR: usize = 4;
 /// passes over `C`.
 const EXACT_KC: usize = 512;
 
-/// Blocks of fewer rows than this always take the wrapping `i64` kernel. At
-/// k = n = 2000 the exact path costs about 8.4 ms for any block of up to 8
-/// rows (scanning and converting `B` dominates), the wrapping kernel 4.4 ms
-/// for one row, 6.5 ms for 4 and 9.8 ms for 8 (`bench_i64_thin_blocks`).
+/// Blocks of fewer rows than this always take the wrapping `i64` kernel: for
+/// thin blocks the exact path's cost is scanning and converting `B`, which
+/// the wrapping kernel does not pay, and below this many rows that makes it
+/// the slower one (`bench_i64_thin_blocks`; `docs/kernels.md`, "The i64
+/// paths").
 const EXACT_MIN_ROWS: usize = 8;
 
 /// The scalar step `acc + x * y` of the naive reference and of [`tiled`], one
@@ -255,7 +255,7 @@ impl Kernel for f32 {
 /// `gemm.rs`, point 6). Checks 64 elements at a time with a branch-free
 /// test the compiler vectorises and writes only where it found a NaN: the
 /// plain `filter(is_nan)` loop it replaces ran one element per branch and
-/// took 1.5 % of a 2000² product.
+/// cost a visible share of a 2000² product (`docs/kernels.md`, "Dispatch").
 fn canonical_nans<T: Copy>(c: &mut [T], nan: T, is_nan: impl Fn(T) -> bool) {
     for chunk in c.chunks_mut(64) {
         if chunk.iter().fold(false, |any, &x| any | is_nan(x)) {
@@ -450,10 +450,10 @@ fn i64_via_f64(a: &[i64], b: &[i64], c: &mut [i64], rows: usize, k: usize, n: us
 /// The wrapping `i64` kernel: [`tiled`], compiled again with AVX-512DQ and
 /// with AVX2 enabled and picked at run time by what the CPU has. Without
 /// AVX2 there is no vector 64-bit multiply worth using, so the plain build
-/// does one scalar `imul` per step (about 5.3 GOP/s on the AMD EPYC); the
-/// AVX2 build multiplies four lanes at a time out of 32-bit halves (about
-/// 9.4 GOP/s there, 3 GOP/s on the Intel Xeon); the AVX-512DQ build has a
-/// real 64-bit vector multiply (`vpmullq`) over eight lanes. Wrapping
+/// does one scalar `imul` per step; the AVX2 build multiplies four lanes at
+/// a time out of 32-bit halves; the AVX-512DQ build has a real 64-bit
+/// vector multiply (`vpmullq`) over eight lanes. What each gains on which
+/// CPU: `docs/kernels.md`, "The i64 paths" and "Figures". Wrapping
 /// arithmetic is exact modulo 2^64, so all give the same bits.
 fn tiled_i64(a: &[i64], b: &[i64], c: &mut [i64], rows: usize, k: usize, n: usize) {
     #[cfg(target_arch = "x86_64")]
@@ -563,9 +563,9 @@ fn checked_lengths(a_len: usize, b_len: usize, c_len: Option<usize>, rows: usize
 /// tile: exactly the naive order, whatever the row count (for `i64` any order
 /// would give the same bits anyway).
 ///
-/// Measured on one core here (values around 2^40, AVX2 build): about
-/// 9.4 GOP/s at 1000³ and 2000³, and the same at 4000³ — the `B` panel in L2
-/// and the four `C` row tiles in L1 keep it compute-bound at every size.
+/// The `B` panel in L2 and the four `C` row tiles in L1 keep it
+/// compute-bound at every size: its throughput is flat from 1000³ to 4000³
+/// (`docs/kernels.md`, "Figures").
 #[inline(always)]
 fn tiled<T: Step>(a: &[T], b: &[T], c: &mut [T], rows: usize, k: usize, n: usize) {
     checked_lengths(a.len(), b.len(), Some(c.len()), rows, k, n);
@@ -1215,7 +1215,7 @@ mod tests {
 
     /// The wrapping i64 kernel at n = 1000, 2000, 4000 (or the sizes in
     /// `PROCJOB_BENCH_SIZES`, comma-separated), best of 3 (of 1 above 2000):
-    /// `cargo test --release -p procjob-worker --lib kernels::tests::bench_i64 -- --ignored --nocapture`
+    /// `cargo test --release -p procjob-worker --lib kernels::tests::bench_i64_wrapping -- --ignored --nocapture`
     #[test]
     #[ignore]
     fn bench_i64_wrapping_sizes() {
