@@ -1,9 +1,10 @@
 //! procjob's one-thread kernel against `numpy.dot` on one OpenBLAS thread,
 //! in paired runs: `cargo bench --bench vs_numpy [-- SIZES [PAIRS]]`.
 //!
-//! A Python child (`$PROCJOB_BENCH_PYTHON`, else the reference harness's
-//! venv at `~/.cache/procjob-bench-venv/bin/python`, made by
-//! `../shared/bench/setup.sh`) holds its own random `n × n` matrices and, per
+//! A Python child (`$PROCJOB_BENCH_PYTHON`, else a venv at
+//! `~/.cache/procjob-bench-venv/bin/python` if there is one (made with
+//! `python3 -m venv ~/.cache/procjob-bench-venv` and
+//! `pip install numpy joblib threadpoolctl psutil`), else `python3`) holds its own random `n × n` matrices and, per
 //! request, times one `np.dot` with `time.perf_counter()`. It runs with
 //! `OPENBLAS_NUM_THREADS=1` and without `OPENBLAS_CORETYPE` /
 //! `OPENBLAS_L2_SIZE`, which slow a current OpenBLAS down on some CPUs. For
@@ -122,7 +123,12 @@ fn main() {
     assert!(!out || threads == 1, "--out is for the one-thread comparison, not --threads {threads}");
     assert!(pairs > 0, "PAIRS: at least one");
     let python = std::env::var("PROCJOB_BENCH_PYTHON").unwrap_or_else(|_| {
-        format!("{}/.cache/procjob-bench-venv/bin/python", std::env::var("HOME").unwrap_or_default())
+        let venv = format!("{}/.cache/procjob-bench-venv/bin/python", std::env::var("HOME").unwrap_or_default());
+        if std::path::Path::new(&venv).exists() {
+            venv
+        } else {
+            "python3".to_string()
+        }
     });
     let cpu = if threads == 1 { pin_to_current_cpu() } else { None };
     let child = Command::new(&python)
@@ -143,14 +149,16 @@ fn main() {
     let mut child = match child {
         Ok(child) => child,
         Err(e) => {
-            println!("vs_numpy: skipped, cannot run {python}: {e} (run ../shared/bench/setup.sh)");
+            println!("vs_numpy: skipped, cannot run {python}: {e} (set PROCJOB_BENCH_PYTHON to a Python with numpy and joblib)");
             return;
         }
     };
     let mut to_numpy = child.stdin.take().expect("piped");
     let mut from_numpy = BufReader::new(child.stdout.take().expect("piped")).lines();
     let Some(Ok(banner)) = from_numpy.next() else {
-        println!("vs_numpy: skipped, {python} has no numpy (run ../shared/bench/setup.sh)");
+        println!(
+            "vs_numpy: skipped, {python} has no numpy (set PROCJOB_BENCH_PYTHON to a Python with numpy and joblib)"
+        );
         return;
     };
     println!("{banner}");

@@ -1,7 +1,7 @@
 //! Failure handling of `procjob matmul`, end to end: workers that die,
 //! fail, hang or break the protocol; SIGINT, SIGTERM and SIGKILL; bad
 //! inputs and options; the temp folder's privacy and the stale-folder
-//! sweep (../shared/CLI.md is the contract, exit codes included).
+//! sweep (docs/cli.md is the contract, exit codes included).
 //!
 //! Faults are injected with `PROCJOB_TEST_FAULT` (the worker crate's
 //! `test-tasks` feature, on in the binary `cargo test` builds). Every test

@@ -1,5 +1,5 @@
 //! Integration tests of `procjob matmul` that run the real binary
-//! (../shared/CLI.md is the contract).
+//! (docs/cli.md is the contract).
 //!
 //! Every run gets a private `--temp-folder` parent, and every run checks
 //! afterwards that the parent still exists and that its run folder is gone.

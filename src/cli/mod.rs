@@ -3,7 +3,7 @@
 //! `main` parses, calls [`run`], and exits with the code it returns; every
 //! exit code lives in [`exit`]. Human tables go to stdout; with `--json`
 //! stdout carries only JSON Lines, one object per mode (fields as
-//! ../shared/CLI.md).
+//! docs/cli.md).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,7 +24,7 @@ use crate::error::Error;
 use crate::matmul::{self, Inputs, Mode, ModeRun, RunSettings};
 use crate::store::RunFolder;
 
-/// Exit codes (../shared/CLI.md).
+/// Exit codes (docs/cli.md).
 pub mod exit {
     /// Success.
     pub const OK: i32 = 0;
@@ -906,7 +906,7 @@ fn print_case(out: &mut impl Write, r: &crate::cli::bench::CaseReport) {
     );
 }
 
-/// One JSON object per mode (../shared/CLI.md).
+/// One JSON object per mode (docs/cli.md).
 #[derive(Debug, Serialize)]
 pub struct ModeReport {
     mode: &'static str,
