@@ -1,0 +1,429 @@
+//! Worker processes on this machine, reached through pipes: the transport
+//! procjob runs on today.
+//!
+//! Each worker is a re-execution of the running binary with
+//! `PROCJOB_WORKER` set (or, with the fork start method, a fork of this
+//! process); its stdin and stdout are pipes. Requests are written from the
+//! thread that owns the pool; one reader thread per worker reads its
+//! replies and forwards them, with their inline arrays already read, on the
+//! pool's channel. A worker never writes a reply before it has read its
+//! whole request, and the reader threads drain replies continuously, so
+//! neither side can block the other for good.
+
+mod fork;
+mod reader;
+mod reap;
+mod spawn;
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use procjob_worker::protocol::{self, FrameKind, Hello, Request};
+use procjob_worker::secret::SECRET_FD_ENV;
+use procjob_worker::serve::WORKER_ENV;
+
+use super::transport::{Capabilities, Started, Transport};
+use super::{Landings, PoolEvent, SendError, StartMethod};
+use crate::error::{Error, WorkerExit, WorkerId};
+
+pub use fork::thread_count;
+pub use spawn::{available_cpus, HARNESS_ENTRY, THREAD_ENV};
+pub(crate) use spawn::{start_failure, INIT_CALLED};
+
+/// One live worker process.
+struct Process {
+    pid: u32,
+    input: Option<BufWriter<File>>,
+    /// A second handle on its output pipe, to see whether a reply is
+    /// waiting there (the reader thread owns the first).
+    output: Option<File>,
+    /// Set by the reader thread while it reads a frame.
+    arriving: Arc<AtomicBool>,
+    reader: Option<JoinHandle<()>>,
+    /// How it ended, once reaped.
+    exited: Option<WorkerExit>,
+}
+
+/// Worker processes on this machine, with a pipe each way.
+pub(crate) struct Pipes {
+    /// The executable to start; `None` for the running one.
+    program: Option<PathBuf>,
+    start: StartMethod,
+    events: Sender<PoolEvent>,
+    landings: Landings,
+    processes: Vec<Option<Process>>,
+}
+
+impl Pipes {
+    /// `workers` slots, started as `start` says, reporting on `events`;
+    /// output arrays land as `landings` says.
+    pub(crate) fn new(
+        workers: usize,
+        program: Option<PathBuf>,
+        start: StartMethod,
+        events: Sender<PoolEvent>,
+        landings: Landings,
+    ) -> Pipes {
+        Pipes { program, start, events, landings, processes: (0..workers).map(|_| None).collect() }
+    }
+
+    /// Re-executes the program as the worker of slot `index`.
+    fn spawn(&mut self, index: usize, generation: u64, hello: Hello) -> Result<Started, Error> {
+        let workers = self.processes.len();
+        let program = match &self.program {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()
+                .map_err(|e| Error::Start { index, reason: format!("cannot find the running executable: {e}") })?,
+        };
+        // The secret goes through a pipe only this child inherits, never the
+        // command line or the environment (see procjob_worker::secret).
+        let secret = hello
+            .secret
+            .pipe_for_child()
+            .map_err(|e| Error::Start { index, reason: format!("cannot make the secret's pipe: {e}") })?;
+        let secret_fd = secret.as_raw_fd();
+        let mut cmd = Command::new(&program);
+        cmd.env(WORKER_ENV, std::process::id().to_string())
+            .env(SECRET_FD_ENV, secret_fd.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if self.program.is_none() && !INIT_CALLED.load(Ordering::Relaxed) {
+            // Not a binary whose main calls procjob::init(): a test or bench
+            // harness. Ask it to run only the entry that test_support! defines.
+            cmd.args([HARNESS_ENTRY, "--exact", "--nocapture", "--test-threads=1", "-q"]);
+        }
+        let threads = (available_cpus() / workers.max(1)).max(1).to_string();
+        for var in THREAD_ENV {
+            if std::env::var_os(var).is_none() {
+                cmd.env(var, &threads);
+            }
+        }
+        // SAFETY: fcntl, setpgid and sigprocmask are async-signal-safe;
+        // nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // The secret's pipe is close-on-exec in the coordinator, so
+                // no other child inherits it; this child keeps it.
+                if libc::fcntl(secret_fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Own process group: a terminal's Ctrl-C reaches the
+                // coordinator, which decides how workers stop.
+                nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))
+                    .map_err(std::io::Error::from)?;
+                // Signals the coordinator blocked (see crate::signals) would
+                // stay blocked across exec; a worker takes them as usual.
+                nix::sys::signal::sigprocmask(
+                    nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                    Some(&nix::sys::signal::SigSet::empty()),
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+        }
+        let requested_ns = procjob_worker::clock::monotonic_ns();
+        let mut child = spawn::spawn_from_long_lived_thread(cmd)
+            .map_err(|e| Error::Start { index, reason: format!("cannot run {}: {e}", program.display()) })?;
+        drop(secret);
+        let pid = child.id();
+        let spawned_ns = procjob_worker::clock::monotonic_ns();
+        crate::lifecycle::worker_started(pid);
+        let stdin = File::from(std::os::fd::OwnedFd::from(child.stdin.take().expect("stdin was piped")));
+        let stdout = File::from(std::os::fd::OwnedFd::from(child.stdout.take().expect("stdout was piped")));
+        // The pool waits for and kills the worker by pid from here on.
+        drop(child);
+        self.attach(index, generation, pid, stdin, stdout, hello, requested_ns, spawned_ns)
+    }
+
+    /// Wires up a started worker: its reader thread, its input, and the
+    /// handshake request.
+    #[expect(clippy::too_many_arguments, reason = "one worker's parts, each used once")]
+    fn attach(
+        &mut self,
+        index: usize,
+        generation: u64,
+        pid: u32,
+        stdin: File,
+        stdout: File,
+        hello: Hello,
+        requested_ns: u64,
+        spawned_ns: u64,
+    ) -> Result<Started, Error> {
+        enlarge_pipe(stdin.as_raw_fd());
+        enlarge_pipe(stdout.as_raw_fd());
+        let tx = self.events.clone();
+        let landings = Arc::clone(&self.landings);
+        let inherited = match &self.start {
+            StartMethod::Fork { inherit } => inherit.clone(),
+            StartMethod::Spawn => Vec::new(),
+        };
+        let output = stdout.try_clone().ok();
+        let arriving = Arc::new(AtomicBool::new(false));
+        let reading = Arc::clone(&arriving);
+        let reader = std::thread::Builder::new()
+            .name(format!("procjob-reader-{index}"))
+            .spawn(move || reader::read_replies(index, generation, stdout, tx, landings, inherited, reading));
+        let mut input = BufWriter::with_capacity(1 << 16, stdin);
+        let reader = match reader {
+            Ok(reader) => reader,
+            Err(e) => {
+                // Not wired up: stop it here, so nothing is left behind.
+                drop(input);
+                reap::kill_pid(pid);
+                let _ = reap::wait_or_kill(pid, Duration::ZERO);
+                crate::lifecycle::worker_reaped(pid);
+                return Err(Error::Start { index, reason: format!("cannot start a reader thread: {e}") });
+            }
+        };
+        let sent = protocol::send(&mut input, FrameKind::Request, &Request::Hello(hello), &[]);
+        self.processes[index] =
+            Some(Process { pid, input: Some(input), output, arriving, reader: Some(reader), exited: None });
+        // A failed write: the worker died at once; its reader reports how.
+        Ok(Started { index, pid, requested_ns, spawned_ns, hello_bytes: sent.ok() })
+    }
+
+    /// Forks a worker into each of `slots` (empty), then wires them up. All
+    /// forks happen before any reader thread starts: a process may fork
+    /// only while it has one thread (the child gets a copy of the forking
+    /// thread alone, and locks held by any other would stay locked in it for
+    /// good).
+    fn start_forked(
+        &mut self,
+        slots: &[(usize, u64)],
+        hello: &dyn Fn(usize) -> Hello,
+    ) -> (Vec<Started>, Option<Error>) {
+        let StartMethod::Fork { inherit } = &self.start else { unreachable!("called for fork only") };
+        let inherit = inherit.clone();
+        let parent = std::process::id() as i32;
+        let hellos: Vec<Hello> = slots.iter().map(|&(index, _)| hello(index)).collect();
+        let mut forked = Vec::with_capacity(slots.len());
+        let result = crate::signals::single_threaded(|| {
+            spawn::stop_spawner_if_idle();
+            let threads = fork::settled_thread_count();
+            if threads != Some(1) {
+                return Err(Error::Config(format!(
+                    "cannot fork workers: this process has {} threads, and fork copies only the calling one \
+                     (any lock another thread holds would stay locked in the child forever); start them with \
+                     --start-method spawn, or fork before starting threads",
+                    threads.map_or("several".to_string(), |t| t.to_string())
+                )));
+            }
+            for (&(index, generation), hello) in slots.iter().zip(&hellos) {
+                let requested_ns = procjob_worker::clock::monotonic_ns();
+                let (to_child, from_child) = fork::fork_one(&inherit, parent, &hello.secret)
+                    .map_err(|e| Error::Start { index, reason: format!("cannot fork: {e}") })?;
+                let (pid, stdin, stdout) = (to_child.0, to_child.1, from_child);
+                crate::lifecycle::worker_started(pid);
+                let spawned_ns = procjob_worker::clock::monotonic_ns();
+                forked.push((index, generation, pid, stdin, stdout, requested_ns, spawned_ns));
+            }
+            Ok(())
+        });
+        // Wire up what was forked even if a later fork failed, so every
+        // child is stopped with the pool.
+        let mut started = Vec::with_capacity(forked.len());
+        let mut failure = result.err();
+        for ((index, generation, pid, stdin, stdout, requested_ns, spawned_ns), hello) in forked.into_iter().zip(hellos)
+        {
+            match self.attach(index, generation, pid, stdin, stdout, hello, requested_ns, spawned_ns) {
+                Ok(s) => started.push(s),
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        (started, failure)
+    }
+
+    fn input(&mut self, index: usize) -> Option<&mut BufWriter<File>> {
+        self.processes.get_mut(index)?.as_mut()?.input.as_mut()
+    }
+}
+
+impl Transport for Pipes {
+    fn capabilities(&self) -> Capabilities {
+        let fork = matches!(self.start, StartMethod::Fork { .. });
+        Capabilities {
+            fork,
+            kill_one: true,
+            restart_one: true,
+            shared_filesystem: true,
+            // A configured worker program could relay the pipe (`pv`
+            // splices pipe to pipe), keeping lent pages.
+            reads_own_replies: self.program.is_none() || fork,
+            reexecutes_program: self.program.is_none() && !fork,
+        }
+    }
+
+    fn start(&mut self, slots: &[(usize, u64)], hello: &dyn Fn(usize) -> Hello) -> (Vec<Started>, Option<Error>) {
+        if let StartMethod::Fork { .. } = self.start {
+            return self.start_forked(slots, hello);
+        }
+        let mut started = Vec::with_capacity(slots.len());
+        for &(index, generation) in slots {
+            match self.spawn(index, generation, hello(index)) {
+                Ok(s) => started.push(s),
+                Err(e) => return (started, Some(e)),
+            }
+        }
+        (started, None)
+    }
+
+    fn send(&mut self, index: usize, worker: WorkerId, request: &Request, bulk: &[&[u8]]) -> Result<u64, SendError> {
+        write_batch(self.input(index), worker, request, bulk)
+    }
+
+    fn send_many(&mut self, frames: &[(usize, WorkerId, &Request, &[&[u8]])]) -> Vec<Result<u64, SendError>> {
+        let mut inputs: Vec<Option<&mut BufWriter<File>>> =
+            self.processes.iter_mut().map(|p| p.as_mut().and_then(|p| p.input.as_mut())).collect();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = frames
+                .iter()
+                .map(|&(index, worker, request, bulk)| {
+                    let input = inputs.get_mut(index).and_then(Option::take);
+                    // A thread that cannot be started (a process limit)
+                    // has written nothing: the batch is not sent.
+                    std::thread::Builder::new()
+                        .name("procjob-send".into())
+                        .spawn_scoped(scope, move || write_batch(input, worker, request, bulk))
+                        .map_err(|e| {
+                            SendError::Unsendable(std::io::Error::new(
+                                e.kind(),
+                                format!("cannot start a thread to write it: {e}"),
+                            ))
+                        })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .zip(frames)
+                .map(|(h, &(_, worker, _, _))| match h {
+                    Ok(h) => h.join().unwrap_or_else(|_| {
+                        Err(SendError::Broken(Error::Transport {
+                            worker,
+                            reason: "the thread sending a batch panicked".into(),
+                        }))
+                    }),
+                    Err(not_started) => Err(not_started),
+                })
+                .collect()
+        })
+    }
+
+    /// The worker has closed its input, which it does only by exiting (its
+    /// idle timeout, or a crash): its input pipe has no reader any more.
+    fn input_closed(&self, index: usize) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let Some(input) = self.processes[index].as_ref().and_then(|p| p.input.as_ref()) else { return true };
+        let mut fds = [PollFd::new(input.get_ref().as_fd(), PollFlags::POLLOUT)];
+        loop {
+            match poll(&mut fds, PollTimeout::ZERO) {
+                Ok(_) => return fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLERR)),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Its reply is being read, or bytes (or the end of its stream) wait in
+    /// its output pipe.
+    fn reply_arriving(&self, index: usize) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let Some(p) = self.processes[index].as_ref() else { return false };
+        if p.arriving.load(Ordering::SeqCst) {
+            return true;
+        }
+        let Some(output) = p.output.as_ref() else { return false };
+        let mut fds = [PollFd::new(output.as_fd(), PollFlags::POLLIN)];
+        loop {
+            match poll(&mut fds, PollTimeout::ZERO) {
+                Ok(_) => {
+                    let ready = PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR;
+                    return fds[0].revents().is_some_and(|r| r.intersects(ready));
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn poll_exit(&mut self, index: usize) -> Option<WorkerExit> {
+        let p = self.processes[index].as_mut()?;
+        if p.exited.is_none() {
+            if let Ok(Some(exit)) = reap::try_wait(p.pid) {
+                p.exited = Some(exit);
+            }
+        }
+        p.exited
+    }
+
+    fn close_input(&mut self, index: usize) {
+        if let Some(p) = self.processes[index].as_mut() {
+            drop(p.input.take());
+        }
+    }
+
+    fn kill(&mut self, index: usize) {
+        if let Some(p) = self.processes[index].as_ref() {
+            if p.exited.is_none() {
+                reap::kill_pid(p.pid);
+            }
+        }
+    }
+
+    /// Waits for the worker to end (killing it if it lives on past `grace`),
+    /// reaps it and joins its reader.
+    fn stop(&mut self, index: usize, grace: Duration) -> WorkerExit {
+        let Some(mut p) = self.processes[index].take() else { return WorkerExit::Unknown };
+        drop(p.input.take());
+        let exit = match p.exited {
+            Some(exit) => exit,
+            None => reap::wait_or_kill(p.pid, grace),
+        };
+        crate::lifecycle::worker_reaped(p.pid);
+        if let Some(r) = p.reader.take() {
+            let _ = r.join();
+        }
+        exit
+    }
+}
+
+/// Writes one request frame to a worker's input (`None`: it is not running).
+fn write_batch(
+    input: Option<&mut BufWriter<File>>,
+    worker: WorkerId,
+    request: &Request,
+    bulk: &[&[u8]],
+) -> Result<u64, SendError> {
+    let Some(input) = input else {
+        return Err(SendError::Broken(Error::Transport { worker, reason: "the worker is not running".into() }));
+    };
+    protocol::send(input, FrameKind::Request, request, bulk).map_err(|e| match e.kind() {
+        // `protocol::send` checks the message before writing a byte: it
+        // fails to encode (InvalidData) or is over the limit (InvalidInput).
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => SendError::Unsendable(e),
+        _ => SendError::Broken(Error::Transport { worker, reason: format!("cannot send a batch: {e}") }),
+    })
+}
+
+/// Grows a pipe's buffer to 1 MiB where the system allows, so large blocks
+/// need fewer context switches.
+fn enlarge_pipe(fd: i32) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: F_SETPIPE_SZ on a pipe fd we own; failure only leaves the default size.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETPIPE_SZ, 1 << 20);
+    }
+}

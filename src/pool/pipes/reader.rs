@@ -1,0 +1,168 @@
+//! The reader thread of one worker: its handshake answer (past a test
+//! harness's banner), then its frames, each with its arrays read (or
+//! landed in place), forwarded as events until the stream ends.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use procjob_worker::array::{self, Array, ArrayError};
+use procjob_worker::protocol::{self, ArrayRef, DecodeError, FrameKind, Outcome, Reply, MAGIC};
+
+use crate::pool::{Landings, PoolEvent, WorkerEvent};
+
+/// Bytes a worker may print before its handshake (a test harness's banner)
+/// that the reader skips.
+const MAX_PREAMBLE: usize = 64 * 1024;
+
+/// The reader thread: handshake (skipping a harness's banner), then frames
+/// until the stream ends.
+pub(super) fn read_replies(
+    index: usize,
+    generation: u64,
+    stdout: File,
+    tx: Sender<PoolEvent>,
+    landings: Landings,
+    inherited: Vec<Array>,
+    arriving: Arc<AtomicBool>,
+) {
+    let send = |event| tx.send(PoolEvent { index, generation, event }).is_ok();
+    let mut stdout = stdout;
+    let preamble = match skip_to_magic(&mut stdout) {
+        Ok(p) => p,
+        Err(error) => {
+            send(WorkerEvent::Lost { error });
+            return;
+        }
+    };
+    let mut r = BufReader::with_capacity(1 << 20, stdout);
+    let first = protocol::recv::<_, Reply>(&mut (&MAGIC[..]).chain(&mut r), FrameKind::Reply);
+    match first {
+        Ok(frame) => match frame.message {
+            Reply::Ready(ready) => {
+                if !send(WorkerEvent::Ready(ready)) {
+                    return;
+                }
+            }
+            Reply::Refused { reason } => {
+                send(WorkerEvent::Lost { error: Some(format!("the worker refused the handshake: {reason}")) });
+                return;
+            }
+            Reply::Results(_) => {
+                send(WorkerEvent::Lost { error: Some("the worker sent results before the handshake".into()) });
+                return;
+            }
+        },
+        Err(e) => {
+            let mut msg = e.to_string();
+            if !preamble.is_empty() {
+                msg.push_str(&format!("; it printed before: {:?}", String::from_utf8_lossy(&preamble)));
+            }
+            send(WorkerEvent::Lost { error: Some(msg) });
+            return;
+        }
+    }
+    loop {
+        // Wait for the first byte of the next frame; from then until its
+        // event is sent, the worker's answer is arriving.
+        let _ = r.fill_buf();
+        arriving.store(true, Ordering::SeqCst);
+        let frame = match protocol::recv::<_, Reply>(&mut r, FrameKind::Reply) {
+            Ok(f) => f,
+            Err(DecodeError::Closed) => {
+                send(WorkerEvent::Lost { error: None });
+                return;
+            }
+            Err(e) => {
+                send(WorkerEvent::Lost { error: Some(e.to_string()) });
+                return;
+            }
+        };
+        let arrived_ns = procjob_worker::clock::monotonic_ns();
+        let Reply::Results(results) = frame.message else {
+            send(WorkerEvent::Lost { error: Some("the worker sent an unexpected message".into()) });
+            return;
+        };
+        // Per array of the frame, in bulk order: its task, and whether it is
+        // that task's first inline array (the one that may land in place).
+        let mut owners: Vec<(u64, bool)> = Vec::new();
+        let mut refs: Vec<&ArrayRef> = Vec::new();
+        for t in &results.tasks {
+            if let Outcome::Ok { arrays, .. } = &t.outcome {
+                let mut first_inline = true;
+                for a in arrays {
+                    let inline = matches!(a, ArrayRef::Inline { .. });
+                    owners.push((t.index, inline && first_inline));
+                    first_inline &= !inline;
+                    refs.push(a);
+                }
+            }
+        }
+        let arrays = array::read_arrays(&mut r, refs.iter().copied(), frame.bulk_len, &mut |position, a| match a {
+            ArrayRef::File { dtype, shape, path, offset, access } => {
+                let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+                array::Placement::Mapped(array::map_file_ref(path, *dtype, &shape, *offset, *access))
+            }
+            ArrayRef::Inherited { dtype, shape, index, offset } => {
+                // A view of an array the worker inherited from us: ours.
+                let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+                array::Placement::Mapped(match inherited.get(*index as usize) {
+                    Some(base) => base.view_of_storage(*dtype, &shape, *offset),
+                    None => Err(ArrayError::Shape(format!("no inherited array {index}"))),
+                })
+            }
+            ArrayRef::Inline { .. } => {
+                let (task, first) = owners[position];
+                let landing = first.then(|| landings.lock().ok().and_then(|mut l| l.remove(&task))).flatten();
+                landing.map_or(array::Placement::Own, array::Placement::Land)
+            }
+        });
+        let arrays = match arrays {
+            Ok(a) => a,
+            Err(e) => {
+                send(WorkerEvent::Lost { error: Some(e.to_string()) });
+                return;
+            }
+        };
+        let bytes = frame.header_bytes + frame.bulk_len;
+        let read_ns = procjob_worker::clock::monotonic_ns();
+        let sent = send(WorkerEvent::Results { results, arrays, bytes, arrived_ns, read_ns });
+        arriving.store(false, Ordering::SeqCst);
+        if !sent {
+            return;
+        }
+    }
+}
+
+/// Reads, a byte at a time, until the frame magic, returning what came
+/// before it. A test harness prints a banner before it runs the worker
+/// entry; anything else before the handshake is unexpected and is kept for
+/// the error message. Byte-wise reads stop exactly at the magic, so nothing
+/// after it is consumed; they happen once per worker, on a few bytes.
+fn skip_to_magic<R: Read>(r: &mut R) -> Result<Vec<u8>, Option<String>> {
+    let mut seen: Vec<u8> = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match r.read(&mut byte) {
+            Ok(0) => {
+                let note = (!seen.is_empty()).then(|| format!("it printed: {:?}", String::from_utf8_lossy(&seen)));
+                return Err(note);
+            }
+            Ok(_) => seen.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Some(e.to_string())),
+        }
+        if seen.ends_with(&MAGIC) {
+            seen.truncate(seen.len() - MAGIC.len());
+            return Ok(seen);
+        }
+        if seen.len() > MAX_PREAMBLE {
+            return Err(Some(format!(
+                "no handshake in the first {MAX_PREAMBLE} bytes it wrote: {:?}",
+                String::from_utf8_lossy(&seen[..200])
+            )));
+        }
+    }
+}
