@@ -12,14 +12,16 @@
 //! - [`batch`]: a task encoded and queued, a batch in flight, its deadline,
 //!   where its outputs land;
 //! - [`send`]: staging batches and writing them to the workers;
+//! - [`retries`]: the second chances of tasks lost with their worker;
 //! - [`receive`]: waiting, replies, deadlines, lost workers, retries,
 //!   interrupts.
 
 mod batch;
 mod receive;
+mod retries;
 mod send;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use procjob_worker::protocol::TaskKind;
@@ -33,6 +35,7 @@ use crate::scheduler::{Action, PreDispatch, Scheduler};
 
 use batch::InFlight;
 pub(super) use batch::{Encoded, LandingPlan};
+use retries::Retries;
 
 /// Inputs drawn (and encoded) at a time before the calling thread looks
 /// for answers again.
@@ -71,6 +74,26 @@ impl TaskCodec for Discard {
     }
 }
 
+/// How far a call has got, for progress reports.
+struct Tally {
+    /// Inputs drawn so far; the next input's index.
+    pulled: u64,
+    /// Inputs left, when the iterator knew it at the last draw.
+    remaining: Option<u64>,
+    /// Tasks answered so far.
+    completed: u64,
+    /// When the call started.
+    started: Instant,
+}
+
+impl Tally {
+    /// The progress to report now.
+    fn progress(&self) -> Progress {
+        let total = self.remaining.map(|r| self.pulled + r);
+        Progress { completed: self.completed, submitted: self.pulled, total, elapsed: self.started.elapsed() }
+    }
+}
+
 /// The state of one call, from its start until the scheduler says it is
 /// done (or it is dropped).
 pub(super) struct CallCore<'p> {
@@ -90,24 +113,15 @@ pub(super) struct CallCore<'p> {
     in_flight: Vec<Option<InFlight>>,
     /// The call's first failure.
     failure: Option<Error>,
-    /// Times each task was sent again after its worker died.
-    attempts: HashMap<u64, u32>,
+    /// The second chances of tasks lost with their worker.
+    retries: Retries,
     /// SIGINT or SIGTERM stopped the call.
     interrupted: bool,
     /// Replacement workers started during the call, and when their
     /// handshake is due.
     joining: Vec<Option<Instant>>,
-    /// Tasks sent again because their worker idled out just as they were
-    /// sent (a race that costs no retry, once per task).
-    resent: HashSet<u64>,
-    /// Inputs drawn so far.
-    pulled: u64,
-    /// Inputs left, when the iterator knew it at the last draw.
-    remaining: Option<u64>,
-    /// Tasks answered so far.
-    completed: u64,
-    /// When the call started.
-    started: Instant,
+    /// Inputs drawn and tasks answered so far, for progress reports.
+    tally: Tally,
     /// The pool's traffic before the call.
     traffic_before: Traffic,
     /// The call's stats are written and its files gone.
@@ -149,14 +163,10 @@ impl<'p> CallCore<'p> {
             queue: VecDeque::new(),
             in_flight: (0..workers).map(|_| None).collect(),
             failure: None,
-            attempts: HashMap::new(),
+            retries: Retries::default(),
             interrupted: false,
             joining: vec![None; workers],
-            resent: HashSet::new(),
-            pulled: 0,
-            remaining: None,
-            completed: 0,
-            started,
+            tally: Tally { pulled: 0, remaining: None, completed: 0, started },
             traffic_before,
             finished: false,
             landing: None,
@@ -214,12 +224,12 @@ impl<'p> CallCore<'p> {
         let mut done = false;
         let mut failed = None;
         while got < n {
-            let index = self.pulled;
+            let index = self.tally.pulled;
             let Some(encoded) = codec.encode_next(index, &mut self.encoder) else {
                 done = true;
                 break;
             };
-            self.pulled += 1;
+            self.tally.pulled += 1;
             got += 1;
             match encoded {
                 Ok(task) => self.queue.push_back(task),
@@ -231,7 +241,7 @@ impl<'p> CallCore<'p> {
         }
         let (lo, hi) = codec.size_hint();
         let hint = (Some(lo) == hi).then_some(lo);
-        self.remaining = hint.map(|h| h as u64);
+        self.tally.remaining = hint.map(|h| h as u64);
         if let Some(e) = failed {
             self.fail(e);
             return;
@@ -243,8 +253,7 @@ impl<'p> CallCore<'p> {
 
     /// Calls the progress callback, if any.
     fn report_progress(&mut self) {
-        let total = self.remaining.map(|r| self.pulled + r);
-        let p = Progress { completed: self.completed, submitted: self.pulled, total, elapsed: self.started.elapsed() };
+        let p = self.tally.progress();
         if let Some(cb) = self.parallel.progress.as_mut() {
             cb(&p);
         }

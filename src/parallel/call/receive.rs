@@ -128,7 +128,7 @@ impl CallCore<'_> {
         let mut arrays = arrays.into_iter();
         let mut panicked = false;
         for (reply, task) in results.tasks.into_iter().zip(flight.tasks) {
-            self.completed += 1;
+            self.tally.completed += 1;
             match reply.outcome {
                 Outcome::Ok { output, arrays: refs } => {
                     let mine: Result<Vec<Array>, _> = match refs.len() {
@@ -204,20 +204,16 @@ impl CallCore<'_> {
         // passes; with a batch in flight, that is the idle timeout racing our
         // send. Send the batch again, once per task, without using a retry.
         let idled_out = error.is_none() && exit == WorkerExit::Exited { code: 0 };
-        if idled_out && self.failure.is_none() && flight.tasks.iter().all(|t| !self.resent.contains(&t.index)) {
-            self.resent.extend(flight.tasks.iter().map(|t| t.index));
+        if idled_out && self.failure.is_none() && self.retries.resend_once(&flight.tasks) {
             self.send_again(w, flight.into_encoded());
             return;
         }
-        let retries = self.parallel.retries;
         let retryable = died
             && self.failure.is_none()
             && !self.scheduler.is_draining()
-            && flight.tasks.iter().all(|t| self.attempts.get(&t.index).copied().unwrap_or(0) < retries);
+            && self.retries.within(&flight.tasks, self.parallel.retries);
         if retryable {
-            for t in &flight.tasks {
-                *self.attempts.entry(t.index).or_default() += 1;
-            }
+            self.retries.count(&flight.tasks);
             self.parallel.last.retried += flight.tasks.len() as u64;
             self.send_again(w, flight.into_encoded());
             return;
