@@ -44,16 +44,26 @@ const PULL_CHUNK: usize = 1024;
 /// What the call core needs from the typed side of a call: inputs drawn and
 /// encoded, outputs decoded and kept. The core never sees the task type.
 pub(super) trait TaskCodec {
-    /// Draws the next input, as task `index`, and encodes it with `encoder`;
-    /// `None` when the inputs are exhausted.
-    fn encode_next(&mut self, index: u64, encoder: &mut CallEncoder) -> Option<Result<Encoded, Error>>;
-
-    /// The inputs' [`Iterator::size_hint`], as it is now.
-    fn size_hint(&self) -> (usize, Option<usize>);
+    /// Draws up to `n` inputs, numbered from `first`, encodes each with
+    /// `encoder` and queues it on `queue`; stops at the first input that
+    /// cannot be encoded. One call per chunk of inputs, not per input.
+    fn draw(&mut self, n: usize, first: u64, encoder: &mut CallEncoder, queue: &mut VecDeque<Encoded>) -> Drawn;
 
     /// Decodes the output of task `index` from its bytes and arrays, and
     /// keeps it to be yielded; the error says why it cannot be decoded.
     fn decode(&mut self, index: u64, output: &[u8], arrays: Vec<Array>) -> Result<(), String>;
+}
+
+/// What one [`TaskCodec::draw`] did.
+pub(super) struct Drawn {
+    /// Inputs drawn, an input that could not be encoded included.
+    pub(super) count: usize,
+    /// The inputs are exhausted.
+    pub(super) done: bool,
+    /// How many inputs are left, when the iterator says exactly.
+    pub(super) left: Option<usize>,
+    /// Why the last input drawn could not be encoded (it was not queued).
+    pub(super) failed: Option<Error>,
 }
 
 /// The codec of a call dropped before its end: no more inputs, and the
@@ -61,12 +71,8 @@ pub(super) trait TaskCodec {
 struct Discard;
 
 impl TaskCodec for Discard {
-    fn encode_next(&mut self, _: u64, _: &mut CallEncoder) -> Option<Result<Encoded, Error>> {
-        None
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        (0, Some(0))
+    fn draw(&mut self, _: usize, _: u64, _: &mut CallEncoder, _: &mut VecDeque<Encoded>) -> Drawn {
+        Drawn { count: 0, done: true, left: Some(0), failed: None }
     }
 
     fn decode(&mut self, _: u64, _: &[u8], _: Vec<Array>) -> Result<(), String> {
@@ -220,35 +226,16 @@ impl<'p> CallCore<'p> {
 
     /// Draws and encodes up to `n` inputs into the queue.
     fn pull(&mut self, n: usize, codec: &mut dyn TaskCodec) {
-        let mut got = 0;
-        let mut done = false;
-        let mut failed = None;
-        while got < n {
-            let index = self.tally.pulled;
-            let Some(encoded) = codec.encode_next(index, &mut self.encoder) else {
-                done = true;
-                break;
-            };
-            self.tally.pulled += 1;
-            got += 1;
-            match encoded {
-                Ok(task) => self.queue.push_back(task),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        let (lo, hi) = codec.size_hint();
-        let hint = (Some(lo) == hi).then_some(lo);
-        self.tally.remaining = hint.map(|h| h as u64);
-        if let Some(e) = failed {
+        let drawn = codec.draw(n, self.tally.pulled, &mut self.encoder, &mut self.queue);
+        self.tally.pulled += drawn.count as u64;
+        self.tally.remaining = drawn.left.map(|left| left as u64);
+        if let Some(e) = drawn.failed {
             self.fail(e);
             return;
         }
         let pool = self.parallel.pool.as_mut().expect("the pool exists during a call");
         self.encoder.allow_folders(pool);
-        self.scheduler.pulled(got, done, hint);
+        self.scheduler.pulled(drawn.count, drawn.done, drawn.left);
     }
 
     /// Calls the progress callback, if any.

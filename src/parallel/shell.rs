@@ -11,7 +11,7 @@ use procjob_worker::registry::entry_offset;
 use procjob_worker::Task;
 
 use super::builder::Parallel;
-use super::call::{CallCore, Encoded, LandingPlan, TaskCodec};
+use super::call::{CallCore, Drawn, Encoded, LandingPlan, TaskCodec};
 use super::encoder::CallEncoder;
 use crate::error::{Error, TaskId};
 
@@ -63,20 +63,30 @@ impl<'p, T: Task, I: Iterator<Item = T::Input>> Call<'p, T, I> {
 }
 
 impl<T: Task, I: Iterator<Item = T::Input>> TaskCodec for Typed<T, I> {
-    fn encode_next(&mut self, index: u64, encoder: &mut CallEncoder) -> Option<Result<Encoded, Error>> {
-        let input = self.inputs.next()?;
-        let description = T::describe(&input);
-        Some(match array::encode_with_buffer(&input, encoder, &mut self.scratch) {
-            Ok((bytes, refs)) => Ok(Encoded { index, input: bytes, refs, inline: encoder.take_inline(), description }),
-            Err(e) => Err(Error::Codec {
-                task: TaskId { index, description },
-                reason: format!("cannot encode the input: {e}"),
-            }),
-        })
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        self.inputs.size_hint()
+    fn draw(&mut self, n: usize, first: u64, encoder: &mut CallEncoder, queue: &mut VecDeque<Encoded>) -> Drawn {
+        let mut drawn = Drawn { count: 0, done: false, left: None, failed: None };
+        while drawn.count < n {
+            let Some(input) = self.inputs.next() else {
+                drawn.done = true;
+                break;
+            };
+            let index = first + drawn.count as u64;
+            drawn.count += 1;
+            let description = T::describe(&input);
+            match array::encode_with_buffer(&input, encoder, &mut self.scratch) {
+                Ok((bytes, refs)) => {
+                    queue.push_back(Encoded { index, input: bytes, refs, inline: encoder.take_inline(), description })
+                }
+                Err(e) => {
+                    let task = TaskId { index, description };
+                    drawn.failed = Some(Error::Codec { task, reason: format!("cannot encode the input: {e}") });
+                    break;
+                }
+            }
+        }
+        let (lo, hi) = self.inputs.size_hint();
+        drawn.left = (Some(lo) == hi).then_some(lo);
+        drawn
     }
 
     fn decode(&mut self, index: u64, output: &[u8], arrays: Vec<Array>) -> Result<(), String> {
