@@ -1,0 +1,67 @@
+//! The iterators a call is read through: [`Ordered`] (input order) and
+//! [`Unordered`] (completion order).
+
+use std::collections::BTreeMap;
+
+use procjob_worker::Task;
+
+use super::shell::Call;
+use crate::error::Error;
+
+/// Outputs in input order (from [`Parallel::run_iter`](super::Parallel::run_iter)).
+pub struct Ordered<'p, T: Task, I: Iterator<Item = T::Input>> {
+    /// The call, yielding in completion order.
+    call: Call<'p, T, I>,
+    /// The index of the next output to yield.
+    next: u64,
+    /// Outputs that completed before their turn.
+    buffer: BTreeMap<u64, T::Output>,
+}
+
+impl<'p, T: Task, I: Iterator<Item = T::Input>> Ordered<'p, T, I> {
+    /// Reads `call` in input order.
+    pub(super) fn new(call: Call<'p, T, I>) -> Self {
+        Ordered { call, next: 0, buffer: BTreeMap::new() }
+    }
+}
+
+impl<T: Task, I: Iterator<Item = T::Input>> Iterator for Ordered<'_, T, I> {
+    type Item = Result<T::Output, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(out) = self.buffer.remove(&self.next) {
+                self.next += 1;
+                return Some(Ok(out));
+            }
+            match self.call.next_completed()? {
+                Ok((index, out)) => {
+                    self.buffer.insert(index, out);
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+/// `(input index, output)` in completion order (from
+/// [`Parallel::run_unordered`](super::Parallel::run_unordered)).
+pub struct Unordered<'p, T: Task, I: Iterator<Item = T::Input>> {
+    /// The call, yielding in completion order.
+    call: Call<'p, T, I>,
+}
+
+impl<'p, T: Task, I: Iterator<Item = T::Input>> Unordered<'p, T, I> {
+    /// Reads `call` in completion order.
+    pub(super) fn new(call: Call<'p, T, I>) -> Self {
+        Unordered { call }
+    }
+}
+
+impl<T: Task, I: Iterator<Item = T::Input>> Iterator for Unordered<'_, T, I> {
+    type Item = Result<(u64, T::Output), Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.call.next_completed()
+    }
+}

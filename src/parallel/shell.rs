@@ -1,0 +1,97 @@
+//! The typed shell of a call: the only part compiled once per task type.
+//! It draws inputs from the caller's iterator and encodes them for the
+//! [`CallCore`], and decodes the outputs the core hands back, by task
+//! index, into `T::Output`s to be yielded.
+
+use std::collections::VecDeque;
+
+use procjob_worker::array::{self, Array};
+use procjob_worker::protocol::TaskKind;
+use procjob_worker::registry::entry_offset;
+use procjob_worker::Task;
+
+use super::builder::Parallel;
+use super::call::{CallCore, Drawn, Encoded, LandingPlan, TaskCodec};
+use super::encoder::CallEncoder;
+use crate::error::{Error, TaskId};
+
+/// A call of task `T` on the inputs `I`. Yields outputs in completion
+/// order.
+pub(super) struct Call<'p, T: Task, I: Iterator<Item = T::Input>> {
+    /// The untyped state of the call.
+    core: CallCore<'p>,
+    /// The inputs, and the outputs decoded but not yet yielded.
+    codec: Typed<T, I>,
+}
+
+/// The typed side of a call, which the core reaches through [`TaskCodec`].
+struct Typed<T: Task, I> {
+    /// The caller's inputs, drawn as the scheduler asks.
+    inputs: I,
+    /// The buffer inputs are encoded into before each becomes a `Payload`.
+    scratch: Vec<u8>,
+    /// Outputs decoded, in completion order, by task index.
+    ready: VecDeque<(u64, T::Output)>,
+}
+
+impl<'p, T: Task, I: Iterator<Item = T::Input>> Call<'p, T, I> {
+    /// Starts a call of `T` on `parallel`'s pool, drawing from `inputs`.
+    /// The core knows `T` only by its kind: its name, and the offset of its
+    /// entry descriptor in this executable.
+    pub(super) fn start(parallel: &'p mut Parallel, inputs: I) -> Result<Self, Error> {
+        let kind = TaskKind { name: T::name().to_string(), entry: entry_offset::<T>() };
+        let core = CallCore::start(parallel, kind)?;
+        Ok(Call { core, codec: Typed { inputs, scratch: Vec::new(), ready: VecDeque::new() } })
+    }
+
+    /// Lands the outputs' first arrays in place (`run_unordered_into`).
+    pub(super) fn land_outputs(&mut self, plan: LandingPlan) {
+        self.core.land_outputs(plan);
+    }
+
+    /// The next completed output, the call's failure, or `None` when done.
+    pub(super) fn next_completed(&mut self) -> Option<Result<(u64, T::Output), Error>> {
+        loop {
+            if let Some(out) = self.codec.ready.pop_front() {
+                return Some(Ok(out));
+            }
+            if let Err(e) = self.core.step(&mut self.codec)? {
+                return Some(Err(e));
+            }
+        }
+    }
+}
+
+impl<T: Task, I: Iterator<Item = T::Input>> TaskCodec for Typed<T, I> {
+    fn draw(&mut self, n: usize, first: u64, encoder: &mut CallEncoder, queue: &mut VecDeque<Encoded>) -> Drawn {
+        let mut drawn = Drawn { count: 0, done: false, left: None, failed: None };
+        while drawn.count < n {
+            let Some(input) = self.inputs.next() else {
+                drawn.done = true;
+                break;
+            };
+            let index = first + drawn.count as u64;
+            drawn.count += 1;
+            let description = T::describe(&input);
+            match array::encode_with_buffer(&input, encoder, &mut self.scratch) {
+                Ok((bytes, refs)) => {
+                    queue.push_back(Encoded { index, input: bytes, refs, inline: encoder.take_inline(), description })
+                }
+                Err(e) => {
+                    let task = TaskId { index, description };
+                    drawn.failed = Some(Error::Codec { task, reason: format!("cannot encode the input: {e}") });
+                    break;
+                }
+            }
+        }
+        let (lo, hi) = self.inputs.size_hint();
+        drawn.left = (Some(lo) == hi).then_some(lo);
+        drawn
+    }
+
+    fn decode(&mut self, index: u64, output: &[u8], arrays: Vec<Array>) -> Result<(), String> {
+        let out = array::decode_with::<T::Output>(output, arrays).map_err(|e| e.to_string())?;
+        self.ready.push_back((index, out));
+        Ok(())
+    }
+}
