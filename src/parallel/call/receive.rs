@@ -11,7 +11,7 @@ use procjob_worker::protocol::{FailureCause, Outcome, Ready, Results};
 use super::batch::{batch_deadline, Encoded, InFlight};
 use super::{CallCore, TaskCodec};
 use crate::error::{Error, WorkerExit};
-use crate::pool::{PoolEvent, StartMethod, WorkerEvent};
+use crate::pool::{PoolEvent, WorkerEvent};
 use crate::scheduler::Event;
 use crate::trace::Lane;
 
@@ -162,16 +162,9 @@ impl CallCore<'_> {
     /// another protocol version.
     fn on_ready(&mut self, w: usize, ready: &Ready) {
         self.joining[w] = None;
-        if ready.protocol != procjob_worker::protocol::PROTOCOL_VERSION {
+        if let Err(reason) = crate::pool::check_protocol(ready) {
             self.pool().kill(w);
-            self.fail(Error::Start {
-                index: w,
-                reason: format!(
-                    "protocol version mismatch: coordinator speaks {}, worker {}",
-                    procjob_worker::protocol::PROTOCOL_VERSION,
-                    ready.protocol
-                ),
-            });
+            self.fail(Error::Start { index: w, reason });
             return;
         }
         self.pool().mark_ready(w, ready);
@@ -187,7 +180,7 @@ impl CallCore<'_> {
         if self.joining[w].take().is_some() {
             // A replacement died before its handshake: starting another
             // would likely fail the same way, forever.
-            let reexec = self.parallel.program.is_none() && matches!(self.parallel.start_method, StartMethod::Spawn);
+            let reexec = self.pool().capabilities().reexecutes_program;
             self.fail(Error::Start { index: w, reason: crate::pool::start_failure(exit, error, reexec) });
             return;
         }
