@@ -102,7 +102,7 @@ fn tiny_tasks_batched(bencher: Bencher) {
 #[divan::bench(args = ["new file", "pages already there"], sample_count = 30, sample_size = 1)]
 fn output_pages(bencher: Bencher, file: &str) {
     const LEN: usize = 2_000_000; // 16 MB of f64
-    let folder = procjob::store::RunFolder::create(None, 2 * 8 * LEN as u64).unwrap();
+    let folder = procjob::run_folder::RunFolder::create(None, 2 * 8 * LEN as u64).unwrap();
     let existing = folder.file("existing.npy");
     Array::create_npy(&existing, procjob::DType::F64, vec![LEN]).unwrap().prefault();
     let mut count = 0;

@@ -240,7 +240,7 @@ fn on_threads(threads: usize, sizes: &[usize], rounds: usize, ask: &mut dyn FnMu
     let names = ["numpy", "joblib", "ideal", "memmap", "memmap-out"];
     for &n in sizes {
         let inputs = Inputs::random(DType::F64, n, n, n, 1).expect("inputs fit in memory");
-        let folder = procjob::store::RunFolder::create(None, 3 * (n * n * 8) as u64).expect("a run folder");
+        let folder = procjob::run_folder::RunFolder::create(None, 3 * (n * n * 8) as u64).expect("a run folder");
         let mut runners: Vec<ModeRunner> =
             ours.iter().map(|&m| ModeRunner::new(m, &inputs, &settings, &folder)).collect();
         let numpy = format!("{n} float64");

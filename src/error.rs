@@ -68,7 +68,11 @@ impl std::fmt::Display for TaskId {
 }
 
 /// Why a call failed.
-#[derive(Debug, thiserror::Error)]
+///
+/// [`Config`](Error::Config) is a bad request of the caller's; every other
+/// variant is a failure of the run (a task, a worker, the system).
+#[derive(thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A task returned an error or panicked.
     #[error("{task} failed on {worker}: {}", describe_failure(.failure))]
@@ -129,15 +133,27 @@ pub enum Error {
     },
     /// The run folder for dumped arrays could not be made or written.
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
-    /// A bad parameter.
+    Store(#[from] crate::run_folder::StoreError),
+    /// A bad request: a parameter, a shape or a setting that cannot work.
     #[error("{0}")]
     Config(String),
+    /// An array could not be made, written, mapped or viewed.
+    #[error("{what}: {source}")]
+    Array {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: procjob_worker::array::ArrayError,
+    },
+    /// Something that cannot happen did: a bug of procjob's.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// Memory for a large buffer could not be had: the machine's memory,
     /// or a limit such as `ulimit -v`, is too small for it.
     #[error(
         "cannot allocate {} for {what}: out of memory (the machine's memory or a limit such as ulimit -v is too small)",
-        crate::store::human_bytes(*.bytes)
+        crate::run_folder::human_bytes(*.bytes)
     )]
     OutOfMemory {
         /// What the memory was for.
@@ -162,7 +178,35 @@ pub enum Error {
     },
 }
 
+/// As [`Display`](std::fmt::Display) (a program whose `main` returns
+/// `Result<(), procjob::Error>` prints this), followed by the chain of
+/// causes.
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")?;
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            write!(f, "\n  caused by: {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
+
 impl Error {
+    /// Whether the caller's request was at fault (a bad parameter, an array
+    /// too large to make), rather than the run.
+    pub fn is_usage(&self) -> bool {
+        use procjob_worker::array::ArrayError;
+        match self {
+            Error::Config(_) | Error::Store(_) | Error::OutOfMemory { .. } => true,
+            Error::Array { source, .. } => {
+                matches!(source, ArrayError::TooLarge { .. } | ArrayError::OutOfMemory { .. })
+            }
+            _ => false,
+        }
+    }
+
     /// The index of the task this error is about, if one.
     pub fn task_index(&self) -> Option<u64> {
         match self {
@@ -214,5 +258,35 @@ fn death_hint(exit: &WorkerExit, mapped: &[std::path::PathBuf]) -> String {
             )
         }
         _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use procjob_worker::array::ArrayError;
+    use procjob_worker::DType;
+
+    #[test]
+    fn debug_reads_as_display_with_its_causes() {
+        let e = Error::System {
+            what: "write C".into(),
+            source: std::io::Error::new(std::io::ErrorKind::StorageFull, "No space left on device"),
+        };
+        assert_eq!(format!("{e:?}"), "cannot write C: No space left on device\n  caused by: No space left on device");
+        assert_eq!(format!("{:?}", Error::Config("n_jobs = 0".into())), "n_jobs = 0");
+    }
+
+    #[test]
+    fn only_a_bad_request_is_the_callers_fault() {
+        assert!(Error::Config("x".into()).is_usage());
+        assert!(Error::OutOfMemory { what: "C".into(), bytes: 1 }.is_usage());
+        let too_large = ArrayError::too_large(DType::F64, &[usize::MAX, 2]);
+        assert!(Error::Array { what: "C".into(), source: too_large }.is_usage());
+        let io = std::io::Error::other("disk");
+        assert!(!Error::System { what: "write".into(), source: io }.is_usage());
+        assert!(!Error::Internal("bug".into()).is_usage());
+        let gone = Error::Array { what: "map A".into(), source: ArrayError::Shape("no".into()) };
+        assert!(!gone.is_usage());
     }
 }

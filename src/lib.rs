@@ -39,30 +39,65 @@
 //! }
 //! ```
 //!
+//! # What to call, in order
+//!
+//! 1. [`init`], first in `main` (a test file: [`test_support!`]).
+//! 2. [`Parallel::new`], with [`n_jobs`](Parallel::n_jobs),
+//!    [`max_nbytes`](Parallel::max_nbytes), [`timeout`](Parallel::timeout),
+//!    [`retries`](Parallel::retries) and the other settings.
+//! 3. [`Parallel::run`] (ordered results), [`run_iter`](Parallel::run_iter)
+//!    (streamed, in order), [`run_unordered`](Parallel::run_unordered)
+//!    (as they complete), for a [`Task`] type of your own; its inputs and
+//!    outputs are serde types, and the [`Array`]s in them travel as raw
+//!    bytes or as memory maps.
+//! 4. [`Error`] says which task, which worker and why; [`Parallel::last_call`]
+//!    what the call moved.
+//! 5. Optionally, [`signals::install`], so that Ctrl-C and the other
+//!    signals that end a program stop the workers and remove the temp
+//!    files first.
+//!
+//! Beyond the API: [`matmul`], the block-row matrix product job that the
+//! `procjob` command line runs (its modes, inputs and runner);
+//! [`run_folder`], the private temp folder of a run; [`tasks`], the task
+//! kinds built in. The command line itself ([`cli`], feature `cli`, on by
+//! default) is left out with `default-features = false`.
+//!
 //! The layers: [`procjob_worker`] holds what both sides share (wire
-//! protocol, `.npy` store, tasks, kernels, the serve loop); this crate holds
-//! the coordinator: [`pool`] (processes and pipes), [`scheduler`]
-//! (dispatch decisions), [`parallel`] (the API), and the matmul job and CLI.
+//! protocol, `.npy` files, arrays, tasks, kernels, the serve loop); this
+//! crate holds the coordinator: the pool and its transport (processes and
+//! pipes), the scheduler (dispatch decisions), `Parallel` (the API), and the
+//! matmul job and command line; docs/architecture.md draws them.
 #![warn(missing_docs)]
+#![deny(unreachable_pub, missing_debug_implementations)]
 
 #[cfg(feature = "cli")]
 pub mod cli;
-pub mod error;
+mod error;
 mod lifecycle;
 pub mod matmul;
-pub mod parallel;
-pub mod pool;
-pub mod scheduler;
+mod parallel;
+mod pool;
+pub mod run_folder;
+mod scheduler;
 pub mod signals;
-pub mod store;
-pub mod trace;
+mod trace;
 
 pub use error::{Error, TaskId, WorkerExit, WorkerId};
-pub use parallel::{CallStats, Parallel, Progress};
-pub use pool::StartMethod;
-pub use procjob_worker::protocol::Access;
-pub use procjob_worker::{Array, DType, Element, Registry, Task};
+pub use parallel::{CallStats, Ordered, Parallel, Progress, Unordered, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_NBYTES};
+pub use pool::{StartMethod, Traffic, WorkerReport};
+pub use procjob_worker::array::ArrayError;
+pub use procjob_worker::protocol::{Access, MemorySnapshot};
+pub use procjob_worker::{Array, DType, Element, Task};
 pub use scheduler::{BatchSize, PreDispatch};
+pub use trace::{Lane, Span, Trace};
+
+/// Internals that the project's own tests and benchmarks drive directly;
+/// not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::parallel::resolve_n_jobs;
+    pub use crate::pool::{available_cpus, thread_count, PoolConfig, PoolEvent, WorkerEvent, WorkerPool};
+}
 
 /// Makes this process a worker when it was started as one, and otherwise
 /// returns at once. Call it as the first line of `main` in any binary that
@@ -74,7 +109,7 @@ pub use scheduler::{BatchSize, PreDispatch};
 pub fn init() {
     pool::INIT_CALLED.store(true, std::sync::atomic::Ordering::Relaxed);
     if procjob_worker::serve::is_worker_process() {
-        procjob_worker::serve::run_worker(&Registry::builtin());
+        procjob_worker::serve::run_worker(&procjob_worker::Registry::builtin());
     }
 }
 
@@ -105,7 +140,7 @@ macro_rules! test_support {
 
 #[doc(hidden)]
 pub fn __serve_as_worker() -> ! {
-    procjob_worker::serve::run_worker(&Registry::builtin())
+    procjob_worker::serve::run_worker(&procjob_worker::Registry::builtin())
 }
 
 /// Task kinds built into procjob.

@@ -26,8 +26,8 @@ use crate::error::Error;
 use crate::parallel::Parallel;
 use crate::pool::StartMethod;
 use crate::pool::WorkerReport;
+use crate::run_folder::RunFolder;
 use crate::scheduler::{BatchSize, PreDispatch};
-use crate::store::RunFolder;
 use crate::trace::Lane;
 
 /// How A, B and C travel.
@@ -361,6 +361,16 @@ pub enum Recycled {
     NotThisRunners,
 }
 
+impl std::fmt::Debug for ModeRunner<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModeRunner")
+            .field("mode", &self.mode)
+            .field("blocks", &self.ranges.len())
+            .field("repetitions", &self.rep)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<'a> ModeRunner<'a> {
     /// A runner for `mode`; no worker starts until the first repetition.
     pub fn new(mode: Mode, inputs: &'a Inputs, settings: &RunSettings, folder: &'a RunFolder) -> ModeRunner<'a> {
@@ -529,7 +539,7 @@ pub fn multiply_threads_into(
                 c.shape()
             )));
         }
-        let config = |e: procjob_worker::array::ArrayError| Error::Config(e.to_string());
+        let config = |source| Error::Array { what: "A, B or C as a slice".into(), source };
         let a = inputs.a.as_slice::<T>().map_err(config)?;
         let b = inputs.b.as_slice::<T>().map_err(config)?;
         let mut rest = c.as_mut_slice::<T>().map_err(config)?;
@@ -641,7 +651,8 @@ fn run_parallel(
         None if mode == Mode::Fork => (zeros_c(dtype, m, n)?, None),
         None => {
             let path = folder.file(&format!("{name}-C-{rep}.npy"));
-            let c = Array::create_npy(&path, dtype, vec![m, n]).map_err(|e| Error::Config(e.to_string()))?;
+            let c = Array::create_npy(&path, dtype, vec![m, n])
+                .map_err(|source| Error::Array { what: format!("cannot create C in {}", path.display()), source })?;
             (c, Some(TempFiles(vec![path])))
         }
     };
@@ -650,7 +661,9 @@ fn run_parallel(
     let dump_s = if matches!(mode, Mode::Copy | Mode::Fork) { 0.0 } else { t0.elapsed().as_secs_f64() };
     let spawn_s = parallel.start()?.as_secs_f64();
     let t1 = Instant::now();
-    let view = |x: &Array, r: &Range<usize>| x.rows(r.clone()).map_err(|e| Error::Config(e.to_string()));
+    let view = |x: &Array, r: &Range<usize>| {
+        x.rows(r.clone()).map_err(|source| Error::Array { what: format!("rows {}..{}", r.start, r.end), source })
+    };
     let block_inputs = ranges
         .iter()
         .map(|r| {
@@ -758,7 +771,7 @@ impl DumpedInputs {
             let b = std::thread::Builder::new().spawn_scoped(scope, || mapped(&inputs.b, &files.0[1]));
             let a = mapped(&inputs.a, &files.0[0]);
             let b = match b {
-                Ok(b) => b.join().unwrap_or_else(|_| Err(Error::Config("the thread writing B panicked".into()))),
+                Ok(b) => b.join().unwrap_or_else(|_| Err(Error::Internal("the thread writing B panicked".into()))),
                 Err(_) => mapped(&inputs.b, &files.0[1]),
             };
             Ok::<_, Error>((a?, b?))
@@ -802,7 +815,7 @@ fn place_rows(c: &mut Array, block: &Array, index: u64, rows: &Range<usize>, n: 
 
 fn c_bytes_mut(c: &mut Array) -> Result<&mut [u8], Error> {
     fn typed<T: Element>(c: &mut Array) -> Result<&mut [u8], Error> {
-        let s = c.as_mut_slice::<T>().map_err(|e| Error::Config(e.to_string()))?;
+        let s = c.as_mut_slice::<T>().map_err(|source| Error::Array { what: "C".into(), source })?;
         let len = std::mem::size_of_val(s);
         // SAFETY: element types are plain numbers without padding, so their
         // bytes may be written freely; the byte slice covers exactly `s`.
@@ -827,8 +840,9 @@ fn mapped(a: &Array, path: &Path) -> Result<Array, Error> {
     if a.is_mapped() {
         return Ok(a.clone());
     }
-    a.save_npy(path).map_err(|e| Error::Config(e.to_string()))?;
-    Array::open_npy(path, Access::ReadOnly).map_err(|e| Error::Config(e.to_string()))
+    let what = |verb: &str| format!("cannot {verb} {}", path.display());
+    a.save_npy(path).map_err(|source| Error::Array { what: what("write"), source })?;
+    Array::open_npy(path, Access::ReadOnly).map_err(|source| Error::Array { what: what("map"), source })
 }
 
 #[cfg(test)]

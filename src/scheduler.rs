@@ -19,9 +19,9 @@ use std::time::Duration;
 
 /// How long an automatic batch should run: long enough that a round trip
 /// (tens of microseconds) is noise, short enough to balance load.
-pub const TARGET_BATCH: Duration = Duration::from_millis(20);
+pub(crate) const TARGET_BATCH: Duration = Duration::from_millis(20);
 /// Largest factor by which an automatic batch grows from one batch to the next.
-pub const MAX_GROWTH: usize = 8;
+pub(crate) const MAX_GROWTH: usize = 8;
 
 /// How many tasks go to a worker at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +44,7 @@ pub enum PreDispatch {
 
 /// An event the scheduler hears of.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Event {
+pub(crate) enum Event {
     /// Worker `worker` finished a batch of `tasks` tasks that took `seconds`
     /// from sending to answer.
     BatchDone {
@@ -69,7 +69,7 @@ pub enum Event {
 
 /// What to do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Send the next `tasks` queued tasks to `worker`.
     Send {
         /// The worker.
@@ -87,7 +87,7 @@ pub enum Action {
 
 /// The scheduler's view of a call.
 #[derive(Debug, Clone)]
-pub struct Scheduler {
+pub(crate) struct Scheduler {
     busy: Vec<bool>,
     in_flight: Vec<usize>,
     batch: BatchSize,
@@ -105,7 +105,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// A scheduler for `workers` workers, all idle.
-    pub fn new(workers: usize, batch: BatchSize, pre_dispatch: PreDispatch) -> Scheduler {
+    pub(crate) fn new(workers: usize, batch: BatchSize, pre_dispatch: PreDispatch) -> Scheduler {
         Scheduler {
             busy: vec![false; workers],
             in_flight: vec![0; workers],
@@ -120,7 +120,7 @@ impl Scheduler {
     }
 
     /// The current batch size.
-    pub fn batch_size(&self) -> usize {
+    pub(crate) fn batch_size(&self) -> usize {
         match self.batch {
             BatchSize::Fixed(n) => n.max(1),
             BatchSize::Auto => self.auto_size,
@@ -128,12 +128,12 @@ impl Scheduler {
     }
 
     /// Tasks sent and not yet answered.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.iter().sum()
     }
 
     /// Records `n` inputs drawn into the queue; `done` when the iterator ended.
-    pub fn pulled(&mut self, n: usize, done: bool, remaining_hint: Option<usize>) {
+    pub(crate) fn pulled(&mut self, n: usize, done: bool, remaining_hint: Option<usize>) {
         self.queued += n;
         self.input_done |= done;
         self.remaining_hint = remaining_hint;
@@ -141,23 +141,23 @@ impl Scheduler {
 
     /// Records `n` tasks put back at the front of the queue (their worker
     /// died and they will be sent again).
-    pub fn requeued(&mut self, n: usize) {
+    pub(crate) fn requeued(&mut self, n: usize) {
         self.queued += n;
     }
 
     /// Stops sending: a task failed. In-flight batches are still awaited.
-    pub fn drain(&mut self) {
+    pub(crate) fn drain(&mut self) {
         self.draining = true;
         self.queued = 0;
     }
 
     /// Whether the scheduler is draining after a failure.
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining
     }
 
     /// Feeds an event.
-    pub fn handle(&mut self, event: Event) {
+    pub(crate) fn handle(&mut self, event: Event) {
         match event {
             Event::BatchDone { worker, tasks, seconds } => {
                 self.busy[worker] = false;
@@ -178,7 +178,7 @@ impl Scheduler {
     }
 
     /// The next thing to do.
-    pub fn next_action(&mut self) -> Action {
+    pub(crate) fn next_action(&mut self) -> Action {
         if self.draining {
             return if self.in_flight() == 0 { Action::Done } else { Action::Wait };
         }
@@ -240,7 +240,7 @@ impl Scheduler {
 /// The automatic batch size after a batch of `tasks` took `seconds`: aim
 /// at [`TARGET_BATCH`], growing at most [`MAX_GROWTH`]× at a time and
 /// shrinking to fit when a batch ran long.
-pub fn next_auto_size(tasks: usize, seconds: f64) -> usize {
+pub(crate) fn next_auto_size(tasks: usize, seconds: f64) -> usize {
     let target = TARGET_BATCH.as_secs_f64();
     let tasks = tasks.max(1);
     if seconds <= 0.0 {

@@ -287,7 +287,7 @@ fn coordinator_sigkill_makes_workers_exit_and_next_run_sweeps_its_folder() {
     // live run's folder.
     let stale = dir.tmp().join(format!("procjob-{}-staleFoldr", killed.pid));
     std::fs::create_dir(&stale).unwrap();
-    std::fs::write(stale.join(procjob::store::LOCK_FILE), procjob::store::LOCK_FILE_HEADER).unwrap();
+    std::fs::write(stale.join(procjob::run_folder::LOCK_FILE), procjob::run_folder::LOCK_FILE_HEADER).unwrap();
     std::fs::write(stale.join("memmap-A-1.npy"), b"left behind").unwrap();
 
     // A third, normal run sweeps the dead coordinator's folder, never the

@@ -7,7 +7,7 @@
 //! modes are re-executions of this binary.
 
 use procjob::matmul::{multiply_seq, run_mode, Inputs, Mode, ModeRunner, Recycled, RunSettings};
-use procjob::store::RunFolder;
+use procjob::run_folder::RunFolder;
 use procjob::DType;
 
 fn main() {
@@ -28,7 +28,7 @@ fn left_in(folder: &RunFolder) -> Vec<String> {
     std::fs::read_dir(folder.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|name| name != procjob::store::LOCK_FILE)
+        .filter(|name| name != procjob::run_folder::LOCK_FILE)
         .collect()
 }
 

@@ -131,9 +131,9 @@ fn user_tasks_run_in_distinct_worker_processes() {
 #[test]
 fn n_jobs_counts_back_from_cpus_and_refuses_zero() {
     let cpus = std::thread::available_parallelism().unwrap().get();
-    assert_eq!(procjob::parallel::resolve_n_jobs(-1, cpus).unwrap(), cpus);
-    assert_eq!(procjob::parallel::resolve_n_jobs(-2, 8).unwrap(), 7);
-    assert_eq!(procjob::parallel::resolve_n_jobs(-100, 8).unwrap(), 1);
+    assert_eq!(procjob::__private::resolve_n_jobs(-1, cpus).unwrap(), cpus);
+    assert_eq!(procjob::__private::resolve_n_jobs(-2, 8).unwrap(), 7);
+    assert_eq!(procjob::__private::resolve_n_jobs(-100, 8).unwrap(), 1);
     let mut p = Parallel::new().n_jobs(0);
     let err = p.run::<Square, _>(0..3u64).unwrap_err();
     assert!(err.to_string().contains("n_jobs = 0"), "{err}");
@@ -676,7 +676,7 @@ fn fork_is_refused_while_the_coordinator_has_other_threads() {
     // The test harness runs this test on a thread of its own, so the process
     // has several: forking would copy only this one. (The fork mode itself
     // is tested through the procjob binary, which forks single-threaded.)
-    assert!(procjob::pool::thread_count().unwrap() > 1);
+    assert!(procjob::__private::thread_count().unwrap() > 1);
     let mut p = Parallel::new().n_jobs(1).start_method(procjob::StartMethod::Fork { inherit: vec![] });
     let err = p.run::<Square, _>([1u64]).unwrap_err();
     let msg = err.to_string();

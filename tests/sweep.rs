@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::Signal;
-use procjob::store::{LOCK_FILE, LOCK_FILE_HEADER};
+use procjob::run_folder::{LOCK_FILE, LOCK_FILE_HEADER};
 use procjob_worker::testkinds::FAULT_ENV;
 use util::{assert_no_workers_left, live_workers_of, pids_named, run_folders_in, Procjob, Run, Stream, TestDir, BIN};
 

@@ -7,7 +7,8 @@
 
 use std::time::Duration;
 
-use procjob::pool::{PoolConfig, StartMethod, WorkerEvent, WorkerPool};
+use procjob::__private::{PoolConfig, WorkerEvent, WorkerPool};
+use procjob::StartMethod;
 use procjob::{Access, Array, Parallel, Task};
 use procjob_worker::array::{self, InlineEncoder};
 use procjob_worker::protocol::{Batch, FailureCause, Outcome, Request, TaskKind, TaskReply, TaskRequest};

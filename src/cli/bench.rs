@@ -18,7 +18,7 @@ use procjob_worker::DType;
 
 use crate::error::Error;
 use crate::matmul::{plan_blocks, Inputs, Mode, ModeRunner, RunSettings};
-use crate::store::RunFolder;
+use crate::run_folder::RunFolder;
 
 /// What to sweep.
 #[derive(Debug, Clone)]

@@ -19,7 +19,7 @@ use procjob_worker::DType;
 use crate::error::Error;
 use crate::matmul::{self, Inputs, Mode, ModeRun, Phases, RunSettings};
 use crate::pool::WorkerReport;
-use crate::store::{human_bytes, RunFolder};
+use crate::run_folder::{human_bytes, RunFolder};
 use crate::trace::{Lane, Trace};
 
 /// Columns of wrapped prose; no line printed is wider than 80.
@@ -180,16 +180,16 @@ fn temp_folder(s: &mut Screen, opts: &DemoOptions, folder: &RunFolder, inputs: &
     let parent = path.parent().unwrap_or(Path::new("/"));
     let why = if opts.temp_folder.is_some() {
         "You chose its parent with --temp-folder.".to_string()
-    } else if std::env::var_os(crate::store::TEMP_FOLDER_ENV).is_some_and(|v| !v.is_empty()) {
-        format!("Its parent comes from {}.", crate::store::TEMP_FOLDER_ENV)
+    } else if std::env::var_os(crate::run_folder::TEMP_FOLDER_ENV).is_some_and(|v| !v.is_empty()) {
+        format!("Its parent comes from {}.", crate::run_folder::TEMP_FOLDER_ENV)
     } else if parent == Path::new("/dev/shm") {
         format!(
             "/dev/shm is a filesystem kept in memory (tmpfs), with {} free: a file there \
              is RAM with a name, so writing one costs no disk I/O.",
-            crate::store::free_bytes(parent).map_or("an unknown amount".into(), human_bytes)
+            crate::run_folder::free_bytes(parent).map_or("an unknown amount".into(), human_bytes)
         )
     } else {
-        let shm = crate::store::free_bytes(Path::new("/dev/shm"))
+        let shm = crate::run_folder::free_bytes(Path::new("/dev/shm"))
             .map_or("it is missing here".to_string(), |f| format!("it has {} free", human_bytes(f)));
         format!(
             "It is in the system temp folder, not in /dev/shm (memory), which procjob \
@@ -206,14 +206,17 @@ fn temp_folder(s: &mut Screen, opts: &DemoOptions, folder: &RunFolder, inputs: &
     let t = Instant::now();
     let files = [("A.npy", &inputs.a), ("B.npy", &inputs.b)];
     for (name, array) in files {
-        array.save_npy(&folder.file(name)).map_err(|e| Error::Config(e.to_string()))?;
+        let path = folder.file(name);
+        array
+            .save_npy(&path)
+            .map_err(|source| Error::Array { what: format!("cannot write {}", path.display()), source })?;
     }
     let write_s = t.elapsed().as_secs_f64();
     let mut written = 0u64;
     let mut listing: Vec<(String, u64, u32)> = std::fs::read_dir(path)
-        .map_err(|e| Error::Config(format!("cannot list {}: {e}", path.display())))?
+        .map_err(|source| Error::System { what: format!("list {}", path.display()), source })?
         .flatten()
-        .filter(|e| e.file_name() != crate::store::LOCK_FILE)
+        .filter(|e| e.file_name() != crate::run_folder::LOCK_FILE)
         .filter_map(|e| {
             let meta = e.metadata().ok()?;
             Some((e.file_name().to_string_lossy().into_owned(), meta.len(), file_mode(&meta)))
@@ -380,7 +383,7 @@ fn narrate_mode(s: &mut Screen, r: &Measured, earlier: &[Measured], inputs: &Inp
         s.line(&format!("  the slowest send of one task took {}", secs(dur_s(send))));
     }
     let left = std::fs::read_dir(folder.path())
-        .map_or(0, |d| d.flatten().filter(|e| e.file_name() != crate::store::LOCK_FILE).count());
+        .map_or(0, |d| d.flatten().filter(|e| e.file_name() != crate::run_folder::LOCK_FILE).count());
     s.line(&format!("  files left in the temp folder: {left}"));
     s.line(&format!("  wall time {}: {}", secs(r.wall_s), versus_seq(seq_wall, r.wall_s)));
     s.line(&format!("  C is identical to seq's, byte for byte: {}", yes_no(r.same_as_seq)));

@@ -22,7 +22,7 @@ mod progress;
 
 use crate::error::Error;
 use crate::matmul::{self, Inputs, Mode, ModeRun, RunSettings};
-use crate::store::RunFolder;
+use crate::run_folder::RunFolder;
 
 /// Exit codes (docs/cli.md).
 pub mod exit {
@@ -193,8 +193,8 @@ impl CliError {
 impl From<Error> for CliError {
     fn from(e: Error) -> CliError {
         let code = match e {
-            Error::Config(_) | Error::Store(_) | Error::OutOfMemory { .. } => exit::USAGE,
             Error::Interrupted { signal } => crate::signals::exit_code(signal),
+            ref e if e.is_usage() => exit::USAGE,
             _ => exit::RUN_FAILED,
         };
         CliError { code, message: e.to_string() }
@@ -669,7 +669,7 @@ fn explain_full_folder(e: Error, folder: &RunFolder, needed: u64) -> CliError {
     let full = match &e {
         Error::WorkerDied { exit: crate::error::WorkerExit::Signaled { signal }, .. } => {
             *signal == nix::sys::signal::Signal::SIGBUS
-                && crate::store::free_bytes(folder.path()).is_some_and(|free| free < 1 << 20)
+                && crate::run_folder::free_bytes(folder.path()).is_some_and(|free| free < 1 << 20)
         }
         other => {
             let text = other.to_string();
@@ -680,15 +680,15 @@ fn explain_full_folder(e: Error, folder: &RunFolder, needed: u64) -> CliError {
         return e.into();
     }
     let parent = folder.path().parent().unwrap_or(folder.path());
-    let free = crate::store::free_bytes(folder.path()).unwrap_or(0);
+    let free = crate::run_folder::free_bytes(folder.path()).unwrap_or(0);
     CliError::usage(format!(
         "the temp folder {} is full ({} free; this run needs {} there): something else filled it while \
          this run was using it. Free some space, or pick another folder with --temp-folder or {} \
          (what failed: {e})",
         parent.display(),
-        crate::store::human_bytes(free),
-        crate::store::human_bytes(needed),
-        crate::store::TEMP_FOLDER_ENV,
+        crate::run_folder::human_bytes(free),
+        crate::run_folder::human_bytes(needed),
+        crate::run_folder::TEMP_FOLDER_ENV,
     ))
 }
 

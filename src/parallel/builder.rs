@@ -404,7 +404,7 @@ impl Parallel {
     {
         let file = match out.open_for_landing() {
             Some(Ok(file)) => std::sync::Arc::new(file),
-            Some(Err(e)) => return Err(Error::Config(format!("cannot open the output array's file: {e}"))),
+            Some(Err(e)) => return Err(Error::System { what: "open the output array's file".into(), source: e }),
             None => {
                 return Err(Error::Config(
                     "run_unordered_into needs a read-write file-backed output (Array::create_npy)".into(),

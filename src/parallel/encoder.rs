@@ -10,7 +10,7 @@ use procjob_worker::array::{self, Array, ArrayEncoder};
 use procjob_worker::protocol::{Access, ArrayRef};
 
 use crate::pool::WorkerPool;
-use crate::store::RunFolder;
+use crate::run_folder::RunFolder;
 
 /// Decides how each array of a call travels: mapped arrays by reference,
 /// owned arrays above `max_nbytes` dumped once and then by reference, the

@@ -44,6 +44,12 @@ impl<T: Task, I: Iterator<Item = T::Input>> Iterator for Ordered<'_, T, I> {
     }
 }
 
+impl<T: Task, I: Iterator<Item = T::Input>> std::fmt::Debug for Ordered<'_, T, I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ordered").field("task", &T::name()).finish_non_exhaustive()
+    }
+}
+
 /// `(input index, output)` in completion order (from
 /// [`Parallel::run_unordered`](super::Parallel::run_unordered)).
 pub struct Unordered<'p, T: Task, I: Iterator<Item = T::Input>> {
@@ -63,5 +69,11 @@ impl<T: Task, I: Iterator<Item = T::Input>> Iterator for Unordered<'_, T, I> {
 
     fn next(&mut self) -> Option<Self::Item> {
         self.call.next_completed()
+    }
+}
+
+impl<T: Task, I: Iterator<Item = T::Input>> std::fmt::Debug for Unordered<'_, T, I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unordered").field("task", &T::name()).finish_non_exhaustive()
     }
 }

@@ -36,17 +36,17 @@ use procjob_worker::secret::PoolSecret;
 
 use crate::error::{Error, WorkerExit, WorkerId};
 
-pub use pipes::{available_cpus, thread_count, HARNESS_ENTRY, THREAD_ENV};
+pub use pipes::{available_cpus, thread_count};
 pub(crate) use pipes::{start_failure, INIT_CALLED};
-pub use transport::{Capabilities, Started, Transport};
+pub(crate) use transport::{Capabilities, Transport};
 
 /// How long a worker has to answer the handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long workers get to exit after their input closes, before SIGKILL.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// The grace period when the coordinator was interrupted: busy workers
 /// cannot notice their input closing until their task ends, so wait less.
-pub const INTERRUPT_GRACE: Duration = Duration::from_millis(500);
+pub(crate) const INTERRUPT_GRACE: Duration = Duration::from_millis(500);
 
 /// How the pool starts workers.
 #[derive(Debug, Clone)]
@@ -204,7 +204,7 @@ pub struct WorkerReport {
 /// Regions of a shared output that tasks' output arrays land in directly,
 /// by task index (see [`Parallel::run_unordered_into`](crate::Parallel::run_unordered_into)).
 /// Reader threads take an entry when that task's result arrives.
-pub type Landings = Arc<Mutex<HashMap<u64, Landing>>>;
+pub(crate) type Landings = Arc<Mutex<HashMap<u64, Landing>>>;
 
 /// Why a batch could not be sent to a worker.
 #[derive(Debug)]
@@ -221,9 +221,9 @@ pub enum SendError {
 /// A batch carrying at least this much bulk is written together with the
 /// batches sent right after it, one thread per worker
 /// ([`WorkerPool::send_many`]).
-pub const CONCURRENT_SEND_BYTES: usize = 1 << 20;
+pub(crate) const CONCURRENT_SEND_BYTES: usize = 1 << 20;
 
-/// A pool of workers, reached through a [`Transport`].
+/// A pool of workers, reached through a transport (see the module docs).
 pub struct WorkerPool {
     idle_timeout: Option<Duration>,
     slots: Vec<Slot>,

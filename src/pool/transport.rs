@@ -42,7 +42,7 @@ pub struct Capabilities {
 
 /// A worker the transport started in a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Started {
+pub(crate) struct Started {
     /// The slot.
     pub index: usize,
     /// Its process id.
@@ -57,7 +57,7 @@ pub struct Started {
 }
 
 /// A way of reaching workers (see the module docs).
-pub trait Transport {
+pub(crate) trait Transport {
     /// What it can do.
     fn capabilities(&self) -> Capabilities;
 

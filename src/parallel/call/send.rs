@@ -79,7 +79,8 @@ impl CallCore<'_> {
     fn place_landings(&mut self, tasks: &[TaskId]) -> Result<(), Error> {
         let Some(plan) = self.landing.as_mut() else { return Ok(()) };
         let pool = self.parallel.pool.as_ref().expect("the pool exists during a call");
-        let mut landings = pool.landings().lock().map_err(|_| Error::Config("landing table poisoned".into()))?;
+        let mut landings =
+            pool.landings().lock().map_err(|_| Error::Internal("the landing table is poisoned".into()))?;
         tasks.iter().try_for_each(|t| {
             landings.insert(t.index, plan.landing(t.index).map_err(Error::Config)?);
             Ok(())

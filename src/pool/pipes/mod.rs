@@ -36,8 +36,9 @@ use super::{Landings, PoolEvent, SendError, StartMethod};
 use crate::error::{Error, WorkerExit, WorkerId};
 
 pub use fork::thread_count;
-pub use spawn::{available_cpus, HARNESS_ENTRY, THREAD_ENV};
+pub use spawn::available_cpus;
 pub(crate) use spawn::{start_failure, INIT_CALLED};
+use spawn::{HARNESS_ENTRY, THREAD_ENV};
 
 /// One live worker process.
 struct Process {

@@ -14,11 +14,12 @@ use crate::error::WorkerExit;
 pub(crate) static INIT_CALLED: AtomicBool = AtomicBool::new(false);
 
 /// The test-harness entry point defined by [`crate::test_support!`].
-pub const HARNESS_ENTRY: &str = "__procjob_worker_entry";
+pub(crate) const HARNESS_ENTRY: &str = "__procjob_worker_entry";
 
 /// Thread-count variables set in each worker, unless the user set them, so
 /// that N workers do not each start a thread pool as wide as the machine.
-pub const THREAD_ENV: [&str; 4] = ["OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"];
+pub(crate) const THREAD_ENV: [&str; 4] =
+    ["OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"];
 
 type SpawnRequest = (Command, Sender<std::io::Result<Child>>);
 
