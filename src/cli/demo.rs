@@ -256,11 +256,33 @@ fn temp_folder(s: &mut Screen, opts: &DemoOptions, folder: &RunFolder, inputs: &
     Ok(())
 }
 
+/// Narrates one mode's run: what the mode is, what its workers did, what
+/// crossed the pipes, and what that shows.
 fn narrate_mode(s: &mut Screen, r: &Measured, earlier: &[Measured], inputs: &Inputs, p: usize, folder: &RunFolder) {
     let (m, k, n) = inputs.dims();
-    let dtype = inputs.dtype();
-    let b_bytes = inputs.b.nbytes() as u64;
     let seq_wall = earlier.first().map_or(r.wall_s, |seq| seq.wall_s);
+    let b_bytes = inputs.b.nbytes() as u64;
+    if introduce_mode(s, r, p, seq_wall, rate(m, k, n, r.wall_s), inputs.dtype()) {
+        return;
+    }
+    s.blank();
+    report_workers(s, r);
+    report_traffic(s, r, earlier, b_bytes);
+    if let Some(send) = longest(&r.trace, Lane::Coordinator, "send") {
+        s.line(&format!("  the slowest send of one task took {}", secs(dur_s(send))));
+    }
+    let left = std::fs::read_dir(folder.path())
+        .map_or(0, |d| d.flatten().filter(|e| e.file_name() != crate::run_folder::LOCK_FILE).count());
+    s.line(&format!("  files left in the temp folder: {left}"));
+    s.line(&format!("  wall time {}: {}", secs(r.wall_s), versus_seq(seq_wall, r.wall_s)));
+    s.line(&format!("  C is identical to seq's, byte for byte: {}", yes_no(r.same_as_seq)));
+    s.blank();
+    conclude_mode(s, r, earlier, b_bytes);
+}
+
+/// What the mode is. For the in-process modes (seq, threads), also what
+/// they took; returns true then, as there is nothing more to say.
+fn introduce_mode(s: &mut Screen, r: &Measured, p: usize, seq_wall: f64, rate_here: f64, dtype: DType) -> bool {
     match r.mode {
         Mode::Seq => {
             s.heading("seq: one process, one core");
@@ -269,8 +291,8 @@ fn narrate_mode(s: &mut Screen, r: &Measured, earlier: &[Measured], inputs: &Inp
                  use. This is the baseline every speedup below is measured against.",
             );
             s.blank();
-            s.line(&format!("  took {}: {:.2} {}", secs(r.wall_s), rate(m, k, n, r.wall_s), rate_unit(dtype)));
-            return;
+            s.line(&format!("  took {}: {:.2} {}", secs(r.wall_s), rate_here, rate_unit(dtype)));
+            return true;
         }
         Mode::Threads => {
             s.heading("threads: the same blocks on threads of this process");
@@ -285,7 +307,7 @@ fn narrate_mode(s: &mut Screen, r: &Measured, earlier: &[Measured], inputs: &Inp
             s.blank();
             s.line(&format!("  took {}: {}", secs(r.wall_s), versus_seq(seq_wall, r.wall_s)));
             s.line(&format!("  C is identical to seq's, byte for byte: {}", yes_no(r.same_as_seq)));
-            return;
+            return true;
         }
         Mode::Copy => {
             s.heading("copy: worker processes, data through the pipes");
@@ -330,7 +352,11 @@ fn narrate_mode(s: &mut Screen, r: &Measured, earlier: &[Measured], inputs: &Inp
             );
         }
     }
-    s.blank();
+    false
+}
+
+/// The workers started, and what each computed.
+fn report_workers(s: &mut Screen, r: &Measured) {
     let workers = r.workers.len();
     let pids: Vec<String> = r.workers.iter().map(|w| w.pid.to_string()).collect();
     if r.phases.dump_s > 0.0 {
@@ -352,6 +378,10 @@ fn narrate_mode(s: &mut Screen, r: &Measured, earlier: &[Measured], inputs: &Inp
             s.line(&format!("    worker {} (pid {}): {} in {}", w.index, w.pid, span.name, secs(dur_s(span))));
         }
     }
+}
+
+/// The bytes that crossed the pipes, each way, against copy's and B's.
+fn report_traffic(s: &mut Screen, r: &Measured, earlier: &[Measured], b_bytes: u64) {
     let per_task = r.to_workers as f64 / r.blocks.max(1) as f64;
     if r.mode == Mode::Copy {
         s.line(&format!(
@@ -379,15 +409,10 @@ fn narrate_mode(s: &mut Screen, r: &Measured, earlier: &[Measured], inputs: &Inp
         s.line(&format!("  to workers in all:      {:>15} bytes for {} tasks", grouped(r.to_workers), r.blocks));
         s.line(&format!("  from workers in all:    {:>15} bytes: {back}", grouped(r.from_workers)));
     }
-    if let Some(send) = longest(&r.trace, Lane::Coordinator, "send") {
-        s.line(&format!("  the slowest send of one task took {}", secs(dur_s(send))));
-    }
-    let left = std::fs::read_dir(folder.path())
-        .map_or(0, |d| d.flatten().filter(|e| e.file_name() != crate::run_folder::LOCK_FILE).count());
-    s.line(&format!("  files left in the temp folder: {left}"));
-    s.line(&format!("  wall time {}: {}", secs(r.wall_s), versus_seq(seq_wall, r.wall_s)));
-    s.line(&format!("  C is identical to seq's, byte for byte: {}", yes_no(r.same_as_seq)));
-    s.blank();
+}
+
+/// What this mode's figures show, against the modes before it.
+fn conclude_mode(s: &mut Screen, r: &Measured, earlier: &[Measured], b_bytes: u64) {
     match r.mode {
         Mode::Copy => s.para(&format!(
             "Each task carried its rows of A and all {} bytes of B: B crossed the \

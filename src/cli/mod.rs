@@ -318,52 +318,7 @@ fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
         ),
         None => None,
     };
-    let source = match (&args.a, &args.b) {
-        (Some(a_path), Some(b_path)) => {
-            if args.size.is_some() || args.shape.is_some() || args.seed.is_some() {
-                return Err(CliError::usage("--a/--b give the inputs: --size, --shape and --seed do not apply"));
-            }
-            let a = open_input(a_path, "a")?;
-            let b = open_input(b_path, "b")?;
-            if a.dtype() != b.dtype() {
-                return Err(CliError::usage(format!(
-                    "A ({}) is {} but B ({}) is {}; both must have the same dtype",
-                    a_path.display(),
-                    a.dtype(),
-                    b_path.display(),
-                    b.dtype()
-                )));
-            }
-            if let Some(d) = dtype.filter(|&d| d != a.dtype()) {
-                return Err(CliError::usage(format!("--dtype {d} disagrees with the files, which are {}", a.dtype())));
-            }
-            if a.shape()[1] != b.shape()[0] {
-                return Err(CliError::usage(format!(
-                    "inner dimensions do not fit: A ({}) is {}×{}, B ({}) is {}×{}",
-                    a_path.display(),
-                    a.shape()[0],
-                    a.shape()[1],
-                    b_path.display(),
-                    b.shape()[0],
-                    b.shape()[1]
-                )));
-            }
-            Source::Files(Inputs { a, b })
-        }
-        (None, None) => {
-            let (m, k, n) = match (&args.shape, args.size) {
-                (Some(s), _) => parse_shape(s)?,
-                (None, Some(n)) => (n, n, n),
-                (None, None) => (1000, 1000, 1000),
-            };
-            let dtype = dtype.unwrap_or(DType::I64);
-            match args.seed {
-                Some(seed) => Source::Random { dtype, m, k, n, seed },
-                None => Source::Pattern { dtype, m, k, n },
-            }
-        }
-        _ => return Err(CliError::usage("--a and --b go together: give both or neither")),
-    };
+    let source = source_of(args, dtype)?;
     // Every output is checked before any work starts, so a run is never
     // lost to an output path that could not have been written.
     let out = args.out.as_deref().map(|p| check_output("--out", p)).transpose()?;
@@ -421,6 +376,57 @@ fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
         check: !args.no_check,
         out,
         trace,
+    })
+}
+
+/// Where the inputs come from: the user's `.npy` files, checked against
+/// each other and `--dtype`, or the pattern or seed's random digits.
+fn source_of(args: &MatmulArgs, dtype: Option<DType>) -> Result<Source, CliError> {
+    Ok(match (&args.a, &args.b) {
+        (Some(a_path), Some(b_path)) => {
+            if args.size.is_some() || args.shape.is_some() || args.seed.is_some() {
+                return Err(CliError::usage("--a/--b give the inputs: --size, --shape and --seed do not apply"));
+            }
+            let a = open_input(a_path, "a")?;
+            let b = open_input(b_path, "b")?;
+            if a.dtype() != b.dtype() {
+                return Err(CliError::usage(format!(
+                    "A ({}) is {} but B ({}) is {}; both must have the same dtype",
+                    a_path.display(),
+                    a.dtype(),
+                    b_path.display(),
+                    b.dtype()
+                )));
+            }
+            if let Some(d) = dtype.filter(|&d| d != a.dtype()) {
+                return Err(CliError::usage(format!("--dtype {d} disagrees with the files, which are {}", a.dtype())));
+            }
+            if a.shape()[1] != b.shape()[0] {
+                return Err(CliError::usage(format!(
+                    "inner dimensions do not fit: A ({}) is {}×{}, B ({}) is {}×{}",
+                    a_path.display(),
+                    a.shape()[0],
+                    a.shape()[1],
+                    b_path.display(),
+                    b.shape()[0],
+                    b.shape()[1]
+                )));
+            }
+            Source::Files(Inputs { a, b })
+        }
+        (None, None) => {
+            let (m, k, n) = match (&args.shape, args.size) {
+                (Some(s), _) => parse_shape(s)?,
+                (None, Some(n)) => (n, n, n),
+                (None, None) => (1000, 1000, 1000),
+            };
+            let dtype = dtype.unwrap_or(DType::I64);
+            match args.seed {
+                Some(seed) => Source::Random { dtype, m, k, n, seed },
+                None => Source::Pattern { dtype, m, k, n },
+            }
+        }
+        _ => return Err(CliError::usage("--a and --b go together: give both or neither")),
     })
 }
 
