@@ -91,11 +91,32 @@ impl ArrayError {
     }
 }
 
+/// Owned arrays at least this large get pages of their own, advised as
+/// transparent huge pages (numpy's threshold too: it advises
+/// `MADV_HUGEPAGE` from 4 MiB on).
+pub const HUGE_PAGE_THRESHOLD: usize = 4 << 20;
+
 /// The element count of a shape, checked: `None` when `dtype.size() ×
 /// product(shape)` overflows or exceeds `isize::MAX`.
 fn checked_len(dtype: DType, shape: &[usize]) -> Option<usize> {
     dtype.nbytes(shape)?;
     crate::dtype::elements(shape)
+}
+
+/// What only this layer can say about an [`ArrayRef`]: its shape as this
+/// process's sizes. (The reference itself is the wire's; the error is ours.)
+impl ArrayRef {
+    /// The shape as this process's sizes, or [`ArrayError::TooLarge`]
+    /// (naming the shape and dtype) when its size in bytes overflows or
+    /// exceeds what this process can address (`isize::MAX`).
+    pub fn checked_shape(&self) -> Result<Vec<usize>, ArrayError> {
+        let (dtype, shape) = self.dtype_and_shape();
+        let too_large = || ArrayError::TooLarge { dtype, shape: shape.to_vec() };
+        let usize_shape: Vec<usize> =
+            shape.iter().map(|&d| usize::try_from(d)).collect::<Result<_, _>>().map_err(|_| too_large())?;
+        dtype.nbytes(&usize_shape).ok_or_else(too_large)?;
+        Ok(usize_shape)
+    }
 }
 
 /// Owned, 8-byte-aligned element storage.
@@ -123,7 +144,7 @@ impl Owned {
 
     /// `len` zeros of `dtype`, or `None` when the memory cannot be had.
     ///
-    /// From [`HUGE_PAGE_THRESHOLD`](crate::memory::HUGE_PAGE_THRESHOLD) on,
+    /// From [`HUGE_PAGE_THRESHOLD`](HUGE_PAGE_THRESHOLD) on,
     /// a mapping of fresh anonymous pages advised as transparent huge pages,
     /// as numpy's large arrays are: a 2000 × 2000 result is then first
     /// written with a few dozen page faults instead of 8,000, and a GEMM
@@ -149,7 +170,7 @@ impl Owned {
             Some(unsafe { Vec::from_raw_parts(ptr, len, len) })
         }
         let bytes = len.checked_mul(dtype.size())?;
-        if bytes >= crate::memory::HUGE_PAGE_THRESHOLD {
+        if bytes >= HUGE_PAGE_THRESHOLD {
             let map = memmap2::MmapMut::map_anon(bytes).ok()?;
             // Only a hint, given before the first touch: with THP off
             // nothing changes, and the contents are never affected.
@@ -1491,7 +1512,7 @@ mod tests {
     /// `0xFF` marker: either way not zeros.)
     #[test]
     fn for_overwrite_takes_pages_put_back_by_byte_size() {
-        let len = crate::memory::HUGE_PAGE_THRESHOLD / 8 + 2000;
+        let len = HUGE_PAGE_THRESHOLD / 8 + 2000;
         let filled = |len: usize| {
             let mut a = Array::zeros(DType::F64, vec![len]);
             a.as_mut_slice::<f64>().unwrap().fill(3.0);

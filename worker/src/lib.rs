@@ -13,10 +13,14 @@ pub mod npy;
 
 pub use dtype::{DType, Element};
 pub mod array;
+mod builtin;
 pub mod clock;
 pub mod confine;
 pub mod entry;
+#[cfg(feature = "test-tasks")]
+mod fault;
 pub mod image;
+mod io;
 pub mod matmul;
 pub mod memory;
 pub mod payload;

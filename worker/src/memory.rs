@@ -1,10 +1,23 @@
-//! A process's memory, read from its own `/proc/self` files.
+//! A process's memory, read from its own `/proc/self` files, and the
+//! [`MemorySnapshot`] a worker reports it in (a leaf: it imports nothing of
+//! this crate; the protocol re-exports the snapshot type).
 //!
 //! Read by the worker itself after each batch and never by a sampler
 //! running during the computation: sampling every 20 ms was seen to make a
 //! matrix product twice as slow on the machines procjob targets.
 
-use crate::protocol::MemorySnapshot;
+use serde::{Deserialize, Serialize};
+
+/// A worker's memory, read from its own `/proc/self` files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemorySnapshot {
+    /// Peak resident set size (`VmHWM`), bytes.
+    pub peak_rss: u64,
+    /// Unique set size now (`Private_Clean + Private_Dirty`), bytes.
+    pub uss: u64,
+    /// Proportional set size now (`Pss`), bytes.
+    pub pss: u64,
+}
 
 /// Reads peak RSS from `/proc/self/status` and USS and PSS from
 /// `/proc/self/smaps_rollup`. Fields that cannot be read are 0.
@@ -30,11 +43,6 @@ fn field_kib(text: &str, key: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with(key))?;
     line[key.len()..].split_whitespace().next()?.parse().ok()
 }
-
-/// Owned arrays at least this large get pages of their own, advised as
-/// transparent huge pages (numpy's threshold too: it advises
-/// `MADV_HUGEPAGE` from 4 MiB on).
-pub const HUGE_PAGE_THRESHOLD: usize = 4 << 20;
 
 #[cfg(test)]
 mod tests {

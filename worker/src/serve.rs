@@ -151,18 +151,12 @@ fn take_protocol_fds() -> std::io::Result<(File, File)> {
     let devnull = File::open("/dev/null")?;
     nix::unistd::dup2_stdin(devnull.as_fd()).map_err(std::io::Error::from)?;
     nix::unistd::dup2_stdout(std::io::stderr().as_fd()).map_err(std::io::Error::from)?;
-    PROTOCOL_OUTPUT_FD.store(std::os::fd::AsRawFd::as_raw_fd(&output), std::sync::atomic::Ordering::Relaxed);
+    crate::io::set_protocol_output_fd(std::os::fd::AsRawFd::as_raw_fd(&output));
     Ok((File::from(input), File::from(output)))
 }
 
-/// The descriptor the worker writes frames to, once it serves (-1 before).
-/// Only the misbehaving test tasks use it, to write garbage into the stream.
-static PROTOCOL_OUTPUT_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
-
 #[doc(hidden)]
-pub fn protocol_output_fd() -> i32 {
-    PROTOCOL_OUTPUT_FD.load(std::sync::atomic::Ordering::Relaxed)
-}
+pub use crate::io::protocol_output_fd;
 
 /// Asks the kernel for SIGKILL when the parent dies, then checks the parent
 /// is still the coordinator that started us (it may have died before the
@@ -323,7 +317,7 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
                         FailureCause::Setup,
                         format!("task kind '{}' is not known to this worker (see task {first})", batch.kind.name),
                     ),
-                    _ => run_one(&entry, &task.input, mine),
+                    _ => run_one(&entry, &batch.kind.name, &task.input, mine),
                 },
             };
             let result = fail_on_faults(task.index, result);
@@ -643,7 +637,15 @@ fn resolve(registry: &Registry, same_binary: bool, kind: &protocol::TaskKind) ->
     }
 }
 
-fn run_one(entry: &Result<ErasedEntry, String>, input: &[u8], arrays: Vec<Result<Array, ArrayError>>) -> ErasedOutcome {
+/// Runs one task of kind `kind` under panic capture; under the
+/// `test-tasks` feature, a fault the failure tests inject takes the task's
+/// place (`crate::fault`).
+fn run_one(
+    entry: &Result<ErasedEntry, String>,
+    kind: &str,
+    input: &[u8],
+    arrays: Vec<Result<Array, ArrayError>>,
+) -> ErasedOutcome {
     // Most tiny tasks have no arrays: skip the fallible collect for them.
     let arrays: Vec<Array> = match arrays.is_empty() {
         true => Vec::new(),
@@ -656,7 +658,16 @@ fn run_one(entry: &Result<ErasedEntry, String>, input: &[u8], arrays: Vec<Result
         Ok(entry) => *entry,
         Err(message) => return ErasedOutcome::failed(FailureCause::Setup, message.clone()),
     };
-    match catch_unwind(AssertUnwindSafe(move || entry(input, arrays))) {
+    let run = move || {
+        #[cfg(feature = "test-tasks")]
+        if let Some(fault) = crate::fault::before_task(kind, input) {
+            return fault;
+        }
+        #[cfg(not(feature = "test-tasks"))]
+        let _ = kind;
+        entry(input, arrays)
+    };
+    match catch_unwind(AssertUnwindSafe(run)) {
         Ok(outcome) => outcome,
         Err(payload) => {
             let (message, location) = LAST_PANIC.with(|p| p.borrow_mut().take()).unwrap_or_else(|| {
@@ -904,7 +915,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn sent_pages_come_back_only_from_an_empty_pipe() {
-        let len = crate::memory::HUGE_PAGE_THRESHOLD / 8 + 1000;
+        let len = crate::array::HUGE_PAGE_THRESHOLD / 8 + 1000;
         let sent = || {
             let mut a = Array::zeros(crate::DType::F64, vec![len]);
             a.as_mut_slice::<f64>().unwrap().fill(7.0);
