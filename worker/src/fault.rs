@@ -8,9 +8,9 @@
 //! panic, a hang or a killed worker happens where the tests expect it —
 //! inside the task, under the serve loop's panic capture.
 
-use crate::matmul::MatmulBlock;
 use crate::task::{ErasedOutcome, Task};
-use crate::testkinds::{Misbehave, Misbehavior, FAULT_ENV};
+use crate::tasks::matmul::MatmulBlock;
+use crate::tasks::testkinds::{Misbehave, Misbehavior, FAULT_ENV};
 
 /// What a task of kind `kind` with the encoded input `input` does instead of
 /// running, when [`FAULT_ENV`] names one of its rows: `None` to run it.
@@ -24,7 +24,7 @@ pub(crate) fn before_task(kind: &str, input: &[u8]) -> Option<ErasedOutcome> {
 }
 
 /// The rows of C that a [`MatmulBlock`] input names, read from the front of
-/// its encoding ([`MatmulInput::rows`](crate::matmul::MatmulInput::rows) is
+/// its encoding ([`MatmulInput::rows`](crate::tasks::matmul::MatmulInput::rows) is
 /// its first field; a unit test below holds it to that) without decoding
 /// its arrays; `None` if the bytes are not such an input.
 fn rows_of(input: &[u8]) -> Option<(u64, u64)> {
@@ -63,7 +63,7 @@ fn fault_point(rows: (u64, u64)) -> Result<(), String> {
 mod tests {
     use super::*;
     use crate::array::{self, Array};
-    use crate::matmul::MatmulInput;
+    use crate::tasks::matmul::MatmulInput;
 
     #[test]
     fn the_rows_are_read_from_the_front_of_a_matmul_input() {

@@ -13,7 +13,6 @@ pub mod npy;
 
 pub use dtype::{DType, Element};
 pub mod array;
-mod builtin;
 pub mod clock;
 pub mod confine;
 pub mod entry;
@@ -21,7 +20,6 @@ pub mod entry;
 mod fault;
 pub mod image;
 mod io;
-pub mod matmul;
 pub mod memory;
 pub mod payload;
 pub mod protocol;
@@ -30,8 +28,11 @@ pub mod secret;
 pub mod serve;
 mod sigbus;
 pub mod task;
+mod tasks;
+
+pub use tasks::matmul;
 #[cfg(feature = "test-tasks")]
-pub mod testkinds;
+pub use tasks::testkinds;
 
 pub use array::Array;
 pub use registry::Registry;

@@ -2,8 +2,8 @@
 //! [`Registry`] knows how to hold kinds, not which ones exist, so the list of
 //! built-in ones lives here, next to the kinds themselves.
 
-use crate::matmul::{Dot, MatmulBlock};
 use crate::registry::Registry;
+use crate::tasks::matmul::{Dot, MatmulBlock};
 
 impl Registry {
     /// The task kinds built into procjob: the matrix product, and under the
@@ -11,7 +11,7 @@ impl Registry {
     pub fn builtin() -> Registry {
         let r = Registry::new().with::<MatmulBlock>().with::<Dot>();
         #[cfg(feature = "test-tasks")]
-        let r = crate::testkinds::register(r);
+        let r = crate::tasks::testkinds::register(r);
         r
     }
 }
