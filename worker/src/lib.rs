@@ -7,7 +7,6 @@
 #![warn(missing_docs)]
 
 pub mod dtype;
-pub mod gemm;
 pub mod kernels;
 pub mod npy;
 
@@ -33,6 +32,8 @@ mod tasks;
 pub use tasks::matmul;
 #[cfg(feature = "test-tasks")]
 pub use tasks::testkinds;
+
+pub use kernels::gemm;
 
 pub use array::Array;
 pub use registry::Registry;
