@@ -15,8 +15,6 @@ pub mod array;
 pub mod clock;
 pub mod confine;
 pub mod entry;
-#[cfg(feature = "test-tasks")]
-mod fault;
 pub mod image;
 mod io;
 pub mod memory;
