@@ -134,3 +134,54 @@ pub(super) fn downcast<T: Element, U: Element>(v: Vec<T>) -> Vec<U> {
     // each DType to exactly one Rust type, so T and U are the same type.
     unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<U>(), v.len(), v.capacity()) }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The `AnonHugePages` of the mapping in `/proc/self/smaps` that holds
+    /// `addr`, in KiB.
+    #[cfg(target_os = "linux")]
+    fn huge_kib_at(addr: usize) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let mut inside = false;
+        for line in smaps.lines() {
+            // A mapping's header: `lo-hi perms offset dev inode path`.
+            let range = line.split_whitespace().next().and_then(|r| r.split_once('-'));
+            if let Some((Ok(lo), Ok(hi))) =
+                range.map(|(lo, hi)| (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)))
+            {
+                inside = (lo..hi).contains(&addr);
+                continue;
+            }
+            if inside && line.starts_with("AnonHugePages:") {
+                return crate::memory::field_kib(line, "AnonHugePages:").unwrap_or(0);
+            }
+        }
+        0
+    }
+
+    /// With THP in `madvise` mode (or `always`), a large zeroed array is
+    /// backed by huge pages once written; with THP off there is nothing to
+    /// see.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn large_arrays_get_huge_pages() {
+        let read =
+            |f: &str| std::fs::read_to_string(format!("/sys/kernel/mm/transparent_hugepage/{f}")).unwrap_or_default();
+        let (mode, defrag) = (read("enabled"), read("defrag"));
+        if !(mode.contains("[madvise]") || mode.contains("[always]")) {
+            eprintln!("skipped: transparent huge pages are off ({})", mode.trim());
+            return;
+        }
+        // Without direct compaction for advised regions, a huge page is only
+        // had when one happens to be free: nothing to assert.
+        if !(defrag.contains("[madvise]") || defrag.contains("[always]") || defrag.contains("[defer+madvise]")) {
+            eprintln!("skipped: THP defrag is {}, huge pages are not guaranteed", defrag.trim());
+            return;
+        }
+        let mut array = crate::Array::zeros(crate::DType::F64, vec![1024, 1024]); // 8 MiB
+        let data = array.as_mut_slice::<f64>().expect("owned f64");
+        data.fill(1.0);
+        let huge = huge_kib_at(data.as_ptr() as usize + data.len() * 4);
+        assert!(huge >= 2048, "an 8 MiB array has {huge} KiB in huge pages");
+    }
+}
