@@ -192,7 +192,7 @@ pub fn resolve(offset: i64, name: &str) -> Result<ErasedEntry, NotAnEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::matmul::{Dot, MatmulBlock};
+    use crate::tasks::matmul::{Dot, MatmulBlock};
 
     #[test]
     fn a_descriptor_offset_resolves_to_its_entry() {

@@ -1,10 +1,23 @@
-//! A process's memory, read from its own `/proc/self` files.
+//! A process's memory, read from its own `/proc/self` files, and the
+//! [`MemorySnapshot`] a worker reports it in (a leaf: it imports nothing of
+//! this crate; the protocol re-exports the snapshot type).
 //!
 //! Read by the worker itself after each batch and never by a sampler
 //! running during the computation: sampling every 20 ms was seen to make a
 //! matrix product twice as slow on the machines procjob targets.
 
-use crate::protocol::MemorySnapshot;
+use serde::{Deserialize, Serialize};
+
+/// A worker's memory, read from its own `/proc/self` files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemorySnapshot {
+    /// Peak resident set size (`VmHWM`), bytes.
+    pub peak_rss: u64,
+    /// Unique set size now (`Private_Clean + Private_Dirty`), bytes.
+    pub uss: u64,
+    /// Proportional set size now (`Pss`), bytes.
+    pub pss: u64,
+}
 
 /// Reads peak RSS from `/proc/self/status` and USS and PSS from
 /// `/proc/self/smaps_rollup`. Fields that cannot be read are 0.
@@ -26,15 +39,12 @@ pub fn peak_rss() -> u64 {
     std::fs::read_to_string("/proc/self/status").ok().and_then(|s| field_kib(&s, "VmHWM:")).map_or(0, |k| k * 1024)
 }
 
-fn field_kib(text: &str, key: &str) -> Option<u64> {
+/// The value of the `key` line of a `/proc` file, in KiB (the number
+/// before `kB`).
+pub(crate) fn field_kib(text: &str, key: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with(key))?;
     line[key.len()..].split_whitespace().next()?.parse().ok()
 }
-
-/// Owned arrays at least this large get pages of their own, advised as
-/// transparent huge pages (numpy's threshold too: it advises
-/// `MADV_HUGEPAGE` from 4 MiB on).
-pub const HUGE_PAGE_THRESHOLD: usize = 4 << 20;
 
 #[cfg(test)]
 mod tests {
@@ -53,53 +63,5 @@ mod tests {
         let m = snapshot();
         assert!(m.peak_rss > 0 && m.pss > 0 && m.uss > 0, "{m:?}");
         assert!(m.uss <= m.peak_rss.max(m.pss) * 2, "{m:?}");
-    }
-
-    /// The `AnonHugePages` of the mapping in `/proc/self/smaps` that holds
-    /// `addr`, in KiB.
-    #[cfg(target_os = "linux")]
-    fn huge_kib_at(addr: usize) -> u64 {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
-        let mut inside = false;
-        for line in smaps.lines() {
-            // A mapping's header: `lo-hi perms offset dev inode path`.
-            let range = line.split_whitespace().next().and_then(|r| r.split_once('-'));
-            if let Some((Ok(lo), Ok(hi))) =
-                range.map(|(lo, hi)| (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)))
-            {
-                inside = (lo..hi).contains(&addr);
-                continue;
-            }
-            if inside && line.starts_with("AnonHugePages:") {
-                return field_kib(line, "AnonHugePages:").unwrap_or(0);
-            }
-        }
-        0
-    }
-
-    /// With THP in `madvise` mode (or `always`), a large zeroed array is
-    /// backed by huge pages once written; with THP off there is nothing to
-    /// see.
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn large_arrays_get_huge_pages() {
-        let read =
-            |f: &str| std::fs::read_to_string(format!("/sys/kernel/mm/transparent_hugepage/{f}")).unwrap_or_default();
-        let (mode, defrag) = (read("enabled"), read("defrag"));
-        if !(mode.contains("[madvise]") || mode.contains("[always]")) {
-            eprintln!("skipped: transparent huge pages are off ({})", mode.trim());
-            return;
-        }
-        // Without direct compaction for advised regions, a huge page is only
-        // had when one happens to be free: nothing to assert.
-        if !(defrag.contains("[madvise]") || defrag.contains("[always]") || defrag.contains("[defer+madvise]")) {
-            eprintln!("skipped: THP defrag is {}, huge pages are not guaranteed", defrag.trim());
-            return;
-        }
-        let mut array = crate::Array::zeros(crate::DType::F64, vec![1024, 1024]); // 8 MiB
-        let data = array.as_mut_slice::<f64>().expect("owned f64");
-        data.fill(1.0);
-        let huge = huge_kib_at(data.as_ptr() as usize + data.len() * 4);
-        assert!(huge >= 2048, "an 8 MiB array has {huge} KiB in huge pages");
     }
 }

@@ -728,7 +728,7 @@ fn discard(path: &Path, err: io::Error) -> NpyError {
 
 /// Writes `header` then `data` with vectored writes: usually one syscall.
 fn write_two(file: &mut File, header: &[u8], data: &[u8]) -> io::Result<()> {
-    crate::protocol::write_all_vectored(file, &mut [IoSlice::new(header), IoSlice::new(data)])
+    crate::io::write_all_vectored(file, &mut [IoSlice::new(header), IoSlice::new(data)])
 }
 
 /// Writes a new `.npy` file holding `data` (little-endian, C order) as an

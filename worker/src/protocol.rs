@@ -64,11 +64,14 @@
 //! "What the worker trusts", says what this defends against and what not.
 
 use std::io::{self, IoSlice, Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use crate::dtype::DType;
+pub use crate::io::write_all_vectored;
+pub use crate::memory::MemorySnapshot;
 pub use crate::payload::Payload;
 
 /// The four bytes every frame starts with.
@@ -136,7 +139,7 @@ pub struct Hello {
     /// Identity of the coordinator's executable, so the worker can tell
     /// whether it is the same binary (and may run tasks by entry descriptor
     /// offset). It guards against a stale binary; it authenticates no one.
-    pub binary: crate::registry::BinaryId,
+    pub binary: BinaryId,
     /// Exit after this many milliseconds without a request (0 = never).
     pub idle_timeout_ms: u64,
     /// The worker's replies reach the coordinator's own readers directly,
@@ -155,6 +158,60 @@ pub struct Hello {
     /// [`Request::Allow`] adds more later.
     #[serde(with = "paths_bytes")]
     pub folders: Vec<PathBuf>,
+}
+
+/// What identifies an executable file and its layout.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BinaryId {
+    /// Device of the executable file.
+    pub dev: u64,
+    /// Inode of the executable file.
+    pub ino: u64,
+    /// Size in bytes.
+    pub len: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i128,
+    /// Distance between two anchor functions: differs if the code differs.
+    pub layout: i64,
+}
+
+/// The first of two anchor functions whose distance is [`BinaryId::layout`].
+/// Their bodies differ, so that the linker cannot fold them into one.
+#[inline(never)]
+fn anchor(bytes: &[u8]) -> usize {
+    std::hint::black_box(bytes.len())
+}
+
+#[inline(never)]
+fn second_anchor() -> u64 {
+    std::hint::black_box(42)
+}
+
+fn anchor_addr() -> usize {
+    anchor as fn(&[u8]) -> usize as usize
+}
+
+impl BinaryId {
+    /// The identity of the running executable.
+    pub fn current() -> BinaryId {
+        let layout = (second_anchor as fn() -> u64 as usize as i64).wrapping_sub(anchor_addr() as i64);
+        match std::fs::metadata("/proc/self/exe") {
+            Ok(m) => BinaryId {
+                dev: m.dev(),
+                ino: m.ino(),
+                len: m.len(),
+                mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+                layout,
+            },
+            Err(_) => BinaryId { layout, ..BinaryId::default() },
+        }
+    }
+
+    /// Whether `self` (the coordinator's) names the running executable.
+    /// An unknown identity (all zeros) never matches.
+    pub fn is_current(&self) -> bool {
+        self.ino != 0 && *self == BinaryId::current()
+    }
 }
 
 /// A batch of tasks for one worker.
@@ -338,20 +395,6 @@ impl ArrayRef {
         }
         shape.iter().try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d))
     }
-
-    /// The shape as this process's sizes, or [`ArrayError::TooLarge`]
-    /// (naming the shape and dtype) when its size in bytes overflows or
-    /// exceeds what this process can address (`isize::MAX`).
-    ///
-    /// [`ArrayError::TooLarge`]: crate::array::ArrayError::TooLarge
-    pub fn checked_shape(&self) -> Result<Vec<usize>, crate::array::ArrayError> {
-        let (dtype, shape) = self.dtype_and_shape();
-        let too_large = || crate::array::ArrayError::TooLarge { dtype, shape: shape.to_vec() };
-        let usize_shape: Vec<usize> =
-            shape.iter().map(|&d| usize::try_from(d)).collect::<Result<_, _>>().map_err(|_| too_large())?;
-        dtype.nbytes(&usize_shape).ok_or_else(too_large)?;
-        Ok(usize_shape)
-    }
 }
 
 /// A message from a worker to the coordinator.
@@ -454,17 +497,6 @@ pub struct TaskFailure {
     pub location: Option<String>,
     /// The postcard encoding of the task's typed error, when it returned one.
     pub error: Option<Vec<u8>>,
-}
-
-/// A worker's memory, read from its own `/proc/self` files.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MemorySnapshot {
-    /// Peak resident set size (`VmHWM`), bytes.
-    pub peak_rss: u64,
-    /// Unique set size now (`Private_Clean + Private_Dirty`), bytes.
-    pub uss: u64,
-    /// Proportional set size now (`Pss`), bytes.
-    pub pss: u64,
 }
 
 /// Why a frame could not be read.
@@ -622,21 +654,6 @@ pub fn write_frame<W: Write + ?Sized>(w: &mut W, kind: FrameKind, payload: &[u8]
     Ok(PRELUDE_LEN as u64 + payload.len() as u64 + bulk_len)
 }
 
-/// Writes every byte of `bufs` with as few vectored writes as the writer
-/// allows (`Write::write_all_vectored` is not stable yet).
-pub fn write_all_vectored<W: Write + ?Sized>(w: &mut W, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
-    IoSlice::advance_slices(&mut bufs, 0);
-    while !bufs.is_empty() {
-        match w.write_vectored(bufs) {
-            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "the peer stopped reading")),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Encodes a message and writes it as a frame with the given bulk.
 pub fn send<W: Write + ?Sized, M: Serialize>(
     w: &mut W,
@@ -787,7 +804,7 @@ mod tests {
         Request::Hello(Hello {
             protocol: PROTOCOL_VERSION,
             worker_index: 3,
-            binary: crate::registry::BinaryId::default(),
+            binary: BinaryId::default(),
             idle_timeout_ms: 0,
             reuse_lent_pages: true,
             secret: crate::secret::PoolSecret::from_bytes([7; 32]),

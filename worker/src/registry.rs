@@ -12,63 +12,9 @@
 //! only the tasks in its [`Registry`], by name.
 
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
 
-use serde::{Deserialize, Serialize};
-
+pub use crate::protocol::BinaryId;
 use crate::task::{entry, ErasedEntry, Task};
-
-/// What identifies an executable file and its layout.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BinaryId {
-    /// Device of the executable file.
-    pub dev: u64,
-    /// Inode of the executable file.
-    pub ino: u64,
-    /// Size in bytes.
-    pub len: u64,
-    /// Modification time, nanoseconds since the epoch.
-    pub mtime_ns: i128,
-    /// Distance between two anchor functions: differs if the code differs.
-    pub layout: i64,
-}
-
-#[inline(never)]
-fn anchor(_: &[u8], _: Vec<crate::array::Array>) -> crate::task::ErasedOutcome {
-    crate::task::ErasedOutcome::failed(crate::protocol::FailureCause::Setup, "anchor".into())
-}
-
-#[inline(never)]
-fn second_anchor() -> u64 {
-    std::hint::black_box(42)
-}
-
-fn anchor_addr() -> usize {
-    anchor as ErasedEntry as usize
-}
-
-impl BinaryId {
-    /// The identity of the running executable.
-    pub fn current() -> BinaryId {
-        let layout = (second_anchor as fn() -> u64 as usize as i64).wrapping_sub(anchor_addr() as i64);
-        match std::fs::metadata("/proc/self/exe") {
-            Ok(m) => BinaryId {
-                dev: m.dev(),
-                ino: m.ino(),
-                len: m.len(),
-                mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-                layout,
-            },
-            Err(_) => BinaryId { layout, ..BinaryId::default() },
-        }
-    }
-
-    /// Whether `self` (the coordinator's) names the running executable.
-    /// An unknown identity (all zeros) never matches.
-    pub fn is_current(&self) -> bool {
-        self.ino != 0 && *self == BinaryId::current()
-    }
-}
 
 /// The offset that names task `T` in this executable: that of its entry
 /// descriptor ([`crate::entry::offset_of`]); `None` where the platform does
@@ -87,15 +33,6 @@ impl Registry {
     /// An empty registry.
     pub fn new() -> Registry {
         Registry::default()
-    }
-
-    /// The task kinds built into procjob: the matrix product, and under the
-    /// `test-tasks` feature the misbehaving kinds of the failure tests.
-    pub fn builtin() -> Registry {
-        let r = Registry::new().with::<crate::matmul::MatmulBlock>().with::<crate::matmul::Dot>();
-        #[cfg(feature = "test-tasks")]
-        let r = crate::testkinds::register(r);
-        r
     }
 
     /// Adds task `T` under [`Task::name`].

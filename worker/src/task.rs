@@ -89,18 +89,23 @@ pub fn entry<T: Task>(input: &[u8], arrays: Vec<Array>) -> ErasedOutcome {
                 ),
             }
         }
-        Err(error) => {
-            let message = error.to_string();
-            let error = postcard::to_stdvec(&error).ok();
-            ErasedOutcome {
-                outcome: Outcome::Failed(TaskFailure { cause: FailureCause::Error, message, location: None, error }),
-                inline: Vec::new(),
-            }
-        }
+        Err(error) => ErasedOutcome::error(&error),
     }
 }
 
 impl ErasedOutcome {
+    /// The failure of a task that returned `Err(error)`: its `Display` as
+    /// the message, and its postcard encoding for the coordinator to decode
+    /// as the task's typed error.
+    pub fn error<E: Serialize + std::fmt::Display + ?Sized>(error: &E) -> ErasedOutcome {
+        let message = error.to_string();
+        let error = postcard::to_stdvec(error).ok();
+        ErasedOutcome {
+            outcome: Outcome::Failed(TaskFailure { cause: FailureCause::Error, message, location: None, error }),
+            inline: Vec::new(),
+        }
+    }
+
     /// A failure with no typed error and no location.
     pub fn failed(cause: FailureCause, message: String) -> ErasedOutcome {
         ErasedOutcome {

@@ -10,40 +10,13 @@ use crate::dtype::DType;
 use crate::registry::Registry;
 use crate::task::Task;
 
-/// The environment variable that injects a fault into the matmul task:
+/// The environment variable that injects a fault into the matmul task (the
+/// serve loop reads it before each task, see `crate::fault`):
 /// `KIND@ROW` or `KIND@ROW@once=MARKER`. The block whose rows contain ROW
 /// misbehaves as KIND (`kill`, `abort`, `exit`, `panic`, `error`, `hang`,
 /// `garbage`); with `once`, only if MARKER can be created (so a retry on a
 /// fresh worker succeeds).
 pub const FAULT_ENV: &str = "PROCJOB_TEST_FAULT";
-
-/// Misbehaves as [`FAULT_ENV`] says, if it names a row in `rows`.
-pub fn fault_point(rows: (u64, u64)) -> Result<(), String> {
-    let Ok(spec) = std::env::var(FAULT_ENV) else { return Ok(()) };
-    let mut parts = spec.split('@');
-    let (Some(kind), Some(row)) = (parts.next(), parts.next().and_then(|r| r.parse::<u64>().ok())) else {
-        return Err(format!("bad {FAULT_ENV}={spec:?}"));
-    };
-    if !(rows.0..rows.1).contains(&row) {
-        return Ok(());
-    }
-    if let Some(marker) = parts.next().and_then(|p| p.strip_prefix("once=")) {
-        if std::fs::OpenOptions::new().write(true).create_new(true).open(marker).is_err() {
-            return Ok(());
-        }
-    }
-    let how = match kind {
-        "kill" => Misbehavior::Kill,
-        "abort" => Misbehavior::Abort,
-        "exit" => Misbehavior::Exit,
-        "panic" => Misbehavior::Panic,
-        "error" => Misbehavior::Error,
-        "hang" => Misbehavior::Hang,
-        "garbage" => Misbehavior::Garbage,
-        other => return Err(format!("unknown fault {other:?} in {FAULT_ENV}")),
-    };
-    Misbehave::run((row, how)).map(|_| ())
-}
 
 /// Registers every test kind.
 pub fn register(r: Registry) -> Registry {
@@ -169,7 +142,7 @@ impl Task for Misbehave {
                 }
             }
             Misbehavior::Garbage => {
-                let fd = crate::serve::protocol_output_fd();
+                let fd = crate::io::protocol_output_fd();
                 let junk = b"this is not a procjob frame\n";
                 // SAFETY: writing a byte buffer to a descriptor this process owns.
                 unsafe { libc::write(fd, junk.as_ptr().cast(), junk.len()) };

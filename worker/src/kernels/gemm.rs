@@ -10,7 +10,7 @@
 //! tile of `C`. They pick the AVX-512 kernels when the CPU has AVX-512F, the
 //! AVX2 ones when it has AVX2 and FMA (checked at run time with
 //! `is_x86_feature_detected!`), and return `false` otherwise, so the caller
-//! can fall back to another kernel (`kernels.rs` uses matrixmultiply).
+//! can fall back to another kernel (`kernels/float.rs` uses matrixmultiply).
 //!
 //! | kernel | tile `MR × NR` | accumulators | `KC` | `MC` | `NC` |
 //! |---|---|---|---|---|---|
@@ -57,7 +57,7 @@
 //!
 //! # The invariant: a row's result does not depend on its block
 //!
-//! `kernels.rs` multiplies a job's `A` block by block and stacks the results,
+//! `kernels` multiplies a job's `A` block by block and stacks the results,
 //! and promises that `C` is the same bits however the rows were cut. So the
 //! floating-point operations that produce `C[i][j]` must depend only on row
 //! `i` of `A`, on `B`, on `k`, `n` and on `accumulate` — never on `rows`, on
@@ -738,7 +738,7 @@ fn pack_full_panel<T: Copy, const MR: usize>(panel: &mut [T], a: &[T], k: usize,
 mod tests {
     use super::*;
 
-    /// splitmix64, as in `kernels.rs`'s tests.
+    /// splitmix64, as in `kernels/tests.rs`.
     struct SplitMix(u64);
 
     impl SplitMix {
@@ -978,7 +978,7 @@ mod tests {
         blocking_does_not_matter::<f32, F32x64>(4);
     }
 
-    /// Within `2·k·eps·Σ|a·b|` of the naive loop (the bound of `kernels.rs`'s
+    /// Within `2·k·eps·Σ|a·b|` of the naive loop (the bound of `kernels/tests.rs`'s
     /// tests: both are within `γ_k·Σ|a·b|` of the exact sum), for shapes with
     /// edge tiles in both directions and several depth chunks; and
     /// `accumulate` adds the product to C's old contents.
@@ -1020,7 +1020,7 @@ mod tests {
     /// Integer-valued data: every product and partial sum is an integer
     /// below 2^24 (|x| ≤ 15, k ≤ 2048: |sum| ≤ 225·2048 < 2^19), exact in
     /// any order with or without FMA, so C equals the naive loop bit for
-    /// bit — the property the exact `i64` path of `kernels.rs` relies on.
+    /// bit — the property the exact `i64` path of `kernels/integer.rs` relies on.
     fn integers_exact<T: Elem, M: Micro<T = T>>(seed: u64) {
         if !M::supported() {
             return;

@@ -1,0 +1,80 @@
+//! Fault injection for procjob's failure tests (feature `test-tasks`): the
+//! serve loop calls [`before_task`] before it runs each task, so that no
+//! production task kind carries a test hook.
+//!
+//! [`FAULT_ENV`] (`KIND@ROW` or `KIND@ROW@once=MARKER`) names a row of the
+//! matrix product: the [`MatmulBlock`] task whose rows contain it misbehaves
+//! as KIND instead of running, through the test kind [`Misbehave`], so a
+//! panic, a hang or a killed worker happens where the tests expect it —
+//! inside the task, under the serve loop's panic capture.
+
+use crate::task::{ErasedOutcome, Task};
+use crate::tasks::matmul::MatmulBlock;
+use crate::tasks::testkinds::{Misbehave, Misbehavior, FAULT_ENV};
+
+/// What a task of kind `kind` with the encoded input `input` does instead of
+/// running, when [`FAULT_ENV`] names one of its rows: `None` to run it.
+/// Must be called where the task would run (under panic capture).
+pub(crate) fn before_task(kind: &str, input: &[u8]) -> Option<ErasedOutcome> {
+    if kind != MatmulBlock::name() {
+        return None;
+    }
+    let rows = rows_of(input)?;
+    fault_point(rows).err().map(|message| ErasedOutcome::error(&message))
+}
+
+/// The rows of C that a [`MatmulBlock`] input names, read from the front of
+/// its encoding ([`MatmulInput::rows`](crate::tasks::matmul::MatmulInput::rows) is
+/// its first field; a unit test below holds it to that) without decoding
+/// its arrays; `None` if the bytes are not such an input.
+fn rows_of(input: &[u8]) -> Option<(u64, u64)> {
+    postcard::take_from_bytes::<(u64, u64)>(input).ok().map(|(rows, _)| rows)
+}
+
+/// Misbehaves as [`FAULT_ENV`] says, if it names a row in `rows`.
+fn fault_point(rows: (u64, u64)) -> Result<(), String> {
+    let Ok(spec) = std::env::var(FAULT_ENV) else { return Ok(()) };
+    let mut parts = spec.split('@');
+    let (Some(kind), Some(row)) = (parts.next(), parts.next().and_then(|r| r.parse::<u64>().ok())) else {
+        return Err(format!("bad {FAULT_ENV}={spec:?}"));
+    };
+    if !(rows.0..rows.1).contains(&row) {
+        return Ok(());
+    }
+    if let Some(marker) = parts.next().and_then(|p| p.strip_prefix("once=")) {
+        if std::fs::OpenOptions::new().write(true).create_new(true).open(marker).is_err() {
+            return Ok(());
+        }
+    }
+    let how = match kind {
+        "kill" => Misbehavior::Kill,
+        "abort" => Misbehavior::Abort,
+        "exit" => Misbehavior::Exit,
+        "panic" => Misbehavior::Panic,
+        "error" => Misbehavior::Error,
+        "hang" => Misbehavior::Hang,
+        "garbage" => Misbehavior::Garbage,
+        other => return Err(format!("unknown fault {other:?} in {FAULT_ENV}")),
+    };
+    Misbehave::run((row, how)).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::array::{self, Array};
+    use crate::tasks::matmul::MatmulInput;
+
+    #[test]
+    fn the_rows_are_read_from_the_front_of_a_matmul_input() {
+        let input = MatmulInput {
+            rows: (25, 50),
+            a: Array::from_vec(vec![1, 2], vec![1.0f64, 2.0]),
+            b: Array::from_vec(vec![2, 1], vec![3.0f64, 4.0]),
+            out: None,
+        };
+        let (bytes, _) = array::encode_with(&input, &mut array::InlineEncoder::default()).unwrap();
+        assert_eq!(rows_of(&bytes), Some((25, 50)));
+        assert!(before_task("dot", &bytes).is_none(), "only matmul tasks take faults");
+    }
+}

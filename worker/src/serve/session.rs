@@ -1,0 +1,111 @@
+//! One conversation with the coordinator, from the handshake until the
+//! input closes: [`serve`] waits for each request, reads its arrays, runs
+//! its tasks and answers, and keeps what lasts between batches (the map
+//! cache, the pages of the last reply, the time of the last memory
+//! snapshot).
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use super::map_cache::MapCache;
+use super::wait::{wait_for_request, AsRawFdMaybe, FIRST_MAP_CHECK};
+use super::{handshake, read, reply, run};
+use crate::array::{self, Array};
+use crate::protocol::{self, DecodeError, Request, Results};
+use crate::registry::Registry;
+use crate::secret::{PoolSecret, SecretError};
+
+/// A batch that computed this long is followed by a memory snapshot.
+const SNAPSHOT_AFTER_BUSY: Duration = Duration::from_millis(1);
+/// Otherwise snapshots are at least this far apart.
+const SNAPSHOT_EVERY: Duration = Duration::from_millis(100);
+
+/// Why serving stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A frame could not be read.
+    #[error("worker cannot read its input: {0}")]
+    Decode(#[from] DecodeError),
+    /// A reply could not be written.
+    #[error("worker cannot write its output: {0}")]
+    Write(#[from] std::io::Error),
+    /// The conversation did not open with a handshake.
+    #[error("worker expected a Hello request first")]
+    NoHello,
+    /// The handshake was refused.
+    #[error("handshake refused: {0}")]
+    Refused(String),
+}
+
+/// Serves requests from `input` until it closes, answering on `output`;
+/// `inherited` are the arrays a forked worker shares with its coordinator.
+/// The handshake must carry `secret`, the secret of the pool that started
+/// this worker; without one (`Err`), every handshake is refused.
+pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
+    mut input: BufReader<R>,
+    output: W,
+    registry: &Registry,
+    inherited: &[Array],
+    secret: &Result<PoolSecret, SecretError>,
+) -> Result<(), ServeError> {
+    let mut output = BufWriter::with_capacity(1 << 16, output);
+    let Some((hello, same_binary)) = handshake::accept(&mut input, &mut output, secret)? else { return Ok(()) };
+    let idle = (hello.idle_timeout_ms > 0).then(|| Duration::from_millis(hello.idle_timeout_ms));
+    let mut maps = MapCache::default();
+    hello.folders.into_iter().for_each(|f| maps.folders.allow(f));
+    let mut last_snapshot = Instant::now();
+    // The large results of the last reply, which went into the pipe by
+    // reference: their pages serve this batch's results once the pipe has
+    // let go of them — when the coordinator says its readers copy, and the
+    // output is a pipe (anything else was written by copy).
+    let reuse_lent_pages = hello.reuse_lent_pages && reply::is_pipe(output.get_ref());
+    let mut sent: Vec<Array> = Vec::new();
+    loop {
+        if input.buffer().is_empty() && !wait_for_request(input.get_ref(), idle, &mut maps, FIRST_MAP_CHECK) {
+            return Ok(()); // idle timeout: exit quietly, the pool starts another when needed
+        }
+        let frame = match protocol::recv_request(&mut input) {
+            Ok(f) => f,
+            Err(DecodeError::Closed) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let received_ns = crate::clock::monotonic_ns();
+        let batch = match &frame.message {
+            Request::Run(batch) => batch,
+            Request::Allow { folders } => {
+                protocol::check_bulk(frame.message.array_refs(), frame.bulk_len)?;
+                folders.iter().for_each(|f| maps.folders.allow(f.clone()));
+                continue;
+            }
+            Request::Hello(_) => return Err(ServeError::NoHello),
+        };
+        reply::put_back_sent(&mut sent, output.get_ref());
+        if maps.call != batch.call {
+            maps.start_call(batch.call);
+        }
+        maps.start_batch();
+        let arrays = read::batch_arrays(&mut input, &frame, &mut maps, inherited)?;
+        // The batch's received bytes stay alive until the memory snapshot
+        // below, so it shows what the tasks held (a B copied into this worker
+        // counts in its USS), not what was left after they returned.
+        let received = read::inline_arrays(&frame.message, &arrays);
+        let mapped_ns = crate::clock::monotonic_ns();
+        let batch_started = Instant::now();
+        let (replies, mut inline) = run::run_batch(registry, same_binary, batch, arrays);
+        maps.forget_poisoned();
+        Array::drop_spare_pages();
+        let memory = (batch_started.elapsed() >= SNAPSHOT_AFTER_BUSY || last_snapshot.elapsed() >= SNAPSHOT_EVERY)
+            .then(|| {
+                last_snapshot = Instant::now();
+                crate::memory::snapshot()
+            });
+        drop(received);
+        let results =
+            Results { tasks: replies, memory, received_ns, mapped_ns, replying_ns: crate::clock::monotonic_ns() };
+        reply::send_results(&mut output, results, &mut inline)?;
+        if reuse_lent_pages {
+            sent.extend(inline.into_iter().filter(Array::is_sole_owner_of_pages).take(array::SPARES_KEPT));
+        }
+    }
+}
