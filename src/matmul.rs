@@ -814,18 +814,7 @@ fn place_rows(c: &mut Array, block: &Array, index: u64, rows: &Range<usize>, n: 
 }
 
 fn c_bytes_mut(c: &mut Array) -> Result<&mut [u8], Error> {
-    fn typed<T: Element>(c: &mut Array) -> Result<&mut [u8], Error> {
-        let s = c.as_mut_slice::<T>().map_err(|source| Error::Array { what: "C".into(), source })?;
-        let len = std::mem::size_of_val(s);
-        // SAFETY: element types are plain numbers without padding, so their
-        // bytes may be written freely; the byte slice covers exactly `s`.
-        Ok(unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), len) })
-    }
-    match c.dtype() {
-        DType::I64 => typed::<i64>(c),
-        DType::F64 => typed::<f64>(c),
-        DType::F32 => typed::<f32>(c),
-    }
+    c.as_bytes_mut().map_err(|source| Error::Array { what: "C".into(), source })
 }
 
 fn owned(a: &Array) -> Array {

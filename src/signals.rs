@@ -239,7 +239,7 @@ extern "C" fn on_sigbus(_signal: libc::c_int, info: *mut libc::siginfo_t, _conte
     if unsafe { libc::getpid() } != COORDINATOR_PID.load(Ordering::SeqCst) {
         // A forked worker inherited this handler: die of SIGBUS as it would
         // without it (its coordinator names the signal and the task).
-        die_of_sigbus();
+        procjob_worker::sigbus::die_of_sigbus();
         return;
     }
     // SAFETY: with SA_SIGINFO the kernel passes a valid siginfo_t; si_addr
@@ -268,20 +268,6 @@ extern "C" fn on_sigbus(_signal: libc::c_int, info: *mut libc::siginfo_t, _conte
         // SAFETY: pause is async-signal-safe; it returns only after a
         // handler ran, and this thread blocks every taken signal.
         unsafe { libc::pause() };
-    }
-}
-
-/// Lets SIGBUS end this process with its default action. Async-signal-safe.
-fn die_of_sigbus() {
-    // SAFETY: sigaction and raise are async-signal-safe. SIGBUS is blocked
-    // while its handler runs, so the raised one is delivered, with the
-    // default action, when the handler returns.
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = libc::SIG_DFL;
-        libc::sigemptyset(&mut action.sa_mask);
-        libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
-        libc::raise(libc::SIGBUS);
     }
 }
 

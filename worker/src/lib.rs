@@ -36,7 +36,7 @@ mod io;
 pub mod memory;
 pub mod payload;
 pub mod secret;
-mod sigbus;
+pub mod sigbus;
 
 // The wire, and the file format.
 pub mod npy;

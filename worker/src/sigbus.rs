@@ -115,6 +115,12 @@ extern "C" fn on_sigbus(_signal: libc::c_int, info: *mut libc::siginfo_t, _conte
     if code > 0 && absorb(addr) {
         return;
     }
+    die_of_sigbus();
+}
+
+/// From a SIGBUS handler: lets SIGBUS end this process with its default
+/// action. Async-signal-safe.
+pub fn die_of_sigbus() {
     // SAFETY: restoring the default action and raising the signal again are
     // async-signal-safe; the signal is blocked in its handler, so it is
     // delivered, with the default action, when the handler returns (and a

@@ -170,6 +170,17 @@ impl Array {
         Ok(unsafe { std::slice::from_raw_parts(ptr.cast::<T>(), bytes.len() / std::mem::size_of::<T>()) })
     }
 
+    /// The elements' bytes, writable (little endian, C order), on the same
+    /// terms as [`as_mut_slice`](Array::as_mut_slice): for copying raw
+    /// blocks of the same dtype into place.
+    pub fn as_bytes_mut(&mut self) -> Result<&mut [u8], ArrayError> {
+        match self.dtype {
+            DType::I64 => self.as_mut_slice::<i64>().map(super::storage::as_bytes_mut),
+            DType::F64 => self.as_mut_slice::<f64>().map(super::storage::as_bytes_mut),
+            DType::F32 => self.as_mut_slice::<f32>().map(super::storage::as_bytes_mut),
+        }
+    }
+
     /// The elements as a mutable slice of `T`.
     ///
     /// Allowed when this view is the only one in this process: an owned
