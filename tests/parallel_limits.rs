@@ -32,3 +32,28 @@ fn an_input_over_the_frame_limit_fails_at_once_and_the_pool_goes_on() {
     assert_eq!(p.run::<SumVec, _>(vec![vec![1.0f64; 10]; 3]).unwrap(), vec![10.0; 3]);
     assert_eq!(p.worker_pids(), pids);
 }
+
+/// A task whose name is longer than workers accept.
+struct LongName;
+
+impl Task for LongName {
+    type Input = u64;
+    type Output = u64;
+    type Error = String;
+    fn name() -> &'static str {
+        static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        NAME.get_or_init(|| "x".repeat(1000))
+    }
+    fn run(x: u64) -> Result<u64, String> {
+        Ok(x)
+    }
+}
+
+#[test]
+fn a_task_name_over_the_workers_limit_is_refused_before_anything_starts() {
+    let mut p = Parallel::new().n_jobs(2);
+    let err = p.run::<LongName, _>(vec![1u64, 2]).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Config(_)) && msg.contains("1000 bytes long"), "{msg}");
+    assert!(p.worker_pids().is_empty() || p.worker_pids().iter().all(|&pid| pid == 0), "workers were started");
+}

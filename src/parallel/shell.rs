@@ -39,7 +39,17 @@ impl<'p, T: Task, I: Iterator<Item = T::Input>> Call<'p, T, I> {
     /// The core knows `T` only by its kind: its name, and the offset of its
     /// entry descriptor in this executable.
     pub(super) fn start(parallel: &'p mut Parallel, inputs: I) -> Result<Self, Error> {
-        let kind = TaskKind { name: T::name().to_string(), entry: entry_offset::<T>() };
+        let name = T::name();
+        if name.len() > procjob_worker::protocol::MAX_KIND_NAME {
+            return Err(Error::Config(format!(
+                "the task kind's name is {} bytes long, over the limit of {} that workers accept; \
+                 give the Task a shorter name() ({:?}…)",
+                name.len(),
+                procjob_worker::protocol::MAX_KIND_NAME,
+                name.chars().take(40).collect::<String>()
+            )));
+        }
+        let kind = TaskKind { name: name.to_string(), entry: entry_offset::<T>() };
         let core = CallCore::start(parallel, kind)?;
         Ok(Call { core, codec: Typed { inputs, scratch: Vec::new(), ready: VecDeque::new() } })
     }
