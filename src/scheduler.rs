@@ -233,7 +233,8 @@ impl Scheduler {
             BatchSize::Auto => left.div_ceil(workers).max(1),
             BatchSize::Fixed(_) => usize::MAX,
         };
-        size.min(fair).min(self.queued).max(1)
+        // A worker refuses a batch of more tasks than the protocol allows.
+        size.min(fair).min(self.queued).clamp(1, procjob_worker::protocol::MAX_BATCH_TASKS)
     }
 }
 
@@ -281,6 +282,15 @@ mod tests {
         assert_eq!(s.next_action(), Action::Wait);
         s.handle(Event::BatchDone { worker: 1, tasks: 1, seconds: 1.0 });
         assert_eq!(s.next_action(), Action::Send { worker: 1, tasks: 1 });
+    }
+
+    #[test]
+    fn no_batch_is_larger_than_a_worker_accepts() {
+        let max = procjob_worker::protocol::MAX_BATCH_TASKS;
+        let mut s = Scheduler::new(1, BatchSize::Fixed(4 * max), PreDispatch::All);
+        assert_eq!(s.next_action(), Action::Pull(usize::MAX));
+        s.pulled(3 * max, true, None);
+        assert_eq!(s.next_action(), Action::Send { worker: 0, tasks: max });
     }
 
     #[test]

@@ -89,6 +89,11 @@ pub const MAX_BULK: u64 = 1 << 40;
 /// registry key and appears in messages, some repeated per task; type
 /// paths of generic tasks (`Task::name`'s default) stay well under it.
 pub const MAX_KIND_NAME: usize = 256;
+/// Most tasks one batch may carry. A task takes a few bytes on the wire but
+/// tens once decoded, and its outcome as many again: without a bound, a
+/// 64 MiB frame of empty tasks would take gigabytes to decode and answer.
+/// The coordinator's batches never exceed it.
+pub const MAX_BATCH_TASKS: usize = 1 << 16;
 
 /// Who sent a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,7 +227,9 @@ pub struct Batch {
     pub call: u64,
     /// What every task of the batch runs.
     pub kind: TaskKind,
-    /// The tasks, run in this order.
+    /// The tasks, run in this order; at most [`MAX_BATCH_TASKS`] (more is
+    /// a decode error, raised before the surplus is decoded).
+    #[serde(deserialize_with = "bounded_tasks")]
     pub tasks: Vec<TaskRequest>,
     /// Whether the worker times each task ([`TaskReply::started_ns`] and
     /// [`TaskReply::finished_ns`]); without, both are 0. The coordinator asks
@@ -344,6 +351,37 @@ pub mod path_bytes {
         }
         d.deserialize_byte_buf(PathVisitor)
     }
+}
+
+/// Decodes a batch's tasks, refusing a list longer than
+/// [`MAX_BATCH_TASKS`] as soon as its length is read (postcard writes it
+/// first), before any task is decoded. The frame is then a payload decode
+/// error (postcard does not carry serde's message).
+fn bounded_tasks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<TaskRequest>, D::Error> {
+    struct Bounded;
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = Vec<TaskRequest>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "at most {MAX_BATCH_TASKS} tasks")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let too_many = |n: usize| {
+                serde::de::Error::custom(format!("a batch of {n} tasks; at most {MAX_BATCH_TASKS} are accepted"))
+            };
+            if let Some(n) = seq.size_hint().filter(|&n| n > MAX_BATCH_TASKS) {
+                return Err(too_many(n));
+            }
+            let mut tasks = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_BATCH_TASKS));
+            while let Some(task) = seq.next_element()? {
+                if tasks.len() == MAX_BATCH_TASKS {
+                    return Err(too_many(MAX_BATCH_TASKS + 1));
+                }
+                tasks.push(task);
+            }
+            Ok(tasks)
+        }
+    }
+    d.deserialize_seq(Bounded)
 }
 
 /// A list of paths on the wire, each as [`path_bytes`] writes it.
@@ -820,6 +858,29 @@ mod tests {
         let frame: Frame<Request> = recv(&mut buf.as_slice(), FrameKind::Request).unwrap();
         assert_eq!(frame.message, hello());
         assert_eq!(frame.bulk_len, 0);
+    }
+
+    #[test]
+    fn a_batch_of_more_tasks_than_allowed_is_refused_while_decoding() {
+        let batch = |n: usize| {
+            Request::Run(Batch {
+                call: 1,
+                kind: TaskKind { name: "k".into(), entry: None },
+                tasks: (0..n as u64)
+                    .map(|index| TaskRequest { index, input: Payload::default(), arrays: Vec::new() })
+                    .collect(),
+                timestamps: false,
+            })
+        };
+        for (n, ok) in [(MAX_BATCH_TASKS, true), (MAX_BATCH_TASKS + 1, false)] {
+            let mut buf = Vec::new();
+            send(&mut buf, FrameKind::Request, &batch(n), &[]).unwrap();
+            match recv::<_, Request>(&mut buf.as_slice(), FrameKind::Request) {
+                Ok(frame) => assert!(ok, "{n} tasks were accepted: {:?}", frame.bulk_len),
+                // postcard reports any serde error as such, without its text.
+                Err(e) => assert!(!ok && e.to_string().contains("cannot decode the frame payload"), "{n} tasks: {e}"),
+            }
+        }
     }
 
     #[test]
