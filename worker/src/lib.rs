@@ -26,6 +26,7 @@
 //! leaves                      dtype, clock, io, memory, payload, secret, confine, image, sigbus
 //! ```
 #![warn(missing_docs)]
+#![deny(unreachable_pub, missing_debug_implementations)]
 
 // Leaves: they import nothing of this crate.
 pub mod clock;

@@ -24,7 +24,7 @@ pub fn entry_offset<T: Task>() -> Option<i64> {
 }
 
 /// Task kinds a worker runs by name.
-#[derive(Clone, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Registry {
     by_name: HashMap<&'static str, ErasedEntry>,
 }

@@ -58,6 +58,7 @@ pub trait Task: 'static {
 
 /// What an erased task entry produces: the outcome and the arrays whose
 /// bytes travel inline after it.
+#[derive(Debug)]
 pub struct ErasedOutcome {
     /// The outcome to report.
     pub outcome: Outcome,

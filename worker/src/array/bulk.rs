@@ -11,6 +11,7 @@ use super::{Array, ArrayError};
 use crate::protocol::{ArrayRef, DecodeError};
 
 /// Where [`read_arrays`] puts one array of a frame.
+#[derive(Debug)]
 pub enum Placement {
     /// An inline array: read its bytes into a new owned array.
     Own,

@@ -23,7 +23,7 @@ pub trait ArrayEncoder {
 
 /// The default encoding: owned arrays inline, mapped arrays as file
 /// references. It keeps the inline arrays, in order, to send as bulk.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct InlineEncoder {
     /// The references, in encoding order.
     pub refs: Vec<ArrayRef>,

@@ -13,6 +13,7 @@ use crate::kernels::{self, Kernel};
 use crate::task::Task;
 
 /// Computes one row block of `C = A · B`.
+#[derive(Debug)]
 pub struct MatmulBlock;
 
 /// The input of one block.
@@ -85,6 +86,7 @@ impl Task for MatmulBlock {
 
 /// `np.dot` for two matrices: `(A, B) → A · B`. The building block of the
 /// classic `parallel_dot` (see `examples/parallel_dot.rs`).
+#[derive(Debug)]
 pub struct Dot;
 
 impl Task for Dot {

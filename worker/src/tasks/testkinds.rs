@@ -27,6 +27,7 @@ pub fn register(r: Registry) -> Registry {
 /// array: every page it reads after the first lies past the file's end, so
 /// without the worker's SIGBUS guard the read kills the process. Makes a
 /// SIGBUS mid-task deterministic for the tests.
+#[derive(Debug)]
 pub struct TruncateThenRead;
 
 impl Task for TruncateThenRead {
@@ -51,6 +52,7 @@ impl Task for TruncateThenRead {
 
 /// Sums an array's elements as f64 and reports its shape: a second task
 /// kind, unknown to the pool and protocol, that runs through both unchanged.
+#[derive(Debug)]
 pub struct Checksum;
 
 /// What [`Checksum`] returns.
@@ -109,6 +111,7 @@ pub enum Misbehavior {
 }
 
 /// A task that misbehaves as told.
+#[derive(Debug)]
 pub struct Misbehave;
 
 impl Task for Misbehave {
