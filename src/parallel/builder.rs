@@ -432,7 +432,7 @@ fn refuse_recursive_spawn() {
         eprintln!(
             "procjob: this process was started as a procjob worker, but it did not become one: \
              call procjob::init() as the first line of main (in a test or bench file, add \
-             procjob::test_support!()). Refusing to start workers recursively."
+             procjob::test_support!() at the top level of the file). Refusing to start workers recursively."
         );
         std::process::exit(101);
     }
