@@ -328,20 +328,26 @@ fn a_task_error_and_a_panic_come_back_with_their_index_and_keep_the_healthy_work
     assert_eq!(err.task_index(), Some(3), "{err}"); // input 17 is the 4th
     let msg = err.to_string();
     assert!(msg.contains("panicked at") && msg.contains("17 is worse") && msg.contains("parallel_api.rs"), "{msg}");
-    // The worker that panicked is retired (its state may be half-updated);
-    // the healthy one keeps serving.
+    // The worker that panicked is retired (its state may be half-updated)
+    // and replaced at once; the healthy one keeps serving.
     let Error::Task { worker, .. } = err else { unreachable!("a task failure") };
+    assert_eq!(worker.pid, pids[worker.index], "the error names the worker that panicked");
     let after = p.worker_pids();
+    assert_eq!(after.len(), 2, "the panicked worker's slot is refilled: {after:?}");
+    assert!(after.iter().all(|&pid| pid != 0), "{after:?}");
     for (slot, (&before, &now)) in pids.iter().zip(&after).enumerate() {
         if slot == worker.index {
-            assert_eq!(now, 0, "the worker that panicked is gone");
+            assert_ne!(now, before, "the worker that panicked is not the one serving afterwards");
+            assert_eq!(p.worker_reports()[slot].pid, now, "the report names the replacement");
         } else {
             assert_eq!(now, before, "the healthy worker survives");
         }
     }
+    assert_eq!(p.last_call().replaced_workers, 1);
+    // The next call runs on the replacement, without starting another.
     assert_eq!(p.run::<Picky, _>([1, 2, 3]).unwrap(), vec![1, 2, 3]);
-    let replaced = p.worker_pids();
-    assert!(replaced.iter().all(|&pid| pid != 0) && replaced[worker.index] != pids[worker.index]);
+    assert_eq!(p.worker_pids(), after);
+    assert_eq!(p.last_call().replaced_workers, 0);
 }
 
 #[test]
@@ -681,5 +687,5 @@ fn fork_is_refused_while_the_coordinator_has_other_threads() {
     let err = p.run::<Square, _>([1u64]).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("cannot fork workers") && msg.contains("threads"), "{msg}");
-    assert!(p.worker_pids().iter().all(|&pid| pid == 0), "no worker was started");
+    assert!(p.worker_pids().is_empty(), "no worker was started");
 }

@@ -50,7 +50,8 @@ pub struct CallStats {
     pub spawn_seconds: f64,
     /// Tasks re-run after their worker died.
     pub retried: u64,
-    /// Workers started during the call to replace dead ones.
+    /// Workers started during the call to replace dead ones, and those
+    /// retired after a panic.
     pub replaced_workers: u64,
 }
 
@@ -287,7 +288,18 @@ impl Parallel {
         resolve_n_jobs(self.n_jobs, crate::pool::available_cpus())
     }
 
-    /// The pids of the running workers (empty before the first call).
+    /// The pids of the running workers, in slot order (empty before the
+    /// first call); never 0, so each is safe to pass to `kill`.
+    ///
+    /// A worker that panicked is retired and its replacement started at
+    /// once, so after a call that failed with a panic the list holds the
+    /// replacement's pid in its slot. A slot whose worker was lost otherwise
+    /// (killed by a timeout, died without retries left, or killed because
+    /// the stream of its call was dropped mid-task) stays empty until the
+    /// next call starts a worker in it, and is left out meanwhile: the list
+    /// may then be shorter than [`workers`](Parallel::workers).
+    /// [`worker_reports`](Parallel::worker_reports) always has one entry per
+    /// slot.
     pub fn worker_pids(&self) -> Vec<u32> {
         self.pool.as_ref().map(WorkerPool::pids).unwrap_or_default()
     }
