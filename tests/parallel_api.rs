@@ -424,6 +424,63 @@ fn timeout_kills_a_hung_task_and_names_it() {
     assert_eq!(p.run::<Hang, _>([0u64, 2, 3]).unwrap(), vec![0, 2, 3]);
 }
 
+/// Reads the first output of a stream of `Hang` tasks (`[0, 1, 1, 1]`:
+/// task 0 answers, the others never do), drops the stream, and returns how
+/// long the drop took and the pids it killed.
+fn drop_a_stream_mid_call(p: &mut Parallel, ordered: bool) -> (Duration, Vec<u32>) {
+    let before = p.worker_pids();
+    let inputs = [0u64, 1, 1, 1];
+    let took = if ordered {
+        let mut stream = p.run_iter::<Hang, _>(inputs).unwrap();
+        assert_eq!(stream.next().unwrap().unwrap(), 0);
+        let t = std::time::Instant::now();
+        drop(stream);
+        t.elapsed()
+    } else {
+        let mut stream = p.run_unordered::<Hang, _>(inputs).unwrap();
+        assert_eq!(stream.next().unwrap().unwrap(), (0, 0));
+        let t = std::time::Instant::now();
+        drop(stream);
+        t.elapsed()
+    };
+    let after = p.worker_pids();
+    let killed: Vec<u32> = before.iter().copied().filter(|pid| !after.contains(pid)).collect();
+    (took, killed)
+}
+
+#[test]
+fn dropping_a_stream_kills_its_running_tasks_at_once_and_the_next_call_has_fresh_workers() {
+    // On a thread of its own, so that a drop that waits for the hanging
+    // tasks fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let mut p = Parallel::new().n_jobs(2).batch_size(BatchSize::Fixed(1));
+        p.start().unwrap();
+        for ordered in [true, false] {
+            let (took, killed) = drop_a_stream_mid_call(&mut p, ordered);
+            assert!(took < Duration::from_secs(5), "ordered={ordered}: the drop took {took:?}");
+            // Task 1 was running when the stream was dropped: its worker is
+            // killed and reaped (its slot is left out until refilled).
+            assert!(!killed.is_empty(), "ordered={ordered}: no worker was killed");
+            for &pid in &killed {
+                let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None);
+                assert_eq!(alive, Err(nix::errno::Errno::ESRCH), "ordered={ordered}: worker {pid} lives on");
+            }
+            // The next call starts fresh workers in the empty slots.
+            assert_eq!(p.run::<Hang, _>([0u64, 2, 3]).unwrap(), vec![0, 2, 3]);
+            let pids = p.worker_pids();
+            assert_eq!(pids.len(), 2, "{pids:?}");
+            assert!(pids.iter().all(|pid| !killed.contains(pid)), "{pids:?} reuses one of {killed:?}");
+        }
+        let _ = tx.send(());
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(()) => handle.join().unwrap(),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("dropping a stream waited for its hanging tasks"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => std::panic::resume_unwind(handle.join().unwrap_err()),
+    }
+}
+
 #[test]
 fn shared_output_is_filled_in_place_by_workers() {
     let dir = tempfile::tempdir().unwrap();

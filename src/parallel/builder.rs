@@ -379,6 +379,11 @@ impl Parallel {
 
     /// Runs task `T` on every input, yielding outputs in input order as
     /// they become available.
+    ///
+    /// Dropping the stream before its end stops the call at once: inputs
+    /// not yet sent are discarded, and the workers running its tasks are
+    /// killed (their outputs would never be read), not awaited. The next
+    /// call starts fresh workers in their slots; idle workers stay warm.
     pub fn run_iter<T: Task, I>(&mut self, inputs: I) -> Result<Ordered<'_, T, I::IntoIter>, Error>
     where
         I: IntoIterator<Item = T::Input>,
@@ -388,6 +393,11 @@ impl Parallel {
 
     /// Runs task `T` on every input, yielding `(input index, output)` in
     /// the order tasks complete.
+    ///
+    /// Dropping the stream before its end stops the call at once: inputs
+    /// not yet sent are discarded, and the workers running its tasks are
+    /// killed (their outputs would never be read), not awaited. The next
+    /// call starts fresh workers in their slots; idle workers stay warm.
     pub fn run_unordered<T: Task, I>(&mut self, inputs: I) -> Result<Unordered<'_, T, I::IntoIter>, Error>
     where
         I: IntoIterator<Item = T::Input>,
@@ -404,7 +414,9 @@ impl Parallel {
     /// `out` must be a read-write file-backed array (made with
     /// [`Array::create_npy`]); the row ranges of different tasks must not
     /// overlap; an output array whose dtype or shape does not match its rows
-    /// is received as usual instead.
+    /// is received as usual instead. Dropping the stream early stops the
+    /// call as with [`run_unordered`](Parallel::run_unordered): rows whose
+    /// tasks were running are left as they were, or partly written.
     pub fn run_unordered_into<T: Task, I>(
         &mut self,
         inputs: I,

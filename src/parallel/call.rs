@@ -66,20 +66,6 @@ pub(super) struct Drawn {
     pub(super) failed: Option<Error>,
 }
 
-/// The codec of a call dropped before its end: no more inputs, and the
-/// outputs of the batches still running are dropped.
-struct Discard;
-
-impl TaskCodec for Discard {
-    fn draw(&mut self, _: usize, _: u64, _: &mut CallEncoder, _: &mut VecDeque<Encoded>) -> Drawn {
-        Drawn { count: 0, done: true, left: Some(0), failed: None }
-    }
-
-    fn decode(&mut self, _: u64, _: &[u8], _: Vec<Array>) -> Result<(), String> {
-        Ok(())
-    }
-}
-
 /// How far a call has got, for progress reports.
 struct Tally {
     /// Inputs drawn so far; the next input's index.
@@ -283,14 +269,19 @@ impl<'p> CallCore<'p> {
 }
 
 impl Drop for CallCore<'_> {
-    /// A call dropped before its end awaits its running batches, so the
-    /// workers are idle and in step for the next call.
+    /// A call dropped before its end stops at once, without waiting for
+    /// tasks whose outputs nobody will read: the tasks not yet sent are
+    /// discarded, and each worker still running one of its batches is
+    /// killed and reaped. Their slots stay empty until the next call starts
+    /// fresh workers in them; idle workers stay warm.
     fn drop(&mut self) {
         if !self.finished {
             self.scheduler.drain();
             self.queue.clear();
-            while self.in_flight.iter().any(Option::is_some) {
-                self.wait(&mut Discard);
+            for w in 0..self.in_flight.len() {
+                if self.in_flight[w].take().is_some() {
+                    self.pool().kill(w);
+                }
             }
             self.finish();
         }
