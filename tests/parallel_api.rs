@@ -509,17 +509,59 @@ fn mmap_mode_decides_whether_tasks_may_write_dumped_arrays() {
 
 #[test]
 fn progress_reports_every_batch() {
-    let seen = Rc::new(RefCell::new(Vec::new()));
-    let log = Rc::clone(&seen);
+    // Kept with the Parallel, which is Send: the callback is Send + 'static.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = std::sync::Arc::clone(&seen);
     let mut p = Parallel::new()
         .n_jobs(2)
         .batch_size(BatchSize::Fixed(10))
-        .progress(move |pr| log.borrow_mut().push((pr.completed, pr.total)));
+        .progress(move |pr| log.lock().unwrap().push((pr.completed, pr.total)));
     p.run::<Square, _>(0..100u64).unwrap();
-    let seen = seen.borrow();
+    let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 10);
     assert!(seen.windows(2).all(|w| w[0].0 < w[1].0));
     assert_eq!(seen.last(), Some(&(100, Some(100))));
+}
+
+#[test]
+fn a_progress_callback_for_one_call_may_update_a_local_counter() {
+    let builder_calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = std::sync::Arc::clone(&builder_calls);
+    let mut p = Parallel::new().n_jobs(2).batch_size(BatchSize::Fixed(10)).progress(move |_| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    });
+    // Neither 'static nor Send: it borrows locals of this function.
+    let mut reports = 0;
+    let mut last = None;
+    let out = p
+        .run_with_progress::<Square, _>(0..100u64, |pr| {
+            reports += 1;
+            last = Some((pr.completed, pr.total));
+        })
+        .unwrap();
+    assert_eq!(out, (0..100u64).map(|x| x * x).collect::<Vec<_>>());
+    assert_eq!((reports, last), (10, Some((100, Some(100)))));
+    assert_eq!(builder_calls.load(std::sync::atomic::Ordering::Relaxed), 0, "the call's callback replaces the builder's");
+    // The builder's callback serves the calls without one of their own.
+    p.run::<Square, _>(0..20u64).unwrap();
+    assert_eq!(builder_calls.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+#[test]
+fn a_parallel_moves_to_another_thread_with_its_warm_pool() {
+    fn is_send<T: Send>(_: &T) {}
+    let mut p = Parallel::new().n_jobs(2);
+    p.start().unwrap();
+    let pids = p.worker_pids();
+    is_send(&p);
+    let (p, out) = std::thread::spawn(move || {
+        let out = p.run::<Square, _>(0..10u64).unwrap();
+        (p, out)
+    })
+    .join()
+    .unwrap();
+    assert_eq!(out, (0..10u64).map(|x| x * x).collect::<Vec<_>>());
+    assert_eq!(p.worker_pids(), pids, "the same workers served the call on the other thread");
 }
 
 #[test]

@@ -55,8 +55,12 @@ pub struct CallStats {
     pub replaced_workers: u64,
 }
 
-/// The progress callback.
-pub(super) type ProgressFn = Box<dyn FnMut(&Progress)>;
+/// The progress callback kept by a [`Parallel`]: `Send`, as `Parallel` is.
+pub(super) type ProgressFn = Box<dyn FnMut(&Progress) + Send>;
+
+/// A progress callback given for one call: it may borrow the caller's
+/// locals, and need not be `Send`.
+pub(super) type CallProgress<'p> = Option<&'p mut dyn FnMut(&Progress)>;
 
 /// Runs tasks on a pool of worker processes, like joblib's `Parallel`.
 ///
@@ -64,6 +68,10 @@ pub(super) type ProgressFn = Box<dyn FnMut(&Progress)>;
 /// the full mapping. The pool is started on the first call and kept warm
 /// for the next ones until [`Parallel`] is dropped, or until its workers
 /// have been idle for [`idle_timeout`](Parallel::idle_timeout).
+///
+/// A `Parallel` is `Send`: it may be made on one thread and used (with its
+/// warm pool) on another. Its calls take `&mut self`, so it serves one call
+/// at a time.
 pub struct Parallel {
     /// joblib's `n_jobs`, as given (resolved by [`resolve_n_jobs`]).
     pub(super) n_jobs: i64,
@@ -257,8 +265,11 @@ impl Parallel {
         self
     }
 
-    /// Called after each batch completes, on the calling thread.
-    pub fn progress(mut self, callback: impl FnMut(&Progress) + 'static) -> Parallel {
+    /// Called after each batch of every call completes, on the calling
+    /// thread. The callback is kept with the `Parallel`, so it must be
+    /// `Send + 'static`; to update a local counter, give a callback to one
+    /// call with [`run_with_progress`](Parallel::run_with_progress).
+    pub fn progress(mut self, callback: impl FnMut(&Progress) + Send + 'static) -> Parallel {
         self.progress = Some(Box::new(callback));
         self
     }
@@ -361,20 +372,45 @@ impl Parallel {
     where
         I: IntoIterator<Item = T::Input>,
     {
-        // Completion order, placed by index: no reordering buffer. Sized
-        // up front when the input says how long it is, so the slots are not
-        // reallocated (and their pages faulted in again) as they fill.
         let inputs = inputs.into_iter();
-        let mut out: Vec<Option<T::Output>> = Vec::with_capacity(inputs.size_hint().0);
-        for result in self.run_unordered::<T, I::IntoIter>(inputs)? {
-            let (index, output) = result?;
-            let index = index as usize;
-            if index >= out.len() {
-                out.resize_with(index + 1, || None);
-            }
-            out[index] = Some(output);
-        }
-        Ok(out.into_iter().map(|o| o.expect("every task of a successful call has an output")).collect())
+        let capacity = inputs.size_hint().0;
+        collect_in_order(Call::<T, I::IntoIter>::start(self, inputs, None)?, capacity)
+    }
+
+    /// Runs task `T` on every input like [`run`](Parallel::run), calling
+    /// `progress` after each batch completes, on the calling thread, instead
+    /// of the callback set with [`progress`](Parallel::progress). The
+    /// callback lives only for this call: it may borrow the caller's locals
+    /// (update a counter, feed a progress bar) and need not be `Send`.
+    ///
+    /// ```
+    /// # use procjob::{Parallel, Task};
+    /// # struct Square;
+    /// # impl Task for Square {
+    /// #     type Input = u64;
+    /// #     type Output = u64;
+    /// #     type Error = String;
+    /// #     fn run(x: u64) -> Result<u64, String> { Ok(x * x) }
+    /// # }
+    /// # fn main() -> Result<(), procjob::Error> {
+    /// # procjob::init();
+    /// let mut done = 0;
+    /// let squares = Parallel::new().n_jobs(2).run_with_progress::<Square, _>(0..10u64, |p| done = p.completed)?;
+    /// assert_eq!((squares.len(), done), (10, 10));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn run_with_progress<T: Task, I>(
+        &mut self,
+        inputs: I,
+        mut progress: impl FnMut(&Progress),
+    ) -> Result<Vec<T::Output>, Error>
+    where
+        I: IntoIterator<Item = T::Input>,
+    {
+        let inputs = inputs.into_iter();
+        let capacity = inputs.size_hint().0;
+        collect_in_order(Call::<T, I::IntoIter>::start(self, inputs, Some(&mut progress))?, capacity)
     }
 
     /// Runs task `T` on every input, yielding outputs in input order as
@@ -445,8 +481,28 @@ impl Parallel {
     where
         I: IntoIterator<Item = T::Input>,
     {
-        Call::start(self, inputs.into_iter())
+        Call::start(self, inputs.into_iter(), None)
     }
+}
+
+/// Reads `call` to its end and returns its outputs in input order, or its
+/// failure. Completion order, placed by index: no reordering buffer. Sized
+/// up front (`capacity`, when the input says how long it is), so the slots
+/// are not reallocated (and their pages faulted in again) as they fill.
+fn collect_in_order<T: Task, I: Iterator<Item = T::Input>>(
+    mut call: Call<'_, T, I>,
+    capacity: usize,
+) -> Result<Vec<T::Output>, Error> {
+    let mut out: Vec<Option<T::Output>> = Vec::with_capacity(capacity);
+    while let Some(result) = call.next_completed() {
+        let (index, output) = result?;
+        let index = index as usize;
+        if index >= out.len() {
+            out.resize_with(index + 1, || None);
+        }
+        out[index] = Some(output);
+    }
+    Ok(out.into_iter().map(|o| o.expect("every task of a successful call has an output")).collect())
 }
 
 /// A worker in the pool was asked to start more workers: its `main` did
@@ -461,3 +517,4 @@ fn refuse_recursive_spawn() {
         std::process::exit(101);
     }
 }
+

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use procjob_worker::protocol::TaskKind;
 use procjob_worker::Array;
 
-use super::builder::{CallStats, Parallel, Progress};
+use super::builder::{CallProgress, CallStats, Parallel, Progress};
 use super::encoder::CallEncoder;
 use crate::error::Error;
 use crate::pool::{StartMethod, Traffic, WorkerPool};
@@ -91,6 +91,8 @@ impl Tally {
 pub(super) struct CallCore<'p> {
     /// The settings, the pool, the stats and the trace of the call.
     parallel: &'p mut Parallel,
+    /// This call's own progress callback, used instead of `parallel`'s.
+    progress: CallProgress<'p>,
     /// This call's number, named in each batch.
     call: u64,
     /// The task kind every batch runs.
@@ -126,8 +128,13 @@ pub(super) struct CallCore<'p> {
 
 impl<'p> CallCore<'p> {
     /// Starts a call of tasks of `kind` on `parallel`'s pool (starting the
-    /// pool if need be), and resets its stats.
-    pub(super) fn start(parallel: &'p mut Parallel, kind: TaskKind) -> Result<CallCore<'p>, Error> {
+    /// pool if need be), and resets its stats. `progress`, when given, is
+    /// called instead of `parallel`'s callback.
+    pub(super) fn start(
+        parallel: &'p mut Parallel,
+        kind: TaskKind,
+        progress: CallProgress<'p>,
+    ) -> Result<CallCore<'p>, Error> {
         let started = Instant::now();
         let spawn = Instant::now();
         parallel.pool_mut()?;
@@ -148,6 +155,7 @@ impl<'p> CallCore<'p> {
         let call = parallel.calls;
         Ok(CallCore {
             parallel,
+            progress,
             call,
             kind,
             scheduler,
@@ -224,10 +232,12 @@ impl<'p> CallCore<'p> {
         self.scheduler.pulled(drawn.count, drawn.done, drawn.left);
     }
 
-    /// Calls the progress callback, if any.
+    /// Calls the call's progress callback, else the `Parallel`'s, if any.
     fn report_progress(&mut self) {
         let p = self.tally.progress();
-        if let Some(cb) = self.parallel.progress.as_mut() {
+        if let Some(cb) = self.progress.as_mut() {
+            cb(&p);
+        } else if let Some(cb) = self.parallel.progress.as_mut() {
             cb(&p);
         }
     }
