@@ -541,7 +541,11 @@ fn a_progress_callback_for_one_call_may_update_a_local_counter() {
         .unwrap();
     assert_eq!(out, (0..100u64).map(|x| x * x).collect::<Vec<_>>());
     assert_eq!((reports, last), (10, Some((100, Some(100)))));
-    assert_eq!(builder_calls.load(std::sync::atomic::Ordering::Relaxed), 0, "the call's callback replaces the builder's");
+    assert_eq!(
+        builder_calls.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the call's callback replaces the builder's"
+    );
     // The builder's callback serves the calls without one of their own.
     p.run::<Square, _>(0..20u64).unwrap();
     assert_eq!(builder_calls.load(std::sync::atomic::Ordering::Relaxed), 2);

@@ -517,4 +517,3 @@ fn refuse_recursive_spawn() {
         std::process::exit(101);
     }
 }
-
