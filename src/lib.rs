@@ -125,7 +125,11 @@ pub fn is_worker_process() -> bool {
 /// `__procjob_worker_entry`; when procjob starts workers from a binary
 /// whose `main` did not call [`init`], it runs the binary with only that
 /// test selected, and the test becomes the worker. Put it once in each test
-/// file that uses [`Parallel`]; in a normal run the test does nothing.
+/// file that uses [`Parallel`], at the top level of the file: inside a
+/// module (such as `#[cfg(test)] mod tests`) the test is named
+/// `tests::__procjob_worker_entry`, the harness finds no test of the exact
+/// name, and the workers exit before their handshake. In a normal run the
+/// test does nothing.
 #[macro_export]
 macro_rules! test_support {
     () => {

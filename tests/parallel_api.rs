@@ -328,20 +328,26 @@ fn a_task_error_and_a_panic_come_back_with_their_index_and_keep_the_healthy_work
     assert_eq!(err.task_index(), Some(3), "{err}"); // input 17 is the 4th
     let msg = err.to_string();
     assert!(msg.contains("panicked at") && msg.contains("17 is worse") && msg.contains("parallel_api.rs"), "{msg}");
-    // The worker that panicked is retired (its state may be half-updated);
-    // the healthy one keeps serving.
+    // The worker that panicked is retired (its state may be half-updated)
+    // and replaced at once; the healthy one keeps serving.
     let Error::Task { worker, .. } = err else { unreachable!("a task failure") };
+    assert_eq!(worker.pid, pids[worker.index], "the error names the worker that panicked");
     let after = p.worker_pids();
+    assert_eq!(after.len(), 2, "the panicked worker's slot is refilled: {after:?}");
+    assert!(after.iter().all(|&pid| pid != 0), "{after:?}");
     for (slot, (&before, &now)) in pids.iter().zip(&after).enumerate() {
         if slot == worker.index {
-            assert_eq!(now, 0, "the worker that panicked is gone");
+            assert_ne!(now, before, "the worker that panicked is not the one serving afterwards");
+            assert_eq!(p.worker_reports()[slot].pid, now, "the report names the replacement");
         } else {
             assert_eq!(now, before, "the healthy worker survives");
         }
     }
+    assert_eq!(p.last_call().replaced_workers, 1);
+    // The next call runs on the replacement, without starting another.
     assert_eq!(p.run::<Picky, _>([1, 2, 3]).unwrap(), vec![1, 2, 3]);
-    let replaced = p.worker_pids();
-    assert!(replaced.iter().all(|&pid| pid != 0) && replaced[worker.index] != pids[worker.index]);
+    assert_eq!(p.worker_pids(), after);
+    assert_eq!(p.last_call().replaced_workers, 0);
 }
 
 #[test]
@@ -418,6 +424,63 @@ fn timeout_kills_a_hung_task_and_names_it() {
     assert_eq!(p.run::<Hang, _>([0u64, 2, 3]).unwrap(), vec![0, 2, 3]);
 }
 
+/// Reads the first output of a stream of `Hang` tasks (`[0, 1, 1, 1]`:
+/// task 0 answers, the others never do), drops the stream, and returns how
+/// long the drop took and the pids it killed.
+fn drop_a_stream_mid_call(p: &mut Parallel, ordered: bool) -> (Duration, Vec<u32>) {
+    let before = p.worker_pids();
+    let inputs = [0u64, 1, 1, 1];
+    let took = if ordered {
+        let mut stream = p.run_iter::<Hang, _>(inputs).unwrap();
+        assert_eq!(stream.next().unwrap().unwrap(), 0);
+        let t = std::time::Instant::now();
+        drop(stream);
+        t.elapsed()
+    } else {
+        let mut stream = p.run_unordered::<Hang, _>(inputs).unwrap();
+        assert_eq!(stream.next().unwrap().unwrap(), (0, 0));
+        let t = std::time::Instant::now();
+        drop(stream);
+        t.elapsed()
+    };
+    let after = p.worker_pids();
+    let killed: Vec<u32> = before.iter().copied().filter(|pid| !after.contains(pid)).collect();
+    (took, killed)
+}
+
+#[test]
+fn dropping_a_stream_kills_its_running_tasks_at_once_and_the_next_call_has_fresh_workers() {
+    // On a thread of its own, so that a drop that waits for the hanging
+    // tasks fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let mut p = Parallel::new().n_jobs(2).batch_size(BatchSize::Fixed(1));
+        p.start().unwrap();
+        for ordered in [true, false] {
+            let (took, killed) = drop_a_stream_mid_call(&mut p, ordered);
+            assert!(took < Duration::from_secs(5), "ordered={ordered}: the drop took {took:?}");
+            // Task 1 was running when the stream was dropped: its worker is
+            // killed and reaped (its slot is left out until refilled).
+            assert!(!killed.is_empty(), "ordered={ordered}: no worker was killed");
+            for &pid in &killed {
+                let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None);
+                assert_eq!(alive, Err(nix::errno::Errno::ESRCH), "ordered={ordered}: worker {pid} lives on");
+            }
+            // The next call starts fresh workers in the empty slots.
+            assert_eq!(p.run::<Hang, _>([0u64, 2, 3]).unwrap(), vec![0, 2, 3]);
+            let pids = p.worker_pids();
+            assert_eq!(pids.len(), 2, "{pids:?}");
+            assert!(pids.iter().all(|pid| !killed.contains(pid)), "{pids:?} reuses one of {killed:?}");
+        }
+        let _ = tx.send(());
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(()) => handle.join().unwrap(),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("dropping a stream waited for its hanging tasks"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => std::panic::resume_unwind(handle.join().unwrap_err()),
+    }
+}
+
 #[test]
 fn shared_output_is_filled_in_place_by_workers() {
     let dir = tempfile::tempdir().unwrap();
@@ -446,17 +509,63 @@ fn mmap_mode_decides_whether_tasks_may_write_dumped_arrays() {
 
 #[test]
 fn progress_reports_every_batch() {
-    let seen = Rc::new(RefCell::new(Vec::new()));
-    let log = Rc::clone(&seen);
+    // Kept with the Parallel, which is Send: the callback is Send + 'static.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = std::sync::Arc::clone(&seen);
     let mut p = Parallel::new()
         .n_jobs(2)
         .batch_size(BatchSize::Fixed(10))
-        .progress(move |pr| log.borrow_mut().push((pr.completed, pr.total)));
+        .progress(move |pr| log.lock().unwrap().push((pr.completed, pr.total)));
     p.run::<Square, _>(0..100u64).unwrap();
-    let seen = seen.borrow();
+    let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 10);
     assert!(seen.windows(2).all(|w| w[0].0 < w[1].0));
     assert_eq!(seen.last(), Some(&(100, Some(100))));
+}
+
+#[test]
+fn a_progress_callback_for_one_call_may_update_a_local_counter() {
+    let builder_calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = std::sync::Arc::clone(&builder_calls);
+    let mut p = Parallel::new().n_jobs(2).batch_size(BatchSize::Fixed(10)).progress(move |_| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    });
+    // Neither 'static nor Send: it borrows locals of this function.
+    let mut reports = 0;
+    let mut last = None;
+    let out = p
+        .run_with_progress::<Square, _>(0..100u64, |pr| {
+            reports += 1;
+            last = Some((pr.completed, pr.total));
+        })
+        .unwrap();
+    assert_eq!(out, (0..100u64).map(|x| x * x).collect::<Vec<_>>());
+    assert_eq!((reports, last), (10, Some((100, Some(100)))));
+    assert_eq!(
+        builder_calls.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the call's callback replaces the builder's"
+    );
+    // The builder's callback serves the calls without one of their own.
+    p.run::<Square, _>(0..20u64).unwrap();
+    assert_eq!(builder_calls.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+#[test]
+fn a_parallel_moves_to_another_thread_with_its_warm_pool() {
+    fn is_send<T: Send>(_: &T) {}
+    let mut p = Parallel::new().n_jobs(2);
+    p.start().unwrap();
+    let pids = p.worker_pids();
+    is_send(&p);
+    let (p, out) = std::thread::spawn(move || {
+        let out = p.run::<Square, _>(0..10u64).unwrap();
+        (p, out)
+    })
+    .join()
+    .unwrap();
+    assert_eq!(out, (0..10u64).map(|x| x * x).collect::<Vec<_>>());
+    assert_eq!(p.worker_pids(), pids, "the same workers served the call on the other thread");
 }
 
 #[test]
@@ -681,5 +790,5 @@ fn fork_is_refused_while_the_coordinator_has_other_threads() {
     let err = p.run::<Square, _>([1u64]).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("cannot fork workers") && msg.contains("threads"), "{msg}");
-    assert!(p.worker_pids().iter().all(|&pid| pid == 0), "no worker was started");
+    assert!(p.worker_pids().is_empty(), "no worker was started");
 }

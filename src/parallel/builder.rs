@@ -50,12 +50,17 @@ pub struct CallStats {
     pub spawn_seconds: f64,
     /// Tasks re-run after their worker died.
     pub retried: u64,
-    /// Workers started during the call to replace dead ones.
+    /// Workers started during the call to replace dead ones, and those
+    /// retired after a panic.
     pub replaced_workers: u64,
 }
 
-/// The progress callback.
-pub(super) type ProgressFn = Box<dyn FnMut(&Progress)>;
+/// The progress callback kept by a [`Parallel`]: `Send`, as `Parallel` is.
+pub(super) type ProgressFn = Box<dyn FnMut(&Progress) + Send>;
+
+/// A progress callback given for one call: it may borrow the caller's
+/// locals, and need not be `Send`.
+pub(super) type CallProgress<'p> = Option<&'p mut dyn FnMut(&Progress)>;
 
 /// Runs tasks on a pool of worker processes, like joblib's `Parallel`.
 ///
@@ -63,6 +68,10 @@ pub(super) type ProgressFn = Box<dyn FnMut(&Progress)>;
 /// the full mapping. The pool is started on the first call and kept warm
 /// for the next ones until [`Parallel`] is dropped, or until its workers
 /// have been idle for [`idle_timeout`](Parallel::idle_timeout).
+///
+/// A `Parallel` is `Send`: it may be made on one thread and used (with its
+/// warm pool) on another. Its calls take `&mut self`, so it serves one call
+/// at a time.
 pub struct Parallel {
     /// joblib's `n_jobs`, as given (resolved by [`resolve_n_jobs`]).
     pub(super) n_jobs: i64,
@@ -256,8 +265,11 @@ impl Parallel {
         self
     }
 
-    /// Called after each batch completes, on the calling thread.
-    pub fn progress(mut self, callback: impl FnMut(&Progress) + 'static) -> Parallel {
+    /// Called after each batch of every call completes, on the calling
+    /// thread. The callback is kept with the `Parallel`, so it must be
+    /// `Send + 'static`; to update a local counter, give a callback to one
+    /// call with [`run_with_progress`](Parallel::run_with_progress).
+    pub fn progress(mut self, callback: impl FnMut(&Progress) + Send + 'static) -> Parallel {
         self.progress = Some(Box::new(callback));
         self
     }
@@ -287,7 +299,18 @@ impl Parallel {
         resolve_n_jobs(self.n_jobs, crate::pool::available_cpus())
     }
 
-    /// The pids of the running workers (empty before the first call).
+    /// The pids of the running workers, in slot order (empty before the
+    /// first call); never 0, so each is safe to pass to `kill`.
+    ///
+    /// A worker that panicked is retired and its replacement started at
+    /// once, so after a call that failed with a panic the list holds the
+    /// replacement's pid in its slot. A slot whose worker was lost otherwise
+    /// (killed by a timeout, died without retries left, or killed because
+    /// the stream of its call was dropped mid-task) stays empty until the
+    /// next call starts a worker in it, and is left out meanwhile: the list
+    /// may then be shorter than [`workers`](Parallel::workers).
+    /// [`worker_reports`](Parallel::worker_reports) always has one entry per
+    /// slot.
     pub fn worker_pids(&self) -> Vec<u32> {
         self.pool.as_ref().map(WorkerPool::pids).unwrap_or_default()
     }
@@ -349,24 +372,54 @@ impl Parallel {
     where
         I: IntoIterator<Item = T::Input>,
     {
-        // Completion order, placed by index: no reordering buffer. Sized
-        // up front when the input says how long it is, so the slots are not
-        // reallocated (and their pages faulted in again) as they fill.
         let inputs = inputs.into_iter();
-        let mut out: Vec<Option<T::Output>> = Vec::with_capacity(inputs.size_hint().0);
-        for result in self.run_unordered::<T, I::IntoIter>(inputs)? {
-            let (index, output) = result?;
-            let index = index as usize;
-            if index >= out.len() {
-                out.resize_with(index + 1, || None);
-            }
-            out[index] = Some(output);
-        }
-        Ok(out.into_iter().map(|o| o.expect("every task of a successful call has an output")).collect())
+        let capacity = inputs.size_hint().0;
+        collect_in_order(Call::<T, I::IntoIter>::start(self, inputs, None)?, capacity)
+    }
+
+    /// Runs task `T` on every input like [`run`](Parallel::run), calling
+    /// `progress` after each batch completes, on the calling thread, instead
+    /// of the callback set with [`progress`](Parallel::progress). The
+    /// callback lives only for this call: it may borrow the caller's locals
+    /// (update a counter, feed a progress bar) and need not be `Send`.
+    ///
+    /// ```
+    /// # use procjob::{Parallel, Task};
+    /// # struct Square;
+    /// # impl Task for Square {
+    /// #     type Input = u64;
+    /// #     type Output = u64;
+    /// #     type Error = String;
+    /// #     fn run(x: u64) -> Result<u64, String> { Ok(x * x) }
+    /// # }
+    /// # fn main() -> Result<(), procjob::Error> {
+    /// # procjob::init();
+    /// let mut done = 0;
+    /// let squares = Parallel::new().n_jobs(2).run_with_progress::<Square, _>(0..10u64, |p| done = p.completed)?;
+    /// assert_eq!((squares.len(), done), (10, 10));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn run_with_progress<T: Task, I>(
+        &mut self,
+        inputs: I,
+        mut progress: impl FnMut(&Progress),
+    ) -> Result<Vec<T::Output>, Error>
+    where
+        I: IntoIterator<Item = T::Input>,
+    {
+        let inputs = inputs.into_iter();
+        let capacity = inputs.size_hint().0;
+        collect_in_order(Call::<T, I::IntoIter>::start(self, inputs, Some(&mut progress))?, capacity)
     }
 
     /// Runs task `T` on every input, yielding outputs in input order as
     /// they become available.
+    ///
+    /// Dropping the stream before its end stops the call at once: inputs
+    /// not yet sent are discarded, and the workers running its tasks are
+    /// killed (their outputs would never be read), not awaited. The next
+    /// call starts fresh workers in their slots; idle workers stay warm.
     pub fn run_iter<T: Task, I>(&mut self, inputs: I) -> Result<Ordered<'_, T, I::IntoIter>, Error>
     where
         I: IntoIterator<Item = T::Input>,
@@ -376,6 +429,11 @@ impl Parallel {
 
     /// Runs task `T` on every input, yielding `(input index, output)` in
     /// the order tasks complete.
+    ///
+    /// Dropping the stream before its end stops the call at once: inputs
+    /// not yet sent are discarded, and the workers running its tasks are
+    /// killed (their outputs would never be read), not awaited. The next
+    /// call starts fresh workers in their slots; idle workers stay warm.
     pub fn run_unordered<T: Task, I>(&mut self, inputs: I) -> Result<Unordered<'_, T, I::IntoIter>, Error>
     where
         I: IntoIterator<Item = T::Input>,
@@ -392,7 +450,9 @@ impl Parallel {
     /// `out` must be a read-write file-backed array (made with
     /// [`Array::create_npy`]); the row ranges of different tasks must not
     /// overlap; an output array whose dtype or shape does not match its rows
-    /// is received as usual instead.
+    /// is received as usual instead. Dropping the stream early stops the
+    /// call as with [`run_unordered`](Parallel::run_unordered): rows whose
+    /// tasks were running are left as they were, or partly written.
     pub fn run_unordered_into<T: Task, I>(
         &mut self,
         inputs: I,
@@ -421,8 +481,28 @@ impl Parallel {
     where
         I: IntoIterator<Item = T::Input>,
     {
-        Call::start(self, inputs.into_iter())
+        Call::start(self, inputs.into_iter(), None)
     }
+}
+
+/// Reads `call` to its end and returns its outputs in input order, or its
+/// failure. Completion order, placed by index: no reordering buffer. Sized
+/// up front (`capacity`, when the input says how long it is), so the slots
+/// are not reallocated (and their pages faulted in again) as they fill.
+fn collect_in_order<T: Task, I: Iterator<Item = T::Input>>(
+    mut call: Call<'_, T, I>,
+    capacity: usize,
+) -> Result<Vec<T::Output>, Error> {
+    let mut out: Vec<Option<T::Output>> = Vec::with_capacity(capacity);
+    while let Some(result) = call.next_completed() {
+        let (index, output) = result?;
+        let index = index as usize;
+        if index >= out.len() {
+            out.resize_with(index + 1, || None);
+        }
+        out[index] = Some(output);
+    }
+    Ok(out.into_iter().map(|o| o.expect("every task of a successful call has an output")).collect())
 }
 
 /// A worker in the pool was asked to start more workers: its `main` did
@@ -432,7 +512,7 @@ fn refuse_recursive_spawn() {
         eprintln!(
             "procjob: this process was started as a procjob worker, but it did not become one: \
              call procjob::init() as the first line of main (in a test or bench file, add \
-             procjob::test_support!()). Refusing to start workers recursively."
+             procjob::test_support!() at the top level of the file). Refusing to start workers recursively."
         );
         std::process::exit(101);
     }

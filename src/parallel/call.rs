@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use procjob_worker::protocol::TaskKind;
 use procjob_worker::Array;
 
-use super::builder::{CallStats, Parallel, Progress};
+use super::builder::{CallProgress, CallStats, Parallel, Progress};
 use super::encoder::CallEncoder;
 use crate::error::Error;
 use crate::pool::{StartMethod, Traffic, WorkerPool};
@@ -66,20 +66,6 @@ pub(super) struct Drawn {
     pub(super) failed: Option<Error>,
 }
 
-/// The codec of a call dropped before its end: no more inputs, and the
-/// outputs of the batches still running are dropped.
-struct Discard;
-
-impl TaskCodec for Discard {
-    fn draw(&mut self, _: usize, _: u64, _: &mut CallEncoder, _: &mut VecDeque<Encoded>) -> Drawn {
-        Drawn { count: 0, done: true, left: Some(0), failed: None }
-    }
-
-    fn decode(&mut self, _: u64, _: &[u8], _: Vec<Array>) -> Result<(), String> {
-        Ok(())
-    }
-}
-
 /// How far a call has got, for progress reports.
 struct Tally {
     /// Inputs drawn so far; the next input's index.
@@ -105,6 +91,8 @@ impl Tally {
 pub(super) struct CallCore<'p> {
     /// The settings, the pool, the stats and the trace of the call.
     parallel: &'p mut Parallel,
+    /// This call's own progress callback, used instead of `parallel`'s.
+    progress: CallProgress<'p>,
     /// This call's number, named in each batch.
     call: u64,
     /// The task kind every batch runs.
@@ -140,8 +128,13 @@ pub(super) struct CallCore<'p> {
 
 impl<'p> CallCore<'p> {
     /// Starts a call of tasks of `kind` on `parallel`'s pool (starting the
-    /// pool if need be), and resets its stats.
-    pub(super) fn start(parallel: &'p mut Parallel, kind: TaskKind) -> Result<CallCore<'p>, Error> {
+    /// pool if need be), and resets its stats. `progress`, when given, is
+    /// called instead of `parallel`'s callback.
+    pub(super) fn start(
+        parallel: &'p mut Parallel,
+        kind: TaskKind,
+        progress: CallProgress<'p>,
+    ) -> Result<CallCore<'p>, Error> {
         let started = Instant::now();
         let spawn = Instant::now();
         parallel.pool_mut()?;
@@ -162,6 +155,7 @@ impl<'p> CallCore<'p> {
         let call = parallel.calls;
         Ok(CallCore {
             parallel,
+            progress,
             call,
             kind,
             scheduler,
@@ -238,10 +232,12 @@ impl<'p> CallCore<'p> {
         self.scheduler.pulled(drawn.count, drawn.done, drawn.left);
     }
 
-    /// Calls the progress callback, if any.
+    /// Calls the call's progress callback, else the `Parallel`'s, if any.
     fn report_progress(&mut self) {
         let p = self.tally.progress();
-        if let Some(cb) = self.parallel.progress.as_mut() {
+        if let Some(cb) = self.progress.as_mut() {
+            cb(&p);
+        } else if let Some(cb) = self.parallel.progress.as_mut() {
             cb(&p);
         }
     }
@@ -283,14 +279,19 @@ impl<'p> CallCore<'p> {
 }
 
 impl Drop for CallCore<'_> {
-    /// A call dropped before its end awaits its running batches, so the
-    /// workers are idle and in step for the next call.
+    /// A call dropped before its end stops at once, without waiting for
+    /// tasks whose outputs nobody will read: the tasks not yet sent are
+    /// discarded, and each worker still running one of its batches is
+    /// killed and reaped. Their slots stay empty until the next call starts
+    /// fresh workers in them; idle workers stay warm.
     fn drop(&mut self) {
         if !self.finished {
             self.scheduler.drain();
             self.queue.clear();
-            while self.in_flight.iter().any(Option::is_some) {
-                self.wait(&mut Discard);
+            for w in 0..self.in_flight.len() {
+                if self.in_flight[w].take().is_some() {
+                    self.pool().kill(w);
+                }
             }
             self.finish();
         }

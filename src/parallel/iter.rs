@@ -9,6 +9,10 @@ use super::shell::Call;
 use crate::error::Error;
 
 /// Outputs in input order (from [`Parallel::run_iter`](super::Parallel::run_iter)).
+///
+/// Dropped before its end, it stops the call without waiting: inputs not
+/// yet sent are discarded and the workers running its tasks are killed;
+/// the next call starts fresh workers in their slots.
 pub struct Ordered<'p, T: Task, I: Iterator<Item = T::Input>> {
     /// The call, yielding in completion order.
     call: Call<'p, T, I>,
@@ -52,6 +56,10 @@ impl<T: Task, I: Iterator<Item = T::Input>> std::fmt::Debug for Ordered<'_, T, I
 
 /// `(input index, output)` in completion order (from
 /// [`Parallel::run_unordered`](super::Parallel::run_unordered)).
+///
+/// Dropped before its end, it stops the call without waiting: inputs not
+/// yet sent are discarded and the workers running its tasks are killed;
+/// the next call starts fresh workers in their slots.
 pub struct Unordered<'p, T: Task, I: Iterator<Item = T::Input>> {
     /// The call, yielding in completion order.
     call: Call<'p, T, I>,

@@ -27,7 +27,9 @@
 //! inline — sends batches to idle workers, and decodes the outputs as they
 //! come back. The first failure stops further dispatch; batches already
 //! running are awaited, so the workers stay healthy and the pool is reused
-//! by the next call.
+//! by the next call. A stream ([`Ordered`], [`Unordered`]) dropped before
+//! its end does not wait: the workers still running its tasks are killed,
+//! and the next call starts fresh ones in their slots.
 //!
 //! A call's data flow, and the room each step lives in:
 //!

@@ -10,7 +10,7 @@ use procjob_worker::protocol::TaskKind;
 use procjob_worker::registry::entry_offset;
 use procjob_worker::Task;
 
-use super::builder::Parallel;
+use super::builder::{CallProgress, Parallel};
 use super::call::{CallCore, Drawn, Encoded, LandingPlan, TaskCodec};
 use super::encoder::CallEncoder;
 use crate::error::{Error, TaskId};
@@ -35,10 +35,11 @@ struct Typed<T: Task, I> {
 }
 
 impl<'p, T: Task, I: Iterator<Item = T::Input>> Call<'p, T, I> {
-    /// Starts a call of `T` on `parallel`'s pool, drawing from `inputs`.
+    /// Starts a call of `T` on `parallel`'s pool, drawing from `inputs`,
+    /// reporting to `progress` when given (else to `parallel`'s callback).
     /// The core knows `T` only by its kind: its name, and the offset of its
     /// entry descriptor in this executable.
-    pub(super) fn start(parallel: &'p mut Parallel, inputs: I) -> Result<Self, Error> {
+    pub(super) fn start(parallel: &'p mut Parallel, inputs: I, progress: CallProgress<'p>) -> Result<Self, Error> {
         let name = T::name();
         if name.len() > procjob_worker::protocol::MAX_KIND_NAME {
             return Err(Error::Config(format!(
@@ -50,7 +51,7 @@ impl<'p, T: Task, I: Iterator<Item = T::Input>> Call<'p, T, I> {
             )));
         }
         let kind = TaskKind { name: name.to_string(), entry: entry_offset::<T>() };
-        let core = CallCore::start(parallel, kind)?;
+        let core = CallCore::start(parallel, kind, progress)?;
         Ok(Call { core, codec: Typed { inputs, scratch: Vec::new(), ready: VecDeque::new() } })
     }
 

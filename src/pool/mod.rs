@@ -356,9 +356,11 @@ impl WorkerPool {
         self.slots[index].worker.as_ref().map(|w| w.pid)
     }
 
-    /// The pids of the running workers, by slot (0 for an empty slot).
+    /// The pids of the running workers, in slot order. An empty slot (its
+    /// worker lost and not yet replaced) is left out, never given as 0: a 0
+    /// passed to `kill` would signal the caller's own process group.
     pub fn pids(&self) -> Vec<u32> {
-        (0..self.size()).map(|i| self.pid(i).unwrap_or(0)).collect()
+        (0..self.size()).filter_map(|i| self.pid(i)).collect()
     }
 
     /// Names worker `index` for messages.
@@ -393,23 +395,21 @@ impl WorkerPool {
         self.slots.get(event.index).is_some_and(|s| s.generation == event.generation && s.worker.is_some())
     }
 
-    /// Starts every empty slot's worker and waits for all handshakes.
+    /// Starts every empty slot's worker and waits for all handshakes: those
+    /// of the workers just started, and those of replacements started during
+    /// an earlier call (after a panic) that had not answered when it ended.
     /// Workers that exited while idle (idle timeout) are noticed and
     /// replaced first.
     pub fn ensure_started(&mut self) -> Result<(), Error> {
-        self.reap_idle_exits();
-        let waiting: Vec<usize> = (0..self.size()).filter(|&i| self.slots[i].worker.is_none()).collect();
-        self.start_slots(&waiting)?;
+        self.reap_idle_exits()?;
+        let empty: Vec<usize> = (0..self.size()).filter(|&i| self.slots[i].worker.is_none()).collect();
+        self.start_slots(&empty)?;
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-        while waiting.iter().any(|&i| self.slots[i].worker.as_ref().is_some_and(|w| !w.ready)) {
+        while let Some(index) = self.first_not_ready() {
             let timeout = deadline.saturating_duration_since(Instant::now());
             let event = match self.events.recv_timeout(timeout) {
                 Ok(e) => e,
                 Err(_) => {
-                    let index = *waiting
-                        .iter()
-                        .find(|&&i| self.slots[i].worker.as_ref().is_some_and(|w| !w.ready))
-                        .expect("a worker is waiting");
                     self.kill_all();
                     return Err(Error::Start {
                         index,
@@ -445,16 +445,35 @@ impl WorkerPool {
         Ok(())
     }
 
+    /// The first slot whose worker is running but has not answered its
+    /// handshake.
+    fn first_not_ready(&self) -> Option<usize> {
+        (0..self.size()).find(|&i| self.slots[i].worker.as_ref().is_some_and(|w| !w.ready))
+    }
+
     /// Notices workers that exited while idle and empties their slots: those
     /// whose stream was already reported ended, and those that have ended
     /// but whose end has not been reported yet (the exit and the event race;
-    /// sending to such a worker would fail with a broken pipe).
-    fn reap_idle_exits(&mut self) {
+    /// sending to such a worker would fail with a broken pipe). A handshake
+    /// that arrived between calls (a replacement started late in the last
+    /// one) is taken here, not dropped.
+    fn reap_idle_exits(&mut self) -> Result<(), Error> {
         while let Ok(event) = self.events.try_recv() {
-            if self.is_current(&event) {
-                if let WorkerEvent::Lost { .. } = event.event {
+            if !self.is_current(&event) {
+                continue;
+            }
+            match event.event {
+                WorkerEvent::Lost { .. } => {
                     self.reap(event.index);
                 }
+                WorkerEvent::Ready(ready) => {
+                    if let Err(reason) = check_protocol(&ready) {
+                        self.kill_all();
+                        return Err(Error::Start { index: event.index, reason });
+                    }
+                    self.mark_ready(event.index, &ready);
+                }
+                WorkerEvent::Results { .. } | WorkerEvent::Interrupted { .. } => {}
             }
         }
         for index in 0..self.slots.len() {
@@ -462,6 +481,7 @@ impl WorkerPool {
                 self.reap(index);
             }
         }
+        Ok(())
     }
 
     /// Starts a worker in slot `index` (replacing nothing: the slot must be

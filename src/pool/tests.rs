@@ -77,6 +77,29 @@ fn a_lost_worker_is_reaped_with_its_exit_and_its_slot_restarts() {
 }
 
 #[test]
+fn an_empty_slot_is_left_out_of_the_pids_never_given_as_zero() {
+    let (mut pool, _script) = pool(2);
+    let second = pool.pid(1).unwrap();
+    pool.kill(0);
+    assert_eq!(pool.pids(), vec![second]);
+    assert_eq!(pool.reports().len(), 2, "reports keep one entry per slot");
+}
+
+#[test]
+fn a_replacement_whose_handshake_comes_after_its_call_is_ready_before_the_next() {
+    let (mut pool, _script) = pool(2);
+    pool.reap(0);
+    // Started late in a call (after a panic): its handshake is still in the
+    // channel when the call ends.
+    pool.start(0).unwrap();
+    assert!(pool.slots[0].worker.as_ref().is_some_and(|w| !w.ready));
+    pool.ensure_started().unwrap();
+    assert!(pool.slots[0].worker.as_ref().is_some_and(|w| w.ready), "the handshake was taken, not dropped");
+    assert!(pool.next_event(Some(Duration::ZERO)).is_none(), "no handshake is left for the next call to see");
+    assert_eq!(pool.pids().len(), 2);
+}
+
+#[test]
 fn the_late_answer_of_a_replaced_worker_is_dropped() {
     let (mut pool, script) = pool(1);
     script.lock().unwrap().next.insert(0, Act::Hang);

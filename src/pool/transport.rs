@@ -56,8 +56,9 @@ pub(crate) struct Started {
     pub hello_bytes: Option<u64>,
 }
 
-/// A way of reaching workers (see the module docs).
-pub(crate) trait Transport {
+/// A way of reaching workers (see the module docs). `Send`, so that a
+/// pool, and the `Parallel` that owns it, can move to another thread.
+pub(crate) trait Transport: Send {
     /// What it can do.
     fn capabilities(&self) -> Capabilities;
 

@@ -151,9 +151,14 @@ impl CallCore<'_> {
         }
         if panicked {
             // A panic may have left the worker's state half-updated:
-            // replace it. The other workers keep serving.
+            // retire it and start its replacement at once, as after a death
+            // with retries, so the slot is never empty for long. The other
+            // workers keep serving. (The call is failing: the replacement
+            // runs nothing in it, and the next call waits for its handshake
+            // if it has not come by then.)
             self.pool().reap(w); // closes its input: an idle worker exits at once
             self.scheduler.handle(Event::WorkerLost { worker: w });
+            self.replace(w);
         }
         self.report_progress();
     }

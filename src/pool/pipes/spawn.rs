@@ -75,10 +75,12 @@ pub(crate) fn start_failure(exit: WorkerExit, error: Option<String>, reexec: boo
         s.push_str(&format!(" ({e})"));
     }
     if reexec && !INIT_CALLED.load(Ordering::Relaxed) {
-        s.push_str(
+        s.push_str(&format!(
             "; a binary that starts workers must call procjob::init() first in main, \
-             and a test or bench file must contain procjob::test_support!()",
-        );
+             and a test or bench file must contain procjob::test_support!() at the top level of \
+             the file, not inside a module such as `mod tests`: its workers run the test named \
+             exactly `{HARNESS_ENTRY}`, which a module renames"
+        ));
     }
     s
 }
