@@ -144,10 +144,12 @@
 //! scalar kernel the wrapping path runs; `tests` the tests of all of them
 //! against [`matmul_naive`].
 
+mod blocking;
 mod dispatch;
 mod float;
 pub mod gemm;
 mod integer;
+mod machine;
 mod tiled;
 
 #[cfg(test)]
