@@ -11,8 +11,18 @@
 //! AVX2 ones when it has AVX2 and FMA (checked at run time with
 //! `is_x86_feature_detected!`), and return `false` otherwise, so the caller
 //! can fall back to another kernel (`kernels/float.rs` uses matrixmultiply).
+//! `PROCJOB_GEMM=avx2|avx512|portable`, read once per process
+//! (`machine.rs`), forces a kernel the CPU can run (`portable`: return
+//! `false`, the fallback).
 //!
-//! | kernel | tile `MR × NR` | accumulators | `KC` | `MC` | `NC` |
+//! `MC` and `NC` come from the caches the CPU reports (`blocking.rs`: BLIS's
+//! analytical model applied to the loop order below — `NC` so that the
+//! packed `B` block fills the L2 ways left by `C` and the `A` panels, `MC` so
+//! that the packed `A` block fills this CPU's share of the L3 ways left by
+//! `C` and the `B` block); the constants in this table are the fallback when
+//! the caches are unknown.
+//!
+//! | kernel | tile `MR × NR` | accumulators | `KC` | fallback `MC` | fallback `NC` |
 //! |---|---|---|---|---|---|
 //! | `f64`, AVX2 | 6 × 8 | 12 `ymm` (6 rows × 2 × 4 lanes) | 256 | 1008 | 128 |
 //! | `f32`, AVX2 | 6 × 16 | 12 `ymm` (6 rows × 2 × 8 lanes) | 256 | 1008 | 256 |
@@ -27,11 +37,12 @@
 //! (each packed once per `pc` and `ic`, just before the first `jc` block
 //! uses it) → `jr` over the `NR`-column panels of the `B` block →
 //! microkernel. This is OpenBLAS's order on Skylake-X: the packed `KC × NC`
-//! block of `B` (256 KiB for the AVX2 kernels, 768 KiB for AVX-512) sits in
+//! block of `B` (with the fallback constants 256 KiB for the AVX2 kernels,
+//! 768 KiB for AVX-512; with the derived blocking most of L2) sits in
 //! L2 and streams into the microkernel (which prefetches it four steps of
 //! `p` ahead); one `MR × KC` panel of `A` (12 KiB for AVX-512 `f64`) stays in
 //! L1 across the `NC / NR` tiles of a column block; the block of packed `A`
-//! (about `MC × KC`, 2–3 MiB `f64`) waits in L3 for the next column block; and
+//! (about `MC × KC`: 2–3 MiB `f64` with the fallback `MC`) waits in L3 for the next column block; and
 //! consecutive tiles lie side by side along rows of `C`, so the `C` lines a
 //! tile reads and writes follow each other in memory.
 //! The AVX2 kernels were first tuned on one core of an AMD EPYC (Zen 3:
@@ -130,7 +141,8 @@
 //! # Buffers
 //!
 //! The packed panels live in one 64-byte-aligned buffer per thread
-//! (up to `1.5 × MC × KC` of `A` — 3 MiB for `f64` — plus `KC × NC` of `B` and one
+//! (up to `1.5 × MC × KC` of `A` — 3 MiB for `f64` with the fallback `MC`,
+//! up to 12 MiB with the largest derived one — plus `KC × NC` of `B` and one
 //! scratch tile, or less for small shapes), grown on demand and kept for the
 //! next call: a fresh buffer per call measured slower on thin blocks, where
 //! packing is most of the work (`docs/kernels.md`, "Tile shapes and
@@ -152,7 +164,8 @@ use std::arch::x86_64::*;
 /// `C = A·B` (or `C += A·B` with `accumulate`) in `f64` with the AVX2+FMA
 /// kernel; `a` is `rows × k`, `b` is `k × n`, `c` is `rows × n`, row-major and
 /// contiguous. Returns `false`, leaving `c` untouched, when the CPU lacks
-/// AVX2 or FMA (or is not x86-64); the caller then needs another kernel.
+/// AVX2 or FMA (or is not x86-64), or `PROCJOB_GEMM=portable` asks for the
+/// fallback; the caller then needs another kernel.
 ///
 /// See the [module docs](self) for the blocking and why the bits of a row do
 /// not depend on `rows`. NaNs come out with whatever sign and payload the
