@@ -3,14 +3,14 @@
 //! Reading a page of a file mapping past the file's end raises SIGBUS: a
 //! file truncated while a task reads it (or between the check of its length
 //! and the read) would kill the worker and every task of its batch. A
-//! worker therefore installs a handler ([`install`], worker processes only)
-//! and registers every file mapping it makes ([`register`]) in a fixed table
+//! worker therefore installs a handler (`install`, worker processes only)
+//! and registers every file mapping it makes (`register`) in a fixed table
 //! the handler can read without locks or allocation. When a fault's address
 //! lies in a registered mapping, the handler maps anonymous zero pages over
 //! the rest of that mapping (`mmap` with `MAP_FIXED`, one system call, no
 //! libc state), marks the mapping poisoned, and returns: the read goes on
 //! and sees zeros. After the task, the serve loop takes the recorded faults
-//! ([`take_faults`]) and reports the task as failed, naming the file; a
+//! (`take_faults`) and reports the task as failed, naming the file; a
 //! poisoned mapping is never handed to a task again. A SIGBUS anywhere else,
 //! or one sent by another process, gets the default action: the handler
 //! restores it and raises the signal again, so the worker dies of SIGBUS as
