@@ -679,3 +679,66 @@ fn bad_input_exits_2_and_names_the_problem() {
         assert!(!out.exists(), "{context}: --out was written on an error");
     }
 }
+
+/// `PROCJOB_GEMM` and `PROCJOB_GEMM_BLOCKING` (docs/kernels.md) change which
+/// kernel and blocking run, never C: forcing the AVX2 kernels on a CPU with
+/// AVX-512, or the fixed or tiny blockings, gives the bits of the default
+/// run (non-integer data, two depth chunks, edge tiles, several processes).
+/// `portable` (the fallback, other bits) gives the product within rounding;
+/// an unknown value is ignored with a warning.
+fn forced_kernels_and_blockings_agree<T: Reference>(a: Matrix<T>, b: Matrix<T>) {
+    let dtype = T::DTYPE.name();
+    let dir = TestDir::new(&format!("forced-{dtype}"));
+    let (a_path, b_path) = (dir.file("a.npy"), dir.file("b.npy"));
+    write_npy(&a_path, &a);
+    write_npy(&b_path, &b);
+    let run = |name: &str, env: &[(&str, &str)], mode: &str| {
+        let c_path = dir.file(&format!("c-{name}-{mode}.npy"));
+        let mut cmd = dir.matmul();
+        cmd.args(["--mode", mode, "--processes", "2", "--a"])
+            .arg(&a_path)
+            .arg("--b")
+            .arg(&b_path)
+            .arg("--out")
+            .arg(&c_path)
+            .arg("--json");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let run = cmd.run().assert_ok();
+        let c = read_npy::<T>(&c_path);
+        assert_product(&c, &a, &b, &run.command);
+        (run, c)
+    };
+    let (_, want) = run("default", &[], "seq");
+    for mode in ["seq", "memmap"] {
+        for (name, env) in [
+            ("avx2", &[("PROCJOB_GEMM", "avx2")][..]),
+            ("avx512", &[("PROCJOB_GEMM", "avx512")]),
+            ("fixed", &[("PROCJOB_GEMM_BLOCKING", "fixed")]),
+            ("tiny", &[("PROCJOB_GEMM_BLOCKING", "6,8")]),
+            ("avx2-tiny", &[("PROCJOB_GEMM", "avx2"), ("PROCJOB_GEMM_BLOCKING", "12,40")]),
+        ] {
+            let (run, c) = run(name, env, mode);
+            assert_bits_eq(&c, &want, &run.command);
+        }
+    }
+    run("portable", &[("PROCJOB_GEMM", "portable")], "seq");
+    let (bogus, c) = run("bogus", &[("PROCJOB_GEMM", "sse9")], "seq");
+    assert!(bogus.stderr.contains("ignoring PROCJOB_GEMM=\"sse9\""), "{}: {}", bogus.command, bogus.stderr);
+    assert_bits_eq(&c, &want, &bogus.command);
+}
+
+#[test]
+fn forced_kernels_and_blockings_agree_f64() {
+    let a = Matrix::<f64>::from_fn(37, 600, |i, j| ((i * 600 + j) as f64 * 0.618).sin() / 3.0);
+    let b = Matrix::<f64>::from_fn(600, 75, |i, j| ((i * 75 + j) as f64 * 0.377).cos() * 7.0);
+    forced_kernels_and_blockings_agree(a, b);
+}
+
+#[test]
+fn forced_kernels_and_blockings_agree_f32() {
+    let a = Matrix::<f32>::from_fn(37, 600, |i, j| ((i * 600 + j) as f32 * 0.618).sin() / 3.0);
+    let b = Matrix::<f32>::from_fn(600, 75, |i, j| ((i * 75 + j) as f32 * 0.377).cos() * 7.0);
+    forced_kernels_and_blockings_agree(a, b);
+}

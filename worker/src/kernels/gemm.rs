@@ -11,8 +11,18 @@
 //! AVX2 ones when it has AVX2 and FMA (checked at run time with
 //! `is_x86_feature_detected!`), and return `false` otherwise, so the caller
 //! can fall back to another kernel (`kernels/float.rs` uses matrixmultiply).
+//! `PROCJOB_GEMM=avx2|avx512|portable`, read once per process
+//! (`machine.rs`), forces a kernel the CPU can run (`portable`: return
+//! `false`, the fallback).
 //!
-//! | kernel | tile `MR × NR` | accumulators | `KC` | `MC` | `NC` |
+//! `MC` and `NC` come from the caches the CPU reports (`blocking.rs`: BLIS's
+//! analytical model applied to the loop order below — `NC` so that the
+//! packed `B` block fills the L2 ways left by `C` and the `A` panels, `MC` so
+//! that the packed `A` block fills this CPU's share of the L3 ways left by
+//! `C` and the `B` block); the constants in this table are the fallback when
+//! the caches are unknown.
+//!
+//! | kernel | tile `MR × NR` | accumulators | `KC` | fallback `MC` | fallback `NC` |
 //! |---|---|---|---|---|---|
 //! | `f64`, AVX2 | 6 × 8 | 12 `ymm` (6 rows × 2 × 4 lanes) | 256 | 1008 | 128 |
 //! | `f32`, AVX2 | 6 × 16 | 12 `ymm` (6 rows × 2 × 8 lanes) | 256 | 1008 | 256 |
@@ -27,11 +37,12 @@
 //! (each packed once per `pc` and `ic`, just before the first `jc` block
 //! uses it) → `jr` over the `NR`-column panels of the `B` block →
 //! microkernel. This is OpenBLAS's order on Skylake-X: the packed `KC × NC`
-//! block of `B` (256 KiB for the AVX2 kernels, 768 KiB for AVX-512) sits in
+//! block of `B` (with the fallback constants 256 KiB for the AVX2 kernels,
+//! 768 KiB for AVX-512; with the derived blocking most of L2) sits in
 //! L2 and streams into the microkernel (which prefetches it four steps of
 //! `p` ahead); one `MR × KC` panel of `A` (12 KiB for AVX-512 `f64`) stays in
 //! L1 across the `NC / NR` tiles of a column block; the block of packed `A`
-//! (about `MC × KC`, 2–3 MiB `f64`) waits in L3 for the next column block; and
+//! (about `MC × KC`: 2–3 MiB `f64` with the fallback `MC`) waits in L3 for the next column block; and
 //! consecutive tiles lie side by side along rows of `C`, so the `C` lines a
 //! tile reads and writes follow each other in memory.
 //! The AVX2 kernels were first tuned on one core of an AMD EPYC (Zen 3:
@@ -130,7 +141,8 @@
 //! # Buffers
 //!
 //! The packed panels live in one 64-byte-aligned buffer per thread
-//! (up to `1.5 × MC × KC` of `A` — 3 MiB for `f64` — plus `KC × NC` of `B` and one
+//! (up to `1.5 × MC × KC` of `A` — 3 MiB for `f64` with the fallback `MC`,
+//! up to 12 MiB with the largest derived one — plus `KC × NC` of `B` and one
 //! scratch tile, or less for small shapes), grown on demand and kept for the
 //! next call: a fresh buffer per call measured slower on thin blocks, where
 //! packing is most of the work (`docs/kernels.md`, "Tile shapes and
@@ -141,6 +153,10 @@
 use std::cell::Cell;
 use std::mem::size_of;
 use std::ops::Add;
+use std::sync::OnceLock;
+
+use super::blocking::{Blocking, Tile};
+use super::machine::{chosen_isa, Isa};
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -148,7 +164,8 @@ use std::arch::x86_64::*;
 /// `C = A·B` (or `C += A·B` with `accumulate`) in `f64` with the AVX2+FMA
 /// kernel; `a` is `rows × k`, `b` is `k × n`, `c` is `rows × n`, row-major and
 /// contiguous. Returns `false`, leaving `c` untouched, when the CPU lacks
-/// AVX2 or FMA (or is not x86-64); the caller then needs another kernel.
+/// AVX2 or FMA (or is not x86-64), or `PROCJOB_GEMM=portable` asks for the
+/// fallback; the caller then needs another kernel.
 ///
 /// See the [module docs](self) for the blocking and why the bits of a row do
 /// not depend on `rows`. NaNs come out with whatever sign and payload the
@@ -159,10 +176,10 @@ use std::arch::x86_64::*;
 /// If the slice lengths do not fit the shape.
 #[must_use]
 pub fn dgemm(a: &[f64], b: &[f64], c: &mut [f64], rows: usize, k: usize, n: usize, accumulate: bool) -> bool {
-    if F64x32::supported() {
-        gemm::<F64x32>(a, b, c, rows, k, n, accumulate, Blocking::default_for::<F64x32>())
-    } else {
-        gemm::<F64>(a, b, c, rows, k, n, accumulate, Blocking::default_for::<F64>())
+    match chosen_isa(best_isa) {
+        Isa::Avx512 => gemm::<F64x32>(a, b, c, rows, k, n, accumulate, F64x32::blocking()),
+        Isa::Avx2 => gemm::<F64>(a, b, c, rows, k, n, accumulate, F64::blocking()),
+        Isa::Portable => false,
     }
 }
 
@@ -173,10 +190,10 @@ pub fn dgemm(a: &[f64], b: &[f64], c: &mut [f64], rows: usize, k: usize, n: usiz
 /// If the slice lengths do not fit the shape.
 #[must_use]
 pub fn sgemm(a: &[f32], b: &[f32], c: &mut [f32], rows: usize, k: usize, n: usize, accumulate: bool) -> bool {
-    if F32x64::supported() {
-        gemm::<F32x64>(a, b, c, rows, k, n, accumulate, Blocking::default_for::<F32x64>())
-    } else {
-        gemm::<F32>(a, b, c, rows, k, n, accumulate, Blocking::default_for::<F32>())
+    match chosen_isa(best_isa) {
+        Isa::Avx512 => gemm::<F32x64>(a, b, c, rows, k, n, accumulate, F32x64::blocking()),
+        Isa::Avx2 => gemm::<F32>(a, b, c, rows, k, n, accumulate, F32::blocking()),
+        Isa::Portable => false,
     }
 }
 
@@ -206,12 +223,22 @@ trait Micro {
     /// Depth chunk. Part of the arithmetic (see the module docs): changing it
     /// changes the bits of `C`.
     const KC: usize;
-    /// Rows of `A` packed at a time (a multiple of `MR`; `drive` evens the
-    /// blocks out up to 1.5 times it); only groups work.
+    /// The fallback for rows of `A` packed at a time (a multiple of `MR`;
+    /// `drive` evens the blocks out up to 1.5 times it), used when the
+    /// caches are unknown; only groups work.
     const MC: usize;
-    /// Most columns of `B` packed at a time (a multiple of `NR`; `drive`
-    /// evens the blocks out below it); only groups work.
+    /// The fallback for most columns of `B` packed at a time (a multiple of
+    /// `NR`; `drive` evens the blocks out below it); only groups work.
     const NC: usize;
+
+    /// The blocking this kernel runs with on this machine
+    /// ([`Blocking::for_machine`]), computed on the first call.
+    fn blocking() -> Blocking;
+
+    /// The constants [`Micro::MC`] and [`Micro::NC`] as a [`Blocking`].
+    fn fixed() -> Blocking {
+        Blocking { mc: Self::MC, nc: Self::NC }
+    }
 
     /// Whether this CPU has the instructions [`Micro::tile`] and
     /// [`Micro::blocked`] are compiled for.
@@ -268,6 +295,11 @@ macro_rules! kernel {
 
             fn supported() -> bool {
                 $supported
+            }
+
+            fn blocking() -> Blocking {
+                static BLOCKING: OnceLock<Blocking> = OnceLock::new();
+                *BLOCKING.get_or_init(|| Blocking::for_machine(Tile::of::<$t>($mr, $nr, Self::KC), Self::fixed()))
             }
 
             #[allow(clippy::too_many_arguments)]
@@ -465,20 +497,14 @@ const PREFETCH_A_F32: usize = 48;
 /// AVX2 rows, one line each, the second repeats the first).
 const PREFETCH_B_STEPS: usize = 4;
 
-/// The `MC`/`NC` cache blocking of one call. Only groups work (module docs,
-/// point 4); the tests shrink it to cross every blocking edge.
-#[derive(Clone, Copy, Debug)]
-struct Blocking {
-    /// Rows packed at a time (up to 1.5 times it, see `drive`), a positive
-    /// multiple of `MR`.
-    mc: usize,
-    /// Most columns packed at a time, a positive multiple of `NR`.
-    nc: usize,
-}
-
-impl Blocking {
-    fn default_for<M: Micro>() -> Blocking {
-        Blocking { mc: M::MC, nc: M::NC }
+/// The best of the GEMM's instruction sets this CPU has.
+fn best_isa() -> Isa {
+    if has_avx512() {
+        Isa::Avx512
+    } else if is_supported() {
+        Isa::Avx2
+    } else {
+        Isa::Portable
     }
 }
 
@@ -821,7 +847,7 @@ mod tests {
     }
 
     fn whole<T: Elem, M: Micro<T = T>>(a: &[T], b: &[T], m: usize, k: usize, n: usize) -> Vec<T> {
-        run::<T, M>(a, b, &vec![T::from_f64(f64::NAN); m * n], m, k, n, false, Blocking::default_for::<M>())
+        run::<T, M>(a, b, &vec![T::from_f64(f64::NAN); m * n], m, k, n, false, M::blocking())
     }
 
     /// Cuts the `m` rows into blocks of `rows`, multiplies each on its own
@@ -831,7 +857,7 @@ mod tests {
         for r0 in (0..m).step_by(rows) {
             let h = rows.min(m - r0);
             let junk = vec![T::from_f64(-3.5); h * n];
-            c.extend(run::<T, M>(&a[r0 * k..(r0 + h) * k], b, &junk, h, k, n, false, Blocking::default_for::<M>()));
+            c.extend(run::<T, M>(&a[r0 * k..(r0 + h) * k], b, &junk, h, k, n, false, M::blocking()));
         }
         c
     }
@@ -953,12 +979,22 @@ mod tests {
             let b = random::<T>(&mut rng, k * n);
             let c0 = random::<T>(&mut rng, m * n);
             for acc in [false, true] {
-                let want = bits(&run::<T, M>(&a, &b, &c0, m, k, n, acc, Blocking::default_for::<M>()));
+                let want = bits(&run::<T, M>(&a, &b, &c0, m, k, n, acc, M::blocking()));
                 // Row blocks are evened out up to 1.5 × mc: (4·mr, …) cuts
-                // 50 rows 30 + 20, (2·mr, …) 18 + 18 + 14.
-                for (mc, nc) in
-                    [(mr, nr), (2 * mr, 3 * nr), (4 * mr, nr), (7 * mr, nr), (mr, 5 * nr), (48 * mr, 64 * nr)]
-                {
+                // 50 rows 30 + 20, (2·mr, …) 18 + 18 + 14. The constants,
+                // and what the model gives for the machines of its tests.
+                let fixed = M::fixed();
+                for (mc, nc) in [
+                    (mr, nr),
+                    (2 * mr, 3 * nr),
+                    (4 * mr, nr),
+                    (7 * mr, nr),
+                    (mr, 5 * nr),
+                    (48 * mr, 64 * nr),
+                    (fixed.mc, fixed.nc),
+                    (894, 384usize.next_multiple_of(nr)),
+                    (4092, 896usize.next_multiple_of(nr)),
+                ] {
                     let got = bits(&run::<T, M>(&a, &b, &c0, m, k, n, acc, Blocking { mc, nc }));
                     assert!(got == want, "{m}x{k}x{n}, accumulate {acc}, MC {mc}, NC {nc}");
                 }
@@ -993,7 +1029,7 @@ mod tests {
             let (want, mag) = naive(&a, &b, m, k, n);
             let got = whole::<T, M>(&a, &b, m, k, n);
             let c0 = random::<T>(&mut rng, m * n);
-            let summed = run::<T, M>(&a, &b, &c0, m, k, n, true, Blocking::default_for::<M>());
+            let summed = run::<T, M>(&a, &b, &c0, m, k, n, true, M::blocking());
             for idx in 0..m * n {
                 let tol = 2.0 * k as f64 * T::EPS * mag[idx];
                 let (x, y) = (got[idx].to_f64(), want[idx].to_f64());
@@ -1083,8 +1119,8 @@ mod tests {
             let c0 = random::<T>(&mut rng, m * n);
             assert!(bits(&whole::<T, W>(&a, &b, m, k, n)) == bits(&whole::<T, M>(&a, &b, m, k, n)), "{m}x{k}x{n}");
             let with = |blk| bits(&run::<T, W>(&a, &b, &c0, m, k, n, true, blk));
-            let want = bits(&run::<T, M>(&a, &b, &c0, m, k, n, true, Blocking::default_for::<M>()));
-            assert!(with(Blocking::default_for::<W>()) == want, "{m}x{k}x{n}, accumulate");
+            let want = bits(&run::<T, M>(&a, &b, &c0, m, k, n, true, M::blocking()));
+            assert!(with(W::blocking()) == want, "{m}x{k}x{n}, accumulate");
         }
     }
 

@@ -139,15 +139,19 @@
 //! # Rooms
 //!
 //! `dispatch` holds the [`Kernel`] trait and which kernel each
-//! element type runs; `float` the `f64`/`f32` wrappers around [`gemm`] and
+//! element type runs; `machine` what the CPU offers [`gemm`] (its caches,
+//! read from sysfs, and the instruction set, or the one `PROCJOB_GEMM`
+//! forces); `blocking` the `MC`/`NC` derived from those caches; `float` the `f64`/`f32` wrappers around [`gemm`] and
 //! matrixmultiply; `integer` the two `i64` paths; `tiled` the cache-blocked
 //! scalar kernel the wrapping path runs; `tests` the tests of all of them
 //! against [`matmul_naive`].
 
+mod blocking;
 mod dispatch;
 mod float;
 pub mod gemm;
 mod integer;
+mod machine;
 mod tiled;
 
 #[cfg(test)]
