@@ -838,14 +838,18 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
         );
     }
     let json = args.json;
+    let mut over_ideal = false;
     let reports = crate::cli::bench::run(&sweep, |r| {
         if json {
             let _ = writeln!(out, "{}", serde_json::to_string(r).expect("reports serialize"));
         } else {
-            print_case(&mut out, r);
+            over_ideal |= print_case(&mut out, r);
         }
         let _ = out.flush();
     })?;
+    if over_ideal {
+        let _ = writeln!(out, "\n{OVER_IDEAL}");
+    }
     if let Some(dir) = &args.plot {
         let paths =
             crate::cli::plot::write_charts(&reports, dir).map_err(|e| CliError::usage(format!("--plot: {e}")))?;
@@ -881,22 +885,43 @@ fn check_plot_dir(dir: &Path) -> Result<(), CliError> {
         .map_err(|e| CliError::usage(format!("--plot {}: cannot write there: {e}", dir.display())))
 }
 
-fn print_case(out: &mut impl Write, r: &crate::cli::bench::CaseReport) {
+/// The footnote of an efficiency shown above 100%.
+const OVER_IDEAL: &str = "* above 100% of the ideal: noise. The ideal and the mode ran in the same \
+                          rounds, and a mode cannot beat the same kernel on threads with its inputs \
+                          already in place; read it as 100%.";
+
+/// How a mode's time compares with seq's: "1.25× faster than seq", or
+/// "level with seq" when the two round to the same.
+fn relative_to_seq(speedup: f64) -> String {
+    if format!("{speedup:.2}") == "1.00" {
+        "level with seq".to_string()
+    } else if speedup >= 1.0 {
+        format!("{speedup:.2}× faster than seq")
+    } else {
+        format!("{:.2}× slower than seq", 1.0 / speedup)
+    }
+}
+
+/// "  94% of ideal (97.1 ms)", marked with `*` above 100% (see
+/// [`OVER_IDEAL`]); and whether it was.
+fn efficiency_text(efficiency: f64, ideal_s: f64) -> (String, bool) {
+    let percent = (efficiency * 100.0).round();
+    let over = percent > 100.0;
+    (format!("  {:>4.0}%{} of ideal ({})", percent, if over { "*" } else { "" }, secs(ideal_s)), over)
+}
+
+/// Prints one case of the sweep; returns whether its efficiency is shown
+/// above 100%.
+fn print_case(out: &mut impl Write, r: &crate::cli::bench::CaseReport) -> bool {
     if r.mode == "seq" {
         let _ = writeln!(out, "\nsize {}:", r.size);
     }
     let s = &r.stats;
     let rate = if r.dtype == "i64" { "GOP/s" } else { "GFLOP/s" };
-    let relative = if r.mode == "seq" {
-        "baseline".to_string()
-    } else if r.speedup_vs_seq >= 1.0 {
-        format!("{:.2}× faster than seq", r.speedup_vs_seq)
-    } else {
-        format!("{:.2}× slower than seq", 1.0 / r.speedup_vs_seq)
-    };
-    let efficiency = match (r.efficiency, r.ideal_median_s) {
-        (Some(e), Some(i)) => format!("  {:>4.0}% of ideal ({})", e * 100.0, secs(i)),
-        _ => String::new(),
+    let relative = if r.mode == "seq" { "baseline".to_string() } else { relative_to_seq(r.speedup_vs_seq) };
+    let (efficiency, over) = match (r.efficiency, r.ideal_median_s) {
+        (Some(e), Some(i)) => efficiency_text(e, i),
+        _ => (String::new(), false),
     };
     let _ = writeln!(
         out,
@@ -910,6 +935,7 @@ fn print_case(out: &mut impl Write, r: &crate::cli::bench::CaseReport) {
         relative,
         r.gflops,
     );
+    over
 }
 
 /// One JSON object per mode (docs/cli.md).
@@ -1141,5 +1167,25 @@ fn bytes(b: u64) -> String {
         format!("{:.1} MiB", b / 1024.0 / 1024.0)
     } else {
         format!("{:.2} GiB", b / 1024.0 / 1024.0 / 1024.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_speedup_that_rounds_to_one_is_level_not_faster() {
+        assert_eq!(relative_to_seq(1.004), "level with seq");
+        assert_eq!(relative_to_seq(0.996), "level with seq");
+        assert_eq!(relative_to_seq(1.25), "1.25× faster than seq");
+        assert_eq!(relative_to_seq(0.5), "2.00× slower than seq");
+    }
+
+    #[test]
+    fn an_efficiency_over_100_percent_is_marked_for_its_footnote() {
+        assert_eq!(efficiency_text(0.94, 0.0971), ("    94% of ideal (97.1 ms)".to_string(), false));
+        assert_eq!(efficiency_text(1.004, 0.0971), ("   100% of ideal (97.1 ms)".to_string(), false));
+        assert_eq!(efficiency_text(1.30, 0.0971), ("   130%* of ideal (97.1 ms)".to_string(), true));
     }
 }
