@@ -710,7 +710,7 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
     if !args.json {
         let _ = writeln!(
             out,
-            "procjob matmul: C = A × B, {} {m}×{k} · {k}×{n}, {} processes, {} blocks, temp folder {}",
+            "procjob matmul: C = A × B, {} {m}×{k} · {k}×{n}, {} processes, {} blocks\n  temp folder {}",
             inputs.dtype(),
             settings.processes,
             settings.blocks,
@@ -727,7 +727,7 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
     // modes after it (six of them at 4000² would be 768 MB, and forked
     // workers would inherit them).
     let mut last_c = None;
-    let mut table = Table::new();
+    let mut table = Table::new(table_width() >= Table::FULL_WIDTH);
     for &mode in &modes {
         if let Some(signal) = crate::signals::received() {
             return Err(Error::Interrupted { signal }.into());
@@ -833,17 +833,19 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
     if !args.json {
         let _ = writeln!(
             out,
-            "procjob bench: {dtype} n×n · n×n, {} timed runs per case after {} warm-up; efficiency = median of paired ideal/run ratios",
+            "procjob bench: {dtype} n×n · n×n, {} timed runs per case after {} warm-up;\n\
+             efficiency = median of paired ideal/run ratios",
             args.repeat, args.warmup
         );
     }
     let json = args.json;
+    let wide = table_width() >= FULL_BENCH_WIDTH;
     let mut over_ideal = false;
     let reports = crate::cli::bench::run(&sweep, |r| {
         if json {
             let _ = writeln!(out, "{}", serde_json::to_string(r).expect("reports serialize"));
         } else {
-            over_ideal |= print_case(&mut out, r);
+            over_ideal |= print_case(&mut out, r, wide);
         }
         let _ = out.flush();
     })?;
@@ -885,9 +887,13 @@ fn check_plot_dir(dir: &Path) -> Result<(), CliError> {
         .map_err(|e| CliError::usage(format!("--plot {}: cannot write there: {e}", dir.display())))
 }
 
+/// The columns a wide bench row takes; narrower, a row leaves out the
+/// range and the ideal's time.
+const FULL_BENCH_WIDTH: usize = 136;
+
 /// The footnote of an efficiency shown above 100%.
-const OVER_IDEAL: &str = "* above 100% of the ideal: noise. The ideal and the mode ran in the same \
-                          rounds, and a mode cannot beat the same kernel on threads with its inputs \
+const OVER_IDEAL: &str = "* above 100% of the ideal: noise. The ideal and the mode ran in the same\n\
+                          rounds, and a mode cannot beat the same kernel on threads with its inputs\n\
                           already in place; read it as 100%.";
 
 /// How a mode's time compares with seq's: "1.25× faster than seq", or
@@ -902,17 +908,23 @@ fn relative_to_seq(speedup: f64) -> String {
     }
 }
 
-/// "  94% of ideal (97.1 ms)", marked with `*` above 100% (see
-/// [`OVER_IDEAL`]); and whether it was.
-fn efficiency_text(efficiency: f64, ideal_s: f64) -> (String, bool) {
+/// "  94% of ideal (97.1 ms)" (without the time when `ideal_s` is
+/// `None`), marked with `*` above 100% (see [`OVER_IDEAL`]); and whether
+/// it was.
+fn efficiency_text(efficiency: f64, ideal_s: Option<f64>) -> (String, bool) {
     let percent = (efficiency * 100.0).round();
     let over = percent > 100.0;
-    (format!("  {:>4.0}%{} of ideal ({})", percent, if over { "*" } else { "" }, secs(ideal_s)), over)
+    let mark = if over { "*" } else { "" };
+    let text = match ideal_s {
+        Some(i) => format!("  {percent:>4.0}%{mark} of ideal ({})", secs(i)),
+        None => format!(" {percent:>4.0}%{mark} ideal"),
+    };
+    (text, over)
 }
 
-/// Prints one case of the sweep; returns whether its efficiency is shown
-/// above 100%.
-fn print_case(out: &mut impl Write, r: &crate::cli::bench::CaseReport) -> bool {
+/// Prints one case of the sweep, with its range and the ideal's time when
+/// `wide`; returns whether its efficiency is shown above 100%.
+fn print_case(out: &mut impl Write, r: &crate::cli::bench::CaseReport, wide: bool) -> bool {
     if r.mode == "seq" {
         let _ = writeln!(out, "\nsize {}:", r.size);
     }
@@ -920,9 +932,23 @@ fn print_case(out: &mut impl Write, r: &crate::cli::bench::CaseReport) -> bool {
     let rate = if r.dtype == "i64" { "GOP/s" } else { "GFLOP/s" };
     let relative = if r.mode == "seq" { "baseline".to_string() } else { relative_to_seq(r.speedup_vs_seq) };
     let (efficiency, over) = match (r.efficiency, r.ideal_median_s) {
-        (Some(e), Some(i)) => efficiency_text(e, i),
+        (Some(e), Some(i)) => efficiency_text(e, wide.then_some(i)),
         _ => (String::new(), false),
     };
+    if !wide {
+        let relative = relative.trim_end_matches(" than seq").trim_end_matches(" with seq");
+        let _ = writeln!(
+            out,
+            "  {:<10} P={:<2} {:>9} ± {:>7} {:>12} {:>6.1} {rate}{efficiency}",
+            r.mode,
+            r.processes,
+            secs(s.mean_s),
+            secs(s.stddev_s),
+            relative,
+            r.gflops,
+        );
+        return over;
+    }
     let _ = writeln!(
         out,
         "  {:<10} P={:<2} {:>9} ± {:>8}  [{:>9} … {:>9}]  {:>22}  {:>7.1} {rate}{efficiency}",
@@ -1052,17 +1078,47 @@ fn median_index(xs: &[f64]) -> usize {
     idx[(xs.len() - 1) / 2]
 }
 
-/// The human table, one row per mode as it finishes.
+/// Columns the human tables may fill: the terminal's width when stdout is
+/// one, else `COLUMNS`, else 80.
+fn table_width() -> usize {
+    use std::io::IsTerminal;
+    let terminal = std::io::stdout().is_terminal().then(terminal_columns).flatten();
+    terminal
+        .or_else(|| std::env::var("COLUMNS").ok().and_then(|c| c.trim().parse().ok()))
+        .filter(|&w| w > 0)
+        .unwrap_or(80)
+}
+
+/// The width of the terminal on stdout, if the system says.
+fn terminal_columns() -> Option<usize> {
+    let mut size = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes one winsize into the struct passed, which
+    // lives for the call.
+    let done = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) };
+    (done == 0 && size.ws_col > 0).then_some(usize::from(size.ws_col))
+}
+
+/// The human table, one row per mode as it finishes: every column on a
+/// terminal wide enough, else the ones that fit 80 columns, with the
+/// phases in a table of their own after it.
 struct Table {
     header_done: bool,
+    wide: bool,
 }
 
 impl Table {
-    fn new() -> Table {
-        Table { header_done: false }
+    /// The columns the wide table takes.
+    const FULL_WIDTH: usize = 124;
+
+    fn new(wide: bool) -> Table {
+        Table { header_done: false, wide }
     }
 
     fn row(&mut self, out: &mut impl Write, r: &ModeReport) {
+        if !self.wide {
+            self.narrow_row(out, r);
+            return;
+        }
         if !self.header_done {
             let _ = writeln!(
                 out,
@@ -1101,14 +1157,63 @@ impl Table {
         );
     }
 
+    /// A row of the table that fits 80 columns (the phases follow in the
+    /// footer).
+    fn narrow_row(&mut self, out: &mut impl Write, r: &ModeReport) {
+        if !self.header_done {
+            let _ = writeln!(
+                out,
+                "{:<11} {:>9} {:>8} {:>8}  {:>10}  {:>10}  C = seq",
+                "mode",
+                "wall",
+                "speedup",
+                rate_label(r.dtype),
+                "to workers",
+                "from wkrs",
+            );
+            self.header_done = true;
+        }
+        let _ = writeln!(
+            out,
+            "{:<11} {:>9} {:>8} {:>8.2}  {:>10}  {:>10}  {}",
+            r.mode,
+            secs(r.wall_s),
+            r.speedup_vs_seq.map_or("–".to_string(), |s| format!("{s:.2}×")),
+            r.gflops,
+            bytes(r.bytes_to_workers),
+            bytes(r.bytes_from_workers),
+            match r.matches_seq {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "unchecked",
+            }
+        );
+    }
+
     fn footer(&self, out: &mut impl Write, reports: &[ModeReport]) {
         let Some(first) = reports.first() else { return };
         let reps = first.walls_s.len();
         let _ = writeln!(
             out,
-            "wall: median of {reps} repetition{} (the first includes starting workers and, in memmap modes, dumping A and B); to/from workers: bytes through the pipes",
+            "wall: median of {reps} repetition{} (the first includes starting workers and,\n\
+             in memmap modes, dumping A and B); to/from workers: bytes through the pipes",
             if reps == 1 { "" } else { "s" }
         );
+        if !self.wide {
+            let _ = writeln!(out, "\n{:<11} {:>9} {:>9} {:>9} {:>9}", "phases", "dump", "spawn", "compute", "collect");
+            for r in reports {
+                let p = &r.phases;
+                let _ = writeln!(
+                    out,
+                    "{:<11} {:>9} {:>9} {:>9} {:>9}",
+                    r.mode,
+                    secs(p.dump_s),
+                    secs(p.spawn_s),
+                    secs(p.compute_s),
+                    secs(p.collect_s)
+                );
+            }
+        }
         let _ = writeln!(
             out,
             "\n{:<11} {:>6} {:>13} {:>13} {:>13} {:>15}",
@@ -1130,9 +1235,10 @@ impl Table {
         }
         let _ = writeln!(
             out,
-            "peaks, summed over workers. RSS: every page a process touched, shared ones too; USS: its private \
-             pages only;\nPSS: private pages plus an even share of each shared page, so PSS sums to the real total. \
-             A B copied\ninto every worker shows in USS; a mapped B shared by all shows in RSS and PSS, not USS."
+            "peaks, summed over workers. RSS: every page a process touched, shared ones\n\
+             too; USS: its private pages only; PSS: private pages plus an even share of\n\
+             each shared page, so PSS sums to the real total. A B copied into every\n\
+             worker shows in USS; a mapped B shared by all shows in RSS and PSS, not USS."
         );
     }
 }
@@ -1184,8 +1290,9 @@ mod tests {
 
     #[test]
     fn an_efficiency_over_100_percent_is_marked_for_its_footnote() {
-        assert_eq!(efficiency_text(0.94, 0.0971), ("    94% of ideal (97.1 ms)".to_string(), false));
-        assert_eq!(efficiency_text(1.004, 0.0971), ("   100% of ideal (97.1 ms)".to_string(), false));
-        assert_eq!(efficiency_text(1.30, 0.0971), ("   130%* of ideal (97.1 ms)".to_string(), true));
+        assert_eq!(efficiency_text(0.94, Some(0.0971)), ("    94% of ideal (97.1 ms)".to_string(), false));
+        assert_eq!(efficiency_text(1.004, Some(0.0971)), ("   100% of ideal (97.1 ms)".to_string(), false));
+        assert_eq!(efficiency_text(1.30, Some(0.0971)), ("   130%* of ideal (97.1 ms)".to_string(), true));
+        assert_eq!(efficiency_text(1.30, None), ("  130%* ideal".to_string(), true));
     }
 }
