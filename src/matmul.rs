@@ -137,20 +137,20 @@ impl Inputs {
     }
 }
 
-/// A `rows × cols` vector's worth of room, reserved fallibly: a size that
+/// A `rows × cols` array of zeros, allocated fallibly: a size that
 /// overflows, or that memory (or `ulimit -v`) cannot hold, is an error
 /// naming `what`, not an abort.
-fn reserve<T>(what: &str, dtype: DType, rows: usize, cols: usize) -> Result<Vec<T>, Error> {
-    let too_big = |bytes: u128| Error::OutOfMemory {
+fn zeros(what: &str, dtype: DType, rows: usize, cols: usize) -> Result<Array, Error> {
+    Array::try_zeros(dtype, vec![rows, cols]).map_err(|e| Error::OutOfMemory {
         what: format!("{what} ({rows}×{cols} {dtype})"),
-        bytes: u64::try_from(bytes).unwrap_or(u64::MAX),
-    };
-    let len = rows.checked_mul(cols).ok_or_else(|| too_big(rows as u128 * cols as u128 * dtype.size() as u128))?;
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| too_big(len as u128 * dtype.size() as u128))?;
-    Ok(v)
+        bytes: match e {
+            procjob_worker::array::ArrayError::OutOfMemory { bytes, .. } => bytes,
+            _ => u64::MAX,
+        },
+    })
 }
 
+/// A `rows × cols` array whose element (i, j) is `f(i, j)`, cast to `dtype`.
 fn filled(
     what: &str,
     dtype: DType,
@@ -158,37 +158,25 @@ fn filled(
     cols: usize,
     mut f: impl FnMut(usize, usize) -> i64,
 ) -> Result<Array, Error> {
-    fn build<T: Element>(
-        what: &str,
-        rows: usize,
-        cols: usize,
-        mut f: impl FnMut(usize, usize) -> T,
-    ) -> Result<Array, Error> {
-        let mut v = reserve(what, T::DTYPE, rows, cols)?;
-        for i in 0..rows {
-            for j in 0..cols {
-                v.push(f(i, j));
-            }
+    fn fill<T: Element>(a: &mut Array, cols: usize, mut f: impl FnMut(usize, usize) -> T) -> Result<(), Error> {
+        let values = a.as_mut_slice::<T>().map_err(|source| Error::Array { what: "new inputs".into(), source })?;
+        for (at, v) in values.iter_mut().enumerate() {
+            *v = f(at / cols, at % cols);
         }
-        Ok(Array::from_vec(vec![rows, cols], v))
+        Ok(())
     }
+    let mut a = zeros(what, dtype, rows, cols)?;
     match dtype {
-        DType::I64 => build::<i64>(what, rows, cols, f),
-        DType::F64 => build::<f64>(what, rows, cols, |i, j| f(i, j) as f64),
-        DType::F32 => build::<f32>(what, rows, cols, |i, j| f(i, j) as f32),
-    }
+        DType::I64 => fill::<i64>(&mut a, cols, f),
+        DType::F64 => fill::<f64>(&mut a, cols, |i, j| f(i, j) as f64),
+        DType::F32 => fill::<f32>(&mut a, cols, |i, j| f(i, j) as f32),
+    }?;
+    Ok(a)
 }
 
-/// An `m × n` C of zeros, allocated fallibly: a size that overflows, or
-/// that memory (or `ulimit -v`) cannot hold, is an error naming C.
+/// An `m × n` C of zeros, allocated fallibly (see [`zeros`]).
 pub(crate) fn zeros_c(dtype: DType, m: usize, n: usize) -> Result<Array, Error> {
-    Array::try_zeros(dtype, vec![m, n]).map_err(|e| Error::OutOfMemory {
-        what: format!("C ({m}×{n} {dtype})"),
-        bytes: match e {
-            procjob_worker::array::ArrayError::OutOfMemory { bytes, .. } => bytes,
-            _ => u64::MAX,
-        },
-    })
+    zeros("C", dtype, m, n)
 }
 
 /// A small, fast, seedable generator (Steele et al.'s SplitMix64).

@@ -66,9 +66,10 @@ impl CallCore<'_> {
         for w in expired {
             if self.pool().reply_arriving(w) {
                 // The worker has finished and is answering: give the answer
-                // time to be read, without killing it for our own delay.
+                // time to be read, without killing it for our own delay (at
+                // least a moment, so that a tiny limit does not spin here).
                 if let Some(flight) = self.in_flight[w].as_mut() {
-                    flight.deadline = batch_deadline(now, limit, 1);
+                    flight.deadline = batch_deadline(now, limit.max(Duration::from_millis(10)), 1);
                 }
                 continue;
             }
