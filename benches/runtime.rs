@@ -49,7 +49,7 @@ impl Task for Len {
 #[divan::bench(sample_count = 30)]
 fn spawn_and_handshake(bencher: Bencher) {
     bencher.bench_local(|| {
-        let mut p = Parallel::new().n_jobs(1);
+        let mut p = Parallel::new().n_jobs(1).in_process(false);
         p.start().unwrap();
         p.shutdown();
     });
@@ -57,7 +57,7 @@ fn spawn_and_handshake(bencher: Bencher) {
 
 #[divan::bench(sample_count = 200)]
 fn empty_task_round_trip(bencher: Bencher) {
-    let mut p = Parallel::new().n_jobs(1).batch_size(BatchSize::Fixed(1));
+    let mut p = Parallel::new().n_jobs(1).in_process(false).batch_size(BatchSize::Fixed(1));
     p.start().unwrap();
     bencher.bench_local(|| p.run::<Noop, _>([1u64]).unwrap());
 }
@@ -66,7 +66,7 @@ fn empty_task_round_trip(bencher: Bencher) {
 fn pipe_throughput(bencher: Bencher) {
     const BYTES: usize = 64 << 20;
     let a = Array::from_vec(vec![BYTES / 8], vec![1.0f64; BYTES / 8]);
-    let mut p = Parallel::new().n_jobs(1).max_nbytes(None);
+    let mut p = Parallel::new().n_jobs(1).in_process(false).max_nbytes(None);
     p.start().unwrap();
     bencher.counter(BytesCount::new(BYTES)).bench_local(|| p.run::<Len, _>([a.clone()]).unwrap());
 }
@@ -84,7 +84,7 @@ impl Task for Zeros {
 #[divan::bench(sample_count = 20)]
 fn result_throughput(bencher: Bencher) {
     const BYTES: usize = 64 << 20;
-    let mut p = Parallel::new().n_jobs(1);
+    let mut p = Parallel::new().n_jobs(1).in_process(false);
     p.start().unwrap();
     bencher.counter(BytesCount::new(BYTES)).bench_local(|| p.run::<Zeros, _>([(BYTES / 8) as u64]).unwrap());
 }

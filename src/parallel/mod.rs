@@ -71,8 +71,11 @@
 mod builder;
 mod call;
 mod encoder;
+mod env;
+mod here;
 mod iter;
 mod shell;
+mod verbose;
 
 pub use builder::{resolve_n_jobs, CallStats, Parallel, Progress, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_NBYTES};
 pub use iter::{Ordered, Unordered};
