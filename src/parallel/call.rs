@@ -67,8 +67,8 @@ pub(super) trait TaskCodec {
 /// How a call runs: on the pool's workers, in this process, or not at all
 /// (no input).
 pub(super) enum Engine<'p> {
-    /// On the pool's worker processes.
-    Pool(CallCore<'p>),
+    /// On the pool's worker processes (boxed: the core is large).
+    Pool(Box<CallCore<'p>>),
     /// In this process, one task after another.
     Here(InProcess<'p>),
     /// Nothing to run: the input was empty.

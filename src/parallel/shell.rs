@@ -69,7 +69,7 @@ impl<'p, T: Task, I: Iterator<Item = T::Input>> Call<'p, T, I> {
         } else {
             parallel.check_temp_folder()?;
             let kind = TaskKind { name: name.to_string(), entry: entry_offset::<T>() };
-            Engine::Pool(CallCore::start(parallel, kind, progress)?)
+            Engine::Pool(Box::new(CallCore::start(parallel, kind, progress)?))
         };
         Ok(Call { core, codec: Typed { first, inputs, scratch: Vec::new(), ready: VecDeque::new() } })
     }
