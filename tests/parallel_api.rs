@@ -385,12 +385,14 @@ fn a_batch_sent_to_a_worker_that_just_idled_out_runs_on_a_fresh_one() {
     let mut p = Parallel::new().n_jobs(1).in_process(false).idle_timeout(Some(Duration::from_millis(50)));
     p.run::<Square, _>([1u64]).unwrap();
     let pid = p.worker_pids()[0];
-    // The call starts while the worker lives; its first input is drawn only
-    // once the worker has exited, so the batch meets a closed pipe.
-    let inputs = std::iter::once(()).flat_map(move |()| {
+    // The call starts while the worker lives (its first input, drawn
+    // before the start to learn that there is one, is ready); its second
+    // input is drawn only once the worker has exited, so a batch meets a
+    // closed pipe.
+    let inputs = std::iter::once(2u64).chain(std::iter::once(()).flat_map(move |()| {
         wait_for_exit(pid);
-        [2u64, 3]
-    });
+        [3u64]
+    }));
     assert_eq!(p.run::<Square, _>(inputs).unwrap(), vec![4, 9]);
     assert_ne!(p.worker_pids()[0], pid);
 }

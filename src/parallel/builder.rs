@@ -246,7 +246,10 @@ impl Parallel {
     /// thread, through the same code a worker runs: outputs, errors and
     /// panics come back as from a worker (a panic is caught, and the
     /// [`Error::Task`] names the task and, as its worker, index 0 with this
-    /// process's pid). No worker starts, nothing is dumped or sent
+    /// process's pid). Its message and location are taken by a panic hook
+    /// installed at the first such call, which hands every other panic to
+    /// the hook that was there before; a hook set after it takes its place,
+    /// and such panics then come back with their message only. No worker starts, nothing is dumped or sent
     /// ([`CallStats::in_process`]), and [`worker_pids`](Parallel::worker_pids)
     /// stays as it was. Arrays are handed to the task as a worker would see
     /// them, without copying what a worker could not write (see

@@ -196,6 +196,16 @@ impl<'p> InProcess<'p> {
     }
 }
 
+impl Drop for InProcess<'_> {
+    /// A stream dropped before its end: no task is running, so there is
+    /// nothing to stop but the progress line.
+    fn drop(&mut self) {
+        if !self.done {
+            self.verbose.finish(&self.progress_now(), false);
+        }
+    }
+}
+
 /// `a` as a worker's reply would bring it: owned by the caller alone.
 fn own(a: Array) -> Array {
     if a.is_unshared() || a.is_mapped() {
