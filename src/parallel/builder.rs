@@ -416,7 +416,9 @@ impl Parallel {
     /// [runs in process](Parallel::runs_in_process) starts none).
     pub fn workers(&self) -> Result<usize, Error> {
         self.check_env(Some(Setting::NJobs))?;
-        resolve_n_jobs(self.n_jobs, crate::pool::available_cpus())
+        // Counting the CPUs reads cgroup files (tens of µs): only when asked.
+        let cpus = if self.n_jobs < 0 { crate::pool::available_cpus() } else { 0 };
+        resolve_n_jobs(self.n_jobs, cpus)
     }
 
     /// The pids of the running workers, in slot order (empty before the
