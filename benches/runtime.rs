@@ -3,6 +3,8 @@
 //! - `spawn_and_handshake`: start one worker process and complete the
 //!   handshake (then stop it), per worker.
 //! - `empty_task_round_trip`: one no-op task on a warm worker.
+//! - `empty_task_in_process`: one no-op task with `n_jobs(1)`, which runs
+//!   it in the calling process.
 //! - `pipe_throughput`: 64 MiB inline to a worker and its length back;
 //!   read "MB/s" from the byte counter.
 //! - `result_throughput`: the other way, a 64 MiB array returned by a
@@ -10,6 +12,8 @@
 //!   reference) and read into a new array here.
 //! - `tiny_tasks_batched`: 100,000 no-op tasks on all CPUs with automatic
 //!   batching; read tasks per second from the item counter.
+//! - `tiny_tasks_in_process`: the same tasks with `n_jobs(1)`, in the
+//!   calling process.
 //! - `output_pages`: readying 16 MB of a file-backed output for writing
 //!   (map it read-write, fault its pages in at once), as a memmap-out
 //!   worker does with its rows of C at 2000²: in a new file of the run
@@ -49,7 +53,7 @@ impl Task for Len {
 #[divan::bench(sample_count = 30)]
 fn spawn_and_handshake(bencher: Bencher) {
     bencher.bench_local(|| {
-        let mut p = Parallel::new().n_jobs(1);
+        let mut p = Parallel::new().n_jobs(1).in_process(false);
         p.start().unwrap();
         p.shutdown();
     });
@@ -57,8 +61,14 @@ fn spawn_and_handshake(bencher: Bencher) {
 
 #[divan::bench(sample_count = 200)]
 fn empty_task_round_trip(bencher: Bencher) {
-    let mut p = Parallel::new().n_jobs(1).batch_size(BatchSize::Fixed(1));
+    let mut p = Parallel::new().n_jobs(1).in_process(false).batch_size(BatchSize::Fixed(1));
     p.start().unwrap();
+    bencher.bench_local(|| p.run::<Noop, _>([1u64]).unwrap());
+}
+
+#[divan::bench(sample_count = 200)]
+fn empty_task_in_process(bencher: Bencher) {
+    let mut p = Parallel::new().n_jobs(1);
     bencher.bench_local(|| p.run::<Noop, _>([1u64]).unwrap());
 }
 
@@ -66,7 +76,7 @@ fn empty_task_round_trip(bencher: Bencher) {
 fn pipe_throughput(bencher: Bencher) {
     const BYTES: usize = 64 << 20;
     let a = Array::from_vec(vec![BYTES / 8], vec![1.0f64; BYTES / 8]);
-    let mut p = Parallel::new().n_jobs(1).max_nbytes(None);
+    let mut p = Parallel::new().n_jobs(1).in_process(false).max_nbytes(None);
     p.start().unwrap();
     bencher.counter(BytesCount::new(BYTES)).bench_local(|| p.run::<Len, _>([a.clone()]).unwrap());
 }
@@ -84,7 +94,7 @@ impl Task for Zeros {
 #[divan::bench(sample_count = 20)]
 fn result_throughput(bencher: Bencher) {
     const BYTES: usize = 64 << 20;
-    let mut p = Parallel::new().n_jobs(1);
+    let mut p = Parallel::new().n_jobs(1).in_process(false);
     p.start().unwrap();
     bencher.counter(BytesCount::new(BYTES)).bench_local(|| p.run::<Zeros, _>([(BYTES / 8) as u64]).unwrap());
 }
@@ -94,6 +104,13 @@ fn tiny_tasks_batched(bencher: Bencher) {
     const TASKS: u64 = 100_000;
     let mut p = Parallel::new();
     p.start().unwrap();
+    bencher.counter(ItemsCount::new(TASKS)).bench_local(|| p.run::<Noop, _>(0..TASKS).unwrap());
+}
+
+#[divan::bench(sample_count = 10)]
+fn tiny_tasks_in_process(bencher: Bencher) {
+    const TASKS: u64 = 100_000;
+    let mut p = Parallel::new().n_jobs(1);
     bencher.counter(ItemsCount::new(TASKS)).bench_local(|| p.run::<Noop, _>(0..TASKS).unwrap());
 }
 

@@ -105,10 +105,13 @@ pub mod __private {
 /// binary, and `init` is where a re-execution stops being your program.
 ///
 /// A binary that forgets it fails loudly in the worker ("did not call
-/// procjob::init()") instead of starting workers recursively.
+/// procjob::init()") instead of starting workers recursively. A task that
+/// itself calls [`Parallel`] is fine: in a worker, that call runs its tasks
+/// sequentially in the worker ([`Parallel::runs_in_process`]).
 pub fn init() {
     pool::INIT_CALLED.store(true, std::sync::atomic::Ordering::Relaxed);
     if procjob_worker::serve::is_worker_process() {
+        pool::mark_serving();
         procjob_worker::serve::run_worker(&procjob_worker::Registry::builtin());
     }
 }
@@ -144,6 +147,7 @@ macro_rules! test_support {
 
 #[doc(hidden)]
 pub fn __serve_as_worker() -> ! {
+    pool::mark_serving();
     procjob_worker::serve::run_worker(&procjob_worker::Registry::builtin())
 }
 

@@ -365,6 +365,7 @@ impl<'a> ModeRunner<'a> {
         let (m, _, _) = inputs.dims();
         let mut parallel = Parallel::new()
             .n_jobs(settings.processes as i64)
+            .in_process(false)
             .max_nbytes(None)
             .batch_size(BatchSize::Fixed(1))
             .pre_dispatch(PreDispatch::All)

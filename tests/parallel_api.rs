@@ -145,7 +145,7 @@ fn n_jobs_counts_back_from_cpus_and_refuses_zero() {
 #[test]
 fn arrays_up_to_max_nbytes_travel_inline_and_larger_ones_as_files() {
     const MIB: usize = 1 << 20;
-    let mut p = Parallel::new().n_jobs(1);
+    let mut p = Parallel::new().n_jobs(1).in_process(false);
     // Exactly 1 MiB: inline, so its bytes cross the pipe.
     let seen = p.run::<Inspect, _>([f32_array(MIB / 4)]).unwrap();
     assert!(seen[0].mapped_from.is_none());
@@ -204,7 +204,7 @@ fn large_results_in_a_row_on_one_worker_are_each_their_own() {
         let (a, b) = (a.as_slice::<f64>().unwrap().to_vec(), b.as_slice::<f64>().unwrap().to_vec());
         (0..rows * n).map(|e| (0..k).map(|p| a[e / n * k + p] * b[p * n + e % n]).sum::<f64>()).collect::<Vec<_>>()
     };
-    let mut p = Parallel::new().n_jobs(1).max_nbytes(None);
+    let mut p = Parallel::new().n_jobs(1).in_process(false).max_nbytes(None);
     for t in 0..3 {
         let c = p.run::<procjob::tasks::Dot, _>([inputs(t)]).unwrap();
         assert!(c[0].as_slice::<f64>().unwrap() == expected(t).as_slice(), "call {t}");
@@ -267,7 +267,7 @@ fn an_array_shared_by_many_tasks_is_dumped_once() {
 #[test]
 fn temp_folder_holds_the_dumps_and_is_emptied_after_the_call() {
     let parent = tempfile::tempdir().unwrap();
-    let mut p = Parallel::new().n_jobs(1).temp_folder(parent.path());
+    let mut p = Parallel::new().n_jobs(1).in_process(false).temp_folder(parent.path());
     let seen = p.run::<Inspect, _>([f32_array(1 << 19)]).unwrap();
     let from = seen[0].mapped_from.as_deref().unwrap();
     assert!(from.starts_with(&parent.path().join("procjob-").display().to_string()), "{from}");
@@ -371,7 +371,7 @@ fn the_pool_stays_warm_across_calls_and_sets_thread_counts() {
 
 #[test]
 fn idle_workers_exit_and_the_next_call_starts_new_ones() {
-    let mut p = Parallel::new().n_jobs(1).idle_timeout(Some(Duration::from_millis(50)));
+    let mut p = Parallel::new().n_jobs(1).in_process(false).idle_timeout(Some(Duration::from_millis(50)));
     p.run::<Square, _>([1u64]).unwrap();
     let pid = p.worker_pids()[0];
     // Wait for the exit itself: a pidfd becomes readable when the process ends.
@@ -382,15 +382,17 @@ fn idle_workers_exit_and_the_next_call_starts_new_ones() {
 
 #[test]
 fn a_batch_sent_to_a_worker_that_just_idled_out_runs_on_a_fresh_one() {
-    let mut p = Parallel::new().n_jobs(1).idle_timeout(Some(Duration::from_millis(50)));
+    let mut p = Parallel::new().n_jobs(1).in_process(false).idle_timeout(Some(Duration::from_millis(50)));
     p.run::<Square, _>([1u64]).unwrap();
     let pid = p.worker_pids()[0];
-    // The call starts while the worker lives; its first input is drawn only
-    // once the worker has exited, so the batch meets a closed pipe.
-    let inputs = std::iter::once(()).flat_map(move |()| {
+    // The call starts while the worker lives (its first input, drawn
+    // before the start to learn that there is one, is ready); its second
+    // input is drawn only once the worker has exited, so a batch meets a
+    // closed pipe.
+    let inputs = std::iter::once(2u64).chain(std::iter::once(()).flat_map(move |()| {
         wait_for_exit(pid);
-        [2u64, 3]
-    });
+        [3u64]
+    }));
     assert_eq!(p.run::<Square, _>(inputs).unwrap(), vec![4, 9]);
     assert_ne!(p.worker_pids()[0], pid);
 }
@@ -498,7 +500,7 @@ fn shared_output_is_filled_in_place_by_workers() {
 fn mmap_mode_decides_whether_tasks_may_write_dumped_arrays() {
     let a = Array::from_vec(vec![1 << 18], vec![1.0f64; 1 << 18]);
     // Read-only (default): writing is refused.
-    let mut p = Parallel::new().n_jobs(1);
+    let mut p = Parallel::new().n_jobs(1).in_process(false);
     let err = p.run::<Fill, _>([(a.clone(), 5.0)]).unwrap_err();
     assert!(err.to_string().contains("read-only"), "{err}");
     // Copy-on-write: the task may write its private view; the original is untouched.
@@ -585,7 +587,7 @@ fn a_worker_started_from_a_binary_without_init_fails_loudly() {
 #[test]
 #[ignore = "run by a_worker_started_from_a_binary_without_init_fails_loudly"]
 fn forgetful_child() {
-    let _ = Parallel::new().n_jobs(1).run::<Square, _>([1u64]);
+    let _ = Parallel::new().n_jobs(1).in_process(false).run::<Square, _>([1u64]);
     unreachable!("a worker that did not call init() must not get here");
 }
 
@@ -608,7 +610,7 @@ fn the_standalone_worker_runs_registered_kinds_by_name_only() {
         eprintln!("skipping: {} not built (run cargo test --workspace)", exe.display());
         return;
     }
-    let mut p = Parallel::new().n_jobs(1).worker_program(&exe);
+    let mut p = Parallel::new().n_jobs(1).in_process(false).worker_program(&exe);
     let a = Array::from_vec(vec![1, 2], vec![1.5f64, 2.0]);
     let b = Array::from_vec(vec![2, 1], vec![2.0f64, 3.0]);
     let out = p.run::<procjob::tasks::Dot, _>([(a, b)]).unwrap();
@@ -678,7 +680,7 @@ impl Task for Shadow {
 
 #[test]
 fn a_user_task_named_like_a_builtin_runs_the_users_code() {
-    let mut p = Parallel::new().n_jobs(1);
+    let mut p = Parallel::new().n_jobs(1).in_process(false);
     assert_eq!(p.run::<Shadow, _>([4u64]).unwrap(), vec!["user code ran with 4".to_string()]);
 }
 
@@ -690,7 +692,7 @@ fn arrays_opened_through_a_symlink_travel_by_their_real_path() {
     let link = dir.path().join("link.npy");
     std::os::unix::fs::symlink(&real, &link).unwrap();
     let a = Array::open_npy(&link, Access::ReadOnly).unwrap();
-    let seen = Parallel::new().n_jobs(1).run::<Inspect, _>([a]).unwrap();
+    let seen = Parallel::new().n_jobs(1).in_process(false).run::<Inspect, _>([a]).unwrap();
     assert_eq!(seen[0].sum, 10.0);
     let canonical = std::fs::canonicalize(&real).unwrap().display().to_string();
     assert_eq!(seen[0].mapped_from.as_deref(), Some(canonical.as_str()));
@@ -786,7 +788,8 @@ fn fork_is_refused_while_the_coordinator_has_other_threads() {
     // has several: forking would copy only this one. (The fork mode itself
     // is tested through the procjob binary, which forks single-threaded.)
     assert!(procjob::__private::thread_count().unwrap() > 1);
-    let mut p = Parallel::new().n_jobs(1).start_method(procjob::StartMethod::Fork { inherit: vec![] });
+    let mut p =
+        Parallel::new().n_jobs(1).in_process(false).start_method(procjob::StartMethod::Fork { inherit: vec![] });
     let err = p.run::<Square, _>([1u64]).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("cannot fork workers") && msg.contains("threads"), "{msg}");

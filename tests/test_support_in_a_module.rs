@@ -22,7 +22,7 @@ impl Task for Echo {
 
 #[test]
 fn test_support_inside_a_module_fails_naming_the_top_level_of_the_file() {
-    let err = Parallel::new().n_jobs(1).run::<Echo, _>([1u64]).unwrap_err();
+    let err = Parallel::new().n_jobs(1).in_process(false).run::<Echo, _>([1u64]).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Start { .. }), "{msg}");
     assert!(msg.contains("procjob::test_support!() at the top level of the file"), "{msg}");

@@ -10,6 +10,7 @@ use procjob_worker::protocol::Access;
 use procjob_worker::{Array, Task};
 
 use super::call::LandingPlan;
+use super::env::{BadVariable, EnvDefaults, Setting};
 use super::iter::{Ordered, Unordered};
 use super::shell::Call;
 use crate::error::Error;
@@ -53,6 +54,10 @@ pub struct CallStats {
     /// Workers started during the call to replace dead ones, and those
     /// retired after a panic.
     pub replaced_workers: u64,
+    /// The call ran its tasks in the calling process, with no worker
+    /// ([`Parallel::runs_in_process`]): nothing crossed a pipe or was
+    /// dumped.
+    pub in_process: bool,
 }
 
 /// The progress callback kept by a [`Parallel`]: `Send`, as `Parallel` is.
@@ -105,6 +110,14 @@ pub struct Parallel {
     pub(super) last: CallStats,
     /// The timeline, when tracing.
     pub(super) trace: Option<Trace>,
+    /// Whether calls run in this process (`None`: when there is one
+    /// worker, see [`Parallel::runs_in_process`]).
+    pub(super) in_process: Option<bool>,
+    /// joblib's `verbose`: progress messages on stderr.
+    pub(super) verbose: u32,
+    /// Environment variables read by [`Parallel::new`] whose values cannot
+    /// be used (and were not overridden by a setting).
+    pub(super) bad_env: Vec<BadVariable>,
 }
 
 impl Default for Parallel {
@@ -125,6 +138,8 @@ impl std::fmt::Debug for Parallel {
             .field("timeout", &self.timeout)
             .field("retries", &self.retries)
             .field("idle_timeout", &self.idle_timeout)
+            .field("in_process", &self.in_process)
+            .field("verbose", &self.verbose)
             .finish_non_exhaustive()
     }
 }
@@ -143,10 +158,23 @@ pub fn resolve_n_jobs(n_jobs: i64, cpus: usize) -> Result<usize, Error> {
 impl Parallel {
     /// A `Parallel` with joblib's defaults, except `n_jobs`, which is -1
     /// (all CPUs) rather than 1.
+    ///
+    /// Like joblib's `parallel_config`, the environment may change two
+    /// defaults, read here: `PROCJOB_N_JOBS` (an integer, or `None` for
+    /// the default) and `PROCJOB_MAX_NBYTES` (bytes, or joblib's forms
+    /// `100K`, `1M`, `2G`, or `None` to never dump). A setting made on the
+    /// builder wins over its variable. A variable set to a value that
+    /// cannot be used is not an error here (`new` cannot fail): the first
+    /// call, and [`workers`](Parallel::workers) and
+    /// [`start`](Parallel::start), return [`Error::Config`] naming the
+    /// variable and its value, unless the setting was made on the builder.
+    /// The parent of the temp folder, `PROCJOB_TEMP_FOLDER`, is checked at
+    /// the start of each call on workers (see [`temp_folder`](Parallel::temp_folder)).
     pub fn new() -> Parallel {
+        let env = EnvDefaults::read();
         Parallel {
-            n_jobs: -1,
-            max_nbytes: Some(DEFAULT_MAX_NBYTES),
+            n_jobs: env.n_jobs.unwrap_or(-1),
+            max_nbytes: env.max_nbytes.unwrap_or(Some(DEFAULT_MAX_NBYTES)),
             mmap_mode: Access::ReadOnly,
             temp_folder: None,
             batch_size: BatchSize::Auto,
@@ -161,7 +189,92 @@ impl Parallel {
             calls: 0,
             last: CallStats::default(),
             trace: None,
+            in_process: None,
+            verbose: 0,
+            bad_env: env.bad,
         }
+    }
+
+    /// Forgets a bad environment variable for `setting`, set explicitly.
+    fn overridden(&mut self, setting: Setting) {
+        self.bad_env.retain(|b| b.setting != setting);
+    }
+
+    /// The error for the first environment variable (of `setting`, or of
+    /// any) whose value cannot be used.
+    fn check_env(&self, setting: Option<Setting>) -> Result<(), Error> {
+        match self.bad_env.iter().find(|b| setting.is_none_or(|s| b.setting == s)) {
+            Some(b) => {
+                Err(Error::Config(format!("{}; fix or unset the variable, or make the setting on Parallel", b.message)))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Checks the folder `PROCJOB_TEMP_FOLDER` names, when it is set and no
+    /// [`temp_folder`](Parallel::temp_folder) was given: at the start of a
+    /// call on workers, which may dump arrays there, rather than at its
+    /// first dump (where the reason would be lost in the input's encoding).
+    pub(super) fn check_temp_folder(&self) -> Result<(), Error> {
+        let set = std::env::var_os(crate::run_folder::TEMP_FOLDER_ENV).is_some_and(|v| !v.is_empty());
+        if self.temp_folder.is_none() && set {
+            crate::run_folder::choose_parent(None, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the tasks of each call in the calling process (`true`), one
+    /// after another, or always on worker processes (`false`). By default
+    /// a call runs in the calling process when it would have a single
+    /// worker (`n_jobs(1)`, or -1 on a machine with one CPU), as joblib
+    /// does with `n_jobs=1`, unless a [`timeout`](Parallel::timeout) (which
+    /// needs a worker it can kill) or a
+    /// [`worker_program`](Parallel::worker_program) is set; `in_process(false)`
+    /// keeps one worker process for `n_jobs(1)`. See
+    /// [`runs_in_process`](Parallel::runs_in_process) for what differs.
+    pub fn in_process(mut self, on: bool) -> Parallel {
+        self.in_process = Some(on);
+        self
+    }
+
+    /// Whether the next call runs its tasks in this process rather than on
+    /// worker processes: as [`in_process`](Parallel::in_process) says, and
+    /// always inside a task that runs in a worker (a nested call runs
+    /// sequentially in that worker, as joblib's nested calls do).
+    ///
+    /// In this process, the tasks run one after another on the calling
+    /// thread, through the same code a worker runs: outputs, errors and
+    /// panics come back as from a worker (a panic is caught, and the
+    /// [`Error::Task`] names the task and, as its worker, index 0 with this
+    /// process's pid). Its message and location are taken by a panic hook
+    /// installed at the first such call, which hands every other panic to
+    /// the hook that was there before; a hook set after it takes its place,
+    /// and such panics then come back with their message only. No worker starts, nothing is dumped or sent
+    /// ([`CallStats::in_process`]), and [`worker_pids`](Parallel::worker_pids)
+    /// stays as it was. Arrays are handed to the task as a worker would see
+    /// them, without copying what a worker could not write (see
+    /// docs/joblib.md). A timeout is not enforced there, and a task that
+    /// crashes takes the caller with it.
+    pub fn runs_in_process(&self) -> Result<bool, Error> {
+        refuse_recursive_spawn();
+        self.check_env(None)?;
+        let workers = self.workers()?;
+        if crate::pool::serving_as_worker() {
+            return Ok(true);
+        }
+        Ok(self.in_process.unwrap_or(workers == 1 && self.timeout.is_none() && self.program.is_none()))
+    }
+
+    /// joblib's `verbose`: progress messages on stderr, such as
+    /// `[Parallel(n_jobs=2)]: Done  40 out of 200 tasks | elapsed:    1.2s`.
+    /// 0 (the default) writes nothing. From 1 to 9, on a terminal, one line
+    /// with a bar is rewritten in place as batches complete, and ends with
+    /// `finished`; when stderr is not a terminal nothing is written. From
+    /// 10 up, plain lines are written, one per batch completed and one at
+    /// the end, terminal or not (for logs).
+    pub fn verbose(mut self, level: u32) -> Parallel {
+        self.verbose = level;
+        self
     }
 
     /// Records a timeline of every worker start, batch sent, task run and
@@ -197,15 +310,17 @@ impl Parallel {
             self.pool = None;
         }
         self.n_jobs = n_jobs;
+        self.overridden(Setting::NJobs);
         self
     }
 
     /// Arrays larger than this many bytes are dumped once per call to the
     /// temp folder and travel as memory maps; smaller ones travel inline.
     /// `None` sends every array inline (joblib's `max_nbytes=None`).
-    /// Default 1 MiB (joblib's `'1M'`).
+    /// Default 1 MiB (joblib's `'1M'`), or `PROCJOB_MAX_NBYTES`.
     pub fn max_nbytes(mut self, max_nbytes: Option<usize>) -> Parallel {
         self.max_nbytes = max_nbytes;
+        self.overridden(Setting::MaxNbytes);
         self
     }
 
@@ -220,7 +335,10 @@ impl Parallel {
 
     /// Parent folder of the call's private temp folder for dumped arrays.
     /// Default: `PROCJOB_TEMP_FOLDER`, else /dev/shm when it has room, else
-    /// the system temp dir.
+    /// the system temp dir. A folder the variable names that cannot be used
+    /// fails each call on workers (not one that
+    /// [runs in this process](Parallel::runs_in_process), which dumps
+    /// nothing) at its start, with an error naming the variable.
     pub fn temp_folder(mut self, folder: impl Into<PathBuf>) -> Parallel {
         self.temp_folder = Some(folder.into());
         self
@@ -294,9 +412,13 @@ impl Parallel {
         self
     }
 
-    /// The number of workers calls will use.
+    /// The number of workers calls will use (`n_jobs` resolved; a call that
+    /// [runs in process](Parallel::runs_in_process) starts none).
     pub fn workers(&self) -> Result<usize, Error> {
-        resolve_n_jobs(self.n_jobs, crate::pool::available_cpus())
+        self.check_env(Some(Setting::NJobs))?;
+        // Counting the CPUs reads cgroup files (tens of µs): only when asked.
+        let cpus = if self.n_jobs < 0 { crate::pool::available_cpus() } else { 0 };
+        resolve_n_jobs(self.n_jobs, cpus)
     }
 
     /// The pids of the running workers, in slot order (empty before the
@@ -326,9 +448,13 @@ impl Parallel {
     }
 
     /// Starts the workers now (otherwise the first call does), and returns
-    /// how long that took.
+    /// how long that took; starts none when calls
+    /// [run in this process](Parallel::runs_in_process).
     pub fn start(&mut self) -> Result<Duration, Error> {
         let t = Instant::now();
+        if self.runs_in_process()? {
+            return Ok(Duration::ZERO);
+        }
         self.pool_mut()?;
         Ok(t.elapsed())
     }
@@ -505,10 +631,12 @@ fn collect_in_order<T: Task, I: Iterator<Item = T::Input>>(
     Ok(out.into_iter().map(|o| o.expect("every task of a successful call has an output")).collect())
 }
 
-/// A worker in the pool was asked to start more workers: its `main` did
-/// not call `procjob::init()`. Fail loudly instead of recursing.
+/// A worker in the pool was asked to start more workers outside a task:
+/// its `main` did not call `procjob::init()` (a call inside a task runs in
+/// that worker, [`Parallel::runs_in_process`]). Fail loudly instead of
+/// recursing.
 fn refuse_recursive_spawn() {
-    if procjob_worker::serve::is_worker_process() {
+    if procjob_worker::serve::is_worker_process() && !crate::pool::serving_as_worker() {
         eprintln!(
             "procjob: this process was started as a procjob worker, but it did not become one: \
              call procjob::init() as the first line of main (in a test or bench file, add \

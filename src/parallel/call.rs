@@ -24,11 +24,14 @@ mod send;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use procjob_worker::array::ArrayEncoder;
 use procjob_worker::protocol::TaskKind;
 use procjob_worker::Array;
 
 use super::builder::{CallProgress, CallStats, Parallel, Progress};
 use super::encoder::CallEncoder;
+use super::here::{DrawnHere, InProcess};
+use super::verbose::Verbose;
 use crate::error::Error;
 use crate::pool::{StartMethod, Traffic, WorkerPool};
 use crate::scheduler::{Action, PreDispatch, Scheduler};
@@ -52,6 +55,44 @@ pub(super) trait TaskCodec {
     /// Decodes the output of task `index` from its bytes and arrays, and
     /// keeps it to be yielded; the error says why it cannot be decoded.
     fn decode(&mut self, index: u64, output: &[u8], arrays: Vec<Array>) -> Result<(), String>;
+
+    /// Draws the next input, numbered `index`, and encodes it with
+    /// `encoder` for a run in this process ([`InProcess`]); `None` when the
+    /// inputs are exhausted. The input itself is dropped before this
+    /// returns, so the arrays `encoder` kept show whether the caller still
+    /// shares them.
+    fn draw_here(&mut self, index: u64, encoder: &mut dyn ArrayEncoder) -> Option<Result<DrawnHere, Error>>;
+}
+
+/// How a call runs: on the pool's workers, in this process, or not at all
+/// (no input).
+pub(super) enum Engine<'p> {
+    /// On the pool's worker processes (boxed: the core is large).
+    Pool(Box<CallCore<'p>>),
+    /// In this process, one task after another.
+    Here(InProcess<'p>),
+    /// Nothing to run: the input was empty.
+    Empty,
+}
+
+impl Engine<'_> {
+    /// Takes one step of the call (see [`CallCore::step`]).
+    pub(super) fn step(&mut self, codec: &mut dyn TaskCodec) -> Option<Result<(), Error>> {
+        match self {
+            Engine::Pool(core) => core.step(codec),
+            Engine::Here(here) => here.step(codec),
+            Engine::Empty => None,
+        }
+    }
+
+    /// Lands the outputs' first arrays in place (`run_unordered_into`).
+    pub(super) fn land_outputs(&mut self, plan: LandingPlan) {
+        match self {
+            Engine::Pool(core) => core.land_outputs(plan),
+            Engine::Here(here) => here.land_outputs(plan),
+            Engine::Empty => {}
+        }
+    }
 }
 
 /// What one [`TaskCodec::draw`] did.
@@ -124,6 +165,8 @@ pub(super) struct CallCore<'p> {
     landing: Option<LandingPlan>,
     /// The scheduler's action drawn after a run of sends, to do next.
     next_action: Option<Action>,
+    /// The progress messages on stderr.
+    verbose: Verbose,
 }
 
 impl<'p> CallCore<'p> {
@@ -153,6 +196,7 @@ impl<'p> CallCore<'p> {
             return Err(Error::Interrupted { signal });
         }
         let call = parallel.calls;
+        let verbose = Verbose::new(parallel.verbose, workers);
         Ok(CallCore {
             parallel,
             progress,
@@ -171,6 +215,7 @@ impl<'p> CallCore<'p> {
             finished: false,
             landing: None,
             next_action: None,
+            verbose,
         })
     }
 
@@ -240,6 +285,7 @@ impl<'p> CallCore<'p> {
         } else if let Some(cb) = self.parallel.progress.as_mut() {
             cb(&p);
         }
+        self.verbose.update(&p);
     }
 
     /// Keeps the call's first failure, and stops further dispatch: batches
@@ -258,6 +304,10 @@ impl<'p> CallCore<'p> {
             return;
         }
         self.finished = true;
+        // Reached by the scheduler's Done (or a drop, which ended the
+        // messages first): complete unless failed.
+        let complete = self.failure.is_none();
+        self.verbose.finish(&self.tally.progress(), complete);
         let after = self.pool().traffic();
         let before = self.traffic_before;
         let stats = &mut self.parallel.last;
@@ -286,6 +336,7 @@ impl Drop for CallCore<'_> {
     /// fresh workers in them; idle workers stay warm.
     fn drop(&mut self) {
         if !self.finished {
+            self.verbose.finish(&self.tally.progress(), false);
             self.scheduler.drain();
             self.queue.clear();
             for w in 0..self.in_flight.len() {

@@ -60,19 +60,28 @@
 //! - `builder.rs`: [`Parallel`] and its settings, [`resolve_n_jobs`],
 //!   [`CallStats`], [`Progress`]; the warm pool kept between calls.
 //! - `shell.rs`: the typed shell of a call, the only code compiled once per
-//!   task type: draws and encodes inputs, decodes outputs.
+//!   task type: draws and encodes inputs, decodes outputs; and chooses how
+//!   the call runs (`call::Engine`): on the pool, in this process
+//!   (`here.rs`), or not at all for an empty input.
 //! - `encoder.rs`: how the inputs' arrays travel, and the folders workers
 //!   may map from.
 //! - `call.rs` and `call/`: the call core, compiled once: the state machine
 //!   around the scheduler and the pool, on encoded tasks and outcomes.
 //! - `iter.rs`: [`Ordered`] and [`Unordered`], the iterators a call is read
 //!   through.
+//! - `here.rs`: a call run in the calling process (`n_jobs(1)`, and a call
+//!   nested in a task), through the same erased entry a worker runs.
+//! - `verbose.rs`: joblib's `verbose` progress messages on stderr.
+//! - `env.rs`: defaults from `PROCJOB_N_JOBS` and `PROCJOB_MAX_NBYTES`.
 
 mod builder;
 mod call;
 mod encoder;
+mod env;
+mod here;
 mod iter;
 mod shell;
+mod verbose;
 
 pub use builder::{resolve_n_jobs, CallStats, Parallel, Progress, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_NBYTES};
 pub use iter::{Ordered, Unordered};

@@ -37,7 +37,7 @@ use procjob_worker::secret::PoolSecret;
 use crate::error::{Error, WorkerExit, WorkerId};
 
 pub use pipes::{available_cpus, thread_count};
-pub(crate) use pipes::{start_failure, INIT_CALLED};
+pub(crate) use pipes::{mark_serving, serving_as_worker, start_failure, INIT_CALLED};
 pub(crate) use transport::{Capabilities, Transport};
 
 /// How long a worker has to answer the handshake.

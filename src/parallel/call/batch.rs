@@ -101,7 +101,7 @@ pub(in crate::parallel) struct LandingPlan {
 
 impl LandingPlan {
     /// The region task `index` lands in.
-    pub(super) fn landing(&mut self, index: u64) -> Result<Landing, String> {
+    pub(in crate::parallel) fn landing(&mut self, index: u64) -> Result<Landing, String> {
         let rows = (self.rows_of)(index);
         let view = self.out.rows(rows).map_err(|e| format!("output rows for task {index}: {e}"))?;
         let (_, offset, _) = view.file_location().ok_or("the output is not file-backed")?;

@@ -43,6 +43,7 @@ pub(super) fn fork_one(inherit: &[Array], parent: i32, secret: &PoolSecret) -> s
             drop(req_write);
             drop(rep_read);
             close_other_fds(&[req_read.as_raw_fd(), rep_write.as_raw_fd()]);
+            super::spawn::mark_serving();
             procjob_worker::serve::run_forked_worker(
                 File::from(req_read),
                 File::from(rep_write),

@@ -37,7 +37,7 @@ use crate::error::{Error, WorkerExit, WorkerId};
 
 pub use fork::thread_count;
 pub use spawn::available_cpus;
-pub(crate) use spawn::{start_failure, INIT_CALLED};
+pub(crate) use spawn::{mark_serving, serving_as_worker, start_failure, INIT_CALLED};
 use spawn::{HARNESS_ENTRY, THREAD_ENV};
 
 /// One live worker process.

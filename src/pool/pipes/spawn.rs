@@ -13,6 +13,22 @@ use crate::error::WorkerExit;
 /// workers, so they need no extra arguments.
 pub(crate) static INIT_CALLED: AtomicBool = AtomicBool::new(false);
 
+/// Set when this process becomes a worker (spawned or forked) and serves
+/// tasks: a `Parallel` call made from a task then runs in this process
+/// instead of starting workers.
+static SERVING: AtomicBool = AtomicBool::new(false);
+
+/// Marks this process as a worker serving tasks (see [`serving_as_worker`]).
+pub(crate) fn mark_serving() {
+    SERVING.store(true, Ordering::Relaxed);
+}
+
+/// Whether this process is a worker serving tasks: any code running in it
+/// runs inside a task.
+pub(crate) fn serving_as_worker() -> bool {
+    SERVING.load(Ordering::Relaxed)
+}
+
 /// The test-harness entry point defined by [`crate::test_support!`].
 pub(crate) const HARNESS_ENTRY: &str = "__procjob_worker_entry";
 
