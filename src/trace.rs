@@ -24,6 +24,11 @@ pub enum Lane {
         /// Its process id.
         pid: u32,
     },
+    /// A thread of the coordinator computing blocks (mode threads).
+    Thread {
+        /// Its number among the mode's threads.
+        index: usize,
+    },
 }
 
 /// One span of time on a lane.
@@ -143,7 +148,7 @@ impl Trace {
     /// Names every worker lane in this trace after `mode` ("copy: worker 0
     /// (pid N)").
     pub fn name_worker_lanes(&mut self, mode: &str) {
-        let lanes: Vec<Lane> = self.spans.iter().map(|s| s.lane).filter(|l| *l != Lane::Coordinator).collect();
+        let lanes: Vec<Lane> = self.spans.iter().map(|s| s.lane).filter(|l| matches!(l, Lane::Worker { .. })).collect();
         for lane in lanes {
             self.lane_prefix.entry(lane).or_insert_with(|| mode.to_string());
         }
@@ -156,8 +161,13 @@ impl Trace {
         let origin = self.spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
         let me = std::process::id();
         let pid_of = |lane: Lane| match lane {
-            Lane::Coordinator => me,
+            Lane::Coordinator | Lane::Thread { .. } => me,
             Lane::Worker { pid, .. } => pid,
+        };
+        // A thread lane is a thread of the coordinator's process.
+        let tid_of = |lane: Lane| match lane {
+            Lane::Thread { index } => u32::try_from(index).unwrap_or(u32::MAX - 1).saturating_add(1),
+            lane => pid_of(lane),
         };
         let mut lanes: Vec<Lane> = self.spans.iter().map(|s| s.lane).collect();
         lanes.sort();
@@ -167,6 +177,7 @@ impl Trace {
             .map(|&lane| {
                 let name = match lane {
                     Lane::Coordinator => format!("coordinator (pid {me})"),
+                    Lane::Thread { index } => format!("threads: thread {index}"),
                     Lane::Worker { index, pid } => match self.lane_prefix.get(&lane) {
                         Some(mode) => format!("{mode}: worker {index} (pid {pid})"),
                         None => format!("worker {index} (pid {pid})"),
@@ -174,25 +185,24 @@ impl Trace {
                 };
                 let pid = pid_of(lane);
                 serde_json::to_value(ChromeMeta {
-                    name: "process_name",
+                    name: if matches!(lane, Lane::Thread { .. }) { "thread_name" } else { "process_name" },
                     ph: "M",
                     pid,
-                    tid: pid,
+                    tid: tid_of(lane),
                     args: MetaArgs { name },
                 })
                 .expect("trace metadata serializes")
             })
             .collect();
         events.extend(self.spans.iter().map(|s| {
-            let pid = pid_of(s.lane);
             serde_json::to_value(ChromeEvent {
                 name: &s.name,
                 cat: s.category,
                 ph: "X",
                 ts: (s.start_ns - origin) as f64 / 1e3,
                 dur: (s.end_ns - s.start_ns) as f64 / 1e3,
-                pid,
-                tid: pid,
+                pid: pid_of(s.lane),
+                tid: tid_of(s.lane),
             })
             .expect("trace events serialize")
         }));
@@ -201,10 +211,9 @@ impl Trace {
         for f in &self.flows {
             let name = format!("{}: {} bytes", f.name, f.bytes);
             for (ph, (lane, at)) in [("s", f.from), ("f", f.to)] {
-                let pid = pid_of(lane);
                 let mut e = serde_json::json!({
                     "name": name, "cat": "flow", "ph": ph, "id": f.id,
-                    "ts": at.saturating_sub(origin) as f64 / 1e3, "pid": pid, "tid": pid,
+                    "ts": at.saturating_sub(origin) as f64 / 1e3, "pid": pid_of(lane), "tid": tid_of(lane),
                     "args": { "bytes": f.bytes },
                 });
                 if ph == "f" {

@@ -163,3 +163,26 @@ fn matmul_shows_each_modes_spread_and_calls_an_overlap_a_tie() {
     let max = walls.iter().copied().fold(0.0, f64::max);
     assert_eq!((report["wall_min_s"].as_f64(), report["wall_max_s"].as_f64()), (Some(min), Some(max)));
 }
+
+#[test]
+fn threads_mode_has_a_lane_per_thread_with_the_blocks_it_computed() {
+    let dir = TestDir::new("thread-lanes");
+    let trace = dir.file("trace.json");
+    let mut cmd = dir.matmul();
+    cmd.args(["--size", "40", "--processes", "2", "--blocks", "4", "--mode", "threads", "--trace"]).arg(&trace);
+    cmd.run().assert_ok();
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).expect("the trace is JSON");
+    let events = v["traceEvents"].as_array().expect("a traceEvents list");
+    let threads: Vec<&Value> = events.iter().filter(|e| e["ph"] == "M" && e["name"] == "thread_name").collect();
+    let names: Vec<&str> = threads.iter().map(|e| e["args"]["name"].as_str().unwrap()).collect();
+    assert!(!names.is_empty() && names.len() <= 2, "{names:?}");
+    assert!(names.iter().all(|n| n.starts_with("threads: thread ")), "{names:?}");
+    // Every block is computed once, on a thread lane of this process.
+    let mut rows: Vec<&str> = events
+        .iter()
+        .filter(|e| e["cat"] == "compute" && threads.iter().any(|t| t["tid"] == e["tid"] && t["pid"] == e["pid"]))
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    rows.sort_unstable();
+    assert_eq!(rows, ["compute rows 0..10", "compute rows 10..20", "compute rows 20..30", "compute rows 30..40"]);
+}
