@@ -484,17 +484,18 @@ fn introduce_mode(s: &mut Screen, r: &Measured, p: usize) {
                  pages (the 4 KiB units in which it manages memory) appear in the \
                  worker's memory, and every process that maps the same file uses \
                  the same physical pages. B exists once, however many workers read \
-                 it. C is not a file here: each worker sends its block of C back \
-                 through its pipe. This is what joblib does with arrays over \
-                 max_nbytes.",
+                 it. C is a file in the temp folder too, but only this process \
+                 maps it: each worker sends its block of C back through its pipe, \
+                 and the block is written into C's file (as in copy). This is \
+                 what joblib does with arrays over max_nbytes.",
             );
         }
         Mode::MemmapOut => {
             s.heading("memmap-out: workers write C in place");
             s.para(
-                "As memmap, and C lives in a file as well: each task also carries \
-                 a reference to its rows of C in that file, mapped read-write, and \
-                 the worker writes its results straight into them. Only a short \
+                "As memmap, and the workers map C's file as well: each task also \
+                 carries a reference to its rows of C in that file, mapped \
+                 read-write, and the worker writes its results straight into them. Only a short \
                  \"done\" comes back through the pipe. (In joblib: an output array \
                  made with numpy.memmap and handed to the workers.)",
             );
@@ -507,8 +508,8 @@ fn introduce_mode(s: &mut Screen, r: &Measured, p: usize) {
                  behind it are not copied. Parent and child share every page until \
                  one of them writes to it; only then is that page copied \
                  (copy-on-write). The tasks carry neither data nor file names, only \
-                 which inherited array and which rows; C comes back through the \
-                 pipes, as in memmap. This is Python's multiprocessing with the \
+                 which inherited array and which rows; the blocks of C come back \
+                 through the pipes into this process's memory. This is Python's multiprocessing with the \
                  \"fork\" start method.",
             );
         }
@@ -606,7 +607,7 @@ fn picture(s: &mut Screen, r: &Measured, inputs: &Inputs) {
     let in_window = |at: u64| window.is_some_and(|(from, to)| (from..=to).contains(&at));
     let (a_bytes, b_bytes) = (inputs.a.nbytes() as u64, inputs.b.nbytes() as u64);
     s.line(&format!("  the picture, one warm run (pid {} is this process):", std::process::id()));
-    s.line("  coordinator: holds A, B and the C it puts together");
+    s.line("  coordinator: holds A and B, and puts C together");
     for w in &r.workers {
         let lane = Lane::Worker { index: w.index, pid: w.pid };
         let sum = |to_worker: bool| -> u64 {
@@ -635,10 +636,14 @@ fn picture(s: &mut Screen, r: &Measured, inputs: &Inputs) {
     let workers: Vec<String> = r.workers.iter().map(|w| w.index.to_string()).collect();
     let workers = format!("worker{} {}", plural(workers.len()), workers.join(", "));
     match r.mode {
-        Mode::Copy => s.line("    └── no files: every byte went through the pipes"),
+        Mode::Copy => {
+            s.line("    └── A and B went through the pipes; C's blocks land in C's file,");
+            s.line("        which only this process maps");
+        }
         Mode::Memmap => {
             s.line(&format!("    └── wrote {} B (cold run) ─▶ [A.npy B.npy]", grouped(a_bytes + b_bytes)));
             s.line(&format!("            mapped read-only by {workers}: one copy in RAM"));
+            s.line("        C's blocks land in C's file, which only this process maps");
         }
         Mode::MemmapOut => {
             s.line(&format!("    └── wrote {} B (cold run) ─▶ [A.npy B.npy]", grouped(a_bytes + b_bytes)));
@@ -648,7 +653,8 @@ fn picture(s: &mut Screen, r: &Measured, inputs: &Inputs) {
         }
         Mode::Fork => {
             s.line(&format!("    └── fork(): A and B's pages shared with {workers},"));
-            s.line("            copied only if written (copy-on-write): 0 B moved");
+            s.line("            copied only if written (copy-on-write): 0 B moved;");
+            s.line("        C is in this process's memory, no file");
         }
         Mode::Seq | Mode::Threads => {}
     }
