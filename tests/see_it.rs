@@ -186,3 +186,21 @@ fn threads_mode_has_a_lane_per_thread_with_the_blocks_it_computed() {
     rows.sort_unstable();
     assert_eq!(rows, ["compute rows 0..10", "compute rows 10..20", "compute rows 20..30", "compute rows 30..40"]);
 }
+
+#[test]
+fn matmul_says_when_other_programs_kept_the_cpus_busy_and_not_when_idle() {
+    let dir = TestDir::new("busy");
+    let run = |others: &str| {
+        let mut cmd = dir.matmul();
+        cmd.args(["--size", "40", "--mode", "memmap", "--quiet"]).env("PROCJOB_OTHER_CPUS", others);
+        cmd.run().assert_ok().stdout
+    };
+    let busy = run("1.5");
+    assert_eq!(
+        busy.lines().filter(|l| l.starts_with("busy machine: other programs used 1.5 of ")).count(),
+        1,
+        "{busy}"
+    );
+    let idle = run("0");
+    assert!(!idle.contains("busy machine"), "{idle}");
+}

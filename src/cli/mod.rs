@@ -732,6 +732,7 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
     // workers would inherit them).
     let mut last_c = None;
     let mut table = Table::new(table_width() >= Table::FULL_WIDTH);
+    let timing = load::CpuClock::now();
     for &mode in &modes {
         if let Some(signal) = crate::signals::received() {
             return Err(Error::Interrupted { signal }.into());
@@ -760,6 +761,10 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
     }
     if !args.json {
         table.footer(&mut out, &reports);
+        let cpus = crate::pool::available_cpus();
+        if let Some(line) = load::Load::since(timing).and_then(|l| l.busy_line(cpus)) {
+            let _ = writeln!(out, "\n{}", wrap_78(&line));
+        }
     }
     // Each output is written even if another fails: one failure never
     // loses what another output holds.
@@ -1254,6 +1259,23 @@ impl Table {
              worker shows in USS; a mapped B shared by all shows in RSS and PSS, not USS."
         );
     }
+}
+
+/// `text` on lines of at most 78 characters.
+fn wrap_78(text: &str) -> String {
+    let mut lines: Vec<String> = vec![String::new()];
+    for word in text.split_whitespace() {
+        let last = lines.last_mut().expect("one line at least");
+        if !last.is_empty() && last.chars().count() + 1 + word.chars().count() > 78 {
+            lines.push(word.to_string());
+        } else {
+            if !last.is_empty() {
+                last.push(' ');
+            }
+            last.push_str(word);
+        }
+    }
+    lines.join("\n")
 }
 
 /// Each mode's median wall with its spread over the repetitions, and
