@@ -877,16 +877,24 @@ fn why_it_lost(name: &str, split: &Split) -> Option<String> {
     let excess = (split.longest_compute - split.share).max(0.0);
     let saving = split.seq - split.share;
     Some(if rest >= excess {
+        let beyond = if rest >= saving {
+            format!(
+                ", more than the {} that {} workers could save at best (seq {} − seq ÷ {} = {})",
+                secs(saving),
+                split.workers,
+                secs(split.seq),
+                split.workers,
+                secs(split.share)
+            )
+        } else {
+            String::new()
+        };
         format!(
             "{name} lost to seq mostly to its fixed part: {} of sending, mapping, \
-             replies and putting C together, more than the {} that {} workers \
-             could save at best (seq {} − seq ÷ {} = {}).",
+             replies and putting C together{beyond}; its GEMM took {} beyond its \
+             share of seq's time.",
             secs(rest),
-            secs(saving),
-            split.workers,
-            secs(split.seq),
-            split.workers,
-            secs(split.share)
+            secs(excess)
         )
     } else {
         format!(
@@ -1633,6 +1641,12 @@ mod tests {
         // The n×1 case: a fixed part far above what two workers can save.
         let fixed = why_it_lost("memmap", &split(0.030, 0.004, 0.008)).expect("lost");
         assert!(fixed.contains("fixed part") && fixed.contains("26.0 ms"), "{fixed}");
+        assert!(fixed.contains("more than the 4.0 ms that 2 workers could save"), "{fixed}");
+        // The fixed part the larger culprit, yet less than the most 2
+        // workers could save: no claim that it outweighs the saving.
+        let both = why_it_lost("copy", &split(0.617, 0.414, 0.534)).expect("lost");
+        assert!(both.contains("fixed part: 203.0 ms") && !both.contains("more than"), "{both}");
+        assert!(both.contains("147.0 ms beyond its share"), "{both}");
         // The 1000² case on a busy machine: GEMM itself slower than seq.
         let gemm = why_it_lost("copy", &split(0.130, 0.125, 0.100)).expect("lost");
         assert!(gemm.contains("in GEMM itself") && gemm.contains("125.0 ms"), "{gemm}");
