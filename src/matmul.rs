@@ -447,12 +447,15 @@ impl<'a> ModeRunner<'a> {
         self.rep += 1;
         let start_ns = procjob_worker::clock::monotonic_ns();
         let spare = self.spare_c.take();
+        let times = (self.trace.is_some() && self.mode == Mode::Threads).then(BlockTimes::default);
         let (repetition, c, c_file) = match self.mode {
             Mode::Seq => {
                 let whole = plan_blocks(self.inputs.dims().0, 1);
-                run_threads(self.inputs, &whole, 1, spare.map(|(c, _)| c))
+                run_threads(self.inputs, &whole, 1, spare.map(|(c, _)| c), None)
             }
-            Mode::Threads => run_threads(self.inputs, &self.ranges, self.threads, spare.map(|(c, _)| c)),
+            Mode::Threads => {
+                run_threads(self.inputs, &self.ranges, self.threads, spare.map(|(c, _)| c), times.as_ref())
+            }
             mode => {
                 let bar = self.progress.as_ref().map(|hook| (hook.0)(mode, &self.ranges));
                 run_parallel(self, spare, bar)
@@ -468,6 +471,12 @@ impl<'a> ModeRunner<'a> {
             }
             let category = if self.mode.uses_workers() { "run" } else { "compute" };
             trace.span(Lane::Coordinator, category, format!("{name}: repetition {rep}"), start_ns, end_ns);
+            // Threads mode: a lane per thread, a span per block it computed.
+            let times = times.map(|t| t.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner));
+            for (thread, rows, from, to) in times.unwrap_or_default() {
+                let what = format!("compute rows {}..{}", rows.start, rows.end);
+                trace.span(Lane::Thread { index: thread }, "compute", what, from, to);
+            }
         }
         Ok((repetition, c))
     }
@@ -520,7 +529,28 @@ pub fn multiply_threads_into(
     threads: usize,
     c: &mut Array,
 ) -> Result<(), Error> {
-    fn typed<T: Kernel>(inputs: &Inputs, ranges: &[Range<usize>], threads: usize, c: &mut Array) -> Result<(), Error> {
+    multiply_threads_timed(inputs, ranges, threads, c, None)
+}
+
+/// Which thread computed which block, from when to when (monotonic ns).
+type BlockTimes = std::sync::Mutex<Vec<(usize, Range<usize>, u64, u64)>>;
+
+/// [`multiply_threads_into`], noting each block's thread and times in
+/// `times` when given (for the trace).
+fn multiply_threads_timed(
+    inputs: &Inputs,
+    ranges: &[Range<usize>],
+    threads: usize,
+    c: &mut Array,
+    times: Option<&BlockTimes>,
+) -> Result<(), Error> {
+    fn typed<T: Kernel>(
+        inputs: &Inputs,
+        ranges: &[Range<usize>],
+        threads: usize,
+        c: &mut Array,
+        times: Option<&BlockTimes>,
+    ) -> Result<(), Error> {
         let (m, k, n) = procjob_worker::matmul::check_shapes(&inputs.a, &inputs.b).map_err(Error::Config)?;
         if c.shape() != [m, n] || ranges.iter().any(|r| r.end > m) {
             return Err(Error::Config(format!(
@@ -540,23 +570,29 @@ pub fn multiply_threads_into(
             rest = tail;
         }
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let work = || loop {
+        let work = |thread: usize| loop {
             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let Some(block) = blocks.get(i) else { break };
             let mut guard = block.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let (r, c_rows) = &mut *guard;
+            let start = procjob_worker::clock::monotonic_ns();
             procjob_worker::kernels::matmul_block(&a[r.start * k..r.end * k], b, c_rows, r.len(), k, n);
+            if let Some(times) = times {
+                let end = procjob_worker::clock::monotonic_ns();
+                times.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((thread, r.clone(), start, end));
+            }
         };
         if threads <= 1 {
             // One thread: this one (seq runs here).
-            work();
+            work(0);
             return Ok(());
         }
         // A thread the system refuses (a process limit such as ulimit -u)
         // fails the run once the threads already started have finished.
         std::thread::scope(|scope| {
             for started in 0..threads {
-                if let Err(source) = std::thread::Builder::new().spawn_scoped(scope, work) {
+                let work = &work;
+                if let Err(source) = std::thread::Builder::new().spawn_scoped(scope, move || work(started)) {
                     return Err(Error::System {
                         what: format!("start thread {} of {threads} (a process limit such as ulimit -u?)", started + 1),
                         source,
@@ -567,9 +603,9 @@ pub fn multiply_threads_into(
         })
     }
     match inputs.dtype() {
-        DType::I64 => typed::<i64>(inputs, ranges, threads, c),
-        DType::F64 => typed::<f64>(inputs, ranges, threads, c),
-        DType::F32 => typed::<f32>(inputs, ranges, threads, c),
+        DType::I64 => typed::<i64>(inputs, ranges, threads, c, times),
+        DType::F64 => typed::<f64>(inputs, ranges, threads, c, times),
+        DType::F32 => typed::<f32>(inputs, ranges, threads, c, times),
     }
 }
 
@@ -580,6 +616,7 @@ fn run_threads(
     ranges: &[Range<usize>],
     threads: usize,
     spare: Option<Array>,
+    times: Option<&BlockTimes>,
 ) -> Result<(Repetition, Array, Option<TempFiles>), Error> {
     let t = Instant::now();
     let mut c = match spare {
@@ -589,7 +626,7 @@ fn run_threads(
             zeros_c(inputs.dtype(), m, n)?
         }
     };
-    multiply_threads_into(inputs, ranges, threads, &mut c)?;
+    multiply_threads_timed(inputs, ranges, threads, &mut c, times)?;
     let wall = t.elapsed();
     let phases = Phases { compute_s: wall.as_secs_f64(), ..Phases::default() };
     Ok((Repetition { wall, phases, bytes_to_workers: 0, bytes_from_workers: 0 }, c, None))

@@ -7,23 +7,32 @@ use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_procjob");
 
+/// The variable that stands in for the measured load of other programs.
+const OTHER_CPUS: &str = "PROCJOB_OTHER_CPUS";
+
+/// Runs `procjob demo <args> --temp-folder <parent>` with `envs` set.
+fn demo_with(parent: &Path, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("demo").args(args).arg("--temp-folder").arg(parent).env_remove("PROCJOB_TEMP_FOLDER");
+    cmd.env_remove(OTHER_CPUS).envs(envs.iter().copied());
+    cmd.output().expect("cannot run procjob")
+}
+
 /// Runs `procjob demo <args> --temp-folder <parent>`.
 fn demo(parent: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("demo")
-        .args(args)
-        .arg("--temp-folder")
-        .arg(parent)
-        .env_remove("PROCJOB_TEMP_FOLDER")
-        .output()
-        .expect("cannot run procjob")
+    demo_with(parent, args, &[])
 }
 
 /// Runs the demo and returns its stdout, after checking that it succeeded,
 /// left nothing in the temp parent, and fits 80 columns.
 fn demo_ok(args: &[&str]) -> String {
+    demo_ok_with(args, &[])
+}
+
+/// [`demo_ok`] with `envs` set.
+fn demo_ok_with(args: &[&str], envs: &[(&str, &str)]) -> String {
     let parent = tempfile::tempdir().unwrap();
-    let out = demo(parent.path(), args);
+    let out = demo_with(parent.path(), args, envs);
     let stdout = String::from_utf8(out.stdout).expect("stdout is UTF-8");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "demo {args:?} failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
@@ -102,4 +111,99 @@ fn bad_options_are_usage_errors() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("procjob: error:"), "demo {args:?}");
     }
     assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn every_timed_mode_shows_its_median_and_spread() {
+    let out = demo_ok(&["--size", "120", "--processes", "2", "--repeat", "3"]);
+    // One line per mode in its own section: cold run, then the warm median
+    // and spread over the 3 warm runs.
+    let warm = lines_starting(&out, "warm runs: median ");
+    assert_eq!(warm.len(), 6, "{out}");
+    for line in &warm {
+        assert!(line.contains(", spread ") && line.contains("–") && line.ends_with("over 3 runs"), "{line}");
+    }
+    assert_eq!(lines_starting(&out, "cold run: ").len(), 6, "{out}");
+    // The side-by-side table: a spread for every mode.
+    for mode in ["seq ", "threads ", "copy ", "memmap ", "memmap-out ", "fork "] {
+        let row = out
+            .lines()
+            .skip_while(|l| !l.starts_with("mode "))
+            .find(|l| l.starts_with(mode))
+            .unwrap_or_else(|| panic!("no {mode:?} row in the table:\n{out}"));
+        assert!(row.contains("–"), "no spread in {row:?}");
+    }
+    // Every mode but seq is compared with seq: a tie, faster or slower.
+    let against = lines_starting(&out, "against seq: ");
+    assert_eq!(against.len(), 5, "{out}");
+    assert!(against
+        .iter()
+        .all(|l| l.contains("a tie (spreads overlap)") || l.contains("faster") || l.contains("slower")));
+    // --repeat changes the number of warm runs.
+    let two = demo_ok(&["--size", "60", "--processes", "2", "--repeat", "2"]);
+    assert_eq!(lines_starting(&two, "warm runs: median ").iter().filter(|l| l.ends_with("over 2 runs")).count(), 6);
+}
+
+#[test]
+fn a_busy_machine_is_said_in_one_line_and_an_idle_one_is_not() {
+    let args = ["--size", "60", "--processes", "2", "--repeat", "1"];
+    let busy = demo_ok_with(&args, &[(OTHER_CPUS, "1.5")]);
+    let flat = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
+    // Said before the timing and again beside the timings.
+    assert!(busy.lines().filter(|l| l.starts_with("busy machine: other programs used 1.5 of ")).count() >= 1, "{busy}");
+    assert!(flat(&busy).contains("Other load: other programs used 1.5 CPUs"), "{busy}");
+    let idle = demo_ok_with(&args, &[(OTHER_CPUS, "0")]);
+    assert!(!idle.contains("busy machine"), "{idle}");
+    assert!(flat(&idle).contains("Other load: hardly any in this run"), "{idle}");
+}
+
+#[test]
+fn each_process_mode_has_a_picture_with_its_bytes_each_way() {
+    let out = demo_ok(&["--size", "100", "--processes", "2", "--repeat", "1"]);
+    // 100×100 i64: B is 80,000 bytes; a copy-mode task carries 50 rows of A
+    // (40,000) and B, plus framing; its block of C is 40,000 bytes back.
+    let to: Vec<u64> = out
+        .lines()
+        .filter(|l| l.contains("├── pipe ─"))
+        .map(|l| l.split(" B ─▶").next().unwrap().rsplit(' ').next().unwrap().replace(',', "").parse().unwrap())
+        .collect();
+    assert_eq!(to.len(), 4 * 2, "two workers in each of four process modes:\n{out}");
+    assert!(to[..2].iter().all(|&b| (120_000..120_200).contains(&b)), "copy: {to:?}");
+    assert!(to[2..].iter().all(|&b| b < 1_000), "descriptors only: {to:?}");
+    let back: Vec<u64> = out
+        .lines()
+        .filter(|l| l.contains("│   ◀─"))
+        .map(|l| l.split(" B ──").next().unwrap().rsplit(' ').next().unwrap().replace(',', "").parse().unwrap())
+        .collect();
+    assert_eq!(back.len(), 8, "{out}");
+    // copy, memmap: blocks of C; memmap-out: "done"; fork: blocks of C.
+    for (i, b) in back.iter().enumerate() {
+        let c_block = !(4..6).contains(&i);
+        assert_eq!(c_block, (40_000..40_200).contains(b), "reply {i}: {b} bytes in {back:?}");
+    }
+    assert!(out.contains("[C.npy, 80,000 B] mapped read-write"), "{out}");
+}
+
+#[test]
+fn an_installed_binary_names_procjob_commands_not_cargo() {
+    let parent = tempfile::tempdir().unwrap();
+    let installed = parent.path().join("bin");
+    std::fs::create_dir(&installed).unwrap();
+    let copy = installed.join("procjob");
+    std::fs::copy(BIN, &copy).unwrap();
+    let temp = parent.path().join("tmp");
+    std::fs::create_dir(&temp).unwrap();
+    let out = Command::new(&copy)
+        .args(["demo", "--size", "40", "--processes", "2", "--repeat", "1", "--temp-folder"])
+        .arg(&temp)
+        .env_remove("PROCJOB_TEMP_FOLDER")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let next = stdout.split("What next").nth(1).expect("a last section");
+    assert!(next.contains("  procjob demo --size 80") && !next.contains("cargo run"), "{next}");
+    // From the build tree it names the cargo commands.
+    let built = demo_ok(&["--size", "40", "--processes", "2", "--repeat", "1"]);
+    assert!(built.split("What next").nth(1).unwrap().contains("cargo run --release -- demo --size 80"), "{built}");
 }

@@ -17,6 +17,7 @@ use procjob_worker::DType;
 
 pub mod bench;
 pub mod demo;
+mod load;
 pub mod plot;
 mod progress;
 
@@ -76,6 +77,9 @@ pub struct DemoArgs {
     /// Parent folder of the run's private temp folder.
     #[arg(long, value_name = "DIR")]
     pub temp_folder: Option<PathBuf>,
+    /// Timed runs of each mode on warm workers, after its cold first run.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub repeat: usize,
 }
 
 /// Options of `procjob bench`.
@@ -728,6 +732,7 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
     // workers would inherit them).
     let mut last_c = None;
     let mut table = Table::new(table_width() >= Table::FULL_WIDTH);
+    let timing = load::CpuClock::now();
     for &mode in &modes {
         if let Some(signal) = crate::signals::received() {
             return Err(Error::Interrupted { signal }.into());
@@ -746,7 +751,8 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
         }
         let _ = out.flush();
         reports.push(report);
-        let ModeRun { c, trace: mode_trace, .. } = run;
+        let ModeRun { c, trace: mut mode_trace, .. } = run;
+        mode_trace.name_worker_lanes(mode.name());
         trace.extend(mode_trace);
         if check && mode == Mode::Seq && reference.is_none() {
             reference = Some(c.clone());
@@ -755,6 +761,10 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
     }
     if !args.json {
         table.footer(&mut out, &reports);
+        let cpus = crate::pool::available_cpus();
+        if let Some(line) = load::Load::since(timing).and_then(|l| l.busy_line(cpus)) {
+            let _ = writeln!(out, "\n{}", wrap_78(&line));
+        }
     }
     // Each output is written even if another fails: one failure never
     // loses what another output holds.
@@ -791,6 +801,7 @@ fn demo_command(args: &DemoArgs) -> Result<(), CliError> {
         processes: args.processes.unwrap_or_else(crate::pool::available_cpus),
         dtype,
         temp_folder: args.temp_folder.clone(),
+        repeat: args.repeat,
     };
     let mut out = Checked::new(std::io::stdout().lock());
     crate::cli::demo::run(&options, &mut out)?;
@@ -977,6 +988,8 @@ pub struct ModeReport {
     blocks: usize,
     wall_s: f64,
     walls_s: Vec<f64>,
+    wall_min_s: f64,
+    wall_max_s: f64,
     cold_wall_s: f64,
     phases: PhasesReport,
     gflops: f64,
@@ -1042,6 +1055,8 @@ impl ModeReport {
             blocks: run.blocks,
             wall_s,
             walls_s: walls.clone(),
+            wall_min_s: walls.iter().copied().fold(f64::INFINITY, f64::min),
+            wall_max_s: walls.iter().copied().fold(0.0, f64::max),
             cold_wall_s: walls[0],
             phases: PhasesReport {
                 dump_s: median.phases.dump_s,
@@ -1199,6 +1214,9 @@ impl Table {
              in memmap modes, dumping A and B); to/from workers: bytes through the pipes",
             if reps == 1 { "" } else { "s" }
         );
+        if reps >= 2 {
+            spread_table(out, reports);
+        }
         if !self.wide {
             let _ = writeln!(out, "\n{:<11} {:>9} {:>9} {:>9} {:>9}", "phases", "dump", "spawn", "compute", "collect");
             for r in reports {
@@ -1241,6 +1259,52 @@ impl Table {
              worker shows in USS; a mapped B shared by all shows in RSS and PSS, not USS."
         );
     }
+}
+
+/// `text` on lines of at most 78 characters.
+fn wrap_78(text: &str) -> String {
+    let mut lines: Vec<String> = vec![String::new()];
+    for word in text.split_whitespace() {
+        let last = lines.last_mut().expect("one line at least");
+        if !last.is_empty() && last.chars().count() + 1 + word.chars().count() > 78 {
+            lines.push(word.to_string());
+        } else {
+            if !last.is_empty() {
+                last.push(' ');
+            }
+            last.push_str(word);
+        }
+    }
+    lines.join("\n")
+}
+
+/// Each mode's median wall with its spread over the repetitions, and
+/// whether it differs from seq's beyond that spread.
+fn spread_table(out: &mut impl Write, reports: &[ModeReport]) {
+    let _ = writeln!(out, "\n{:<11} {:>9}  {:<21}  against seq", "spread", "median", "fastest–slowest");
+    let seq = reports.iter().find(|r| r.mode == "seq");
+    for r in reports {
+        let verdict = match seq {
+            Some(seq) if r.mode != "seq" => {
+                if r.wall_min_s <= seq.wall_max_s && seq.wall_min_s <= r.wall_max_s {
+                    "a tie (spreads overlap)"
+                } else if r.wall_s < seq.wall_s {
+                    "faster"
+                } else {
+                    "slower"
+                }
+            }
+            _ => "",
+        };
+        let range = format!("{}–{}", secs(r.wall_min_s), secs(r.wall_max_s));
+        let line = format!("{:<11} {:>9}  {:<21}  {verdict}", r.mode, secs(r.wall_s), range);
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    let _ = writeln!(
+        out,
+        "fastest–slowest of all repetitions, the cold first one included; a\n\
+         difference within both spreads is noise, a tie, not a win"
+    );
 }
 
 fn rate_label(dtype: &str) -> &'static str {

@@ -86,9 +86,9 @@ impl CallCore<'_> {
     pub(super) fn on_event(&mut self, event: PoolEvent, codec: &mut dyn TaskCodec) {
         let w = event.index;
         match event.event {
-            WorkerEvent::Results { results, arrays, arrived_ns, read_ns, .. } => {
+            WorkerEvent::Results { results, arrays, arrived_ns, read_ns, bytes, .. } => {
                 let Some(flight) = self.in_flight[w].take() else { return };
-                self.trace_results(w, &results, &flight, arrived_ns, read_ns);
+                self.trace_results(w, &results, &flight, (arrived_ns, read_ns), bytes);
                 self.on_results(w, results, arrays, flight, codec);
             }
             WorkerEvent::Lost { error } => self.on_lost(w, error),
@@ -98,12 +98,23 @@ impl CallCore<'_> {
     }
 
     /// Records, when tracing, how worker `w` received, computed and
-    /// answered the batch `flight`, and how its answer was read.
-    fn trace_results(&mut self, w: usize, results: &Results, flight: &InFlight, arrived_ns: u64, read_ns: u64) {
+    /// answered the batch `flight`, and how its answer (`bytes` long) was
+    /// read, from its arrival to the end of reading (`arrived_read`); and
+    /// the flows of the request in and the answer out.
+    fn trace_results(&mut self, w: usize, results: &Results, flight: &InFlight, arrived_read: (u64, u64), bytes: u64) {
+        let (arrived_ns, read_ns) = arrived_read;
         let Some(trace) = self.parallel.trace.as_mut() else { return };
         let pid = self.parallel.pool.as_ref().and_then(|p| p.pid(w)).unwrap_or(0);
         let lane = Lane::Worker { index: w, pid };
         trace.span(lane, "map", "receive and map", results.received_ns, results.mapped_ns);
+        let mid = |a: u64, b: u64| a + b.saturating_sub(a) / 2;
+        trace.received(lane, mid(results.received_ns, results.mapped_ns));
+        let answer = match (flight.tasks.first(), flight.tasks.len()) {
+            (Some(t), 1) => format!("results of {t}"),
+            _ => format!("results of {} tasks", flight.tasks.len()),
+        };
+        let (from, to) = (mid(results.replying_ns, arrived_ns), mid(arrived_ns, read_ns));
+        trace.flow(answer, bytes, (lane, from), (Lane::Coordinator, to));
         for (reply, task) in results.tasks.iter().zip(&flight.tasks) {
             trace.span(lane, "compute", format!("compute {task}"), reply.started_ns, reply.finished_ns);
         }

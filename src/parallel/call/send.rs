@@ -99,7 +99,7 @@ impl CallCore<'_> {
         let start = procjob_worker::clock::monotonic_ns();
         let pool = self.parallel.pool.as_mut().expect("the pool exists during a call");
         let result = pool.send(worker, &flight.request, &bulk);
-        self.trace_send(worker, start);
+        self.trace_send(worker, start, result.as_ref().ok().copied());
         if let Err(e) = result {
             self.on_send_failed(worker, e);
         }
@@ -119,7 +119,8 @@ impl CallCore<'_> {
             frames.iter().map(|(w, _, _)| *w).zip(pool.send_many(&frames)).collect()
         };
         for &w in workers {
-            self.trace_send(w, start);
+            let bytes = results.iter().find(|(r, _)| *r == w).and_then(|(_, r)| r.as_ref().ok().copied());
+            self.trace_send(w, start, bytes);
         }
         for (w, result) in results {
             if let Err(e) = result {
@@ -166,8 +167,9 @@ impl CallCore<'_> {
     }
 
     /// Records, when tracing, that the batch in flight on `worker` was
-    /// written from `start` until now.
-    fn trace_send(&mut self, worker: usize, start: u64) {
+    /// written from `start` until now, and (when it was: `bytes`) the
+    /// start of its flow to the worker.
+    fn trace_send(&mut self, worker: usize, start: u64, bytes: Option<u64>) {
         let (Some(trace), Some(flight)) = (self.parallel.trace.as_mut(), self.in_flight[worker].as_ref()) else {
             return;
         };
@@ -177,6 +179,11 @@ impl CallCore<'_> {
             (Some(a), _) => format!("send {a} to worker {worker}"),
             _ => format!("send to worker {worker}"),
         };
-        trace.span(Lane::Coordinator, "send", what, start, procjob_worker::clock::monotonic_ns());
+        let end = procjob_worker::clock::monotonic_ns();
+        if let Some(bytes) = bytes {
+            let what = what.trim_start_matches("send ").trim_end_matches(&format!(" to worker {worker}")).to_string();
+            trace.sent(worker, start, bytes, what);
+        }
+        trace.span(Lane::Coordinator, "send", what, start, end);
     }
 }
