@@ -42,3 +42,4 @@ pub use mapping::{map_file_ref, map_file_ref_within, FileId};
 pub(crate) use spare_pages::SPARES_KEPT;
 pub use storage::HUGE_PAGE_THRESHOLD;
 pub use value::Array;
+pub use views::Rows;
