@@ -21,6 +21,7 @@ use procjob_worker::kernels::Kernel;
 use procjob_worker::matmul::{MatmulBlock, MatmulInput, MatmulOutput};
 use procjob_worker::protocol::Access;
 use procjob_worker::{DType, Element};
+pub use procjob_worker::matmul::{not_a_matmul_dtype, MATMUL_DTYPES};
 
 use crate::error::Error;
 use crate::parallel::Parallel;
@@ -99,6 +100,13 @@ pub fn plan_blocks(m: usize, blocks: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
+/// The dtype named `name` if a product is computed for it: `i64`, `f64`
+/// or `f32` ([`MATMUL_DTYPES`]); the other [`DType`]s travel and are
+/// stored, but are not multiplied.
+pub fn dtype_from_name(name: &str) -> Option<DType> {
+    MATMUL_DTYPES.into_iter().find(|d| d.name() == name)
+}
+
 /// The inputs of a run.
 #[derive(Debug, Clone)]
 pub struct Inputs {
@@ -170,6 +178,7 @@ fn filled(
         DType::I64 => fill::<i64>(&mut a, cols, f),
         DType::F64 => fill::<f64>(&mut a, cols, |i, j| f(i, j) as f64),
         DType::F32 => fill::<f32>(&mut a, cols, |i, j| f(i, j) as f32),
+        other => Err(Error::Config(not_a_matmul_dtype(other))),
     }?;
     Ok(a)
 }
@@ -504,6 +513,7 @@ pub fn multiply_seq(inputs: &Inputs) -> Result<Array, Error> {
         DType::I64 => typed::<i64>(inputs),
         DType::F64 => typed::<f64>(inputs),
         DType::F32 => typed::<f32>(inputs),
+        other => Err(not_a_matmul_dtype(other)),
     }
     .map_err(Error::Config)
 }
@@ -569,6 +579,7 @@ pub fn multiply_threads_into(
         DType::I64 => typed::<i64>(inputs, ranges, threads, c),
         DType::F64 => typed::<f64>(inputs, ranges, threads, c),
         DType::F32 => typed::<f32>(inputs, ranges, threads, c),
+        other => Err(Error::Config(not_a_matmul_dtype(other))),
     }
 }
 

@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 ///
 /// The declaration order is the wire encoding (postcard's variant index):
 /// the three original dtypes keep 0–2 and newer ones follow.
+/// Non-exhaustive: numpy has more dtypes than these, and a match on a
+/// `DType` outside this crate keeps a `_` arm for the ones added later.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum DType {
     /// 64-bit signed integer (`<i8`, `int64`); arithmetic wraps, as numpy's does.
     I64,
