@@ -241,7 +241,8 @@ mod sealed {
 
 /// A Rust element type with a [`DType`]: `i8`, `i16`, `i32`, `i64`, `u8`,
 /// `u16`, `u32`, `u64`, `f32`, `f64`, `bool`, [`Complex<f32>`] and
-/// [`Complex<f64>`].
+/// [`Complex<f64>`] (and, with the `ndarray` feature, ndarray's
+/// `num_complex::Complex<f32>` and `<f64>`, of the same layout).
 ///
 /// Sealed: procjob views raw file and pipe bytes as slices of these types,
 /// which is sound because every bit pattern of them is a valid value —
@@ -281,6 +282,25 @@ element! {
     Complex<f32> => C64, Complex<f64> => C128,
 }
 
+// With the `ndarray` feature, `num_complex::Complex<f32>` and `<f64>`
+// (ndarray's complex types) are element types too: `#[repr(C)]` pairs
+// `{ re, im }`, the same layout as [`Complex`].
+#[cfg(feature = "ndarray")]
+// SAFETY: num-complex documents `Complex<T>` as `#[repr(C)]` with fields
+// `re` then `im`: no padding, every pattern valid (checked below).
+unsafe impl sealed::Sealed for num_complex::Complex<f32> {}
+#[cfg(feature = "ndarray")]
+// SAFETY: as above.
+unsafe impl sealed::Sealed for num_complex::Complex<f64> {}
+#[cfg(feature = "ndarray")]
+impl Element for num_complex::Complex<f32> {
+    const DTYPE: DType = DType::C64;
+}
+#[cfg(feature = "ndarray")]
+impl Element for num_complex::Complex<f64> {
+    const DTYPE: DType = DType::C128;
+}
+
 /// Whether `bytes` are valid elements of `T` (always, except for `bool`).
 pub(crate) fn valid_bytes<T: Element>(bytes: &[u8]) -> bool {
     T::valid(bytes)
@@ -310,5 +330,15 @@ mod tests {
         }
         assert!(valid_bytes::<u8>(&[0xff]));
         assert!(!DType::Bool.any_bytes_valid() && DType::U8.any_bytes_valid());
+    }
+
+    #[cfg(feature = "ndarray")]
+    #[test]
+    fn num_complex_has_the_layout_of_complex() {
+        use std::mem::{align_of, offset_of, size_of};
+        assert_eq!(size_of::<num_complex::Complex<f32>>(), size_of::<Complex<f32>>());
+        assert_eq!(align_of::<num_complex::Complex<f64>>(), align_of::<Complex<f64>>());
+        assert_eq!(offset_of!(num_complex::Complex<f64>, im), offset_of!(Complex<f64>, im));
+        assert_eq!(offset_of!(num_complex::Complex<f32>, im), 4);
     }
 }
