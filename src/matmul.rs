@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use procjob_worker::array::{Array, FileId};
 use procjob_worker::kernels::Kernel;
+pub use procjob_worker::matmul::{not_a_matmul_dtype, MATMUL_DTYPES};
 use procjob_worker::matmul::{MatmulBlock, MatmulInput, MatmulOutput};
 use procjob_worker::protocol::Access;
 use procjob_worker::{DType, Element};
-pub use procjob_worker::matmul::{not_a_matmul_dtype, MATMUL_DTYPES};
 
 use crate::error::Error;
 use crate::parallel::Parallel;

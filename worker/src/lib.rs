@@ -60,13 +60,13 @@ pub mod serve;
 
 pub use array::Array;
 pub use dtype::{Complex, DType, Element};
+pub use kernels::gemm;
 /// The `ndarray` crate this one converts to and views as (the `ndarray`
 /// feature), so that a user's `ndarray` version matches it.
 #[cfg(feature = "ndarray")]
 pub use ndarray;
 #[cfg(feature = "ndarray")]
 pub use num_complex;
-pub use kernels::gemm;
 pub use registry::Registry;
 pub use task::Task;
 pub use tasks::matmul;

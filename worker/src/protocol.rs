@@ -1033,5 +1033,4 @@ mod tests {
         }
         assert!(postcard::from_bytes::<DType>(&[order.len() as u8]).is_err());
     }
-
 }

@@ -123,9 +123,7 @@ impl Array {
     pub fn row<T: Element>(&self, i: usize) -> Result<&[T], ArrayError> {
         let rows = self.iter_rows::<T>()?;
         let n = rows.len();
-        rows.into_iter()
-            .nth(i)
-            .ok_or_else(|| ArrayError::Shape(format!("row {i} out of range for {n} rows")))
+        rows.into_iter().nth(i).ok_or_else(|| ArrayError::Shape(format!("row {i} out of range for {n} rows")))
     }
 
     /// The rows (along the first axis) as slices of `T`, in order, without
