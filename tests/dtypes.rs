@@ -31,7 +31,7 @@ fn int(i: usize) -> i64 {
     match i {
         0 => i64::MIN,
         1 => i64::MAX,
-        _ => (i as i64 * 1_000_003 - 17) * if i % 2 == 0 { 1 } else { -1 },
+        _ => (i as i64 * 1_000_003 - 17) * if i.is_multiple_of(2) { 1 } else { -1 },
     }
 }
 
@@ -58,7 +58,7 @@ impl Sample for f32 {
 }
 impl Sample for bool {
     fn sample(i: usize) -> bool {
-        i % 3 == 0
+        i.is_multiple_of(3)
     }
 }
 impl Sample for Complex<f64> {
@@ -80,20 +80,21 @@ fn samples<T: Sample>(n: usize) -> Vec<T> {
 /// checks that none was left out.
 macro_rules! for_every_dtype {
     ($check:ident $(, $arg:expr)*) => {{
-        let mut seen = Vec::new();
-        seen.push($check::<i8>($($arg),*));
-        seen.push($check::<i16>($($arg),*));
-        seen.push($check::<i32>($($arg),*));
-        seen.push($check::<i64>($($arg),*));
-        seen.push($check::<u8>($($arg),*));
-        seen.push($check::<u16>($($arg),*));
-        seen.push($check::<u32>($($arg),*));
-        seen.push($check::<u64>($($arg),*));
-        seen.push($check::<f32>($($arg),*));
-        seen.push($check::<f64>($($arg),*));
-        seen.push($check::<bool>($($arg),*));
-        seen.push($check::<Complex<f32>>($($arg),*));
-        seen.push($check::<Complex<f64>>($($arg),*));
+        let mut seen = vec![
+            $check::<i8>($($arg),*),
+            $check::<i16>($($arg),*),
+            $check::<i32>($($arg),*),
+            $check::<i64>($($arg),*),
+            $check::<u8>($($arg),*),
+            $check::<u16>($($arg),*),
+            $check::<u32>($($arg),*),
+            $check::<u64>($($arg),*),
+            $check::<f32>($($arg),*),
+            $check::<f64>($($arg),*),
+            $check::<bool>($($arg),*),
+            $check::<Complex<f32>>($($arg),*),
+            $check::<Complex<f64>>($($arg),*),
+        ];
         seen.sort_by_key(|d: &DType| d.name());
         let mut all = DType::ALL.to_vec();
         all.sort_by_key(|d| d.name());

@@ -315,7 +315,7 @@ mod tests {
         for d in DType::ALL {
             assert_eq!(DType::from_name(d.name()), Some(d));
             assert_eq!(DType::ALL.iter().filter(|e| e.npy_descr() == d.npy_descr()).count(), 1);
-            assert_eq!(d.size().is_power_of_two(), true);
+            assert!(d.size().is_power_of_two());
             assert!(d.align() <= d.size() && d.size() % d.align() == 0);
         }
         assert_eq!(DType::from_name("int64"), None);

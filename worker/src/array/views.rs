@@ -228,7 +228,7 @@ mod tests {
         let rows: Vec<&[u16]> = a.iter_rows::<u16>().unwrap().collect();
         assert_eq!(rows, [&[0, 1, 2, 3][..], &[4, 5, 6, 7], &[8, 9, 10, 11]]);
         assert_eq!(rows[1].as_ptr(), a.as_slice::<u16>().unwrap()[4..].as_ptr());
-        assert_eq!(a.iter_rows::<u16>().unwrap().rev().next(), Some(&[8, 9, 10, 11][..]));
+        assert_eq!(a.iter_rows::<u16>().unwrap().next_back(), Some(&[8, 9, 10, 11][..]));
         assert_eq!(a.iter_rows::<u16>().unwrap().len(), 3);
         assert_eq!(a.row::<u16>(2).unwrap(), &[8, 9, 10, 11]);
         assert!(matches!(a.row::<u16>(3), Err(ArrayError::Shape(_))));
