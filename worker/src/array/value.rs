@@ -15,8 +15,8 @@ use crate::protocol::Access;
 /// floats, `bool`, complex numbers), owned or memory-mapped, cheap to clone
 /// (views share their storage).
 ///
-/// Typed access goes through the element type: [`as_slice::<f64>`]
-/// (Array::as_slice), [`row::<f64>(i)`](Array::row) and
+/// Typed access goes through the element type:
+/// [`as_slice::<f64>`](Array::as_slice), [`row::<f64>(i)`](Array::row) and
 /// [`iter_rows::<f64>`](Array::iter_rows) for a matrix, and with the
 /// `ndarray` feature `view::<f64>()` (an `ndarray::ArrayViewD`, no copy).
 #[derive(Clone)]
