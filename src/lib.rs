@@ -85,9 +85,13 @@ mod trace;
 pub use error::{Error, TaskId, WorkerExit, WorkerId};
 pub use parallel::{CallStats, Ordered, Parallel, Progress, Unordered, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_NBYTES};
 pub use pool::{StartMethod, Traffic, WorkerReport};
-pub use procjob_worker::array::ArrayError;
+pub use procjob_worker::array::{ArrayError, Rows};
 pub use procjob_worker::protocol::{Access, MemorySnapshot};
-pub use procjob_worker::{Array, DType, Element, Task};
+/// The `ndarray` crate that [`Array::view`] and [`Array::from_ndarray`]
+/// speak (the `ndarray` feature), and its complex type.
+#[cfg(feature = "ndarray")]
+pub use procjob_worker::{ndarray, num_complex};
+pub use procjob_worker::{Array, Complex, DType, Element, Task};
 pub use scheduler::{BatchSize, PreDispatch};
 pub use trace::{Lane, Span, Trace};
 

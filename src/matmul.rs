@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use procjob_worker::array::{Array, FileId};
 use procjob_worker::kernels::Kernel;
+pub use procjob_worker::matmul::{not_a_matmul_dtype, MATMUL_DTYPES};
 use procjob_worker::matmul::{MatmulBlock, MatmulInput, MatmulOutput};
 use procjob_worker::protocol::Access;
 use procjob_worker::{DType, Element};
@@ -99,6 +100,13 @@ pub fn plan_blocks(m: usize, blocks: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
+/// The dtype named `name` if a product is computed for it: `i64`, `f64`
+/// or `f32` ([`MATMUL_DTYPES`]); the other [`DType`]s travel and are
+/// stored, but are not multiplied.
+pub fn dtype_from_name(name: &str) -> Option<DType> {
+    MATMUL_DTYPES.into_iter().find(|d| d.name() == name)
+}
+
 /// The inputs of a run.
 #[derive(Debug, Clone)]
 pub struct Inputs {
@@ -170,6 +178,7 @@ fn filled(
         DType::I64 => fill::<i64>(&mut a, cols, f),
         DType::F64 => fill::<f64>(&mut a, cols, |i, j| f(i, j) as f64),
         DType::F32 => fill::<f32>(&mut a, cols, |i, j| f(i, j) as f32),
+        other => Err(Error::Config(not_a_matmul_dtype(other))),
     }?;
     Ok(a)
 }
@@ -514,6 +523,7 @@ pub fn multiply_seq(inputs: &Inputs) -> Result<Array, Error> {
         DType::I64 => typed::<i64>(inputs),
         DType::F64 => typed::<f64>(inputs),
         DType::F32 => typed::<f32>(inputs),
+        other => Err(not_a_matmul_dtype(other)),
     }
     .map_err(Error::Config)
 }
@@ -606,6 +616,7 @@ fn multiply_threads_timed(
         DType::I64 => typed::<i64>(inputs, ranges, threads, c, times),
         DType::F64 => typed::<f64>(inputs, ranges, threads, c, times),
         DType::F32 => typed::<f32>(inputs, ranges, threads, c, times),
+        other => Err(Error::Config(not_a_matmul_dtype(other))),
     }
 }
 

@@ -1373,6 +1373,7 @@ fn describe_dtype(dtype: DType) -> String {
         DType::I64 => "i64 (8-byte integers, numpy's int64)".into(),
         DType::F64 => "f64 (8-byte floats, numpy's float64)".into(),
         DType::F32 => "f32 (4-byte floats, numpy's float32)".into(),
+        other => format!("{other} (numpy's '{}')", other.npy_descr()),
     }
 }
 

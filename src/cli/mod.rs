@@ -282,6 +282,15 @@ fn parse_shape(s: &str) -> Result<(usize, usize, usize), CliError> {
 
 fn open_input(path: &Path, name: &str) -> Result<Array, CliError> {
     let a = Array::open_npy(path, Access::ReadOnly).map_err(|e| CliError::usage(format!("--{name}: {e}")))?;
+    if !crate::matmul::MATMUL_DTYPES.contains(&a.dtype()) {
+        let accepted = crate::matmul::MATMUL_DTYPES.map(|d| format!("'{}' ({d})", d.npy_descr())).join(", ");
+        return Err(CliError::usage(format!(
+            "--{name}: {} has an unsupported dtype for matmul, '{}' ({}); accepted are {accepted}",
+            path.display(),
+            a.dtype().npy_descr(),
+            a.dtype()
+        )));
+    }
     if a.shape().len() != 2 {
         return Err(CliError::usage(format!(
             "--{name}: {} holds a {}-D array of shape {:?}; a matrix (2-D) is needed",
@@ -317,7 +326,7 @@ fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
     };
     let dtype = match &args.dtype {
         Some(d) => Some(
-            DType::from_name(d)
+            crate::matmul::dtype_from_name(d)
                 .ok_or_else(|| CliError::usage(format!("--dtype {d:?} is not one of: i64, f64, f32")))?,
         ),
         None => None,
@@ -794,7 +803,7 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
 }
 
 fn demo_command(args: &DemoArgs) -> Result<(), CliError> {
-    let dtype = DType::from_name(&args.dtype)
+    let dtype = crate::matmul::dtype_from_name(&args.dtype)
         .ok_or_else(|| CliError::usage(format!("--dtype {:?} is not one of: i64, f64, f32", args.dtype)))?;
     let options = crate::cli::demo::DemoOptions {
         size: args.size,
@@ -826,7 +835,7 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let dtype = DType::from_name(&args.dtype)
+    let dtype = crate::matmul::dtype_from_name(&args.dtype)
         .ok_or_else(|| CliError::usage(format!("--dtype {:?} is not one of: i64, f64, f32", args.dtype)))?;
     if let Some(dir) = &args.plot {
         check_plot_dir(dir)?;

@@ -59,8 +59,14 @@ mod tasks;
 pub mod serve;
 
 pub use array::Array;
-pub use dtype::{DType, Element};
+pub use dtype::{Complex, DType, Element};
 pub use kernels::gemm;
+/// The `ndarray` crate this one converts to and views as (the `ndarray`
+/// feature), so that a user's `ndarray` version matches it.
+#[cfg(feature = "ndarray")]
+pub use ndarray;
+#[cfg(feature = "ndarray")]
+pub use num_complex;
 pub use registry::Registry;
 pub use task::Task;
 pub use tasks::matmul;

@@ -28,7 +28,7 @@ pub const ALIGN: usize = 64;
 /// Largest header we accept (bytes before the data); checked before allocating.
 pub const MAX_HEADER_LEN: usize = 64 * 1024;
 /// Data offsets of files we read must be a multiple of this, so that elements
-/// (at most 8 bytes) are aligned in a page-aligned memory map. numpy itself
+/// (aligned to at most 8 bytes) are aligned in a page-aligned memory map. numpy itself
 /// aligns to 64 (16 in old versions); we accept anything that is safe.
 pub const MIN_DATA_ALIGN: usize = 8;
 /// Most dimensions a shape may have (numpy's own limit, `NPY_MAXDIMS`).
@@ -120,7 +120,7 @@ pub enum HeaderError {
     /// One of the three required keys is absent.
     #[error("header has no '{0}' key; a .npy header needs 'descr', 'fortran_order' and 'shape'")]
     MissingKey(&'static str),
-    /// A dtype other than the three accepted ones.
+    /// A dtype other than the accepted ones ([`DType::ALL`]).
     #[error("unsupported dtype '{descr}'; accepted are {}", accepted_dtypes())]
     UnsupportedDtype {
         /// The `descr` value found in the header.
@@ -159,8 +159,8 @@ pub enum HeaderError {
     },
 }
 
-/// "'<i8' (i64), '<f8' (f64), '<f4' (f32)", built from [`DType::ALL`] so the
-/// message cannot drift from what is actually accepted.
+/// "'|i1' (i8), '<i2' (i16), …", built from [`DType::ALL`] so the message
+/// cannot drift from what is actually accepted.
 fn accepted_dtypes() -> String {
     DType::ALL.iter().map(|d| format!("'{}' ({})", d.npy_descr(), d.name())).collect::<Vec<_>>().join(", ")
 }
@@ -246,13 +246,17 @@ fn dtype_from_descr(descr: &str) -> Result<DType, HeaderError> {
     let Some(dtype) = DType::ALL.into_iter().find(|d| &d.npy_descr()[1..] == code) else {
         return Err(unsupported());
     };
+    // One-byte types have no byte order: numpy writes '|', and reads any.
+    if dtype.size() == 1 {
+        return Ok(dtype);
+    }
     let little = match order {
         "<" => true,
         ">" => false,
         // '=' is "native": only the same bytes as '<' on a little-endian host.
         "=" => cfg!(target_endian = "little"),
         // '|' means "byte order not applicable", which numpy only writes for
-        // one-byte types; on an 8- or 4-byte type it is not something numpy
+        // one-byte types; on a wider type it is not something numpy
         // produces, so refuse it rather than guess.
         _ => return Err(unsupported()),
     };
@@ -985,18 +989,50 @@ mod tests {
 
     #[test]
     fn dtype_errors() {
-        for descr in ["<i4", "<f2", "<u8", "|b1", "|u1", "|O", "<c16", "<U3", "|i8", "f8", "float64", "<M8[ns]"] {
+        for descr in ["<f2", "|O", "<c32", "<U3", "|i8", "|f4", "<b2", "f8", "float64", "<M8[ns]", "<i16", "?"] {
             assert_eq!(err(&dict(descr, "False", "(3,)")), HeaderError::UnsupportedDtype { descr: descr.into() },);
         }
         let e = err(&dict("|O", "False", "(3,)"));
-        assert_eq!(e.to_string(), "unsupported dtype '|O'; accepted are '<i8' (i64), '<f8' (f64), '<f4' (f32)");
+        assert_eq!(
+            e.to_string(),
+            "unsupported dtype '|O'; accepted are '|i1' (i8), '<i2' (i16), '<i4' (i32), '<i8' (i64), \
+             '|u1' (u8), '<u2' (u16), '<u4' (u32), '<u8' (u64), '<f4' (f32), '<f8' (f64), '|b1' (bool), \
+             '<c8' (c64), '<c16' (c128)"
+        );
+        // Every dtype in numpy's spellings: '<' (and '=' on a little-endian
+        // host) for wider types; any order mark for one-byte types.
+        let accepted: &[(&str, DType)] = &[
+            ("|i1", DType::I8),
+            ("<i1", DType::I8),
+            (">i1", DType::I8),
+            ("=i1", DType::I8),
+            ("|u1", DType::U8),
+            ("<u1", DType::U8),
+            ("|b1", DType::Bool),
+            ("<b1", DType::Bool),
+            ("<i2", DType::I16),
+            ("<i4", DType::I32),
+            ("=i4", DType::I32),
+            ("<i8", DType::I64),
+            ("<u2", DType::U16),
+            ("<u4", DType::U32),
+            ("<u8", DType::U64),
+            ("<f4", DType::F32),
+            ("<f8", DType::F64),
+            ("<c8", DType::C64),
+            ("<c16", DType::C128),
+        ];
+        for &(descr, dtype) in accepted {
+            let bytes = frame_aligned(&dict(descr, "False", "(3,)"));
+            assert_eq!(parse_header(&bytes).map(|h| h.dtype), Ok(dtype), "{descr}");
+        }
         // A structured dtype is a list, not a string; still reported as a dtype problem.
         assert_eq!(
             err("{'descr': [('a', '<f8'), ('b', '<i4')], 'fortran_order': False, 'shape': (3,), }"),
             HeaderError::UnsupportedDtype { descr: "[('a', '<f8'), ('b', '<i4')]".into() },
         );
 
-        for descr in [">f8", ">i8", ">f4"] {
+        for descr in [">f8", ">i8", ">f4", ">i2", ">u4", ">c16", ">c8", ">u8"] {
             assert_eq!(err(&dict(descr, "False", "(3,)")), HeaderError::NonNativeByteOrder { descr: descr.into() },);
         }
         assert_eq!(
@@ -1004,7 +1040,7 @@ mod tests {
             "big-endian data ('>f8') is not accepted; convert with arr.astype('<f8')"
         );
         // A big-endian type we would not accept either way is unsupported, not byte-order.
-        assert!(matches!(err(&dict(">i4", "False", "(3,)")), HeaderError::UnsupportedDtype { .. }));
+        assert!(matches!(err(&dict(">f2", "False", "(3,)")), HeaderError::UnsupportedDtype { .. }));
 
         let e = err(&dict("<f8", "True", "(3, 4)"));
         assert_eq!(e, HeaderError::FortranOrder);
@@ -1141,6 +1177,9 @@ mod tests {
                 DType::I64 => ((i as i64) * 1_000_003 - 17).to_le_bytes().to_vec(),
                 DType::F64 => ((i as f64 - 7.0) / 3.0).to_le_bytes().to_vec(),
                 DType::F32 => (((i as f64 - 7.0) / 3.0) as f32).to_le_bytes().to_vec(),
+                DType::Bool => vec![(i % 3 == 0) as u8],
+                // Any bytes are values of the other types.
+                other => (0..other.size()).map(|b| (i * 31 + b * 7) as u8).collect(),
             })
             .collect()
     }

@@ -77,7 +77,7 @@ pub use crate::payload::Payload;
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"PJOB";
 /// The protocol version; bumped on any incompatible change of frames or messages.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Length of the fixed frame prelude.
 pub const PRELUDE_LEN: usize = 20;
 /// Largest payload (the postcard part) a reader accepts: 64 MiB.
@@ -1000,5 +1000,37 @@ mod tests {
         assert!(matches!(err, DecodeError::BulkMismatch { declared: 68, actual: 67 }), "{err:?}");
         let huge = [ArrayRef::Inline { dtype: DType::F64, shape: vec![u64::MAX, 2] }];
         assert!(matches!(check_bulk(&huge, 16), Err(DecodeError::BulkMismatch { .. })));
+    }
+
+    /// Every dtype travels as its variant index (the original three keep
+    /// 0–2, as docs/protocol.md lists them), and an index past the last is
+    /// a decode error, not a dtype.
+    #[test]
+    fn dtypes_travel_as_their_variant_index() {
+        let order = [
+            DType::I64,
+            DType::F64,
+            DType::F32,
+            DType::I8,
+            DType::I16,
+            DType::I32,
+            DType::U8,
+            DType::U16,
+            DType::U32,
+            DType::U64,
+            DType::Bool,
+            DType::C64,
+            DType::C128,
+        ];
+        assert_eq!(order.len(), DType::ALL.len());
+        for (index, dtype) in order.into_iter().enumerate() {
+            let bytes = postcard::to_stdvec(&dtype).unwrap();
+            assert_eq!(bytes, vec![index as u8], "{dtype}");
+            assert_eq!(postcard::from_bytes::<DType>(&bytes).unwrap(), dtype);
+            let r = ArrayRef::Inline { dtype, shape: vec![3, 5] };
+            assert_eq!(r.nbytes(), Some(15 * dtype.size() as u64));
+            assert_eq!(postcard::from_bytes::<ArrayRef>(&postcard::to_stdvec(&r).unwrap()).unwrap(), r);
+        }
+        assert!(postcard::from_bytes::<DType>(&[order.len() as u8]).is_err());
     }
 }

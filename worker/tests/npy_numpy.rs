@@ -24,12 +24,18 @@ const PY_PRELUDE: &str = r#"
 import sys, os
 import numpy as np
 def values(code, n):
-    if code == '<i8':
+    kind = code[1]
+    if kind in 'iu':
         v = [(i * 1000003 - 17) * (-1) ** i for i in range(n)]
         if n >= 2:
             v[0], v[1] = -2**63, 2**63 - 1
-        return np.array(v, dtype='<i8')
-    return np.array([(i - 7) / 3.0 for i in range(n)], dtype='<f8').astype(code)
+        return np.array(v, dtype='<i8').astype(code)  # narrower types wrap, as Rust's `as`
+    if kind == 'b':
+        return np.array([i % 3 == 0 for i in range(n)], dtype='|b1')
+    re = np.array([(i - 7) / 3.0 for i in range(n)], dtype='<f8')
+    if kind == 'c':
+        return (re + 1j * np.array([i * 0.5 + 1.0 for i in range(n)], dtype='<f8')).astype(code)
+    return re.astype(code)
 def make(code, shape):
     n = 1
     for d in shape:
@@ -40,18 +46,32 @@ def make(code, shape):
 /// Little-endian bytes of the `n` values the Python `values` function makes.
 fn value_bytes(dtype: DType, n: usize) -> Vec<u8> {
     (0..n)
-        .flat_map(|i| match dtype {
-            DType::I64 => {
-                let v = match (i, n >= 2) {
-                    (0, true) => i64::MIN,
-                    (1, true) => i64::MAX,
-                    _ => (i as i64 * 1_000_003 - 17) * if i % 2 == 0 { 1 } else { -1 },
-                };
-                v.to_le_bytes().to_vec()
-            }
+        .flat_map(|i| {
+            let int = match (i, n >= 2) {
+                (0, true) => i64::MIN,
+                (1, true) => i64::MAX,
+                _ => (i as i64 * 1_000_003 - 17) * if i % 2 == 0 { 1 } else { -1 },
+            };
             // Same IEEE operations in the same order as Python: exact match.
-            DType::F64 => ((i as f64 - 7.0) / 3.0).to_le_bytes().to_vec(),
-            DType::F32 => (((i as f64 - 7.0) / 3.0) as f32).to_le_bytes().to_vec(),
+            let re = (i as f64 - 7.0) / 3.0;
+            let im = i as f64 * 0.5 + 1.0;
+            match dtype {
+                // Narrower integers wrap, as numpy's astype does.
+                DType::I8 => (int as i8).to_le_bytes().to_vec(),
+                DType::I16 => (int as i16).to_le_bytes().to_vec(),
+                DType::I32 => (int as i32).to_le_bytes().to_vec(),
+                DType::I64 => int.to_le_bytes().to_vec(),
+                DType::U8 => (int as u8).to_le_bytes().to_vec(),
+                DType::U16 => (int as u16).to_le_bytes().to_vec(),
+                DType::U32 => (int as u32).to_le_bytes().to_vec(),
+                DType::U64 => (int as u64).to_le_bytes().to_vec(),
+                DType::F64 => re.to_le_bytes().to_vec(),
+                DType::F32 => (re as f32).to_le_bytes().to_vec(),
+                DType::Bool => vec![u8::from(i % 3 == 0)],
+                DType::C64 => [(re as f32).to_le_bytes(), (im as f32).to_le_bytes()].concat(),
+                DType::C128 => [re.to_le_bytes(), im.to_le_bytes()].concat(),
+                other => panic!("no test values for {other}"),
+            }
         })
         .collect()
 }
@@ -138,9 +158,9 @@ fn npy_reads_numpy_saved_files_exactly() {
     script += r#"
 np.save(os.path.join(d, 'fortran.npy'), np.asfortranarray(np.zeros((3, 4))))
 np.save(os.path.join(d, 'bigendian.npy'), np.zeros(3, dtype='>f8'))
-np.save(os.path.join(d, 'int32.npy'), np.zeros(3, dtype='<i4'))
+np.save(os.path.join(d, 'float16.npy'), np.zeros(3, dtype='<f2'))
 np.save(os.path.join(d, 'object.npy'), np.array([1, 'a', None], dtype=object))
-np.save(os.path.join(d, 'bool.npy'), np.zeros(3, dtype=bool))
+np.save(os.path.join(d, 'datetime.npy'), np.zeros(3, dtype='<M8[ns]'))
 "#;
     python(&script, &dir.0);
 
@@ -164,7 +184,7 @@ np.save(os.path.join(d, 'bool.npy'), np.zeros(3, dtype=bool))
     };
     assert_eq!(refused("fortran.npy"), HeaderError::FortranOrder);
     assert_eq!(refused("bigendian.npy"), HeaderError::NonNativeByteOrder { descr: ">f8".into() });
-    for (name, descr) in [("int32.npy", "<i4"), ("object.npy", "|O"), ("bool.npy", "|b1")] {
+    for (name, descr) in [("float16.npy", "<f2"), ("object.npy", "|O"), ("datetime.npy", "<M8[ns]")] {
         assert_eq!(refused(name), HeaderError::UnsupportedDtype { descr: descr.into() });
     }
 }

@@ -20,6 +20,16 @@ pub enum ArrayError {
         /// The dtype asked for.
         requested: DType,
     },
+    /// A `bool` array holds a byte other than 0 (false) or 1 (true): it
+    /// came from a file or a peer that does not keep numpy's rule, and is
+    /// not handed out as `bool`s.
+    #[error("the bool array holds byte {byte:#04x} at element {index}; a bool byte must be 0 or 1")]
+    NotBool {
+        /// The first such element.
+        index: usize,
+        /// Its byte.
+        byte: u8,
+    },
     /// A shape or range does not fit.
     #[error("{0}")]
     Shape(String),

@@ -90,7 +90,7 @@ impl Array {
         let lender = std::thread::current().id();
         let nbytes = dtype.nbytes(shape).unwrap_or(0);
         let view = (offset as usize, nbytes);
-        let aligned = nbytes > 0 && offset.is_multiple_of(dtype.size() as u64);
+        let aligned = nbytes > 0 && offset.is_multiple_of(dtype.align() as u64);
         if let Some(kept) = aligned.then(|| super::kept_maps::take(path, view)).flatten() {
             if (offset as usize).checked_add(nbytes).is_some_and(|end| end <= kept.map.len()) {
                 let mut faulted = kept.faulted;

@@ -209,8 +209,11 @@ pub fn map_file_ref_within(
     if end > meta.len() {
         return Err(err(format!("needs bytes {offset}..{end} but the file has {} bytes", meta.len())));
     }
-    if !offset.is_multiple_of(dtype.size() as u64) {
-        return Err(err(format!("offset {offset} is not a multiple of the element size")));
+    if !offset.is_multiple_of(dtype.align() as u64) {
+        return Err(err(format!(
+            "offset {offset} is not a multiple of the element alignment ({} bytes)",
+            dtype.align()
+        )));
     }
     if nbytes == 0 {
         return Ok(Array::zeros(dtype, shape.to_vec()));

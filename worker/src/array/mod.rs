@@ -20,13 +20,16 @@
 //! maps), `mapping` (file-backed arrays and file references), `spare_pages`
 //! and `kept_maps` (page and map reuse between results and calls),
 //! `codec` (arrays as references inside encoded values), `bulk` (reading a
-//! frame's arrays) and `error`.
+//! frame's arrays), `nd` (`ndarray` views and conversions, with the
+//! `ndarray` feature) and `error`.
 
 mod bulk;
 mod codec;
 mod error;
 mod kept_maps;
 mod mapping;
+#[cfg(feature = "ndarray")]
+mod nd;
 mod spare_pages;
 mod storage;
 mod value;
@@ -42,3 +45,4 @@ pub use mapping::{map_file_ref, map_file_ref_within, FileId};
 pub(crate) use spare_pages::SPARES_KEPT;
 pub use storage::HUGE_PAGE_THRESHOLD;
 pub use value::Array;
+pub use views::Rows;

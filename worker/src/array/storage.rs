@@ -1,6 +1,5 @@
-//! Where an array's bytes live: owned, 8-byte-aligned buffers (large ones
-//! on pages of their own, advised as huge pages) or a mapped file, and the
-//! safe byte views of element slices.
+//! Where an array's bytes live: owned buffers aligned for their dtype (large
+//! ones on pages of their own, advised as huge pages) or a mapped file.
 
 use super::mapping::Mapping;
 use crate::dtype::{DType, Element};
@@ -10,11 +9,19 @@ use crate::dtype::{DType, Element};
 /// `MADV_HUGEPAGE` from 4 MiB on).
 pub const HUGE_PAGE_THRESHOLD: usize = 4 << 20;
 
-/// Owned, 8-byte-aligned element storage.
+/// Owned element storage, held as words of the dtype's alignment (so a
+/// `Vec<T>` of any element type is kept without a copy, and its bytes are
+/// never viewed as a type that has invalid values: a `Vec<bool>` is kept as
+/// bytes, and checked when viewed as `bool` again).
 pub(super) enum Owned {
-    I64(Vec<i64>),
-    F64(Vec<f64>),
-    F32(Vec<f32>),
+    /// Elements aligned to 1 byte (`i8`, `u8`, `bool`).
+    A1(Vec<u8>),
+    /// Elements aligned to 2 bytes.
+    A2(Vec<u16>),
+    /// Elements aligned to 4 bytes (including `Complex<f32>`).
+    A4(Vec<u32>),
+    /// Elements aligned to 8 bytes (including `Complex<f64>`).
+    A8(Vec<u64>),
     /// A large array: anonymous pages of its own (page-aligned; every bit
     /// pattern is a valid element), asked to be huge pages. Fresh and zeroed
     /// from [`Array::zeros`]; from [`Array::try_for_overwrite`], possibly the
@@ -43,21 +50,21 @@ impl Owned {
     /// advice only takes effect on pages not yet touched, and the allocator
     /// may hand back recycled, already-touched heap memory.
     pub(super) fn try_zeroed(dtype: DType, len: usize) -> Option<Owned> {
-        /// Zeroed by the allocator (`calloc`: fresh pages are zero
-        /// already, so a large array costs no write pass), or `None`.
-        fn alloc<T: Element>(len: usize) -> Option<Vec<T>> {
+        /// `len` zeroed words, by the allocator (`calloc`: fresh pages are
+        /// zero already, so a large array costs no write pass), or `None`.
+        fn alloc<W: Word>(len: usize) -> Option<Vec<W>> {
             if len == 0 {
                 return Some(Vec::new());
             }
-            let layout = std::alloc::Layout::array::<T>(len).ok()?;
-            // SAFETY: the layout has a non-zero size (len > 0, T is not a ZST).
-            let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
+            let layout = std::alloc::Layout::array::<W>(len).ok()?;
+            // SAFETY: the layout has a non-zero size (len > 0, W is not a ZST).
+            let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<W>();
             if ptr.is_null() {
                 return None;
             }
             // SAFETY: `ptr` was allocated by the global allocator with the
-            // layout of `len` T's, and all-zero bytes are a valid T
-            // (Element types are plain numbers).
+            // layout of `len` W's, and all-zero bytes are a valid W (an
+            // unsigned integer).
             Some(unsafe { Vec::from_raw_parts(ptr, len, len) })
         }
         let bytes = len.checked_mul(dtype.size())?;
@@ -69,41 +76,79 @@ impl Owned {
             let _ = map.advise(memmap2::Advice::HugePage);
             return Some(Owned::Pages(map));
         }
-        Some(match dtype {
-            DType::I64 => Owned::I64(alloc(len)?),
-            DType::F64 => Owned::F64(alloc(len)?),
-            DType::F32 => Owned::F32(alloc(len)?),
+        Some(match dtype.align() {
+            1 => Owned::A1(alloc(bytes)?),
+            2 => Owned::A2(alloc(bytes / 2)?),
+            4 => Owned::A4(alloc(bytes / 4)?),
+            _ => Owned::A8(alloc(bytes / 8)?),
         })
+    }
+
+    /// Keeps `v` as words of its alignment, without copying it.
+    pub(super) fn from_vec<T: Element>(v: Vec<T>) -> Owned {
+        match std::mem::align_of::<T>() {
+            1 => Owned::A1(reinterpret(v)),
+            2 => Owned::A2(reinterpret(v)),
+            4 => Owned::A4(reinterpret(v)),
+            8 => Owned::A8(reinterpret(v)),
+            a => unreachable!("no element type is aligned to {a} bytes"),
+        }
     }
 
     pub(super) fn bytes(&self) -> &[u8] {
         match self {
-            Owned::I64(v) => as_bytes(v),
-            Owned::F64(v) => as_bytes(v),
-            Owned::F32(v) => as_bytes(v),
+            Owned::A1(v) => v,
+            Owned::A2(v) => words_as_bytes(v),
+            Owned::A4(v) => words_as_bytes(v),
+            Owned::A8(v) => words_as_bytes(v),
             Owned::Pages(map) => map,
         }
     }
 
     pub(super) fn bytes_mut(&mut self) -> &mut [u8] {
         match self {
-            Owned::I64(v) => as_bytes_mut(v),
-            Owned::F64(v) => as_bytes_mut(v),
-            Owned::F32(v) => as_bytes_mut(v),
+            Owned::A1(v) => v,
+            Owned::A2(v) => words_as_bytes_mut(v),
+            Owned::A4(v) => words_as_bytes_mut(v),
+            Owned::A8(v) => words_as_bytes_mut(v),
             Owned::Pages(map) => map,
         }
     }
 }
 
-pub(super) fn as_bytes<T: Element>(v: &[T]) -> &[u8] {
-    // SAFETY: Element types are plain numbers without padding; any initialized
+/// The unsigned integers owned storage is kept in: any byte pattern is one.
+pub(super) trait Word: Copy + 'static {}
+impl Word for u8 {}
+impl Word for u16 {}
+impl Word for u32 {}
+impl Word for u64 {}
+
+/// `v`'s allocation as words `W` of the same alignment, without a copy.
+fn reinterpret<T: Element, W: Word>(v: Vec<T>) -> Vec<W> {
+    let (size, word) = (std::mem::size_of::<T>(), std::mem::size_of::<W>());
+    assert!(
+        std::mem::align_of::<T>() == std::mem::align_of::<W>() && size % word == 0,
+        "reinterpret between layouts that differ"
+    );
+    let per = size / word;
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: W has T's alignment (checked), and `len × per` and `capacity ×
+    // per` words span exactly the bytes of `len` and `capacity` T's, so the
+    // allocation is freed with the layout it was made with. Element types
+    // have no padding, so every byte of the first `len × per` words is
+    // initialized, and every byte pattern is a valid W.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<W>(), v.len() * per, v.capacity() * per) }
+}
+
+fn words_as_bytes<W: Word>(v: &[W]) -> &[u8] {
+    // SAFETY: words are unsigned integers without padding; any initialized
     // value may be viewed as bytes, and the length covers exactly the slice.
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
-pub(super) fn as_bytes_mut<T: Element>(v: &mut [T]) -> &mut [u8] {
-    // SAFETY: as in `as_bytes`; every byte pattern is a valid Element, so
-    // writes through the byte view cannot create invalid values.
+fn words_as_bytes_mut<W: Word>(v: &mut [W]) -> &mut [u8] {
+    // SAFETY: as in `words_as_bytes`; every byte pattern is a valid word,
+    // so writes through the byte view cannot create invalid values.
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
@@ -125,14 +170,6 @@ impl Storage {
             }
         }
     }
-}
-
-pub(super) fn downcast<T: Element, U: Element>(v: Vec<T>) -> Vec<U> {
-    assert_eq!(T::DTYPE, U::DTYPE, "downcast between different element types");
-    let mut v = std::mem::ManuallyDrop::new(v);
-    // SAFETY: T and U have the same DType, and the sealed Element trait maps
-    // each DType to exactly one Rust type, so T and U are the same type.
-    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<U>(), v.len(), v.capacity()) }
 }
 
 #[cfg(test)]

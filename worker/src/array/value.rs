@@ -6,13 +6,19 @@ use std::sync::Arc;
 
 use super::error::checked_len;
 use super::mapping::Mapping;
-use super::storage::{downcast, Owned, Storage};
+use super::storage::{Owned, Storage};
 use super::ArrayError;
-use crate::dtype::{DType, Element};
+use crate::dtype::{valid_bytes, DType, Element};
 use crate::protocol::Access;
 
-/// An n-dimensional, C-ordered array of `i64`, `f64` or `f32`, owned or
-/// memory-mapped, cheap to clone (views share their storage).
+/// An n-dimensional, C-ordered array of one of the [`DType`]s (integers,
+/// floats, `bool`, complex numbers), owned or memory-mapped, cheap to clone
+/// (views share their storage).
+///
+/// Typed access goes through the element type:
+/// [`as_slice::<f64>`](Array::as_slice), [`row::<f64>(i)`](Array::row) and
+/// [`iter_rows::<f64>`](Array::iter_rows) for a matrix, and with the
+/// `ndarray` feature `view::<f64>()` (an `ndarray::ArrayViewD`, no copy).
 #[derive(Clone)]
 pub struct Array {
     pub(super) dtype: DType,
@@ -72,13 +78,7 @@ impl Array {
         if len != data.len() {
             return Err(ArrayError::Shape(format!("shape {shape:?} does not hold {} elements", data.len())));
         }
-        let owned = match T::DTYPE {
-            // The Element trait is sealed to these three types, so the casts
-            // below are identity conversions checked by `downcast`.
-            DType::I64 => Owned::I64(downcast(data)),
-            DType::F64 => Owned::F64(downcast(data)),
-            DType::F32 => Owned::F32(downcast(data)),
-        };
+        let owned = Owned::from_vec(data);
         Ok(Array { dtype: T::DTYPE, shape, storage: Arc::new(Storage::Owned(owned)), offset: 0 })
     }
 
@@ -154,19 +154,26 @@ impl Array {
     }
 
     /// The elements as a slice of `T`.
+    ///
+    /// `T` must be the array's element type ([`ArrayError::DType`]
+    /// otherwise). A `bool` array's bytes are checked first: a byte other
+    /// than 0 or 1 (from a file or a pipe) is [`ArrayError::NotBool`].
     pub fn as_slice<T: Element>(&self) -> Result<&[T], ArrayError> {
         self.check_dtype::<T>()?;
         let bytes = self.as_bytes();
+        check_values::<T>(bytes)?;
         if bytes.is_empty() {
             return Ok(&[]);
         }
         let ptr = bytes.as_ptr();
-        // Offsets are multiples of the element size from an aligned base (a
-        // Vec of T, or a page-aligned map whose .npy data offset is a multiple
-        // of 8), so this holds; check rather than trust.
+        // Offsets are multiples of the element alignment from an aligned
+        // base (words of that alignment, or a page-aligned map whose .npy
+        // data offset is a multiple of 8), so this holds; check rather than
+        // trust.
         assert_eq!(ptr.align_offset(std::mem::align_of::<T>()), 0, "array data is misaligned");
         // SAFETY: the pointer is aligned (checked), the bytes are initialized
-        // and live as long as `self`, and every bit pattern is a valid T.
+        // and live as long as `self`, and they are valid values of T (every
+        // bit pattern is, except for bool, whose bytes were checked).
         Ok(unsafe { std::slice::from_raw_parts(ptr.cast::<T>(), bytes.len() / std::mem::size_of::<T>()) })
     }
 
@@ -174,11 +181,25 @@ impl Array {
     /// terms as [`as_mut_slice`](Array::as_mut_slice): for copying raw
     /// blocks of the same dtype into place.
     pub fn as_bytes_mut(&mut self) -> Result<&mut [u8], ArrayError> {
-        match self.dtype {
-            DType::I64 => self.as_mut_slice::<i64>().map(super::storage::as_bytes_mut),
-            DType::F64 => self.as_mut_slice::<f64>().map(super::storage::as_bytes_mut),
-            DType::F32 => self.as_mut_slice::<f32>().map(super::storage::as_bytes_mut),
+        let (offset, nbytes) = (self.offset, self.nbytes());
+        if let Storage::Mapped(Mapping { access: Access::ReadOnly, .. }) = &*self.storage {
+            return Err(ArrayError::NotWritable("it is mapped read-only"));
         }
+        let storage = Arc::get_mut(&mut self.storage)
+            .ok_or(ArrayError::NotWritable("other views of the same storage exist in this process"))?;
+        Ok(match storage {
+            Storage::Owned(o) => &mut o.bytes_mut()[offset..offset + nbytes],
+            Storage::Mapped(m) => {
+                if nbytes == 0 {
+                    return Ok(&mut []);
+                }
+                // SAFETY: the map is writable (read-write or copy-on-write),
+                // `Arc::get_mut` proved this view is its only user in this
+                // process, and the range lies inside the map (checked when the
+                // view was made).
+                unsafe { std::slice::from_raw_parts_mut(m.raw().as_mut_ptr().add(offset), nbytes) }
+            }
+        })
     }
 
     /// The elements as a mutable slice of `T`.
@@ -186,32 +207,21 @@ impl Array {
     /// Allowed when this view is the only one in this process: an owned
     /// array not shared with a clone, or a read-write or copy-on-write map
     /// not shared with a clone. With a read-write map other processes may
-    /// map the same file: tasks must write disjoint parts.
+    /// map the same file: tasks must write disjoint parts. A `bool` array's
+    /// bytes are checked as by [`as_slice`](Array::as_slice).
     pub fn as_mut_slice<T: Element>(&mut self) -> Result<&mut [T], ArrayError> {
         self.check_dtype::<T>()?;
-        let (offset, nbytes) = (self.offset, self.nbytes());
-        if let Storage::Mapped(Mapping { access: Access::ReadOnly, .. }) = &*self.storage {
-            return Err(ArrayError::NotWritable("it is mapped read-only"));
-        }
-        let storage = Arc::get_mut(&mut self.storage)
-            .ok_or(ArrayError::NotWritable("other views of the same storage exist in this process"))?;
-        let bytes: &mut [u8] = match storage {
-            Storage::Owned(o) => &mut o.bytes_mut()[offset..offset + nbytes],
-            Storage::Mapped(m) => {
-                // SAFETY: the map is writable (read-write or copy-on-write),
-                // `Arc::get_mut` proved this view is its only user in this
-                // process, and the range lies inside the map (checked when the
-                // view was made).
-                unsafe { std::slice::from_raw_parts_mut(m.raw().as_mut_ptr().add(offset), nbytes) }
-            }
-        };
+        let bytes = self.as_bytes_mut()?;
+        check_values::<T>(bytes)?;
         if bytes.is_empty() {
             return Ok(&mut []);
         }
         assert_eq!(bytes.as_ptr().align_offset(std::mem::align_of::<T>()), 0, "array data is misaligned");
+        let len = bytes.len() / std::mem::size_of::<T>();
         // SAFETY: aligned (checked), initialized, exclusively borrowed through
-        // `&mut self`, and every bit pattern is a valid T.
-        Ok(unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<T>(), nbytes / std::mem::size_of::<T>()) })
+        // `&mut self`, and valid values of T (checked for bool); T's every
+        // value is valid bytes, so writes through it keep the storage valid.
+        Ok(unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<T>(), len) })
     }
 
     /// An owned copy of this view (a mapped array's bytes copied into memory).
@@ -262,12 +272,22 @@ impl Array {
         (self.storage.bytes(), self.offset)
     }
 
-    pub(super) fn check_dtype<T: Element>(&self) -> Result<(), ArrayError> {
+    pub(crate) fn check_dtype<T: Element>(&self) -> Result<(), ArrayError> {
         if T::DTYPE != self.dtype {
             return Err(ArrayError::DType { actual: self.dtype, requested: T::DTYPE });
         }
         Ok(())
     }
+}
+
+/// [`ArrayError::NotBool`] naming the first byte of `bytes` that is not a
+/// valid `T` (only `bool` has invalid bytes).
+pub(super) fn check_values<T: Element>(bytes: &[u8]) -> Result<(), ArrayError> {
+    if T::DTYPE.any_bytes_valid() || valid_bytes::<T>(bytes) {
+        return Ok(());
+    }
+    let index = bytes.iter().position(|&b| b > 1).expect("an invalid bool byte exists");
+    Err(ArrayError::NotBool { index, byte: bytes[index] })
 }
 
 #[cfg(test)]

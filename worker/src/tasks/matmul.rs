@@ -103,8 +103,19 @@ impl Task for Dot {
             DType::I64 => multiply::<i64>(&a, &b),
             DType::F64 => multiply::<f64>(&a, &b),
             DType::F32 => multiply::<f32>(&a, &b),
+            other => Err(not_a_matmul_dtype(other)),
         }
     }
+}
+
+/// The dtypes a matrix product is computed for: i64, f64 and f32 (the
+/// kernels'); the other [`DType`]s travel and are stored, but are not
+/// multiplied.
+pub const MATMUL_DTYPES: [DType; 3] = [DType::I64, DType::F64, DType::F32];
+
+/// Why a product of `dtype` is refused, naming what is accepted.
+pub fn not_a_matmul_dtype(dtype: DType) -> String {
+    format!("matmul multiplies i64, f64 or f32 matrices, not {dtype} (numpy '{}')", dtype.npy_descr())
 }
 
 /// Checks that A (rows × k) and B (k × n) fit; returns (rows, k, n).
@@ -133,6 +144,7 @@ fn multiply_into(a: &Array, b: &Array, c: &mut Array, rows: usize, k: usize, n: 
         DType::I64 => typed::<i64>(a, b, c, rows, k, n),
         DType::F64 => typed::<f64>(a, b, c, rows, k, n),
         DType::F32 => typed::<f32>(a, b, c, rows, k, n),
+        other => Err(not_a_matmul_dtype(other)),
     }
 }
 

@@ -80,6 +80,7 @@ impl Task for Checksum {
             DType::I64 => a.as_slice::<i64>().map_err(|e| e.to_string())?.iter().map(|&x| x as f64).sum(),
             DType::F64 => a.as_slice::<f64>().map_err(|e| e.to_string())?.iter().sum(),
             DType::F32 => a.as_slice::<f32>().map_err(|e| e.to_string())?.iter().map(|&x| f64::from(x)).sum(),
+            other => return Err(format!("test.checksum sums i64, f64 or f32 arrays, not {other}")),
         };
         Ok(ChecksumOutput { sum, shape: a.shape().to_vec(), pid: std::process::id() })
     }
