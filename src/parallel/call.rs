@@ -24,7 +24,7 @@ mod send;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use procjob_worker::protocol::TaskKind;
+use procjob_worker::protocol::{ArrayRef, Payload, TaskKind};
 use procjob_worker::Array;
 
 use super::builder::{CallProgress, CallStats, Parallel, Progress};
@@ -34,7 +34,7 @@ use crate::pool::{StartMethod, Traffic, WorkerPool};
 use crate::scheduler::{Action, PreDispatch, Scheduler};
 
 use batch::InFlight;
-pub(super) use batch::{Encoded, LandingPlan};
+pub(super) use batch::{Encoded, LandingPlan, SharedEncoded};
 use retries::Retries;
 
 /// Inputs drawn (and encoded) at a time before the calling thread looks
@@ -124,6 +124,10 @@ pub(super) struct CallCore<'p> {
     landing: Option<LandingPlan>,
     /// The scheduler's action drawn after a run of sends, to do next.
     next_action: Option<Action>,
+    /// The value every task shares (`map_with`), sent once to each worker.
+    shared: Option<SharedEncoded>,
+    /// By worker slot, the pid of the process last sent the shared value.
+    shared_sent: Vec<Option<u32>>,
 }
 
 impl<'p> CallCore<'p> {
@@ -171,12 +175,30 @@ impl<'p> CallCore<'p> {
             finished: false,
             landing: None,
             next_action: None,
+            shared: None,
+            shared_sent: vec![None; workers],
         })
     }
 
     /// Lands the outputs' first arrays in place (`run_unordered_into`).
     pub(super) fn land_outputs(&mut self, plan: LandingPlan) {
         self.landing = Some(plan);
+    }
+
+    /// Sets the value every task of the call shares, placing its arrays
+    /// with the call's encoder (an array above `max_nbytes` is dumped once,
+    /// like an input's); it goes to each worker with its first batch.
+    pub(super) fn share(
+        &mut self,
+        encode: impl FnOnce(&mut CallEncoder) -> Result<(Payload, Vec<ArrayRef>), String>,
+    ) -> Result<(), Error> {
+        let (value, refs) =
+            encode(&mut self.encoder).map_err(|e| Error::Config(format!("cannot encode the shared value: {e}")))?;
+        let inline = self.encoder.take_inline();
+        let pool = self.parallel.pool.as_mut().expect("the pool exists during a call");
+        self.encoder.allow_folders(pool);
+        self.shared = Some(SharedEncoded { value, refs, inline });
+        Ok(())
     }
 
     /// The pool, which exists for the whole call.

@@ -67,12 +67,16 @@
 //!   around the scheduler and the pool, on encoded tasks and outcomes.
 //! - `iter.rs`: [`Ordered`] and [`Unordered`], the iterators a call is read
 //!   through.
+//! - `map.rs` and `map/`: plain functions as tasks ([`Parallel::map`] and
+//!   its kin), each function its own monomorphised [`Task`](crate::Task).
 
 mod builder;
 mod call;
 mod encoder;
 mod iter;
+mod map;
 mod shell;
 
 pub use builder::{resolve_n_jobs, CallStats, Parallel, Progress, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_NBYTES};
 pub use iter::{Ordered, Unordered};
+pub use map::{IntoTaskError, Wire};

@@ -55,6 +55,12 @@ impl<'p, T: Task, I: Iterator<Item = T::Input>> Call<'p, T, I> {
         Ok(Call { core, codec: Typed { inputs, scratch: Vec::new(), ready: VecDeque::new() } })
     }
 
+    /// Sets the value every task of the call shares (`map_with`).
+    pub(super) fn share<S: serde::Serialize + ?Sized>(&mut self, value: &S) -> Result<(), Error> {
+        let scratch = &mut self.codec.scratch;
+        self.core.share(|encoder| array::encode_with_buffer(value, encoder, scratch).map_err(|e| e.to_string()))
+    }
+
     /// Lands the outputs' first arrays in place (`run_unordered_into`).
     pub(super) fn land_outputs(&mut self, plan: LandingPlan) {
         self.core.land_outputs(plan);

@@ -10,17 +10,19 @@ use super::budget::ReplyBudget;
 use crate::array::{Array, ArrayError};
 use crate::protocol::{self, Batch, FailureCause, Outcome, TaskReply};
 use crate::registry::Registry;
-use crate::task::{ErasedEntry, ErasedOutcome};
+use crate::task::{ErasedEntry, ErasedOutcome, Shared};
 
 /// Runs the tasks of `batch` on their `arrays` (in bulk order), with the
 /// entry found in `registry` or, when the coordinator is this same
 /// executable (`same_binary`), by entry descriptor. Returns one reply per
-/// task and the arrays whose bytes follow the reply inline.
+/// task and the arrays whose bytes follow the reply inline. `shared` is the
+/// call's shared value, for the tasks that read one.
 pub(super) fn run_batch(
     registry: &Registry,
     same_binary: bool,
     batch: &Batch,
     arrays: Vec<Result<Array, ArrayError>>,
+    shared: &mut Shared,
 ) -> (Vec<TaskReply>, Vec<Array>) {
     let mut arrays = arrays.into_iter();
     let mut replies = Vec::with_capacity(batch.tasks.len());
@@ -55,7 +57,7 @@ pub(super) fn run_batch(
                     FailureCause::Setup,
                     format!("task kind '{}' is not known to this worker (see task {first})", batch.kind.name),
                 ),
-                _ => run_one(&entry, &batch.kind.name, &task.input, mine),
+                _ => run_one(&entry, &batch.kind.name, &task.input, mine, shared),
             },
         };
         let result = fail_on_faults(task.index, result);
@@ -156,6 +158,7 @@ fn run_one(
     kind: &str,
     input: &[u8],
     arrays: Vec<Result<Array, ArrayError>>,
+    shared: &mut Shared,
 ) -> ErasedOutcome {
     // Most tiny tasks have no arrays: skip the fallible collect for them.
     let arrays: Vec<Array> = match arrays.is_empty() {
@@ -176,7 +179,7 @@ fn run_one(
         }
         #[cfg(not(feature = "test-tasks"))]
         let _ = kind;
-        entry(input, arrays)
+        entry(input, arrays, shared)
     };
     match catch_unwind(AssertUnwindSafe(run)) {
         Ok(outcome) => outcome,
@@ -195,6 +198,7 @@ fn run_one(
                     message,
                     location,
                     error: None,
+                    sources: Vec::new(),
                 }),
                 inline: Vec::new(),
             }

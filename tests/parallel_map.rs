@@ -1,0 +1,153 @@
+//! Plain functions as tasks, end to end through the public API: `map` and
+//! its kin with function items and capture-free closures, errors of the
+//! types applications already use (with their message, chain and task
+//! index), a value shared by every task sent once per worker, and a dump
+//! reused across calls.
+
+use std::error::Error as _;
+
+use procjob::{Array, Error, Parallel, TaskError};
+
+procjob::test_support!();
+
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+#[test]
+fn map_runs_a_plain_function_in_the_workers() {
+    let mut p = Parallel::new().n_jobs(2);
+    let squares = p.map(square, 0..100u64).unwrap();
+    assert_eq!(squares, (0..100u64).map(|x| x * x).collect::<Vec<_>>());
+    // It ran in other processes.
+    let pids = p.map(|_: u8| std::process::id(), [0u8; 8]).unwrap();
+    assert!(pids.iter().all(|&pid| pid != std::process::id()), "{pids:?}");
+}
+
+#[test]
+fn map_runs_a_closure_that_captures_nothing_and_keeps_arrays_mapped() {
+    let mut p = Parallel::new().n_jobs(2).max_nbytes(Some(1024));
+    let big = Array::from_vec([4096], (0..4096).map(f64::from).collect::<Vec<_>>());
+    let sums = p
+        .map(|(a, k): (Array, usize)| (a.is_mapped(), a.as_slice::<f64>().unwrap()[..k].iter().sum::<f64>()), {
+            let big = big.clone();
+            (1..=4).map(move |k| (big.clone(), k))
+        })
+        .unwrap();
+    assert_eq!(sums, [(true, 0.0), (true, 1.0), (true, 3.0), (true, 6.0)]);
+    assert_eq!(p.last_call().dumped_arrays, 1);
+    // The streaming forms.
+    let ordered: Vec<u64> = p.map_iter(square, 0..10u64).unwrap().map(Result::unwrap).collect();
+    assert_eq!(ordered, (0..10u64).map(square).collect::<Vec<_>>());
+    let mut unordered: Vec<(u64, u64)> = p.map_unordered(square, 0..10u64).unwrap().map(Result::unwrap).collect();
+    unordered.sort_unstable();
+    assert_eq!(unordered, (0..10u64).map(|x| (x, x * x)).collect::<Vec<_>>());
+}
+
+/// The chain of sources of an error, outermost first, its own message
+/// left out.
+fn chain(e: &Error) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push(s.to_string());
+        next = s.source();
+    }
+    out
+}
+
+fn read_config(n: u32) -> anyhow::Result<u32> {
+    use anyhow::Context as _;
+    if n == 3 {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file: /etc/model-3.toml");
+        return Err(io).context("cannot load model 3");
+    }
+    Ok(n)
+}
+
+#[test]
+fn try_map_reports_an_anyhow_error_with_its_chain_and_task_index() {
+    let mut p = Parallel::new().n_jobs(2);
+    assert_eq!(p.try_map(read_config, [0, 1, 2]).unwrap(), [0, 1, 2]);
+    let err = p.try_map(read_config, 0..6).unwrap_err();
+    assert_eq!(err.task_index(), Some(3));
+    assert_eq!(err.task_message(), Some("cannot load model 3"));
+    assert!(err.to_string().contains("task 3") && err.to_string().contains("cannot load model 3"), "{err}");
+    assert_eq!(chain(&err), ["no such file: /etc/model-3.toml"]);
+    let typed: TaskError = err.task_error().expect("a function's error comes back as a TaskError");
+    assert_eq!(typed.sources, ["no such file: /etc/model-3.toml"]);
+    assert!(format!("{err:?}").contains("caused by: no such file"), "{err:?}");
+}
+
+/// An `io::Error` that wraps another error, as `io::Error::other` does.
+#[derive(Debug, thiserror::Error)]
+#[error("bad header in part {0}")]
+struct BadHeader(u64, #[source] std::num::ParseIntError);
+
+fn parse_part(i: u64) -> std::io::Result<u64> {
+    if i == 5 {
+        let inner = "x12".parse::<u64>().unwrap_err();
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, BadHeader(i, inner)));
+    }
+    Ok(i)
+}
+
+#[test]
+fn try_map_reports_an_io_error_with_its_chain_and_task_index() {
+    let err = Parallel::new().n_jobs(2).try_map(parse_part, 0..8u64).unwrap_err();
+    assert_eq!(err.task_index(), Some(5));
+    assert_eq!(err.task_message(), Some("bad header in part 5"));
+    // io::Error's source is the error it wraps' own source.
+    assert_eq!(chain(&err), ["invalid digit found in string"]);
+}
+
+/// `?` on an `ArrayError` in a function whose error is a `String`.
+fn first_of(a: Array) -> Result<f64, String> {
+    let xs = a.as_slice::<f64>()?;
+    xs.first().copied().ok_or_else(|| "empty".to_string())
+}
+
+#[test]
+fn an_array_error_converts_with_the_question_mark() {
+    let mut p = Parallel::new().n_jobs(1);
+    let ok = p.try_map(first_of, [Array::from_vec([2], vec![7.0f64, 8.0])]).unwrap();
+    assert_eq!(ok, [7.0]);
+    let err = p.try_map(first_of, [Array::from_vec([2], vec![7i64, 8])]).unwrap_err();
+    assert!(err.task_message().unwrap().contains("i64"), "{err}");
+}
+
+#[test]
+fn the_shared_value_crosses_once_per_worker_not_once_per_task() {
+    let table: Vec<f64> = (0..100_000).map(f64::from).collect(); // 800 KB encoded
+    let table_bytes = 800_000;
+    let tasks = 200usize;
+    let mut p = Parallel::new().n_jobs(2).max_nbytes(None);
+    let out = p.map_with(&table, |t: &Vec<f64>, i: usize| t[i * 10], 0..tasks).unwrap();
+    assert_eq!(out, (0..tasks).map(|i| (i * 10) as f64).collect::<Vec<_>>());
+    let sent = p.last_call().traffic.bytes_to_workers;
+    // Once to each of the (at most) two workers: at least once, never a
+    // third time; per task it would be 200 times.
+    assert!(sent > table_bytes && sent < 2 * table_bytes + 100_000, "{sent} bytes sent for a {table_bytes}-byte table");
+    // The same as an input of each task instead: once per task.
+    let per_task = p.map(|(t, i): (Vec<f64>, usize)| t[i], (0..20).map(|i| (table.clone(), i))).unwrap();
+    assert_eq!(per_task.len(), 20);
+    assert!(p.last_call().traffic.bytes_to_workers > 20 * table_bytes);
+}
+
+#[test]
+fn a_shared_array_above_max_nbytes_is_dumped_once_and_mapped() {
+    let b = Array::from_vec([1000, 100], vec![1.0f64; 100_000]);
+    let mut p = Parallel::new().n_jobs(2).max_nbytes(Some(1 << 16));
+    let out = p
+        .try_map_with(
+            &b,
+            |b: &Array, row: usize| -> Result<(bool, f64), String> {
+                Ok((b.is_mapped(), b.as_slice::<f64>()?[row * 100..(row + 1) * 100].iter().sum()))
+            },
+            0..50,
+        )
+        .unwrap();
+    assert!(out.iter().all(|&(mapped, sum)| mapped && sum == 100.0), "{out:?}");
+    assert_eq!(p.last_call().dumped_arrays, 1);
+    assert!(p.last_call().traffic.bytes_to_workers < 100_000, "{:?}", p.last_call().traffic);
+}
