@@ -151,3 +151,51 @@ fn a_shared_array_above_max_nbytes_is_dumped_once_and_mapped() {
     assert_eq!(p.last_call().dumped_arrays, 1);
     assert!(p.last_call().traffic.bytes_to_workers < 100_000, "{:?}", p.last_call().traffic);
 }
+
+fn total(a: Array) -> f64 {
+    a.as_slice::<f64>().unwrap().iter().sum()
+}
+
+#[test]
+fn three_calls_over_one_array_dump_it_once() {
+    let parent = tempfile::tempdir().unwrap();
+    let mut a = Array::from_vec([1 << 18], vec![0.5f64; 1 << 18]); // 2 MiB, above the default max_nbytes
+    let mut p = Parallel::new().n_jobs(2).temp_folder(parent.path());
+    let mut written = 0;
+    for call in 0..3 {
+        let sums = p.map(total, vec![a.clone(); 4]).unwrap();
+        assert_eq!(sums, [(1 << 17) as f64; 4]);
+        written += p.last_call().dumped_bytes;
+        assert_eq!(p.last_call().dumped_arrays, u64::from(call == 0), "call {call}");
+    }
+    assert_eq!(written, a.nbytes() as u64);
+    let files = |dir: &std::path::Path| walk(dir).iter().filter(|p| p.extension().is_some_and(|e| e == "npy")).count();
+    assert_eq!(files(parent.path()), 1, "one dump file for three calls");
+    // Kept unchanged: the array cannot be written while its dump is kept…
+    assert!(a.as_mut_slice::<f64>().is_err());
+    // …until the Parallel forgets it, which removes the file.
+    p.forget_dumps();
+    assert_eq!(files(parent.path()), 0);
+    a.as_mut_slice::<f64>().unwrap()[0] = 1.5;
+    assert_eq!(p.map(total, [a.clone()]).unwrap(), [(1 << 17) as f64 + 1.0]);
+    assert_eq!(p.last_call().dumped_arrays, 1, "written again after a change");
+    // A dump whose array the caller dropped goes at the end of the next call.
+    drop(a);
+    p.map(square, [1u64]).unwrap();
+    assert_eq!(files(parent.path()), 0);
+    assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 0, "the run folder is gone too");
+}
+
+/// Every file below `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}

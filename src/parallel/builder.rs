@@ -10,6 +10,7 @@ use procjob_worker::protocol::Access;
 use procjob_worker::{Array, Task};
 
 use super::call::LandingPlan;
+use super::encoder::DumpCache;
 use super::iter::{Ordered, Unordered};
 use super::shell::Call;
 use crate::error::Error;
@@ -105,6 +106,8 @@ pub struct Parallel {
     pub(super) last: CallStats,
     /// The timeline, when tracing.
     pub(super) trace: Option<Trace>,
+    /// Arrays dumped by earlier calls, reused while unchanged.
+    pub(super) dumps: DumpCache,
 }
 
 impl Default for Parallel {
@@ -161,6 +164,7 @@ impl Parallel {
             calls: 0,
             last: CallStats::default(),
             trace: None,
+            dumps: DumpCache::default(),
         }
     }
 

@@ -147,7 +147,9 @@ impl<'p> CallCore<'p> {
         let workers = parallel.workers()?;
         let pre_dispatch = parallel.pre_dispatch.unwrap_or(PreDispatch::Batches(2 * workers));
         let scheduler = Scheduler::new(workers, parallel.batch_size, pre_dispatch);
-        let mut encoder = CallEncoder::new(parallel.max_nbytes, parallel.mmap_mode, parallel.temp_folder.clone());
+        let dumps = std::mem::take(&mut parallel.dumps);
+        let mut encoder =
+            CallEncoder::new(parallel.max_nbytes, parallel.mmap_mode, parallel.temp_folder.clone(), dumps);
         if let StartMethod::Fork { inherit } = &parallel.start_method {
             encoder.inherit(inherit);
         }
@@ -296,7 +298,7 @@ impl<'p> CallCore<'p> {
         if let Ok(mut l) = self.pool().landings().lock() {
             l.clear();
         }
-        self.encoder.close();
+        self.parallel.dumps = self.encoder.close();
     }
 }
 
