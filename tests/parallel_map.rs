@@ -199,3 +199,18 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+fn sum(v: Vec<f64>) -> f64 {
+    v.iter().sum()
+}
+
+#[test]
+fn a_100_mb_input_returns_the_right_answer() {
+    let n = 12_500_000; // 100 MB of f64, over the 64 MiB frame limit
+    let v: Vec<f64> = (0..n).map(|i| (i % 7) as f64).collect();
+    let want: f64 = v.iter().sum();
+    let mut p = Parallel::new().n_jobs(2);
+    assert_eq!(p.map(sum, [vec![1.0; 3], v]).unwrap(), [3.0, want]);
+    // It travelled as a file, not through the pipe.
+    assert!(p.last_call().traffic.bytes_to_workers < 1 << 20, "{:?}", p.last_call().traffic);
+}

@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use procjob_worker::array::{self, Array, ArrayEncoder};
-use procjob_worker::protocol::{Access, ArrayRef};
+use procjob_worker::protocol::{Access, ArrayRef, Payload};
+use procjob_worker::DType;
 
 use super::builder::Parallel;
 use crate::pool::WorkerPool;
@@ -74,6 +75,12 @@ impl Parallel {
     }
 }
 
+/// An encoded input longer than this travels in a file of the run folder
+/// (joblib's `max_nbytes` default: what is large enough to map), so that no
+/// input is too large for a frame, and a batch of large inputs stays far
+/// below the frame limit.
+pub(super) const SPILL_BYTES: usize = 1 << 20;
+
 /// Decides how each array of a call travels: mapped arrays by reference,
 /// owned arrays above `max_nbytes` dumped once and then by reference, the
 /// rest inline.
@@ -94,6 +101,8 @@ pub(super) struct CallEncoder {
     inline: Vec<Array>,
     /// Storage ids of the arrays forked workers inherited, by index.
     inherited: Vec<usize>,
+    /// The files of inputs too large for a frame, removed at the call's end.
+    spilled: Vec<PathBuf>,
     /// The folders of the files this call refers to (canonical), each
     /// once, in order; the first `folders_allowed` were handed to the pool.
     folders: Vec<PathBuf>,
@@ -121,6 +130,7 @@ impl CallEncoder {
             dumped_bytes: 0,
             inline: Vec::new(),
             inherited: Vec::new(),
+            spilled: Vec::new(),
             folders: Vec::new(),
             folders_allowed: 0,
         }
@@ -146,6 +156,9 @@ impl CallEncoder {
     /// Ends the call's use of its dumps, and hands them back to be kept for
     /// the next calls: those of arrays nobody holds any more are removed.
     pub(super) fn close(&mut self) -> DumpCache {
+        for path in self.spilled.drain(..) {
+            let _ = std::fs::remove_file(path);
+        }
         let mut cache = std::mem::take(&mut self.cache);
         cache.prune();
         cache
@@ -171,16 +184,44 @@ impl CallEncoder {
         self.folders_allowed = self.folders.len();
     }
 
-    /// Dumps the whole storage of `a` (once per call) and returns the file
-    /// and the byte offset of its data.
-    fn dump(&mut self, a: &Array) -> Result<(PathBuf, u64), String> {
-        if let Some((path, data_offset, _)) = self.cache.dumped.get(&a.storage_id()) {
-            return Ok((path.clone(), *data_offset));
+    /// An encoded input as it travels: as is, or, when longer than
+    /// [`SPILL_BYTES`], written to a file in the run folder that the worker
+    /// maps (see [`spill_ref`]), so that an input of any size fits a frame.
+    pub(super) fn place_input(
+        &mut self,
+        input: Payload,
+        mut refs: Vec<ArrayRef>,
+    ) -> Result<(Payload, Vec<ArrayRef>), String> {
+        if input.len() <= SPILL_BYTES {
+            return Ok((input, refs));
         }
-        let (bytes, _) = a.storage_bytes();
+        let words = (8 + input.len()).div_ceil(8);
+        let mut bytes = Vec::new();
+        bytes.try_reserve_exact(words * 8).map_err(|_| format!("cannot allocate {} bytes to spill it", words * 8))?;
+        bytes.extend_from_slice(&(input.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&input);
+        bytes.resize(words * 8, 0);
+        let folder = self.folder(bytes.len() as u64)?;
+        let path = folder.join(format!("input-{}.npy", self.spilled.len()));
+        let header = procjob_worker::npy::write(&path, DType::I64, &[words], &bytes).map_err(|e| e.to_string())?;
+        self.spilled.push(path.clone());
+        let r = ArrayRef::File {
+            dtype: DType::I64,
+            shape: vec![words as u64],
+            path,
+            offset: header.data_offset as u64,
+            access: Access::ReadOnly,
+        };
+        self.note_folder(&r);
+        refs.push(r);
+        Ok((Payload::default(), refs))
+    }
+
+    /// The run folder's canonical path, made with room for `needed` bytes
+    /// if need be.
+    fn folder(&mut self, needed: u64) -> Result<PathBuf, String> {
         if self.cache.folder.is_none() {
-            let folder =
-                RunFolder::create(self.temp_parent.as_deref(), bytes.len() as u64).map_err(|e| e.to_string())?;
+            let folder = RunFolder::create(self.temp_parent.as_deref(), needed).map_err(|e| e.to_string())?;
             // Workers follow no symbolic link below the folders they are
             // given, and compare paths with them: name it canonically.
             let canonical = std::fs::canonicalize(folder.path())
@@ -188,7 +229,17 @@ impl CallEncoder {
             self.cache.folder = Some(folder);
             self.cache.folder_path = Some(canonical);
         }
-        let folder = self.cache.folder_path.as_ref().expect("just made");
+        Ok(self.cache.folder_path.clone().expect("just made"))
+    }
+
+    /// Dumps the whole storage of `a` (once per call) and returns the file
+    /// and the byte offset of its data.
+    fn dump(&mut self, a: &Array) -> Result<(PathBuf, u64), String> {
+        if let Some((path, data_offset, _)) = self.cache.dumped.get(&a.storage_id()) {
+            return Ok((path.clone(), *data_offset));
+        }
+        let (bytes, _) = a.storage_bytes();
+        let folder = self.folder(bytes.len() as u64)?;
         let path = folder.join(format!("arg-{}.npy", self.cache.next_file));
         self.cache.next_file += 1;
         let elements = bytes.len() / a.dtype().size();

@@ -90,7 +90,8 @@ impl<T: Task, I: Iterator<Item = T::Input>> TaskCodec for Typed<T, I> {
             let index = first + drawn.count as u64;
             drawn.count += 1;
             let description = T::describe(&input);
-            match array::encode_with_buffer(&input, encoder, &mut self.scratch) {
+            let encoded = array::encode_with_buffer(&input, encoder, &mut self.scratch).map_err(|e| e.to_string());
+            match encoded.and_then(|(bytes, refs)| encoder.place_input(bytes, refs)) {
                 Ok((bytes, refs)) => {
                     queue.push_back(Encoded { index, input: bytes, refs, inline: encoder.take_inline(), description })
                 }

@@ -57,7 +57,14 @@ pub(super) fn run_batch(
                     FailureCause::Setup,
                     format!("task kind '{}' is not known to this worker (see task {first})", batch.kind.name),
                 ),
-                _ => run_one(&entry, &batch.kind.name, &task.input, mine, shared),
+                _ => match unspill(&task.input, mine) {
+                    Ok((Some(file), mine)) => match spilled_input(&file) {
+                        Ok(input) => run_one(&entry, &batch.kind.name, input, mine, shared),
+                        Err(reason) => ErasedOutcome::failed(FailureCause::Setup, reason),
+                    },
+                    Ok((None, mine)) => run_one(&entry, &batch.kind.name, &task.input, mine, shared),
+                    Err(reason) => ErasedOutcome::failed(FailureCause::Setup, reason),
+                },
             },
         };
         let result = fail_on_faults(task.index, result);
@@ -68,6 +75,37 @@ pub(super) fn run_batch(
         started_ns = finished_ns;
     }
     (replies, inline)
+}
+
+/// Splits off a task's spilled input: an input too large for a frame
+/// travels as the task's last array, a file the worker maps, with an empty
+/// payload in its place (an empty encoding cannot refer to an array, so the
+/// pair is unambiguous). See docs/protocol.md, "Spilled inputs".
+#[allow(clippy::type_complexity)]
+fn unspill(
+    input: &[u8],
+    mut arrays: Vec<Result<Array, ArrayError>>,
+) -> Result<(Option<Array>, Vec<Result<Array, ArrayError>>), String> {
+    if !input.is_empty() || arrays.is_empty() {
+        return Ok((None, arrays));
+    }
+    match arrays.pop() {
+        Some(Ok(file)) => Ok((Some(file), arrays)),
+        Some(Err(e)) => Err(format!("cannot read the task's spilled input: {e}")),
+        None => Ok((None, arrays)),
+    }
+}
+
+/// The encoded input in a spilled input's array: a little-endian `u64`
+/// length, then that many bytes (checked against the array's size).
+fn spilled_input(file: &Array) -> Result<&[u8], String> {
+    let bytes = file.as_bytes();
+    let (len, rest) = bytes.split_first_chunk::<8>().ok_or("the task's spilled input is shorter than its length")?;
+    let len = u64::from_le_bytes(*len);
+    usize::try_from(len)
+        .ok()
+        .and_then(|len| rest.get(..len))
+        .ok_or_else(|| format!("the task's spilled input says {len} bytes but holds {}", rest.len()))
 }
 
 thread_local! {
