@@ -61,6 +61,18 @@ impl Parallel {
     /// # Ok(())
     /// # }
     /// ```
+    ///
+    /// A closure that captures a variable is refused when the program is
+    /// built ("…a closure that captures variables, or a `fn` pointer,
+    /// cannot be named in a worker…"):
+    ///
+    /// ```compile_fail,E0080
+    /// # fn main() -> Result<(), procjob::Error> {
+    /// let k = 3u64;
+    /// let _ = procjob::Parallel::new().map(move |x: u64| x * k, 0..10u64)?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn map<F, I, O>(&mut self, f: F, inputs: impl IntoIterator<Item = I>) -> Result<Vec<O>, Error>
     where
         F: Fn(I) -> O + Copy + 'static,

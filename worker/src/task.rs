@@ -216,6 +216,9 @@ impl From<ArrayError> for String {
     }
 }
 
+/// A shared value as it arrived: its encoding and its arrays.
+type Encoded = (Vec<u8>, Vec<Array>);
+
 /// The value every task of a call shares, as a worker keeps it: its
 /// encoding, received once per call, and the value decoded at its first
 /// use.
@@ -223,7 +226,7 @@ impl From<ArrayError> for String {
 pub struct Shared {
     /// The encoded value and its arrays, when the call has one; why it
     /// cannot be had, when its arrays could not be read or mapped.
-    encoded: Option<Result<(Vec<u8>, Vec<Array>), String>>,
+    encoded: Option<Result<Encoded, String>>,
     /// The value decoded, for the next tasks of the call.
     decoded: Option<Box<dyn Any>>,
 }

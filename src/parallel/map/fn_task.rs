@@ -13,7 +13,12 @@ use super::{IntoTaskError, Wire};
 /// capture-free closure) on inputs `I` with outputs `O`; `Kind` says how it
 /// is called (with or without a shared `S`, returning `O` or
 /// `Result<O, E>`). Never made: only its type is used.
-pub(crate) struct FnTask<Kind, F, S, I, O, E>(PhantomData<fn() -> (Kind, F, S, I, O, E)>);
+pub(crate) struct FnTask<Kind, F, S, I, O, E>(PhantomData<Types<Kind, F, S, I, O, E>>);
+
+/// The types an [`FnTask`] stands for, held by none of its values (a
+/// function pointer type: `FnTask` is `Send`, `Sync` and `'static` when
+/// they are `'static`).
+type Types<Kind, F, S, I, O, E> = fn() -> (Kind, F, S, I, O, E);
 
 /// `f(input) -> O`.
 pub(crate) enum Plain {}

@@ -77,15 +77,14 @@ pub(super) fn run_batch(
     (replies, inline)
 }
 
+/// A task's arrays as read or mapped: each, or why it cannot be had.
+type TaskArrays = Vec<Result<Array, ArrayError>>;
+
 /// Splits off a task's spilled input: an input too large for a frame
 /// travels as the task's last array, a file the worker maps, with an empty
 /// payload in its place (an empty encoding cannot refer to an array, so the
 /// pair is unambiguous). See docs/protocol.md, "Spilled inputs".
-#[allow(clippy::type_complexity)]
-fn unspill(
-    input: &[u8],
-    mut arrays: Vec<Result<Array, ArrayError>>,
-) -> Result<(Option<Array>, Vec<Result<Array, ArrayError>>), String> {
+fn unspill(input: &[u8], mut arrays: TaskArrays) -> Result<(Option<Array>, TaskArrays), String> {
     if !input.is_empty() || arrays.is_empty() {
         return Ok((None, arrays));
     }
