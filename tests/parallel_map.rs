@@ -214,3 +214,13 @@ fn a_100_mb_input_returns_the_right_answer() {
     // It travelled as a file, not through the pipe.
     assert!(p.last_call().traffic.bytes_to_workers < 1 << 20, "{:?}", p.last_call().traffic);
 }
+
+#[test]
+fn a_shared_value_over_the_frame_limit_travels_as_a_file() {
+    let table: Vec<f64> = (0..10_000_000).map(|i| f64::from(i % 5)).collect(); // 80 MB encoded
+    let want: f64 = table.iter().sum();
+    let mut p = Parallel::new().n_jobs(2).max_nbytes(None);
+    let sums = p.map_with(&table, |t: &Vec<f64>, k: usize| t.iter().sum::<f64>() * k as f64, 0..4).unwrap();
+    assert_eq!(sums, [0.0, want, 2.0 * want, 3.0 * want]);
+    assert!(p.last_call().traffic.bytes_to_workers < 1 << 20, "{:?}", p.last_call().traffic);
+}

@@ -189,13 +189,15 @@ impl<'p> CallCore<'p> {
 
     /// Sets the value every task of the call shares, placing its arrays
     /// with the call's encoder (an array above `max_nbytes` is dumped once,
-    /// like an input's); it goes to each worker with its first batch.
+    /// and an encoding over 1 MiB spilled to a file, like an input's); it
+    /// goes to each worker with its first batch.
     pub(super) fn share(
         &mut self,
         encode: impl FnOnce(&mut CallEncoder) -> Result<(Payload, Vec<ArrayRef>), String>,
     ) -> Result<(), Error> {
-        let (value, refs) =
-            encode(&mut self.encoder).map_err(|e| Error::Config(format!("cannot encode the shared value: {e}")))?;
+        let (value, refs) = encode(&mut self.encoder)
+            .and_then(|(value, refs)| self.encoder.place_input(value, refs))
+            .map_err(|e| Error::Config(format!("cannot encode the shared value: {e}")))?;
         let inline = self.encoder.take_inline();
         let pool = self.parallel.pool.as_mut().expect("the pool exists during a call");
         self.encoder.allow_folders(pool);

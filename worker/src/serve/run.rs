@@ -78,13 +78,13 @@ pub(super) fn run_batch(
 }
 
 /// A task's arrays as read or mapped: each, or why it cannot be had.
-type TaskArrays = Vec<Result<Array, ArrayError>>;
+pub(super) type TaskArrays = Vec<Result<Array, ArrayError>>;
 
 /// Splits off a task's spilled input: an input too large for a frame
 /// travels as the task's last array, a file the worker maps, with an empty
 /// payload in its place (an empty encoding cannot refer to an array, so the
 /// pair is unambiguous). See docs/protocol.md, "Spilled inputs".
-fn unspill(input: &[u8], mut arrays: TaskArrays) -> Result<(Option<Array>, TaskArrays), String> {
+pub(super) fn unspill(input: &[u8], mut arrays: TaskArrays) -> Result<(Option<Array>, TaskArrays), String> {
     if !input.is_empty() || arrays.is_empty() {
         return Ok((None, arrays));
     }
@@ -97,7 +97,7 @@ fn unspill(input: &[u8], mut arrays: TaskArrays) -> Result<(Option<Array>, TaskA
 
 /// The encoded input in a spilled input's array: a little-endian `u64`
 /// length, then that many bytes (checked against the array's size).
-fn spilled_input(file: &Array) -> Result<&[u8], String> {
+pub(super) fn spilled_input(file: &Array) -> Result<&[u8], String> {
     let bytes = file.as_bytes();
     let (len, rest) = bytes.split_first_chunk::<8>().ok_or("the task's spilled input is shorter than its length")?;
     let len = u64::from_le_bytes(*len);

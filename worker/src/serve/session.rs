@@ -117,7 +117,8 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
 }
 
 /// Keeps the shared value a batch brings (its arrays come first in bulk
-/// order) for the rest of its call, and returns the tasks' arrays.
+/// order; a value spilled to a file is read from it as a spilled input is)
+/// for the rest of its call, and returns the tasks' arrays.
 fn keep_shared(
     batch: &protocol::Batch,
     mut arrays: Vec<Result<Array, array::ArrayError>>,
@@ -125,9 +126,22 @@ fn keep_shared(
 ) -> Vec<Result<Array, array::ArrayError>> {
     let Some(value) = &batch.shared else { return arrays };
     let tasks = arrays.split_off(value.arrays.len().min(arrays.len()));
-    match arrays.into_iter().collect::<Result<Vec<Array>, _>>() {
-        Ok(mine) => shared.set(&value.value, mine),
-        Err(e) => shared.set_failed(e.to_string()),
+    // A value spilled to a file, as a task's input can be.
+    let (spilled, mine) = match run::unspill(&value.value, arrays) {
+        Ok(split) => split,
+        Err(reason) => {
+            shared.set_failed(reason);
+            return tasks;
+        }
+    };
+    let bytes = match &spilled {
+        Some(file) => run::spilled_input(file),
+        None => Ok(&value.value[..]),
+    };
+    match (bytes, mine.into_iter().collect::<Result<Vec<Array>, _>>()) {
+        (Ok(bytes), Ok(mine)) => shared.set(bytes, mine),
+        (Err(reason), _) => shared.set_failed(reason),
+        (_, Err(e)) => shared.set_failed(e.to_string()),
     }
     tasks
 }
