@@ -1,4 +1,4 @@
-//! A task of your own: estimate π by throwing darts, on every core.
+//! A function of your own as a task: estimate π by throwing darts, on every core.
 //!
 //! Each task gets a seed and a number of darts and returns how many landed
 //! inside the quarter circle. Many small tasks: procjob batches them
@@ -6,39 +6,24 @@
 //!
 //! Run: `cargo run --release --example monte_carlo_pi -- 2000 100000`
 
-use procjob::{Parallel, Task};
-use serde::{Deserialize, Serialize};
+use procjob::Parallel;
 
-/// Counts darts inside the unit quarter circle.
-struct Darts;
-
-#[derive(Serialize, Deserialize)]
-struct Throw {
-    seed: u64,
-    darts: u64,
-}
-
-impl Task for Darts {
-    type Input = Throw;
-    type Output = u64;
-    type Error = String;
-
-    fn run(t: Throw) -> Result<u64, String> {
-        let mut state = t.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut next = || {
-            // xorshift64*: fast, good enough for darts.
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
-        };
-        Ok((0..t.darts)
-            .filter(|_| {
-                let (x, y) = (next(), next());
-                x * x + y * y <= 1.0
-            })
-            .count() as u64)
-    }
+/// Throws `darts` darts from `seed`; counts those inside the unit quarter circle.
+fn throw((seed, darts): (u64, u64)) -> u64 {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = || {
+        // xorshift64*: fast, good enough for darts.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..darts)
+        .filter(|_| {
+            let (x, y) = (next(), next());
+            x * x + y * y <= 1.0
+        })
+        .count() as u64
 }
 
 fn main() -> Result<(), procjob::Error> {
@@ -49,7 +34,7 @@ fn main() -> Result<(), procjob::Error> {
 
     let mut parallel = Parallel::new();
     let t = std::time::Instant::now();
-    let inside: u64 = parallel.run::<Darts, _>((0..tasks).map(|seed| Throw { seed, darts }))?.iter().sum();
+    let inside: u64 = parallel.map(throw, (0..tasks).map(|seed| (seed, darts)))?.iter().sum();
     let pi = 4.0 * inside as f64 / (tasks * darts) as f64;
     let stats = parallel.last_call();
     println!(

@@ -11,12 +11,17 @@
 //! Run: `cargo run --release --example parallel_dot -- 1000 2`
 
 use procjob::matmul::Inputs;
-use procjob::tasks::Dot;
 use procjob::{Array, DType, Parallel};
 
+/// B is shared: it crosses to each worker once (as a memory map above
+/// max_nbytes), and each task gets a block of A's rows.
 fn parallel_dot(a: &Array, b: &Array, n_jobs: usize) -> Result<Array, procjob::Error> {
-    let blocks = a.array_split(n_jobs).expect("A is a matrix").into_iter().map(|block| (block, b.clone()));
-    let c_blocks = Parallel::new().n_jobs(n_jobs as i64).run::<Dot, _>(blocks)?;
+    let blocks = a.array_split(n_jobs).expect("A is a matrix");
+    let c_blocks = Parallel::new().n_jobs(n_jobs as i64).try_map_with(
+        b,
+        |b: &Array, a: Array| procjob::tasks::dot(&a, b),
+        blocks,
+    )?;
     Ok(Array::vstack(&c_blocks).expect("blocks of one product stack"))
 }
 

@@ -27,7 +27,7 @@ impl Task for Band {
 
     fn run(mut r: Rows) -> Result<(), String> {
         let width = r.image.shape()[1];
-        let pixels = r.image.as_mut_slice::<i64>().map_err(|e| e.to_string())?;
+        let pixels = r.image.as_mut_slice::<i64>()?;
         for (i, row) in pixels.chunks_mut(width).enumerate() {
             let y = -1.5 + 3.0 * (r.first_row + i) as f64 / r.height as f64;
             for (j, px) in row.iter_mut().enumerate() {

@@ -75,6 +75,11 @@ impl std::fmt::Display for TaskId {
 #[non_exhaustive]
 pub enum Error {
     /// A task returned an error or panicked.
+    ///
+    /// Its [`source`](std::error::Error::source) is the chain of sources of
+    /// the error the task returned (each a [`TaskCause`] holding its
+    /// message), so `{:?}` and error reporters show it as they would in the
+    /// task's own process.
     #[error("{task} failed on {worker}: {}", describe_failure(.failure))]
     Task {
         /// The task.
@@ -83,6 +88,9 @@ pub enum Error {
         worker: WorkerId,
         /// What the worker reported.
         failure: Box<TaskFailure>,
+        /// The first source of the error the task returned, if it had one.
+        #[source]
+        cause: Option<Box<TaskCause>>,
     },
     /// A worker died while running tasks.
     #[error("{worker} {exit} while running {}{}", list_tasks(.tasks), death_hint(.exit, .mapped))]
@@ -193,7 +201,50 @@ impl std::fmt::Debug for Error {
     }
 }
 
+/// One error in the chain of sources of a task's error, as the worker
+/// reported it: its message, and the next one below it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskCause {
+    /// The source's `Display`.
+    pub message: String,
+    /// The source below this one.
+    pub source: Option<Box<TaskCause>>,
+}
+
+impl std::fmt::Display for TaskCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for TaskCause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|s| s as &(dyn std::error::Error + 'static))
+    }
+}
+
 impl Error {
+    /// The failure of `task` on `worker`, with the chain of sources the
+    /// worker reported (at most `MAX_SOURCES` of them, bounded when decoded).
+    pub(crate) fn task(task: TaskId, worker: WorkerId, failure: TaskFailure) -> Error {
+        let cause = failure
+            .sources
+            .iter()
+            .rev()
+            .fold(None, |below, message| Some(Box::new(TaskCause { message: message.clone(), source: below })));
+        Error::Task { task, worker, failure: Box::new(failure), cause }
+    }
+
+    /// The message of the task's own error (or panic), without the task
+    /// and worker that [`Display`](std::fmt::Display) adds; `None` for
+    /// errors that are not a task's.
+    pub fn task_message(&self) -> Option<&str> {
+        match self {
+            Error::Task { failure, .. } => Some(&failure.message),
+            _ => None,
+        }
+    }
+
     /// Whether the caller's request was at fault (a bad parameter, an array
     /// too large to make), rather than the run.
     pub fn is_usage(&self) -> bool {
@@ -216,7 +267,10 @@ impl Error {
         }
     }
 
-    /// The task's typed error, when it returned one of type `E`.
+    /// The task's typed error, when it returned one of type `E`: a
+    /// [`Task`](crate::Task)'s `Error`, or [`TaskError`](crate::TaskError)
+    /// (message and sources) for a function given to
+    /// [`try_map`](crate::Parallel::try_map) and its kin.
     pub fn task_error<E: serde::de::DeserializeOwned>(&self) -> Option<E> {
         match self {
             Error::Task { failure, .. } => postcard::from_bytes(failure.error.as_deref()?).ok(),

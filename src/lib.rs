@@ -82,11 +82,14 @@ mod scheduler;
 pub mod signals;
 mod trace;
 
-pub use error::{Error, TaskId, WorkerExit, WorkerId};
-pub use parallel::{CallStats, Ordered, Parallel, Progress, Unordered, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_NBYTES};
+pub use error::{Error, TaskCause, TaskId, WorkerExit, WorkerId};
+pub use parallel::{
+    CallStats, IntoTaskError, Ordered, Parallel, Progress, Unordered, Wire, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_NBYTES,
+};
 pub use pool::{StartMethod, Traffic, WorkerReport};
 pub use procjob_worker::array::{ArrayError, Rows};
 pub use procjob_worker::protocol::{Access, MemorySnapshot};
+pub use procjob_worker::task::TaskError;
 /// The `ndarray` crate that [`Array::view`] and [`Array::from_ndarray`]
 /// speak (the `ndarray` feature), and its complex type.
 #[cfg(feature = "ndarray")]

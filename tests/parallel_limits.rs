@@ -1,8 +1,8 @@
-//! The `Parallel` API at its limits: an input too large for a frame fails
-//! the call at once, naming the task and the limit, and the pool serves the
-//! next call.
+//! The `Parallel` API at its limits: an input too large for a frame
+//! travels as a file; a batch too large for a frame fails the call at once,
+//! naming the task and the limit, and the pool serves the next call.
 
-use procjob::{Error, Parallel, Task};
+use procjob::{BatchSize, Error, Parallel, Task};
 
 procjob::test_support!();
 
@@ -19,13 +19,23 @@ impl Task for SumVec {
 }
 
 #[test]
-fn an_input_over_the_frame_limit_fails_at_once_and_the_pool_goes_on() {
+fn an_input_over_the_frame_limit_travels_as_a_file() {
     let mut p = Parallel::new().n_jobs(2);
     // 8.4 million f64 is 67.2 MB of payload: over the 64 MiB frame limit.
-    let err = p.run::<SumVec, _>(vec![vec![1.0f64; 10], vec![1.0f64; 8_400_000]]).unwrap_err();
+    let sums = p.run::<SumVec, _>(vec![vec![1.0f64; 10], vec![1.0f64; 8_400_000]]).unwrap();
+    assert_eq!(sums, [10.0, 8_400_000.0]);
+    assert!(p.last_call().traffic.bytes_to_workers < 1 << 20, "{:?}", p.last_call().traffic);
+}
+
+#[test]
+fn a_batch_over_the_frame_limit_fails_at_once_and_the_pool_goes_on() {
+    let mut p = Parallel::new().n_jobs(2).batch_size(BatchSize::Fixed(80));
+    // 80 inputs of 1,048,000 bytes each, each small enough to travel in the
+    // frame: 84 MB together, over the 64 MiB frame limit.
+    let err = p.run::<SumVec, _>(vec![vec![1.0f64; 131_000]; 80]).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Codec { .. }), "{msg}");
-    assert_eq!(err.task_index(), Some(1), "{msg}");
+    assert_eq!(err.task_index(), Some(0), "{msg}");
     assert!(msg.contains("frame payload limit") && msg.contains("procjob::Array"), "{msg}");
     // Nothing reached a worker: the same workers serve the next call.
     let pids = p.worker_pids();

@@ -42,7 +42,8 @@ impl Task for Cube {
 fn run_one(pool: &mut WorkerPool, call: u64, kind: &str, entry: i64, x: u64) -> TaskReply {
     let (input, arrays) = array::encode_with(&x, &mut InlineEncoder::default()).unwrap();
     let kind = TaskKind { name: kind.into(), entry: Some(entry) };
-    let batch = Batch { call, kind, tasks: vec![TaskRequest { index: 0, input, arrays }], timestamps: false };
+    let batch =
+        Batch { call, kind, tasks: vec![TaskRequest { index: 0, input, arrays }], timestamps: false, shared: None };
     pool.send(0, &Request::Run(batch), &[]).unwrap();
     let event = pool.next_event(Some(Duration::from_secs(30))).expect("no answer within 30 s");
     match event.event {

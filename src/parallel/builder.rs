@@ -10,6 +10,7 @@ use procjob_worker::protocol::Access;
 use procjob_worker::{Array, Task};
 
 use super::call::LandingPlan;
+use super::encoder::DumpCache;
 use super::env::{BadVariable, EnvDefaults, Setting};
 use super::iter::{Ordered, Unordered};
 use super::shell::Call;
@@ -118,6 +119,8 @@ pub struct Parallel {
     /// Environment variables read by [`Parallel::new`] whose values cannot
     /// be used (and were not overridden by a setting).
     pub(super) bad_env: Vec<BadVariable>,
+    /// Arrays dumped by earlier calls, reused while unchanged.
+    pub(super) dumps: DumpCache,
 }
 
 impl Default for Parallel {
@@ -192,6 +195,7 @@ impl Parallel {
             in_process: None,
             verbose: 0,
             bad_env: env.bad,
+            dumps: DumpCache::default(),
         }
     }
 

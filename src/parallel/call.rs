@@ -25,7 +25,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use procjob_worker::array::ArrayEncoder;
-use procjob_worker::protocol::TaskKind;
+use procjob_worker::protocol::{ArrayRef, Payload, TaskKind};
 use procjob_worker::Array;
 
 use super::builder::{CallProgress, CallStats, Parallel, Progress};
@@ -37,7 +37,7 @@ use crate::pool::{StartMethod, Traffic, WorkerPool};
 use crate::scheduler::{Action, PreDispatch, Scheduler};
 
 use batch::InFlight;
-pub(super) use batch::{Encoded, LandingPlan};
+pub(super) use batch::{Encoded, LandingPlan, SharedEncoded};
 use retries::Retries;
 
 /// Inputs drawn (and encoded) at a time before the calling thread looks
@@ -76,6 +76,19 @@ pub(super) enum Engine<'p> {
 }
 
 impl Engine<'_> {
+    /// Sets the value every task of the call shares (`map_with`), from
+    /// `encode`, which serializes it with the encoder it is given.
+    pub(super) fn share(
+        &mut self,
+        encode: impl FnOnce(&mut dyn ArrayEncoder) -> Result<(Payload, Vec<ArrayRef>), String>,
+    ) -> Result<(), Error> {
+        match self {
+            Engine::Pool(core) => core.share(|encoder| encode(encoder)),
+            Engine::Here(here) => here.share(encode),
+            Engine::Empty => Ok(()),
+        }
+    }
+
     /// Takes one step of the call (see [`CallCore::step`]).
     pub(super) fn step(&mut self, codec: &mut dyn TaskCodec) -> Option<Result<(), Error>> {
         match self {
@@ -167,6 +180,10 @@ pub(super) struct CallCore<'p> {
     next_action: Option<Action>,
     /// The progress messages on stderr.
     verbose: Verbose,
+    /// The value every task shares (`map_with`), sent once to each worker.
+    shared: Option<SharedEncoded>,
+    /// By worker slot, the pid of the process last sent the shared value.
+    shared_sent: Vec<Option<u32>>,
 }
 
 impl<'p> CallCore<'p> {
@@ -186,7 +203,9 @@ impl<'p> CallCore<'p> {
         let workers = parallel.workers()?;
         let pre_dispatch = parallel.pre_dispatch.unwrap_or(PreDispatch::Batches(2 * workers));
         let scheduler = Scheduler::new(workers, parallel.batch_size, pre_dispatch);
-        let mut encoder = CallEncoder::new(parallel.max_nbytes, parallel.mmap_mode, parallel.temp_folder.clone());
+        let dumps = std::mem::take(&mut parallel.dumps);
+        let mut encoder =
+            CallEncoder::new(parallel.max_nbytes, parallel.mmap_mode, parallel.temp_folder.clone(), dumps);
         if let StartMethod::Fork { inherit } = &parallel.start_method {
             encoder.inherit(inherit);
         }
@@ -216,12 +235,32 @@ impl<'p> CallCore<'p> {
             landing: None,
             next_action: None,
             verbose,
+            shared: None,
+            shared_sent: vec![None; workers],
         })
     }
 
     /// Lands the outputs' first arrays in place (`run_unordered_into`).
     pub(super) fn land_outputs(&mut self, plan: LandingPlan) {
         self.landing = Some(plan);
+    }
+
+    /// Sets the value every task of the call shares, placing its arrays
+    /// with the call's encoder (an array above `max_nbytes` is dumped once,
+    /// and an encoding over 1 MiB spilled to a file, like an input's); it
+    /// goes to each worker with its first batch.
+    pub(super) fn share(
+        &mut self,
+        encode: impl FnOnce(&mut CallEncoder) -> Result<(Payload, Vec<ArrayRef>), String>,
+    ) -> Result<(), Error> {
+        let (value, refs) = encode(&mut self.encoder)
+            .and_then(|(value, refs)| self.encoder.place_input(value, refs))
+            .map_err(|e| Error::Config(format!("cannot encode the shared value: {e}")))?;
+        let inline = self.encoder.take_inline();
+        let pool = self.parallel.pool.as_mut().expect("the pool exists during a call");
+        self.encoder.allow_folders(pool);
+        self.shared = Some(SharedEncoded { value, refs, inline });
+        Ok(())
     }
 
     /// The pool, which exists for the whole call.
@@ -324,7 +363,7 @@ impl<'p> CallCore<'p> {
         if let Ok(mut l) = self.pool().landings().lock() {
             l.clear();
         }
-        self.encoder.close();
+        self.parallel.dumps = self.encoder.close();
     }
 }
 

@@ -26,8 +26,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
 use procjob_worker::array::{self, Array, ArrayEncoder};
+use procjob_worker::payload::Payload;
 use procjob_worker::protocol::{Access, ArrayRef, FailureCause, Outcome, TaskFailure};
-use procjob_worker::task::{ErasedEntry, ErasedOutcome};
+use procjob_worker::task::{ErasedEntry, ErasedOutcome, Shared};
 
 use super::builder::{CallProgress, CallStats, Parallel, Progress};
 use super::call::{LandingPlan, TaskCodec};
@@ -54,6 +55,8 @@ pub(super) struct InProcess<'p> {
     landing: Option<LandingPlan>,
     /// The progress messages on stderr.
     verbose: Verbose,
+    /// The value every task shares (`map_with`), as a worker keeps it.
+    shared: Shared,
 }
 
 /// One input drawn and encoded for a run in this process.
@@ -82,6 +85,26 @@ impl<'p> InProcess<'p> {
             done: false,
             landing: None,
             verbose,
+            shared: Shared::default(),
+        }
+    }
+
+    /// Sets the value every task of the call shares (`map_with`): encoded
+    /// and handed over as a worker would receive it, decoded by the first
+    /// task that reads it.
+    pub(super) fn share(
+        &mut self,
+        encode: impl FnOnce(&mut dyn ArrayEncoder) -> Result<(Payload, Vec<ArrayRef>), String>,
+    ) -> Result<(), Error> {
+        let mut encoder = HereEncoder::default();
+        let encoded = encode(&mut encoder)
+            .and_then(|(value, _refs)| Ok((value, encoder.finish(self.parallel.max_nbytes, self.parallel.mmap_mode)?)));
+        match encoded {
+            Ok((value, arrays)) => {
+                self.shared.set(&value, arrays);
+                Ok(())
+            }
+            Err(e) => Err(Error::Config(format!("cannot encode the shared value: {e}"))),
         }
     }
 
@@ -128,7 +151,7 @@ impl<'p> InProcess<'p> {
                 return self.fail(Error::Codec { task, reason: format!("cannot encode the input: {reason}") })
             }
         };
-        let ErasedOutcome { outcome, inline } = run_caught(self.entry, &drawn.input, arrays);
+        let ErasedOutcome { outcome, inline } = run_caught(self.entry, &drawn.input, arrays, &mut self.shared);
         self.next += 1;
         match outcome {
             Outcome::Ok { output, arrays: refs } => {
@@ -139,7 +162,7 @@ impl<'p> InProcess<'p> {
             }
             Outcome::Failed(failure) => {
                 let worker = WorkerId { index: 0, pid: std::process::id() };
-                return self.fail(Error::Task { task, worker, failure: Box::new(failure) });
+                return self.fail(Error::task(task, worker, failure));
             }
         }
         let p = self.progress_now();
@@ -263,10 +286,10 @@ thread_local! {
 /// Runs `entry` on an input under panic capture: a panic becomes the
 /// task's failure, with its message and location, as in a worker, and is
 /// not printed.
-fn run_caught(entry: ErasedEntry, input: &[u8], arrays: Vec<Array>) -> ErasedOutcome {
+fn run_caught(entry: ErasedEntry, input: &[u8], arrays: Vec<Array>, shared: &mut Shared) -> ErasedOutcome {
     install_capture();
     RUNNING.with(|r| r.set(r.get() + 1));
-    let result = catch_unwind(AssertUnwindSafe(|| entry(input, arrays)));
+    let result = catch_unwind(AssertUnwindSafe(|| entry(input, arrays, shared)));
     RUNNING.with(|r| r.set(r.get() - 1));
     match result {
         Ok(outcome) => outcome,
@@ -279,7 +302,8 @@ fn run_caught(entry: ErasedEntry, input: &[u8], arrays: Vec<Array>) -> ErasedOut
                     .unwrap_or_else(|| "panic with a non-string payload".into());
                 (m, None)
             });
-            let failure = TaskFailure { cause: FailureCause::Panic, message, location, error: None };
+            let failure =
+                TaskFailure { cause: FailureCause::Panic, message, location, error: None, sources: Vec::new() };
             ErasedOutcome { outcome: Outcome::Failed(failure), inline: Vec::new() }
         }
     }

@@ -73,6 +73,8 @@
 //!   nested in a task), through the same erased entry a worker runs.
 //! - `verbose.rs`: joblib's `verbose` progress messages on stderr.
 //! - `env.rs`: defaults from `PROCJOB_N_JOBS` and `PROCJOB_MAX_NBYTES`.
+//! - `map.rs` and `map/`: plain functions as tasks ([`Parallel::map`] and
+//!   its kin), each function its own monomorphised [`Task`](crate::Task).
 
 mod builder;
 mod call;
@@ -80,8 +82,10 @@ mod encoder;
 mod env;
 mod here;
 mod iter;
+mod map;
 mod shell;
 mod verbose;
 
 pub use builder::{resolve_n_jobs, CallStats, Parallel, Progress, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_NBYTES};
 pub use iter::{Ordered, Unordered};
+pub use map::{IntoTaskError, Wire};

@@ -74,6 +74,12 @@ impl<'p, T: Task, I: Iterator<Item = T::Input>> Call<'p, T, I> {
         Ok(Call { core, codec: Typed { first, inputs, scratch: Vec::new(), ready: VecDeque::new() } })
     }
 
+    /// Sets the value every task of the call shares (`map_with`).
+    pub(super) fn share<S: serde::Serialize + ?Sized>(&mut self, value: &S) -> Result<(), Error> {
+        let scratch = &mut self.codec.scratch;
+        self.core.share(|encoder| array::encode_with_buffer(value, encoder, scratch).map_err(|e| e.to_string()))
+    }
+
     /// Lands the outputs' first arrays in place (`run_unordered_into`).
     pub(super) fn land_outputs(&mut self, plan: LandingPlan) {
         self.core.land_outputs(plan);
@@ -116,7 +122,8 @@ impl<T: Task, I: Iterator<Item = T::Input>> TaskCodec for Typed<T, I> {
             let index = first + drawn.count as u64;
             drawn.count += 1;
             let description = T::describe(&input);
-            match array::encode_with_buffer(&input, encoder, &mut self.scratch) {
+            let encoded = array::encode_with_buffer(&input, encoder, &mut self.scratch).map_err(|e| e.to_string());
+            match encoded.and_then(|(bytes, refs)| encoder.place_input(bytes, refs)) {
                 Ok((bytes, refs)) => {
                     queue.push_back(Encoded { index, input: bytes, refs, inline: encoder.take_inline(), description })
                 }

@@ -189,6 +189,22 @@ pub struct Traffic {
 }
 
 /// What one worker slot did, for reports.
+///
+/// # Why a memory-mapped block shows in USS
+///
+/// `peak.uss` is the kernel's `Private_Clean + Private_Dirty`, and the
+/// kernel calls a page *private* when only one process maps it, whatever
+/// kind of memory it is. An array dumped by the coordinator (which wrote the
+/// file and does not map it) and mapped by a single worker is made of
+/// page-cache (or `/dev/shm`) pages that only that worker maps: they count
+/// as its `Private_Clean`, so its USS grows by the block although nothing
+/// was copied. Once a second worker maps the same pages, they move to
+/// `Shared_Clean` and out of both USS figures; PSS (`peak.pss`) splits them
+/// between the processes instead. A copy shows as `Private_Dirty`: an
+/// inline array read into the worker's heap, or the pages a task wrote
+/// through a copy-on-write map (`mmap_mode` `'c'`). So, to tell a map from
+/// a copy, read PSS across workers, or the dirty part of USS, not USS
+/// alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkerReport {
     /// Index in the pool.

@@ -31,6 +31,7 @@ fn batch(tasks: &[u64]) -> Request {
             .map(|&i| TaskRequest { index: i, input: Payload::from(i.to_le_bytes().to_vec()), arrays: Vec::new() })
             .collect(),
         timestamps: false,
+        shared: None,
     })
 }
 

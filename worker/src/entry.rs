@@ -62,7 +62,7 @@ impl EntryDesc {
 }
 
 /// The two halves of the magic; a descriptor holds their XOR.
-const MAGIC_LEFT: [u8; 16] = *b"procjob entry v5";
+const MAGIC_LEFT: [u8; 16] = *b"procjob entry v6";
 const MAGIC_RIGHT: [u8; 16] =
     [0x3c, 0xa7, 0x51, 0xe9, 0x08, 0x6d, 0xf2, 0x94, 0xb3, 0x1e, 0xc5, 0x7a, 0x20, 0xd8, 0x4f, 0x66];
 

@@ -236,6 +236,22 @@ pub struct Batch {
     /// only while it records a trace: a clock read per task was about 5% of
     /// the cost of a tiny task.
     pub timestamps: bool,
+    /// The value every task of the call shares (`Parallel::map_with`),
+    /// sent with the first batch of the call each worker gets; the worker
+    /// keeps it (decoded once, on first use) until the call changes. `None`
+    /// on every other batch. Its arrays come first in the frame's bulk.
+    pub shared: Option<SharedValue>,
+}
+
+/// A value shared by every task of a call: its postcard encoding, and the
+/// arrays it refers to, as for a task's input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SharedValue {
+    /// The postcard encoding of the value; arrays in it are indices into
+    /// `arrays`.
+    pub value: Payload,
+    /// The arrays the value refers to.
+    pub arrays: Vec<ArrayRef>,
 }
 
 /// One task: which code to run and its encoded input.
@@ -535,6 +551,42 @@ pub struct TaskFailure {
     pub location: Option<String>,
     /// The postcard encoding of the task's typed error, when it returned one.
     pub error: Option<Vec<u8>>,
+    /// The `Display` of each error in the chain of sources below the one
+    /// the task returned, outermost first; at most [`MAX_SOURCES`] (more is
+    /// a decode error).
+    #[serde(deserialize_with = "bounded_sources")]
+    pub sources: Vec<String>,
+}
+
+/// Most sources a [`TaskFailure`] carries; a worker keeps the outermost
+/// ones of a longer chain.
+pub const MAX_SOURCES: usize = 32;
+
+/// Decodes a failure's sources, refusing more than [`MAX_SOURCES`] as
+/// soon as the length is read.
+fn bounded_sources<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct Bounded;
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "at most {MAX_SOURCES} sources")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let too_many = || serde::de::Error::custom(format!("more than {MAX_SOURCES} error sources"));
+            if seq.size_hint().is_some_and(|n| n > MAX_SOURCES) {
+                return Err(too_many());
+            }
+            let mut sources = Vec::new();
+            while let Some(s) = seq.next_element()? {
+                if sources.len() == MAX_SOURCES {
+                    return Err(too_many());
+                }
+                sources.push(s);
+            }
+            Ok(sources)
+        }
+    }
+    d.deserialize_seq(Bounded)
 }
 
 /// Why a frame could not be read.
@@ -810,13 +862,14 @@ pub fn check_bulk<'a>(refs: impl IntoIterator<Item = &'a ArrayRef>, bulk_len: u6
 }
 
 impl Request {
-    /// The array references of every task in this request, in bulk order.
+    /// The array references of a batch's shared value and of every task,
+    /// in bulk order.
     pub fn array_refs(&self) -> impl Iterator<Item = &ArrayRef> + Clone {
-        let tasks: &[TaskRequest] = match self {
-            Request::Run(b) => &b.tasks,
-            Request::Hello(_) | Request::Allow { .. } => &[],
+        let (shared, tasks): (&[ArrayRef], &[TaskRequest]) = match self {
+            Request::Run(b) => (b.shared.as_ref().map_or(&[], |s| s.arrays.as_slice()), &b.tasks),
+            Request::Hello(_) | Request::Allow { .. } => (&[], &[]),
         };
-        tasks.iter().flat_map(|t| t.arrays.iter())
+        shared.iter().chain(tasks.iter().flat_map(|t| t.arrays.iter()))
     }
 }
 
@@ -870,6 +923,7 @@ mod tests {
                     .map(|index| TaskRequest { index, input: Payload::default(), arrays: Vec::new() })
                     .collect(),
                 timestamps: false,
+                shared: None,
             })
         };
         for (n, ok) in [(MAX_BATCH_TASKS, true), (MAX_BATCH_TASKS + 1, false)] {

@@ -29,8 +29,12 @@ fn valid_frame() -> Vec<u8> {
             arrays: vec![ArrayRef::Inline { dtype: DType::F32, shape: vec![2, 2] }],
         }],
         timestamps: true,
+        shared: Some(protocol::SharedValue {
+            value: vec![4, 5].into(),
+            arrays: vec![ArrayRef::Inline { dtype: DType::F64, shape: vec![1] }],
+        }),
     });
-    let bulk = [0u8; 16];
+    let bulk = [0u8; 24];
     let mut buf = Vec::new();
     protocol::send(&mut buf, FrameKind::Request, &request, &[&bulk]).unwrap();
     buf
@@ -122,7 +126,7 @@ proptest! {
 
 #[test]
 fn valid_frame_decodes() {
-    assert_eq!(decode(&valid_frame()).unwrap(), 1);
+    assert_eq!(decode(&valid_frame()).unwrap(), 2);
 }
 
 #[test]
@@ -134,12 +138,13 @@ fn bulk_shorter_than_its_arrays_is_truncated_not_a_hang() {
 
 #[test]
 fn bulk_that_disagrees_with_dtype_and_shape_is_refused_before_reading() {
-    // Declare 16 bytes of arrays but advertise 17 in the prelude.
+    // Declare 24 bytes of arrays (16 of the task's, 8 of the shared
+    // value's) but advertise 25 in the prelude.
     let mut bytes = valid_frame();
-    bytes[12..20].copy_from_slice(&17u64.to_le_bytes());
+    bytes[12..20].copy_from_slice(&25u64.to_le_bytes());
     bytes.push(0);
     let err = decode(&bytes).unwrap_err();
-    assert!(matches!(err, DecodeError::BulkMismatch { declared: 16, actual: 17 }), "{err}");
+    assert!(matches!(err, DecodeError::BulkMismatch { declared: 24, actual: 25 }), "{err}");
 }
 
 #[test]
@@ -153,6 +158,7 @@ fn an_inline_array_whose_size_overflows_is_refused() {
             arrays: vec![ArrayRef::Inline { dtype: DType::I64, shape: vec![1 << 40, 1 << 40] }],
         }],
         timestamps: false,
+        shared: None,
     });
     let mut bytes = Vec::new();
     protocol::send(&mut bytes, FrameKind::Request, &request, &[]).unwrap();
@@ -171,7 +177,7 @@ mod conversation {
     use proptest::prelude::*;
 
     use procjob_worker::protocol::{
-        self, Access, ArrayRef, Batch, FrameKind, Hello, Request, TaskKind, TaskRequest, PROTOCOL_VERSION,
+        self, Access, ArrayRef, Batch, FrameKind, Hello, Request, SharedValue, TaskKind, TaskRequest, PROTOCOL_VERSION,
     };
     use procjob_worker::secret::PoolSecret;
     use procjob_worker::{Array, DType};
@@ -260,10 +266,12 @@ mod conversation {
     /// small, else a few arbitrary bytes; and maybe one byte changed.
     fn frame() -> impl Strategy<Value = Vec<u8>> {
         let mutation = prop_oneof![3 => Just(None), 1 => any::<(usize, u8)>().prop_map(Some)];
-        (any::<u64>(), kind(), proptest::collection::vec(task(), 0..4), any::<bool>(), mutation).prop_map(
-            |(call, name, tasks, timestamps, mutation)| {
-                let request =
-                    Request::Run(Batch { call: call % 3, kind: TaskKind { name, entry: None }, tasks, timestamps });
+        // A shared value decodes like a task's input: the same strategy.
+        let shared = proptest::option::of(task().prop_map(|t| SharedValue { value: t.input, arrays: t.arrays }));
+        (any::<u64>(), kind(), proptest::collection::vec(task(), 0..4), any::<bool>(), shared, mutation).prop_map(
+            |(call, name, tasks, timestamps, shared, mutation)| {
+                let kind = TaskKind { name, entry: None };
+                let request = Request::Run(Batch { call: call % 3, kind, tasks, timestamps, shared });
                 let declared = request
                     .array_refs()
                     .filter(|r| matches!(r, ArrayRef::Inline { .. }))

@@ -85,7 +85,7 @@ impl Worker {
     /// of their outputs.
     fn run(&mut self, kind: &str, tasks: Vec<TaskRequest>) -> (Vec<TaskReply>, Vec<Array>) {
         let kind = TaskKind { name: kind.into(), entry: None };
-        self.send(&Request::Run(Batch { call: 1, kind, tasks, timestamps: false }), &[]);
+        self.send(&Request::Run(Batch { call: 1, kind, tasks, timestamps: false, shared: None }), &[]);
         match self.recv() {
             (Reply::Results(results), arrays) => (results.tasks, arrays),
             (other, _) => panic!("expected results, got {other:?}"),

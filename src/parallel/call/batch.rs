@@ -27,6 +27,16 @@ pub(in crate::parallel) struct Encoded {
     pub(in crate::parallel) description: Option<String>,
 }
 
+/// The value every task of a call shares, encoded once for the call.
+pub(in crate::parallel) struct SharedEncoded {
+    /// The encoded value.
+    pub(in crate::parallel) value: Payload,
+    /// How each of its arrays travels.
+    pub(in crate::parallel) refs: Vec<ArrayRef>,
+    /// Its arrays that travel inline, in order.
+    pub(in crate::parallel) inline: Vec<Array>,
+}
+
 /// When a batch of `tasks` tasks sent at `sent` is late: `tasks` × `limit`
 /// later, or never when that is past what `Instant` can hold (a limit of
 /// `Duration::MAX` is no limit).
@@ -44,6 +54,9 @@ pub(super) struct InFlight {
     pub(super) request: Request,
     /// Each task's inline arrays, in order.
     pub(super) inline: Vec<Vec<Array>>,
+    /// The inline arrays of the call's shared value, when the batch brings
+    /// it: first in the bulk.
+    pub(super) shared_inline: Vec<Array>,
     /// When it was staged to be sent.
     pub(super) sent: Instant,
     /// When its worker is late (`None`: never).
@@ -67,7 +80,7 @@ impl InFlight {
 
     /// The bytes of the batch's inline arrays, in order: the frame's bulk.
     pub(super) fn bulk(&self) -> Vec<&[u8]> {
-        self.inline.iter().flatten().map(Array::as_bytes).collect()
+        self.shared_inline.iter().chain(self.inline.iter().flatten()).map(Array::as_bytes).collect()
     }
 
     /// The batch's tasks as they were before sending, to queue them again.

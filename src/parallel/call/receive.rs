@@ -157,7 +157,7 @@ impl CallCore<'_> {
                 }
                 Outcome::Failed(failure) => {
                     panicked |= failure.cause == FailureCause::Panic;
-                    self.fail(Error::Task { task, worker, failure: Box::new(failure) });
+                    self.fail(Error::task(task, worker, failure));
                 }
             }
         }

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use procjob_worker::protocol::{Batch, Request, TaskRequest};
+use procjob_worker::protocol::{Batch, Request, SharedValue, TaskRequest};
 use procjob_worker::Array;
 
 use super::batch::{batch_deadline, InFlight};
@@ -70,8 +70,23 @@ impl CallCore<'_> {
         let deadline = self.parallel.timeout.and_then(|t| batch_deadline(sent, t, ids.len()));
         self.parallel.last.batches += 1;
         let timestamps = self.parallel.trace.is_some();
-        let request = Request::Run(Batch { call: self.call, kind, tasks: requests, timestamps });
-        self.in_flight[worker] = Some(InFlight { tasks: ids, request, inline, sent, deadline });
+        let (shared, shared_inline) = self.shared_for(worker);
+        let request = Request::Run(Batch { call: self.call, kind, tasks: requests, timestamps, shared });
+        self.in_flight[worker] = Some(InFlight { tasks: ids, request, inline, shared_inline, sent, deadline });
+    }
+
+    /// The call's shared value, when `worker`'s process has not been sent
+    /// it yet in this call (its first batch, or the first of a replacement
+    /// started in its slot), with its inline arrays; else nothing.
+    fn shared_for(&mut self, worker: usize) -> (Option<SharedValue>, Vec<Array>) {
+        let Some(shared) = self.shared.as_ref() else { return (None, Vec::new()) };
+        let pid = self.parallel.pool.as_ref().and_then(|p| p.pid(worker));
+        if pid.is_some() && self.shared_sent[worker] == pid {
+            return (None, Vec::new());
+        }
+        self.shared_sent[worker] = pid;
+        let value = SharedValue { value: shared.value.clone(), arrays: shared.refs.clone() };
+        (Some(value), shared.inline.clone())
     }
 
     /// Tells the pool where the outputs of `tasks` land, for a

@@ -88,6 +88,8 @@ fn encoded_len_bound(outcome: &Outcome) -> usize {
                 + f.location.as_ref().map_or(0, |l| bytes(l.len()))
                 + 1
                 + f.error.as_ref().map_or(0, |e| bytes(e.len()))
+                + VARINT
+                + f.sources.iter().map(|s| bytes(s.len())).sum::<usize>()
         }
     }
 }
@@ -121,6 +123,7 @@ mod tests {
                 message: "m".repeat(200),
                 location: Some("src/x.rs:1:2".into()),
                 error: Some(vec![1; 20]),
+                sources: vec!["s".repeat(100); 3],
             }),
         ];
         for outcome in outcomes {

@@ -40,6 +40,7 @@ pub(super) fn send_results<W: Write + AsFd>(
                     message,
                     location: None,
                     error: None,
+                    sources: Vec::new(),
                 });
             }
             inline.clear();

@@ -10,17 +10,19 @@ use super::budget::ReplyBudget;
 use crate::array::{Array, ArrayError};
 use crate::protocol::{self, Batch, FailureCause, Outcome, TaskReply};
 use crate::registry::Registry;
-use crate::task::{ErasedEntry, ErasedOutcome};
+use crate::task::{ErasedEntry, ErasedOutcome, Shared};
 
 /// Runs the tasks of `batch` on their `arrays` (in bulk order), with the
 /// entry found in `registry` or, when the coordinator is this same
 /// executable (`same_binary`), by entry descriptor. Returns one reply per
-/// task and the arrays whose bytes follow the reply inline.
+/// task and the arrays whose bytes follow the reply inline. `shared` is the
+/// call's shared value, for the tasks that read one.
 pub(super) fn run_batch(
     registry: &Registry,
     same_binary: bool,
     batch: &Batch,
     arrays: Vec<Result<Array, ArrayError>>,
+    shared: &mut Shared,
 ) -> (Vec<TaskReply>, Vec<Array>) {
     let mut arrays = arrays.into_iter();
     let mut replies = Vec::with_capacity(batch.tasks.len());
@@ -55,7 +57,14 @@ pub(super) fn run_batch(
                     FailureCause::Setup,
                     format!("task kind '{}' is not known to this worker (see task {first})", batch.kind.name),
                 ),
-                _ => run_one(&entry, &batch.kind.name, &task.input, mine),
+                _ => match unspill(&task.input, mine) {
+                    Ok((Some(file), mine)) => match spilled_input(&file) {
+                        Ok(input) => run_one(&entry, &batch.kind.name, input, mine, shared),
+                        Err(reason) => ErasedOutcome::failed(FailureCause::Setup, reason),
+                    },
+                    Ok((None, mine)) => run_one(&entry, &batch.kind.name, &task.input, mine, shared),
+                    Err(reason) => ErasedOutcome::failed(FailureCause::Setup, reason),
+                },
             },
         };
         let result = fail_on_faults(task.index, result);
@@ -66,6 +75,36 @@ pub(super) fn run_batch(
         started_ns = finished_ns;
     }
     (replies, inline)
+}
+
+/// A task's arrays as read or mapped: each, or why it cannot be had.
+pub(super) type TaskArrays = Vec<Result<Array, ArrayError>>;
+
+/// Splits off a task's spilled input: an input too large for a frame
+/// travels as the task's last array, a file the worker maps, with an empty
+/// payload in its place (an empty encoding cannot refer to an array, so the
+/// pair is unambiguous). See docs/protocol.md, "Spilled inputs".
+pub(super) fn unspill(input: &[u8], mut arrays: TaskArrays) -> Result<(Option<Array>, TaskArrays), String> {
+    if !input.is_empty() || arrays.is_empty() {
+        return Ok((None, arrays));
+    }
+    match arrays.pop() {
+        Some(Ok(file)) => Ok((Some(file), arrays)),
+        Some(Err(e)) => Err(format!("cannot read the task's spilled input: {e}")),
+        None => Ok((None, arrays)),
+    }
+}
+
+/// The encoded input in a spilled input's array: a little-endian `u64`
+/// length, then that many bytes (checked against the array's size).
+pub(super) fn spilled_input(file: &Array) -> Result<&[u8], String> {
+    let bytes = file.as_bytes();
+    let (len, rest) = bytes.split_first_chunk::<8>().ok_or("the task's spilled input is shorter than its length")?;
+    let len = u64::from_le_bytes(*len);
+    usize::try_from(len)
+        .ok()
+        .and_then(|len| rest.get(..len))
+        .ok_or_else(|| format!("the task's spilled input says {len} bytes but holds {}", rest.len()))
 }
 
 thread_local! {
@@ -156,6 +195,7 @@ fn run_one(
     kind: &str,
     input: &[u8],
     arrays: Vec<Result<Array, ArrayError>>,
+    shared: &mut Shared,
 ) -> ErasedOutcome {
     // Most tiny tasks have no arrays: skip the fallible collect for them.
     let arrays: Vec<Array> = match arrays.is_empty() {
@@ -176,7 +216,7 @@ fn run_one(
         }
         #[cfg(not(feature = "test-tasks"))]
         let _ = kind;
-        entry(input, arrays)
+        entry(input, arrays, shared)
     };
     match catch_unwind(AssertUnwindSafe(run)) {
         Ok(outcome) => outcome,
@@ -195,6 +235,7 @@ fn run_one(
                     message,
                     location,
                     error: None,
+                    sources: Vec::new(),
                 }),
                 inline: Vec::new(),
             }

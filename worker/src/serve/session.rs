@@ -15,6 +15,7 @@ use crate::array::{self, Array};
 use crate::protocol::{self, DecodeError, Request, Results};
 use crate::registry::Registry;
 use crate::secret::{PoolSecret, SecretError};
+use crate::task::Shared;
 
 /// A batch that computed this long is followed by a memory snapshot.
 const SNAPSHOT_AFTER_BUSY: Duration = Duration::from_millis(1);
@@ -61,6 +62,9 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
     // output is a pipe (anything else was written by copy).
     let reuse_lent_pages = hello.reuse_lent_pages && reply::is_pipe(output.get_ref());
     let mut sent: Vec<Array> = Vec::new();
+    // The shared value of the current call, kept from the batch that
+    // brought it until the call changes.
+    let mut shared = Shared::default();
     loop {
         if input.buffer().is_empty() && !wait_for_request(input.get_ref(), idle, &mut maps, FIRST_MAP_CHECK) {
             return Ok(()); // idle timeout: exit quietly, the pool starts another when needed
@@ -83,6 +87,7 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         reply::put_back_sent(&mut sent, output.get_ref());
         if maps.call != batch.call {
             maps.start_call(batch.call);
+            shared.clear();
         }
         maps.start_batch();
         let arrays = read::batch_arrays(&mut input, &frame, &mut maps, inherited)?;
@@ -90,9 +95,10 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         // below, so it shows what the tasks held (a B copied into this worker
         // counts in its USS), not what was left after they returned.
         let received = read::inline_arrays(&frame.message, &arrays);
+        let arrays = keep_shared(batch, arrays, &mut shared);
         let mapped_ns = crate::clock::monotonic_ns();
         let batch_started = Instant::now();
-        let (replies, mut inline) = run::run_batch(registry, same_binary, batch, arrays);
+        let (replies, mut inline) = run::run_batch(registry, same_binary, batch, arrays, &mut shared);
         maps.forget_poisoned();
         Array::drop_spare_pages();
         let memory = (batch_started.elapsed() >= SNAPSHOT_AFTER_BUSY || last_snapshot.elapsed() >= SNAPSHOT_EVERY)
@@ -108,4 +114,34 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
             sent.extend(inline.into_iter().filter(Array::is_sole_owner_of_pages).take(array::SPARES_KEPT));
         }
     }
+}
+
+/// Keeps the shared value a batch brings (its arrays come first in bulk
+/// order; a value spilled to a file is read from it as a spilled input is)
+/// for the rest of its call, and returns the tasks' arrays.
+fn keep_shared(
+    batch: &protocol::Batch,
+    mut arrays: Vec<Result<Array, array::ArrayError>>,
+    shared: &mut Shared,
+) -> Vec<Result<Array, array::ArrayError>> {
+    let Some(value) = &batch.shared else { return arrays };
+    let tasks = arrays.split_off(value.arrays.len().min(arrays.len()));
+    // A value spilled to a file, as a task's input can be.
+    let (spilled, mine) = match run::unspill(&value.value, arrays) {
+        Ok(split) => split,
+        Err(reason) => {
+            shared.set_failed(reason);
+            return tasks;
+        }
+    };
+    let bytes = match &spilled {
+        Some(file) => run::spilled_input(file),
+        None => Ok(&value.value[..]),
+    };
+    match (bytes, mine.into_iter().collect::<Result<Vec<Array>, _>>()) {
+        (Ok(bytes), Ok(mine)) => shared.set(bytes, mine),
+        (Err(reason), _) => shared.set_failed(reason),
+        (_, Err(e)) => shared.set_failed(e.to_string()),
+    }
+    tasks
 }

@@ -184,7 +184,7 @@ pub fn batch_of<T: serde::Serialize>(kind: &str, call: u64, inputs: &[T]) -> (Ba
         })
         .collect();
     let kind = TaskKind { name: kind.to_string(), entry: None };
-    (Batch { call, kind, tasks, timestamps: false }, inline)
+    (Batch { call, kind, tasks, timestamps: false, shared: None }, inline)
 }
 
 /// The failure of an outcome that must have failed.
