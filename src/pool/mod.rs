@@ -15,6 +15,7 @@
 //! call logic in [`crate::parallel`]. How workers are reached is a
 //! [`Transport`]'s business: today [`pipes`]' processes and pipes.
 
+pub(crate) mod cluster;
 mod pipes;
 mod transport;
 
@@ -39,6 +40,7 @@ use crate::error::{Error, WorkerExit, WorkerId};
 pub use pipes::{available_cpus, thread_count};
 pub(crate) use pipes::{start_failure, INIT_CALLED};
 pub(crate) use transport::{Capabilities, Transport};
+
 
 /// How long a worker has to answer the handshake.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -251,6 +253,11 @@ impl WorkerPool {
     /// A pool of `config.workers` slots of worker processes on this
     /// machine; no process is started yet.
     pub fn new(config: PoolConfig) -> WorkerPool {
+        // Rank 0 of an MPI job: the slots are spread over its nodes.
+        #[cfg(feature = "mpi")]
+        if let Some(pool) = cluster::pool_on_ranks(&config) {
+            return pool;
+        }
         let PoolConfig { workers, idle_timeout, program, start } = config;
         WorkerPool::with_transport(workers, idle_timeout, move |events, landings| {
             Box::new(pipes::Pipes::new(workers, program, start, events, landings))

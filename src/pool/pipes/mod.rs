@@ -38,7 +38,12 @@ use crate::error::{Error, WorkerExit, WorkerId};
 pub use fork::thread_count;
 pub use spawn::available_cpus;
 pub(crate) use spawn::{start_failure, INIT_CALLED};
-use spawn::{HARNESS_ENTRY, THREAD_ENV};
+use spawn::HARNESS_ENTRY;
+pub(crate) use spawn::THREAD_ENV;
+#[cfg(feature = "mpi")]
+pub(crate) use reader::read_replies;
+#[cfg(feature = "mpi")]
+pub(crate) use reap::{kill_pid, wait_or_kill};
 
 /// One live worker process.
 struct Process {
