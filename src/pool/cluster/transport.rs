@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use procjob_worker::protocol::{self, FrameKind, Hello, Request};
 
@@ -77,6 +77,7 @@ pub(crate) fn pool_on_ranks(config: &PoolConfig) -> Option<WorkerPool> {
             remote: (0..workers).map(|_| None).collect(),
             events,
             landings,
+            unresponsive: Default::default(),
         })
     }))
 }
@@ -140,7 +141,12 @@ struct Ranks {
     remote: Vec<Option<Remote>>,
     events: Sender<PoolEvent>,
     landings: Landings,
+    /// Ranks that did not answer a kill: not waited for again.
+    unresponsive: std::collections::HashSet<usize>,
 }
+
+/// How long a stop waits for an agent to report a killed worker's end.
+const KILL_WAIT: Duration = Duration::from_secs(2);
 
 impl Ranks {
     fn is_local(&self, index: usize) -> bool {
@@ -368,16 +374,20 @@ impl Transport for Ranks {
             self.hub.send(r.rank, &Down::CloseInput { key: r.key });
         }
         let key = r.key;
-        let deadline = Instant::now() + grace;
-        let mut state = self.hub.wait_for(grace, |s| s.exits.contains_key(&key));
+        // When the program is being stopped by a signal, the launcher is
+        // ending every rank too (it forwards Ctrl-C as SIGTERM): no agent
+        // is waited for. Nor is one that did not answer a kill before.
+        let wait = crate::signals::received().is_none() && !self.unresponsive.contains(&r.rank);
+        let mut state = self.hub.wait_for(if wait { grace } else { Duration::ZERO }, |s| s.exits.contains_key(&key));
         if !state.exits.contains_key(&key) {
             drop(state);
             self.hub.send(r.rank, &Down::Kill { key });
             // The agent reaps a killed worker at once; this bounds the wait
             // should its rank be gone (the launcher then ends the job).
-            state = self.hub.wait_for(Duration::from_secs(5).max(deadline.saturating_duration_since(Instant::now())), |s| {
-                s.exits.contains_key(&key)
-            });
+            state = self.hub.wait_for(if wait { KILL_WAIT } else { Duration::ZERO }, |s| s.exits.contains_key(&key));
+            if !state.exits.contains_key(&key) {
+                self.unresponsive.insert(r.rank);
+            }
         }
         let exit = state.exits.remove(&key).unwrap_or(WorkerExit::Unknown);
         state.streams.remove(&key);

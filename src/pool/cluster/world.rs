@@ -187,7 +187,18 @@ impl Hub {
 /// Sets up this rank's part of the job (see the module docs). Ranks other
 /// than 0 never return.
 pub(super) fn init() {
-    let Some((universe, threading)) = ::mpi::initialize_with_threading(Threading::Serialized) else { return };
+    // The threads MPI starts in MPI_Init (and this module's own) inherit
+    // the calling thread's signal mask: they must not take the signals
+    // that end a program, or one would end rank 0 at once, with none of
+    // procjob's cleaning up (see crate::signals). The main thread's own
+    // mask is restored after.
+    let ending = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2];
+    let old = block_signals(&ending);
+    let initialized = ::mpi::initialize_with_threading(Threading::Serialized);
+    let Some((universe, threading)) = initialized else {
+        restore_signals(&old);
+        return;
+    };
     install_panic_hook();
     let world = SimpleCommunicator::world();
     let (rank, size) = (world.rank(), world.size());
@@ -210,6 +221,9 @@ pub(super) fn init() {
         *u = Some(universe);
     }
     if rank != 0 {
+        // An agent ends on the launcher's SIGTERM as any process does; its
+        // workers follow it (their parent-death signal).
+        restore_signals(&old);
         let hello = Hello { rank: rank as u32, agent: agent as u32, host: host.clone(), cpus: cpus as u32 };
         link::send_now(0, TAG_HELLO, &wire::encode(&hello));
         super::agent::run(rank == agent, &host);
@@ -260,6 +274,7 @@ pub(super) fn init() {
             world.abort(2);
         }
     }
+    restore_signals(&old);
     // SAFETY: `finish` is an `extern "C" fn()` that never unwinds (it
     // catches nothing that can panic across the boundary: every step is
     // infallible or ignores errors).
@@ -339,5 +354,29 @@ pub fn probe_shared(folder: &Path) -> Result<Option<(usize, String)>, Error> {
 pub(super) fn finalize() {
     if let Ok(mut u) = UNIVERSE.lock() {
         drop(u.take());
+    }
+}
+
+/// Blocks `signals` in the calling thread; returns the mask before.
+fn block_signals(signals: &[i32]) -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill a local set;
+    // pthread_sigmask reads it and writes the old mask into a local.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        old
+    }
+}
+
+/// Sets the calling thread's signal mask back to `old`.
+fn restore_signals(old: &libc::sigset_t) {
+    // SAFETY: pthread_sigmask reads a valid mask; the old one is not asked for.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut());
     }
 }
