@@ -71,7 +71,19 @@ fn every_mode_and_dtype_matches_seq_on_2_and_3_ranks() {
         for dtype in ["i64", "f64", "f32"] {
             let dir = TestDir::new("mpi-modes");
             let tmp = tmp_arg(&dir);
-            let args = ["matmul", "--shape", "47x31x29", "--blocks", "7", "--dtype", dtype, "--json", "--quiet", "--temp-folder", &tmp];
+            let args = [
+                "matmul",
+                "--shape",
+                "47x31x29",
+                "--blocks",
+                "7",
+                "--dtype",
+                dtype,
+                "--json",
+                "--quiet",
+                "--temp-folder",
+                &tmp,
+            ];
             let (out, text) = run(&mut mpirun(&[(ranks, &[], &args)]));
             assert!(out.status.success(), "{text}");
             let lines = json_lines(&out);
@@ -87,7 +99,8 @@ fn every_mode_and_dtype_matches_seq_on_2_and_3_ranks() {
                 }
                 assert!(l["bytes_between_ranks_out"].as_u64().unwrap() > 0, "{mode}: {text}");
                 assert!(l["bytes_between_ranks_in"].as_u64().unwrap() > 0, "{mode}: {text}");
-                let mut on: Vec<u64> = l["workers"].as_array().unwrap().iter().map(|w| w["rank"].as_u64().unwrap()).collect();
+                let mut on: Vec<u64> =
+                    l["workers"].as_array().unwrap().iter().map(|w| w["rank"].as_u64().unwrap()).collect();
                 on.sort();
                 on.dedup();
                 assert_eq!(on, (0..ranks as u64).collect::<Vec<_>>(), "{mode}: workers not on every rank: {text}");
@@ -96,7 +109,8 @@ fn every_mode_and_dtype_matches_seq_on_2_and_3_ranks() {
                 assert!(l["workers"][0]["host"].as_str().is_some_and(|h| !h.is_empty()), "{text}");
             }
             // memmap moves references, copy moves A and B: the bytes say so.
-            let out_of = |m: &str| lines.iter().find(|l| l["mode"] == m).unwrap()["bytes_between_ranks_out"].as_u64().unwrap();
+            let out_of =
+                |m: &str| lines.iter().find(|l| l["mode"] == m).unwrap()["bytes_between_ranks_out"].as_u64().unwrap();
             assert!(out_of("copy") > 3 * out_of("memmap"), "{text}");
             assert_clean_parent(dir.tmp(), &text);
         }
@@ -149,7 +163,20 @@ fn memmap_out_writes_in_place_from_every_node() {
 fn a_worker_killed_on_another_node_is_named_and_retried() {
     let dir = TestDir::new("mpi-kill");
     let tmp = tmp_arg(&dir);
-    let args = ["matmul", "--size", "100", "--blocks", "4", "--processes", "2", "--mode", "memmap", "--quiet", "--temp-folder", &tmp];
+    let args = [
+        "matmul",
+        "--size",
+        "100",
+        "--blocks",
+        "4",
+        "--processes",
+        "2",
+        "--mode",
+        "memmap",
+        "--quiet",
+        "--temp-folder",
+        &tmp,
+    ];
     // Only rank 1's workers carry the fault; worker 1 is on rank 1.
     let fault: &[(&str, &str)] = &[("PROCJOB_TEST_FAULT", "kill@30")];
     let (out, text) = run(&mut mpirun(&[(1, &[], &args), (1, fault, &[])]));
@@ -178,7 +205,9 @@ fn ranks_of(parent: u32) -> Vec<(u32, usize)> {
         let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
         let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
         let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
-        let has = |k: &str| vars.iter().find_map(|v| v.strip_prefix(k.as_bytes())).map(|v| String::from_utf8_lossy(v).into_owned());
+        let has = |k: &str| {
+            vars.iter().find_map(|v| v.strip_prefix(k.as_bytes())).map(|v| String::from_utf8_lossy(v).into_owned())
+        };
         if has("PROCJOB_WORKER=").is_some() || has("PROCJOB_MPI_TEST_RUN=").as_deref() != Some(&parent.to_string()) {
             continue;
         }
@@ -211,7 +240,19 @@ fn a_rank_killed_mid_run_ends_the_job_cleanly() {
     let tmp = tmp_arg(&dir);
     let mark = format!("{}", std::process::id());
     let env: &[(&str, &str)] = &[("PROCJOB_MPI_TEST_RUN", &mark)];
-    let args = ["matmul", "--size", "600", "--mode", "copy", "--repeat", "1000", "--quiet", "--no-check", "--temp-folder", &tmp];
+    let args = [
+        "matmul",
+        "--size",
+        "600",
+        "--mode",
+        "copy",
+        "--repeat",
+        "1000",
+        "--quiet",
+        "--no-check",
+        "--temp-folder",
+        &tmp,
+    ];
     let mut cmd = mpirun(&[(2, env, &args)]);
     let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     // Wait for rank 1 to run workers (its workers carry the mark too).
@@ -251,4 +292,3 @@ fn backend_mpi_outside_mpirun_says_how_to_start_it() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("mpirun -n R procjob"));
 }
-

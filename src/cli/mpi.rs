@@ -159,16 +159,24 @@ pub(super) fn header(out: &mut impl Write) {
             .nodes
             .iter()
             .map(|n| {
-                let workers: Vec<String> = places
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, (r, _))| *r == n.agent)
-                    .map(|(i, _)| i.to_string())
-                    .collect();
-                format!("rank {} on {} (workers {})", n.agent, n.host, if workers.is_empty() { "none".into() } else { workers.join(",") })
+                let workers: Vec<String> =
+                    places.iter().enumerate().filter(|(_, (r, _))| *r == n.agent).map(|(i, _)| i.to_string()).collect();
+                format!(
+                    "rank {} on {} (workers {})",
+                    n.agent,
+                    n.host,
+                    if workers.is_empty() { "none".into() } else { workers.join(",") }
+                )
             })
             .collect();
-        let _ = writeln!(out, "  backend mpi, {} ranks, {} node{}: {}", w.size, w.nodes.len(), if w.nodes.len() == 1 { "" } else { "s" }, nodes.join("; "));
+        let _ = writeln!(
+            out,
+            "  backend mpi, {} ranks, {} node{}: {}",
+            w.size,
+            w.nodes.len(),
+            if w.nodes.len() == 1 { "" } else { "s" },
+            nodes.join("; ")
+        );
     }
     #[cfg(not(feature = "mpi"))]
     let _ = out;

@@ -41,7 +41,6 @@ pub use pipes::{available_cpus, thread_count};
 pub(crate) use pipes::{start_failure, INIT_CALLED};
 pub(crate) use transport::{Capabilities, Transport};
 
-
 /// How long a worker has to answer the handshake.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long workers get to exit after their input closes, before SIGKILL.

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::Duration;
 
-use ::mpi::ffi;
 use ::mpi::datatype::Equivalence;
+use ::mpi::ffi;
 use ::mpi::point_to_point::{Destination, Source};
 use ::mpi::topology::{Communicator, SimpleCommunicator};
 

@@ -158,7 +158,11 @@ impl Ranks {
     }
 
     /// Starts remote workers in `slots`; see [`Transport::start`].
-    fn start_remote(&mut self, slots: &[(usize, u64)], hello: &dyn Fn(usize) -> Hello) -> (Vec<Started>, Option<Error>) {
+    fn start_remote(
+        &mut self,
+        slots: &[(usize, u64)],
+        hello: &dyn Fn(usize) -> Hello,
+    ) -> (Vec<Started>, Option<Error>) {
         let requested_ns = procjob_worker::clock::monotonic_ns();
         let mut asked = Vec::new();
         let mut failure = None;
@@ -196,7 +200,10 @@ impl Ranks {
                         Some(Err(reason)) => reason.clone(),
                         _ => format!("no answer within {} s", HANDSHAKE_TIMEOUT.as_secs()),
                     };
-                    failure.get_or_insert(Error::Start { index, reason: format!("on rank {rank} (host {host}): {reason}") });
+                    failure.get_or_insert(Error::Start {
+                        index,
+                        reason: format!("on rank {rank} (host {host}): {reason}"),
+                    });
                     continue;
                 }
             };
@@ -225,8 +232,7 @@ impl Ranks {
             };
             let mut input = LinkWriter::new(self.hub, rank, key);
             let sent = protocol::send(&mut input, FrameKind::Request, &Request::Hello(hello(index)), &[]);
-            self.remote[index] =
-                Some(Remote { key, rank, input: Some(input), output, arriving, reader: Some(reader) });
+            self.remote[index] = Some(Remote { key, rank, input: Some(input), output, arriving, reader: Some(reader) });
             started.push(Started { index, pid, requested_ns, spawned_ns, hello_bytes: sent.ok() });
         }
         (started, failure)
@@ -289,9 +295,11 @@ impl Transport for Ranks {
         let mut out = Vec::with_capacity(frames.len());
         for &(index, worker, request, bulk) in frames {
             if self.is_local(index) {
-                out.push(local_results.next().unwrap_or_else(|| {
-                    Err(SendError::Broken(Error::Transport { worker, reason: "not sent".into() }))
-                }));
+                out.push(
+                    local_results.next().unwrap_or_else(|| {
+                        Err(SendError::Broken(Error::Transport { worker, reason: "not sent".into() }))
+                    }),
+                );
             } else {
                 out.push(write_remote(
                     self.remote[index].as_mut().and_then(|r| r.input.as_mut()),
@@ -400,4 +408,3 @@ impl Transport for Ranks {
         exit
     }
 }
-

@@ -36,14 +36,14 @@ use super::{Landings, PoolEvent, SendError, StartMethod};
 use crate::error::{Error, WorkerExit, WorkerId};
 
 pub use fork::thread_count;
-pub use spawn::available_cpus;
-pub(crate) use spawn::{start_failure, INIT_CALLED};
-use spawn::HARNESS_ENTRY;
-pub(crate) use spawn::THREAD_ENV;
 #[cfg(feature = "mpi")]
 pub(crate) use reader::read_replies;
 #[cfg(feature = "mpi")]
 pub(crate) use reap::{kill_pid, wait_or_kill};
+pub use spawn::available_cpus;
+use spawn::HARNESS_ENTRY;
+pub(crate) use spawn::THREAD_ENV;
+pub(crate) use spawn::{start_failure, INIT_CALLED};
 
 /// One live worker process.
 struct Process {
