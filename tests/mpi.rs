@@ -284,6 +284,48 @@ fn a_rank_killed_mid_run_ends_the_job_cleanly() {
     assert_clean_parent(dir.tmp(), &stderr);
 }
 
+/// Ctrl-C to mpirun (SIGINT; `timeout` passes it on): every rank stops,
+/// rank 0 says so and removes its run folder, and no process is left.
+#[test]
+fn ctrl_c_to_mpirun_stops_every_rank_and_leaves_nothing() {
+    let dir = TestDir::new("mpi-ctrl-c");
+    let tmp = tmp_arg(&dir);
+    let mark = format!("ctrl-c-{}", std::process::id());
+    let env: &[(&str, &str)] = &[("PROCJOB_MPI_TEST_RUN", &mark)];
+    let args = [
+        "matmul",
+        "--size",
+        "600",
+        "--mode",
+        "copy",
+        "--repeat",
+        "1000",
+        "--quiet",
+        "--no-check",
+        "--temp-folder",
+        &tmp,
+    ];
+    let mut cmd = mpirun(&[(2, env, &args)]);
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let start = Instant::now();
+    // Both ranks and at least one worker of each.
+    while marked(&mark).len() < 4 {
+        assert!(start.elapsed() < Duration::from_secs(60), "the job never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("procjob: stopped by SIGTERM; workers stopped, temp folder removed"), "{text}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !marked(&mark).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(marked(&mark), Vec::<u32>::new(), "processes left after Ctrl-C:\n{text}");
+    assert_clean_parent(dir.tmp(), &text);
+}
+
 /// Without the feature's check: `--backend mpi` outside mpirun is a usage
 /// error that says how to start it.
 #[test]

@@ -50,6 +50,7 @@ fn up(link: &Link, m: &Up) {
 /// exits.
 pub(super) fn run(is_agent: bool, host: &str) -> ! {
     let _ = (is_agent, host);
+    outlive_the_launchers_sigterm();
     let (tx, rx) = mpsc::channel();
     let stop = AtomicBool::new(false);
     let mut workers: HashMap<Key, Worker> = HashMap::new();
@@ -194,4 +195,40 @@ fn start(key: Key, secret: &PoolSecret, threads: u32, link: &Link) -> Result<Wor
             Err("cannot start the threads that relay a worker's pipes".into())
         }
     }
+}
+
+/// Set by the signal handler of [`outlive_the_launchers_sigterm`].
+static TERMINATING: AtomicBool = AtomicBool::new(false);
+
+/// How long an agent told to end by a signal waits for rank 0 to end the
+/// job itself.
+const SIGNAL_GRACE: Duration = Duration::from_millis(800);
+
+extern "C" fn on_ending_signal(_: libc::c_int) {
+    TERMINATING.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C to mpirun sends SIGTERM to every rank at once, and once a rank
+/// has died of a signal the launcher SIGKILLs the others, rank 0 too,
+/// before it has removed its run folder. So an agent takes SIGTERM (and
+/// SIGINT, SIGHUP) and waits up to [`SIGNAL_GRACE`] for rank 0's own end
+/// (which stops it normally); past that, it kills its workers and exits
+/// 128 + 15 itself.
+fn outlive_the_launchers_sigterm() {
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: the handler only stores into an atomic, which is
+        // async-signal-safe.
+        unsafe {
+            libc::signal(signal, on_ending_signal as *const () as libc::sighandler_t);
+        }
+    }
+    let _ = std::thread::Builder::new().name("procjob-agent-signals".into()).spawn(|| {
+        while !TERMINATING.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(SIGNAL_GRACE);
+        // Rank 0 did not end the job: its workers die with this process
+        // (their parent-death signal).
+        std::process::exit(128 + libc::SIGTERM);
+    });
 }
