@@ -20,7 +20,10 @@ const LIMIT_S: u32 = 120;
 /// `mpirun` with the settings this machine needs: as root, more ranks than
 /// CPUs, no binding; one app context per entry of `contexts` (its rank
 /// count, extra environment, and the program's arguments).
-fn mpirun(contexts: &[(usize, &[(&str, &str)], &[&str])]) -> Command {
+/// One app context of an mpirun: ranks, extra environment, arguments.
+type Context<'a> = (usize, &'a [(&'a str, &'a str)], &'a [&'a str]);
+
+fn mpirun(contexts: &[Context<'_>]) -> Command {
     let mut cmd = Command::new("timeout");
     cmd.args(["-k", "10", &LIMIT_S.to_string(), "mpirun", "--oversubscribe", "--bind-to", "none"]);
     cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");

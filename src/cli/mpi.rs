@@ -121,7 +121,7 @@ pub(super) fn check_folder(folder: &RunFolder, modes: &mut Vec<Mode>, all: bool)
             modes.retain(|m| !matches!(m, Mode::Memmap | Mode::MemmapOut));
             return Ok(());
         }
-        return Err(CliError::usage(format!("{why}; put --temp-folder on a shared filesystem, or use --mode copy")));
+        Err(CliError::usage(format!("{why}; put --temp-folder on a shared filesystem, or use --mode copy")))
     }
     #[cfg(not(feature = "mpi"))]
     {

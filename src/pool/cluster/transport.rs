@@ -271,8 +271,8 @@ impl Transport for Ranks {
     }
 
     fn start(&mut self, slots: &[(usize, u64)], hello: &dyn Fn(usize) -> Hello) -> (Vec<Started>, Option<Error>) {
-        let (local, remote): (Vec<(usize, u64)>, Vec<(usize, u64)>) =
-            slots.iter().partition(|&&(index, _)| self.is_local(index));
+        type Slots = Vec<(usize, u64)>;
+        let (local, remote): (Slots, Slots) = slots.iter().partition(|&&(index, _)| self.is_local(index));
         // Remote starts first: their agents start them while this node's
         // start here.
         let (mut started, failure) = self.start_remote(&remote, hello);
