@@ -48,8 +48,7 @@ fn up(link: &Link, m: &Up) {
 
 /// Runs the agent until rank 0 says the job is over, then finalises MPI and
 /// exits.
-pub(super) fn run(is_agent: bool, host: &str) -> ! {
-    let _ = (is_agent, host);
+pub(super) fn run() -> ! {
     outlive_the_launchers_sigterm();
     let (tx, rx) = mpsc::channel();
     let stop = AtomicBool::new(false);

@@ -226,7 +226,7 @@ pub(super) fn init() {
         restore_signals(&old);
         let hello = Hello { rank: rank as u32, agent: agent as u32, host: host.clone(), cpus: cpus as u32 };
         link::send_now(0, TAG_HELLO, &wire::encode(&hello));
-        super::agent::run(rank == agent, &host);
+        super::agent::run();
     }
     let mut hellos = vec![Hello { rank: 0, agent: 0, host, cpus: cpus as u32 }];
     for _ in 1..size {
