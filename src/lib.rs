@@ -115,12 +115,18 @@ pub mod __private {
 /// procjob::init()") instead of starting workers recursively. A task that
 /// itself calls [`Parallel`] is fine: in a worker, that call runs its tasks
 /// sequentially in the worker ([`Parallel::runs_in_process`]).
+///
+/// Under an MPI launch (`mpirun`, `srun`) of a binary built with the `mpi`
+/// feature, `init` also joins the job: every rank but 0 becomes a node
+/// agent and never returns from it, and rank 0's pools spread their
+/// workers over the nodes (see [`cluster`]).
 pub fn init() {
     pool::INIT_CALLED.store(true, std::sync::atomic::Ordering::Relaxed);
     if procjob_worker::serve::is_worker_process() {
         pool::mark_serving();
         procjob_worker::serve::run_worker(&procjob_worker::Registry::builtin());
     }
+    pool::cluster::init();
 }
 
 /// Whether this process was started as a procjob worker.
@@ -156,6 +162,15 @@ macro_rules! test_support {
 pub fn __serve_as_worker() -> ! {
     pool::mark_serving();
     procjob_worker::serve::run_worker(&procjob_worker::Registry::builtin())
+}
+
+/// Running across the ranks of an MPI job (`mpirun -n R …`, `srun`):
+/// what the launch says, and, with the `mpi` feature, the job's nodes as
+/// rank 0 sees them.
+pub mod cluster {
+    pub use crate::pool::cluster::{bytes_between_ranks, launch, Launch};
+    #[cfg(feature = "mpi")]
+    pub use crate::pool::cluster::{probe_shared, set_backend_local, worker_places, world, Node, World};
 }
 
 /// Task kinds built into procjob.

@@ -18,6 +18,7 @@ use procjob_worker::DType;
 pub mod bench;
 pub mod demo;
 mod load;
+mod mpi;
 pub mod plot;
 mod progress;
 
@@ -177,6 +178,11 @@ pub struct MatmulArgs {
     /// No progress bar on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// mpi (across the ranks of `mpirun`/`srun`, built with the `mpi`
+    /// feature) or local (this machine only); default: mpi when launched
+    /// under it.
+    #[arg(long, value_name = "mpi|local")]
+    pub backend: Option<String>,
 }
 
 /// A failure of the command, with its exit code.
@@ -223,6 +229,7 @@ pub fn run(cli: Cli) -> i32 {
         Ok(()) => exit::OK,
         Err(e) => {
             eprintln!("procjob: error: {}", e.message);
+            mpi::explain_failure();
             e.code
         }
     }
@@ -303,7 +310,8 @@ fn open_input(path: &Path, name: &str) -> Result<Array, CliError> {
 }
 
 fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
-    let processes = args.processes.unwrap_or_else(crate::pool::available_cpus);
+    mpi::select_backend(args.backend.as_deref())?;
+    let processes = args.processes.unwrap_or_else(mpi::default_processes);
     if processes == 0 {
         return Err(CliError::usage("--processes 0: at least one worker process is needed"));
     }
@@ -324,6 +332,8 @@ fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
             ))
         })?]
     };
+    let mut modes = modes;
+    mpi::adjust_modes(&mut modes, args.mode == "all", args.start_method == "fork")?;
     let dtype = match &args.dtype {
         Some(d) => Some(
             crate::matmul::dtype_from_name(d)
@@ -716,7 +726,9 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
     let needed = needed_bytes(&req.source, &req.modes);
     let folder =
         RunFolder::create(req.settings.temp_folder.as_deref(), needed).map_err(|e| CliError::usage(e.to_string()))?;
-    let Request { modes, source, settings, check, out: out_target, trace: trace_target } = req;
+    let Request { mut modes, source, settings, check, out: out_target, trace: trace_target } = req;
+    mpi::check_folder(&folder, &mut modes, args.mode == "all")?;
+    mpi::record_places(settings.processes);
     let inputs = source.materialize()?;
     let (m, k, n) = inputs.dims();
     let mut out = Checked::new(std::io::stdout().lock());
@@ -729,6 +741,7 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
             settings.blocks,
             folder.path().display()
         );
+        mpi::header(&mut out);
     }
     // What every mode's C is checked against: seq's C, computed here when
     // seq is not among the modes, else taken from seq's run.
@@ -747,11 +760,15 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
             return Err(Error::Interrupted { signal }.into());
         }
         drop(last_c.take());
+        let between_before = mpi::rank_bytes();
         let run =
             matmul::run_mode(mode, &inputs, &settings, &folder).map_err(|e| explain_full_folder(e, &folder, needed))?;
         let matches = if check { Some(reference.as_ref().is_none_or(|s| *s == run.c)) } else { None };
         let seq_wall = reports.iter().find(|r| r.mode == "seq").map(|r| r.wall_s);
-        let report = ModeReport::new(&run, &inputs, &settings, seq_wall, matches);
+        let mut report = ModeReport::new(&run, &inputs, &settings, seq_wall, matches);
+        let between_after = mpi::rank_bytes();
+        report.bytes_between_ranks_out = between_after.0 - between_before.0;
+        report.bytes_between_ranks_in = between_after.1 - between_before.1;
         if args.json {
             let line = serde_json::to_string(&report).expect("reports serialize");
             let _ = writeln!(out, "{line}");
@@ -770,6 +787,7 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
     }
     if !args.json {
         table.footer(&mut out, &reports);
+        mpi::footer(&mut out, &reports);
         let cpus = crate::pool::available_cpus();
         if let Some(line) = load::Load::since(timing).and_then(|l| l.busy_line(cpus)) {
             let _ = writeln!(out, "\n{}", wrap_78(&line));
@@ -1005,6 +1023,10 @@ pub struct ModeReport {
     speedup_vs_seq: Option<f64>,
     bytes_to_workers: u64,
     bytes_from_workers: u64,
+    backend: &'static str,
+    ranks: usize,
+    bytes_between_ranks_out: u64,
+    bytes_between_ranks_in: u64,
     workers: Vec<WorkerJson>,
     coordinator: CoordinatorJson,
     matches_seq: Option<bool>,
@@ -1026,6 +1048,10 @@ struct WorkerJson {
     peak_rss_bytes: u64,
     peak_uss_bytes: u64,
     peak_pss_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rank: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -1077,6 +1103,10 @@ impl ModeReport {
             speedup_vs_seq: seq_wall.filter(|_| wall_s > 0.0).map(|s| s / wall_s),
             bytes_to_workers: median.bytes_to_workers,
             bytes_from_workers: median.bytes_from_workers,
+            backend: mpi::backend(),
+            ranks: mpi::ranks(),
+            bytes_between_ranks_out: 0,
+            bytes_between_ranks_in: 0,
             workers: run
                 .workers
                 .iter()
@@ -1087,6 +1117,8 @@ impl ModeReport {
                     peak_rss_bytes: w.peak.peak_rss,
                     peak_uss_bytes: w.peak.uss,
                     peak_pss_bytes: w.peak.pss,
+                    rank: mpi::place(w.index).map(|p| p.0),
+                    host: mpi::place(w.index).map(|p| p.1),
                 })
                 .collect(),
             coordinator: CoordinatorJson { pid: std::process::id(), peak_rss_bytes: run.coordinator_peak_rss },

@@ -15,6 +15,7 @@
 //! call logic in [`crate::parallel`]. How workers are reached is a
 //! [`Transport`]'s business: today [`pipes`]' processes and pipes.
 
+pub(crate) mod cluster;
 mod pipes;
 mod transport;
 
@@ -267,6 +268,11 @@ impl WorkerPool {
     /// A pool of `config.workers` slots of worker processes on this
     /// machine; no process is started yet.
     pub fn new(config: PoolConfig) -> WorkerPool {
+        // Rank 0 of an MPI job: the slots are spread over its nodes.
+        #[cfg(feature = "mpi")]
+        if let Some(pool) = cluster::pool_on_ranks(&config) {
+            return pool;
+        }
         let PoolConfig { workers, idle_timeout, program, start } = config;
         WorkerPool::with_transport(workers, idle_timeout, move |events, landings| {
             Box::new(pipes::Pipes::new(workers, program, start, events, landings))

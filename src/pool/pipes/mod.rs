@@ -36,9 +36,13 @@ use super::{Landings, PoolEvent, SendError, StartMethod};
 use crate::error::{Error, WorkerExit, WorkerId};
 
 pub use fork::thread_count;
+#[cfg(feature = "mpi")]
+pub(crate) use reader::read_replies;
+#[cfg(feature = "mpi")]
+pub(crate) use reap::{kill_pid, wait_or_kill};
 pub use spawn::available_cpus;
-pub(crate) use spawn::{mark_serving, serving_as_worker, start_failure, INIT_CALLED};
-use spawn::{HARNESS_ENTRY, THREAD_ENV};
+pub(crate) use spawn::{mark_serving, serving_as_worker, start_failure, INIT_CALLED, THREAD_ENV};
+use spawn::HARNESS_ENTRY;
 
 /// One live worker process.
 struct Process {

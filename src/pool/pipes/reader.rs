@@ -19,7 +19,7 @@ const MAX_PREAMBLE: usize = 64 * 1024;
 
 /// The reader thread: handshake (skipping a harness's banner), then frames
 /// until the stream ends.
-pub(super) fn read_replies(
+pub(crate) fn read_replies(
     index: usize,
     generation: u64,
     stdout: File,

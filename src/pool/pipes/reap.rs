@@ -6,7 +6,7 @@ use crate::error::WorkerExit;
 
 /// Waits up to `grace` for worker `pid` to exit on its own (a worker exits
 /// as soon as its input closes), then kills it; reaps it either way.
-pub(super) fn wait_or_kill(pid: u32, grace: Duration) -> WorkerExit {
+pub(crate) fn wait_or_kill(pid: u32, grace: Duration) -> WorkerExit {
     let deadline = Instant::now() + grace;
     let mut pause = Duration::from_micros(50);
     loop {
@@ -58,6 +58,6 @@ fn wait_pid(pid: u32) -> WorkerExit {
     }
 }
 
-pub(super) fn kill_pid(pid: u32) {
+pub(crate) fn kill_pid(pid: u32) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
 }

@@ -1,0 +1,101 @@
+//! Running across the ranks of an MPI job (feature `mpi`).
+//!
+//! `mpirun -n R procjob …` (or `srun`) starts R copies of the program.
+//! [`crate::init`] makes every rank but 0 a node agent that never returns
+//! from it: the lowest rank on each node starts and feeds local worker
+//! processes over pipes, exactly as a local pool does, relaying their frames
+//! to and from rank 0 over MPI; the other ranks of a node wait for the end.
+//! Rank 0 runs the program; its pools place slots on every node (its own
+//! node's slots are local processes) through the [`Transport`](super::Transport)
+//! in `transport.rs`. The frames are the same bytes as on a pipe, so the
+//! workers cannot tell; file references in them hold only where the temp
+//! folder is on a filesystem every node sees, which [`probe_shared`]
+//! checks.
+//!
+//! This file is compiled without the feature too: it says whether the
+//! process was launched by an MPI launcher, so that a binary built without
+//! MPI can say how to build one that has it.
+
+#[cfg(feature = "mpi")]
+mod agent;
+#[cfg(feature = "mpi")]
+mod link;
+#[cfg(feature = "mpi")]
+mod transport;
+#[cfg(feature = "mpi")]
+mod wire;
+#[cfg(feature = "mpi")]
+mod world;
+
+#[cfg(feature = "mpi")]
+pub(crate) use transport::pool_on_ranks;
+#[cfg(feature = "mpi")]
+pub use transport::worker_places;
+#[cfg(feature = "mpi")]
+pub use world::{probe_shared, set_backend_local, world, Node, World};
+
+/// Environment variables an MPI launcher sets in each rank, with the rank
+/// count (Open MPI, MPICH/Hydra and Intel MPI, PMIx, Slurm's srun).
+const SIZE_VARS: [&str; 4] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"];
+/// The same for the rank.
+const RANK_VARS: [&str; 4] = ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"];
+
+/// How the process was launched, as the environment says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Launch {
+    /// This process's rank.
+    pub rank: usize,
+    /// The number of ranks.
+    pub size: usize,
+}
+
+/// The MPI launch this process is part of, if any: read from the variables
+/// `mpirun`/`mpiexec` (Open MPI, MPICH, Intel MPI, PMIx) or Slurm's `srun`
+/// set. A Slurm allocation alone (`SLURM_NTASKS` without `SLURM_PROCID`,
+/// as in a batch script) is not a launch; nor is a procjob worker.
+pub fn launch() -> Option<Launch> {
+    if procjob_worker::serve::is_worker_process() {
+        return None;
+    }
+    let read = |vars: &[&str]| vars.iter().find_map(|v| std::env::var(v).ok()?.trim().parse::<usize>().ok());
+    let size = read(&SIZE_VARS)?;
+    let rank = read(&RANK_VARS)?;
+    Some(Launch { rank, size })
+}
+
+/// What [`crate::init`] does about MPI: under a launch of several ranks,
+/// with the feature, set up the job (and never return on ranks other than
+/// 0); without it, say how to build with it and exit.
+pub(crate) fn init() {
+    let Some(launch) = launch() else { return };
+    #[cfg(feature = "mpi")]
+    {
+        let _ = launch;
+        world::init();
+    }
+    #[cfg(not(feature = "mpi"))]
+    if launch.size > 1 && std::env::var_os("PROCJOB_BACKEND").is_none_or(|b| b != "local") {
+        if launch.rank == 0 {
+            eprintln!(
+                "procjob: error: started as rank 0 of {} MPI ranks, but this binary was built without MPI \
+                 support; build it with `cargo build --release --features mpi` (the MPI library and libclang \
+                 must be installed, see the README), or set PROCJOB_BACKEND=local to run a copy of the job \
+                 on each rank on its own",
+                launch.size
+            );
+        }
+        std::process::exit(2);
+    }
+}
+
+/// Bytes this rank has sent to and received from other ranks over MPI,
+/// framing of procjob's messages included (0, 0 without MPI).
+pub fn bytes_between_ranks() -> (u64, u64) {
+    #[cfg(feature = "mpi")]
+    {
+        use std::sync::atomic::Ordering;
+        (link::BYTES_OUT.load(Ordering::Relaxed), link::BYTES_IN.load(Ordering::Relaxed))
+    }
+    #[cfg(not(feature = "mpi"))]
+    (0, 0)
+}

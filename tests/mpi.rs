@@ -1,0 +1,339 @@
+//! `procjob matmul` across the ranks of `mpirun`, on this machine: each
+//! rank is made a node of its own (`PROCJOB_MPI_NODE=rank`), so workers run
+//! under agents of other ranks and every frame crosses MPI. Needs Open MPI
+//! (`.ci/run` installs it) and the `mpi` feature:
+//! `cargo test --features mpi --test mpi`. Every `mpirun` runs under a hard
+//! `timeout`.
+#![cfg(feature = "mpi")]
+
+mod util;
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use util::{assert_clean_parent, TestDir, BIN};
+
+/// Longest an mpirun may take (then `timeout` ends it, and the test fails).
+const LIMIT_S: u32 = 120;
+
+/// `mpirun` with the settings this machine needs: as root, more ranks than
+/// CPUs, no binding; one app context per entry of `contexts` (its rank
+/// count, extra environment, and the program's arguments).
+/// One app context of an mpirun: ranks, extra environment, arguments.
+type Context<'a> = (usize, &'a [(&'a str, &'a str)], &'a [&'a str]);
+
+fn mpirun(contexts: &[Context<'_>]) -> Command {
+    let mut cmd = Command::new("timeout");
+    cmd.args(["-k", "10", &LIMIT_S.to_string(), "mpirun", "--oversubscribe", "--bind-to", "none"]);
+    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    for (i, (ranks, env, args)) in contexts.iter().enumerate() {
+        if i > 0 {
+            cmd.arg(":");
+        }
+        cmd.args(["-n", &ranks.to_string(), "-x", "PROCJOB_MPI_NODE=rank"]);
+        for (k, v) in env.iter() {
+            cmd.args(["-x", &format!("{k}={v}")]);
+        }
+        cmd.arg(BIN).args(args.iter());
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> (Output, String) {
+    let out = cmd.output().expect("cannot run mpirun (is Open MPI installed?)");
+    let text = format!(
+        "{cmd:?}\nstatus {}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, text)
+}
+
+fn json_lines(out: &Output) -> Vec<Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+fn tmp_arg(dir: &TestDir) -> String {
+    dir.tmp().display().to_string()
+}
+
+/// Every mode that applies, every dtype, 2 and 3 ranks, a shape whose rows
+/// do not split evenly over the blocks: C equals seq's, the JSON says
+/// backend mpi with the rank count, workers run on every rank, and bytes
+/// crossed between ranks in each worker mode.
+#[test]
+fn every_mode_and_dtype_matches_seq_on_2_and_3_ranks() {
+    for ranks in [2usize, 3] {
+        for dtype in ["i64", "f64", "f32"] {
+            let dir = TestDir::new("mpi-modes");
+            let tmp = tmp_arg(&dir);
+            let args = [
+                "matmul",
+                "--shape",
+                "47x31x29",
+                "--blocks",
+                "7",
+                "--dtype",
+                dtype,
+                "--json",
+                "--quiet",
+                "--temp-folder",
+                &tmp,
+            ];
+            let (out, text) = run(&mut mpirun(&[(ranks, &[], &args)]));
+            assert!(out.status.success(), "{text}");
+            let lines = json_lines(&out);
+            let modes: Vec<&str> = lines.iter().map(|l| l["mode"].as_str().unwrap()).collect();
+            assert_eq!(modes, ["seq", "threads", "copy", "memmap", "memmap-out"], "{text}");
+            for l in &lines {
+                assert_eq!(l["matches_seq"], Value::Bool(true), "{text}");
+                assert_eq!(l["backend"], "mpi", "{text}");
+                assert_eq!(l["ranks"].as_u64(), Some(ranks as u64), "{text}");
+                let mode = l["mode"].as_str().unwrap();
+                if mode == "seq" || mode == "threads" {
+                    continue;
+                }
+                assert!(l["bytes_between_ranks_out"].as_u64().unwrap() > 0, "{mode}: {text}");
+                assert!(l["bytes_between_ranks_in"].as_u64().unwrap() > 0, "{mode}: {text}");
+                let mut on: Vec<u64> =
+                    l["workers"].as_array().unwrap().iter().map(|w| w["rank"].as_u64().unwrap()).collect();
+                on.sort();
+                on.dedup();
+                assert_eq!(on, (0..ranks as u64).collect::<Vec<_>>(), "{mode}: workers not on every rank: {text}");
+                let done: u64 = l["workers"].as_array().unwrap().iter().map(|w| w["tasks"].as_u64().unwrap()).sum();
+                assert_eq!(done, 7, "{mode}: {text}");
+                assert!(l["workers"][0]["host"].as_str().is_some_and(|h| !h.is_empty()), "{text}");
+            }
+            // memmap moves references, copy moves A and B: the bytes say so.
+            let out_of =
+                |m: &str| lines.iter().find(|l| l["mode"] == m).unwrap()["bytes_between_ranks_out"].as_u64().unwrap();
+            assert!(out_of("copy") > 3 * out_of("memmap"), "{text}");
+            assert_clean_parent(dir.tmp(), &text);
+        }
+    }
+}
+
+/// A node that does not see rank 0's temp folder (simulated: the agents
+/// answer the probe "not the same"): `all` runs copy and leaves memmap and
+/// memmap-out out with a note; asking for memmap is an error naming the
+/// rank.
+#[test]
+fn a_temp_folder_not_shared_by_every_node_is_detected() {
+    let dir = TestDir::new("mpi-private");
+    let tmp = tmp_arg(&dir);
+    let env: &[(&str, &str)] = &[("PROCJOB_MPI_SHARED_FS", "no")];
+    let args = ["matmul", "--shape", "33x20x17", "--json", "--quiet", "--temp-folder", &tmp];
+    let (out, text) = run(&mut mpirun(&[(2, env, &args)]));
+    assert!(out.status.success(), "{text}");
+    let modes: Vec<String> = json_lines(&out).iter().map(|l| l["mode"].as_str().unwrap().to_string()).collect();
+    assert_eq!(modes, ["seq", "threads", "copy"], "{text}");
+    assert!(json_lines(&out).iter().all(|l| l["matches_seq"] == Value::Bool(true)), "{text}");
+    assert!(text.contains("not on a filesystem shared by every node (rank 1 on host"), "{text}");
+    let args = ["matmul", "--size", "20", "--mode", "memmap", "--quiet", "--temp-folder", &tmp];
+    let (out, text) = run(&mut mpirun(&[(2, env, &args)]));
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("rank 1 on host") && text.contains("--mode copy"), "{text}");
+    assert_clean_parent(dir.tmp(), &text);
+}
+
+/// The shared-filesystem path proper: the probe passes, and memmap-out
+/// writes C's rows in place from every node (only "done" comes back).
+#[test]
+fn memmap_out_writes_in_place_from_every_node() {
+    let dir = TestDir::new("mpi-shared");
+    let tmp = tmp_arg(&dir);
+    let args = ["matmul", "--size", "200", "--mode", "memmap-out", "--json", "--quiet", "--temp-folder", &tmp];
+    let (out, text) = run(&mut mpirun(&[(3, &[], &args)]));
+    assert!(out.status.success(), "{text}");
+    let l = &json_lines(&out)[0];
+    assert_eq!(l["matches_seq"], Value::Bool(true), "{text}");
+    // 200×200 i64 C is 320 KB; what came back is a few replies.
+    assert!(l["bytes_between_ranks_in"].as_u64().unwrap() < 20_000, "{text}");
+    assert_clean_parent(dir.tmp(), &text);
+}
+
+/// A worker on rank 1's node killed mid-task: the run fails naming the
+/// worker, the task and the signal, and where the worker ran; with
+/// `--retries 1` the task is re-run and C is right.
+#[test]
+fn a_worker_killed_on_another_node_is_named_and_retried() {
+    let dir = TestDir::new("mpi-kill");
+    let tmp = tmp_arg(&dir);
+    let args = [
+        "matmul",
+        "--size",
+        "100",
+        "--blocks",
+        "4",
+        "--processes",
+        "2",
+        "--mode",
+        "memmap",
+        "--quiet",
+        "--temp-folder",
+        &tmp,
+    ];
+    // Only rank 1's workers carry the fault; worker 1 is on rank 1.
+    let fault: &[(&str, &str)] = &[("PROCJOB_TEST_FAULT", "kill@30")];
+    let (out, text) = run(&mut mpirun(&[(1, &[], &args), (1, fault, &[])]));
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("killed by SIGKILL") && text.contains("rows 25..50"), "{text}");
+    assert!(text.contains("worker 1 on rank 1 (host"), "{text}");
+    assert_clean_parent(dir.tmp(), &text);
+
+    let marker = dir.file("killed-once");
+    let fault = format!("kill@30@once={}", marker.display());
+    let fault: &[(&str, &str)] = &[("PROCJOB_TEST_FAULT", &fault)];
+    let mut retry_args = args.to_vec();
+    retry_args.extend(["--retries", "1", "--json"]);
+    let (out, text) = run(&mut mpirun(&[(1, &[], &retry_args), (1, fault, &[])]));
+    assert!(out.status.success(), "{text}");
+    assert!(marker.exists(), "the fault never fired: {text}");
+    assert_eq!(json_lines(&out)[0]["matches_seq"], Value::Bool(true), "{text}");
+    assert_clean_parent(dir.tmp(), &text);
+}
+
+/// The ranks of the running job started by the mpirun `parent`: pid and
+/// rank, from their environment.
+fn ranks_of(parent: u32) -> Vec<(u32, usize)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
+        let has = |k: &str| {
+            vars.iter().find_map(|v| v.strip_prefix(k.as_bytes())).map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        if has("PROCJOB_WORKER=").is_some() || has("PROCJOB_MPI_TEST_RUN=").as_deref() != Some(&parent.to_string()) {
+            continue;
+        }
+        if let Some(rank) = has("OMPI_COMM_WORLD_RANK=").and_then(|r| r.parse().ok()) {
+            out.push((pid, rank));
+        }
+    }
+    out
+}
+
+/// Every process whose environment carries the test's mark.
+fn marked(mark: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        if env.split(|&b| b == 0).any(|v| v == format!("PROCJOB_MPI_TEST_RUN={mark}").as_bytes()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A rank SIGKILLed mid-run: the job ends within seconds, non-zero, the
+/// launcher's message names the rank and host, and no procjob process or
+/// run folder is left.
+#[test]
+fn a_rank_killed_mid_run_ends_the_job_cleanly() {
+    let dir = TestDir::new("mpi-rank-kill");
+    let tmp = tmp_arg(&dir);
+    let mark = format!("{}", std::process::id());
+    let env: &[(&str, &str)] = &[("PROCJOB_MPI_TEST_RUN", &mark)];
+    let args = [
+        "matmul",
+        "--size",
+        "600",
+        "--mode",
+        "copy",
+        "--repeat",
+        "1000",
+        "--quiet",
+        "--no-check",
+        "--temp-folder",
+        &tmp,
+    ];
+    let mut cmd = mpirun(&[(2, env, &args)]);
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // Wait for rank 1 to run workers (its workers carry the mark too).
+    let start = Instant::now();
+    let rank1 = loop {
+        let ranks = ranks_of(std::process::id());
+        if let Some(&(pid, _)) = ranks.iter().find(|&&(_, r)| r == 1) {
+            if marked(&mark).len() > 2 {
+                break pid;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "the job never started");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let killed = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(rank1 as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let took = killed.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(took < Duration::from_secs(15), "the job took {took:?} to end after a rank died:\n{stderr}");
+    assert!(stderr.contains("rank 1") || stderr.contains("rank: 1") || stderr.contains(",1]"), "{stderr}");
+    // Workers go with their agent (parent-death signal), rank 0 with mpirun.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !marked(&mark).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(marked(&mark), Vec::<u32>::new(), "processes left after a rank died:\n{stderr}");
+    assert_clean_parent(dir.tmp(), &stderr);
+}
+
+/// Ctrl-C to mpirun (SIGINT; `timeout` passes it on): every rank stops,
+/// rank 0 says so and removes its run folder, and no process is left.
+#[test]
+fn ctrl_c_to_mpirun_stops_every_rank_and_leaves_nothing() {
+    let dir = TestDir::new("mpi-ctrl-c");
+    let tmp = tmp_arg(&dir);
+    let mark = format!("ctrl-c-{}", std::process::id());
+    let env: &[(&str, &str)] = &[("PROCJOB_MPI_TEST_RUN", &mark)];
+    let args = [
+        "matmul",
+        "--size",
+        "600",
+        "--mode",
+        "copy",
+        "--repeat",
+        "1000",
+        "--quiet",
+        "--no-check",
+        "--temp-folder",
+        &tmp,
+    ];
+    let mut cmd = mpirun(&[(2, env, &args)]);
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let start = Instant::now();
+    // Both ranks and at least one worker of each.
+    while marked(&mark).len() < 4 {
+        assert!(start.elapsed() < Duration::from_secs(60), "the job never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("procjob: stopped by SIGTERM; workers stopped, temp folder removed"), "{text}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !marked(&mark).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(marked(&mark), Vec::<u32>::new(), "processes left after Ctrl-C:\n{text}");
+    assert_clean_parent(dir.tmp(), &text);
+}
+
+/// Without the feature's check: `--backend mpi` outside mpirun is a usage
+/// error that says how to start it.
+#[test]
+fn backend_mpi_outside_mpirun_says_how_to_start_it() {
+    let out = Command::new(BIN).args(["matmul", "--size", "10", "--backend", "mpi"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mpirun -n R procjob"));
+}
