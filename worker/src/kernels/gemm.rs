@@ -796,6 +796,75 @@ mod shapes {
         _mm256_setzero_pd, _mm256_load_pd, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_set1_pd, _mm256_fmadd_pd, _mm256_add_pd
     }
 
+    /// 12 × 4 the way OpenBLAS's Haswell kernel does it: per step one
+    /// `B` vector, rotated in registers (`vpermilpd`, `vpermpd`,
+    /// `vpermilpd`) instead of broadcasting `A`, and three `A` vectors;
+    /// lane `l` of accumulator `[k][v]` holds `C[4v + l][l ^ k]`, put back
+    /// in order at the store. Each lane is one fixed element's chain, from
+    /// `+0`, over `p` ascending: the same bits.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Micro::tile`] with `MR` 12 and `NR` 4; the CPU must have
+    /// AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_f64_12x4_rot(kc: usize, a: *const f64, b: *const f64, c: *mut f64, ldc: usize, add: bool) {
+        // SAFETY: as for the `microkernel!` kernels: step `q < kc` reads
+        // `a[12q..12q+12]` and the aligned `b[4q..4q+4]` inside the panels;
+        // prefetches cannot fault; the store writes `c[r·ldc..r·ldc+4]`,
+        // `r < 12`, which the caller made valid and exclusive.
+        unsafe {
+            let mut acc = [[_mm256_setzero_pd(); 3]; 4];
+            let (mut a, mut b) = (a, b);
+            let mut step = || {
+                _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(64).cast::<i8>());
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(64).cast::<i8>());
+                let x0 = _mm256_load_pd(b);
+                let av = [_mm256_loadu_pd(a), _mm256_loadu_pd(a.add(4)), _mm256_loadu_pd(a.add(8))];
+                let x1 = _mm256_permute_pd::<0x05>(x0);
+                let x2 = _mm256_permute4x64_pd::<0x1b>(x1);
+                let x3 = _mm256_permute_pd::<0x05>(x2);
+                for (acc, x) in acc.iter_mut().zip([x0, x1, x2, x3]) {
+                    for (acc, &av) in acc.iter_mut().zip(&av) {
+                        *acc = _mm256_fmadd_pd(av, x, *acc);
+                    }
+                }
+                a = a.add(12);
+                b = b.add(4);
+            };
+            for _ in 0..kc / 4 {
+                step();
+                step();
+                step();
+                step();
+            }
+            for _ in 0..kc % 4 {
+                step();
+            }
+            let mut t = [[[0.0f64; 4]; 3]; 4];
+            for (t, acc) in t.iter_mut().zip(&acc) {
+                for (t, &acc) in t.iter_mut().zip(acc) {
+                    _mm256_storeu_pd(t.as_mut_ptr(), acc);
+                }
+            }
+            for v in 0..3 {
+                for l in 0..4 {
+                    let row = c.add((4 * v + l) * ldc);
+                    for j in 0..4 {
+                        let s = t[l ^ j][v][l];
+                        let at = row.add(j);
+                        *at = if add { *at + s } else { s };
+                    }
+                }
+            }
+        }
+    }
+
+    kernel! {
+        /// AVX2 `f64`, 12 × 4 tiles with OpenBLAS's rotations.
+        pub(super) F64x12x4rot: f64, MR 12, NR 4, MC 1008, NC 128, tile_f64_12x4_rot, features "avx2,fma", supported is_supported()
+    }
+
     kernel! {
         /// AVX2 `f64`, 4 × 12 tiles.
         pub(super) F64x4x12: f64, MR 4, NR 12, MC 1008, NC 132, tile_f64_4x12, features "avx2,fma", supported is_supported()
@@ -1059,7 +1128,8 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn other_tile_shapes_give_the_same_bits() {
-        use super::shapes::{F64x12x4, F64x4x12, F64x8x4};
+        use super::shapes::{F64x12x4, F64x12x4rot, F64x4x12, F64x8x4};
+        split_invariance::<f64, F64x12x4rot>(11);
         split_invariance::<f64, F64x4x12>(11);
         split_invariance::<f64, F64x12x4>(11);
         split_invariance::<f64, F64x8x4>(11);
@@ -1074,6 +1144,7 @@ mod tests {
             assert!(bits(&whole::<f64, F64x4x12>(&a, &b, m, k, n)) == want, "4x12 {m}x{k}x{n}");
             assert!(bits(&whole::<f64, F64x12x4>(&a, &b, m, k, n)) == want, "12x4 {m}x{k}x{n}");
             assert!(bits(&whole::<f64, F64x8x4>(&a, &b, m, k, n)) == want, "8x4 {m}x{k}x{n}");
+            assert!(bits(&whole::<f64, F64x12x4rot>(&a, &b, m, k, n)) == want, "12x4 rotated {m}x{k}x{n}");
         }
     }
 
@@ -1087,7 +1158,7 @@ mod tests {
     #[test]
     #[ignore = "a benchmark"]
     fn shapes_f64_avx2() {
-        use super::shapes::{F64x12x4, F64x4x12, F64x8x4};
+        use super::shapes::{F64x12x4, F64x12x4rot, F64x4x12, F64x8x4};
         if !is_supported() {
             return;
         }
@@ -1097,8 +1168,13 @@ mod tests {
             t.elapsed().as_secs_f64()
         }
         type Timer = fn(&[f64], &[f64], &mut [f64], usize) -> f64;
-        let shapes: [(&str, Timer); 4] =
-            [("6x8", time::<F64>), ("4x12", time::<F64x4x12>), ("12x4", time::<F64x12x4>), ("8x4", time::<F64x8x4>)];
+        let shapes: [(&str, Timer); 5] = [
+            ("6x8", time::<F64>),
+            ("4x12", time::<F64x4x12>),
+            ("12x4", time::<F64x12x4>),
+            ("12x4r", time::<F64x12x4rot>),
+            ("8x4", time::<F64x8x4>),
+        ];
         let sizes: Vec<usize> = std::env::var("PROCJOB_BENCH_SIZES")
             .map(|s| s.split(',').map(|x| x.trim().parse().expect("PROCJOB_BENCH_SIZES")).collect())
             .unwrap_or_else(|_| vec![2000, 2048]);
