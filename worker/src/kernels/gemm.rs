@@ -808,6 +808,9 @@ mod shapes {
     /// As for [`Micro::tile`] with `MR` 12 and `NR` 4; the CPU must have
     /// AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
+    // The store puts lanes back by index: `C[4v + l][j]` is lane `l` of
+    // accumulator `[l ^ j][v]`.
+    #[allow(clippy::needless_range_loop)]
     unsafe fn tile_f64_12x4_rot(kc: usize, a: *const f64, b: *const f64, c: *mut f64, ldc: usize, add: bool) {
         // SAFETY: as for the `microkernel!` kernels: step `q < kc` reads
         // `a[12q..12q+12]` and the aligned `b[4q..4q+4]` inside the panels;
