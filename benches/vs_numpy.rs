@@ -18,6 +18,12 @@
 //! core while the other is not, which made one side of every pair slower
 //! for seconds at a time. Without the Python or numpy it says so and exits 0.
 //!
+//! `--coretype NAME` sets `OPENBLAS_CORETYPE=NAME` in the child alone:
+//! OpenBLAS then runs that kernel (`Haswell`, its AVX2 kernel, the one it
+//! runs on AMD Zen 1–3; `SkylakeX`, its AVX-512 one), the banner's
+//! threadpoolctl line says which it runs. With `PROCJOB_GEMM=avx2` this
+//! compares the two AVX2 kernels on an AVX-512 machine.
+//!
 //! `--out`: both sides write into a `C` allocated once per size
 //! (`np.dot(a, b, out=c)`, and our one-thread kernel into an `Array` of
 //! ours), so only the kernels are timed. Without it each call allocates its
@@ -111,7 +117,7 @@ fn main() {
     let args: Vec<String> = all
         .iter()
         .enumerate()
-        .filter(|&(i, a)| !a.starts_with("--") && (i == 0 || all[i - 1] != "--threads"))
+        .filter(|&(i, a)| !a.starts_with("--") && (i == 0 || (all[i - 1] != "--threads" && all[i - 1] != "--coretype")))
         .map(|(_, a)| a.clone())
         .collect();
     let sizes: Vec<usize> = match args.first() {
@@ -130,8 +136,16 @@ fn main() {
             "python3".to_string()
         }
     });
+    // `--coretype NAME`: OpenBLAS forced to one of its kernels (Haswell for
+    // the AVX2 path, SkylakeX for AVX-512), where it otherwise picks its own.
+    let coretype = all.iter().position(|a| a == "--coretype").map(|i| all.get(i + 1).expect("--coretype NAME").clone());
     let cpu = if threads == 1 { pin_to_current_cpu() } else { None };
-    let child = Command::new(&python)
+    let mut command = Command::new(&python);
+    match &coretype {
+        Some(name) => command.env("OPENBLAS_CORETYPE", name),
+        None => command.env_remove("OPENBLAS_CORETYPE"),
+    };
+    let child = command
         .args(["-c", CHILD])
         .env("OPENBLAS_NUM_THREADS", threads.to_string())
         .env("OMP_NUM_THREADS", threads.to_string())
@@ -141,7 +155,6 @@ fn main() {
         // (`docs/performance-journal.md`, "Intel Xeon (AVX-512), 2026-12-01,
         // third session: C written over").
         .env("OPENBLAS_THREAD_TIMEOUT", "4")
-        .env_remove("OPENBLAS_CORETYPE")
         .env_remove("OPENBLAS_L2_SIZE")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -9,6 +9,7 @@
 //! the efficiency reported is the median of the paired ratios ideal/procjob.
 
 use std::ops::Range;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -16,6 +17,7 @@ use serde::Serialize;
 use procjob_worker::array::Array;
 use procjob_worker::DType;
 
+use crate::cli::against::{Against, Baseline, Driver};
 use crate::error::Error;
 use crate::matmul::{plan_blocks, Inputs, Mode, ModeRunner, RunSettings};
 use crate::run_folder::RunFolder;
@@ -37,6 +39,8 @@ pub struct Sweep {
     pub warmup: usize,
     /// Parent of the run folder.
     pub temp_folder: Option<std::path::PathBuf>,
+    /// numpy and joblib to run in the same rounds (`--against`).
+    pub against: Option<Against>,
 }
 
 /// Statistics of a list of times, in seconds.
@@ -90,7 +94,8 @@ pub fn median(xs: &[f64]) -> f64 {
 pub struct CaseReport {
     /// Always "matmul".
     pub bench: &'static str,
-    /// The mode.
+    /// The mode, or the baseline: "numpy" (on `processes` BLAS threads)
+    /// or "joblib" (on `processes` workers).
     pub mode: &'static str,
     /// Element type.
     pub dtype: &'static str,
@@ -119,6 +124,13 @@ pub struct CaseReport {
     /// Peak PSS (shared pages split among their users) summed over the
     /// case's workers, bytes.
     pub workers_peak_pss_bytes: u64,
+    /// Median of the paired ratios numpy's time / this mode's, in the
+    /// rounds they shared (`--against numpy`; above 1: this mode is faster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vs_numpy: Option<f64>,
+    /// Likewise against joblib's `parallel_dot` (`--against joblib`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vs_joblib: Option<f64>,
 }
 
 /// Memory peaks summed over a case's workers, bytes.
@@ -140,53 +152,195 @@ impl WorkersMemory {
 }
 
 /// Runs the sweep, handing each case's report to `report` as it finishes.
+///
+/// For each size, seq runs first (in rounds with numpy on one thread when
+/// the sweep runs against numpy); then, for each process count, every
+/// other mode and the baselines run in rounds: the ideal, each mode, numpy,
+/// joblib; again and again. Each mode's efficiency is the median of its
+/// paired ratios ideal/mode, and its ratio to a baseline the median of the
+/// paired ratios baseline/mode, over those rounds.
 pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<CaseReport>, Error> {
     let mut all = Vec::new();
     for &size in &sweep.sizes {
         let inputs = Inputs::pattern(sweep.dtype, size, size, size)?;
-        let needed = 3 * (size * size * sweep.dtype.size()) as u64 + (1 << 20);
+        let against_bytes = if sweep.against.is_some() { 2 * (size * size * sweep.dtype.size()) as u64 } else { 0 };
+        let needed = 3 * (size * size * sweep.dtype.size()) as u64 + against_bytes + (1 << 20);
         let folder = RunFolder::create(sweep.temp_folder.as_deref(), needed)?;
-        let seq_settings = settings(1, None);
-        let seq_times = {
+        // Dropped (their drivers stopped) before the folder.
+        let mut baselines = Baselines::new(sweep.against.as_ref(), &inputs, &folder)?;
+        let (seq_times, seq_numpy) = {
             // Dropped before the other modes run, with the C it keeps.
-            let mut seq = ModeRunner::new(Mode::Seq, &inputs, &seq_settings, &folder);
+            let mut seq = ModeRunner::new(Mode::Seq, &inputs, &settings(1, None), &folder);
+            let numpy = baselines.numpy_only();
             for _ in 0..sweep.warmup {
                 seq.time_once()?;
+                baselines.time(1, numpy)?;
             }
-            timed(sweep.repeat, || Ok(seq.time_once()?.wall))?
+            let (mut times, mut numpy_times) = (Vec::new(), Vec::new());
+            for _ in 0..sweep.repeat.max(1) {
+                times.push(seq.time_once()?.wall.as_secs_f64());
+                numpy_times.extend(baselines.time(1, numpy)?.into_iter().map(|(_, t)| t));
+                check_interrupt()?;
+            }
+            (times, numpy_times)
         };
         let seq_stats = Stats::of(&seq_times);
-        let seq_report =
-            case(Mode::Seq, sweep, size, 1, 1, seq_stats.clone(), seq_stats.mean_s, None, WorkersMemory::default());
+        let mut seq_report = case(
+            Mode::Seq.name(),
+            sweep,
+            size,
+            1,
+            1,
+            seq_stats.clone(),
+            seq_stats.mean_s,
+            None,
+            WorkersMemory::default(),
+        );
+        seq_report.vs_numpy = (!seq_numpy.is_empty()).then(|| paired_median(&seq_numpy, &seq_times));
         report(&seq_report);
         all.push(seq_report);
         for &processes in &sweep.processes {
             let s = settings(processes, sweep.temp_folder.clone());
             let ranges = plan_blocks(size, processes);
             let mut ideal = Ideal::new(&inputs, &ranges)?;
-            for &mode in sweep.modes.iter().filter(|&&m| m != Mode::Seq) {
-                let mut runner = ModeRunner::new(mode, &inputs, &s, &folder);
-                for _ in 0..sweep.warmup {
+            let modes: Vec<Mode> = sweep.modes.iter().copied().filter(|&m| m != Mode::Seq).collect();
+            let mut runners: Vec<ModeRunner> =
+                modes.iter().map(|&mode| ModeRunner::new(mode, &inputs, &s, &folder)).collect();
+            let all_baselines = baselines.all();
+            for _ in 0..sweep.warmup {
+                for runner in &mut runners {
                     runner.time_once()?;
                 }
-                let (mut times, mut ideals) = (Vec::new(), Vec::new());
-                for _ in 0..sweep.repeat.max(1) {
-                    ideals.push(ideal.run(processes)?.as_secs_f64());
-                    times.push(runner.time_once()?.wall.as_secs_f64());
-                    check_interrupt()?;
+                baselines.time(processes, all_baselines)?;
+            }
+            let mut ideals = Vec::new();
+            let mut times = vec![Vec::new(); runners.len()];
+            let mut baseline_times: Vec<(Baseline, Vec<f64>)> = Vec::new();
+            for _ in 0..sweep.repeat.max(1) {
+                ideals.push(ideal.run(processes)?.as_secs_f64());
+                for (runner, t) in runners.iter_mut().zip(&mut times) {
+                    t.push(runner.time_once()?.wall.as_secs_f64());
                 }
+                for (b, t) in baselines.time(processes, all_baselines)? {
+                    match baseline_times.iter_mut().find(|(known, _)| *known == b) {
+                        Some((_, v)) => v.push(t),
+                        None => baseline_times.push((b, vec![t])),
+                    }
+                }
+                check_interrupt()?;
+            }
+            let vs = |b: Baseline, mode_times: &[f64]| {
+                baseline_times.iter().find(|(known, _)| *known == b).map(|(_, bt)| paired_median(bt, mode_times))
+            };
+            for ((runner, times), mode) in runners.into_iter().zip(times).zip(modes) {
                 let blocks = runner.blocks();
                 let memory = WorkersMemory::sum(&runner.finish().0);
                 let ratios: Vec<f64> = ideals.iter().zip(&times).map(|(i, t)| i / t).collect();
-                let stats = Stats::of(&times);
                 let paired = Some((&ratios[..], &ideals[..]));
-                let r = case(mode, sweep, size, processes, blocks, stats, seq_stats.mean_s, paired, memory);
+                let stats = Stats::of(&times);
+                let mut r = case(mode.name(), sweep, size, processes, blocks, stats, seq_stats.mean_s, paired, memory);
+                r.vs_numpy = vs(Baseline::Numpy, &times);
+                r.vs_joblib = vs(Baseline::Joblib, &times);
+                report(&r);
+                all.push(r);
+            }
+            for (b, times) in &baseline_times {
+                let blocks = if *b == Baseline::Joblib { processes } else { 1 };
+                let stats = Stats::of(times);
+                let r = case(
+                    b.name(),
+                    sweep,
+                    size,
+                    processes,
+                    blocks,
+                    stats,
+                    seq_stats.mean_s,
+                    None,
+                    WorkersMemory::default(),
+                );
                 report(&r);
                 all.push(r);
             }
         }
     }
     Ok(all)
+}
+
+/// The median of the paired ratios `num[i] / den[i]`.
+fn paired_median(num: &[f64], den: &[f64]) -> f64 {
+    let ratios: Vec<f64> = num.iter().zip(den).map(|(n, d)| n / d).collect();
+    median(&ratios)
+}
+
+/// The numpy and joblib baselines of one size: A and B written as `.npy`
+/// in the run folder, and one driver per thread count, started when first
+/// asked for.
+struct Baselines<'a> {
+    against: Option<&'a Against>,
+    files: Option<(PathBuf, PathBuf)>,
+    folder: &'a RunFolder,
+    expected_sum: f64,
+    drivers: Vec<(usize, Driver)>,
+}
+
+impl<'a> Baselines<'a> {
+    fn new(against: Option<&'a Against>, inputs: &Inputs, folder: &'a RunFolder) -> Result<Baselines<'a>, Error> {
+        let mut files = None;
+        let mut expected_sum = 0.0;
+        if against.is_some() {
+            let (a, b) = (folder.file("against-A.npy"), folder.file("against-B.npy"));
+            for (path, array) in [(&a, &inputs.a), (&b, &inputs.b)] {
+                procjob_worker::npy::write(path, array.dtype(), array.shape(), array.as_bytes()).map_err(|e| {
+                    Error::System { what: format!("write {}", path.display()), source: std::io::Error::other(e) }
+                })?;
+            }
+            files = Some((a, b));
+            expected_sum = crate::cli::against::product_sum(inputs)?;
+        }
+        Ok(Baselines { against, files, folder, expected_sum, drivers: Vec::new() })
+    }
+
+    /// The baselines asked for (none without `--against`).
+    fn all(&self) -> &'static [Baseline] {
+        match self.against.map(|a| &a.baselines[..]) {
+            Some(b) if b.contains(&Baseline::Joblib) && b.contains(&Baseline::Numpy) => {
+                &[Baseline::Numpy, Baseline::Joblib]
+            }
+            Some(b) if b.contains(&Baseline::Joblib) => &[Baseline::Joblib],
+            Some(b) if b.contains(&Baseline::Numpy) => &[Baseline::Numpy],
+            _ => &[],
+        }
+    }
+
+    /// Numpy alone when asked for: what seq runs against.
+    fn numpy_only(&self) -> &'static [Baseline] {
+        if self.all().contains(&Baseline::Numpy) {
+            &[Baseline::Numpy]
+        } else {
+            &[]
+        }
+    }
+
+    /// Runs each of `which` once on `threads` threads (or workers), in
+    /// order; returns their seconds.
+    fn time(&mut self, threads: usize, which: &[Baseline]) -> Result<Vec<(Baseline, f64)>, Error> {
+        let (Some(against), Some((a, b))) = (self.against, &self.files) else { return Ok(Vec::new()) };
+        if which.is_empty() {
+            return Ok(Vec::new());
+        }
+        let at = match self.drivers.iter().position(|(t, _)| *t == threads) {
+            Some(at) => at,
+            None => {
+                let joblib = against.baselines.contains(&Baseline::Joblib);
+                let driver =
+                    Driver::start(&against.python, (a, b), threads, joblib, self.folder.path(), self.expected_sum)?;
+                self.drivers.push((threads, driver));
+                self.drivers.len() - 1
+            }
+        };
+        let driver = &mut self.drivers[at].1;
+        which.iter().map(|&b| Ok((b, driver.time(b)?))).collect()
+    }
 }
 
 fn settings(processes: usize, temp_folder: Option<std::path::PathBuf>) -> RunSettings {
@@ -200,18 +354,9 @@ fn check_interrupt() -> Result<(), Error> {
     }
 }
 
-fn timed(repeat: usize, mut f: impl FnMut() -> Result<Duration, Error>) -> Result<Vec<f64>, Error> {
-    let mut v = Vec::with_capacity(repeat);
-    for _ in 0..repeat.max(1) {
-        v.push(f()?.as_secs_f64());
-        check_interrupt()?;
-    }
-    Ok(v)
-}
-
 #[allow(clippy::too_many_arguments)]
 fn case(
-    mode: Mode,
+    mode: &'static str,
     sweep: &Sweep,
     size: usize,
     processes: usize,
@@ -224,7 +369,7 @@ fn case(
     let ops = 2.0 * (size as f64).powi(3);
     CaseReport {
         bench: "matmul",
-        mode: mode.name(),
+        mode,
         dtype: sweep.dtype.name(),
         size,
         processes,
@@ -236,6 +381,8 @@ fn case(
         workers_peak_rss_bytes: memory.peak_rss,
         workers_peak_uss_bytes: memory.uss,
         workers_peak_pss_bytes: memory.pss,
+        vs_numpy: None,
+        vs_joblib: None,
         stats,
     }
 }

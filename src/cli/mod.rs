@@ -15,6 +15,7 @@ use procjob_worker::array::Array;
 use procjob_worker::protocol::Access;
 use procjob_worker::DType;
 
+pub mod against;
 pub mod bench;
 pub mod demo;
 mod load;
@@ -114,6 +115,15 @@ pub struct BenchArgs {
     /// size N, speedup-N.svg and memory-N.svg.
     #[arg(long, value_name = "DIR")]
     pub plot: Option<PathBuf>,
+    /// Also run numpy's matmul on P BLAS threads and joblib's memmapped
+    /// parallel_dot on P workers, in the same rounds, and print each mode's
+    /// ratio to them (numpy, joblib or both; comma-separated).
+    #[arg(long, value_name = "numpy,joblib", value_delimiter = ',')]
+    pub against: Vec<String>,
+    /// The Python for --against (default: $PROCJOB_BENCH_PYTHON, else
+    /// python3 on PATH).
+    #[arg(long, value_name = "PATH")]
+    pub python: Option<PathBuf>,
 }
 
 /// Options of `procjob matmul`.
@@ -858,6 +868,12 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
     if let Some(dir) = &args.plot {
         check_plot_dir(dir)?;
     }
+    let found = if args.against.is_empty() {
+        None
+    } else {
+        let wanted = crate::cli::against::parse(&args.against).map_err(CliError::usage)?;
+        Some(crate::cli::against::find(&wanted, args.python.as_deref()))
+    };
     let sweep = crate::cli::bench::Sweep {
         sizes: args.sizes.clone(),
         processes,
@@ -866,8 +882,17 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
         repeat: args.repeat,
         warmup: args.warmup,
         temp_folder: args.temp_folder.clone(),
+        against: found.as_ref().and_then(|f| f.against.clone()),
     };
     let mut out = Checked::new(std::io::stdout().lock());
+    if let Some(found) = &found {
+        // With --json, stdout carries only JSON Lines.
+        if args.json {
+            eprintln!("{}", found.notice);
+        } else {
+            let _ = writeln!(out, "{}", found.notice);
+        }
+    }
     if !args.json {
         let _ = writeln!(
             out,
@@ -884,6 +909,9 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
             let _ = writeln!(out, "{}", serde_json::to_string(r).expect("reports serialize"));
         } else {
             over_ideal |= print_case(&mut out, r, wide);
+            if let Some(line) = crate::cli::against::ratio_line(r.vs_numpy, r.vs_joblib) {
+                let _ = writeln!(out, "{line}");
+            }
         }
         let _ = out.flush();
     })?;
@@ -891,6 +919,9 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
         let _ = writeln!(out, "\n{OVER_IDEAL}");
     }
     if let Some(dir) = &args.plot {
+        // The charts are of procjob's modes: numpy and joblib have no
+        // workers' memory to show.
+        let reports: Vec<_> = reports.into_iter().filter(|r| r.mode != "numpy" && r.mode != "joblib").collect();
         let paths =
             crate::cli::plot::write_charts(&reports, dir).map_err(|e| CliError::usage(format!("--plot: {e}")))?;
         if !json {

@@ -315,6 +315,8 @@ mod tests {
             workers_peak_rss_bytes: workers * (mib + 4) * (1 << 20),
             workers_peak_uss_bytes: workers * mib * (1 << 20),
             workers_peak_pss_bytes: workers * mib * (3 << 18),
+            vs_numpy: None,
+            vs_joblib: None,
         }
     }
 

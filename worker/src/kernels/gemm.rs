@@ -280,10 +280,10 @@ trait Micro {
 /// type and constants, whose `tile` is the named microkernel and whose
 /// `blocked` is [`drive`] compiled with the named target features.
 macro_rules! kernel {
-    ($(#[$doc:meta])* $name:ident: $t:ty, MR $mr:literal, NR $nr:literal, MC $mc:literal, NC $nc:literal,
+    ($(#[$doc:meta])* $vis:vis $name:ident: $t:ty, MR $mr:literal, NR $nr:literal, MC $mc:literal, NC $nc:literal,
      $tile:ident, features $features:literal, supported $supported:expr) => {
         $(#[$doc])*
-        struct $name;
+        $vis struct $name;
 
         impl Micro for $name {
             type T = $t;
@@ -591,7 +591,10 @@ unsafe fn drive<M: Micro>(
 ) {
     let (mr, nr) = (M::MR, M::NR);
     debug_assert!(rows * k == a.len() && k * n == b.len() && rows * n == c.len());
-    debug_assert!((size_of::<M::T>() * nr) % 64 == 0 && 64 % size_of::<M::T>() == 0);
+    // A row of a packed B panel is whole 64-byte lines for every kernel
+    // that runs; the tile shapes measured in the tests (`shapes`) need only
+    // the 32-byte alignment of their AVX2 loads.
+    debug_assert!((size_of::<M::T>() * nr) % 32 == 0 && 64 % size_of::<M::T>() == 0);
     // Sizes of the three regions actually needed for this shape (elements,
     // each a whole number of lines): packed A, packed B, the edge tile.
     let kc_max = M::KC.min(k);
@@ -727,6 +730,12 @@ fn pack_a<M: Micro>(dst: &mut [M::T], a: &[M::T], k: usize, ic: usize, mc: usize
             // in registers; a strided loop here compiled to scatters).
             match mr {
                 6 => pack_full_panel::<M::T, 6>(panel, a, k, i0, pc, kc),
+                #[cfg(test)]
+                4 => pack_full_panel::<M::T, 4>(panel, a, k, i0, pc, kc),
+                #[cfg(test)]
+                8 => pack_full_panel::<M::T, 8>(panel, a, k, i0, pc, kc),
+                #[cfg(test)]
+                12 => pack_full_panel::<M::T, 12>(panel, a, k, i0, pc, kc),
                 _ => unreachable!("no kernel has MR = {mr}"),
             }
             continue;
@@ -757,6 +766,121 @@ fn pack_full_panel<T: Copy, const MR: usize>(panel: &mut [T], a: &[T], k: usize,
     for (p, col) in panel.chunks_exact_mut(MR).enumerate() {
         let col: &mut [T; MR] = col.try_into().expect("chunks of MR");
         *col = std::array::from_fn(|r| rows[r][p]);
+    }
+}
+
+/// Other AVX2 `f64` tile shapes, for measuring against the 6 × 8 kernel
+/// (`shapes_f64_avx2` below; `docs/kernels-journal.md`, "AVX2 tile
+/// shapes"): the same macro, so the same per-element chain.
+#[cfg(all(test, target_arch = "x86_64"))]
+mod shapes {
+    use super::*;
+
+    microkernel! {
+        /// 4 × 12: three `B` vectors, four broadcasts, 12 accumulators.
+        tile_f64_4x12: f64, MR 4, lanes 4, vectors 3, features "avx2,fma", prefetch_a PREFETCH_A_F64,
+        _mm256_setzero_pd, _mm256_load_pd, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_set1_pd, _mm256_fmadd_pd, _mm256_add_pd
+    }
+
+    microkernel! {
+        /// 12 × 4: one `B` vector, twelve broadcasts, 12 accumulators
+        /// (OpenBLAS's Haswell tile seen from row-major `C`, with
+        /// broadcasts where it permutes).
+        tile_f64_12x4: f64, MR 12, lanes 4, vectors 1, features "avx2,fma", prefetch_a PREFETCH_A_F64,
+        _mm256_setzero_pd, _mm256_load_pd, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_set1_pd, _mm256_fmadd_pd, _mm256_add_pd
+    }
+
+    microkernel! {
+        /// 8 × 4: one `B` vector, eight broadcasts, 8 accumulators.
+        tile_f64_8x4: f64, MR 8, lanes 4, vectors 1, features "avx2,fma", prefetch_a PREFETCH_A_F64,
+        _mm256_setzero_pd, _mm256_load_pd, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_set1_pd, _mm256_fmadd_pd, _mm256_add_pd
+    }
+
+    /// 12 × 4 the way OpenBLAS's Haswell kernel does it: per step one
+    /// `B` vector, rotated in registers (`vpermilpd`, `vpermpd`,
+    /// `vpermilpd`) instead of broadcasting `A`, and three `A` vectors;
+    /// lane `l` of accumulator `[k][v]` holds `C[4v + l][l ^ k]`, put back
+    /// in order at the store. Each lane is one fixed element's chain, from
+    /// `+0`, over `p` ascending: the same bits.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Micro::tile`] with `MR` 12 and `NR` 4; the CPU must have
+    /// AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    // The store puts lanes back by index: `C[4v + l][j]` is lane `l` of
+    // accumulator `[l ^ j][v]`.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn tile_f64_12x4_rot(kc: usize, a: *const f64, b: *const f64, c: *mut f64, ldc: usize, add: bool) {
+        // SAFETY: as for the `microkernel!` kernels: step `q < kc` reads
+        // `a[12q..12q+12]` and the aligned `b[4q..4q+4]` inside the panels;
+        // prefetches cannot fault; the store writes `c[r·ldc..r·ldc+4]`,
+        // `r < 12`, which the caller made valid and exclusive.
+        unsafe {
+            let mut acc = [[_mm256_setzero_pd(); 3]; 4];
+            let (mut a, mut b) = (a, b);
+            let mut step = || {
+                _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(64).cast::<i8>());
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(64).cast::<i8>());
+                let x0 = _mm256_load_pd(b);
+                let av = [_mm256_loadu_pd(a), _mm256_loadu_pd(a.add(4)), _mm256_loadu_pd(a.add(8))];
+                let x1 = _mm256_permute_pd::<0x05>(x0);
+                let x2 = _mm256_permute4x64_pd::<0x1b>(x1);
+                let x3 = _mm256_permute_pd::<0x05>(x2);
+                for (acc, x) in acc.iter_mut().zip([x0, x1, x2, x3]) {
+                    for (acc, &av) in acc.iter_mut().zip(&av) {
+                        *acc = _mm256_fmadd_pd(av, x, *acc);
+                    }
+                }
+                a = a.add(12);
+                b = b.add(4);
+            };
+            for _ in 0..kc / 4 {
+                step();
+                step();
+                step();
+                step();
+            }
+            for _ in 0..kc % 4 {
+                step();
+            }
+            let mut t = [[[0.0f64; 4]; 3]; 4];
+            for (t, acc) in t.iter_mut().zip(&acc) {
+                for (t, &acc) in t.iter_mut().zip(acc) {
+                    _mm256_storeu_pd(t.as_mut_ptr(), acc);
+                }
+            }
+            for v in 0..3 {
+                for l in 0..4 {
+                    let row = c.add((4 * v + l) * ldc);
+                    for j in 0..4 {
+                        let s = t[l ^ j][v][l];
+                        let at = row.add(j);
+                        *at = if add { *at + s } else { s };
+                    }
+                }
+            }
+        }
+    }
+
+    kernel! {
+        /// AVX2 `f64`, 12 × 4 tiles with OpenBLAS's rotations.
+        pub(super) F64x12x4rot: f64, MR 12, NR 4, MC 1008, NC 128, tile_f64_12x4_rot, features "avx2,fma", supported is_supported()
+    }
+
+    kernel! {
+        /// AVX2 `f64`, 4 × 12 tiles.
+        pub(super) F64x4x12: f64, MR 4, NR 12, MC 1008, NC 132, tile_f64_4x12, features "avx2,fma", supported is_supported()
+    }
+
+    kernel! {
+        /// AVX2 `f64`, 12 × 4 tiles.
+        pub(super) F64x12x4: f64, MR 12, NR 4, MC 1008, NC 128, tile_f64_12x4, features "avx2,fma", supported is_supported()
+    }
+
+    kernel! {
+        /// AVX2 `f64`, 8 × 4 tiles.
+        pub(super) F64x8x4: f64, MR 8, NR 4, MC 1008, NC 128, tile_f64_8x4, features "avx2,fma", supported is_supported()
     }
 }
 
@@ -998,6 +1122,89 @@ mod tests {
                     let got = bits(&run::<T, M>(&a, &b, &c0, m, k, n, acc, Blocking { mc, nc }));
                     assert!(got == want, "{m}x{k}x{n}, accumulate {acc}, MC {mc}, NC {nc}");
                 }
+            }
+        }
+    }
+
+    /// The other AVX2 `f64` tile shapes keep the invariant and give the
+    /// 6 × 8 kernel's bits: the tile only groups the work.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn other_tile_shapes_give_the_same_bits() {
+        use super::shapes::{F64x12x4, F64x12x4rot, F64x4x12, F64x8x4};
+        split_invariance::<f64, F64x12x4rot>(11);
+        split_invariance::<f64, F64x4x12>(11);
+        split_invariance::<f64, F64x12x4>(11);
+        split_invariance::<f64, F64x8x4>(11);
+        if !is_supported() {
+            return;
+        }
+        let mut rng = SplitMix(12);
+        for (m, k, n) in [(67, 1000, 130), (13, 257, 1030), (100, 600, 37)] {
+            let a = random::<f64>(&mut rng, m * k);
+            let b = random::<f64>(&mut rng, k * n);
+            let want = bits(&whole::<f64, F64>(&a, &b, m, k, n));
+            assert!(bits(&whole::<f64, F64x4x12>(&a, &b, m, k, n)) == want, "4x12 {m}x{k}x{n}");
+            assert!(bits(&whole::<f64, F64x12x4>(&a, &b, m, k, n)) == want, "12x4 {m}x{k}x{n}");
+            assert!(bits(&whole::<f64, F64x8x4>(&a, &b, m, k, n)) == want, "8x4 {m}x{k}x{n}");
+            assert!(bits(&whole::<f64, F64x12x4rot>(&a, &b, m, k, n)) == want, "12x4 rotated {m}x{k}x{n}");
+        }
+    }
+
+    /// The AVX2 `f64` tile shapes timed against each other on one thread,
+    /// in rounds whose order rotates, into a `C` allocated once; prints the
+    /// median of each shape's per-round time ratio to 6 × 8 (below 1:
+    /// faster). `PROCJOB_BENCH_SIZES` (default 2000,2048) and
+    /// `PROCJOB_BENCH_ROUNDS` (default 9):
+    /// `cargo test --release -p procjob-worker --lib shapes_f64_avx2 -- --ignored --nocapture`.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    #[ignore = "a benchmark"]
+    fn shapes_f64_avx2() {
+        use super::shapes::{F64x12x4, F64x12x4rot, F64x4x12, F64x8x4};
+        if !is_supported() {
+            return;
+        }
+        fn time<M: Micro<T = f64>>(a: &[f64], b: &[f64], c: &mut [f64], n: usize) -> f64 {
+            let t = std::time::Instant::now();
+            assert!(gemm::<M>(a, b, c, n, n, n, false, M::blocking()));
+            t.elapsed().as_secs_f64()
+        }
+        type Timer = fn(&[f64], &[f64], &mut [f64], usize) -> f64;
+        let shapes: [(&str, Timer); 5] = [
+            ("6x8", time::<F64>),
+            ("4x12", time::<F64x4x12>),
+            ("12x4", time::<F64x12x4>),
+            ("12x4r", time::<F64x12x4rot>),
+            ("8x4", time::<F64x8x4>),
+        ];
+        let sizes: Vec<usize> = std::env::var("PROCJOB_BENCH_SIZES")
+            .map(|s| s.split(',').map(|x| x.trim().parse().expect("PROCJOB_BENCH_SIZES")).collect())
+            .unwrap_or_else(|_| vec![2000, 2048]);
+        let rounds: usize =
+            std::env::var("PROCJOB_BENCH_ROUNDS").map(|r| r.parse().expect("PROCJOB_BENCH_ROUNDS")).unwrap_or(9);
+        for n in sizes {
+            let mut rng = SplitMix(13);
+            let (a, b) = (random::<f64>(&mut rng, n * n), random::<f64>(&mut rng, n * n));
+            let mut c = vec![0.0; n * n];
+            for (_, f) in &shapes {
+                f(&a, &b, &mut c, n);
+            }
+            let mut times = vec![Vec::new(); shapes.len()];
+            for round in 0..rounds {
+                for i in 0..shapes.len() {
+                    let s = (round + i) % shapes.len();
+                    times[s].push((shapes[s].1)(&a, &b, &mut c, n));
+                }
+            }
+            let median = |mut v: Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            for (s, (name, _)) in shapes.iter().enumerate() {
+                let ratios: Vec<f64> = times[s].iter().zip(&times[0]).map(|(t, base)| t / base).collect();
+                let gflops = 2.0 * (n as f64).powi(3) / median(times[s].clone()) / 1e9;
+                println!("n {n} {name:>5}: {gflops:5.1} GFLOP/s, median time ratio to 6x8 {:.3}", median(ratios));
             }
         }
     }
