@@ -158,6 +158,7 @@ pub(crate) fn product_sum(inputs: &Inputs) -> Result<f64, Error> {
         DType::I64 => typed::<i64>(inputs, |x| x as f64),
         DType::F64 => typed::<f64>(inputs, |x| x),
         DType::F32 => typed::<f32>(inputs, f64::from),
+        other => Err(Error::Config(crate::matmul::not_a_matmul_dtype(other))),
     }
 }
 
