@@ -430,6 +430,7 @@ mod tests {
                 DType::I64 => c.as_slice::<i64>().unwrap().iter().map(|&x| x as f64).sum(),
                 DType::F64 => c.as_slice::<f64>().unwrap().iter().sum(),
                 DType::F32 => c.as_slice::<f32>().unwrap().iter().map(|&x| x as f64).sum(),
+                other => unreachable!("only matmul's dtypes are listed, not {other}"),
             };
             assert_eq!(product_sum(&inputs).unwrap(), direct, "{dtype}");
         }
