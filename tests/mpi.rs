@@ -121,26 +121,56 @@ fn every_mode_and_dtype_matches_seq_on_2_and_3_ranks() {
 }
 
 /// A node that does not see rank 0's temp folder (simulated: the agents
-/// answer the probe "not the same"): `all` runs copy and leaves memmap and
-/// memmap-out out with a note; asking for memmap is an error naming the
+/// answer the probe "not the same", and, being on the same machine, find
+/// rank 0's run folder at the path they are to make): `all` runs copy and
+/// memmap, with A and B shipped to each other node once, and leaves
+/// memmap-out out with a note; asking for memmap-out is an error naming the
 /// rank.
 #[test]
-fn a_temp_folder_not_shared_by_every_node_is_detected() {
+fn a_temp_folder_not_shared_by_every_node_gets_the_files_shipped() {
     let dir = TestDir::new("mpi-private");
     let tmp = tmp_arg(&dir);
-    let env: &[(&str, &str)] = &[("PROCJOB_MPI_SHARED_FS", "no")];
+    let private: &[(&str, &str)] = &[("PROCJOB_MPI_SHARED_FS", "no")];
     let args = ["matmul", "--shape", "33x20x17", "--json", "--quiet", "--temp-folder", &tmp];
-    let (out, text) = run(&mut mpirun(&[(2, env, &args)]));
+    let (out, text) = run(&mut mpirun(&[(2, private, &args)]));
     assert!(out.status.success(), "{text}");
     let modes: Vec<String> = json_lines(&out).iter().map(|l| l["mode"].as_str().unwrap().to_string()).collect();
-    assert_eq!(modes, ["seq", "threads", "copy"], "{text}");
+    assert_eq!(modes, ["seq", "threads", "copy", "memmap"], "{text}");
     assert!(json_lines(&out).iter().all(|l| l["matches_seq"] == Value::Bool(true)), "{text}");
     assert!(text.contains("not on a filesystem shared by every node (rank 1 on host"), "{text}");
-    let args = ["matmul", "--size", "20", "--mode", "memmap", "--quiet", "--temp-folder", &tmp];
-    let (out, text) = run(&mut mpirun(&[(2, env, &args)]));
-    assert_eq!(out.status.code(), Some(2), "{text}");
-    assert!(text.contains("rank 1 on host") && text.contains("--mode copy"), "{text}");
     assert_clean_parent(dir.tmp(), &text);
+    let args = ["matmul", "--size", "20", "--mode", "memmap-out", "--quiet", "--temp-folder", &tmp];
+    let (out, text) = run(&mut mpirun(&[(2, private, &args)]));
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("rank 1 on host") && text.contains("--mode memmap"), "{text}");
+    assert_clean_parent(dir.tmp(), &text);
+
+    // What crosses: memmap without a shared folder sends what memmap with
+    // one sends, plus one copy of A and B (their .npy files) per other node.
+    let (m, k, n) = (150u64, 130u64, 110u64);
+    let shape = format!("{m}x{k}x{n}");
+    let files = (m * k + k * n) * 8;
+    for ranks in [2usize, 3] {
+        let args = ["matmul", "--shape", &shape, "--mode", "memmap", "--json", "--quiet", "--temp-folder", &tmp];
+        let sent = |env: &[(&str, &str)]| {
+            let (out, text) = run(&mut mpirun(&[(ranks, env, &args)]));
+            assert!(out.status.success(), "{text}");
+            let l = &json_lines(&out)[0];
+            assert_eq!(l["matches_seq"], Value::Bool(true), "{text}");
+            assert_clean_parent(dir.tmp(), &text);
+            (l["bytes_between_ranks_out"].as_u64().unwrap(), text)
+        };
+        let (shared, _) = sent(&[]);
+        let (shipped, text) = sent(private);
+        let copies = ranks as u64 - 1;
+        let extra = shipped.saturating_sub(shared);
+        // The data, and per copy two .npy headers, two message heads and
+        // the folder's making: under 2 KB.
+        assert!(
+            extra >= copies * files && extra < copies * (files + 2048),
+            "{ranks} ranks: {extra} extra bytes for {copies} copies of {files}: {text}"
+        );
+    }
 }
 
 /// The shared-filesystem path proper: the probe passes, and memmap-out
