@@ -367,3 +367,34 @@ fn backend_mpi_outside_mpirun_says_how_to_start_it() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("mpirun -n R procjob"));
 }
+
+/// The `Parallel` API under MPI with a temp folder other nodes do not see
+/// (simulated): the `parallel_dot` example's B, above `max_nbytes`, is
+/// dumped and shipped to them; the product equals one process's, and the
+/// run folder is gone at the end.
+#[test]
+fn parallel_dumps_reach_nodes_that_do_not_see_the_temp_folder() {
+    // cargo test builds the examples next to the binary.
+    let example = std::path::Path::new(BIN).with_file_name("examples").join("parallel_dot");
+    assert!(example.exists(), "{} was not built", example.display());
+    for ranks in [2usize, 3] {
+        let dir = TestDir::new("mpi-parallel-private");
+        let tmp = tmp_arg(&dir);
+        let env: &[(&str, &str)] = &[("PROCJOB_MPI_SHARED_FS", "no"), ("PROCJOB_TEMP_FOLDER", &tmp)];
+        let workers = (ranks * 2).to_string();
+        let cmd = mpirun(&[(ranks, env, &["300", &workers])]);
+        // mpirun's last argument before the program's is the program: swap
+        // procjob for the example.
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| if a == BIN { example.display().to_string() } else { a.to_string_lossy().into_owned() })
+            .collect();
+        let mut cmd = Command::new("timeout");
+        cmd.args(&args).env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+        cmd.stdin(Stdio::null());
+        let (out, text) = run(&mut cmd);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("same C: yes"), "{text}");
+        assert_clean_parent(dir.tmp(), &text);
+    }
+}

@@ -15,7 +15,7 @@
 //! and removes the folders it made when it leaves.
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -35,6 +35,11 @@ struct Piece {
     path: PathBuf,
     offset: u64,
     last: bool,
+    /// The file's modification time on rank 0 (nanoseconds since the
+    /// epoch), which the copy takes: rank 0 knows a file it has shipped by
+    /// its length and this, which a copy renamed over rank 0's own file
+    /// (one machine) keeps.
+    modified_ns: u128,
 }
 
 /// Rank 0's record of what it has shipped.
@@ -42,8 +47,8 @@ struct Piece {
 struct Shipped {
     /// Run folder → the agents of the nodes that do not see it.
     folders: HashMap<PathBuf, Vec<usize>>,
-    /// Files shipped: path, length, modification time, inode.
-    files: HashSet<(PathBuf, u64, i64, i64, u64)>,
+    /// Files shipped: path, length, modification time.
+    files: HashSet<(PathBuf, u64, u128)>,
 }
 
 static SHIPPED: Mutex<Option<Shipped>> = Mutex::new(None);
@@ -96,7 +101,12 @@ pub(crate) fn ship(path: &Path, writable: bool) -> Result<(), String> {
         ));
     }
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let id = (path.to_path_buf(), meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino());
+    let modified_ns = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let id = (path.to_path_buf(), meta.len(), modified_ns);
     if shipped.files.contains(&id) {
         return Ok(());
     }
@@ -105,7 +115,8 @@ pub(crate) fn ship(path: &Path, writable: bool) -> Result<(), String> {
     let mut offset = 0u64;
     loop {
         let n = CHUNK.min((len - offset) as usize);
-        let head = wire::encode(&Piece { path: path.to_path_buf(), offset, last: offset + n as u64 == len });
+        let last = offset + n as u64 == len;
+        let head = wire::encode(&Piece { path: path.to_path_buf(), offset, last, modified_ns });
         let mut message = Vec::new();
         message.try_reserve_exact(4 + head.len() + n).map_err(|_| format!("cannot allocate {n} bytes to ship a file"))?;
         message.extend_from_slice(&(head.len() as u32).to_le_bytes());
@@ -165,7 +176,14 @@ pub(super) fn receive(message: &[u8]) {
         .truncate(piece.offset == 0)
         .mode(0o600)
         .open(&temp)
-        .and_then(|f| f.write_all_at(bytes, piece.offset));
+        .and_then(|f| {
+            f.write_all_at(bytes, piece.offset)?;
+            if piece.last {
+                let nanos = u64::try_from(piece.modified_ns).unwrap_or(u64::MAX);
+                f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(nanos))?;
+            }
+            Ok(())
+        });
     let renamed = match written {
         Ok(()) if piece.last => std::fs::rename(&temp, &piece.path),
         other => other,
