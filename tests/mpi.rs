@@ -374,15 +374,27 @@ fn backend_mpi_outside_mpirun_says_how_to_start_it() {
 /// run folder is gone at the end.
 #[test]
 fn parallel_dumps_reach_nodes_that_do_not_see_the_temp_folder() {
-    // cargo test builds the examples next to the binary.
+    // `cargo test --test mpi` builds no example: build it (the profile
+    // is this binary's, release or not).
+    let mut build = Command::new(env!("CARGO"));
+    build.args(["build", "--features", "mpi", "--example", "parallel_dot", "--manifest-path"]);
+    build.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
+    if !cfg!(debug_assertions) {
+        build.arg("--release");
+    }
+    let built = build.output().expect("cannot run cargo");
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
     let example = std::path::Path::new(BIN).with_file_name("examples").join("parallel_dot");
     assert!(example.exists(), "{} was not built", example.display());
     for ranks in [2usize, 3] {
         let dir = TestDir::new("mpi-parallel-private");
         let tmp = tmp_arg(&dir);
-        let env: &[(&str, &str)] = &[("PROCJOB_MPI_SHARED_FS", "no"), ("PROCJOB_TEMP_FOLDER", &tmp)];
+        let log = dir.file("shipped.log");
+        let log_arg = log.display().to_string();
+        let env: &[(&str, &str)] =
+            &[("PROCJOB_MPI_SHARED_FS", "no"), ("PROCJOB_TEMP_FOLDER", &tmp), ("PROCJOB_MPI_SHIP_LOG", &log_arg)];
         let workers = (ranks * 2).to_string();
-        let cmd = mpirun(&[(ranks, env, &["300", &workers])]);
+        let cmd = mpirun(&[(ranks, env, &["400", &workers])]);
         // mpirun's last argument before the program's is the program: swap
         // procjob for the example.
         let args: Vec<String> = cmd
@@ -395,6 +407,15 @@ fn parallel_dumps_reach_nodes_that_do_not_see_the_temp_folder() {
         let (out, text) = run(&mut cmd);
         assert!(out.status.success(), "{text}");
         assert!(text.contains("same C: yes"), "{text}");
+        // B (400×400 i64, above max_nbytes, and its .npy header) reached each other rank once.
+        let shipped = std::fs::read_to_string(&log).unwrap_or_default();
+        let mut got: Vec<&str> = shipped.lines().map(|l| l.split(' ').take(2).last().unwrap_or("")).collect();
+        got.sort();
+        let mut ranks_got: Vec<&str> = shipped.lines().map(|l| l.split(' ').next().unwrap_or("")).collect();
+        ranks_got.sort();
+        let want: Vec<String> = (1..ranks).map(|r| r.to_string()).collect();
+        assert_eq!(ranks_got, want, "{shipped}\n{text}");
+        assert!(got.iter().all(|len| *len == (400 * 400 * 8 + 128).to_string()), "{shipped}\n{text}");
         assert_clean_parent(dir.tmp(), &text);
     }
 }

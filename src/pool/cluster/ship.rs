@@ -25,6 +25,10 @@ use super::link::Outgoing;
 use super::wire::{self, Down, TAG_FILE};
 use super::world::{hub, probe_nodes, world};
 
+/// For tests: a file to which an agent appends a line per file it
+/// receives (its rank, the file's length, its path).
+const SHIP_LOG_ENV: &str = "PROCJOB_MPI_SHIP_LOG";
+
 /// The largest piece of a file in one message.
 const CHUNK: usize = 64 << 20;
 
@@ -101,11 +105,8 @@ pub(crate) fn ship(path: &Path, writable: bool) -> Result<(), String> {
         ));
     }
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let modified_ns = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
+    let modified_ns =
+        meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
     let id = (path.to_path_buf(), meta.len(), modified_ns);
     if shipped.files.contains(&id) {
         return Ok(());
@@ -118,7 +119,9 @@ pub(crate) fn ship(path: &Path, writable: bool) -> Result<(), String> {
         let last = offset + n as u64 == len;
         let head = wire::encode(&Piece { path: path.to_path_buf(), offset, last, modified_ns });
         let mut message = Vec::new();
-        message.try_reserve_exact(4 + head.len() + n).map_err(|_| format!("cannot allocate {n} bytes to ship a file"))?;
+        message
+            .try_reserve_exact(4 + head.len() + n)
+            .map_err(|_| format!("cannot allocate {n} bytes to ship a file"))?;
         message.extend_from_slice(&(head.len() as u32).to_le_bytes());
         message.extend_from_slice(&head);
         message.resize(4 + head.len() + n, 0);
@@ -185,13 +188,22 @@ pub(super) fn receive(message: &[u8]) {
             Ok(())
         });
     let renamed = match written {
-        Ok(()) if piece.last => std::fs::rename(&temp, &piece.path),
+        Ok(()) if piece.last => std::fs::rename(&temp, &piece.path).and_then(|()| log(&piece.path)),
         other => other,
     };
     if let Err(e) = renamed {
         let _ = std::fs::remove_file(&temp);
         eprintln!("procjob: error: cannot write {} on this node: {e}", piece.path.display());
     }
+}
+
+/// Notes a received file in the file [`SHIP_LOG_ENV`] names, if any.
+fn log(path: &Path) -> std::io::Result<()> {
+    let Some(log) = std::env::var_os(SHIP_LOG_ENV) else { return Ok(()) };
+    let len = std::fs::metadata(path)?.len();
+    let rank = std::env::var("OMPI_COMM_WORLD_RANK").unwrap_or_else(|_| "?".into());
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    std::io::Write::write_all(&mut f, format!("{rank} {len} {}\n", path.display()).as_bytes())
 }
 
 /// An agent, as it leaves: removes the folders it made.
