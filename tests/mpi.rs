@@ -121,26 +121,56 @@ fn every_mode_and_dtype_matches_seq_on_2_and_3_ranks() {
 }
 
 /// A node that does not see rank 0's temp folder (simulated: the agents
-/// answer the probe "not the same"): `all` runs copy and leaves memmap and
-/// memmap-out out with a note; asking for memmap is an error naming the
+/// answer the probe "not the same", and, being on the same machine, find
+/// rank 0's run folder at the path they are to make): `all` runs copy and
+/// memmap, with A and B shipped to each other node once, and leaves
+/// memmap-out out with a note; asking for memmap-out is an error naming the
 /// rank.
 #[test]
-fn a_temp_folder_not_shared_by_every_node_is_detected() {
+fn a_temp_folder_not_shared_by_every_node_gets_the_files_shipped() {
     let dir = TestDir::new("mpi-private");
     let tmp = tmp_arg(&dir);
-    let env: &[(&str, &str)] = &[("PROCJOB_MPI_SHARED_FS", "no")];
+    let private: &[(&str, &str)] = &[("PROCJOB_MPI_SHARED_FS", "no")];
     let args = ["matmul", "--shape", "33x20x17", "--json", "--quiet", "--temp-folder", &tmp];
-    let (out, text) = run(&mut mpirun(&[(2, env, &args)]));
+    let (out, text) = run(&mut mpirun(&[(2, private, &args)]));
     assert!(out.status.success(), "{text}");
     let modes: Vec<String> = json_lines(&out).iter().map(|l| l["mode"].as_str().unwrap().to_string()).collect();
-    assert_eq!(modes, ["seq", "threads", "copy"], "{text}");
+    assert_eq!(modes, ["seq", "threads", "copy", "memmap"], "{text}");
     assert!(json_lines(&out).iter().all(|l| l["matches_seq"] == Value::Bool(true)), "{text}");
     assert!(text.contains("not on a filesystem shared by every node (rank 1 on host"), "{text}");
-    let args = ["matmul", "--size", "20", "--mode", "memmap", "--quiet", "--temp-folder", &tmp];
-    let (out, text) = run(&mut mpirun(&[(2, env, &args)]));
-    assert_eq!(out.status.code(), Some(2), "{text}");
-    assert!(text.contains("rank 1 on host") && text.contains("--mode copy"), "{text}");
     assert_clean_parent(dir.tmp(), &text);
+    let args = ["matmul", "--size", "20", "--mode", "memmap-out", "--quiet", "--temp-folder", &tmp];
+    let (out, text) = run(&mut mpirun(&[(2, private, &args)]));
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("rank 1 on host") && text.contains("--mode memmap"), "{text}");
+    assert_clean_parent(dir.tmp(), &text);
+
+    // What crosses: memmap without a shared folder sends what memmap with
+    // one sends, plus one copy of A and B (their .npy files) per other node.
+    let (m, k, n) = (150u64, 130u64, 110u64);
+    let shape = format!("{m}x{k}x{n}");
+    let files = (m * k + k * n) * 8;
+    for ranks in [2usize, 3] {
+        let args = ["matmul", "--shape", &shape, "--mode", "memmap", "--json", "--quiet", "--temp-folder", &tmp];
+        let sent = |env: &[(&str, &str)]| {
+            let (out, text) = run(&mut mpirun(&[(ranks, env, &args)]));
+            assert!(out.status.success(), "{text}");
+            let l = &json_lines(&out)[0];
+            assert_eq!(l["matches_seq"], Value::Bool(true), "{text}");
+            assert_clean_parent(dir.tmp(), &text);
+            (l["bytes_between_ranks_out"].as_u64().unwrap(), text)
+        };
+        let (shared, _) = sent(&[]);
+        let (shipped, text) = sent(private);
+        let copies = ranks as u64 - 1;
+        let extra = shipped.saturating_sub(shared);
+        // The data, and per copy two .npy headers, two message heads and
+        // the folder's making: under 2 KB.
+        assert!(
+            extra >= copies * files && extra < copies * (files + 2048),
+            "{ranks} ranks: {extra} extra bytes for {copies} copies of {files}: {text}"
+        );
+    }
 }
 
 /// The shared-filesystem path proper: the probe passes, and memmap-out
@@ -336,4 +366,56 @@ fn backend_mpi_outside_mpirun_says_how_to_start_it() {
     let out = Command::new(BIN).args(["matmul", "--size", "10", "--backend", "mpi"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("mpirun -n R procjob"));
+}
+
+/// The `Parallel` API under MPI with a temp folder other nodes do not see
+/// (simulated): the `parallel_dot` example's B, above `max_nbytes`, is
+/// dumped and shipped to them; the product equals one process's, and the
+/// run folder is gone at the end.
+#[test]
+fn parallel_dumps_reach_nodes_that_do_not_see_the_temp_folder() {
+    // `cargo test --test mpi` builds no example: build it (the profile
+    // is this binary's, release or not).
+    let mut build = Command::new(env!("CARGO"));
+    build.args(["build", "--features", "mpi", "--example", "parallel_dot", "--manifest-path"]);
+    build.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
+    if !cfg!(debug_assertions) {
+        build.arg("--release");
+    }
+    let built = build.output().expect("cannot run cargo");
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let example = std::path::Path::new(BIN).with_file_name("examples").join("parallel_dot");
+    assert!(example.exists(), "{} was not built", example.display());
+    for ranks in [2usize, 3] {
+        let dir = TestDir::new("mpi-parallel-private");
+        let tmp = tmp_arg(&dir);
+        let log = dir.file("shipped.log");
+        let log_arg = log.display().to_string();
+        let env: &[(&str, &str)] =
+            &[("PROCJOB_MPI_SHARED_FS", "no"), ("PROCJOB_TEMP_FOLDER", &tmp), ("PROCJOB_MPI_SHIP_LOG", &log_arg)];
+        let workers = (ranks * 2).to_string();
+        let cmd = mpirun(&[(ranks, env, &["400", &workers])]);
+        // mpirun's last argument before the program's is the program: swap
+        // procjob for the example.
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| if a == BIN { example.display().to_string() } else { a.to_string_lossy().into_owned() })
+            .collect();
+        let mut cmd = Command::new("timeout");
+        cmd.args(&args).env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+        cmd.stdin(Stdio::null());
+        let (out, text) = run(&mut cmd);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("same C: yes"), "{text}");
+        // B (400×400 i64, above max_nbytes, and its .npy header) reached each other rank once.
+        let shipped = std::fs::read_to_string(&log).unwrap_or_default();
+        let mut got: Vec<&str> = shipped.lines().map(|l| l.split(' ').take(2).last().unwrap_or("")).collect();
+        got.sort();
+        let mut ranks_got: Vec<&str> = shipped.lines().map(|l| l.split(' ').next().unwrap_or("")).collect();
+        ranks_got.sort();
+        let want: Vec<String> = (1..ranks).map(|r| r.to_string()).collect();
+        assert_eq!(ranks_got, want, "{shipped}\n{text}");
+        assert!(got.iter().all(|len| *len == (400 * 400 * 8 + 128).to_string()), "{shipped}\n{text}");
+        assert_clean_parent(dir.tmp(), &text);
+    }
 }

@@ -166,13 +166,16 @@ impl CallEncoder {
 
     /// Notes the folder of a file reference, which workers must be allowed
     /// to map from (see [`procjob_worker::confine`]). The path is canonical:
-    /// `Array::open_npy`/`create_npy` and the run folder make it so.
-    fn note_folder(&mut self, r: &ArrayRef) {
-        let ArrayRef::File { path, .. } = r else { return };
-        let Some(folder) = path.parent() else { return };
+    /// `Array::open_npy`/`create_npy` and the run folder make it so. Under
+    /// MPI, the file is first copied to the nodes that do not see it.
+    fn note_folder(&mut self, r: &ArrayRef) -> Result<(), String> {
+        let ArrayRef::File { path, access, .. } = r else { return Ok(()) };
+        crate::pool::cluster::ship(path, *access == Access::ReadWrite)?;
+        let Some(folder) = path.parent() else { return Ok(()) };
         if !self.folders.iter().any(|f| f == folder) {
             self.folders.push(folder.to_path_buf());
         }
+        Ok(())
     }
 
     /// Hands the folders noted since the last time to the pool, which tells
@@ -212,7 +215,7 @@ impl CallEncoder {
             offset: header.data_offset as u64,
             access: Access::ReadOnly,
         };
-        self.note_folder(&r);
+        self.note_folder(&r)?;
         refs.push(r);
         Ok((Payload::default(), refs))
     }
@@ -263,7 +266,7 @@ impl ArrayEncoder for CallEncoder {
             });
         }
         if let Some(r) = array::file_ref(a) {
-            self.note_folder(&r);
+            self.note_folder(&r)?;
             return Ok(r);
         }
         if self.max_nbytes.is_some_and(|max| a.nbytes() > max) {
@@ -276,7 +279,7 @@ impl ArrayEncoder for CallEncoder {
                 offset: data_offset + view_offset as u64,
                 access: self.mmap_mode,
             };
-            self.note_folder(&r);
+            self.note_folder(&r)?;
             return Ok(r);
         }
         self.inline.push(a.clone());

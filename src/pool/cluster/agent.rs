@@ -24,7 +24,7 @@ use procjob_worker::secret::PoolSecret;
 use procjob_worker::serve::WORKER_ENV;
 
 use super::link::{self, Incoming, Link, Outgoing};
-use super::wire::{self, Down, Exit, Key, Up, TAG_CONTROL, TAG_DATA};
+use super::wire::{self, Down, Exit, Key, Up, TAG_CONTROL, TAG_DATA, TAG_FILE};
 use crate::pool::pipes::{kill_pid, wait_or_kill, THREAD_ENV};
 
 /// Simulates a node that does not see rank 0's files (for tests): set to
@@ -54,6 +54,10 @@ pub(super) fn run() -> ! {
     let stop = AtomicBool::new(false);
     let mut workers: HashMap<Key, Worker> = HashMap::new();
     link::run(rx, &stop, |m: Incoming| {
+        if m.tag == TAG_FILE {
+            super::ship::receive(&m.bytes);
+            return;
+        }
         if m.tag == TAG_DATA {
             if let Some((key, bytes)) = Key::split(&m.bytes) {
                 if let Some(input) = workers.get(&key).and_then(|w| w.input.as_ref()) {
@@ -88,8 +92,10 @@ pub(super) fn run() -> ! {
                 let same = !simulated_private && std::fs::read(&path).is_ok_and(|c| c == content);
                 up(&tx, &Up::Probed { same });
             }
+            Down::MakeFolder { path } => super::ship::make_folder(&path),
             Down::Shutdown => {
                 stop_all(&mut workers);
+                super::ship::remove_folders();
                 up(&tx, &Up::Bye);
                 stop.store(true, Ordering::SeqCst);
             }
@@ -228,6 +234,7 @@ fn outlive_the_launchers_sigterm() {
         std::thread::sleep(SIGNAL_GRACE);
         // Rank 0 did not end the job: its workers die with this process
         // (their parent-death signal).
+        super::ship::remove_folders();
         std::process::exit(128 + libc::SIGTERM);
     });
 }

@@ -8,9 +8,10 @@
 //! Rank 0 runs the program; its pools place slots on every node (its own
 //! node's slots are local processes) through the [`Transport`](super::Transport)
 //! in `transport.rs`. The frames are the same bytes as on a pipe, so the
-//! workers cannot tell; file references in them hold only where the temp
+//! workers cannot tell; file references in them hold where the temp
 //! folder is on a filesystem every node sees, which [`probe_shared`]
-//! checks.
+//! checks, and elsewhere once `ship.rs` has copied the file to the same
+//! path on that node.
 //!
 //! This file is compiled without the feature too: it says whether the
 //! process was launched by an MPI launcher, so that a binary built without
@@ -21,12 +22,16 @@ mod agent;
 #[cfg(feature = "mpi")]
 mod link;
 #[cfg(feature = "mpi")]
+mod ship;
+#[cfg(feature = "mpi")]
 mod transport;
 #[cfg(feature = "mpi")]
 mod wire;
 #[cfg(feature = "mpi")]
 mod world;
 
+#[cfg(feature = "mpi")]
+pub(crate) use ship::ship;
 #[cfg(feature = "mpi")]
 pub(crate) use transport::pool_on_ranks;
 #[cfg(feature = "mpi")]
@@ -86,6 +91,15 @@ pub(crate) fn init() {
         }
         std::process::exit(2);
     }
+}
+
+/// Makes the file at `path` available at the same path on every node
+/// before a worker is sent a reference to it (see `ship.rs`); nothing
+/// without MPI.
+#[cfg(not(feature = "mpi"))]
+pub(crate) fn ship(path: &std::path::Path, writable: bool) -> Result<(), String> {
+    let _ = (path, writable);
+    Ok(())
 }
 
 /// Bytes this rank has sent to and received from other ranks over MPI,

@@ -19,6 +19,8 @@ pub(super) const TAG_CONTROL: i32 = 1;
 pub(super) const TAG_DATA: i32 = 2;
 /// Tag of the start-up exchange in [`super::world`].
 pub(super) const TAG_HELLO: i32 = 3;
+/// Tag of a piece of a file shipped to a node (see [`super::ship`]).
+pub(super) const TAG_FILE: i32 = 4;
 
 /// One worker, in one slot of one pool of rank 0, in one generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -70,6 +72,8 @@ pub(super) enum Down {
     Kill { key: Key },
     /// Whether the file at `path` holds `content` on the agent's node.
     Probe { path: std::path::PathBuf, content: Vec<u8> },
+    /// Make the run folder `path` on the agent's node (see [`super::ship`]).
+    MakeFolder { path: std::path::PathBuf },
     /// Stop every worker and leave.
     Shutdown,
 }

@@ -326,7 +326,13 @@ fn install_panic_hook() {
 /// other node's agent to read it. Returns the first node that does not see
 /// it (agent rank, host), or `None` when all do.
 pub fn probe_shared(folder: &Path) -> Result<Option<(usize, String)>, Error> {
-    let (Some(world), Some(hub)) = (world(), hub()) else { return Ok(None) };
+    Ok(probe_nodes(folder)?.into_iter().next())
+}
+
+/// Every node that does not see the folder `folder` of rank 0, as in
+/// [`probe_shared`]: (agent rank, host).
+pub(super) fn probe_nodes(folder: &Path) -> Result<Vec<(usize, String)>, Error> {
+    let (Some(world), Some(hub)) = (world(), hub()) else { return Ok(Vec::new()) };
     let secret = procjob_worker::secret::PoolSecret::generate()
         .map_err(|e| Error::Config(format!("cannot draw random bytes for the shared-filesystem probe: {e}")))?;
     let content = secret.as_bytes().to_vec();
@@ -346,8 +352,9 @@ pub fn probe_shared(folder: &Path) -> Result<Option<(usize, String)>, Error> {
     let _ = std::fs::remove_file(&path);
     Ok(agents
         .iter()
-        .find(|n| !answers.iter().any(|&(r, same)| r == n.agent && same))
-        .map(|n| (n.agent, n.host.clone())))
+        .filter(|n| !answers.iter().any(|&(r, same)| r == n.agent && same))
+        .map(|n| (n.agent, n.host.clone()))
+        .collect())
 }
 
 /// Finalises MPI (an agent, at its end).

@@ -41,8 +41,8 @@ pub(crate) use reader::read_replies;
 #[cfg(feature = "mpi")]
 pub(crate) use reap::{kill_pid, wait_or_kill};
 pub use spawn::available_cpus;
-pub(crate) use spawn::{mark_serving, serving_as_worker, start_failure, INIT_CALLED, THREAD_ENV};
 use spawn::HARNESS_ENTRY;
+pub(crate) use spawn::{mark_serving, serving_as_worker, start_failure, INIT_CALLED, THREAD_ENV};
 
 /// One live worker process.
 struct Process {
