@@ -70,7 +70,7 @@ pub(super) enum Engine<'p> {
     /// On the pool's worker processes (boxed: the core is large).
     Pool(Box<CallCore<'p>>),
     /// In this process, one task after another.
-    Here(InProcess<'p>),
+    Here(Box<InProcess<'p>>),
     /// Nothing to run: the input was empty.
     Empty,
 }

@@ -65,7 +65,7 @@ impl<'p, T: Task, I: Iterator<Item = T::Input>> Call<'p, T, I> {
             parallel.last = CallStats { in_process: here, ..CallStats::default() };
             Engine::Empty
         } else if here {
-            Engine::Here(InProcess::start(parallel, procjob_worker::task::entry::<T>, progress))
+            Engine::Here(Box::new(InProcess::start(parallel, procjob_worker::task::entry::<T>, progress)))
         } else {
             parallel.check_temp_folder()?;
             let kind = TaskKind { name: name.to_string(), entry: entry_offset::<T>() };
