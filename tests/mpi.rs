@@ -346,7 +346,12 @@ fn ctrl_c_to_mpirun_stops_every_rank_and_leaves_nothing() {
         assert!(start.elapsed() < Duration::from_secs(60), "the job never started");
         std::thread::sleep(Duration::from_millis(50));
     }
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    // Ctrl-C to mpirun alone: the child is `timeout`, which would pass a
+    // SIGINT on to its whole process group (every rank at once, a race this
+    // test does not cover); its one child is mpirun.
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id())).unwrap();
+    let mpirun_pid: i32 = children.split_whitespace().next().expect("timeout has started mpirun").parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(mpirun_pid), nix::sys::signal::Signal::SIGINT).unwrap();
     let out = child.wait_with_output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success(), "{text}");
