@@ -323,7 +323,6 @@ impl Transport for Ranks {
     }
 
     fn reply_arriving(&self, index: usize) -> bool {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
         if self.is_local(index) {
             return self.local.reply_arriving(index);
@@ -332,17 +331,7 @@ impl Transport for Ranks {
         if r.arriving.load(Ordering::SeqCst) {
             return true;
         }
-        let mut fds = [PollFd::new(r.output.as_fd(), PollFlags::POLLIN)];
-        loop {
-            match poll(&mut fds, PollTimeout::ZERO) {
-                Ok(_) => {
-                    let ready = PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR;
-                    return fds[0].revents().is_some_and(|r| r.intersects(ready));
-                }
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => return false,
-            }
-        }
+        crate::pool::pipes::readable_now(r.output.as_fd())
     }
 
     fn poll_exit(&mut self, index: usize) -> Option<WorkerExit> {

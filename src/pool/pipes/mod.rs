@@ -344,24 +344,13 @@ impl Transport for Pipes {
     /// Its reply is being read, or bytes (or the end of its stream) wait in
     /// its output pipe.
     fn reply_arriving(&self, index: usize) -> bool {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
         let Some(p) = self.processes[index].as_ref() else { return false };
         if p.arriving.load(Ordering::SeqCst) {
             return true;
         }
         let Some(output) = p.output.as_ref() else { return false };
-        let mut fds = [PollFd::new(output.as_fd(), PollFlags::POLLIN)];
-        loop {
-            match poll(&mut fds, PollTimeout::ZERO) {
-                Ok(_) => {
-                    let ready = PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR;
-                    return fds[0].revents().is_some_and(|r| r.intersects(ready));
-                }
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => return false,
-            }
-        }
+        readable_now(output.as_fd())
     }
 
     fn poll_exit(&mut self, index: usize) -> Option<WorkerExit> {
@@ -430,5 +419,22 @@ fn enlarge_pipe(fd: i32) {
     // SAFETY: F_SETPIPE_SZ on a pipe fd we own; failure only leaves the default size.
     unsafe {
         libc::fcntl(fd, libc::F_SETPIPE_SZ, 1 << 20);
+    }
+}
+
+/// Whether bytes (or the end of the stream) wait on `fd` now: the reply
+/// a reader thread has not taken up yet.
+pub(crate) fn readable_now(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    loop {
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(_) => {
+                let ready = PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR;
+                return fds[0].revents().is_some_and(|r| r.intersects(ready));
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return false,
+        }
     }
 }
