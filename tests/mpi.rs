@@ -120,14 +120,20 @@ fn every_mode_and_dtype_matches_seq_on_2_and_3_ranks() {
     }
 }
 
+/// The tasks that ran on ranks other than 0, from a mode's JSON line.
+fn remote_tasks(line: &Value) -> u64 {
+    line["workers"].as_array().unwrap().iter().filter(|w| w["rank"] != 0).map(|w| w["tasks"].as_u64().unwrap()).sum()
+}
+
 /// A node that does not see rank 0's temp folder (simulated: the agents
 /// answer the probe "not the same", and, being on the same machine, find
-/// rank 0's run folder at the path they are to make): `all` runs copy and
-/// memmap, with A and B shipped to each other node once, and leaves
-/// memmap-out out with a note; asking for memmap-out is an error naming the
-/// rank.
+/// rank 0's run folder at the path they are to make): every mode runs and
+/// matches seq. What crosses says how: memmap and memmap-out send B once to
+/// each other node and the rows of A of each task that ran there, and C's
+/// rows of those tasks come back (in the answers in memmap, written back
+/// from the node's copy of C in memmap-out).
 #[test]
-fn a_temp_folder_not_shared_by_every_node_gets_the_files_shipped() {
+fn a_temp_folder_not_shared_by_every_node_gets_the_rows_each_node_needs() {
     let dir = TestDir::new("mpi-private");
     let tmp = tmp_arg(&dir);
     let private: &[(&str, &str)] = &[("PROCJOB_MPI_SHARED_FS", "no")];
@@ -135,42 +141,130 @@ fn a_temp_folder_not_shared_by_every_node_gets_the_files_shipped() {
     let (out, text) = run(&mut mpirun(&[(2, private, &args)]));
     assert!(out.status.success(), "{text}");
     let modes: Vec<String> = json_lines(&out).iter().map(|l| l["mode"].as_str().unwrap().to_string()).collect();
-    assert_eq!(modes, ["seq", "threads", "copy", "memmap"], "{text}");
+    assert_eq!(modes, ["seq", "threads", "copy", "memmap", "memmap-out"], "{text}");
     assert!(json_lines(&out).iter().all(|l| l["matches_seq"] == Value::Bool(true)), "{text}");
-    assert!(text.contains("not on a filesystem shared by every node (rank 1 on host"), "{text}");
-    assert_clean_parent(dir.tmp(), &text);
-    let args = ["matmul", "--size", "20", "--mode", "memmap-out", "--quiet", "--temp-folder", &tmp];
-    let (out, text) = run(&mut mpirun(&[(2, private, &args)]));
-    assert_eq!(out.status.code(), Some(2), "{text}");
-    assert!(text.contains("rank 1 on host") && text.contains("--mode memmap"), "{text}");
     assert_clean_parent(dir.tmp(), &text);
 
-    // What crosses: memmap without a shared folder sends what memmap with
-    // one sends, plus one copy of A and B (their .npy files) per other node.
-    let (m, k, n) = (150u64, 130u64, 110u64);
+    // 6 blocks of 25 rows.
+    let (m, k, n, rows) = (150u64, 130u64, 110u64, 25u64);
     let shape = format!("{m}x{k}x{n}");
-    let files = (m * k + k * n) * 8;
     for ranks in [2usize, 3] {
-        let args = ["matmul", "--shape", &shape, "--mode", "memmap", "--json", "--quiet", "--temp-folder", &tmp];
-        let sent = |env: &[(&str, &str)]| {
-            let (out, text) = run(&mut mpirun(&[(ranks, env, &args)]));
+        for mode in ["memmap", "memmap-out"] {
+            let args = [
+                "matmul",
+                "--shape",
+                &shape,
+                "--blocks",
+                "6",
+                "--mode",
+                mode,
+                "--json",
+                "--quiet",
+                "--temp-folder",
+                &tmp,
+            ];
+            let (out, text) = run(&mut mpirun(&[(ranks, private, &args)]));
             assert!(out.status.success(), "{text}");
-            let l = &json_lines(&out)[0];
+            let l = json_lines(&out).remove(0);
             assert_eq!(l["matches_seq"], Value::Bool(true), "{text}");
             assert_clean_parent(dir.tmp(), &text);
-            (l["bytes_between_ranks_out"].as_u64().unwrap(), text)
-        };
-        let (shared, _) = sent(&[]);
-        let (shipped, text) = sent(private);
-        let copies = ranks as u64 - 1;
-        let extra = shipped.saturating_sub(shared);
-        // The data, and per copy two .npy headers, two message heads and
-        // the folder's making: under 2 KB.
-        assert!(
-            extra >= copies * files && extra < copies * (files + 2048),
-            "{ranks} ranks: {extra} extra bytes for {copies} copies of {files}: {text}"
-        );
+            let copies = ranks as u64 - 1;
+            let remote = remote_tasks(&l);
+            assert!(remote > 0, "{text}");
+            let bytes = |way: &str| l[format!("bytes_between_ranks_{way}")].as_u64().unwrap();
+            // Beyond the data: frames, message heads, the probe and the
+            // folder's making, write-back notes; a few hundred bytes each.
+            let slack = 2048 * copies + 1024 * remote;
+            // Out: B once per other node, and the rows of A of each task
+            // that ran there.
+            let data_out = copies * k * n * 8 + remote * rows * k * 8;
+            let sent = bytes("out");
+            assert!(
+                sent >= data_out && sent < data_out + slack,
+                "{mode}, {ranks} ranks: {sent} bytes out for {data_out} of B and A's rows: {text}"
+            );
+            // In: the rows of C of those tasks (in the answers in memmap,
+            // written back in memmap-out).
+            let data_in = remote * rows * n * 8;
+            let came = bytes("in");
+            assert!(
+                came >= data_in && came < data_in + slack,
+                "{mode}, {ranks} ranks: {came} bytes in for {data_in} of C's rows: {text}"
+            );
+        }
     }
+}
+
+/// Nodes that really do not see rank 0's temp folder: ranks 1 and 2 run in
+/// mount namespaces of their own with a fresh tmpfs over it (needs root;
+/// skipped otherwise). Every mode matches seq, memmap-out's rows come back
+/// from those nodes, and each node received B once and only the rows of A
+/// its tasks read.
+#[test]
+fn nodes_with_their_own_temp_folder_get_what_they_read_and_send_back_what_they_write() {
+    let can = Command::new("unshare").args(["-m", "true"]).output().is_ok_and(|o| o.status.success());
+    if !can {
+        eprintln!("skipped: `unshare -m` is refused here (needs root)");
+        return;
+    }
+    let dir = TestDir::new("mpi-own-tmp");
+    let tmp = tmp_arg(&dir);
+    let log = dir.file("shipped.log");
+    let log_arg = log.display().to_string();
+    let (m, k, n, rows) = (150u64, 130u64, 110u64, 25u64);
+    let shape = format!("{m}x{k}x{n}");
+    let args = ["matmul", "--shape", &shape, "--blocks", "6", "--json", "--quiet", "--temp-folder", &tmp];
+    let own = format!("mount -t tmpfs none '{tmp}' && exec \"$0\" \"$@\"");
+    let env: &[(&str, &str)] = &[("PROCJOB_MPI_SHIP_LOG", &log_arg)];
+    let cmd = mpirun(&[(1, env, &args), (2, env, &args)]);
+    // The second context's program is procjob under `unshare -m sh -c …`.
+    let mut args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+    let second = args.iter().rposition(|a| a == BIN).unwrap();
+    args.splice(second..second, ["unshare", "-m", "sh", "-c", &own].map(String::from));
+    let mut cmd = Command::new("timeout");
+    cmd.args(&args).env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    cmd.stdin(Stdio::null());
+    let (out, text) = run(&mut cmd);
+    assert!(out.status.success(), "{text}");
+    let lines = json_lines(&out);
+    let modes: Vec<&str> = lines.iter().map(|l| l["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["seq", "threads", "copy", "memmap", "memmap-out"], "{text}");
+    assert!(lines.iter().all(|l| l["matches_seq"] == Value::Bool(true)), "{text}");
+    assert_clean_parent(dir.tmp(), &text);
+    // What each node received, per file: "rank offset length path".
+    let shipped = std::fs::read_to_string(&log).unwrap_or_default();
+    for mode in ["memmap", "memmap-out"] {
+        let line = lines.iter().find(|l| l["mode"] == mode).unwrap();
+        for rank in [1u64, 2] {
+            let got = |suffix: &str| -> u64 {
+                shipped
+                    .lines()
+                    .map(|l| l.split(' ').collect::<Vec<_>>())
+                    .filter(|f| f[0] == rank.to_string() && f[3].ends_with(suffix))
+                    .filter(|f| {
+                        // memmap-3-A.npy is memmap's, memmap-out-4-A.npy memmap-out's.
+                        let name = f[3].rsplit('/').next().unwrap_or("");
+                        name.strip_prefix(&format!("{mode}-"))
+                            .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+                    })
+                    .map(|f| f[2].parse::<u64>().unwrap())
+                    .sum()
+            };
+            let tasks: u64 = line["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|w| w["rank"] == rank)
+                .map(|w| w["tasks"].as_u64().unwrap())
+                .sum();
+            assert_eq!(got("-B.npy"), k * n * 8, "{mode}, rank {rank}: B once\n{shipped}\n{text}");
+            assert_eq!(got("-A.npy"), tasks * rows * k * 8, "{mode}, rank {rank}: A's rows\n{shipped}\n{text}");
+        }
+    }
+    let back = |l: &Value| l["bytes_between_ranks_in"].as_u64().unwrap();
+    let by_mode = |mode: &str| lines.iter().find(|l| l["mode"] == mode).unwrap();
+    let c_rows = remote_tasks(by_mode("memmap-out")) * rows * n * 8;
+    assert!(back(by_mode("memmap-out")) >= c_rows, "C's rows came back: {text}");
 }
 
 /// The shared-filesystem path proper: the probe passes, and memmap-out
@@ -412,15 +506,19 @@ fn parallel_dumps_reach_nodes_that_do_not_see_the_temp_folder() {
         let (out, text) = run(&mut cmd);
         assert!(out.status.success(), "{text}");
         assert!(text.contains("same C: yes"), "{text}");
-        // B (400×400 i64, above max_nbytes, and its .npy header) reached each other rank once.
+        // B (400×400 i64, above max_nbytes) reached each other rank once:
+        // its bytes, and no more ("rank offset length path" per piece).
         let shipped = std::fs::read_to_string(&log).unwrap_or_default();
-        let mut got: Vec<&str> = shipped.lines().map(|l| l.split(' ').take(2).last().unwrap_or("")).collect();
-        got.sort();
-        let mut ranks_got: Vec<&str> = shipped.lines().map(|l| l.split(' ').next().unwrap_or("")).collect();
-        ranks_got.sort();
-        let want: Vec<String> = (1..ranks).map(|r| r.to_string()).collect();
-        assert_eq!(ranks_got, want, "{shipped}\n{text}");
-        assert!(got.iter().all(|len| *len == (400 * 400 * 8 + 128).to_string()), "{shipped}\n{text}");
+        for rank in 1..ranks {
+            let got: u64 = shipped
+                .lines()
+                .map(|l| l.split(' ').collect::<Vec<_>>())
+                .filter(|f| f[0] == rank.to_string())
+                .map(|f| f[2].parse::<u64>().unwrap())
+                .sum();
+            assert_eq!(got, 400 * 400 * 8, "rank {rank}\n{shipped}\n{text}");
+        }
+        assert!(!shipped.lines().any(|l| l.starts_with("0 ")), "{shipped}\n{text}");
         assert_clean_parent(dir.tmp(), &text);
     }
 }

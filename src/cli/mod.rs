@@ -736,8 +736,7 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
     let needed = needed_bytes(&req.source, &req.modes);
     let folder =
         RunFolder::create(req.settings.temp_folder.as_deref(), needed).map_err(|e| CliError::usage(e.to_string()))?;
-    let Request { mut modes, source, settings, check, out: out_target, trace: trace_target } = req;
-    mpi::check_folder(&folder, &mut modes, args.mode == "all")?;
+    let Request { modes, source, settings, check, out: out_target, trace: trace_target } = req;
     mpi::record_places(settings.processes);
     let inputs = source.materialize()?;
     let (m, k, n) = inputs.dims();

@@ -7,7 +7,6 @@ use std::sync::Mutex;
 
 use super::CliError;
 use crate::matmul::Mode;
-use crate::run_folder::RunFolder;
 
 /// Where each worker of the last pool placed ran: (rank, host), by index.
 static PLACES: Mutex<Vec<(usize, String)>> = Mutex::new(Vec::new());
@@ -98,41 +97,6 @@ pub(super) fn adjust_modes(modes: &mut Vec<Mode>, all: bool, fork_start: bool) -
         ));
     }
     Ok(())
-}
-
-/// Under MPI, memmap-out needs the run folder on a filesystem every node
-/// sees (its workers write C's rows in place): checked here (not
-/// assumed). When a node does not see it, memmap still runs (A and B are
-/// copied to that node once per call, see `pool/cluster/ship.rs`), while
-/// `all` leaves memmap-out out with a note, and asking for it is an error
-/// naming the node.
-pub(super) fn check_folder(folder: &RunFolder, modes: &mut Vec<Mode>, all: bool) -> Result<(), CliError> {
-    #[cfg(feature = "mpi")]
-    {
-        if !on_mpi() || !modes.contains(&Mode::MemmapOut) {
-            return Ok(());
-        }
-        let Some((rank, host)) = crate::cluster::probe_shared(folder.path())? else { return Ok(()) };
-        let why = format!(
-            "the temp folder {} is not on a filesystem shared by every node (rank {rank} on host {host} \
-             does not see it), so memmap-out cannot write C's rows in place there",
-            folder.path().parent().unwrap_or(folder.path()).display()
-        );
-        if all {
-            eprintln!(
-                "procjob: note: {why}; memmap-out is left out (copy and memmap run, A and B copied to that \
-                 node once); put --temp-folder on a shared filesystem to run it"
-            );
-            modes.retain(|m| *m != Mode::MemmapOut);
-            return Ok(());
-        }
-        Err(CliError::usage(format!("{why}; put --temp-folder on a shared filesystem, or use --mode memmap")))
-    }
-    #[cfg(not(feature = "mpi"))]
-    {
-        let _ = (folder, modes, all);
-        Ok(())
-    }
 }
 
 /// Bytes sent to and received from other ranks so far, as rank 0 sees it.

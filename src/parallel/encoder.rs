@@ -167,10 +167,10 @@ impl CallEncoder {
     /// Notes the folder of a file reference, which workers must be allowed
     /// to map from (see [`procjob_worker::confine`]). The path is canonical:
     /// `Array::open_npy`/`create_npy` and the run folder make it so. Under
-    /// MPI, the file is first copied to the nodes that do not see it.
+    /// MPI, the nodes that do not see it are readied to receive its bytes.
     fn note_folder(&mut self, r: &ArrayRef) -> Result<(), String> {
         let ArrayRef::File { path, access, .. } = r else { return Ok(()) };
-        crate::pool::cluster::ship(path, *access == Access::ReadWrite)?;
+        crate::pool::cluster::prepare(path, *access == Access::ReadWrite)?;
         let Some(folder) = path.parent() else { return Ok(()) };
         if !self.folders.iter().any(|f| f == folder) {
             self.folders.push(folder.to_path_buf());

@@ -16,7 +16,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ use procjob_worker::secret::PoolSecret;
 use procjob_worker::serve::WORKER_ENV;
 
 use super::link::{self, Incoming, Link, Outgoing};
-use super::wire::{self, Down, Exit, Key, Up, TAG_CONTROL, TAG_DATA, TAG_FILE};
+use super::wire::{self, Down, Exit, Key, Span, Up, TAG_CONTROL, TAG_DATA, TAG_FILE};
 use crate::pool::pipes::{kill_pid, wait_or_kill, THREAD_ENV};
 
 /// Simulates a node that does not see rank 0's files (for tests): set to
@@ -39,7 +39,13 @@ struct Worker {
     /// Set once the reader thread has reaped it.
     reaped: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
+    /// Bytes to send back to rank 0 when it answers its n-th batch.
+    write_backs: WriteBacks,
 }
+
+/// Spans of files a worker writes, by the number of the batch that writes
+/// them (see `ship.rs`).
+type WriteBacks = Arc<Mutex<HashMap<u64, Vec<Span>>>>;
 
 /// Sends a control message to rank 0.
 fn up(link: &Link, m: &Up) {
@@ -93,6 +99,11 @@ pub(super) fn run() -> ! {
                 up(&tx, &Up::Probed { same });
             }
             Down::MakeFolder { path } => super::ship::make_folder(&path),
+            Down::WriteBack { key, run, spans } => {
+                if let Some(w) = workers.get(&key) {
+                    w.write_backs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(run, spans);
+                }
+            }
             Down::Shutdown => {
                 stop_all(&mut workers);
                 super::ship::remove_folders();
@@ -173,14 +184,39 @@ fn start(key: Key, secret: &PoolSecret, threads: u32, link: &Link) -> Result<Wor
     let reaped = Arc::new(AtomicBool::new(false));
     let done = Arc::clone(&reaped);
     let out = link.clone();
+    let write_backs = WriteBacks::default();
+    let pending = Arc::clone(&write_backs);
     let reader = std::thread::Builder::new().name(format!("procjob-agent-out-{}", key.slot)).spawn(move || {
         let mut stdout = File::from(std::os::fd::OwnedFd::from(stdout));
         let mut buf = vec![0u8; 1 << 20];
-        loop {
+        let mut frames = Frames::default();
+        let relay = |bytes: &[u8]| {
+            if !bytes.is_empty() {
+                let _ = out.send(Outgoing { dest: 0, tag: TAG_DATA, bytes: wire::data(key, bytes) });
+            }
+        };
+        'read: loop {
             match stdout.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
-                    let _ = out.send(Outgoing { dest: 0, tag: TAG_DATA, bytes: wire::data(key, &buf[..n]) });
+                    let mut from = 0;
+                    for (end, run) in frames.feed(&buf[..n]) {
+                        let spans = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&run);
+                        let Some(spans) = spans else { continue };
+                        // The answer's last byte goes after the rows it
+                        // reports, so they are in rank 0's file before
+                        // rank 0 can read the answer.
+                        relay(&buf[from..end - 1]);
+                        from = end - 1;
+                        if let Err(e) = super::ship::write_back(&out, key, &spans) {
+                            // The answer must not reach rank 0 without its
+                            // rows: the worker is ended, its batch fails.
+                            eprintln!("procjob: error: cannot send a worker's rows back to rank 0: {e}");
+                            kill_pid(pid);
+                            break 'read;
+                        }
+                    }
+                    relay(&buf[from..n]);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => break,
@@ -194,7 +230,7 @@ fn start(key: Key, secret: &PoolSecret, threads: u32, link: &Link) -> Result<Wor
         up(&out, &Up::Exited { key, exit: Exit::from(exit) });
     });
     match (writer, reader) {
-        (Ok(_), Ok(reader)) => Ok(Worker { pid, input: Some(input_tx), reaped, reader: Some(reader) }),
+        (Ok(_), Ok(reader)) => Ok(Worker { pid, input: Some(input_tx), reaped, reader: Some(reader), write_backs }),
         _ => {
             kill_pid(pid);
             Err("cannot start the threads that relay a worker's pipes".into())
@@ -237,4 +273,109 @@ fn outlive_the_launchers_sigterm() {
         super::ship::remove_folders();
         std::process::exit(128 + libc::SIGTERM);
     });
+}
+
+/// Where the frames of a worker's output stream end, and which of them
+/// answer a batch ([`Reply::Results`](procjob_worker::protocol::Reply)),
+/// read from each frame's prelude (see `procjob_worker::protocol`) and the
+/// first byte of its payload (postcard's variant index).
+#[derive(Debug, Default)]
+struct Frames {
+    /// The current frame's prelude and first payload byte, as far as read.
+    head: Vec<u8>,
+    /// Its bytes not read yet, once `head` is whole.
+    left: u64,
+    /// Whether it answers a batch.
+    results: bool,
+    /// Answers to batches seen so far.
+    answers: u64,
+}
+
+/// The variant index of [`Reply::Results`](procjob_worker::protocol::Reply)
+/// in postcard: the first byte of its payload.
+const RESULTS_VARIANT: u8 = 2;
+
+impl Frames {
+    /// Reads `bytes`, the next of the stream; returns, for each answer to a
+    /// batch that ends in them, the offset just past its end and its number.
+    fn feed(&mut self, bytes: &[u8]) -> Vec<(usize, u64)> {
+        use procjob_worker::protocol::{FrameKind, PRELUDE_LEN};
+        let mut ends = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.head.len() <= PRELUDE_LEN && self.left == 0 {
+                let want = if self.head.len() < PRELUDE_LEN { PRELUDE_LEN } else { PRELUDE_LEN + 1 };
+                let take = (want - self.head.len()).min(bytes.len() - i);
+                self.head.extend_from_slice(&bytes[i..i + take]);
+                i += take;
+                if self.head.len() < PRELUDE_LEN {
+                    continue;
+                }
+                let payload = u32::from_le_bytes([self.head[8], self.head[9], self.head[10], self.head[11]]) as u64;
+                let mut bulk = [0u8; 8];
+                bulk.copy_from_slice(&self.head[12..20]);
+                let total = PRELUDE_LEN as u64 + payload + u64::from_le_bytes(bulk);
+                if self.head.len() == PRELUDE_LEN && payload > 0 {
+                    continue; // the payload's first byte is still to come
+                }
+                self.results =
+                    self.head[6] == FrameKind::Reply as u8 && self.head.get(PRELUDE_LEN) == Some(&RESULTS_VARIANT);
+                self.left = total - self.head.len() as u64;
+                self.head.push(0); // whole: the next bytes are the frame's rest
+            } else {
+                let take = self.left.min((bytes.len() - i) as u64);
+                self.left -= take;
+                i += take as usize;
+            }
+            if self.left == 0 {
+                if self.results {
+                    ends.push((i, self.answers));
+                    self.answers += 1;
+                }
+                self.head.clear();
+            }
+        }
+        ends
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Frames, RESULTS_VARIANT};
+    use procjob_worker::protocol::{self, FrameKind, Ready, Reply, Results};
+
+    fn frame(reply: &Reply) -> Vec<u8> {
+        let mut out = Vec::new();
+        protocol::send(&mut out, FrameKind::Reply, reply, &[]).unwrap();
+        out
+    }
+
+    fn results() -> Reply {
+        Reply::Results(Results { tasks: Vec::new(), memory: None, received_ns: 1, mapped_ns: 2, replying_ns: 3 })
+    }
+
+    #[test]
+    fn results_variant_is_the_first_payload_byte_of_an_answer() {
+        let f = frame(&results());
+        assert_eq!(f[protocol::PRELUDE_LEN], RESULTS_VARIANT);
+    }
+
+    #[test]
+    fn frames_finds_each_answers_end_however_the_stream_is_cut() {
+        let ready = Reply::Ready(Ready { protocol: 6, pid: 1, same_binary: true, memory: Default::default() });
+        let stream: Vec<u8> = [frame(&ready), frame(&results()), frame(&results())].concat();
+        let a = frame(&ready).len();
+        let b = frame(&results()).len();
+        let want = vec![(a + b, 0), (a + 2 * b, 1)];
+        for cut in 1..=stream.len() {
+            let mut frames = Frames::default();
+            let mut got = Vec::new();
+            let mut at = 0;
+            for piece in stream.chunks(cut) {
+                got.extend(frames.feed(piece).into_iter().map(|(end, n)| (at + end, n)));
+                at += piece.len();
+            }
+            assert_eq!(got, want, "pieces of {cut} bytes");
+        }
+    }
 }

@@ -10,8 +10,9 @@
 //! in `transport.rs`. The frames are the same bytes as on a pipe, so the
 //! workers cannot tell; file references in them hold where the temp
 //! folder is on a filesystem every node sees, which [`probe_shared`]
-//! checks, and elsewhere once `ship.rs` has copied the file to the same
-//! path on that node.
+//! checks; elsewhere `ship.rs` copies the bytes a batch reads to the same
+//! path on that node before the batch, and brings back the rows a worker
+//! wrote there before its answer.
 //!
 //! This file is compiled without the feature too: it says whether the
 //! process was launched by an MPI launcher, so that a binary built without
@@ -31,7 +32,7 @@ mod wire;
 mod world;
 
 #[cfg(feature = "mpi")]
-pub(crate) use ship::ship;
+pub(crate) use ship::prepare;
 #[cfg(feature = "mpi")]
 pub(crate) use transport::pool_on_ranks;
 #[cfg(feature = "mpi")]
@@ -93,11 +94,10 @@ pub(crate) fn init() {
     }
 }
 
-/// Makes the file at `path` available at the same path on every node
-/// before a worker is sent a reference to it (see `ship.rs`); nothing
-/// without MPI.
+/// Readies the file at `path` to be referred to by workers on every node
+/// (see `ship.rs`); nothing without MPI.
 #[cfg(not(feature = "mpi"))]
-pub(crate) fn ship(path: &std::path::Path, writable: bool) -> Result<(), String> {
+pub(crate) fn prepare(path: &std::path::Path, writable: bool) -> Result<(), String> {
     let _ = (path, writable);
     Ok(())
 }

@@ -1,49 +1,112 @@
-//! Files to nodes that do not see rank 0's run folder.
+//! Files to nodes that do not see rank 0's run folder, and rows back.
 //!
 //! A worker maps the files its inputs refer to by path. Where a node does
 //! not see rank 0's run folder (a node-local `/tmp`), rank 0 has that
 //! node's agent make a folder at the same path on its node (the name is
-//! private to this run: `procjob-<pid>-<random>`), and ships each file a
-//! worker is about to map there once, before the first frame that refers
-//! to it: so the references in the frames hold unchanged on every node.
-//! The bytes travel as [`TAG_FILE`] messages of at most [`CHUNK`] bytes;
-//! messages from rank 0 to an agent arrive in the order they were sent, so
-//! a file is complete before the frame that refers to it reaches its
-//! worker. The agent writes to a temporary name and renames it over the
-//! path at the end (where the folder is rank 0's own, as when several
-//! "nodes" are simulated on one machine, rank 0's maps keep their file),
-//! and removes the folders it made when it leaves.
+//! private to this run: `procjob-<pid>-<random>`), so the references in
+//! the frames hold unchanged on every node. Then, as each batch leaves for
+//! a worker on such a node ([`before_run`]):
+//!
+//! - of a file the worker reads, the bytes the batch refers to that the
+//!   node does not have yet are shipped (a row block of A when its task
+//!   goes there, all of B once), into a file of the same length at the
+//!   same path, the rest of it a hole;
+//! - a file the worker writes (memmap-out's C) is made there, as long as
+//!   rank 0's and empty, and the agent is told which bytes of it the batch
+//!   writes ([`Down::WriteBack`]): when the worker's answer to that batch
+//!   comes, the agent sends those bytes to rank 0 just before the answer's
+//!   last byte, and rank 0 writes them into its file ([`land`]) before its
+//!   reader can have decoded the answer.
+//!
+//! The bytes travel as [`TAG_FILE`] messages of at most [`CHUNK`] bytes.
+//! Messages between two ranks arrive in the order they were sent, so
+//! shipped bytes are in place before the frame that refers to them reaches
+//! its worker, and rows written back land before the answer that reports
+//! them. The agent removes the folders it made when it leaves. Where the
+//! folder an agent was to make is there already (rank 0's own, when
+//! several "nodes" are simulated on one machine), it writes nothing into
+//! it: the bytes are there.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use super::link::Outgoing;
-use super::wire::{self, Down, TAG_FILE};
-use super::world::{hub, probe_nodes, world};
+use procjob_worker::protocol::{Access, ArrayRef, Batch};
 
-/// For tests: a file to which an agent appends a line per file it
-/// receives (its rank, the file's length, its path).
+use super::link::{Link, Outgoing};
+use super::wire::{self, Down, Key, Span, TAG_FILE};
+use super::world::{hub, probe_nodes, world, Hub};
+
+/// For tests: a file to which an agent appends a line per piece of a file
+/// it receives (its rank, the piece's offset and length, the path).
 const SHIP_LOG_ENV: &str = "PROCJOB_MPI_SHIP_LOG";
 
 /// The largest piece of a file in one message.
-const CHUNK: usize = 64 << 20;
+const CHUNK: u64 = 64 << 20;
 
 /// What heads a [`TAG_FILE`] message (postcard, after its length as a
-/// little-endian u32); the bytes follow.
+/// little-endian u32); the piece's bytes follow.
 #[derive(Debug, Serialize, Deserialize)]
 struct Piece {
     path: PathBuf,
+    /// Where the bytes go in the file.
     offset: u64,
-    last: bool,
-    /// The file's modification time on rank 0 (nanoseconds since the
-    /// epoch), which the copy takes: rank 0 knows a file it has shipped by
-    /// its length and this, which a copy renamed over rank 0's own file
-    /// (one machine) keeps.
-    modified_ns: u128,
+    /// To an agent: the first piece of this file to its node; the agent
+    /// makes the file anew, `file_len` bytes long (a hole), before writing.
+    fresh: bool,
+    file_len: u64,
+    /// To rank 0: the worker whose rows these are (their landing failing
+    /// fails that worker's batch).
+    worker: Option<Key>,
+}
+
+/// A [`TAG_FILE`] message: `piece`, then `len` bytes that `fill` writes.
+fn message(piece: &Piece, len: u64, fill: impl FnOnce(&mut [u8]) -> std::io::Result<()>) -> Result<Vec<u8>, String> {
+    let head = wire::encode(piece);
+    let total = 4 + head.len() + len as usize;
+    let mut m = Vec::new();
+    m.try_reserve_exact(total).map_err(|_| format!("cannot allocate {len} bytes to send a piece of a file"))?;
+    m.extend_from_slice(&(head.len() as u32).to_le_bytes());
+    m.extend_from_slice(&head);
+    m.resize(total, 0);
+    fill(&mut m[4 + head.len()..]).map_err(|e| format!("cannot read {}: {e}", piece.path.display()))?;
+    Ok(m)
+}
+
+/// The piece a [`TAG_FILE`] message carries, and its bytes.
+fn split(message: &[u8]) -> Option<(Piece, &[u8])> {
+    let len = u32::from_le_bytes(message.get(..4)?.try_into().ok()?) as usize;
+    let piece = wire::decode::<Piece>(message.get(4..4 + len)?)?;
+    Some((piece, &message[4 + len..]))
+}
+
+/// Sends bytes `start..end` of the open `file` to `dest` in pieces.
+fn send_span(link: &Link, dest: usize, file: &std::fs::File, mut piece: Piece, end: u64) -> Result<(), String> {
+    loop {
+        let n = CHUNK.min(end.saturating_sub(piece.offset));
+        let m = message(&piece, n, |buf| file.read_exact_at(buf, piece.offset))?;
+        link.send(Outgoing { dest: dest as i32, tag: TAG_FILE, bytes: m })
+            .map_err(|_| "the MPI thread has stopped".to_string())?;
+        piece.offset += n;
+        piece.fresh = false;
+        if piece.offset >= end {
+            return Ok(());
+        }
+    }
+}
+
+/// A file of a run folder some node does not see, as rank 0 knows it.
+struct ShippedFile {
+    /// Its length and modification time when last prepared: another
+    /// version at the same path is shipped anew.
+    version: (u64, u128),
+    /// Whether workers write it (in place, memmap-out's C).
+    writable: bool,
+    /// Per agent, the byte ranges of this version it has (sorted, disjoint).
+    sent: HashMap<usize, Vec<(u64, u64)>>,
 }
 
 /// Rank 0's record of what it has shipped.
@@ -51,92 +114,163 @@ struct Piece {
 struct Shipped {
     /// Run folder → the agents of the nodes that do not see it.
     folders: HashMap<PathBuf, Vec<usize>>,
-    /// Files shipped: path, length, modification time.
-    files: HashSet<(PathBuf, u64, u128)>,
+    files: HashMap<PathBuf, ShippedFile>,
 }
 
 static SHIPPED: Mutex<Option<Shipped>> = Mutex::new(None);
+
+fn shipped() -> std::sync::MutexGuard<'static, Option<Shipped>> {
+    SHIPPED.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Whether `folder` is named as procjob names its run folders.
 fn is_run_folder(folder: &Path) -> bool {
     folder.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("procjob-"))
 }
 
-/// Makes the file at `path` (canonical) available at the same path on
-/// every node, before a worker is sent a reference to it (rank 0, under
-/// MPI; nothing elsewhere). A file to be written (`writable`) cannot be: its
-/// rows would stay on the other node.
-pub(crate) fn ship(path: &Path, writable: bool) -> Result<(), String> {
+/// Readies the file at `path` (canonical) to be referred to by workers on
+/// every node (rank 0, under MPI; nothing elsewhere): finds which nodes do
+/// not see its folder and has their agents make it; the bytes go as
+/// batches need them ([`before_run`]). A file outside procjob's run folder
+/// that some node does not see is an error naming the node.
+pub(crate) fn prepare(path: &Path, writable: bool) -> Result<(), String> {
     let (Some(_), Some(hub)) = (world(), hub()) else { return Ok(()) };
     let Some(folder) = path.parent() else { return Ok(()) };
-    let mut guard = SHIPPED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut guard = shipped();
     let shipped = guard.get_or_insert_with(Shipped::default);
-    let agents = match shipped.folders.get(folder) {
-        Some(agents) => agents.clone(),
-        None => {
-            let blind = probe_nodes(folder).map_err(|e| e.to_string())?;
-            if let Some((rank, host)) = blind.first() {
-                if !is_run_folder(folder) {
-                    return Err(format!(
-                        "{} is not on a filesystem every node sees (rank {rank} on host {host} does not see it), \
-                         and only procjob's own run folder is copied to such nodes; put the file on a shared \
-                         filesystem",
-                        path.display()
-                    ));
-                }
+    if !shipped.folders.contains_key(folder) {
+        let blind = probe_nodes(folder).map_err(|e| e.to_string())?;
+        if let Some((rank, host)) = blind.first() {
+            if !is_run_folder(folder) {
+                return Err(format!(
+                    "{} is not on a filesystem every node sees (rank {rank} on host {host} does not see it), \
+                     and only procjob's own run folder is copied to such nodes; put the file on a shared \
+                     filesystem",
+                    path.display()
+                ));
             }
-            let agents: Vec<usize> = blind.into_iter().map(|(rank, _)| rank).collect();
-            for &agent in &agents {
-                hub.send(agent, &Down::MakeFolder { path: folder.to_path_buf() });
-            }
-            shipped.folders.insert(folder.to_path_buf(), agents.clone());
-            agents
         }
-    };
-    if agents.is_empty() {
-        return Ok(());
+        let agents: Vec<usize> = blind.into_iter().map(|(rank, _)| rank).collect();
+        for &agent in &agents {
+            hub.send(agent, &Down::MakeFolder { path: folder.to_path_buf() });
+        }
+        shipped.folders.insert(folder.to_path_buf(), agents);
     }
-    if writable {
-        return Err(format!(
-            "{} is to be written in place, but rank {} does not see the folder it is in; put the temp \
-             folder on a filesystem every node sees",
-            path.display(),
-            agents[0]
-        ));
+    if shipped.folders[folder].is_empty() {
+        return Ok(());
     }
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let modified_ns =
         meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
-    let id = (path.to_path_buf(), meta.len(), modified_ns);
-    if shipped.files.contains(&id) {
-        return Ok(());
+    let version = (meta.len(), modified_ns);
+    let file = shipped.files.entry(path.to_path_buf()).or_insert_with(|| ShippedFile {
+        version,
+        writable,
+        sent: HashMap::new(),
+    });
+    if file.version != version || file.writable != writable {
+        *file = ShippedFile { version, writable, sent: HashMap::new() };
     }
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let len = meta.len();
-    let mut offset = 0u64;
-    loop {
-        let n = CHUNK.min((len - offset) as usize);
-        let last = offset + n as u64 == len;
-        let head = wire::encode(&Piece { path: path.to_path_buf(), offset, last, modified_ns });
-        let mut message = Vec::new();
-        message
-            .try_reserve_exact(4 + head.len() + n)
-            .map_err(|_| format!("cannot allocate {n} bytes to ship a file"))?;
-        message.extend_from_slice(&(head.len() as u32).to_le_bytes());
-        message.extend_from_slice(&head);
-        message.resize(4 + head.len() + n, 0);
-        file.read_exact_at(&mut message[4 + head.len()..], offset)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        for &agent in &agents {
-            let _ = hub.link.send(Outgoing { dest: agent as i32, tag: TAG_FILE, bytes: message.clone() });
+    Ok(())
+}
+
+/// The parts of `start..end` not in `have` (sorted, disjoint).
+fn missing(have: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = start;
+    for &(a, b) in have {
+        if b <= at {
+            continue;
         }
-        offset += n as u64;
-        if offset >= len {
+        if a >= end {
             break;
         }
+        if a > at {
+            out.push((at, a));
+        }
+        at = at.max(b);
     }
-    shipped.files.insert(id);
+    if at < end {
+        out.push((at, end));
+    }
+    out
+}
+
+/// Adds `start..end` to `have`, keeping it sorted and disjoint.
+fn add(have: &mut Vec<(u64, u64)>, start: u64, end: u64) {
+    let (mut a, mut b) = (start, end);
+    have.retain(|&(x, y)| {
+        let overlaps = x <= b && a <= y;
+        if overlaps {
+            a = a.min(x);
+            b = b.max(y);
+        }
+        !overlaps
+    });
+    let at = have.partition_point(|&(x, _)| x < a);
+    have.insert(at, (a, b));
+}
+
+/// Rank 0, before `batch` goes to the worker `key` of the agent `agent` as
+/// its `run`-th batch: ships what the batch reads that the node lacks, and
+/// tells the agent what it writes (see the module docs).
+pub(super) fn before_run(hub: &Hub, agent: usize, key: Key, run: u64, batch: &Batch) -> Result<(), String> {
+    let mut guard = shipped();
+    let Some(shipped) = guard.as_mut() else { return Ok(()) };
+    let refs =
+        batch.shared.iter().flat_map(|s| s.arrays.iter()).chain(batch.tasks.iter().flat_map(|t| t.arrays.iter()));
+    let mut spans = Vec::new();
+    for r in refs {
+        let ArrayRef::File { path, offset, access, .. } = r else { continue };
+        let blind = path.parent().and_then(|f| shipped.folders.get(f)).is_some_and(|a| a.contains(&agent));
+        let Some(file) = shipped.files.get_mut(path).filter(|_| blind) else { continue };
+        let file_len = file.version.0;
+        let start = (*offset).min(file_len);
+        let end = offset.saturating_add(r.nbytes().unwrap_or(0)).min(file_len);
+        let fresh = !file.sent.contains_key(&agent);
+        let have = file.sent.entry(agent).or_default();
+        let mut gaps =
+            if file.writable || *access == Access::ReadWrite { Vec::new() } else { missing(have, start, end) };
+        if fresh && gaps.is_empty() {
+            // Make the file there, even with nothing to put in it.
+            gaps.push((start, start));
+        }
+        if !gaps.is_empty() {
+            let f = std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            for (i, &(a, b)) in gaps.iter().enumerate() {
+                let piece = Piece { path: path.clone(), offset: a, fresh: fresh && i == 0, file_len, worker: None };
+                send_span(&hub.link, agent, &f, piece, b)?;
+                add(have, a, b);
+            }
+        }
+        if file.writable && end > start {
+            spans.push(Span { path: path.clone(), offset: start, len: end - start });
+        }
+    }
+    if !spans.is_empty() {
+        hub.send(agent, &Down::WriteBack { key, run, spans });
+    }
     Ok(())
+}
+
+/// Rank 0: writes rows a worker of another node wrote in place into the
+/// same file here, which must be one that workers write, and the rows
+/// within it. On failure, the error and the worker whose rows they were.
+pub(super) fn land(message: &[u8]) -> Result<(), (String, Option<Key>)> {
+    let Some((piece, bytes)) = split(message) else { return Err(("a malformed piece of a file".into(), None)) };
+    let guard = shipped();
+    let known = guard.as_ref().and_then(|s| s.files.get(&piece.path)).filter(|f| f.writable);
+    let Some(file) = known else {
+        return Err((format!("rows of {}, which no worker writes", piece.path.display()), piece.worker));
+    };
+    if piece.offset.saturating_add(bytes.len() as u64) > file.version.0 {
+        return Err((format!("rows past the end of {}", piece.path.display()), piece.worker));
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&piece.path)
+        .and_then(|f| f.write_all_at(bytes, piece.offset))
+        .map_err(|e| (format!("cannot write rows into {}: {e}", piece.path.display()), piece.worker))
 }
 
 /// Folders an agent made (removed when it leaves), and those it accepted
@@ -152,63 +286,60 @@ pub(super) fn make_folder(folder: &Path) {
     let mut f = FOLDERS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     match std::fs::DirBuilder::new().mode(0o700).create(folder) {
         Ok(()) => f.0.push(folder.to_path_buf()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => {
-            eprintln!("procjob: error: cannot make {} on this node: {e}", folder.display());
-            return;
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => f.1.push(folder.to_path_buf()),
+        Err(e) => eprintln!("procjob: error: cannot make {} on this node: {e}", folder.display()),
     }
-    f.1.push(folder.to_path_buf());
 }
 
 /// An agent: writes a piece of a shipped file (see the module docs).
 pub(super) fn receive(message: &[u8]) {
-    let Some(len) = message.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes) else { return };
-    let Some(head) = message.get(4..4 + len as usize) else { return };
-    let Some(piece) = wire::decode::<Piece>(head) else { return };
-    let bytes = &message[4 + len as usize..];
-    let (Some(folder), Some(name)) = (piece.path.parent(), piece.path.file_name()) else { return };
-    let accepted = FOLDERS.lock().is_ok_and(|f| f.1.iter().any(|a| a == folder));
-    if !accepted {
-        return;
-    }
-    let temp = folder.join(format!(".{}.shipped-{}", name.to_string_lossy(), std::process::id()));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(piece.offset == 0)
-        .mode(0o600)
-        .open(&temp)
-        .and_then(|f| {
-            f.write_all_at(bytes, piece.offset)?;
-            if piece.last {
-                let nanos = u64::try_from(piece.modified_ns).unwrap_or(u64::MAX);
-                f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(nanos))?;
-            }
-            Ok(())
-        });
-    let renamed = match written {
-        Ok(()) if piece.last => std::fs::rename(&temp, &piece.path).and_then(|()| log(&piece.path)),
-        other => other,
+    let Some((piece, bytes)) = split(message) else { return };
+    let Some(folder) = piece.path.parent() else { return };
+    let (made, own) = {
+        let f = FOLDERS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        (f.0.iter().any(|a| a == folder), f.1.iter().any(|a| a == folder))
     };
-    if let Err(e) = renamed {
-        let _ = std::fs::remove_file(&temp);
-        // Rank 0's own folder (one machine), removed at its end before this
-        // copy came: nothing is lost.
-        if !folder.exists() {
-            return;
-        }
+    let written = if made {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(piece.fresh)
+            .mode(0o600)
+            .open(&piece.path)
+            .and_then(|f| {
+                if piece.fresh {
+                    f.set_len(piece.file_len)?;
+                }
+                f.write_all_at(bytes, piece.offset)
+            })
+    } else if own {
+        Ok(())
+    } else {
+        return;
+    };
+    if let Err(e) = written.and_then(|()| log(&piece, bytes.len())) {
         eprintln!("procjob: error: cannot write {} on this node: {e}", piece.path.display());
     }
 }
 
-/// Notes a received file in the file [`SHIP_LOG_ENV`] names, if any.
-fn log(path: &Path) -> std::io::Result<()> {
+/// An agent: sends the bytes of `spans` (written by the worker `key`) to
+/// rank 0, to land in the same files there.
+pub(super) fn write_back(link: &Link, key: Key, spans: &[Span]) -> Result<(), String> {
+    for s in spans {
+        let file = std::fs::File::open(&s.path).map_err(|e| format!("cannot open {}: {e}", s.path.display()))?;
+        let piece = Piece { path: s.path.clone(), offset: s.offset, fresh: false, file_len: 0, worker: Some(key) };
+        send_span(link, 0, &file, piece, s.offset.saturating_add(s.len))?;
+    }
+    Ok(())
+}
+
+/// Notes a received piece in the file [`SHIP_LOG_ENV`] names, if any.
+fn log(piece: &Piece, len: usize) -> std::io::Result<()> {
     let Some(log) = std::env::var_os(SHIP_LOG_ENV) else { return Ok(()) };
-    let len = std::fs::metadata(path)?.len();
     let rank = std::env::var("OMPI_COMM_WORLD_RANK").unwrap_or_else(|_| "?".into());
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-    std::io::Write::write_all(&mut f, format!("{rank} {len} {}\n", path.display()).as_bytes())
+    let line = format!("{rank} {} {len} {}\n", piece.offset, piece.path.display());
+    std::io::Write::write_all(&mut f, line.as_bytes())
 }
 
 /// An agent, as it leaves: removes the folders it made.
@@ -218,4 +349,30 @@ pub(super) fn remove_folders() {
         let _ = std::fs::remove_dir_all(folder);
     }
     f.1.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{add, missing};
+
+    #[test]
+    fn missing_is_what_the_ranges_do_not_cover() {
+        let have = vec![(10, 20), (30, 40)];
+        assert_eq!(missing(&have, 0, 50), vec![(0, 10), (20, 30), (40, 50)]);
+        assert_eq!(missing(&have, 12, 18), vec![]);
+        assert_eq!(missing(&have, 15, 35), vec![(20, 30)]);
+        assert_eq!(missing(&[], 5, 9), vec![(5, 9)]);
+    }
+
+    #[test]
+    fn add_merges_overlapping_and_touching_ranges() {
+        let mut have = vec![(10, 20), (30, 40)];
+        add(&mut have, 20, 30);
+        assert_eq!(have, vec![(10, 40)]);
+        add(&mut have, 0, 5);
+        add(&mut have, 50, 60);
+        assert_eq!(have, vec![(0, 5), (10, 40), (50, 60)]);
+        add(&mut have, 3, 55);
+        assert_eq!(have, vec![(0, 60)]);
+    }
 }

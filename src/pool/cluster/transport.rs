@@ -92,6 +92,8 @@ struct Remote {
     output: File,
     arriving: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
+    /// Batches written to it so far (the number of the next).
+    runs: u64,
 }
 
 /// A worker's input stream as seen from rank 0: bytes gather until a
@@ -232,27 +234,39 @@ impl Ranks {
             };
             let mut input = LinkWriter::new(self.hub, rank, key);
             let sent = protocol::send(&mut input, FrameKind::Request, &Request::Hello(hello(index)), &[]);
-            self.remote[index] = Some(Remote { key, rank, input: Some(input), output, arriving, reader: Some(reader) });
+            self.remote[index] =
+                Some(Remote { key, rank, input: Some(input), output, arriving, reader: Some(reader), runs: 0 });
             started.push(Started { index, pid, requested_ns, spawned_ns, hello_bytes: sent.ok() });
         }
         (started, failure)
     }
 }
 
-/// Writes one request frame to a remote worker (`None`: not running).
+/// Writes one request frame to a remote worker (`None`: not running),
+/// having shipped to its node what a batch reads there (`ship.rs`).
 fn write_remote(
-    input: Option<&mut LinkWriter>,
+    hub: &Hub,
+    remote: Option<&mut Remote>,
     worker: WorkerId,
     request: &Request,
     bulk: &[&[u8]],
 ) -> Result<u64, SendError> {
-    let Some(input) = input else {
+    let Some(Remote { key, rank, input: Some(input), runs, .. }) = remote else {
         return Err(SendError::Broken(Error::Transport { worker, reason: "the worker is not running".into() }));
     };
-    protocol::send(input, FrameKind::Request, request, bulk).map_err(|e| match e.kind() {
+    if let Request::Run(batch) = request {
+        // Nothing of the frame is written yet: the worker stays as it was.
+        super::ship::before_run(hub, *rank, *key, *runs, batch)
+            .map_err(|e| SendError::Unsendable(std::io::Error::other(format!("cannot ship a batch's files: {e}"))))?;
+    }
+    let sent = protocol::send(input, FrameKind::Request, request, bulk).map_err(|e| match e.kind() {
         std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => SendError::Unsendable(e),
         _ => SendError::Broken(Error::Transport { worker, reason: format!("cannot send a batch: {e}") }),
-    })
+    })?;
+    if matches!(request, Request::Run(_)) {
+        *runs += 1;
+    }
+    Ok(sent)
 }
 
 impl Transport for Ranks {
@@ -285,7 +299,7 @@ impl Transport for Ranks {
         if self.is_local(index) {
             return self.local.send(index, worker, request, bulk);
         }
-        write_remote(self.remote[index].as_mut().and_then(|r| r.input.as_mut()), worker, request, bulk)
+        write_remote(self.hub, self.remote[index].as_mut(), worker, request, bulk)
     }
 
     fn send_many(&mut self, frames: &[(usize, WorkerId, &Request, &[&[u8]])]) -> Vec<Result<u64, SendError>> {
@@ -301,12 +315,7 @@ impl Transport for Ranks {
                     }),
                 );
             } else {
-                out.push(write_remote(
-                    self.remote[index].as_mut().and_then(|r| r.input.as_mut()),
-                    worker,
-                    request,
-                    bulk,
-                ));
+                out.push(write_remote(self.hub, self.remote[index].as_mut(), worker, request, bulk));
             }
         }
         out

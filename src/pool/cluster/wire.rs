@@ -19,7 +19,8 @@ pub(super) const TAG_CONTROL: i32 = 1;
 pub(super) const TAG_DATA: i32 = 2;
 /// Tag of the start-up exchange in [`super::world`].
 pub(super) const TAG_HELLO: i32 = 3;
-/// Tag of a piece of a file shipped to a node (see [`super::ship`]).
+/// Tag of a piece of a file: shipped to a node, or rows written there sent
+/// back to rank 0 (see [`super::ship`]).
 pub(super) const TAG_FILE: i32 = 4;
 
 /// One worker, in one slot of one pool of rank 0, in one generation.
@@ -74,8 +75,20 @@ pub(super) enum Down {
     Probe { path: std::path::PathBuf, content: Vec<u8> },
     /// Make the run folder `path` on the agent's node (see [`super::ship`]).
     MakeFolder { path: std::path::PathBuf },
+    /// When the worker for `key` answers the batch it was sent as its
+    /// `run`-th (counting from 0), send these byte spans of files it wrote
+    /// in place back to rank 0, before the answer (see [`super::ship`]).
+    WriteBack { key: Key, run: u64, spans: Vec<Span> },
     /// Stop every worker and leave.
     Shutdown,
+}
+
+/// A span of bytes of a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Span {
+    pub(super) path: std::path::PathBuf,
+    pub(super) offset: u64,
+    pub(super) len: u64,
 }
 
 /// An agent to rank 0.

@@ -24,7 +24,7 @@ use ::mpi::Threading;
 use serde::{Deserialize, Serialize};
 
 use super::link::{self, Incoming, Link, Outgoing};
-use super::wire::{self, Down, Key, Up, TAG_CONTROL, TAG_DATA, TAG_HELLO};
+use super::wire::{self, Down, Key, Up, TAG_CONTROL, TAG_DATA, TAG_FILE, TAG_HELLO};
 use crate::error::{Error, WorkerExit};
 
 /// The MPI job as rank 0 sees it.
@@ -151,6 +151,17 @@ impl Hub {
                 // has gone (its worker was stopped), the write fails and
                 // the bytes are of no use anyway.
                 let _ = (&*stream).write_all(bytes);
+            }
+            return;
+        }
+        if m.tag == TAG_FILE {
+            if let Err((why, worker)) = super::ship::land(&m.bytes) {
+                // Its rows are not here: its reader sees its stream end
+                // before the answer, so its batch fails (and is retried).
+                eprintln!("procjob: error: from rank {}: {why}", m.source);
+                if let Some(key) = worker {
+                    self.lock().streams.remove(&key);
+                }
             }
             return;
         }
