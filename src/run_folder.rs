@@ -218,7 +218,7 @@ fn choose_parent_with(
 /// [`LOCK_FILE_NEW`], then renamed to [`LOCK_FILE`]. On a filesystem that
 /// cannot `flock`, makes no lock file and returns `None`: the folder is
 /// then never swept, rather than the run refused.
-fn lock_folder(dir: &Path) -> std::io::Result<Option<Flock<File>>> {
+pub(crate) fn lock_folder(dir: &Path) -> std::io::Result<Option<Flock<File>>> {
     let new = dir.join(LOCK_FILE_NEW);
     // std opens with O_CLOEXEC: spawned workers do not inherit the lock.
     let file = std::fs::OpenOptions::new()

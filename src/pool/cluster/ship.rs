@@ -273,20 +273,43 @@ pub(super) fn land(message: &[u8]) -> Result<(), (String, Option<Key>)> {
         .map_err(|e| (format!("cannot write rows into {}: {e}", piece.path.display()), piece.worker))
 }
 
-/// Folders an agent made (removed when it leaves), and those it accepted
-/// as rank 0's own.
-static FOLDERS: Mutex<(Vec<PathBuf>, Vec<PathBuf>)> = Mutex::new((Vec::new(), Vec::new()));
+/// What an agent made on its node, and what it found there.
+#[derive(Default)]
+struct Folders {
+    /// Folders it made, each with its lock held (removed when it leaves).
+    made: Vec<(PathBuf, Option<nix::fcntl::Flock<std::fs::File>>)>,
+    /// Folders it found made: rank 0's own, seen from the same machine.
+    found: Vec<PathBuf>,
+}
+
+static FOLDERS: Mutex<Option<Folders>> = Mutex::new(None);
+
+fn folders() -> std::sync::MutexGuard<'static, Option<Folders>> {
+    FOLDERS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// An agent: makes `folder` (0700) unless it is there already (rank 0's
-/// own, seen from the same machine).
+/// own, seen from the same machine), with a lock file as a run folder's
+/// (see `run_folder.rs`), after removing the stale run folders beside it:
+/// those that agents or runs killed by SIGKILL on this node left.
 pub(super) fn make_folder(folder: &Path) {
     if !is_run_folder(folder) {
         return;
     }
-    let mut f = FOLDERS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(parent) = folder.parent() {
+        crate::run_folder::sweep_stale(parent);
+    }
+    let mut guard = folders();
+    let f = guard.get_or_insert_with(Folders::default);
     match std::fs::DirBuilder::new().mode(0o700).create(folder) {
-        Ok(()) => f.0.push(folder.to_path_buf()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => f.1.push(folder.to_path_buf()),
+        Ok(()) => {
+            let lock = crate::run_folder::lock_folder(folder).unwrap_or_else(|e| {
+                eprintln!("procjob: warning: cannot lock {} on this node: {e}", folder.display());
+                None
+            });
+            f.made.push((folder.to_path_buf(), lock));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => f.found.push(folder.to_path_buf()),
         Err(e) => eprintln!("procjob: error: cannot make {} on this node: {e}", folder.display()),
     }
 }
@@ -295,9 +318,9 @@ pub(super) fn make_folder(folder: &Path) {
 pub(super) fn receive(message: &[u8]) {
     let Some((piece, bytes)) = split(message) else { return };
     let Some(folder) = piece.path.parent() else { return };
-    let (made, own) = {
-        let f = FOLDERS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        (f.0.iter().any(|a| a == folder), f.1.iter().any(|a| a == folder))
+    let (made, own) = match folders().as_ref() {
+        Some(f) => (f.made.iter().any(|(a, _)| a == folder), f.found.iter().any(|a| a == folder)),
+        None => (false, false),
     };
     let written = if made {
         std::fs::OpenOptions::new()
@@ -344,16 +367,36 @@ fn log(piece: &Piece, len: usize) -> std::io::Result<()> {
 
 /// An agent, as it leaves: removes the folders it made.
 pub(super) fn remove_folders() {
-    let mut f = FOLDERS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    for folder in f.0.drain(..) {
-        let _ = std::fs::remove_dir_all(folder);
+    if let Some(f) = folders().take() {
+        for (folder, lock) in f.made {
+            let _ = std::fs::remove_dir_all(folder);
+            drop(lock);
+        }
     }
-    f.1.clear();
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{add, missing};
+    use super::{add, make_folder, missing, remove_folders};
+
+    #[test]
+    fn an_agent_locks_the_folder_it_makes_and_sweeps_the_stale_ones_beside_it() {
+        use crate::run_folder::{LOCK_FILE, LOCK_FILE_HEADER};
+        let parent = tempfile::tempdir().unwrap();
+        // Left by an agent killed by SIGKILL: its lock file, not held.
+        let stale = parent.path().join("procjob-4242-abcdefghij");
+        std::fs::create_dir(&stale).unwrap();
+        std::fs::write(stale.join(LOCK_FILE), format!("{LOCK_FILE_HEADER}pid 4242\n")).unwrap();
+        std::fs::write(stale.join("memmap-1-A.npy"), b"rows").unwrap();
+        let folder = parent.path().join("procjob-77-klmnopqrst");
+        make_folder(&folder);
+        assert!(!stale.exists(), "the stale folder is swept");
+        let lock = std::fs::File::open(folder.join(LOCK_FILE)).unwrap();
+        let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock);
+        assert!(held.is_err(), "the new folder's lock is held");
+        remove_folders();
+        assert!(!folder.exists());
+    }
 
     #[test]
     fn missing_is_what_the_ranges_do_not_cover() {
