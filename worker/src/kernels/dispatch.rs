@@ -5,7 +5,7 @@
 //! reference [`matmul_naive`] every kernel is tested against.
 
 use super::float::{canonical_nans, dgemm, sgemm};
-use super::integer::{i64_via_f64, takes_exact_path, tiled_i64};
+use super::integer::{exact_maxima, i64_via_f64_within, tiled_i64};
 use super::tiled::{checked_lengths, Step};
 use crate::dtype::Element;
 
@@ -29,8 +29,8 @@ impl Kernel for i64 {
         if rows == 0 || n == 0 {
             return;
         }
-        if takes_exact_path(a, b, rows, k) {
-            i64_via_f64(a, b, c, rows, k, n);
+        if let Some(max) = exact_maxima(a, b, rows, k) {
+            i64_via_f64_within(a, b, c, rows, k, n, max);
         } else {
             tiled_i64(a, b, c, rows, k, n);
         }

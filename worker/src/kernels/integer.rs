@@ -25,14 +25,117 @@ pub(super) const EXACT_MIN_ROWS: usize = 8;
 /// wrapping kernel: it has at least [`EXACT_MIN_ROWS`] rows (thinner blocks
 /// are as fast or faster in the wrapping kernel, so they skip the scan) and
 /// passes [`i64_fits_f64_exactly`]. Either way the bits are the same.
+#[cfg(test)]
 pub(super) fn takes_exact_path(a: &[i64], b: &[i64], rows: usize, k: usize) -> bool {
-    rows >= EXACT_MIN_ROWS && i64_fits_f64_exactly(max_abs(a), max_abs(b), k)
+    exact_maxima(a, b, rows, k).is_some()
+}
+
+/// [`takes_exact_path`], with the maxima it found when it does.
+pub(super) fn exact_maxima(a: &[i64], b: &[i64], rows: usize, k: usize) -> Option<Maxima> {
+    if rows < EXACT_MIN_ROWS {
+        return None;
+    }
+    let (a, b) = (max_abs(a), max_abs(b));
+    i64_fits_f64_exactly(a, b, k).then_some(Maxima { a, b })
+}
+
+/// `max|A|` and `max|B|` of a product that takes the exact path.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Maxima {
+    pub(super) a: u64,
+    pub(super) b: u64,
 }
 
 /// The largest `|x|` in `v` (0 for an empty slice), as `u64` so that
 /// `i64::MIN` (magnitude 2^63) has one.
 pub(super) fn max_abs(v: &[i64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F (checked just above), the only
+        // requirement for calling a function compiled with it enabled.
+        return unsafe { max_abs_avx512(v) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { max_abs_avx2(v) };
+    }
+    max_abs_plain(v)
+}
+
+/// [`max_abs`] in plain code, which the compiler vectorizes as far as the
+/// instruction set it is built for allows (64-bit `abs` and `max` need
+/// AVX-512; AVX2 has the compare they are built of; SSE2 has neither).
+#[inline(always)]
+fn max_abs_plain(v: &[i64]) -> u64 {
     v.iter().fold(0, |m, &x| m.max(x.unsigned_abs()))
+}
+
+/// [`max_abs`] compiled with AVX2.
+///
+/// # Safety
+///
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn max_abs_avx2(v: &[i64]) -> u64 {
+    max_abs_plain(v)
+}
+
+/// [`max_abs`] compiled with AVX-512F (`vpabsq`, `vpmaxuq`).
+///
+/// # Safety
+///
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn max_abs_avx512(v: &[i64]) -> u64 {
+    max_abs_plain(v)
+}
+
+/// Integers of magnitude below this convert between `i64` and `f64` with
+/// one integer addition and one float subtraction ([`to_f64`], [`to_i64`]),
+/// which vectorize on every x86-64 (SSE2 has no instruction that converts a
+/// 64-bit integer, and AVX2 none either; only AVX-512DQ has).
+const SMALL: u64 = 1 << 51;
+
+/// 1.5 · 2^52. Doubles in [2^52, 2^53) are exactly the integers there, and
+/// this one's mantissa field is 2^51: adding an integer `x` with
+/// `|x| < 2^51` to its bits gives the bits of `MAGIC + x` (the mantissa
+/// stays in (0, 2^52), the exponent unchanged), and subtracting `MAGIC`
+/// from that double is exact (the difference, `x`, is representable).
+const MAGIC: f64 = 6_755_399_441_055_744.0;
+
+/// `dst[i] = src[i] as f64`, exactly; `small` says every `|src[i]|` is below
+/// [`SMALL`], so the fast form holds.
+fn to_f64(dst: &mut [f64], src: &[i64], small: bool) {
+    if small {
+        let magic = MAGIC.to_bits();
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = f64::from_bits(magic.wrapping_add(s as u64)) - MAGIC;
+        }
+    } else {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s as f64;
+        }
+    }
+}
+
+/// Each element of `c`, holding the bits of an integer-valued `f64` of
+/// magnitude below 2^53, replaced by that integer; `small`: below
+/// [`SMALL`], so the fast form holds (`MAGIC + x` is exact there, and its
+/// bits are `MAGIC`'s plus `x`; a `-0.0` gives 0).
+fn to_i64(c: &mut [i64], small: bool) {
+    if small {
+        let magic = MAGIC.to_bits() as i64;
+        for x in c.iter_mut() {
+            *x = ((f64::from_bits(*x as u64) + MAGIC).to_bits() as i64).wrapping_sub(magic);
+        }
+    } else {
+        for x in c.iter_mut() {
+            *x = f64::from_bits(*x as u64) as i64;
+        }
+    }
 }
 
 /// Whether an `i64` product with `max|A| = max_a`, `max|B| = max_b` and
@@ -82,7 +185,15 @@ pub fn i64_fits_f64_exactly(max_a: u64, max_b: u64, k: usize) -> bool {
 /// can be made per block. Cost: converting `B` is `O(k·n)` per call against
 /// `O(rows·k·n)` multiply-adds, so small for all but the thinnest blocks, and
 /// still correct for one row.
+#[cfg(test)]
 pub(super) fn i64_via_f64(a: &[i64], b: &[i64], c: &mut [i64], rows: usize, k: usize, n: usize) {
+    let max = Maxima { a: max_abs(a), b: max_abs(b) };
+    i64_via_f64_within(a, b, c, rows, k, n, max);
+}
+
+/// [`i64_via_f64`] given `max|a|` and `max|b|`, which choose the fast
+/// conversions where they hold.
+pub(super) fn i64_via_f64_within(a: &[i64], b: &[i64], c: &mut [i64], rows: usize, k: usize, n: usize, max: Maxima) {
     debug_assert!(a.len() == rows * k && b.len() == k * n && c.len() == rows * n);
     if k == 0 {
         c.fill(0);
@@ -107,13 +218,9 @@ pub(super) fn i64_via_f64(a: &[i64], b: &[i64], c: &mut [i64], rows: usize, k: u
             // element's chunk total is a sum of a subset of its k products.
             let (a_chunk, b_chunk) = (&mut a_f64[..rows * kc], &mut b_f64[..kc * n]);
             for (dst, src) in a_chunk.chunks_exact_mut(kc).zip(a.chunks_exact(k)) {
-                for (d, &s) in dst.iter_mut().zip(&src[p0..p0 + kc]) {
-                    *d = s as f64;
-                }
+                to_f64(dst, &src[p0..p0 + kc], max.a < SMALL);
             }
-            for (d, &s) in b_chunk.iter_mut().zip(&b[p0 * n..(p0 + kc) * n]) {
-                *d = s as f64;
-            }
+            to_f64(b_chunk, &b[p0 * n..(p0 + kc) * n], max.b < SMALL);
             // First chunk: C = A·B (C's i64 contents are not read); then C += A·B.
             dgemm(a_chunk, b_chunk, c_f64, rows, kc, n, p0 > 0);
             p0 += kc;
@@ -121,9 +228,9 @@ pub(super) fn i64_via_f64(a: &[i64], b: &[i64], c: &mut [i64], rows: usize, k: u
     }
     // Each element now holds the bits of an exact integer-valued f64 with
     // magnitude below 2^53, so `as i64` is exact.
-    for x in c.iter_mut() {
-        *x = f64::from_bits(*x as u64) as i64;
-    }
+    // k · max|A| · max|B| bounds every element (see above).
+    let bound = u128::from(max.a) * u128::from(max.b) * k as u128;
+    to_i64(c, bound < u128::from(SMALL));
 }
 
 /// The wrapping `i64` kernel: [`tiled`], compiled again with AVX-512DQ and
@@ -174,4 +281,60 @@ unsafe fn tiled_i64_avx2(a: &[i64], b: &[i64], c: &mut [i64], rows: usize, k: us
 #[target_feature(enable = "avx512f,avx512dq,avx2")]
 unsafe fn tiled_i64_avx512(a: &[i64], b: &[i64], c: &mut [i64], rows: usize, k: usize, n: usize) {
     tiled(a, b, c, rows, k, n);
+}
+
+#[cfg(test)]
+mod conversions {
+    use super::{max_abs, max_abs_plain, to_f64, to_i64, SMALL};
+
+    /// Integers up to [`SMALL`] in magnitude, its edges included, and a
+    /// spread between.
+    fn samples() -> Vec<i64> {
+        let edge = SMALL as i64 - 1;
+        let mut v = vec![0, 1, -1, 2, -2, edge, -edge, edge - 1, -(edge - 1), 1 << 50, -(1 << 50), 255, -256];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..1000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            v.push((x % (2 * SMALL - 1)) as i64 - edge);
+        }
+        v
+    }
+
+    #[test]
+    fn the_fast_conversions_are_exact_below_2_to_the_51() {
+        let v = samples();
+        let mut f = vec![0.0; v.len()];
+        to_f64(&mut f, &v, true);
+        for (&x, &y) in v.iter().zip(&f) {
+            assert_eq!(y.to_bits(), (x as f64).to_bits(), "{x}");
+        }
+        let mut c: Vec<i64> = f.iter().map(|y| y.to_bits() as i64).collect();
+        c.push((-0.0f64).to_bits() as i64);
+        to_i64(&mut c, true);
+        assert_eq!(&c[..v.len()], &v[..]);
+        assert_eq!(c[v.len()], 0, "-0.0 gives 0");
+    }
+
+    #[test]
+    fn the_plain_conversions_serve_beyond_2_to_the_51() {
+        let v = [1i64 << 52, -(1 << 52) + 3, (1 << 53) - 1, SMALL as i64];
+        let mut f = vec![0.0; v.len()];
+        to_f64(&mut f, &v, false);
+        let mut c: Vec<i64> = f.iter().map(|y| y.to_bits() as i64).collect();
+        to_i64(&mut c, false);
+        assert_eq!(c, v);
+    }
+
+    #[test]
+    fn max_abs_is_the_same_in_every_build() {
+        let mut v = samples();
+        v.extend([i64::MIN, i64::MAX, -7]);
+        for len in [0, 1, 3, 8, 15, 16, 17, 100, v.len()] {
+            assert_eq!(max_abs(&v[..len]), max_abs_plain(&v[..len]), "{len}");
+        }
+        assert_eq!(max_abs(&v), 1 << 63);
+        assert_eq!(max_abs(&[-5, 3]), 5);
+    }
 }
