@@ -124,6 +124,11 @@ pub struct BenchArgs {
     /// python3 on PATH).
     #[arg(long, value_name = "PATH")]
     pub python: Option<PathBuf>,
+    /// mpi (the sweep's pools across the ranks of `mpirun`/`srun`, built
+    /// with the `mpi` feature) or local (this machine only); default: mpi
+    /// when launched under it.
+    #[arg(long, value_name = "mpi|local")]
+    pub backend: Option<String>,
 }
 
 /// Options of `procjob matmul`.
@@ -846,7 +851,9 @@ fn demo_command(args: &DemoArgs) -> Result<(), CliError> {
 }
 
 fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
-    let cpus = crate::pool::available_cpus();
+    mpi::select_backend(args.backend.as_deref())?;
+    // Under MPI, the CPUs of every node.
+    let cpus = mpi::default_processes();
     let processes = if args.processes.is_empty() { (1..=cpus).collect() } else { args.processes.clone() };
     if processes.contains(&0) {
         return Err(CliError::usage("--processes: every count must be at least 1"));
@@ -863,6 +870,15 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let mut modes = modes;
+    mpi::adjust_modes(&mut modes, false, false)?;
+    if mpi::on_mpi() && modes.contains(&Mode::MemmapOut) {
+        // The same check as matmul's, on a folder of its own: memmap-out
+        // is left out (with a note) when a node does not see the folder.
+        let probe =
+            RunFolder::create(args.temp_folder.as_deref(), 1 << 20).map_err(|e| CliError::usage(e.to_string()))?;
+        mpi::check_folder(&probe, &mut modes, true)?;
+    }
     let dtype = crate::matmul::dtype_from_name(&args.dtype)
         .ok_or_else(|| CliError::usage(format!("--dtype {:?} is not one of: i64, f64, f32", args.dtype)))?;
     if let Some(dir) = &args.plot {
@@ -900,14 +916,21 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
              efficiency = median of paired ideal/run ratios",
             args.repeat, args.warmup
         );
+        mpi::world_line(&mut out);
     }
     let json = args.json;
     let wide = table_width() >= FULL_BENCH_WIDTH;
     let mut over_ideal = false;
+    let mut placed = None;
     let reports = crate::cli::bench::run(&sweep, |r| {
         if json {
             let _ = writeln!(out, "{}", serde_json::to_string(r).expect("reports serialize"));
         } else {
+            // Under MPI, where the workers run, once per size and count.
+            if !r.nodes.is_empty() && placed != Some((r.size, r.processes)) {
+                placed = Some((r.size, r.processes));
+                let _ = writeln!(out, "{}", mpi::placement_line(&r.nodes));
+            }
             over_ideal |= print_case(&mut out, r, wide);
             if let Some(line) = crate::cli::against::ratio_line(r.vs_numpy, r.vs_joblib) {
                 let _ = writeln!(out, "{line}");
@@ -918,6 +941,10 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
     if over_ideal {
         let _ = writeln!(out, "\n{OVER_IDEAL}");
     }
+    if !json {
+        mpi::bench_footer(&mut out, &reports);
+    }
+    let mismatch = reports.iter().any(|r| r.matches_seq == Some(false));
     if let Some(dir) = &args.plot {
         // The charts are of procjob's modes: numpy and joblib have no
         // workers' memory to show.
@@ -936,7 +963,14 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
             }
         }
     }
-    out.finish()
+    out.finish()?;
+    if mismatch {
+        return Err(CliError {
+            code: exit::RUN_FAILED,
+            message: "C differs from seq's C in some case (see matches_seq)".into(),
+        });
+    }
+    Ok(())
 }
 
 /// `--plot DIR` must name a folder we can write into, made if it does not
