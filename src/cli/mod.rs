@@ -939,7 +939,8 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
         let _ = out.flush();
     })?;
     if over_ideal {
-        let _ = writeln!(out, "\n{OVER_IDEAL}");
+        let note = if mpi::on_mpi() { OVER_IDEAL_MPI } else { OVER_IDEAL };
+        let _ = writeln!(out, "\n{note}");
     }
     if !json {
         mpi::bench_footer(&mut out, &reports);
@@ -998,6 +999,11 @@ const FULL_BENCH_WIDTH: usize = 136;
 const OVER_IDEAL: &str = "* above 100% of the ideal: noise. The ideal and the mode ran in the same\n\
                           rounds, and a mode cannot beat the same kernel on threads with its inputs\n\
                           already in place; read it as 100%.";
+
+/// The same footnote under MPI, where the ideal is rank 0's machine alone.
+const OVER_IDEAL_MPI: &str = "* above 100% of the ideal: under MPI the ideal is P threads on rank 0's\n\
+                              machine alone, while the mode's workers use the CPUs of every node; beyond\n\
+                              one node's CPUs that is the nodes helping, below it noise.";
 
 /// How a mode's time compares with seq's: "1.25× faster than seq", or
 /// "level with seq" when the two round to the same.

@@ -154,17 +154,22 @@ pub(super) fn place(index: usize) -> Option<(usize, String)> {
 /// Where the workers of a pool of `processes` would run, per node (empty
 /// when local).
 pub(super) fn nodes_of(processes: usize) -> Vec<super::bench::NodeWorkers> {
-    let mut nodes: Vec<super::bench::NodeWorkers> = Vec::new();
     #[cfg(feature = "mpi")]
-    for (rank, host) in crate::cluster::worker_places(processes).unwrap_or_default() {
-        match nodes.iter_mut().find(|n| n.rank == rank) {
-            Some(n) => n.workers += 1,
-            None => nodes.push(super::bench::NodeWorkers { rank, host, workers: 1 }),
+    {
+        let mut nodes: Vec<super::bench::NodeWorkers> = Vec::new();
+        for (rank, host) in crate::cluster::worker_places(processes).unwrap_or_default() {
+            match nodes.iter_mut().find(|n| n.rank == rank) {
+                Some(n) => n.workers += 1,
+                None => nodes.push(super::bench::NodeWorkers { rank, host, workers: 1 }),
+            }
         }
+        nodes
     }
     #[cfg(not(feature = "mpi"))]
-    let _ = processes;
-    nodes
+    {
+        let _ = processes;
+        Vec::new()
+    }
 }
 
 /// The job as `procjob bench` introduces it under MPI: ranks, and each
