@@ -916,7 +916,9 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
              efficiency = median of paired ideal/run ratios",
             args.repeat, args.warmup
         );
-        mpi::world_line(&mut out);
+        if let Some(text) = mpi::world_text() {
+            let _ = writeln!(out, "{}", wrap_78(&text));
+        }
     }
     let json = args.json;
     let wide = table_width() >= FULL_BENCH_WIDTH;
@@ -929,7 +931,9 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
             // Under MPI, where the workers run, once per size and count.
             if !r.nodes.is_empty() && placed != Some((r.size, r.processes)) {
                 placed = Some((r.size, r.processes));
-                let _ = writeln!(out, "{}", mpi::placement_line(&r.nodes));
+                for line in wrap_78(&mpi::placement_text(&r.nodes)).lines() {
+                    let _ = writeln!(out, "  {line}");
+                }
             }
             over_ideal |= print_case(&mut out, r, wide);
             if let Some(line) = crate::cli::against::ratio_line(r.vs_numpy, r.vs_joblib) {

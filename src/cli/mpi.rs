@@ -173,29 +173,27 @@ pub(super) fn nodes_of(processes: usize) -> Vec<super::bench::NodeWorkers> {
 }
 
 /// The job as `procjob bench` introduces it under MPI: ranks, and each
-/// node's agent rank, host and CPUs.
-pub(super) fn world_line(out: &mut impl Write) {
+/// node's agent rank, host and CPUs (`None` when local).
+pub(super) fn world_text() -> Option<String> {
     #[cfg(feature = "mpi")]
     if let Some(w) = crate::cluster::world() {
         let nodes: Vec<String> =
             w.nodes.iter().map(|n| format!("rank {} on {} ({} CPUs)", n.agent, n.host, n.cpus)).collect();
-        let _ = writeln!(
-            out,
+        return Some(format!(
             "backend mpi, {} ranks, {} node{}: {}",
             w.size,
             w.nodes.len(),
             if w.nodes.len() == 1 { "" } else { "s" },
             nodes.join("; ")
-        );
+        ));
     }
-    #[cfg(not(feature = "mpi"))]
-    let _ = out;
+    None
 }
 
-/// One line saying where a case's workers ran (under MPI).
-pub(super) fn placement_line(nodes: &[super::bench::NodeWorkers]) -> String {
+/// Where a case's workers ran (under MPI), for one line of the table.
+pub(super) fn placement_text(nodes: &[super::bench::NodeWorkers]) -> String {
     let parts: Vec<String> = nodes.iter().map(|n| format!("{} on rank {} ({})", n.workers, n.rank, n.host)).collect();
-    format!("  workers: {}", parts.join(", "))
+    format!("workers: {}", parts.join(", "))
 }
 
 /// After the bench tables under MPI: what crossed between ranks per timed
