@@ -7,6 +7,9 @@
 //! perfect process parallelism could reach here. Since a shared machine
 //! drifts, the runs are interleaved (ideal, procjob, ideal, procjob, …) and
 //! the efficiency reported is the median of the paired ratios ideal/procjob.
+//! Each case's C (from its last timed repetition) is checked against seq's.
+//! Under MPI the pools spread over the nodes as `matmul`'s do, and each
+//! case says where its workers ran and what crossed between ranks.
 
 use std::ops::Range;
 use std::path::PathBuf;
