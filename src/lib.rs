@@ -168,7 +168,7 @@ pub fn __serve_as_worker() -> ! {
 /// what the launch says, and, with the `mpi` feature, the job's nodes as
 /// rank 0 sees them.
 pub mod cluster {
-    pub use crate::pool::cluster::{bytes_between_ranks, launch, Launch};
+    pub use crate::pool::cluster::{bytes_between_ranks, job_cpus, launch, Launch};
     #[cfg(feature = "mpi")]
     pub use crate::pool::cluster::{probe_shared, set_backend_local, worker_places, world, Node, World};
 }

@@ -7,6 +7,9 @@
 //! perfect process parallelism could reach here. Since a shared machine
 //! drifts, the runs are interleaved (ideal, procjob, ideal, procjob, …) and
 //! the efficiency reported is the median of the paired ratios ideal/procjob.
+//! Each case's C (from its last timed repetition) is checked against seq's.
+//! Under MPI the pools spread over the nodes as `matmul`'s do, and each
+//! case says where its workers ran and what crossed between ranks.
 
 use std::ops::Range;
 use std::path::PathBuf;
@@ -131,6 +134,33 @@ pub struct CaseReport {
     /// Likewise against joblib's `parallel_dot` (`--against joblib`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vs_joblib: Option<f64>,
+    /// C of the last timed repetition is bit-identical to seq's C (null
+    /// for numpy and joblib, whose products are checked by their sum).
+    pub matches_seq: Option<bool>,
+    /// "local" or "mpi".
+    pub backend: &'static str,
+    /// MPI ranks of the job (1 when local).
+    pub ranks: usize,
+    /// Under MPI, where the case's workers ran: per node, its agent's
+    /// rank, its host and how many of the workers (empty when local, and
+    /// for seq, threads and the baselines, which run on rank 0 only).
+    pub nodes: Vec<NodeWorkers>,
+    /// Under MPI, bytes rank 0 sent to other ranks per timed repetition
+    /// (their mean; 0 when local).
+    pub bytes_between_ranks_out: u64,
+    /// Likewise, bytes rank 0 received from other ranks.
+    pub bytes_between_ranks_in: u64,
+}
+
+/// How many of a case's workers ran on one node (under MPI).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct NodeWorkers {
+    /// The node's agent rank.
+    pub rank: usize,
+    /// Its host.
+    pub host: String,
+    /// Workers on it.
+    pub workers: usize,
 }
 
 /// Memory peaks summed over a case's workers, bytes.
@@ -168,7 +198,7 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
         let folder = RunFolder::create(sweep.temp_folder.as_deref(), needed)?;
         // Dropped (their drivers stopped) before the folder.
         let mut baselines = Baselines::new(sweep.against.as_ref(), &inputs, &folder)?;
-        let (seq_times, seq_numpy) = {
+        let (seq_times, seq_numpy, seq_c) = {
             // Dropped before the other modes run, with the C it keeps.
             let mut seq = ModeRunner::new(Mode::Seq, &inputs, &settings(1, None), &folder);
             let numpy = baselines.numpy_only();
@@ -177,12 +207,21 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
                 baselines.time(1, numpy)?;
             }
             let (mut times, mut numpy_times) = (Vec::new(), Vec::new());
-            for _ in 0..sweep.repeat.max(1) {
-                times.push(seq.time_once()?.wall.as_secs_f64());
+            let mut seq_c = None;
+            for round in 0..sweep.repeat.max(1) {
+                // The last repetition's C is what the other modes' are
+                // checked against.
+                if round + 1 == sweep.repeat.max(1) {
+                    let (repetition, c) = seq.run_once()?;
+                    times.push(repetition.wall.as_secs_f64());
+                    seq_c = Some(c);
+                } else {
+                    times.push(seq.time_once()?.wall.as_secs_f64());
+                }
                 numpy_times.extend(baselines.time(1, numpy)?.into_iter().map(|(_, t)| t));
                 check_interrupt()?;
             }
-            (times, numpy_times)
+            (times, numpy_times, seq_c)
         };
         let seq_stats = Stats::of(&seq_times);
         let mut seq_report = case(
@@ -197,6 +236,7 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
             WorkersMemory::default(),
         );
         seq_report.vs_numpy = (!seq_numpy.is_empty()).then(|| paired_median(&seq_numpy, &seq_times));
+        seq_report.matches_seq = Some(true);
         report(&seq_report);
         all.push(seq_report);
         for &processes in &sweep.processes {
@@ -215,11 +255,28 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
             }
             let mut ideals = Vec::new();
             let mut times = vec![Vec::new(); runners.len()];
+            // Bytes between ranks of each runner's timed repetitions.
+            let mut between = vec![(0u64, 0u64); runners.len()];
+            let mut matches = vec![None; runners.len()];
             let mut baseline_times: Vec<(Baseline, Vec<f64>)> = Vec::new();
-            for _ in 0..sweep.repeat.max(1) {
+            let rounds = sweep.repeat.max(1);
+            for round in 0..rounds {
                 ideals.push(ideal.run(processes)?.as_secs_f64());
-                for (runner, t) in runners.iter_mut().zip(&mut times) {
-                    t.push(runner.time_once()?.wall.as_secs_f64());
+                for (i, (runner, t)) in runners.iter_mut().zip(&mut times).enumerate() {
+                    let before = super::mpi::rank_bytes();
+                    // The last round's C is checked against seq's.
+                    let repetition = if round + 1 == rounds {
+                        let (repetition, c) = runner.run_once()?;
+                        matches[i] = Some(seq_c.as_ref().is_some_and(|s| *s == c));
+                        runner.recycle(c);
+                        repetition
+                    } else {
+                        runner.time_once()?
+                    };
+                    let after = super::mpi::rank_bytes();
+                    between[i].0 += after.0 - before.0;
+                    between[i].1 += after.1 - before.1;
+                    t.push(repetition.wall.as_secs_f64());
                 }
                 for (b, t) in baselines.time(processes, all_baselines)? {
                     match baseline_times.iter_mut().find(|(known, _)| *known == b) {
@@ -232,7 +289,8 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
             let vs = |b: Baseline, mode_times: &[f64]| {
                 baseline_times.iter().find(|(known, _)| *known == b).map(|(_, bt)| paired_median(bt, mode_times))
             };
-            for ((runner, times), mode) in runners.into_iter().zip(times).zip(modes) {
+            let places = super::mpi::nodes_of(processes);
+            for (i, ((runner, times), mode)) in runners.into_iter().zip(times).zip(modes).enumerate() {
                 let blocks = runner.blocks();
                 let memory = WorkersMemory::sum(&runner.finish().0);
                 let ratios: Vec<f64> = ideals.iter().zip(&times).map(|(i, t)| i / t).collect();
@@ -241,6 +299,12 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
                 let mut r = case(mode.name(), sweep, size, processes, blocks, stats, seq_stats.mean_s, paired, memory);
                 r.vs_numpy = vs(Baseline::Numpy, &times);
                 r.vs_joblib = vs(Baseline::Joblib, &times);
+                r.matches_seq = matches[i];
+                if mode.uses_workers() {
+                    r.nodes = places.clone();
+                    r.bytes_between_ranks_out = between[i].0 / rounds as u64;
+                    r.bytes_between_ranks_in = between[i].1 / rounds as u64;
+                }
                 report(&r);
                 all.push(r);
             }
@@ -383,6 +447,12 @@ fn case(
         workers_peak_pss_bytes: memory.pss,
         vs_numpy: None,
         vs_joblib: None,
+        matches_seq: None,
+        backend: super::mpi::backend(),
+        ranks: super::mpi::ranks(),
+        nodes: Vec::new(),
+        bytes_between_ranks_out: 0,
+        bytes_between_ranks_in: 0,
         stats,
     }
 }

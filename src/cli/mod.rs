@@ -124,6 +124,11 @@ pub struct BenchArgs {
     /// python3 on PATH).
     #[arg(long, value_name = "PATH")]
     pub python: Option<PathBuf>,
+    /// mpi (the sweep's pools across the ranks of `mpirun`/`srun`, built
+    /// with the `mpi` feature) or local (this machine only); default: mpi
+    /// when launched under it.
+    #[arg(long, value_name = "mpi|local")]
+    pub backend: Option<String>,
 }
 
 /// Options of `procjob matmul`.
@@ -845,7 +850,9 @@ fn demo_command(args: &DemoArgs) -> Result<(), CliError> {
 }
 
 fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
-    let cpus = crate::pool::available_cpus();
+    mpi::select_backend(args.backend.as_deref())?;
+    // Under MPI, the CPUs of every node.
+    let cpus = mpi::default_processes();
     let processes = if args.processes.is_empty() { (1..=cpus).collect() } else { args.processes.clone() };
     if processes.contains(&0) {
         return Err(CliError::usage("--processes: every count must be at least 1"));
@@ -862,6 +869,8 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let mut modes = modes;
+    mpi::adjust_modes(&mut modes, false, false)?;
     let dtype = crate::matmul::dtype_from_name(&args.dtype)
         .ok_or_else(|| CliError::usage(format!("--dtype {:?} is not one of: i64, f64, f32", args.dtype)))?;
     if let Some(dir) = &args.plot {
@@ -899,14 +908,25 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
              efficiency = median of paired ideal/run ratios",
             args.repeat, args.warmup
         );
+        if let Some(text) = mpi::world_text() {
+            let _ = writeln!(out, "{}", wrap_78(&text));
+        }
     }
     let json = args.json;
     let wide = table_width() >= FULL_BENCH_WIDTH;
     let mut over_ideal = false;
+    let mut placed = None;
     let reports = crate::cli::bench::run(&sweep, |r| {
         if json {
             let _ = writeln!(out, "{}", serde_json::to_string(r).expect("reports serialize"));
         } else {
+            // Under MPI, where the workers run, once per size and count.
+            if !r.nodes.is_empty() && placed != Some((r.size, r.processes)) {
+                placed = Some((r.size, r.processes));
+                for line in wrap_78(&mpi::placement_text(&r.nodes)).lines() {
+                    let _ = writeln!(out, "  {line}");
+                }
+            }
             over_ideal |= print_case(&mut out, r, wide);
             if let Some(line) = crate::cli::against::ratio_line(r.vs_numpy, r.vs_joblib) {
                 let _ = writeln!(out, "{line}");
@@ -915,8 +935,13 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
         let _ = out.flush();
     })?;
     if over_ideal {
-        let _ = writeln!(out, "\n{OVER_IDEAL}");
+        let note = if mpi::on_mpi() { OVER_IDEAL_MPI } else { OVER_IDEAL };
+        let _ = writeln!(out, "\n{note}");
     }
+    if !json {
+        mpi::bench_footer(&mut out, &reports);
+    }
+    let mismatch = reports.iter().any(|r| r.matches_seq == Some(false));
     if let Some(dir) = &args.plot {
         // The charts are of procjob's modes: numpy and joblib have no
         // workers' memory to show.
@@ -935,7 +960,14 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
             }
         }
     }
-    out.finish()
+    out.finish()?;
+    if mismatch {
+        return Err(CliError {
+            code: exit::RUN_FAILED,
+            message: "C differs from seq's C in some case (see matches_seq)".into(),
+        });
+    }
+    Ok(())
 }
 
 /// `--plot DIR` must name a folder we can write into, made if it does not
@@ -963,6 +995,11 @@ const FULL_BENCH_WIDTH: usize = 136;
 const OVER_IDEAL: &str = "* above 100% of the ideal: noise. The ideal and the mode ran in the same\n\
                           rounds, and a mode cannot beat the same kernel on threads with its inputs\n\
                           already in place; read it as 100%.";
+
+/// The same footnote under MPI, where the ideal is rank 0's machine alone.
+const OVER_IDEAL_MPI: &str = "* above 100% of the ideal: under MPI the ideal is P threads on rank 0's\n\
+                              machine alone, while the mode's workers use the CPUs of every node; beyond\n\
+                              one node's CPUs that is the nodes helping, below it noise.";
 
 /// How a mode's time compares with seq's: "1.25× faster than seq", or
 /// "level with seq" when the two round to the same.

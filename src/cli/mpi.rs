@@ -68,11 +68,7 @@ pub(super) fn ranks() -> usize {
 /// The default worker count: this machine's CPUs, or under MPI the CPUs
 /// of every node.
 pub(super) fn default_processes() -> usize {
-    #[cfg(feature = "mpi")]
-    if let Some(w) = crate::cluster::world() {
-        return w.nodes.iter().map(|n| n.cpus).sum();
-    }
-    crate::pool::available_cpus()
+    crate::cluster::job_cpus()
 }
 
 /// Under MPI, fork does not apply (a forked worker is on rank 0's machine
@@ -117,6 +113,72 @@ pub(super) fn record_places(processes: usize) {
 /// Worker `index`'s rank and host, under MPI.
 pub(super) fn place(index: usize) -> Option<(usize, String)> {
     PLACES.lock().ok()?.get(index).cloned()
+}
+
+/// Where the workers of a pool of `processes` would run, per node (empty
+/// when local).
+pub(super) fn nodes_of(processes: usize) -> Vec<super::bench::NodeWorkers> {
+    #[cfg(feature = "mpi")]
+    {
+        let mut nodes: Vec<super::bench::NodeWorkers> = Vec::new();
+        for (rank, host) in crate::cluster::worker_places(processes).unwrap_or_default() {
+            match nodes.iter_mut().find(|n| n.rank == rank) {
+                Some(n) => n.workers += 1,
+                None => nodes.push(super::bench::NodeWorkers { rank, host, workers: 1 }),
+            }
+        }
+        nodes
+    }
+    #[cfg(not(feature = "mpi"))]
+    {
+        let _ = processes;
+        Vec::new()
+    }
+}
+
+/// The job as `procjob bench` introduces it under MPI: ranks, and each
+/// node's agent rank, host and CPUs (`None` when local).
+pub(super) fn world_text() -> Option<String> {
+    #[cfg(feature = "mpi")]
+    if let Some(w) = crate::cluster::world() {
+        let nodes: Vec<String> =
+            w.nodes.iter().map(|n| format!("rank {} on {} ({} CPUs)", n.agent, n.host, n.cpus)).collect();
+        return Some(format!(
+            "backend mpi, {} ranks, {} node{}: {}",
+            w.size,
+            w.nodes.len(),
+            if w.nodes.len() == 1 { "" } else { "s" },
+            nodes.join("; ")
+        ));
+    }
+    None
+}
+
+/// Where a case's workers ran (under MPI), for one line of the table.
+pub(super) fn placement_text(nodes: &[super::bench::NodeWorkers]) -> String {
+    let parts: Vec<String> = nodes.iter().map(|n| format!("{} on rank {} ({})", n.workers, n.rank, n.host)).collect();
+    format!("workers: {}", parts.join(", "))
+}
+
+/// After the bench tables under MPI: what crossed between ranks per timed
+/// run of each case that ran workers.
+pub(super) fn bench_footer(out: &mut impl Write, reports: &[super::bench::CaseReport]) {
+    if !on_mpi() {
+        return;
+    }
+    let _ =
+        writeln!(out, "\nMPI, per run  {:>6} {:>4} {:>15} {:>15}", "size", "P", "rank 0 → others", "others → rank 0");
+    for r in reports.iter().filter(|r| !r.nodes.is_empty()) {
+        let _ = writeln!(
+            out,
+            "{:<13} {:>6} {:>4} {:>15} {:>15}",
+            r.mode,
+            r.size,
+            r.processes,
+            crate::run_folder::human_bytes(r.bytes_between_ranks_out),
+            crate::run_folder::human_bytes(r.bytes_between_ranks_in)
+        );
+    }
 }
 
 /// The header line of a run under MPI: ranks, nodes, where workers run.

@@ -317,6 +317,12 @@ mod tests {
             workers_peak_pss_bytes: workers * mib * (3 << 18),
             vs_numpy: None,
             vs_joblib: None,
+            matches_seq: Some(true),
+            backend: "local",
+            ranks: 1,
+            nodes: Vec::new(),
+            bytes_between_ranks_out: 0,
+            bytes_between_ranks_in: 0,
         }
     }
 

@@ -307,8 +307,9 @@ impl Parallel {
     }
 
     /// Number of worker processes: positive as given; negative counts back
-    /// from the CPUs this process may use (-1 = all); 0 is an error at the
-    /// first call. Changing it restarts the pool.
+    /// from the CPUs this process may use (-1 = all), or under MPI from the
+    /// CPUs of every node of the job ([`crate::cluster::job_cpus`]); 0 is an
+    /// error at the first call. Changing it restarts the pool.
     pub fn n_jobs(mut self, n_jobs: i64) -> Parallel {
         if n_jobs != self.n_jobs {
             self.pool = None;
@@ -421,7 +422,8 @@ impl Parallel {
     pub fn workers(&self) -> Result<usize, Error> {
         self.check_env(Some(Setting::NJobs))?;
         // Counting the CPUs reads cgroup files (tens of µs): only when asked.
-        let cpus = if self.n_jobs < 0 { crate::pool::available_cpus() } else { 0 };
+        // Under MPI, the CPUs of every node of the job.
+        let cpus = if self.n_jobs < 0 { crate::pool::cluster::job_cpus() } else { 0 };
         resolve_n_jobs(self.n_jobs, cpus)
     }
 

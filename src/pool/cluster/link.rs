@@ -87,6 +87,7 @@ fn sent(p: &mut Pending) -> bool {
 /// ranks send to `handle`.
 pub(super) fn run(outgoing: Receiver<Outgoing>, stop: &AtomicBool, mut handle: impl FnMut(Incoming)) {
     let world = SimpleCommunicator::world();
+    let me = world.rank();
     let mut pending: Vec<Pending> = Vec::new();
     let mut idle = Duration::from_micros(5);
     loop {
@@ -101,6 +102,9 @@ pub(super) fn run(outgoing: Receiver<Outgoing>, stop: &AtomicBool, mut handle: i
             let mut bytes = vec![0u8; len];
             message.matched_receive_into(&mut bytes[..]);
             BYTES_IN.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            if status.tag() == super::wire::TAG_DATA && me != 0 {
+                super::world::test_panic(me as usize, "on the first bytes it receives for a worker");
+            }
             handle(Incoming { source: status.source_rank(), tag: status.tag(), bytes });
             busy = true;
         }

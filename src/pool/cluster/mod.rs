@@ -102,6 +102,19 @@ pub(crate) fn prepare(path: &std::path::Path, writable: bool) -> Result<(), Stri
     Ok(())
 }
 
+/// The CPUs the job may use: under MPI (rank 0 of a job of several
+/// ranks, with the `mpi` feature), the sum over every node of the CPUs its
+/// agent may use; otherwise those this process may use
+/// ([`available_cpus`](crate::pool::available_cpus)). What `n_jobs(-1)`
+/// and the CLI's default `--processes` count.
+pub fn job_cpus() -> usize {
+    #[cfg(feature = "mpi")]
+    if let Some(w) = world::world() {
+        return w.nodes.iter().map(|n| n.cpus).sum::<usize>().max(1);
+    }
+    crate::pool::available_cpus()
+}
+
 /// Bytes this rank has sent to and received from other ranks over MPI,
 /// framing of procjob's messages included (0, 0 without MPI).
 pub fn bytes_between_ranks() -> (u64, u64) {

@@ -367,7 +367,21 @@ fn log(piece: &Piece, len: usize) -> std::io::Result<()> {
 
 /// An agent, as it leaves: removes the folders it made.
 pub(super) fn remove_folders() {
-    if let Some(f) = folders().take() {
+    remove(folders().take());
+}
+
+/// [`remove_folders`] from the panic hook, which must not wait: a thread
+/// holding the lock may be the one that panicked.
+pub(super) fn remove_folders_without_waiting() {
+    match FOLDERS.try_lock() {
+        Ok(mut f) => remove(f.take()),
+        Err(std::sync::TryLockError::Poisoned(p)) => remove(p.into_inner().take()),
+        Err(std::sync::TryLockError::WouldBlock) => {}
+    }
+}
+
+fn remove(folders: Option<Folders>) {
+    if let Some(f) = folders {
         for (folder, lock) in f.made {
             let _ = std::fs::remove_dir_all(folder);
             drop(lock);

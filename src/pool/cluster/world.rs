@@ -126,6 +126,7 @@ impl Hub {
         timeout: Duration,
         mut done: impl FnMut(&HubState) -> bool,
     ) -> MutexGuard<'_, HubState> {
+        test_panic(0, "while its program waits for other ranks");
         let deadline = Instant::now() + timeout;
         let mut state = self.lock();
         while !done(&state) {
@@ -317,7 +318,12 @@ extern "C" fn finish() {
 }
 
 /// A panic on any rank aborts the whole job (`MPI_Abort`): otherwise the
-/// other ranks would wait for it for ever.
+/// other ranks would wait for it for ever. `MPI_Abort` ends this process
+/// without running destructors, so the hook first does what a signal's
+/// stop does ([`crate::signals`]): kills this rank's workers and removes
+/// its run folders (an agent's: the folders it made for shipped files). The launcher then ends the other ranks (SIGTERM, on
+/// which they clean up as on Ctrl-C). A panic that procjob catches (a task
+/// running in this process) never reaches this hook.
 fn install_panic_hook() {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -327,8 +333,35 @@ fn install_panic_hook() {
             "procjob: rank {rank} (host {}) panicked; aborting the MPI job",
             ::mpi::environment::processor_name().unwrap_or_default()
         );
+        // No new worker from now on (one being started is killed).
+        let _ = crate::lifecycle::claim_stop();
+        for pid in crate::lifecycle::live_pids() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        for folder in crate::lifecycle::live_folders() {
+            let _ = std::fs::remove_dir_all(folder);
+        }
+        // An agent's copies of rank 0's files on its node.
+        super::ship::remove_folders_without_waiting();
         SimpleCommunicator::world().abort(101);
     }));
+}
+
+/// For tests only: `PROCJOB_MPI_TEST_PANIC=R` makes rank R panic once
+/// mid-run, to show what the panic hook does: rank 0 in its program's
+/// first wait for other ranks (its main thread, while it starts workers on
+/// them), an agent on the first bytes it receives for a worker (see
+/// `link.rs`). Like `PROCJOB_MPI_SHARED_FS`, a knob of the test suite.
+const TEST_PANIC_ENV: &str = "PROCJOB_MPI_TEST_PANIC";
+
+/// Panics, once, when [`TEST_PANIC_ENV`] names `rank` (this rank).
+pub(super) fn test_panic(rank: usize, at: &str) {
+    static WHO: OnceLock<Option<usize>> = OnceLock::new();
+    static FIRED: AtomicBool = AtomicBool::new(false);
+    let who = *WHO.get_or_init(|| std::env::var(TEST_PANIC_ENV).ok().and_then(|v| v.trim().parse().ok()));
+    if who == Some(rank) && !FIRED.swap(true, Ordering::SeqCst) {
+        panic!("{TEST_PANIC_ENV}={rank}: rank {rank} panics on purpose {at}");
+    }
 }
 
 /// Whether every node sees the folder `folder` of rank 0 (the same bytes
