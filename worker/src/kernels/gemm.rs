@@ -210,6 +210,79 @@ pub fn is_supported() -> bool {
     }
 }
 
+/// How packing turns an element of the caller's `A` and `B` into one the
+/// microkernel multiplies: as it is for `f64` and `f32`, or an `i64` as the
+/// `f64` of the same value (the exact `i64` path, which so needs no copy of
+/// `A` and `B` in `f64`).
+pub(super) trait Convert {
+    /// What the caller's matrices hold.
+    type From: Copy;
+    /// What the microkernel multiplies.
+    type To;
+    /// `x` as the microkernel's element.
+    fn convert(x: Self::From) -> Self::To;
+}
+
+/// Elements taken as they are.
+pub(super) struct Same<T>(std::marker::PhantomData<T>);
+
+impl<T: Copy> Convert for Same<T> {
+    type From = T;
+    type To = T;
+    #[inline(always)]
+    fn convert(x: T) -> T {
+        x
+    }
+}
+
+/// `i64`s of magnitude below 2^51 as the `f64`s of the same value, by one
+/// integer addition and one float subtraction of 1.5·2^52, which vectorize
+/// on every x86-64 (see `integer.rs`); exact.
+pub(super) struct SmallI64;
+
+impl Convert for SmallI64 {
+    type From = i64;
+    type To = f64;
+    #[inline(always)]
+    fn convert(x: i64) -> f64 {
+        const MAGIC: f64 = 6_755_399_441_055_744.0;
+        f64::from_bits(MAGIC.to_bits().wrapping_add(x as u64)) - MAGIC
+    }
+}
+
+/// `i64`s below 2^53 in magnitude as the `f64`s of the same value (`as`);
+/// exact.
+pub(super) struct ExactI64;
+
+impl Convert for ExactI64 {
+    type From = i64;
+    type To = f64;
+    #[inline(always)]
+    fn convert(x: i64) -> f64 {
+        x as f64
+    }
+}
+
+/// [`dgemm`] of `i64` matrices whose elements are below 2^53 in magnitude
+/// (below 2^51: `small`), converted to `f64` as they are packed: the exact
+/// `i64` path's product, without copies of `A` and `B` in `f64`. `C` is
+/// `f64`. The arithmetic is [`dgemm`]'s on the converted values.
+///
+/// # Panics
+///
+/// If the slice lengths do not fit the shape.
+#[must_use]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dgemm_i64(a: &[i64], b: &[i64], c: &mut [f64], rows: usize, k: usize, n: usize, small: bool) -> bool {
+    match (chosen_isa(best_isa), small) {
+        (Isa::Avx512, true) => gemm_from::<F64x32, SmallI64>(a, b, c, rows, k, n, false, F64x32::blocking()),
+        (Isa::Avx512, false) => gemm_from::<F64x32, ExactI64>(a, b, c, rows, k, n, false, F64x32::blocking()),
+        (Isa::Avx2, true) => gemm_from::<F64, SmallI64>(a, b, c, rows, k, n, false, F64::blocking()),
+        (Isa::Avx2, false) => gemm_from::<F64, ExactI64>(a, b, c, rows, k, n, false, F64::blocking()),
+        (Isa::Portable, _) => false,
+    }
+}
+
 /// One element type's microkernel and blocking constants.
 trait Micro {
     /// The element type.
@@ -251,9 +324,9 @@ trait Micro {
     ///
     /// As for [`drive`], and [`Micro::supported`] must be true.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn blocked(
-        a: &[Self::T],
-        b: &[Self::T],
+    unsafe fn blocked<C: Convert<To = Self::T>>(
+        a: &[C::From],
+        b: &[C::From],
         c: &mut [Self::T],
         rows: usize,
         k: usize,
@@ -304,10 +377,10 @@ macro_rules! kernel {
 
             #[allow(clippy::too_many_arguments)]
             #[cfg_attr(target_arch = "x86_64", target_feature(enable = $features))]
-            unsafe fn blocked(a: &[$t], b: &[$t], c: &mut [$t], rows: usize, k: usize, n: usize, accumulate: bool, blk: Blocking) {
+            unsafe fn blocked<C: Convert<To = $t>>(a: &[C::From], b: &[C::From], c: &mut [$t], rows: usize, k: usize, n: usize, accumulate: bool, blk: Blocking) {
                 // SAFETY: the caller upholds `blocked`'s contract, which is
                 // `drive`'s (instructions present, shapes checked).
-                unsafe { drive::<Self>(a, b, c, rows, k, n, accumulate, blk) }
+                unsafe { drive::<Self, C>(a, b, c, rows, k, n, accumulate, blk) }
             }
 
             #[inline(always)]
@@ -521,6 +594,21 @@ fn gemm<M: Micro>(
     accumulate: bool,
     blk: Blocking,
 ) -> bool {
+    gemm_from::<M, Same<M::T>>(a, b, c, rows, k, n, accumulate, blk)
+}
+
+/// [`gemm`] of matrices whose elements packing converts with `C`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_from<M: Micro, C: Convert<To = M::T>>(
+    a: &[C::From],
+    b: &[C::From],
+    c: &mut [M::T],
+    rows: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+    blk: Blocking,
+) -> bool {
     assert!(
         rows.checked_mul(k) == Some(a.len())
             && k.checked_mul(n) == Some(b.len())
@@ -548,7 +636,7 @@ fn gemm<M: Micro>(
     }
     // SAFETY: the kernel's instructions are present (`M::supported` above);
     // the lengths were checked and `rows`, `k`, `n` are all positive.
-    unsafe { M::blocked(a, b, c, rows, k, n, accumulate, blk) };
+    unsafe { M::blocked::<C>(a, b, c, rows, k, n, accumulate, blk) };
     true
 }
 
@@ -579,9 +667,9 @@ fn round_to_lines<T>(len: usize) -> usize {
 /// `blk` a valid [`Blocking`] for `M`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn drive<M: Micro>(
-    a: &[M::T],
-    b: &[M::T],
+unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
+    a: &[C::From],
+    b: &[C::From],
     c: &mut [M::T],
     rows: usize,
     k: usize,
@@ -642,14 +730,14 @@ unsafe fn drive<M: Micro>(
             let mc = mc_step.min(rows - ic);
             for jc in (0..n).step_by(nc_step) {
                 let nc = nc_step.min(n - jc);
-                pack_b::<M>(b_pack, b, n, pc, kc, jc, nc);
+                pack_b::<M, C>(b_pack, b, n, pc, kc, jc, nc);
                 for ir in (0..mc).step_by(mr) {
                     let h = mr.min(mc - ir);
                     let sliver = &mut a_pack[ir * kc..(ir + mr) * kc];
                     // Each A panel is packed once per (pc, ic), just before
                     // its first use, and reused for every later column block.
                     if jc == 0 {
-                        pack_a::<M>(sliver, a, k, ic + ir, h, pc, kc);
+                        pack_a::<M, C>(sliver, a, k, ic + ir, h, pc, kc);
                     }
                     let a_panel = sliver.as_ptr();
                     for jr in (0..nc).step_by(nr) {
@@ -697,7 +785,15 @@ unsafe fn drive<M: Micro>(
 /// panels (panel `q` holds columns `jc + q·NR ..`, row `p` of it at
 /// `(q·kc + p)·NR`), the last one padded with zeros on the right.
 #[inline(always)]
-fn pack_b<M: Micro>(dst: &mut [M::T], b: &[M::T], n: usize, pc: usize, kc: usize, jc: usize, nc: usize) {
+fn pack_b<M: Micro, C: Convert<To = M::T>>(
+    dst: &mut [M::T],
+    b: &[C::From],
+    n: usize,
+    pc: usize,
+    kc: usize,
+    jc: usize,
+    nc: usize,
+) {
     let nr = M::NR;
     let (full, w) = (nc / nr, nc % nr);
     // Row by row of B, so the reads are sequential.
@@ -705,11 +801,11 @@ fn pack_b<M: Micro>(dst: &mut [M::T], b: &[M::T], n: usize, pc: usize, kc: usize
         let src = &b[(pc + p) * n + jc..(pc + p) * n + jc + nc];
         for (q, s) in src.chunks_exact(nr).enumerate() {
             let d = (q * kc + p) * nr;
-            dst[d..d + nr].copy_from_slice(s);
+            convert_into::<C>(&mut dst[d..d + nr], s);
         }
         if w > 0 {
             let d = (full * kc + p) * nr;
-            dst[d..d + w].copy_from_slice(&src[full * nr..]);
+            convert_into::<C>(&mut dst[d..d + w], &src[full * nr..]);
             dst[d + w..d + nr].fill(M::T::default());
         }
     }
@@ -719,7 +815,15 @@ fn pack_b<M: Micro>(dst: &mut [M::T], b: &[M::T], n: usize, pc: usize, kc: usize
 /// panels (panel `q` holds rows `ic + q·MR ..`, element `(r, p)` at
 /// `(q·kc + p)·MR + r`), the last one padded with zero rows.
 #[inline(always)]
-fn pack_a<M: Micro>(dst: &mut [M::T], a: &[M::T], k: usize, ic: usize, mc: usize, pc: usize, kc: usize) {
+fn pack_a<M: Micro, C: Convert<To = M::T>>(
+    dst: &mut [M::T],
+    a: &[C::From],
+    k: usize,
+    ic: usize,
+    mc: usize,
+    pc: usize,
+    kc: usize,
+) {
     let mr = M::MR;
     for (q, panel) in dst.chunks_exact_mut(kc * mr).take(mc.div_ceil(mr)).enumerate() {
         let i0 = ic + q * mr;
@@ -729,13 +833,13 @@ fn pack_a<M: Micro>(dst: &mut [M::T], a: &[M::T], k: usize, ic: usize, mc: usize
             // sequentially (one routine per height, so the row slices live
             // in registers; a strided loop here compiled to scatters).
             match mr {
-                6 => pack_full_panel::<M::T, 6>(panel, a, k, i0, pc, kc),
+                6 => pack_full_panel::<C, 6>(panel, a, k, i0, pc, kc),
                 #[cfg(test)]
-                4 => pack_full_panel::<M::T, 4>(panel, a, k, i0, pc, kc),
+                4 => pack_full_panel::<C, 4>(panel, a, k, i0, pc, kc),
                 #[cfg(test)]
-                8 => pack_full_panel::<M::T, 8>(panel, a, k, i0, pc, kc),
+                8 => pack_full_panel::<C, 8>(panel, a, k, i0, pc, kc),
                 #[cfg(test)]
-                12 => pack_full_panel::<M::T, 12>(panel, a, k, i0, pc, kc),
+                12 => pack_full_panel::<C, 12>(panel, a, k, i0, pc, kc),
                 _ => unreachable!("no kernel has MR = {mr}"),
             }
             continue;
@@ -746,7 +850,7 @@ fn pack_a<M: Micro>(dst: &mut [M::T], a: &[M::T], k: usize, ic: usize, mc: usize
         for r in 0..h {
             let src = &a[(i0 + r) * k + pc..(i0 + r) * k + pc + kc];
             for (col, &x) in panel.chunks_exact_mut(mr).zip(src) {
-                col[r] = x;
+                col[r] = C::convert(x);
             }
         }
     }
@@ -761,11 +865,26 @@ fn pack_a<M: Micro>(dst: &mut [M::T], a: &[M::T], k: usize, ic: usize, mc: usize
 /// the time goes into reading `A` from L3 — but are notoriously slow
 /// elsewhere).
 #[inline(never)]
-fn pack_full_panel<T: Copy, const MR: usize>(panel: &mut [T], a: &[T], k: usize, i0: usize, pc: usize, kc: usize) {
-    let rows: [&[T]; MR] = std::array::from_fn(|r| &a[(i0 + r) * k + pc..(i0 + r) * k + pc + kc]);
+fn pack_full_panel<C: Convert, const MR: usize>(
+    panel: &mut [C::To],
+    a: &[C::From],
+    k: usize,
+    i0: usize,
+    pc: usize,
+    kc: usize,
+) {
+    let rows: [&[C::From]; MR] = std::array::from_fn(|r| &a[(i0 + r) * k + pc..(i0 + r) * k + pc + kc]);
     for (p, col) in panel.chunks_exact_mut(MR).enumerate() {
-        let col: &mut [T; MR] = col.try_into().expect("chunks of MR");
-        *col = std::array::from_fn(|r| rows[r][p]);
+        let col: &mut [C::To; MR] = col.try_into().expect("chunks of MR");
+        *col = std::array::from_fn(|r| C::convert(rows[r][p]));
+    }
+}
+
+/// `dst[i] = C::convert(src[i])` (a copy for [`Same`]).
+#[inline(always)]
+fn convert_into<C: Convert>(dst: &mut [C::To], src: &[C::From]) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = C::convert(x);
     }
 }
 

@@ -5,6 +5,7 @@
 //! paths, one answer").
 
 use super::float::dgemm;
+use super::gemm::dgemm_i64;
 use super::tiled::tiled;
 
 /// Rows of `B` converted to `f64` at a time by the exact `i64` path, so its
@@ -13,6 +14,12 @@ use super::tiled::tiled;
 /// both [`super::gemm`] and matrixmultiply), so cutting `k` here adds no extra
 /// passes over `C`.
 const EXACT_KC: usize = 512;
+
+thread_local! {
+    /// The exact path's `f64` copies of a slice of `A` and of `B`, kept
+    /// between calls on this thread.
+    static EXACT_SCRATCH: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) };
+}
 
 /// Blocks of fewer rows than this always take the wrapping `i64` kernel: for
 /// thin blocks the exact path's cost is scanning and converting `B`, which
@@ -49,48 +56,49 @@ pub(super) struct Maxima {
 /// The largest `|x|` in `v` (0 for an empty slice), as `u64` so that
 /// `i64::MIN` (magnitude 2^63) has one.
 pub(super) fn max_abs(v: &[i64]) -> u64 {
+    widest(|| v.iter().fold(0, |m, &x| m.max(x.unsigned_abs())))
+}
+
+/// Runs `f`, inlined into a copy of this function compiled for the widest
+/// vectors the CPU has (AVX-512F, AVX2, or the baseline), so the loops in
+/// `f` vectorize as wide as they can: 64-bit `abs`, `max` and conversions
+/// need AVX-512; AVX2 has the compare they are built of; SSE2 neither.
+#[inline(always)]
+fn widest<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F (checked just above), the only
-        // requirement for calling a function compiled with it enabled.
-        return unsafe { max_abs_avx512(v) };
+    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512dq") {
+        // SAFETY: the CPU supports AVX-512F and DQ (checked just above),
+        // the only requirement for calling a function compiled with them.
+        return unsafe { on_avx512(f) };
     }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { max_abs_avx2(v) };
+        return unsafe { on_avx2(f) };
     }
-    max_abs_plain(v)
+    f()
 }
 
-/// [`max_abs`] in plain code, which the compiler vectorizes as far as the
-/// instruction set it is built for allows (64-bit `abs` and `max` need
-/// AVX-512; AVX2 has the compare they are built of; SSE2 has neither).
-#[inline(always)]
-fn max_abs_plain(v: &[i64]) -> u64 {
-    v.iter().fold(0, |m, &x| m.max(x.unsigned_abs()))
-}
-
-/// [`max_abs`] compiled with AVX2.
+/// `f()` compiled with AVX2 (see [`widest`]).
 ///
 /// # Safety
 ///
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn max_abs_avx2(v: &[i64]) -> u64 {
-    max_abs_plain(v)
+unsafe fn on_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
-/// [`max_abs`] compiled with AVX-512F (`vpabsq`, `vpmaxuq`).
+/// `f()` compiled with AVX-512F and DQ (see [`widest`]).
 ///
 /// # Safety
 ///
-/// The CPU must support AVX-512F.
+/// The CPU must support AVX-512F and AVX-512DQ.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2")]
-unsafe fn max_abs_avx512(v: &[i64]) -> u64 {
-    max_abs_plain(v)
+#[target_feature(enable = "avx512f,avx512dq,avx2")]
+unsafe fn on_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 /// Integers of magnitude below this convert between `i64` and `f64` with
@@ -109,6 +117,11 @@ const MAGIC: f64 = 6_755_399_441_055_744.0;
 /// `dst[i] = src[i] as f64`, exactly; `small` says every `|src[i]|` is below
 /// [`SMALL`], so the fast form holds.
 fn to_f64(dst: &mut [f64], src: &[i64], small: bool) {
+    widest(|| to_f64_plain(dst, src, small));
+}
+
+#[inline(always)]
+fn to_f64_plain(dst: &mut [f64], src: &[i64], small: bool) {
     if small {
         let magic = MAGIC.to_bits();
         for (d, &s) in dst.iter_mut().zip(src) {
@@ -126,6 +139,11 @@ fn to_f64(dst: &mut [f64], src: &[i64], small: bool) {
 /// [`SMALL`], so the fast form holds (`MAGIC + x` is exact there, and its
 /// bits are `MAGIC`'s plus `x`; a `-0.0` gives 0).
 fn to_i64(c: &mut [i64], small: bool) {
+    widest(|| to_i64_plain(c, small));
+}
+
+#[inline(always)]
+fn to_i64_plain(c: &mut [i64], small: bool) {
     if small {
         let magic = MAGIC.to_bits() as i64;
         for x in c.iter_mut() {
@@ -192,16 +210,16 @@ pub(super) fn i64_via_f64(a: &[i64], b: &[i64], c: &mut [i64], rows: usize, k: u
 }
 
 /// [`i64_via_f64`] given `max|a|` and `max|b|`, which choose the fast
-/// conversions where they hold.
+/// conversions where they hold. Where the packed GEMM runs (AVX2 and FMA),
+/// `A` and `B` are converted as they are packed ([`dgemm_i64`]); elsewhere
+/// slices of them are converted into a scratch buffer for the fallback
+/// GEMM.
 pub(super) fn i64_via_f64_within(a: &[i64], b: &[i64], c: &mut [i64], rows: usize, k: usize, n: usize, max: Maxima) {
     debug_assert!(a.len() == rows * k && b.len() == k * n && c.len() == rows * n);
     if k == 0 {
         c.fill(0);
         return;
     }
-    let step = EXACT_KC.min(k);
-    let mut a_f64 = vec![0.0f64; rows * step];
-    let mut b_f64 = vec![0.0f64; step * n];
     {
         // `C` is accumulated as f64 in `c`'s own memory, then converted in
         // place below; this saves a `rows × n` scratch buffer.
@@ -211,26 +229,46 @@ pub(super) fn i64_via_f64_within(a: &[i64], b: &[i64], c: &mut [i64], rows: usiz
         // `[f64; len]`. The view reborrows `c` exclusively and is dropped at
         // the end of this scope, before `c` is used again.
         let c_f64: &mut [f64] = unsafe { std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<f64>(), len) };
-        let mut p0 = 0;
-        while p0 < k {
-            let kc = step.min(k - p0);
-            // The exactness argument covers any way of cutting k: each
-            // element's chunk total is a sum of a subset of its k products.
-            let (a_chunk, b_chunk) = (&mut a_f64[..rows * kc], &mut b_f64[..kc * n]);
-            for (dst, src) in a_chunk.chunks_exact_mut(kc).zip(a.chunks_exact(k)) {
-                to_f64(dst, &src[p0..p0 + kc], max.a < SMALL);
-            }
-            to_f64(b_chunk, &b[p0 * n..(p0 + kc) * n], max.b < SMALL);
-            // First chunk: C = A·B (C's i64 contents are not read); then C += A·B.
-            dgemm(a_chunk, b_chunk, c_f64, rows, kc, n, p0 > 0);
-            p0 += kc;
+        let small = max.a < SMALL && max.b < SMALL;
+        if !dgemm_i64(a, b, c_f64, rows, k, n, small) {
+            via_scratch(a, b, c_f64, rows, k, n, max);
         }
     }
     // Each element now holds the bits of an exact integer-valued f64 with
-    // magnitude below 2^53, so `as i64` is exact.
-    // k · max|A| · max|B| bounds every element (see above).
+    // magnitude below 2^53, so converting it is exact; k · max|A| · max|B|
+    // bounds every element (see above).
     let bound = u128::from(max.a) * u128::from(max.b) * k as u128;
     to_i64(c, bound < u128::from(SMALL));
+}
+
+/// `c = a · b` in `f64`, the inputs converted [`EXACT_KC`] rows of `b` at a
+/// time into a scratch buffer for [`dgemm`] (the fallback where the packed
+/// GEMM does not run).
+fn via_scratch(a: &[i64], b: &[i64], c: &mut [f64], rows: usize, k: usize, n: usize, max: Maxima) {
+    let step = EXACT_KC.min(k);
+    // The scratch is kept between calls on this thread, as the GEMM's
+    // packing buffer is: fresh pages for it on every call cost a product
+    // of 1000² several percent in page faults.
+    let mut scratch = EXACT_SCRATCH.take();
+    if scratch.len() < (rows + n) * step {
+        scratch = vec![0.0f64; (rows + n) * step];
+    }
+    let (a_f64, b_f64) = scratch.split_at_mut(rows * step);
+    let mut p0 = 0;
+    while p0 < k {
+        let kc = step.min(k - p0);
+        // The exactness argument covers any way of cutting k: each
+        // element's chunk total is a sum of a subset of its k products.
+        let (a_chunk, b_chunk) = (&mut a_f64[..rows * kc], &mut b_f64[..kc * n]);
+        for (dst, src) in a_chunk.chunks_exact_mut(kc).zip(a.chunks_exact(k)) {
+            to_f64(dst, &src[p0..p0 + kc], max.a < SMALL);
+        }
+        to_f64(b_chunk, &b[p0 * n..(p0 + kc) * n], max.b < SMALL);
+        // First chunk: C = A·B; then C += A·B.
+        dgemm(a_chunk, b_chunk, c, rows, kc, n, p0 > 0);
+        p0 += kc;
+    }
+    EXACT_SCRATCH.set(scratch);
 }
 
 /// The wrapping `i64` kernel: [`tiled`], compiled again with AVX-512DQ and
@@ -285,7 +323,7 @@ unsafe fn tiled_i64_avx512(a: &[i64], b: &[i64], c: &mut [i64], rows: usize, k: 
 
 #[cfg(test)]
 mod conversions {
-    use super::{max_abs, max_abs_plain, to_f64, to_i64, SMALL};
+    use super::{max_abs, to_f64, to_i64, SMALL};
 
     /// Integers up to [`SMALL`] in magnitude, its edges included, and a
     /// spread between.
@@ -318,6 +356,20 @@ mod conversions {
     }
 
     #[test]
+    fn the_fallback_through_a_scratch_buffer_is_exact_too() {
+        use super::{via_scratch, Maxima};
+        // k above EXACT_KC, so the scratch is used in slices.
+        let (rows, k, n) = (9, 700, 11);
+        let a: Vec<i64> = (0..rows * k).map(|i| (i as i64 * 7919) % 2001 - 1000).collect();
+        let b: Vec<i64> = (0..k * n).map(|i| (i as i64 * 104_729) % 4001 - 2000).collect();
+        let mut c = vec![0.0; rows * n];
+        via_scratch(&a, &b, &mut c, rows, k, n, Maxima { a: max_abs(&a), b: max_abs(&b) });
+        let naive = crate::kernels::matmul_naive(&a, &b, rows, k, n);
+        let got: Vec<i64> = c.iter().map(|&x| x as i64).collect();
+        assert_eq!(got, naive);
+    }
+
+    #[test]
     fn the_plain_conversions_serve_beyond_2_to_the_51() {
         let v = [1i64 << 52, -(1 << 52) + 3, (1 << 53) - 1, SMALL as i64];
         let mut f = vec![0.0; v.len()];
@@ -328,11 +380,12 @@ mod conversions {
     }
 
     #[test]
-    fn max_abs_is_the_same_in_every_build() {
+    fn max_abs_is_the_largest_magnitude() {
         let mut v = samples();
         v.extend([i64::MIN, i64::MAX, -7]);
         for len in [0, 1, 3, 8, 15, 16, 17, 100, v.len()] {
-            assert_eq!(max_abs(&v[..len]), max_abs_plain(&v[..len]), "{len}");
+            let want = v[..len].iter().map(|x| x.unsigned_abs()).max().unwrap_or(0);
+            assert_eq!(max_abs(&v[..len]), want, "{len}");
         }
         assert_eq!(max_abs(&v), 1 << 63);
         assert_eq!(max_abs(&[-5, 3]), 5);
