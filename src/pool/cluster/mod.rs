@@ -41,8 +41,10 @@ pub use transport::worker_places;
 pub use world::{probe_shared, set_backend_local, world, Node, World};
 
 /// Environment variables an MPI launcher sets in each rank, with the rank
-/// count (Open MPI, MPICH/Hydra and Intel MPI, PMIx, Slurm's srun).
-const SIZE_VARS: [&str; 4] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"];
+/// count (Open MPI, MPICH/Hydra and Intel MPI, PMIx, Slurm's srun: a job
+/// step's task count; `SLURM_NTASKS` is the allocation's, set in a batch
+/// script too).
+const SIZE_VARS: [&str; 4] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS"];
 /// The same for the rank.
 const RANK_VARS: [&str; 4] = ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"];
 
@@ -57,13 +59,19 @@ pub struct Launch {
 
 /// The MPI launch this process is part of, if any: read from the variables
 /// `mpirun`/`mpiexec` (Open MPI, MPICH, Intel MPI, PMIx) or Slurm's `srun`
-/// set. A Slurm allocation alone (`SLURM_NTASKS` without `SLURM_PROCID`,
-/// as in a batch script) is not a launch; nor is a procjob worker.
+/// set. A Slurm batch script is not a launch (it has `SLURM_PROCID` 0 and
+/// the allocation's `SLURM_NTASKS`, but no job step); nor is a procjob
+/// worker.
 pub fn launch() -> Option<Launch> {
     if procjob_worker::serve::is_worker_process() {
         return None;
     }
-    let read = |vars: &[&str]| vars.iter().find_map(|v| std::env::var(v).ok()?.trim().parse::<usize>().ok());
+    launch_from(|v| std::env::var(v).ok())
+}
+
+/// [`launch`] from the variables `var` gives.
+fn launch_from(var: impl Fn(&str) -> Option<String>) -> Option<Launch> {
+    let read = |vars: &[&str]| vars.iter().find_map(|v| var(v)?.trim().parse::<usize>().ok());
     let size = read(&SIZE_VARS)?;
     let rank = read(&RANK_VARS)?;
     Some(Launch { rank, size })
@@ -125,4 +133,34 @@ pub fn bytes_between_ranks() -> (u64, u64) {
     }
     #[cfg(not(feature = "mpi"))]
     (0, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{launch_from, Launch};
+
+    fn launch_of(vars: &[(&str, &str)]) -> Option<Launch> {
+        launch_from(|v| vars.iter().find(|(k, _)| *k == v).map(|(_, x)| x.to_string()))
+    }
+
+    #[test]
+    fn a_launch_is_read_from_mpirun_and_srun_but_not_a_batch_script() {
+        let mpirun = [("OMPI_COMM_WORLD_RANK", "2"), ("OMPI_COMM_WORLD_SIZE", "3")];
+        assert_eq!(launch_of(&mpirun), Some(Launch { rank: 2, size: 3 }));
+        // Slurm 22.05's srun --mpi=pmix, as seen by a task.
+        let srun = [("PMIX_RANK", "1"), ("SLURM_PROCID", "1"), ("SLURM_STEP_NUM_TASKS", "2"), ("SLURM_NTASKS", "2")];
+        assert_eq!(launch_of(&srun), Some(Launch { rank: 1, size: 2 }));
+        // sbatch -n 2: the batch script itself, no step.
+        let batch = [("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_NPROCS", "2")];
+        assert_eq!(launch_of(&batch), None);
+        // mpirun inside that batch script: its own variables win.
+        let both = [
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "2"),
+            ("OMPI_COMM_WORLD_RANK", "1"),
+            ("OMPI_COMM_WORLD_SIZE", "2"),
+        ];
+        assert_eq!(launch_of(&both), Some(Launch { rank: 1, size: 2 }));
+        assert_eq!(launch_of(&[]), None);
+    }
 }
