@@ -6,8 +6,14 @@
 //! what arrives is handed to the rank's handler, on this thread. Sends are
 //! non-blocking (`MPI_Isend`), so two ranks sending each other large
 //! messages at once cannot deadlock; receiving is by polling
-//! (`MPI_Improbe`), with a back-off to at most [`MAX_IDLE`] when nothing
-//! moves, since a blocking MPI receive spins a core.
+//! (`MPI_Improbe`), with a back-off when nothing moves, since a blocking
+//! MPI receive spins a core. The back-off stops at [`MIN_CAP`] at first,
+//! and at a fiftieth of the time since the last message after that (up to
+//! [`MAX_CAP`]): a message that comes after a long quiet waits at most 2%
+//! more, and a rank with nothing to do (a rank that only waits for the
+//! end, rank 0 while all its workers are local, any rank during a long
+//! task) wakes a few dozen times a second rather than two thousand, which
+//! on a node whose CPUs all run workers cost them about 10% (docs/scale-out.md).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -18,8 +24,16 @@ use ::mpi::ffi;
 use ::mpi::point_to_point::{Destination, Source};
 use ::mpi::topology::{Communicator, SimpleCommunicator};
 
-/// The longest the thread sleeps between polls when nothing moves.
-const MAX_IDLE: Duration = Duration::from_micros(500);
+/// The longest the thread sleeps between polls shortly after a message.
+const MIN_CAP: Duration = Duration::from_micros(500);
+/// The longest it ever sleeps between polls.
+const MAX_CAP: Duration = Duration::from_millis(20);
+
+/// The longest sleep between polls `quiet` after the last message (or
+/// send under way).
+fn idle_cap(quiet: Duration) -> Duration {
+    (quiet / 50).clamp(MIN_CAP, MAX_CAP)
+}
 
 /// A message to send.
 #[derive(Debug)]
@@ -90,6 +104,7 @@ pub(super) fn run(outgoing: Receiver<Outgoing>, stop: &AtomicBool, mut handle: i
     let me = world.rank();
     let mut pending: Vec<Pending> = Vec::new();
     let mut idle = Duration::from_micros(5);
+    let mut last_traffic = std::time::Instant::now();
     loop {
         let mut busy = false;
         while let Ok(m) = outgoing.try_recv() {
@@ -118,12 +133,17 @@ pub(super) fn run(outgoing: Receiver<Outgoing>, stop: &AtomicBool, mut handle: i
         }
         if busy {
             idle = Duration::from_micros(5);
+            last_traffic = std::time::Instant::now();
             continue;
+        }
+        if !pending.is_empty() {
+            // A large send progresses only while MPI is called.
+            last_traffic = std::time::Instant::now();
         }
         // Nothing moved: wait for something to send, or a while.
         match outgoing.recv_timeout(idle) {
             Ok(m) => pending.push(start_send(m.dest, m.tag, m.bytes)),
-            Err(RecvTimeoutError::Timeout) => idle = (idle * 2).min(MAX_IDLE),
+            Err(RecvTimeoutError::Timeout) => idle = (idle * 2).min(idle_cap(last_traffic.elapsed())),
             Err(RecvTimeoutError::Disconnected) => std::thread::sleep(idle),
         }
     }
@@ -145,3 +165,17 @@ pub(super) fn receive_now(tag: i32) -> Incoming {
 
 /// A channel to the loop (cheap to clone).
 pub(super) type Link = Sender<Outgoing>;
+
+#[cfg(test)]
+mod tests {
+    use super::{idle_cap, MAX_CAP, MIN_CAP};
+    use std::time::Duration;
+
+    #[test]
+    fn the_idle_cap_is_a_fiftieth_of_the_quiet_within_its_bounds() {
+        assert_eq!(idle_cap(Duration::ZERO), MIN_CAP);
+        assert_eq!(idle_cap(Duration::from_millis(10)), MIN_CAP);
+        assert_eq!(idle_cap(Duration::from_millis(100)), Duration::from_millis(2));
+        assert_eq!(idle_cap(Duration::from_secs(60)), MAX_CAP);
+    }
+}
