@@ -324,6 +324,44 @@ fn a_worker_killed_on_another_node_is_named_and_retried() {
     assert_clean_parent(dir.tmp(), &text);
 }
 
+/// A task that hangs on rank 1's node: `--timeout` kills its worker there
+/// (through its agent), the run fails at once with the task, the timeout
+/// and where the worker ran, and nothing is left. (A timeout is not
+/// retried, as on one machine: `--retries` re-runs tasks lost to a dead
+/// worker.)
+#[test]
+fn a_task_hanging_on_another_node_times_out() {
+    let dir = TestDir::new("mpi-timeout");
+    let tmp = tmp_arg(&dir);
+    let args = [
+        "matmul",
+        "--size",
+        "100",
+        "--blocks",
+        "4",
+        "--processes",
+        "2",
+        "--mode",
+        "memmap",
+        "--timeout",
+        "1",
+        "--quiet",
+        "--temp-folder",
+        &tmp,
+    ];
+    // Only rank 1's workers carry the fault; worker 1 is on rank 1.
+    let mark = format!("timeout-{}", std::process::id());
+    let marked_env: &[(&str, &str)] = &[("PROCJOB_MPI_TEST_RUN", &mark)];
+    let fault: &[(&str, &str)] = &[("PROCJOB_TEST_FAULT", "hang@30"), ("PROCJOB_MPI_TEST_RUN", &mark)];
+    let (out, text) = run(&mut mpirun(&[(1, marked_env, &args), (1, fault, &[])]));
+    assert!(marked(&mark).is_empty(), "processes left: {:?}\n{text}", marked(&mark));
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("hanging in pid"), "the fault never fired: {text}");
+    assert!(text.contains("rows 25..50") && text.contains("timeout of 1.000 s; the worker was killed"), "{text}");
+    assert!(text.contains("worker 1 on rank 1 (host"), "{text}");
+    assert_clean_parent(dir.tmp(), &text);
+}
+
 /// The ranks of the running job started by the mpirun `parent`: pid and
 /// rank, from their environment.
 fn ranks_of(parent: u32) -> Vec<(u32, usize)> {
