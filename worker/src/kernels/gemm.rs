@@ -177,8 +177,8 @@ use std::arch::x86_64::*;
 #[must_use]
 pub fn dgemm(a: &[f64], b: &[f64], c: &mut [f64], rows: usize, k: usize, n: usize, accumulate: bool) -> bool {
     match chosen_isa(best_isa) {
-        Isa::Avx512 => gemm::<F64x32>(a, b, c, rows, k, n, accumulate, F64x32::blocking()),
-        Isa::Avx2 => gemm::<F64>(a, b, c, rows, k, n, accumulate, F64::blocking()),
+        Isa::Avx512 => gemm::<F64x32, Same<f64>>(a, b, c, rows, k, n, accumulate, F64x32::blocking()),
+        Isa::Avx2 => gemm::<F64, Same<f64>>(a, b, c, rows, k, n, accumulate, F64::blocking()),
         Isa::Portable => false,
     }
 }
@@ -191,8 +191,8 @@ pub fn dgemm(a: &[f64], b: &[f64], c: &mut [f64], rows: usize, k: usize, n: usiz
 #[must_use]
 pub fn sgemm(a: &[f32], b: &[f32], c: &mut [f32], rows: usize, k: usize, n: usize, accumulate: bool) -> bool {
     match chosen_isa(best_isa) {
-        Isa::Avx512 => gemm::<F32x64>(a, b, c, rows, k, n, accumulate, F32x64::blocking()),
-        Isa::Avx2 => gemm::<F32>(a, b, c, rows, k, n, accumulate, F32::blocking()),
+        Isa::Avx512 => gemm::<F32x64, Same<f32>>(a, b, c, rows, k, n, accumulate, F32x64::blocking()),
+        Isa::Avx2 => gemm::<F32, Same<f32>>(a, b, c, rows, k, n, accumulate, F32::blocking()),
         Isa::Portable => false,
     }
 }
@@ -235,9 +235,16 @@ impl<T: Copy> Convert for Same<T> {
     }
 }
 
+/// 1.5 · 2^52. Doubles in [2^52, 2^53) are exactly the integers there, and
+/// this one's mantissa field is 2^51: adding an integer `x` with
+/// `|x| < 2^51` to its bits gives the bits of `MAGIC + x` (the mantissa
+/// stays in (0, 2^52), the exponent unchanged), and subtracting `MAGIC`
+/// from that double is exact (the difference, `x`, is representable).
+pub(super) const MAGIC: f64 = 6_755_399_441_055_744.0;
+
 /// `i64`s of magnitude below 2^51 as the `f64`s of the same value, by one
-/// integer addition and one float subtraction of 1.5·2^52, which vectorize
-/// on every x86-64 (see `integer.rs`); exact.
+/// integer addition and one float subtraction of [`MAGIC`], which
+/// vectorize on every x86-64; exact.
 pub(super) struct SmallI64;
 
 impl Convert for SmallI64 {
@@ -245,7 +252,6 @@ impl Convert for SmallI64 {
     type To = f64;
     #[inline(always)]
     fn convert(x: i64) -> f64 {
-        const MAGIC: f64 = 6_755_399_441_055_744.0;
         f64::from_bits(MAGIC.to_bits().wrapping_add(x as u64)) - MAGIC
     }
 }
@@ -275,10 +281,10 @@ impl Convert for ExactI64 {
 #[allow(clippy::too_many_arguments)]
 pub(super) fn dgemm_i64(a: &[i64], b: &[i64], c: &mut [f64], rows: usize, k: usize, n: usize, small: bool) -> bool {
     match (chosen_isa(best_isa), small) {
-        (Isa::Avx512, true) => gemm_from::<F64x32, SmallI64>(a, b, c, rows, k, n, false, F64x32::blocking()),
-        (Isa::Avx512, false) => gemm_from::<F64x32, ExactI64>(a, b, c, rows, k, n, false, F64x32::blocking()),
-        (Isa::Avx2, true) => gemm_from::<F64, SmallI64>(a, b, c, rows, k, n, false, F64::blocking()),
-        (Isa::Avx2, false) => gemm_from::<F64, ExactI64>(a, b, c, rows, k, n, false, F64::blocking()),
+        (Isa::Avx512, true) => gemm::<F64x32, SmallI64>(a, b, c, rows, k, n, false, F64x32::blocking()),
+        (Isa::Avx512, false) => gemm::<F64x32, ExactI64>(a, b, c, rows, k, n, false, F64x32::blocking()),
+        (Isa::Avx2, true) => gemm::<F64, SmallI64>(a, b, c, rows, k, n, false, F64::blocking()),
+        (Isa::Avx2, false) => gemm::<F64, ExactI64>(a, b, c, rows, k, n, false, F64::blocking()),
         (Isa::Portable, _) => false,
     }
 }
@@ -582,24 +588,11 @@ fn best_isa() -> Isa {
 }
 
 /// Checks the shape, handles the empty cases and runs [`gemm_avx2`] when the
-/// CPU allows; `false` (and `c` untouched) when it does not.
+/// CPU allows; `false` (and `c` untouched) when it does not. Packing
+/// converts the elements of `a` and `b` with `C` ([`Same`] for `f64` and
+/// `f32`).
 #[allow(clippy::too_many_arguments)]
-fn gemm<M: Micro>(
-    a: &[M::T],
-    b: &[M::T],
-    c: &mut [M::T],
-    rows: usize,
-    k: usize,
-    n: usize,
-    accumulate: bool,
-    blk: Blocking,
-) -> bool {
-    gemm_from::<M, Same<M::T>>(a, b, c, rows, k, n, accumulate, blk)
-}
-
-/// [`gemm`] of matrices whose elements packing converts with `C`.
-#[allow(clippy::too_many_arguments)]
-fn gemm_from<M: Micro, C: Convert<To = M::T>>(
+fn gemm<M: Micro, C: Convert<To = M::T>>(
     a: &[C::From],
     b: &[C::From],
     c: &mut [M::T],
@@ -1085,7 +1078,7 @@ mod tests {
         blk: Blocking,
     ) -> Vec<T> {
         let mut c = c0.to_vec();
-        assert!(gemm::<M>(a, b, &mut c, m, k, n, acc, blk), "no AVX2+FMA");
+        assert!(gemm::<M, Same<T>>(a, b, &mut c, m, k, n, acc, blk), "no AVX2+FMA");
         c
     }
 
@@ -1286,7 +1279,7 @@ mod tests {
         }
         fn time<M: Micro<T = f64>>(a: &[f64], b: &[f64], c: &mut [f64], n: usize) -> f64 {
             let t = std::time::Instant::now();
-            assert!(gemm::<M>(a, b, c, n, n, n, false, M::blocking()));
+            assert!(gemm::<M, Same<f64>>(a, b, c, n, n, n, false, M::blocking()));
             t.elapsed().as_secs_f64()
         }
         type Timer = fn(&[f64], &[f64], &mut [f64], usize) -> f64;

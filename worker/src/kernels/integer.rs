@@ -5,7 +5,7 @@
 //! paths, one answer").
 
 use super::float::dgemm;
-use super::gemm::dgemm_i64;
+use super::gemm::{dgemm_i64, Convert, ExactI64, SmallI64, MAGIC};
 use super::tiled::tiled;
 
 /// Rows of `B` converted to `f64` at a time by the exact `i64` path, so its
@@ -107,13 +107,6 @@ unsafe fn on_avx512<R>(f: impl FnOnce() -> R) -> R {
 /// 64-bit integer, and AVX2 none either; only AVX-512DQ has).
 const SMALL: u64 = 1 << 51;
 
-/// 1.5 · 2^52. Doubles in [2^52, 2^53) are exactly the integers there, and
-/// this one's mantissa field is 2^51: adding an integer `x` with
-/// `|x| < 2^51` to its bits gives the bits of `MAGIC + x` (the mantissa
-/// stays in (0, 2^52), the exponent unchanged), and subtracting `MAGIC`
-/// from that double is exact (the difference, `x`, is representable).
-const MAGIC: f64 = 6_755_399_441_055_744.0;
-
 /// `dst[i] = src[i] as f64`, exactly; `small` says every `|src[i]|` is below
 /// [`SMALL`], so the fast form holds.
 fn to_f64(dst: &mut [f64], src: &[i64], small: bool) {
@@ -123,13 +116,12 @@ fn to_f64(dst: &mut [f64], src: &[i64], small: bool) {
 #[inline(always)]
 fn to_f64_plain(dst: &mut [f64], src: &[i64], small: bool) {
     if small {
-        let magic = MAGIC.to_bits();
         for (d, &s) in dst.iter_mut().zip(src) {
-            *d = f64::from_bits(magic.wrapping_add(s as u64)) - MAGIC;
+            *d = SmallI64::convert(s);
         }
     } else {
         for (d, &s) in dst.iter_mut().zip(src) {
-            *d = s as f64;
+            *d = ExactI64::convert(s);
         }
     }
 }
