@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -88,6 +88,23 @@ pub(crate) fn live_pids() -> Vec<i32> {
 /// The live run folders (waiting at most [`LOCK_PATIENCE`]).
 pub(crate) fn live_folders() -> Vec<PathBuf> {
     snapshot(&LIVE_FOLDERS)
+}
+
+/// Whether a signal that ends the process removes the run folders at once,
+/// before the program's own stop has run (see [`remove_folders_first`]).
+static FOLDERS_FIRST: AtomicBool = AtomicBool::new(false);
+
+/// From now on a signal that ends the process removes the run folders at
+/// once: an MPI launcher SIGKILLs every rank about a second after it
+/// forwards a Ctrl-C, which a busy program may not beat.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+pub(crate) fn remove_folders_first() {
+    FOLDERS_FIRST.store(true, Ordering::SeqCst);
+}
+
+/// See [`remove_folders_first`].
+pub(crate) fn folders_go_first() -> bool {
+    FOLDERS_FIRST.load(Ordering::SeqCst)
 }
 
 /// The contents of a set behind a lock, waiting at most [`LOCK_PATIENCE`]

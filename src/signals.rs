@@ -437,6 +437,13 @@ fn watch() {
         stop_now(first)
     };
     RECEIVED.store(first, Ordering::SeqCst);
+    if lifecycle::folders_go_first() {
+        // Under MPI: before the launcher's SIGKILL can come (the workers
+        // keep the files they mapped; the program is stopping anyway).
+        for folder in lifecycle::live_folders() {
+            let _ = std::fs::remove_dir_all(folder);
+        }
+    }
     lifecycle::wake_all(signal);
     // A second signal, a fault, or no exit within FORCE_AFTER: stop at once.
     let deadline = Instant::now() + FORCE_AFTER;

@@ -362,9 +362,9 @@ fn a_task_hanging_on_another_node_times_out() {
     assert_clean_parent(dir.tmp(), &text);
 }
 
-/// The ranks of the running job started by the mpirun `parent`: pid and
-/// rank, from their environment.
-fn ranks_of(parent: u32) -> Vec<(u32, usize)> {
+/// The ranks of the running job whose environment carries the test's
+/// `mark`: pid and rank, from their environment.
+fn ranks_of(mark: &str) -> Vec<(u32, usize)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
@@ -373,7 +373,7 @@ fn ranks_of(parent: u32) -> Vec<(u32, usize)> {
         let has = |k: &str| {
             vars.iter().find_map(|v| v.strip_prefix(k.as_bytes())).map(|v| String::from_utf8_lossy(v).into_owned())
         };
-        if has("PROCJOB_WORKER=").is_some() || has("PROCJOB_MPI_TEST_RUN=").as_deref() != Some(&parent.to_string()) {
+        if has("PROCJOB_WORKER=").is_some() || has("PROCJOB_MPI_TEST_RUN=").as_deref() != Some(mark) {
             continue;
         }
         if let Some(rank) = has("OMPI_COMM_WORLD_RANK=").and_then(|r| r.parse().ok()) {
@@ -394,6 +394,55 @@ fn marked(mark: &str) -> Vec<u32> {
         }
     }
     out
+}
+
+/// Under MPI a signal removes rank 0's run folder at once, while its
+/// program is still busy (here in a seq product of several seconds): mpirun
+/// SIGKILLs every rank about a second after it forwards a Ctrl-C as
+/// SIGTERM, which a busy rank 0 could not outlast. Nothing is left.
+#[test]
+fn a_signal_removes_rank_0s_folder_at_once_under_mpi() {
+    let dir = TestDir::new("mpi-signal-folder");
+    let tmp = tmp_arg(&dir);
+    let mark = format!("signal-folder-{}", std::process::id());
+    let env: &[(&str, &str)] = &[("PROCJOB_MPI_TEST_RUN", &mark)];
+    let args =
+        ["matmul", "--size", "5000", "--dtype", "f64", "--mode", "seq", "--no-check", "--quiet", "--temp-folder", &tmp];
+    let mut cmd = mpirun(&[(2, env, &args)]);
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let folders = || std::fs::read_dir(dir.tmp()).map(|d| d.count()).unwrap_or(0);
+    let start = Instant::now();
+    let rank0 = loop {
+        if let Some(&(pid, _)) = ranks_of(&mark).iter().find(|&&(_, r)| r == 0) {
+            if folders() > 0 {
+                break pid;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "the job never started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+    };
+    let signalled = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(rank0 as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    // Rank 0 cannot stop on its own before its product ends or, at the
+    // latest, 2 s after the signal (when it stops at once).
+    while folders() > 0 && signalled.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (gone, running) = (folders() == 0, alive(rank0));
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(gone, "the run folder was still there 1 s after the signal:\n{stderr}");
+    assert!(running, "rank 0 had stopped already, so this shows nothing:\n{stderr}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !marked(&mark).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(marked(&mark), Vec::<u32>::new(), "processes left:\n{stderr}");
+    assert_clean_parent(dir.tmp(), &stderr);
 }
 
 /// A rank SIGKILLed mid-run: the job ends within seconds, non-zero, the
@@ -423,7 +472,7 @@ fn a_rank_killed_mid_run_ends_the_job_cleanly() {
     // Wait for rank 1 to run workers (its workers carry the mark too).
     let start = Instant::now();
     let rank1 = loop {
-        let ranks = ranks_of(std::process::id());
+        let ranks = ranks_of(&mark);
         if let Some(&(pid, _)) = ranks.iter().find(|&&(_, r)| r == 1) {
             if marked(&mark).len() > 2 {
                 break pid;

@@ -287,6 +287,9 @@ pub(super) fn init() {
         }
     }
     restore_signals(&old);
+    // mpirun SIGKILLs every rank about a second after it forwards a Ctrl-C
+    // as SIGTERM: rank 0 removes its run folders as the signal comes.
+    crate::lifecycle::remove_folders_first();
     // SAFETY: `finish` is an `extern "C" fn()` that never unwinds (it
     // catches nothing that can panic across the boundary: every step is
     // infallible or ignores errors).
