@@ -10,6 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use procjob::cli::bench::median;
 use serde_json::Value;
 use util::{require_numpy, Procjob, Run, TestDir};
 
@@ -34,19 +35,9 @@ fn times(v: &Value) -> Vec<f64> {
     v["times_s"].as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    if v.len().is_multiple_of(2) {
-        (v[mid - 1] + v[mid]) / 2.0
-    } else {
-        v[mid]
-    }
-}
-
 /// The median of the paired ratios `baseline[i] / mode[i]`.
 fn paired(baseline: &Value, mode: &Value) -> f64 {
-    median(times(baseline).iter().zip(times(mode)).map(|(b, m)| b / m).collect())
+    median(&times(baseline).iter().zip(times(mode)).map(|(b, m)| b / m).collect::<Vec<_>>())
 }
 
 /// Equal but for the last digit JSON's decimal text may change.

@@ -6,11 +6,13 @@
 //! `timeout`.
 #![cfg(feature = "mpi")]
 
+mod mpi_util;
 mod util;
 
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use mpi_util::{build_example, json_lines, marked, marked_after_the_end};
 use serde_json::Value;
 use util::{assert_clean_parent, TestDir, BIN};
 
@@ -50,14 +52,6 @@ fn run(cmd: &mut Command) -> (Output, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out, text)
-}
-
-fn json_lines(out: &Output) -> Vec<Value> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect()
 }
 
 fn tmp_arg(dir: &TestDir) -> String {
@@ -383,19 +377,6 @@ fn ranks_of(mark: &str) -> Vec<(u32, usize)> {
     out
 }
 
-/// Every process whose environment carries the test's mark.
-fn marked(mark: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
-        if env.split(|&b| b == 0).any(|v| v == format!("PROCJOB_MPI_TEST_RUN={mark}").as_bytes()) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 /// Under MPI a signal removes rank 0's run folder at once, while its
 /// program is still busy (here in a seq product of several seconds): mpirun
 /// SIGKILLs every rank about a second after it forwards a Ctrl-C as
@@ -437,11 +418,7 @@ fn a_signal_removes_rank_0s_folder_at_once_under_mpi() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(gone, "the run folder was still there 1 s after the signal:\n{stderr}");
     assert!(running, "rank 0 had stopped already, so this shows nothing:\n{stderr}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !marked(&mark).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(marked(&mark), Vec::<u32>::new(), "processes left:\n{stderr}");
+    assert_eq!(marked_after_the_end(&mark), Vec::<u32>::new(), "processes left:\n{stderr}");
     assert_clean_parent(dir.tmp(), &stderr);
 }
 
@@ -490,11 +467,7 @@ fn a_rank_killed_mid_run_ends_the_job_cleanly() {
     assert!(took < Duration::from_secs(15), "the job took {took:?} to end after a rank died:\n{stderr}");
     assert!(stderr.contains("rank 1") || stderr.contains("rank: 1") || stderr.contains(",1]"), "{stderr}");
     // Workers go with their agent (parent-death signal), rank 0 with mpirun.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !marked(&mark).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(marked(&mark), Vec::<u32>::new(), "processes left after a rank died:\n{stderr}");
+    assert_eq!(marked_after_the_end(&mark), Vec::<u32>::new(), "processes left after a rank died:\n{stderr}");
     assert_clean_parent(dir.tmp(), &stderr);
 }
 
@@ -537,11 +510,7 @@ fn ctrl_c_to_mpirun_stops_every_rank_and_leaves_nothing() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("procjob: stopped by SIGTERM; workers stopped, temp folder removed"), "{text}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !marked(&mark).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(marked(&mark), Vec::<u32>::new(), "processes left after Ctrl-C:\n{text}");
+    assert_eq!(marked_after_the_end(&mark), Vec::<u32>::new(), "processes left after Ctrl-C:\n{text}");
     assert_clean_parent(dir.tmp(), &text);
 }
 
@@ -560,18 +529,7 @@ fn backend_mpi_outside_mpirun_says_how_to_start_it() {
 /// run folder is gone at the end.
 #[test]
 fn parallel_dumps_reach_nodes_that_do_not_see_the_temp_folder() {
-    // `cargo test --test mpi` builds no example: build it (the profile
-    // is this binary's, release or not).
-    let mut build = Command::new(env!("CARGO"));
-    build.args(["build", "--features", "mpi", "--example", "parallel_dot", "--manifest-path"]);
-    build.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
-    if !cfg!(debug_assertions) {
-        build.arg("--release");
-    }
-    let built = build.output().expect("cannot run cargo");
-    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
-    let example = std::path::Path::new(BIN).with_file_name("examples").join("parallel_dot");
-    assert!(example.exists(), "{} was not built", example.display());
+    let example = build_example("parallel_dot");
     for ranks in [2usize, 3] {
         let dir = TestDir::new("mpi-parallel-private");
         let tmp = tmp_arg(&dir);

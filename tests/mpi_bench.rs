@@ -7,12 +7,14 @@
 //! `mpirun` runs under a hard `timeout`.
 #![cfg(feature = "mpi")]
 
+mod mpi_util;
 mod util;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use mpi_util::{build_example, describe, json_lines, marked_after_the_end};
 use serde_json::Value;
 use util::{assert_clean_parent, TestDir, BIN};
 
@@ -47,23 +49,6 @@ fn mpirun(limit_s: u32, ranks: usize, env: &[(&str, &str)], program: &Path, args
 fn run(cmd: &mut Command) -> (Output, String) {
     let out = cmd.output().expect("cannot run timeout/mpirun");
     (out.clone(), describe(cmd, &out))
-}
-
-fn describe(cmd: &Command, out: &Output) -> String {
-    format!(
-        "{cmd:?}\nstatus {}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn json_lines(out: &Output) -> Vec<Value> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect()
 }
 
 fn bin() -> PathBuf {
@@ -213,21 +198,6 @@ fn bench_backend_choice_and_default_counts() {
     assert_clean_parent(dir.tmp(), &text);
 }
 
-/// Every process whose environment carries the test's mark (ranks and
-/// workers inherit it).
-fn marked(mark: &str) -> Vec<u32> {
-    let wanted = format!("PROCJOB_MPI_TEST_RUN={mark}");
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
-        if env.split(|&b| b == 0).any(|v| v == wanted.as_bytes()) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 /// Open MPI's shared-memory segment files in `dir`.
 fn vader_segments(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
@@ -284,11 +254,7 @@ fn a_panic_in_rank_aborts_the_job(rank: usize) {
     assert!(text.contains("panicked; aborting the MPI job"), "{text}");
     // Workers go with their parent (parent-death signal), ranks with
     // mpirun: give the kernel a moment to finish them.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !marked(&mark).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(marked(&mark), Vec::<u32>::new(), "processes left after rank {rank} panicked:\n{text}");
+    assert_eq!(marked_after_the_end(&mark), Vec::<u32>::new(), "processes left after rank {rank} panicked:\n{text}");
     assert_clean_parent(dir.tmp(), &text);
     assert!(seen_segments, "the job's shared-memory segments never showed up in {}:\n{text}", shm.display());
     assert_eq!(vader_segments(&shm), Vec::<String>::new(), "segments left after rank {rank} panicked:\n{text}");
@@ -316,17 +282,7 @@ fn n_jobs_minus_one_counts_the_cpus_of_every_node() {
     if !have_mpirun("n_jobs_minus_one_counts_the_cpus_of_every_node") {
         return;
     }
-    // `cargo test --test mpi_bench` builds no example: build it (the
-    // profile is this binary's, release or not).
-    let mut build = Command::new(env!("CARGO"));
-    build.args(["build", "--features", "mpi", "--example", "monte_carlo_pi", "--manifest-path"]);
-    build.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
-    if !cfg!(debug_assertions) {
-        build.arg("--release");
-    }
-    let built = build.output().expect("cannot run cargo");
-    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
-    let example = Path::new(BIN).with_file_name("examples").join("monte_carlo_pi");
+    let example = build_example("monte_carlo_pi");
     let dir = TestDir::new("mpi-n-jobs");
     let tmp = dir.tmp().display().to_string();
     // "… in 200 tasks on N workers, …"
