@@ -300,13 +300,7 @@ pub fn ratio_line(vs_numpy: Option<f64>, vs_joblib: Option<f64>) -> Option<Strin
 
 /// "1.04× faster", "1.10× slower", or "level" when the ratio rounds to 1.
 fn faster(ratio: f64) -> String {
-    if format!("{ratio:.2}") == "1.00" {
-        "level".to_string()
-    } else if ratio >= 1.0 {
-        format!("{ratio:.2}× faster")
-    } else {
-        format!("{:.2}× slower", 1.0 / ratio)
-    }
+    super::faster_or_slower(ratio, "", "")
 }
 
 /// The Python driver. `probe` prints what it has; otherwise it loads A and

@@ -1004,12 +1004,18 @@ const OVER_IDEAL_MPI: &str = "* above 100% of the ideal: under MPI the ideal is 
 /// How a mode's time compares with seq's: "1.25× faster than seq", or
 /// "level with seq" when the two round to the same.
 fn relative_to_seq(speedup: f64) -> String {
-    if format!("{speedup:.2}") == "1.00" {
-        "level with seq".to_string()
-    } else if speedup >= 1.0 {
-        format!("{speedup:.2}× faster than seq")
+    faster_or_slower(speedup, " than seq", " with seq")
+}
+
+/// "1.25× faster{than}" for a speed ratio of 1.25, "2.00× slower{than}"
+/// for 0.5, or "level{with}" when it rounds to 1.00.
+pub(super) fn faster_or_slower(ratio: f64, than: &str, with: &str) -> String {
+    if format!("{ratio:.2}") == "1.00" {
+        format!("level{with}")
+    } else if ratio >= 1.0 {
+        format!("{ratio:.2}× faster{than}")
     } else {
-        format!("{:.2}× slower than seq", 1.0 / speedup)
+        format!("{:.2}× slower{than}", 1.0 / ratio)
     }
 }
 

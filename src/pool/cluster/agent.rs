@@ -211,7 +211,10 @@ fn start(key: Key, secret: &PoolSecret, threads: u32, link: &Link) -> Result<Wor
                         if let Err(e) = super::ship::write_back(&out, key, &spans) {
                             // The answer must not reach rank 0 without its
                             // rows: the worker is ended, its batch fails.
-                            eprintln!("procjob: error: cannot send a worker's rows back to rank 0: {e}");
+                            eprintln!(
+                                "procjob: error: cannot send the rows worker {} wrote back to rank 0: {e}",
+                                key.slot
+                            );
                             kill_pid(pid);
                             break 'read;
                         }
@@ -283,6 +286,8 @@ fn outlive_the_launchers_sigterm() {
 struct Frames {
     /// The current frame's prelude and first payload byte, as far as read.
     head: Vec<u8>,
+    /// Whether `head` is whole, and the frame's rest is being read.
+    in_body: bool,
     /// Its bytes not read yet, once `head` is whole.
     left: u64,
     /// Whether it answers a batch.
@@ -303,7 +308,7 @@ impl Frames {
         let mut ends = Vec::new();
         let mut i = 0;
         while i < bytes.len() {
-            if self.head.len() <= PRELUDE_LEN && self.left == 0 {
+            if !self.in_body {
                 let want = if self.head.len() < PRELUDE_LEN { PRELUDE_LEN } else { PRELUDE_LEN + 1 };
                 let take = (want - self.head.len()).min(bytes.len() - i);
                 self.head.extend_from_slice(&bytes[i..i + take]);
@@ -321,18 +326,19 @@ impl Frames {
                 self.results =
                     self.head[6] == FrameKind::Reply as u8 && self.head.get(PRELUDE_LEN) == Some(&RESULTS_VARIANT);
                 self.left = total - self.head.len() as u64;
-                self.head.push(0); // whole: the next bytes are the frame's rest
+                self.in_body = true;
             } else {
                 let take = self.left.min((bytes.len() - i) as u64);
                 self.left -= take;
                 i += take as usize;
             }
-            if self.left == 0 {
+            if self.in_body && self.left == 0 {
                 if self.results {
                     ends.push((i, self.answers));
                     self.answers += 1;
                 }
                 self.head.clear();
+                self.in_body = false;
             }
         }
         ends

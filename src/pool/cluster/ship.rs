@@ -34,7 +34,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use procjob_worker::protocol::{Access, ArrayRef, Batch};
+use procjob_worker::protocol::{ArrayRef, Batch};
 
 use super::link::{Link, Outgoing};
 use super::wire::{self, Down, Key, Span, TAG_FILE};
@@ -221,7 +221,7 @@ pub(super) fn before_run(hub: &Hub, agent: usize, key: Key, run: u64, batch: &Ba
         batch.shared.iter().flat_map(|s| s.arrays.iter()).chain(batch.tasks.iter().flat_map(|t| t.arrays.iter()));
     let mut spans = Vec::new();
     for r in refs {
-        let ArrayRef::File { path, offset, access, .. } = r else { continue };
+        let ArrayRef::File { path, offset, .. } = r else { continue };
         let blind = path.parent().and_then(|f| shipped.folders.get(f)).is_some_and(|a| a.contains(&agent));
         let Some(file) = shipped.files.get_mut(path).filter(|_| blind) else { continue };
         let file_len = file.version.0;
@@ -229,8 +229,9 @@ pub(super) fn before_run(hub: &Hub, agent: usize, key: Key, run: u64, batch: &Ba
         let end = offset.saturating_add(r.nbytes().unwrap_or(0)).min(file_len);
         let fresh = !file.sent.contains_key(&agent);
         let have = file.sent.entry(agent).or_default();
-        let mut gaps =
-            if file.writable || *access == Access::ReadWrite { Vec::new() } else { missing(have, start, end) };
+        // A file workers write is made there empty; one they read gets the
+        // bytes it lacks (`writable` comes from its references' access).
+        let mut gaps = if file.writable { Vec::new() } else { missing(have, start, end) };
         if fresh && gaps.is_empty() {
             // Make the file there, even with nothing to put in it.
             gaps.push((start, start));

@@ -278,7 +278,6 @@ impl Convert for ExactI64 {
 ///
 /// If the slice lengths do not fit the shape.
 #[must_use]
-#[allow(clippy::too_many_arguments)]
 pub(super) fn dgemm_i64(a: &[i64], b: &[i64], c: &mut [f64], rows: usize, k: usize, n: usize, small: bool) -> bool {
     match (chosen_isa(best_isa), small) {
         (Isa::Avx512, true) => gemm::<F64x32, SmallI64>(a, b, c, rows, k, n, false, F64x32::blocking()),
