@@ -19,8 +19,16 @@
 //!
 //! * **`NC` (L2).** Of L2's `W₂` ways, one is left for the lines of `C` and
 //!   `⌈MR·KC·S / way₂⌉` for the `A` panels coming in from L3 (the streaming
-//!   operands); the `B` block takes the rest:
-//!   `NC = (W₂ − 1 − ⌈MR·KC·S / way₂⌉) · way₂ / (KC·S)`.
+//!   operands); the `B` block takes the rest, but **at most half** of the
+//!   ways: `NC = min(W₂ − 1 − ⌈MR·KC·S / way₂⌉, ⌊W₂ / 2⌋) · way₂ / (KC·S)`.
+//!   The cap is measured, not modelled: a real L2 is not the LRU cache of
+//!   the model (its replacement is adaptive, the hardware prefetchers
+//!   bring in lines of `C` and of the next `B` rows, a VM's sibling
+//!   hyperthread may share it), and on the Intel Xeon (2 MiB 16-way) an
+//!   `f64` `B` block of 1.3 MiB ran 2–7 % slower than one of 0.7–1 MiB and
+//!   one of 2 MiB 30–40 % slower, while on the AMD EPYC Zen 3 the AVX2
+//!   constants, tuned there, were half its 512 KiB L2 (docs/kernels.md).
+//!   OpenBLAS and BLIS size their L2 block at about half of L2 too.
 //! * **`MC` (L3).** Of L3's `W₃` ways, one is left for `C` and
 //!   `⌈KC·NC·S / way₃⌉` for the `B` block passing through; the `A` block
 //!   takes the rest, divided among the CPUs that share the L3 (procjob
@@ -103,7 +111,8 @@ impl Blocking {
             .l2
             .and_then(|l2| {
                 let way = l2.way_bytes();
-                let for_b = l2.ways.checked_sub(1 + (mr * kc * elem).div_ceil(way)).filter(|&w| w > 0)?;
+                let left = l2.ways.checked_sub(1 + (mr * kc * elem).div_ceil(way)).filter(|&w| w > 0)?;
+                let for_b = left.min(l2.ways / 2).max(1);
                 Some(clamp_to(for_b * way / (kc * elem), NC_RANGE, nr))
             })
             .unwrap_or(fixed.nc);
@@ -173,30 +182,30 @@ mod tests {
         blk
     }
 
-    /// AMD EPYC Zen 4 (this machine's caches; a whole CCX of 8 cores, 16
-    /// threads, sharing the L3): 128 KiB L2 ways, 6 of them for `B`
-    /// (768 KiB: today's AVX-512 `NC`); 2 MiB L3 ways, 14 for `A`, shared 16
-    /// ways.
+    /// AMD EPYC Zen 4 (a whole CCX of 8 cores, 16 threads, sharing the
+    /// L3): 128 KiB L2 ways, 6 left for `B`, of which it takes half the L2's
+    /// 8 (512 KiB); 2 MiB L3 ways, 14 for `A`, shared 16 ways.
     #[test]
     fn zen4() {
         let caches = Caches { l1d: level(32 * KIB, 8, 2), l2: level(MIB, 8, 2), l3: level(32 * MIB, 16, 16) };
-        assert_eq!(derive(&caches, F64_AVX512), Blocking { mc: 894, nc: 384 });
-        assert_eq!(derive(&caches, F32_AVX512), Blocking { mc: 1788, nc: 768 });
-        assert_eq!(derive(&caches, F64_AVX2), Blocking { mc: 894, nc: 384 });
-        assert_eq!(derive(&caches, F32_AVX2), Blocking { mc: 1788, nc: 768 });
+        assert_eq!(derive(&caches, F64_AVX512), Blocking { mc: 894, nc: 256 });
+        assert_eq!(derive(&caches, F32_AVX512), Blocking { mc: 1788, nc: 512 });
+        assert_eq!(derive(&caches, F64_AVX2), Blocking { mc: 894, nc: 256 });
+        assert_eq!(derive(&caches, F32_AVX2), Blocking { mc: 1788, nc: 512 });
         // The 2-vCPU VM this was measured on, its L3 shared by its two CPUs:
         // the A block is capped.
         let vm = Caches { l3: level(32 * MIB, 16, 2), ..caches };
-        assert_eq!(derive(&vm, F64_AVX512), Blocking { mc: 4092, nc: 384 });
+        assert_eq!(derive(&vm, F64_AVX512), Blocking { mc: 4092, nc: 256 });
     }
 
     /// AMD EPYC Zen 1 (family 23 model 1: 512 KiB 8-way L2, 8 MiB 16-way L3
-    /// per CCX of 4 cores, 8 threads): 64 KiB L2 ways, 6 for `B`.
+    /// per CCX of 4 cores, 8 threads): 64 KiB L2 ways, 4 (half) for `B`:
+    /// 256 KiB, the AVX2 constants tuned on the Zen 3's L2 of the same size.
     #[test]
     fn zen1() {
         let caches = Caches { l1d: level(32 * KIB, 8, 2), l2: level(512 * KIB, 8, 2), l3: level(8 * MIB, 16, 8) };
-        assert_eq!(derive(&caches, F64_AVX2), Blocking { mc: 444, nc: 192 });
-        assert_eq!(derive(&caches, F32_AVX2), Blocking { mc: 894, nc: 384 });
+        assert_eq!(derive(&caches, F64_AVX2), Blocking { mc: 444, nc: 128 });
+        assert_eq!(derive(&caches, F32_AVX2), Blocking { mc: 894, nc: 256 });
     }
 
     /// The Intel Xeon the AVX-512 kernels were tuned on (Sapphire Rapids
@@ -206,7 +215,8 @@ mod tests {
     fn xeon() {
         let caches = Caches { l1d: level(48 * KIB, 12, 2), l2: level(2 * MIB, 16, 2), l3: level(105 * MIB, 15, 112) };
         let blk = derive(&caches, F64_AVX512);
-        assert_eq!(blk.nc, 896, "14 ways of 128 KiB for B");
+        assert_eq!(blk.nc, 512, "14 ways of 128 KiB left for B, which takes 8 (half)");
+        assert_eq!(derive(&caches, F32_AVX512).nc, 1024);
         assert!((96..=1008).contains(&blk.mc), "{blk:?}");
     }
 
@@ -218,7 +228,7 @@ mod tests {
             assert_eq!(derive(&Caches::default(), kernel), kernel.1);
         }
         let l2_only = Caches { l2: level(MIB, 8, 1), ..Caches::default() };
-        assert_eq!(derive(&l2_only, F64_AVX512), Blocking { mc: 1008, nc: 384 });
+        assert_eq!(derive(&l2_only, F64_AVX512), Blocking { mc: 1008, nc: 256 });
         let tiny = Caches { l2: level(16 * KIB, 2, 1), l3: level(64 * KIB, 2, 1), ..Caches::default() };
         assert_eq!(derive(&tiny, F64_AVX512), F64_AVX512.1);
         // A huge cache is clamped.

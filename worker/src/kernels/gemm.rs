@@ -1227,8 +1227,8 @@ mod tests {
                     (mr, 5 * nr),
                     (48 * mr, 64 * nr),
                     (fixed.mc, fixed.nc),
-                    (894, 384usize.next_multiple_of(nr)),
-                    (4092, 896usize.next_multiple_of(nr)),
+                    (894, 256usize.next_multiple_of(nr)),
+                    (4092, 512usize.next_multiple_of(nr)),
                 ] {
                     let got = bits(&run::<T, M>(&a, &b, &c0, m, k, n, acc, Blocking { mc, nc }));
                     assert!(got == want, "{m}x{k}x{n}, accumulate {acc}, MC {mc}, NC {nc}");
@@ -1262,11 +1262,55 @@ mod tests {
         }
     }
 
-    /// The AVX2 `f64` tile shapes timed against each other on one thread,
-    /// in rounds whose order rotates, into a `C` allocated once; prints the
-    /// median of each shape's per-round time ratio to 6 × 8 (below 1:
-    /// faster). `PROCJOB_BENCH_SIZES` (default 2000,2048) and
-    /// `PROCJOB_BENCH_ROUNDS` (default 9):
+    /// Sizes and rounds of the timing benchmarks below:
+    /// `PROCJOB_BENCH_SIZES` (default 2000,2048) and `PROCJOB_BENCH_ROUNDS`
+    /// (default 9).
+    fn bench_sizes_and_rounds() -> (Vec<usize>, usize) {
+        let sizes = std::env::var("PROCJOB_BENCH_SIZES")
+            .map(|s| s.split(',').map(|x| x.trim().parse().expect("PROCJOB_BENCH_SIZES")).collect())
+            .unwrap_or_else(|_| vec![2000, 2048]);
+        let rounds =
+            std::env::var("PROCJOB_BENCH_ROUNDS").map(|r| r.parse().expect("PROCJOB_BENCH_ROUNDS")).unwrap_or(9);
+        (sizes, rounds)
+    }
+
+    /// Times `n³` products of each variant on one thread, into a `C`
+    /// allocated once, in rounds whose order rotates, and prints each
+    /// variant's GFLOP/s and the median of its per-round time ratio to the
+    /// first variant (below 1: faster).
+    fn time_rotated<T: Elem>(n: usize, rounds: usize, variants: &[(String, &dyn Fn(&[T], &[T], &mut [T]))]) {
+        let mut rng = SplitMix(13);
+        let (a, b) = (random::<T>(&mut rng, n * n), random::<T>(&mut rng, n * n));
+        let mut c = vec![T::default(); n * n];
+        for (_, f) in variants {
+            f(&a, &b, &mut c);
+        }
+        let mut times = vec![Vec::new(); variants.len()];
+        for round in 0..rounds {
+            for i in 0..variants.len() {
+                let v = (round + i) % variants.len();
+                let t = std::time::Instant::now();
+                (variants[v].1)(&a, &b, &mut c);
+                times[v].push(t.elapsed().as_secs_f64());
+            }
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        for (v, (name, _)) in variants.iter().enumerate() {
+            let ratios: Vec<f64> = times[v].iter().zip(&times[0]).map(|(t, base)| t / base).collect();
+            let gflops = 2.0 * (n as f64).powi(3) / median(times[v].clone()) / 1e9;
+            println!(
+                "n {n} {name:>12}: {gflops:6.1} GFLOP/s, median time ratio to {} {:.3}",
+                variants[0].0,
+                median(ratios)
+            );
+        }
+    }
+
+    /// The AVX2 `f64` tile shapes timed against each other
+    /// ([`time_rotated`]):
     /// `cargo test --release -p procjob-worker --lib shapes_f64_avx2 -- --ignored --nocapture`.
     #[cfg(target_arch = "x86_64")]
     #[test]
@@ -1276,47 +1320,79 @@ mod tests {
         if !is_supported() {
             return;
         }
-        fn time<M: Micro<T = f64>>(a: &[f64], b: &[f64], c: &mut [f64], n: usize) -> f64 {
-            let t = std::time::Instant::now();
+        fn product<M: Micro<T = f64>>(a: &[f64], b: &[f64], c: &mut [f64]) {
+            let n = (a.len() as f64).sqrt() as usize;
             assert!(gemm::<M, Same<f64>>(a, b, c, n, n, n, false, M::blocking()));
-            t.elapsed().as_secs_f64()
         }
-        type Timer = fn(&[f64], &[f64], &mut [f64], usize) -> f64;
-        let shapes: [(&str, Timer); 5] = [
-            ("6x8", time::<F64>),
-            ("4x12", time::<F64x4x12>),
-            ("12x4", time::<F64x12x4>),
-            ("12x4r", time::<F64x12x4rot>),
-            ("8x4", time::<F64x8x4>),
+        let shapes: [(String, &dyn Fn(&[f64], &[f64], &mut [f64])); 5] = [
+            ("6x8".into(), &product::<F64>),
+            ("4x12".into(), &product::<F64x4x12>),
+            ("12x4".into(), &product::<F64x12x4>),
+            ("12x4r".into(), &product::<F64x12x4rot>),
+            ("8x4".into(), &product::<F64x8x4>),
         ];
-        let sizes: Vec<usize> = std::env::var("PROCJOB_BENCH_SIZES")
-            .map(|s| s.split(',').map(|x| x.trim().parse().expect("PROCJOB_BENCH_SIZES")).collect())
-            .unwrap_or_else(|_| vec![2000, 2048]);
-        let rounds: usize =
-            std::env::var("PROCJOB_BENCH_ROUNDS").map(|r| r.parse().expect("PROCJOB_BENCH_ROUNDS")).unwrap_or(9);
+        let (sizes, rounds) = bench_sizes_and_rounds();
         for n in sizes {
-            let mut rng = SplitMix(13);
-            let (a, b) = (random::<f64>(&mut rng, n * n), random::<f64>(&mut rng, n * n));
-            let mut c = vec![0.0; n * n];
-            for (_, f) in &shapes {
-                f(&a, &b, &mut c, n);
+            time_rotated(n, rounds, &shapes);
+        }
+    }
+
+    /// Blockings timed against each other ([`time_rotated`]) for the kernel
+    /// that runs here (`PROCJOB_GEMM` chooses), `f64` and `f32`: this
+    /// machine's (the model's, or `PROCJOB_GEMM_BLOCKING`'s) first, then
+    /// each `MC,NC` of `PROCJOB_BENCH_BLOCKINGS` (`;`-separated, default
+    /// `fixed` alone: the constants):
+    /// `cargo test --release -p procjob-worker --lib blockings -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a benchmark"]
+    fn blockings() {
+        fn each<T: Elem, M: Micro<T = T>>() {
+            if !M::supported() {
+                return;
             }
-            let mut times = vec![Vec::new(); shapes.len()];
-            for round in 0..rounds {
-                for i in 0..shapes.len() {
-                    let s = (round + i) % shapes.len();
-                    times[s].push((shapes[s].1)(&a, &b, &mut c, n));
-                }
+            let list = std::env::var("PROCJOB_BENCH_BLOCKINGS").unwrap_or_else(|_| "fixed".into());
+            let mut blockings = vec![("machine".to_string(), M::blocking())];
+            for item in list.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                let blk = match item.split_once(',') {
+                    _ if item == "fixed" => M::fixed(),
+                    Some((mc, nc)) => Blocking {
+                        mc: mc.trim().parse::<usize>().expect("MC").next_multiple_of(M::MR),
+                        nc: nc.trim().parse::<usize>().expect("NC").next_multiple_of(M::NR),
+                    },
+                    None => panic!("PROCJOB_BENCH_BLOCKINGS: `fixed` or `MC,NC`, not {item:?}"),
+                };
+                blockings.push((format!("{},{}", blk.mc, blk.nc), blk));
             }
-            let median = |mut v: Vec<f64>| {
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
-            };
-            for (s, (name, _)) in shapes.iter().enumerate() {
-                let ratios: Vec<f64> = times[s].iter().zip(&times[0]).map(|(t, base)| t / base).collect();
-                let gflops = 2.0 * (n as f64).powi(3) / median(times[s].clone()) / 1e9;
-                println!("n {n} {name:>5}: {gflops:5.1} GFLOP/s, median time ratio to 6x8 {:.3}", median(ratios));
+            println!("{} kernel {}x{}, machine blocking {:?}", std::any::type_name::<T>(), M::MR, M::NR, M::blocking());
+            let products: Vec<_> = blockings
+                .iter()
+                .map(|&(_, blk)| {
+                    move |a: &[T], b: &[T], c: &mut [T]| {
+                        let n = (a.len() as f64).sqrt() as usize;
+                        assert!(gemm::<M, Same<T>>(a, b, c, n, n, n, false, blk));
+                    }
+                })
+                .collect();
+            let variants: Vec<(String, &dyn Fn(&[T], &[T], &mut [T]))> = blockings
+                .iter()
+                .zip(&products)
+                .map(|((name, _), f)| (name.clone(), f as &dyn Fn(&[T], &[T], &mut [T])))
+                .collect();
+            let (sizes, rounds) = bench_sizes_and_rounds();
+            for n in sizes {
+                time_rotated(n, rounds, &variants);
             }
+        }
+        match chosen_isa(best_isa) {
+            Isa::Avx512 => {
+                each::<f64, F64x32>();
+                each::<f32, F32x64>();
+            }
+            Isa::Avx2 => {
+                each::<f64, F64>();
+                each::<f32, F32>();
+            }
+            Isa::Portable => {}
         }
     }
 
