@@ -1274,11 +1274,14 @@ mod tests {
         (sizes, rounds)
     }
 
+    /// A named way of computing `C = A·B` for square matrices.
+    type Variant<'a, T> = (String, &'a dyn Fn(&[T], &[T], &mut [T]));
+
     /// Times `n³` products of each variant on one thread, into a `C`
     /// allocated once, in rounds whose order rotates, and prints each
     /// variant's GFLOP/s and the median of its per-round time ratio to the
     /// first variant (below 1: faster).
-    fn time_rotated<T: Elem>(n: usize, rounds: usize, variants: &[(String, &dyn Fn(&[T], &[T], &mut [T]))]) {
+    fn time_rotated<T: Elem>(n: usize, rounds: usize, variants: &[Variant<'_, T>]) {
         let mut rng = SplitMix(13);
         let (a, b) = (random::<T>(&mut rng, n * n), random::<T>(&mut rng, n * n));
         let mut c = vec![T::default(); n * n];
@@ -1324,7 +1327,7 @@ mod tests {
             let n = (a.len() as f64).sqrt() as usize;
             assert!(gemm::<M, Same<f64>>(a, b, c, n, n, n, false, M::blocking()));
         }
-        let shapes: [(String, &dyn Fn(&[f64], &[f64], &mut [f64])); 5] = [
+        let shapes: [Variant<'_, f64>; 5] = [
             ("6x8".into(), &product::<F64>),
             ("4x12".into(), &product::<F64x4x12>),
             ("12x4".into(), &product::<F64x12x4>),
@@ -1373,7 +1376,7 @@ mod tests {
                     }
                 })
                 .collect();
-            let variants: Vec<(String, &dyn Fn(&[T], &[T], &mut [T]))> = blockings
+            let variants: Vec<Variant<'_, T>> = blockings
                 .iter()
                 .zip(&products)
                 .map(|((name, _), f)| (name.clone(), f as &dyn Fn(&[T], &[T], &mut [T])))
