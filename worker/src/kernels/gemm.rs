@@ -108,11 +108,13 @@
 //!    Position within a panel only decides which lane holds an element.
 //! 5. **Packing copies bits.** Packing moves values into the panels unchanged
 //!    (and pads with `+0`); `B` is the same `k × n` matrix for every block.
-//! 6. **NaNs:** which NaN an instruction returns when both operands are NaNs
-//!    depends on their order, which differs between the vector store of a
-//!    full tile and the scalar write-back of an edge tile. This module does
-//!    not hide that; [`Kernel`](crate::kernels::Kernel) replaces every NaN of
-//!    a float block by the canonical quiet NaN afterwards.
+//! 6. **NaNs are canonical:** which NaN an instruction returns when both
+//!    operands are NaNs depends on their order, which differs between the
+//!    vector store of a full tile and the scalar write-back of an edge tile.
+//!    So with the last depth chunk each tile's NaNs are replaced by the
+//!    canonical quiet NaN (`f64::NAN` / `f32::NAN`) as soon as the tile is
+//!    written, while it is in L1: a separate pass over `C` afterwards read
+//!    the whole block back and cost about 1 % of a worker's 2000² block.
 //!
 //! So `C[i][j] = c_{last}` with `c_0 = s_0` (or `C_old + s_0` with
 //! `accumulate`), `c_t = c_{t-1} + s_t`, and `s_t` the FMA chain over chunk
@@ -168,8 +170,8 @@ use std::arch::x86_64::*;
 /// fallback; the caller then needs another kernel.
 ///
 /// See the [module docs](self) for the blocking and why the bits of a row do
-/// not depend on `rows`. NaNs come out with whatever sign and payload the
-/// hardware gives; callers wanting canonical NaNs replace them afterwards.
+/// not depend on `rows`. Every NaN in `C` is the canonical quiet NaN
+/// (`f64::NAN`), whatever the operands' payloads.
 ///
 /// # Panics
 ///
@@ -291,7 +293,9 @@ pub(super) fn dgemm_i64(a: &[i64], b: &[i64], c: &mut [f64], rows: usize, k: usi
 /// One element type's microkernel and blocking constants.
 trait Micro {
     /// The element type.
-    type T: Copy + Default + Add<Output = Self::T>;
+    type T: Copy + Default + PartialEq + Add<Output = Self::T>;
+    /// The canonical quiet NaN of [`Micro::T`] (point 6 of the module docs).
+    const NAN: Self::T;
     /// Rows of a microtile (and of a packed `A` panel).
     const MR: usize;
     /// Columns of a microtile (and of a packed `B` panel). `NR` elements are
@@ -365,6 +369,7 @@ macro_rules! kernel {
 
         impl Micro for $name {
             type T = $t;
+            const NAN: $t = <$t>::NAN;
             const MR: usize = $mr;
             const NR: usize = $nr;
             const KC: usize = 256;
@@ -718,6 +723,8 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
         // Point 3 of the module docs: the first chunk overwrites C unless
         // accumulating, every later chunk adds to it.
         let add = accumulate || pc > 0;
+        // Point 6: with the last chunk, each tile's NaNs are made canonical.
+        let last = pc + kc == k;
         for ic in (0..rows).step_by(mc_step) {
             let mc = mc_step.min(rows - ic);
             for jc in (0..n).step_by(nc_step) {
@@ -748,6 +755,16 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
                             // j + nr ≤ n), which is exclusively borrowed and
                             // disjoint from the packing buffer.
                             unsafe { M::tile(kc, a_panel, b_panel, c_ptr.add(i * n + j), n, add) };
+                            if last {
+                                for r in 0..mr {
+                                    // SAFETY: row i + r < rows, columns
+                                    // j..j + nr ≤ n: inside C, which no
+                                    // other reference reaches now.
+                                    canonical_nans::<M>(unsafe {
+                                        std::slice::from_raw_parts_mut(c_ptr.add((i + r) * n + j), nr)
+                                    });
+                                }
+                            }
                         } else {
                             // An edge tile: the same chain into the scratch
                             // tile, then `C = s` or `C = C + s` per element.
@@ -763,6 +780,9 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
                                 for (x, &s) in c_row.iter_mut().zip(tile_row) {
                                     *x = if add { *x + s } else { s };
                                 }
+                                if last {
+                                    canonical_nans::<M>(c_row);
+                                }
                             }
                         }
                     }
@@ -771,6 +791,20 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
         }
     }
     PACK_BUFFER.set(buffer);
+}
+
+/// Replaces every NaN in `row` (a row of a tile just written) by
+/// [`Micro::NAN`]: one branch-free test over the row, which the compiler
+/// vectorises in the kernel's instruction set, and a write only where it
+/// found a NaN.
+#[inline(always)]
+fn canonical_nans<M: Micro>(row: &mut [M::T]) {
+    #[allow(clippy::eq_op)] // x != x: the NaN test for both element types
+    if row.iter().fold(false, |any, &x| any | (x != x)) {
+        for x in row.iter_mut().filter(|x| **x != **x) {
+            *x = M::NAN;
+        }
+    }
 }
 
 /// Packs `B[pc..pc+kc][jc..jc+nc]` into `dst` as consecutive `kc × NR`

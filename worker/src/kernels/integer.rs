@@ -7,6 +7,7 @@
 use super::float::dgemm;
 use super::gemm::{dgemm_i64, Convert, ExactI64, SmallI64, MAGIC};
 use super::tiled::tiled;
+use super::wide::widest;
 
 /// Rows of `B` converted to `f64` at a time by the exact `i64` path, so its
 /// scratch space is `EXACT_KC × n` plus `rows × EXACT_KC` doubles rather than
@@ -57,48 +58,6 @@ pub(super) struct Maxima {
 /// `i64::MIN` (magnitude 2^63) has one.
 pub(super) fn max_abs(v: &[i64]) -> u64 {
     widest(|| v.iter().fold(0, |m, &x| m.max(x.unsigned_abs())))
-}
-
-/// Runs `f`, inlined into a copy of this function compiled for the widest
-/// vectors the CPU has (AVX-512F, AVX2, or the baseline), so the loops in
-/// `f` vectorize as wide as they can: 64-bit `abs`, `max` and conversions
-/// need AVX-512; AVX2 has the compare they are built of; SSE2 neither.
-#[inline(always)]
-fn widest<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512dq") {
-        // SAFETY: the CPU supports AVX-512F and DQ (checked just above),
-        // the only requirement for calling a function compiled with them.
-        return unsafe { on_avx512(f) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { on_avx2(f) };
-    }
-    f()
-}
-
-/// `f()` compiled with AVX2 (see [`widest`]).
-///
-/// # Safety
-///
-/// The CPU must support AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn on_avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
-
-/// `f()` compiled with AVX-512F and DQ (see [`widest`]).
-///
-/// # Safety
-///
-/// The CPU must support AVX-512F and AVX-512DQ.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq,avx2")]
-unsafe fn on_avx512<R>(f: impl FnOnce() -> R) -> R {
-    f()
 }
 
 /// Integers of magnitude below this convert between `i64` and `f64` with

@@ -95,8 +95,9 @@
 //!    give NaNs of different signs (`special_values_split_invariant_*`).
 //!
 //! Point 6 holds for our kernel too (its full-tile store and its edge-tile
-//! write-back also put `C` and `s` in different operand orders), so the NaN
-//! pass runs after either.
+//! write-back also put `C` and `s` in different operand orders); it makes
+//! each tile's NaNs canonical as it writes the tile with the last depth
+//! chunk (`gemm.rs`, point 6), and matrixmultiply's block gets the pass.
 //!
 //! What this does *not* promise: the same bits on every CPU. Every CPU with
 //! AVX2 and FMA — with or without AVX-512 — runs our kernel and gets the same
@@ -153,6 +154,7 @@ pub mod gemm;
 mod integer;
 mod machine;
 mod tiled;
+mod wide;
 
 #[cfg(test)]
 mod tests;
