@@ -16,6 +16,7 @@
 //! [`Transport`]'s business: today [`pipes`]' processes and pipes.
 
 pub(crate) mod cluster;
+mod memory;
 mod pipes;
 mod transport;
 
@@ -36,6 +37,7 @@ use procjob_worker::registry::BinaryId;
 use procjob_worker::secret::PoolSecret;
 
 use crate::error::{Error, WorkerExit, WorkerId};
+use memory::MemoryBoard;
 
 pub use pipes::{available_cpus, thread_count};
 pub(crate) use pipes::{mark_serving, serving_as_worker, start_failure, INIT_CALLED};
@@ -223,6 +225,20 @@ pub struct WorkerReport {
 /// Reader threads take an entry when that task's result arrives.
 pub(crate) type Landings = Arc<Mutex<HashMap<u64, Landing>>>;
 
+/// What the reader threads share with the pool: where output arrays land,
+/// and the memory snapshots that follow answers.
+#[derive(Clone, Default)]
+pub(crate) struct ReaderShared {
+    /// Where output arrays land.
+    pub(crate) landings: Landings,
+    /// The memory snapshots that follow answers.
+    pub(crate) memory: Arc<MemoryBoard>,
+}
+
+/// How long a report waits for memory snapshots still on their way: they
+/// follow their answers within milliseconds, unless the worker was stopped.
+const MEMORY_WAIT: Duration = Duration::from_secs(5);
+
 /// Why a batch could not be sent to a worker.
 #[derive(Debug)]
 pub enum SendError {
@@ -246,7 +262,7 @@ pub struct WorkerPool {
     slots: Vec<Slot>,
     events: Receiver<PoolEvent>,
     traffic: Traffic,
-    landings: Landings,
+    readers: ReaderShared,
     starts: Vec<StartRecord>,
     /// What every worker's handshake proves: drawn when the first worker
     /// starts, handed to each out of band (see [`procjob_worker::secret`]).
@@ -274,21 +290,22 @@ impl WorkerPool {
             return pool;
         }
         let PoolConfig { workers, idle_timeout, program, start } = config;
-        WorkerPool::with_transport(workers, idle_timeout, move |events, landings| {
-            Box::new(pipes::Pipes::new(workers, program, start, events, landings))
+        WorkerPool::with_transport(workers, idle_timeout, move |events, readers| {
+            Box::new(pipes::Pipes::new(workers, program, start, events, readers))
         })
     }
 
     /// A pool of `workers` slots on the transport `make` returns, given the
-    /// channel it reports on and where output arrays land.
+    /// channel it reports on and what its reader threads share with the
+    /// pool.
     pub(crate) fn with_transport(
         workers: usize,
         idle_timeout: Option<Duration>,
-        make: impl FnOnce(Sender<PoolEvent>, Landings) -> Box<dyn Transport>,
+        make: impl FnOnce(Sender<PoolEvent>, ReaderShared) -> Box<dyn Transport>,
     ) -> WorkerPool {
         let (events_tx, events) = mpsc::channel();
-        let landings = Landings::default();
-        let transport = make(events_tx.clone(), Arc::clone(&landings));
+        let readers = ReaderShared::default();
+        let transport = make(events_tx.clone(), readers.clone());
         let slots = (0..workers)
             .map(|_| Slot { generation: 0, worker: None, tasks: 0, peak: MemorySnapshot::default(), last_pid: 0 })
             .collect();
@@ -298,7 +315,7 @@ impl WorkerPool {
             slots,
             events,
             traffic: Traffic::default(),
-            landings,
+            readers,
             starts: Vec::new(),
             secret: None,
             folders: Vec::new(),
@@ -364,7 +381,7 @@ impl WorkerPool {
 
     /// Where the outputs of the current call land, by task index.
     pub fn landings(&self) -> &Landings {
-        &self.landings
+        &self.readers.landings
     }
 
     /// Counters of what crossed to and from the workers since the pool was
@@ -390,14 +407,19 @@ impl WorkerPool {
         WorkerId { index, pid: self.pid(index).unwrap_or(self.slots[index].last_pid) }
     }
 
-    /// What each slot did.
+    /// What each slot did. Waits for memory snapshots still on their way
+    /// after the last answers (up to a few seconds, for a stopped worker).
     pub fn reports(&self) -> Vec<WorkerReport> {
         (0..self.size())
             .map(|i| WorkerReport {
                 index: i,
                 pid: self.worker_id(i).pid,
                 tasks: self.slots[i].tasks,
-                peak: self.slots[i].peak,
+                peak: {
+                    let mut peak = self.slots[i].peak;
+                    peak.raise_to(&self.readers.memory.peak(i, MEMORY_WAIT));
+                    peak
+                },
             })
             .collect()
     }
@@ -406,10 +428,9 @@ impl WorkerPool {
     pub fn record_batch(&mut self, index: usize, tasks: u64, memory: Option<MemorySnapshot>) {
         let slot = &mut self.slots[index];
         slot.tasks += tasks;
-        let Some(memory) = memory else { return };
-        slot.peak.peak_rss = slot.peak.peak_rss.max(memory.peak_rss);
-        slot.peak.uss = slot.peak.uss.max(memory.uss);
-        slot.peak.pss = slot.peak.pss.max(memory.pss);
+        if let Some(memory) = memory {
+            slot.peak.raise_to(&memory);
+        }
     }
 
     /// Whether an event belongs to the worker now in its slot.

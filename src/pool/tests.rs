@@ -16,7 +16,7 @@ use super::*;
 fn pool(n: usize) -> (WorkerPool, Arc<Mutex<Script>>) {
     let script = Arc::new(Mutex::new(Script::default()));
     let shared = Arc::clone(&script);
-    let mut pool = WorkerPool::with_transport(n, None, move |events, _landings| Box::new(Fake::new(n, events, shared)));
+    let mut pool = WorkerPool::with_transport(n, None, move |events, _readers| Box::new(Fake::new(n, events, shared)));
     pool.ensure_started().expect("fake workers start");
     (pool, script)
 }

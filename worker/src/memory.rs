@@ -19,6 +19,16 @@ pub struct MemorySnapshot {
     pub pss: u64,
 }
 
+impl MemorySnapshot {
+    /// Raises each figure to `other`'s where that is higher: the peak of
+    /// the two.
+    pub fn raise_to(&mut self, other: &MemorySnapshot) {
+        self.peak_rss = self.peak_rss.max(other.peak_rss);
+        self.uss = self.uss.max(other.uss);
+        self.pss = self.pss.max(other.pss);
+    }
+}
+
 /// Reads peak RSS from `/proc/self/status` and USS and PSS from
 /// `/proc/self/smaps_rollup`. Fields that cannot be read are 0.
 pub fn snapshot() -> MemorySnapshot {

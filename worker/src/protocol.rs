@@ -77,7 +77,7 @@ pub use crate::payload::Payload;
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"PJOB";
 /// The protocol version; bumped on any incompatible change of frames or messages.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 /// Length of the fixed frame prelude.
 pub const PRELUDE_LEN: usize = 20;
 /// Largest payload (the postcard part) a reader accepts: 64 MiB.
@@ -463,6 +463,10 @@ pub enum Reply {
     },
     /// The outcomes of one batch, one per task, in the batch's order.
     Results(Results),
+    /// The worker's memory after the batch just answered, measured once its
+    /// answer was on its way (sent when that answer's
+    /// [`Results::memory_follows`] said so, before any other reply).
+    Memory(MemorySnapshot),
 }
 
 /// The handshake answer.
@@ -485,11 +489,17 @@ pub struct Ready {
 pub struct Results {
     /// One per task of the batch, in order.
     pub tasks: Vec<TaskReply>,
-    /// The worker's memory after the batch, when it read it: after any
-    /// batch that computed for a millisecond or more, and otherwise at most
-    /// every 100 ms (reading `/proc/self/smaps_rollup` costs tens of
-    /// microseconds, as much as a tiny batch).
+    /// The worker's memory after the batch, when it read it before
+    /// answering. Protocol 7 workers send `None` and read it after
+    /// answering instead ([`Results::memory_follows`]).
     pub memory: Option<MemorySnapshot>,
+    /// Whether a [`Reply::Memory`] follows this answer: after any batch
+    /// that computed for a millisecond or more, and otherwise at most every
+    /// 100 ms. Reading `/proc/self/smaps_rollup` walks the page tables of
+    /// every mapping: tens of microseconds for a small worker (as much as a
+    /// tiny batch), 2–3 ms for one that maps 2000² `f64` operands — which is
+    /// why it waits until the answer is on its way.
+    pub memory_follows: bool,
     /// When the batch's request had arrived (prelude and payload read), on
     /// the monotonic clock.
     pub received_ns: u64,
@@ -1054,6 +1064,41 @@ mod tests {
         assert!(matches!(err, DecodeError::BulkMismatch { declared: 68, actual: 67 }), "{err:?}");
         let huge = [ArrayRef::Inline { dtype: DType::F64, shape: vec![u64::MAX, 2] }];
         assert!(matches!(check_bulk(&huge, 16), Err(DecodeError::BulkMismatch { .. })));
+    }
+
+    /// The worked example of docs/protocol.md ("Its answer"): the answer to
+    /// a batch, then the memory snapshot that follows it, byte for byte.
+    #[test]
+    fn the_documented_answer_and_memory_frames() {
+        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
+        let results = Reply::Results(Results {
+            tasks: vec![TaskReply {
+                index: 0,
+                started_ns: 1300,
+                finished_ns: 2300,
+                outcome: Outcome::Ok {
+                    output: Payload::from(vec![0, 0]),
+                    arrays: vec![ArrayRef::Inline { dtype: DType::F64, shape: vec![1, 1] }],
+                },
+            }],
+            memory: None,
+            memory_follows: true,
+            received_ns: 1000,
+            mapped_ns: 1200,
+            replying_ns: 2400,
+        });
+        let mut frame = Vec::new();
+        send(&mut frame, FrameKind::Reply, &results, &[&11.0f64.to_le_bytes()]).unwrap();
+        assert_eq!(
+            hex(&frame),
+            "50 4a 4f 42 07 00 02 00 19 00 00 00 08 00 00 00 00 00 00 00 \
+             02 01 00 94 0a fc 11 00 02 00 00 01 00 01 02 01 01 00 01 e8 \
+             07 b0 09 e0 12 00 00 00 00 00 00 26 40"
+        );
+        let memory = Reply::Memory(MemorySnapshot { peak_rss: 4096, uss: 0, pss: 0 });
+        let mut frame = Vec::new();
+        send(&mut frame, FrameKind::Reply, &memory, &[]).unwrap();
+        assert_eq!(hex(&frame), "50 4a 4f 42 07 00 02 00 05 00 00 00 00 00 00 00 00 00 00 00 03 80 20 00 00");
     }
 
     /// Every dtype travels as its variant index (the original three keep

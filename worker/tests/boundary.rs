@@ -235,3 +235,27 @@ fn a_sigbus_sent_from_outside_still_kills_the_worker() {
     let exit = w.finish();
     assert_eq!(exit.signal, Some(libc::SIGBUS), "{exit:?}");
 }
+
+/// Protocol 7: a batch that computed for a millisecond or more is answered
+/// at once, `memory_follows` set and no figures inside; the snapshot comes
+/// next as its own frame, with the figures of a worker that held the
+/// batch's arrays; and the worker then answers the next batch first.
+#[test]
+fn a_busy_batch_is_answered_first_and_its_memory_follows() {
+    let mut w = Worker::start();
+    // 600³ multiply-adds: over a millisecond on any one core today.
+    let n = 600;
+    let ones = Array::from_vec(vec![n, n], vec![1.0f64; n * n]);
+    let (batch, bulk) = batch_of("dot", 1, &[(ones.clone(), ones)]);
+    let (results, arrays) = w.results_alone_of(&batch, &bulk);
+    assert!(results.memory.is_none() && results.memory_follows, "{:?}", results.memory);
+    assert_eq!(arrays[0].as_slice::<f64>().unwrap()[0], n as f64);
+    let memory = w.memory();
+    // It held A and B (read into its heap) and C: three n × n blocks.
+    let held = 3 * (n * n * 8) as u64;
+    assert!(memory.peak_rss >= held && memory.uss >= held && memory.pss >= held, "{memory:?} < {held}");
+    let row = Array::from_vec(vec![1, 4], vec![1.0f64; 4]);
+    let (batch, bulk) = batch_of("dot", 2, &[(row, column(4))]);
+    let (results, arrays) = w.run(&batch, &bulk);
+    assert_eq!(scalar(&results.tasks[0].outcome, &arrays), 4.0);
+}

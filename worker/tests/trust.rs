@@ -87,7 +87,12 @@ impl Worker {
         let kind = TaskKind { name: kind.into(), entry: None };
         self.send(&Request::Run(Batch { call: 1, kind, tasks, timestamps: false, shared: None }), &[]);
         match self.recv() {
-            (Reply::Results(results), arrays) => (results.tasks, arrays),
+            (Reply::Results(results), arrays) => {
+                if results.memory_follows {
+                    assert!(matches!(self.recv().0, Reply::Memory(_)), "no memory snapshot after the results");
+                }
+                (results.tasks, arrays)
+            }
             (other, _) => panic!("expected results, got {other:?}"),
         }
     }

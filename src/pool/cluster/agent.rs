@@ -357,7 +357,14 @@ mod tests {
     }
 
     fn results() -> Reply {
-        Reply::Results(Results { tasks: Vec::new(), memory: None, received_ns: 1, mapped_ns: 2, replying_ns: 3 })
+        Reply::Results(Results {
+            tasks: Vec::new(),
+            memory: None,
+            memory_follows: false,
+            received_ns: 1,
+            mapped_ns: 2,
+            replying_ns: 3,
+        })
     }
 
     #[test]

@@ -23,7 +23,7 @@ use super::world::{hub, world, Hub, Node, World};
 use crate::error::{Error, WorkerExit, WorkerId};
 use crate::pool::pipes::{read_replies, Pipes};
 use crate::pool::transport::{Capabilities, Started, Transport};
-use crate::pool::{Landings, PoolConfig, PoolEvent, SendError, StartMethod, WorkerPool, HANDSHAKE_TIMEOUT};
+use crate::pool::{PoolConfig, PoolEvent, ReaderShared, SendError, StartMethod, WorkerPool, HANDSHAKE_TIMEOUT};
 
 /// Pools made so far (each pool's keys carry its number).
 static POOLS: AtomicU32 = AtomicU32::new(0);
@@ -66,8 +66,8 @@ pub(crate) fn pool_on_ranks(config: &PoolConfig) -> Option<WorkerPool> {
     let workers = config.workers;
     let nodes = placement(world, workers);
     let pool = POOLS.fetch_add(1, Ordering::Relaxed);
-    Some(WorkerPool::with_transport(workers, config.idle_timeout, move |events, landings| {
-        let local = Pipes::new(workers, None, StartMethod::Spawn, events.clone(), Arc::clone(&landings));
+    Some(WorkerPool::with_transport(workers, config.idle_timeout, move |events, readers| {
+        let local = Pipes::new(workers, None, StartMethod::Spawn, events.clone(), readers.clone());
         Box::new(Ranks {
             hub,
             pool,
@@ -76,7 +76,7 @@ pub(crate) fn pool_on_ranks(config: &PoolConfig) -> Option<WorkerPool> {
             local,
             remote: (0..workers).map(|_| None).collect(),
             events,
-            landings,
+            readers,
             unresponsive: Default::default(),
         })
     }))
@@ -142,7 +142,7 @@ struct Ranks {
     local: Pipes,
     remote: Vec<Option<Remote>>,
     events: Sender<PoolEvent>,
-    landings: Landings,
+    readers: ReaderShared,
     /// Ranks that did not answer a kill: not waited for again.
     unresponsive: std::collections::HashSet<usize>,
 }
@@ -219,11 +219,11 @@ impl Ranks {
             };
             let arriving = Arc::new(AtomicBool::new(false));
             let reading = Arc::clone(&arriving);
-            let (tx, landings) = (self.events.clone(), Arc::clone(&self.landings));
+            let (tx, readers) = (self.events.clone(), self.readers.clone());
             let generation = key.generation;
             let reader = std::thread::Builder::new()
                 .name(format!("procjob-reader-{index}"))
-                .spawn(move || read_replies(index, generation, read, tx, landings, Vec::new(), reading));
+                .spawn(move || read_replies(index, generation, read, tx, readers, Vec::new(), reading));
             let reader = match reader {
                 Ok(r) => r,
                 Err(e) => {

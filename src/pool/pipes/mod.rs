@@ -32,7 +32,7 @@ use procjob_worker::secret::SECRET_FD_ENV;
 use procjob_worker::serve::WORKER_ENV;
 
 use super::transport::{Capabilities, Started, Transport};
-use super::{Landings, PoolEvent, SendError, StartMethod};
+use super::{PoolEvent, ReaderShared, SendError, StartMethod};
 use crate::error::{Error, WorkerExit, WorkerId};
 
 pub use fork::thread_count;
@@ -64,21 +64,21 @@ pub(crate) struct Pipes {
     program: Option<PathBuf>,
     start: StartMethod,
     events: Sender<PoolEvent>,
-    landings: Landings,
+    readers: ReaderShared,
     processes: Vec<Option<Process>>,
 }
 
 impl Pipes {
     /// `workers` slots, started as `start` says, reporting on `events`;
-    /// output arrays land as `landings` says.
+    /// their reader threads share `readers` with the pool.
     pub(crate) fn new(
         workers: usize,
         program: Option<PathBuf>,
         start: StartMethod,
         events: Sender<PoolEvent>,
-        landings: Landings,
+        readers: ReaderShared,
     ) -> Pipes {
-        Pipes { program, start, events, landings, processes: (0..workers).map(|_| None).collect() }
+        Pipes { program, start, events, readers, processes: (0..workers).map(|_| None).collect() }
     }
 
     /// Re-executes the program as the worker of slot `index`.
@@ -167,7 +167,7 @@ impl Pipes {
         enlarge_pipe(stdin.as_raw_fd());
         enlarge_pipe(stdout.as_raw_fd());
         let tx = self.events.clone();
-        let landings = Arc::clone(&self.landings);
+        let readers = self.readers.clone();
         let inherited = match &self.start {
             StartMethod::Fork { inherit } => inherit.clone(),
             StartMethod::Spawn => Vec::new(),
@@ -177,7 +177,7 @@ impl Pipes {
         let reading = Arc::clone(&arriving);
         let reader = std::thread::Builder::new()
             .name(format!("procjob-reader-{index}"))
-            .spawn(move || reader::read_replies(index, generation, stdout, tx, landings, inherited, reading));
+            .spawn(move || reader::read_replies(index, generation, stdout, tx, readers, inherited, reading));
         let mut input = BufWriter::with_capacity(1 << 16, stdin);
         let reader = match reader {
             Ok(reader) => reader,

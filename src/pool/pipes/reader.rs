@@ -1,6 +1,7 @@
 //! The reader thread of one worker: its handshake answer (past a test
 //! harness's banner), then its frames, each with its arrays read (or
-//! landed in place), forwarded as events until the stream ends.
+//! landed in place), forwarded as events until the stream ends; the memory
+//! snapshots that follow answers go to the pool's board instead.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use procjob_worker::array::{self, Array, ArrayError};
 use procjob_worker::protocol::{self, ArrayRef, DecodeError, FrameKind, Outcome, Reply, MAGIC};
 
-use crate::pool::{Landings, PoolEvent, WorkerEvent};
+use crate::pool::{PoolEvent, ReaderShared, WorkerEvent};
 
 /// Bytes a worker may print before its handshake (a test harness's banner)
 /// that the reader skips.
@@ -24,7 +25,7 @@ pub(crate) fn read_replies(
     generation: u64,
     stdout: File,
     tx: Sender<PoolEvent>,
-    landings: Landings,
+    readers: ReaderShared,
     inherited: Vec<Array>,
     arriving: Arc<AtomicBool>,
 ) {
@@ -50,7 +51,7 @@ pub(crate) fn read_replies(
                 send(WorkerEvent::Lost { error: Some(format!("the worker refused the handshake: {reason}")) });
                 return;
             }
-            Reply::Results(_) => {
+            Reply::Results(_) | Reply::Memory(_) => {
                 send(WorkerEvent::Lost { error: Some("the worker sent results before the handshake".into()) });
                 return;
             }
@@ -64,6 +65,13 @@ pub(crate) fn read_replies(
             return;
         }
     }
+    // Snapshots announced by answers and not arrived; given up on when the
+    // stream ends.
+    let mut snapshots_due = 0u64;
+    let lost = |error, due| {
+        readers.memory.gave_up(index, due);
+        send(WorkerEvent::Lost { error });
+    };
     loop {
         // Wait for the first byte of the next frame; from then until its
         // event is sent, the worker's answer is arriving.
@@ -71,20 +79,26 @@ pub(crate) fn read_replies(
         arriving.store(true, Ordering::SeqCst);
         let frame = match protocol::recv::<_, Reply>(&mut r, FrameKind::Reply) {
             Ok(f) => f,
-            Err(DecodeError::Closed) => {
-                send(WorkerEvent::Lost { error: None });
-                return;
-            }
-            Err(e) => {
-                send(WorkerEvent::Lost { error: Some(e.to_string()) });
-                return;
-            }
+            Err(DecodeError::Closed) => return lost(None, snapshots_due),
+            Err(e) => return lost(Some(e.to_string()), snapshots_due),
         };
         let arrived_ns = procjob_worker::clock::monotonic_ns();
-        let Reply::Results(results) = frame.message else {
-            send(WorkerEvent::Lost { error: Some("the worker sent an unexpected message".into()) });
-            return;
+        let results = match frame.message {
+            Reply::Results(results) => results,
+            Reply::Memory(memory) if snapshots_due > 0 => {
+                snapshots_due -= 1;
+                readers.memory.arrived(index, memory);
+                arriving.store(false, Ordering::SeqCst);
+                continue;
+            }
+            _ => return lost(Some("the worker sent an unexpected message".into()), snapshots_due),
         };
+        // Announced before the answer's event, so a report made once the
+        // answer is in waits for the snapshot.
+        if results.memory_follows {
+            snapshots_due += 1;
+            readers.memory.expect(index);
+        }
         // Per array of the frame, in bulk order: its task, and whether it is
         // that task's first inline array (the one that may land in place).
         let mut owners: Vec<(u64, bool)> = Vec::new();
@@ -115,16 +129,13 @@ pub(crate) fn read_replies(
             }
             ArrayRef::Inline { .. } => {
                 let (task, first) = owners[position];
-                let landing = first.then(|| landings.lock().ok().and_then(|mut l| l.remove(&task))).flatten();
+                let landing = first.then(|| readers.landings.lock().ok().and_then(|mut l| l.remove(&task))).flatten();
                 landing.map_or(array::Placement::Own, array::Placement::Land)
             }
         });
         let arrays = match arrays {
             Ok(a) => a,
-            Err(e) => {
-                send(WorkerEvent::Lost { error: Some(e.to_string()) });
-                return;
-            }
+            Err(e) => return lost(Some(e.to_string()), snapshots_due),
         };
         let bytes = frame.header_bytes + frame.bulk_len;
         let read_ns = procjob_worker::clock::monotonic_ns();

@@ -12,7 +12,7 @@ use super::map_cache::MapCache;
 use super::wait::{wait_for_request, AsRawFdMaybe, FIRST_MAP_CHECK};
 use super::{handshake, read, reply, run};
 use crate::array::{self, Array};
-use crate::protocol::{self, DecodeError, Request, Results};
+use crate::protocol::{self, DecodeError, Reply, Request, Results};
 use crate::registry::Registry;
 use crate::secret::{PoolSecret, SecretError};
 use crate::task::Shared;
@@ -101,15 +101,25 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         let (replies, mut inline) = run::run_batch(registry, same_binary, batch, arrays, &mut shared);
         maps.forget_poisoned();
         Array::drop_spare_pages();
-        let memory = (batch_started.elapsed() >= SNAPSHOT_AFTER_BUSY || last_snapshot.elapsed() >= SNAPSHOT_EVERY)
-            .then(|| {
-                last_snapshot = Instant::now();
-                crate::memory::snapshot()
-            });
-        drop(received);
-        let results =
-            Results { tasks: replies, memory, received_ns, mapped_ns, replying_ns: crate::clock::monotonic_ns() };
+        let memory_follows =
+            batch_started.elapsed() >= SNAPSHOT_AFTER_BUSY || last_snapshot.elapsed() >= SNAPSHOT_EVERY;
+        let results = Results {
+            tasks: replies,
+            memory: None,
+            memory_follows,
+            received_ns,
+            mapped_ns,
+            replying_ns: crate::clock::monotonic_ns(),
+        };
         reply::send_results(&mut output, results, &mut inline)?;
+        // The snapshot after the answer, not before it: the coordinator
+        // has its results while the page tables are walked. What the batch
+        // held (its received bytes, its results' pages) is still held.
+        if memory_follows {
+            last_snapshot = Instant::now();
+            protocol::send(&mut output, protocol::FrameKind::Reply, &Reply::Memory(crate::memory::snapshot()), &[])?;
+        }
+        drop(received);
         if reuse_lent_pages {
             sent.extend(inline.into_iter().filter(Array::is_sole_owner_of_pages).take(array::SPARES_KEPT));
         }

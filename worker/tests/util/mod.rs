@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use procjob_worker::array::{self, Array, InlineEncoder, Placement};
 use procjob_worker::protocol::{
-    self, Batch, FrameKind, Hello, Outcome, Reply, Request, Results, TaskFailure, TaskKind, TaskRequest,
-    PROTOCOL_VERSION,
+    self, Batch, FrameKind, Hello, MemorySnapshot, Outcome, Reply, Request, Results, TaskFailure, TaskKind,
+    TaskRequest, PROTOCOL_VERSION,
 };
 use procjob_worker::secret::PoolSecret;
 
@@ -136,8 +136,26 @@ impl Worker {
         self.results()
     }
 
-    /// Reads one `Results` reply and its inline arrays.
+    /// Sends a batch and reads its `Results` and their inline arrays, and
+    /// not the memory snapshot that may follow.
+    pub fn results_alone_of(&mut self, batch: &Batch, inline: &[Array]) -> (Results, Vec<Array>) {
+        self.send(batch, inline);
+        self.results_alone()
+    }
+
+    /// Reads one `Results` reply and its inline arrays, and the memory
+    /// snapshot that follows it when it says one does.
     pub fn results(&mut self) -> (Results, Vec<Array>) {
+        let (results, arrays) = self.results_alone();
+        if results.memory_follows {
+            self.memory();
+        }
+        (results, arrays)
+    }
+
+    /// Reads one `Results` reply and its inline arrays, and not the memory
+    /// snapshot that may follow.
+    pub fn results_alone(&mut self) -> (Results, Vec<Array>) {
         let frame = protocol::recv::<_, Reply>(&mut self.output, FrameKind::Reply).expect("no reply");
         let arrays = array::read_arrays(&mut self.output, frame.message.array_refs(), frame.bulk_len, &mut |_, _| {
             Placement::Own
@@ -147,6 +165,16 @@ impl Worker {
         match frame.message {
             Reply::Results(r) => (r, arrays),
             other => panic!("expected Results, got {other:?}"),
+        }
+    }
+
+    /// Reads a `Reply::Memory`, which carries no bulk.
+    pub fn memory(&mut self) -> MemorySnapshot {
+        let frame = protocol::recv::<_, Reply>(&mut self.output, FrameKind::Reply).expect("no reply");
+        assert_eq!(frame.bulk_len, 0, "a memory snapshot with bulk");
+        match frame.message {
+            Reply::Memory(m) => m,
+            other => panic!("expected Memory, got {other:?}"),
         }
     }
 
