@@ -504,9 +504,10 @@ macro_rules! microkernel {
                 let mut step = || {
                     _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add($pf).cast::<i8>());
                     // The B panel streams from L2 (see `drive`): fetch the
-                    // row `PREFETCH_B_STEPS` steps ahead into L1.
-                    for v in 0..$v {
-                        _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH_B_STEPS * NR + v * $lanes).cast::<i8>());
+                    // row `PREFETCH_B_STEPS` steps ahead into L1, one
+                    // prefetch per line (an AVX2 row is one line).
+                    for at in (0..NR).step_by(64 / size_of::<$t>()) {
+                        _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH_B_STEPS * NR + at).cast::<i8>());
                     }
                     let bv: [_; $v] = std::array::from_fn(|v| $load(b.add(v * $lanes)));
                     for (r, acc) in acc.iter_mut().enumerate() {
@@ -576,8 +577,8 @@ const PREFETCH_A_F64: usize = 48;
 /// [`PREFETCH_A_F64`] for `f32`.
 const PREFETCH_A_F32: usize = 48;
 /// How many iterations of `p` ahead the microkernels prefetch the `B`
-/// panel, which streams from L2 (one prefetch per vector of a row: for the
-/// AVX2 rows, one line each, the second repeats the first).
+/// panel, which streams from L2 (one prefetch per line of a row: one for an
+/// AVX2 row, four for an AVX-512 one).
 const PREFETCH_B_STEPS: usize = 4;
 
 /// The best of the GEMM's instruction sets this CPU has.
