@@ -166,6 +166,10 @@ pub(crate) fn product_sum(inputs: &Inputs) -> Result<f64, Error> {
 const THREAD_VARS: [&str; 5] =
     ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"];
 
+/// How long (as a power of two of cycles) OpenBLAS's idle threads spin
+/// before they sleep.
+const SPIN_VAR: &str = "OPENBLAS_THREAD_TIMEOUT";
+
 /// How long a driver may take to stop once its stdin is closed.
 const STOP_WAIT: Duration = Duration::from_secs(20);
 
@@ -203,6 +207,14 @@ impl Driver {
         cmd.arg("-c").arg(DRIVER).arg(a).arg(b).arg(threads.to_string()).arg(if joblib { "1" } else { "0" });
         for var in THREAD_VARS {
             cmd.env(var, threads.to_string());
+        }
+        // OpenBLAS's idle threads spin after each call, about 2^28 cycles
+        // (0.13 s of a CPU after each 2000² product on 2 threads, Intel
+        // Xeon): in interleaved rounds that lands on whatever runs next
+        // (joblib, which then looked slower). They sleep at once instead,
+        // as in `cargo bench --bench vs_numpy`, unless the caller chose.
+        if std::env::var_os(SPIN_VAR).is_none() {
+            cmd.env(SPIN_VAR, "4");
         }
         cmd.env("JOBLIB_TEMP_FOLDER", folder);
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).process_group(0);
