@@ -5,26 +5,6 @@
 
 use super::wide::widest;
 
-/// Replaces every NaN in `c` by `nan`, the canonical quiet NaN, so a
-/// block's NaNs do not depend on which tile computed them: after
-/// matrixmultiply's product (our GEMM does it tile by tile, see `gemm.rs`,
-/// point 6). Checks 64 elements at a time with a branch-free
-/// test the compiler vectorises and writes only where it found a NaN: the
-/// plain `filter(is_nan)` loop it replaces ran one element per branch and
-/// cost a visible share of a 2000² product (`docs/kernels.md`, "Dispatch").
-/// Compiled for the widest vectors the CPU has ([`widest`]).
-fn canonical_nans<T: Copy>(c: &mut [T], nan: T, is_nan: impl Fn(T) -> bool) {
-    widest(|| {
-        for chunk in c.chunks_mut(64) {
-            if chunk.iter().fold(false, |any, &x| any | is_nan(x)) {
-                for x in chunk.iter_mut().filter(|x| is_nan(**x)) {
-                    *x = nan;
-                }
-            }
-        }
-    });
-}
-
 /// Defines a safe wrapper around a GEMM: ours ([`super::gemm`]) when the CPU
 /// has AVX2 and FMA, else a matrixmultiply entry point.
 macro_rules! gemm_wrapper {
@@ -69,7 +49,10 @@ macro_rules! gemm_wrapper {
             unsafe {
                 $gemm(rows, k, n, 1.0, a.as_ptr(), rs_a, 1, b.as_ptr(), rs_bc, 1, beta, c.as_mut_ptr(), rs_bc, 1);
             }
-            canonical_nans(c, <$t>::NAN, <$t>::is_nan);
+            // Point 6 of `gemm.rs`: its kernel makes NaNs canonical tile by
+            // tile; matrixmultiply's block gets a pass, compiled for the
+            // widest vectors the CPU has.
+            widest(|| super::gemm::canonical_nans(c, <$t>::NAN, <$t>::is_nan));
         }
     };
 }

@@ -761,9 +761,8 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
                                     // SAFETY: row i + r < rows, columns
                                     // j..j + nr ≤ n: inside C, which no
                                     // other reference reaches now.
-                                    canonical_nans::<M>(unsafe {
-                                        std::slice::from_raw_parts_mut(c_ptr.add((i + r) * n + j), nr)
-                                    });
+                                    let row = unsafe { std::slice::from_raw_parts_mut(c_ptr.add((i + r) * n + j), nr) };
+                                    canonical_nans(row, M::NAN, is_nan);
                                 }
                             }
                         } else {
@@ -782,7 +781,7 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
                                     *x = if add { *x + s } else { s };
                                 }
                                 if last {
-                                    canonical_nans::<M>(c_row);
+                                    canonical_nans(c_row, M::NAN, is_nan);
                                 }
                             }
                         }
@@ -794,18 +793,28 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
     PACK_BUFFER.set(buffer);
 }
 
-/// Replaces every NaN in `row` (a row of a tile just written) by
-/// [`Micro::NAN`]: one branch-free test over the row, which the compiler
-/// vectorises in the kernel's instruction set, and a write only where it
-/// found a NaN.
+/// Replaces every NaN in `c` by `nan`, the canonical quiet NaN (point 6):
+/// 64 elements at a time, a branch-free test the compiler vectorises in the
+/// instruction set of the function it is inlined into, and a write only
+/// where it found a NaN. The driver runs it on each row of a tile it has
+/// just written; `float.rs` on a whole block after matrixmultiply's product.
 #[inline(always)]
-fn canonical_nans<M: Micro>(row: &mut [M::T]) {
-    #[allow(clippy::eq_op)] // x != x: the NaN test for both element types
-    if row.iter().fold(false, |any, &x| any | (x != x)) {
-        for x in row.iter_mut().filter(|x| **x != **x) {
-            *x = M::NAN;
+pub(super) fn canonical_nans<T: Copy>(c: &mut [T], nan: T, is_nan: impl Fn(T) -> bool) {
+    for chunk in c.chunks_mut(64) {
+        if chunk.iter().fold(false, |any, &x| any | is_nan(x)) {
+            for x in chunk.iter_mut().filter(|x| is_nan(**x)) {
+                *x = nan;
+            }
         }
     }
+}
+
+/// The NaN test for both element types of the kernels.
+#[inline(always)]
+fn is_nan<T: PartialEq + Copy>(x: T) -> bool {
+    #[allow(clippy::eq_op)] // x != x holds for NaNs alone
+    let nan = x != x;
+    nan
 }
 
 /// Packs `B[pc..pc+kc][jc..jc+nc]` into `dst` as consecutive `kc × NR`
