@@ -75,7 +75,7 @@ pub(crate) fn answer(index: usize, generation: u64, tasks: Vec<(u64, Payload)>) 
             finished_ns: 0,
         })
         .collect();
-    let results = Results { tasks, memory: None, memory_follows: false, received_ns: 0, mapped_ns: 0, replying_ns: 0 };
+    let results = Results { tasks, memory_follows: false, received_ns: 0, mapped_ns: 0, replying_ns: 0 };
     PoolEvent {
         index,
         generation,

@@ -1,7 +1,8 @@
-//! The memory snapshots workers send after their answers (protocol 7,
-//! [`Reply::Memory`](procjob_worker::protocol::Reply)): reader threads put
-//! them here as they arrive, and the pool waits for the ones still on their
-//! way before it reports a slot's peak ([`WorkerPool::reports`](super::WorkerPool::reports)).
+//! Each slot's peak memory: the figures of its workers' handshakes and the
+//! snapshots they send after their answers (protocol 7,
+//! [`Reply::Memory`](procjob_worker::protocol::Reply)), which reader threads
+//! put here as they arrive; the pool waits for the ones still on their way
+//! before it reports a slot's peak ([`WorkerPool::reports`](super::WorkerPool::reports)).
 //!
 //! A worker reads its memory once its answer is sent, so that the page-table
 //! walk of `/proc/self/smaps_rollup` (2–3 ms for a worker that maps 2000²
@@ -27,6 +28,14 @@ impl MemoryBoard {
     pub(crate) fn expect(&self, index: usize) {
         if let Ok(mut slots) = self.slots.lock() {
             slots.entry(index).or_default().1 += 1;
+        }
+    }
+
+    /// Figures of slot `index`'s worker that no answer announced (its
+    /// handshake's).
+    pub(crate) fn raise(&self, index: usize, memory: &MemorySnapshot) {
+        if let Ok(mut slots) = self.slots.lock() {
+            slots.entry(index).or_default().0.raise_to(memory);
         }
     }
 
@@ -85,7 +94,7 @@ mod tests {
     #[test]
     fn a_peak_waits_for_the_announced_snapshot() {
         let board = Arc::new(MemoryBoard::default());
-        board.arrived(0, snapshot(5));
+        board.raise(0, &snapshot(5));
         board.expect(0);
         let late = {
             let board = Arc::clone(&board);

@@ -172,8 +172,6 @@ struct Slot {
     worker: Option<SlotWorker>,
     /// Tasks this slot's workers have completed, for reports.
     tasks: u64,
-    /// Highest memory figures reported by this slot's workers.
-    peak: MemorySnapshot,
     /// Pid of the last worker in it (0: none yet).
     last_pid: u32,
 }
@@ -306,9 +304,7 @@ impl WorkerPool {
         let (events_tx, events) = mpsc::channel();
         let readers = ReaderShared::default();
         let transport = make(events_tx.clone(), readers.clone());
-        let slots = (0..workers)
-            .map(|_| Slot { generation: 0, worker: None, tasks: 0, peak: MemorySnapshot::default(), last_pid: 0 })
-            .collect();
+        let slots = (0..workers).map(|_| Slot { generation: 0, worker: None, tasks: 0, last_pid: 0 }).collect();
         let tx = Mutex::new(events_tx);
         WorkerPool {
             idle_timeout,
@@ -415,22 +411,14 @@ impl WorkerPool {
                 index: i,
                 pid: self.worker_id(i).pid,
                 tasks: self.slots[i].tasks,
-                peak: {
-                    let mut peak = self.slots[i].peak;
-                    peak.raise_to(&self.readers.memory.peak(i, MEMORY_WAIT));
-                    peak
-                },
+                peak: self.readers.memory.peak(i, MEMORY_WAIT),
             })
             .collect()
     }
 
-    /// Counts a completed task and the memory figures of a batch.
-    pub fn record_batch(&mut self, index: usize, tasks: u64, memory: Option<MemorySnapshot>) {
-        let slot = &mut self.slots[index];
-        slot.tasks += tasks;
-        if let Some(memory) = memory {
-            slot.peak.raise_to(&memory);
-        }
+    /// Counts a batch's completed tasks.
+    pub fn record_batch(&mut self, index: usize, tasks: u64) {
+        self.slots[index].tasks += tasks;
     }
 
     /// Whether an event belongs to the worker now in its slot.
@@ -671,7 +659,7 @@ impl WorkerPool {
                 ready_ns: procjob_worker::clock::monotonic_ns(),
             });
         }
-        self.record_batch(index, 0, Some(ready.memory));
+        self.readers.memory.raise(index, &ready.memory);
     }
 
     /// Kills worker `index` at once and reaps it.

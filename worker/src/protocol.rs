@@ -489,10 +489,6 @@ pub struct Ready {
 pub struct Results {
     /// One per task of the batch, in order.
     pub tasks: Vec<TaskReply>,
-    /// The worker's memory after the batch, when it read it before
-    /// answering. Protocol 7 workers send `None` and read it after
-    /// answering instead ([`Results::memory_follows`]).
-    pub memory: Option<MemorySnapshot>,
     /// Whether a [`Reply::Memory`] follows this answer: after any batch
     /// that computed for a millisecond or more, and otherwise at most every
     /// 100 ms. Reading `/proc/self/smaps_rollup` walks the page tables of
@@ -1081,7 +1077,6 @@ mod tests {
                     arrays: vec![ArrayRef::Inline { dtype: DType::F64, shape: vec![1, 1] }],
                 },
             }],
-            memory: None,
             memory_follows: true,
             received_ns: 1000,
             mapped_ns: 1200,
@@ -1091,9 +1086,9 @@ mod tests {
         send(&mut frame, FrameKind::Reply, &results, &[&11.0f64.to_le_bytes()]).unwrap();
         assert_eq!(
             hex(&frame),
-            "50 4a 4f 42 07 00 02 00 19 00 00 00 08 00 00 00 00 00 00 00 \
-             02 01 00 94 0a fc 11 00 02 00 00 01 00 01 02 01 01 00 01 e8 \
-             07 b0 09 e0 12 00 00 00 00 00 00 26 40"
+            "50 4a 4f 42 07 00 02 00 18 00 00 00 08 00 00 00 00 00 00 00 \
+             02 01 00 94 0a fc 11 00 02 00 00 01 00 01 02 01 01 01 e8 07 \
+             b0 09 e0 12 00 00 00 00 00 00 26 40"
         );
         let memory = Reply::Memory(MemorySnapshot { peak_rss: 4096, uss: 0, pss: 0 });
         let mut frame = Vec::new();

@@ -135,7 +135,7 @@ impl CallCore<'_> {
         let seconds = flight.sent.elapsed().as_secs_f64();
         self.scheduler.handle(Event::BatchDone { worker: w, tasks: flight.tasks.len(), seconds });
         let n = results.tasks.len() as u64;
-        self.pool().record_batch(w, n, results.memory);
+        self.pool().record_batch(w, n);
         let worker = self.pool().worker_id(w);
         let mut arrays = arrays.into_iter();
         let mut panicked = false;

@@ -359,7 +359,6 @@ mod tests {
     fn results() -> Reply {
         Reply::Results(Results {
             tasks: Vec::new(),
-            memory: None,
             memory_follows: false,
             received_ns: 1,
             mapped_ns: 2,

@@ -105,7 +105,6 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
             batch_started.elapsed() >= SNAPSHOT_AFTER_BUSY || last_snapshot.elapsed() >= SNAPSHOT_EVERY;
         let results = Results {
             tasks: replies,
-            memory: None,
             memory_follows,
             received_ns,
             mapped_ns,
