@@ -166,8 +166,8 @@ pub(crate) fn product_sum(inputs: &Inputs) -> Result<f64, Error> {
 const THREAD_VARS: [&str; 5] =
     ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"];
 
-/// How long (as a power of two of cycles) OpenBLAS's idle threads spin
-/// before they sleep.
+/// The variable that sets how long OpenBLAS's idle threads spin before they
+/// sleep (2^N cycles).
 const SPIN_VAR: &str = "OPENBLAS_THREAD_TIMEOUT";
 
 /// How long a driver may take to stop once its stdin is closed.

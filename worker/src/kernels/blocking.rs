@@ -112,7 +112,8 @@ impl Blocking {
             .and_then(|l2| {
                 let way = l2.way_bytes();
                 let left = l2.ways.checked_sub(1 + (mr * kc * elem).div_ceil(way)).filter(|&w| w > 0)?;
-                let for_b = left.min(l2.ways / 2).max(1);
+                // `left` ≥ 1 needs three ways or more, so half is ≥ 1 too.
+                let for_b = left.min(l2.ways / 2);
                 Some(clamp_to(for_b * way / (kc * elem), NC_RANGE, nr))
             })
             .unwrap_or(fixed.nc);
@@ -129,7 +130,7 @@ impl Blocking {
 
     /// `derived`, or what `requested` (the value of
     /// `PROCJOB_GEMM_BLOCKING`) asks for, and a warning when it is ignored.
-    fn overridden(
+    pub(super) fn overridden(
         requested: Option<&str>,
         tile: Tile,
         fixed: Blocking,

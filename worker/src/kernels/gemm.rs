@@ -1400,14 +1400,10 @@ mod tests {
             let list = std::env::var("PROCJOB_BENCH_BLOCKINGS").unwrap_or_else(|_| "fixed".into());
             let mut blockings = vec![("machine".to_string(), M::blocking())];
             for item in list.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-                let blk = match item.split_once(',') {
-                    _ if item == "fixed" => M::fixed(),
-                    Some((mc, nc)) => Blocking {
-                        mc: mc.trim().parse::<usize>().expect("MC").next_multiple_of(M::MR),
-                        nc: nc.trim().parse::<usize>().expect("NC").next_multiple_of(M::NR),
-                    },
-                    None => panic!("PROCJOB_BENCH_BLOCKINGS: `fixed` or `MC,NC`, not {item:?}"),
-                };
+                // Read as `PROCJOB_GEMM_BLOCKING` is: `fixed` or `MC,NC`.
+                let tile = Tile::of::<T>(M::MR, M::NR, M::KC);
+                let (blk, warning) = Blocking::overridden(Some(item), tile, M::fixed(), M::blocking());
+                assert!(warning.is_none(), "PROCJOB_BENCH_BLOCKINGS: {warning:?}");
                 blockings.push((format!("{},{}", blk.mc, blk.nc), blk));
             }
             println!("{} kernel {}x{}, machine blocking {:?}", std::any::type_name::<T>(), M::MR, M::NR, M::blocking());
