@@ -332,6 +332,17 @@ fn worker_writing_garbage_is_a_clear_protocol_error() {
     worker_pid_named(&run);
 }
 
+/// A worker that names an address it does not map for a lent result: the
+/// coordinator's copy out of its memory fails, and the run stops with that
+/// said about that worker, as for any broken stream.
+#[test]
+fn a_result_lent_at_a_bad_address_is_a_clear_error() {
+    let dir = TestDir::new("fail-lent");
+    let run = run_checked(&faulty(&dir, "lent@30")).assert_code(1);
+    assert_mentions(&run, &["lent at 0x8 from the worker's memory", "worker ", "(pid "]);
+    worker_pid_named(&run);
+}
+
 /// A `.npy` file from a header dict written by hand (format 1.0: magic,
 /// version, u16 length, the dict padded with spaces to a multiple of 64
 /// bytes with a final newline) and `data_len` zero bytes.

@@ -212,6 +212,7 @@ impl<'p> InProcess<'p> {
                     array::map_file_ref(&path, dtype, &shape, offset, access).map_err(|e| e.to_string())?
                 }
                 ArrayRef::Inherited { .. } => return Err("an inherited array in a task's output".into()),
+                ArrayRef::Lent { .. } => return Err("a lent array in a task's output in this process".into()),
             };
             out.push(a);
         }

@@ -103,7 +103,13 @@ impl Transport for Fake {
             self.next_pid += 1;
             let pid = self.next_pid;
             self.workers[index] = Some((pid, generation, None));
-            let ready = Ready { protocol: PROTOCOL_VERSION, pid, same_binary: true, memory: MemorySnapshot::default() };
+            let ready = Ready {
+                protocol: PROTOCOL_VERSION,
+                pid,
+                same_binary: true,
+                memory: MemorySnapshot::default(),
+                lend_probe: 0,
+            };
             let _ = self.events.send(PoolEvent { index, generation, event: WorkerEvent::Ready(ready) });
             started.push(Started { index, pid, requested_ns: 0, spawned_ns: 0, hello_bytes: Some(50) });
         }
@@ -122,6 +128,7 @@ impl Transport for Fake {
         let kind = match request {
             Request::Hello(_) => "hello",
             Request::Allow { .. } => "allow",
+            Request::Lending { .. } => "lending",
             Request::Run(_) => "run",
         };
         script.sent.push((index, generation, kind));

@@ -77,7 +77,7 @@ pub use crate::payload::Payload;
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"PJOB";
 /// The protocol version; bumped on any incompatible change of frames or messages.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 /// Length of the fixed frame prelude.
 pub const PRELUDE_LEN: usize = 20;
 /// Largest payload (the postcard part) a reader accepts: 64 MiB.
@@ -131,6 +131,19 @@ pub enum Request {
         /// path: see [`path_bytes`]).
         #[serde(with = "paths_bytes")]
         folders: Vec<PathBuf>,
+    },
+    /// The worker may lend its large results by address
+    /// ([`ArrayRef::Lent`]) from now on: the coordinator reads them out of
+    /// its memory (`process_vm_readv`). Also says how many of the worker's
+    /// replies that lent arrays the coordinator has read in full, counted
+    /// from the first: their arrays are the worker's to write or free
+    /// again. Not answered. The coordinator sends it only after reading the
+    /// worker's [`Ready::lend_probe`] from its memory, and then before a
+    /// batch whenever the count has grown; a worker that never gets it
+    /// sends every result's bytes in the frame.
+    Lending {
+        /// Replies with lent arrays read so far.
+        read: u64,
     },
 }
 
@@ -329,6 +342,19 @@ pub enum ArrayRef {
         /// Byte offset of the first element in that array's storage.
         offset: u64,
     },
+    /// The bytes are in the sender's memory at `address`, contiguous, for
+    /// the receiver to copy out (`process_vm_readv`); only in the replies
+    /// of a worker told it may lend ([`Request::Lending`]). The sender
+    /// neither writes nor frees them until the receiver says it has read
+    /// that reply.
+    Lent {
+        /// Element type.
+        dtype: DType,
+        /// Shape (C order).
+        shape: Vec<u64>,
+        /// Where the first byte is in the sender's address space.
+        address: u64,
+    },
 }
 
 /// A path on the wire: its bytes (`OsStr` on Unix), so any path the
@@ -436,7 +462,8 @@ impl ArrayRef {
         match self {
             ArrayRef::Inline { dtype, shape }
             | ArrayRef::File { dtype, shape, .. }
-            | ArrayRef::Inherited { dtype, shape, .. } => (*dtype, shape),
+            | ArrayRef::Inherited { dtype, shape, .. }
+            | ArrayRef::Lent { dtype, shape, .. } => (*dtype, shape),
         }
     }
 
@@ -482,6 +509,10 @@ pub struct Ready {
     /// The worker's memory at start, so a worker that never gets a task
     /// still reports its footprint.
     pub memory: MemorySnapshot,
+    /// Where [`LEND_PROBE`](crate::array::LEND_PROBE) is in the worker's
+    /// memory: a coordinator that can read those bytes there may let it
+    /// lend its results ([`Request::Lending`]).
+    pub lend_probe: u64,
 }
 
 /// The answer to one batch.
@@ -873,7 +904,7 @@ impl Request {
     pub fn array_refs(&self) -> impl Iterator<Item = &ArrayRef> + Clone {
         let (shared, tasks): (&[ArrayRef], &[TaskRequest]) = match self {
             Request::Run(b) => (b.shared.as_ref().map_or(&[], |s| s.arrays.as_slice()), &b.tasks),
-            Request::Hello(_) | Request::Allow { .. } => (&[], &[]),
+            Request::Hello(_) | Request::Allow { .. } | Request::Lending { .. } => (&[], &[]),
         };
         shared.iter().chain(tasks.iter().flat_map(|t| t.arrays.iter()))
     }
@@ -1086,14 +1117,63 @@ mod tests {
         send(&mut frame, FrameKind::Reply, &results, &[&11.0f64.to_le_bytes()]).unwrap();
         assert_eq!(
             hex(&frame),
-            "50 4a 4f 42 07 00 02 00 18 00 00 00 08 00 00 00 00 00 00 00 \
+            "50 4a 4f 42 08 00 02 00 18 00 00 00 08 00 00 00 00 00 00 00 \
              02 01 00 94 0a fc 11 00 02 00 00 01 00 01 02 01 01 01 e8 07 \
              b0 09 e0 12 00 00 00 00 00 00 26 40"
         );
         let memory = Reply::Memory(MemorySnapshot { peak_rss: 4096, uss: 0, pss: 0 });
         let mut frame = Vec::new();
         send(&mut frame, FrameKind::Reply, &memory, &[]).unwrap();
-        assert_eq!(hex(&frame), "50 4a 4f 42 07 00 02 00 05 00 00 00 00 00 00 00 00 00 00 00 03 80 20 00 00");
+        assert_eq!(hex(&frame), "50 4a 4f 42 08 00 02 00 05 00 00 00 00 00 00 00 00 00 00 00 03 80 20 00 00");
+    }
+
+    /// The worked examples of docs/protocol.md ("A lent answer", "A
+    /// handshake answer"): the same answer with its array lent at 4096
+    /// instead of in the bulk, the `Lending` request that gives it back,
+    /// and a `Ready`, byte for byte.
+    #[test]
+    fn the_documented_lent_answer_lending_request_and_ready() {
+        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
+        let results = Reply::Results(Results {
+            tasks: vec![TaskReply {
+                index: 0,
+                started_ns: 1300,
+                finished_ns: 2300,
+                outcome: Outcome::Ok {
+                    output: Payload::from(vec![0, 0]),
+                    arrays: vec![ArrayRef::Lent { dtype: DType::F64, shape: vec![1, 1], address: 4096 }],
+                },
+            }],
+            memory_follows: true,
+            received_ns: 1000,
+            mapped_ns: 1200,
+            replying_ns: 2400,
+        });
+        let mut frame = Vec::new();
+        send(&mut frame, FrameKind::Reply, &results, &[]).unwrap();
+        assert_eq!(
+            hex(&frame),
+            "50 4a 4f 42 08 00 02 00 1a 00 00 00 00 00 00 00 00 00 00 00 \
+             02 01 00 94 0a fc 11 00 02 00 00 01 03 01 02 01 01 80 20 01 \
+             e8 07 b0 09 e0 12"
+        );
+        let mut frame = Vec::new();
+        send(&mut frame, FrameKind::Request, &Request::Lending { read: 1 }, &[]).unwrap();
+        assert_eq!(hex(&frame), "50 4a 4f 42 08 00 01 00 02 00 00 00 00 00 00 00 00 00 00 00 03 01");
+        let ready = Reply::Ready(Ready {
+            protocol: PROTOCOL_VERSION,
+            pid: 4711,
+            same_binary: true,
+            memory: MemorySnapshot { peak_rss: 2555904, uss: 167936, pss: 696320 },
+            lend_probe: 4096,
+        });
+        let mut frame = Vec::new();
+        send(&mut frame, FrameKind::Reply, &ready, &[]).unwrap();
+        assert_eq!(
+            hex(&frame),
+            "50 4a 4f 42 08 00 02 00 11 00 00 00 00 00 00 00 00 00 00 00 \
+             00 08 e7 24 01 80 80 9c 01 80 a0 0a 80 c0 2a 80 20"
+        );
     }
 
     /// Every dtype travels as its variant index (the original three keep

@@ -13,7 +13,7 @@ mod util;
 
 use procjob_worker::array::{self, Array};
 use procjob_worker::matmul::MatmulInput;
-use procjob_worker::protocol::{ArrayRef, Outcome};
+use procjob_worker::protocol::{ArrayRef, Outcome, Request};
 use procjob_worker::DType;
 use util::{batch_of, failure, Worker};
 
@@ -256,6 +256,79 @@ fn a_busy_batch_is_answered_first_and_its_memory_follows() {
     let held = 3 * (n * n * 8) as u64;
     assert!(memory.peak_rss >= held && memory.uss >= held && memory.pss >= held, "{memory:?} < {held}");
     let row = Array::from_vec(vec![1, 4], vec![1.0f64; 4]);
+    let (batch, bulk) = batch_of("dot", 2, &[(row, column(4))]);
+    let (results, arrays) = w.run(&batch, &bulk);
+    assert_eq!(scalar(&results.tasks[0].outcome, &arrays), 4.0);
+}
+
+/// Told it may lend (`Request::Lending`), a worker names a large result by
+/// its address instead of sending its bytes, and this process — its parent,
+/// as the coordinator is — copies them out of its memory. Until told the
+/// reply was read, the worker neither writes nor frees those pages: the
+/// next result goes elsewhere and the first is still there, whole. Once
+/// told, the pages serve its next result.
+#[test]
+fn a_large_result_is_lent_by_address_and_kept_until_it_was_read() {
+    let mut w = Worker::start();
+    let lender = array::Lender::new(w.pid());
+    // An outer product: a 1024 × 1024 f64 result (8 MiB, pages of its own)
+    // from 16 KiB of inputs.
+    let n = 1024;
+    let outer = |value: f64| {
+        let a = Array::from_vec(vec![n, 1], vec![value; n]);
+        let b = Array::from_vec(vec![1, n], vec![1.0f64; n]);
+        batch_of("dot", 1, &[(a, b)])
+    };
+    let lent_address = |results: &procjob_worker::protocol::Results| match &results.tasks[0].outcome {
+        Outcome::Ok { arrays, .. } => match arrays[..] {
+            [ArrayRef::Lent { address, .. }] => Some(address),
+            _ => None,
+        },
+        Outcome::Failed(f) => panic!("the product failed: {}", f.message),
+    };
+    let all = |arrays: &[Array], value: f64| arrays[0].as_slice::<f64>().unwrap().iter().all(|&x| x == value);
+    // Not told: the bytes come in the frame.
+    let (batch, bulk) = outer(1.0);
+    let (results, arrays) = w.run(&batch, &bulk);
+    assert_eq!(lent_address(&results), None, "lent before it was allowed to");
+    assert!(all(&arrays, 1.0));
+    w.send_message(&Request::Lending { read: 0 }, &[]);
+    let (batch, bulk) = outer(2.0);
+    let (results, arrays) = w.run(&batch, &bulk);
+    let first = lent_address(&results).expect("a large result was not lent");
+    assert!(all(&arrays, 2.0), "the lent bytes read back differ");
+    // The reply was read but the worker was not told: its next result must
+    // not be written over the first.
+    let (batch, bulk) = outer(3.0);
+    let (results, arrays) = w.run(&batch, &bulk);
+    let second = lent_address(&results).expect("the second result was not lent");
+    assert_ne!(first, second, "the next result was written into pages still lent");
+    assert!(all(&arrays, 3.0));
+    let mut still = vec![0u8; n * n * 8];
+    lender.read(first, &mut still).unwrap();
+    assert!(still.chunks(8).all(|x| f64::from_le_bytes(x.try_into().unwrap()) == 2.0), "a lent result changed");
+    // Told both were read: their pages serve the next result.
+    w.send_message(&Request::Lending { read: 2 }, &[]);
+    let (batch, bulk) = outer(4.0);
+    let (results, arrays) = w.run(&batch, &bulk);
+    let third = lent_address(&results).expect("the third result was not lent");
+    assert!(third == first || third == second, "the pages given back were not reused");
+    assert!(all(&arrays, 4.0));
+    assert_eq!(w.finish().code, Some(0));
+}
+
+/// A `Lent` reference in a request — an address in someone else's memory —
+/// fails the task that uses it; the worker reads nothing there and serves on.
+#[test]
+fn a_lent_array_in_a_request_fails_its_task() {
+    let mut w = Worker::start();
+    let row = Array::from_vec(vec![1, 4], vec![1.0f64; 4]);
+    let (mut batch, bulk) = batch_of("dot", 1, &[(row.clone(), column(4))]);
+    batch.tasks[0].arrays[0] = ArrayRef::Lent { dtype: DType::F64, shape: vec![1, 4], address: 4096 };
+    let bulk = bulk[1..].to_vec();
+    let (results, _) = w.run(&batch, &bulk);
+    let f = failure(&results.tasks[0].outcome);
+    assert!(f.message.contains("lent by address"), "{}", f.message);
     let (batch, bulk) = batch_of("dot", 2, &[(row, column(4))]);
     let (results, arrays) = w.run(&batch, &bulk);
     assert_eq!(scalar(&results.tasks[0].outcome, &arrays), 4.0);

@@ -44,13 +44,18 @@ fn valid_frame() -> Vec<u8> {
 fn decode(bytes: &[u8]) -> Result<usize, DecodeError> {
     let mut r = bytes;
     let frame = protocol::recv::<_, Request>(&mut r, FrameKind::Request)?;
-    let arrays =
-        procjob_worker::array::read_arrays(&mut r, frame.message.array_refs(), frame.bulk_len, &mut |_, a| match a {
+    let arrays = procjob_worker::array::read_arrays(
+        &mut r,
+        frame.message.array_refs(),
+        frame.bulk_len,
+        None,
+        &mut |_, a| match a {
             ArrayRef::File { .. } | ArrayRef::Inherited { .. } => procjob_worker::array::Placement::Mapped(Err(
                 procjob_worker::array::ArrayError::Shape("no files or inherited arrays in this test".into()),
             )),
-            ArrayRef::Inline { .. } => procjob_worker::array::Placement::Own,
-        })?;
+            ArrayRef::Inline { .. } | ArrayRef::Lent { .. } => procjob_worker::array::Placement::Own,
+        },
+    )?;
     Ok(arrays.len())
 }
 
@@ -239,6 +244,13 @@ mod conversation {
             ),
             (dtype(), shape(), any::<u32>(), any::<u64>())
                 .prop_map(|(dtype, shape, index, offset)| ArrayRef::Inherited { dtype, shape, index, offset }),
+            // A request may not lend: a worker refuses these without reading
+            // anything at the address.
+            (dtype(), shape(), any::<u64>()).prop_map(|(dtype, shape, address)| ArrayRef::Lent {
+                dtype,
+                shape,
+                address
+            }),
         ]
     }
 

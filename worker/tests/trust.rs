@@ -56,9 +56,14 @@ impl Worker {
 
     fn recv(&mut self) -> (Reply, Vec<Array>) {
         let frame = protocol::recv::<_, Reply>(&mut self.output, FrameKind::Reply).unwrap();
-        let arrays = array::read_arrays(&mut self.output, frame.message.array_refs(), frame.bulk_len, &mut |_, _| {
-            array::Placement::Own
-        })
+        let lender = array::Lender::new(self.child.id());
+        let arrays = array::read_arrays(
+            &mut self.output,
+            frame.message.array_refs(),
+            frame.bulk_len,
+            Some(&lender),
+            &mut |_, _| array::Placement::Own,
+        )
         .unwrap();
         (frame.message, arrays.into_iter().map(Result::unwrap).collect())
     }

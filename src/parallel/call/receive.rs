@@ -119,7 +119,24 @@ impl CallCore<'_> {
             trace.span(lane, "compute", format!("compute {task}"), reply.started_ns, reply.finished_ns);
         }
         trace.span(lane, "reply", "send results", results.replying_ns, arrived_ns);
-        trace.span(Lane::Coordinator, "stack", format!("receive from worker {w}"), arrived_ns, read_ns);
+        // Results the worker lent by address were copied out of its memory,
+        // not read from the pipe: the span says how many bytes.
+        let lent: u64 = results
+            .tasks
+            .iter()
+            .filter_map(|t| match &t.outcome {
+                procjob_worker::protocol::Outcome::Ok { arrays, .. } => Some(arrays),
+                procjob_worker::protocol::Outcome::Failed(_) => None,
+            })
+            .flatten()
+            .filter(|a| matches!(a, procjob_worker::protocol::ArrayRef::Lent { .. }))
+            .map(|a| a.nbytes().unwrap_or(0))
+            .sum();
+        let receive = match lent {
+            0 => format!("receive from worker {w}"),
+            lent => format!("receive from worker {w}, {lent} bytes read from its memory"),
+        };
+        trace.span(Lane::Coordinator, "stack", receive, arrived_ns, read_ns);
     }
 
     /// Worker `w` answered the batch `flight`: each output goes to `codec`

@@ -374,7 +374,8 @@ mod tests {
 
     #[test]
     fn frames_finds_each_answers_end_however_the_stream_is_cut() {
-        let ready = Reply::Ready(Ready { protocol: 6, pid: 1, same_binary: true, memory: Default::default() });
+        let ready =
+            Reply::Ready(Ready { protocol: 6, pid: 1, same_binary: true, memory: Default::default(), lend_probe: 0 });
         let stream: Vec<u8> = [frame(&ready), frame(&results()), frame(&results())].concat();
         let a = frame(&ready).len();
         let b = frame(&results()).len();

@@ -223,7 +223,7 @@ impl Ranks {
             let generation = key.generation;
             let reader = std::thread::Builder::new()
                 .name(format!("procjob-reader-{index}"))
-                .spawn(move || read_replies(index, generation, read, tx, readers, Vec::new(), reading));
+                .spawn(move || read_replies(index, generation, read, tx, readers, Vec::new(), reading, None));
             let reader = match reader {
                 Ok(r) => r,
                 Err(e) => {

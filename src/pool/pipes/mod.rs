@@ -56,6 +56,12 @@ struct Process {
     reader: Option<JoinHandle<()>>,
     /// How it ended, once reaped.
     exited: Option<WorkerExit>,
+    /// Whether it may lend results by address, and how many of its lending
+    /// replies were read (set by the reader thread).
+    lend: Arc<reader::LendState>,
+    /// The count of read lending replies last told it (`None`: not told
+    /// it may lend).
+    told: Option<u64>,
 }
 
 /// Worker processes on this machine, with a pipe each way.
@@ -175,9 +181,13 @@ impl Pipes {
         let output = stdout.try_clone().ok();
         let arriving = Arc::new(AtomicBool::new(false));
         let reading = Arc::clone(&arriving);
+        // The worker is this process's child: its results may be read out
+        // of its memory.
+        let lend = Arc::new(reader::LendState::default());
+        let lender = Some((procjob_worker::array::Lender::new(pid), Arc::clone(&lend)));
         let reader = std::thread::Builder::new()
             .name(format!("procjob-reader-{index}"))
-            .spawn(move || reader::read_replies(index, generation, stdout, tx, readers, inherited, reading));
+            .spawn(move || reader::read_replies(index, generation, stdout, tx, readers, inherited, reading, lender));
         let mut input = BufWriter::with_capacity(1 << 16, stdin);
         let reader = match reader {
             Ok(reader) => reader,
@@ -191,8 +201,16 @@ impl Pipes {
             }
         };
         let sent = protocol::send(&mut input, FrameKind::Request, &Request::Hello(hello), &[]);
-        self.processes[index] =
-            Some(Process { pid, input: Some(input), output, arriving, reader: Some(reader), exited: None });
+        self.processes[index] = Some(Process {
+            pid,
+            input: Some(input),
+            output,
+            arriving,
+            reader: Some(reader),
+            exited: None,
+            lend,
+            told: None,
+        });
         // A failed write: the worker died at once; its reader reports how.
         Ok(Started { index, pid, requested_ns, spawned_ns, hello_bytes: sent.ok() })
     }
@@ -253,6 +271,16 @@ impl Pipes {
     fn input(&mut self, index: usize) -> Option<&mut BufWriter<File>> {
         self.processes.get_mut(index)?.as_mut()?.input.as_mut()
     }
+
+    /// What to tell worker `index` before `request` about lending: the
+    /// count of its lending replies read, when it may lend and the count
+    /// (or the permission) is news, and `request` is a batch.
+    fn lending_news(&mut self, index: usize, request: &Request) -> Option<u64> {
+        let p = self.processes.get_mut(index)?.as_mut()?;
+        let news = matches!(request, Request::Run(_)).then(|| p.lend.news(p.told)).flatten()?;
+        p.told = Some(news);
+        Some(news)
+    }
 }
 
 impl Transport for Pipes {
@@ -285,22 +313,26 @@ impl Transport for Pipes {
     }
 
     fn send(&mut self, index: usize, worker: WorkerId, request: &Request, bulk: &[&[u8]]) -> Result<u64, SendError> {
-        write_batch(self.input(index), worker, request, bulk)
+        let lending = self.lending_news(index, request);
+        write_batch(self.input(index), worker, lending, request, bulk)
     }
 
     fn send_many(&mut self, frames: &[(usize, WorkerId, &Request, &[&[u8]])]) -> Vec<Result<u64, SendError>> {
+        let lending: Vec<Option<u64>> =
+            frames.iter().map(|&(index, _, request, _)| self.lending_news(index, request)).collect();
         let mut inputs: Vec<Option<&mut BufWriter<File>>> =
             self.processes.iter_mut().map(|p| p.as_mut().and_then(|p| p.input.as_mut())).collect();
         std::thread::scope(|scope| {
             let handles: Vec<_> = frames
                 .iter()
-                .map(|&(index, worker, request, bulk)| {
+                .zip(lending)
+                .map(|(&(index, worker, request, bulk), lending)| {
                     let input = inputs.get_mut(index).and_then(Option::take);
                     // A thread that cannot be started (a process limit)
                     // has written nothing: the batch is not sent.
                     std::thread::Builder::new()
                         .name("procjob-send".into())
-                        .spawn_scoped(scope, move || write_batch(input, worker, request, bulk))
+                        .spawn_scoped(scope, move || write_batch(input, worker, lending, request, bulk))
                         .map_err(|e| {
                             SendError::Unsendable(std::io::Error::new(
                                 e.kind(),
@@ -394,17 +426,24 @@ impl Transport for Pipes {
     }
 }
 
-/// Writes one request frame to a worker's input (`None`: it is not running).
+/// Writes one request frame to a worker's input (`None`: it is not running),
+/// after a `Lending` request carrying `lending` when there is one; returns
+/// the bytes written (both frames).
 fn write_batch(
     input: Option<&mut BufWriter<File>>,
     worker: WorkerId,
+    lending: Option<u64>,
     request: &Request,
     bulk: &[&[u8]],
 ) -> Result<u64, SendError> {
     let Some(input) = input else {
         return Err(SendError::Broken(Error::Transport { worker, reason: "the worker is not running".into() }));
     };
-    protocol::send(input, FrameKind::Request, request, bulk).map_err(|e| match e.kind() {
+    // A few bytes that the batch's own frame follows at once: a failure here
+    // is the pipe's, and the batch's write reports it.
+    let told = lending
+        .map_or(0, |read| protocol::send(input, FrameKind::Request, &Request::Lending { read }, &[]).unwrap_or(0));
+    protocol::send(input, FrameKind::Request, request, bulk).map(|bytes| told + bytes).map_err(|e| match e.kind() {
         // `protocol::send` checks the message before writing a byte: it
         // fails to encode (InvalidData) or is over the limit (InvalidInput).
         std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => SendError::Unsendable(e),

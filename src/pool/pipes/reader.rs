@@ -1,15 +1,16 @@
 //! The reader thread of one worker: its handshake answer (past a test
 //! harness's banner), then its frames, each with its arrays read (or
-//! landed in place), forwarded as events until the stream ends; the memory
+//! landed in place; results the worker lent by address copied out of its
+//! memory), forwarded as events until the stream ends; the memory
 //! snapshots that follow answers go to the pool's board instead.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
-use procjob_worker::array::{self, Array, ArrayError};
+use procjob_worker::array::{self, Array, ArrayError, Lender};
 use procjob_worker::protocol::{self, ArrayRef, DecodeError, FrameKind, Outcome, Reply, MAGIC};
 
 use crate::pool::{PoolEvent, ReaderShared, WorkerEvent};
@@ -18,8 +19,37 @@ use crate::pool::{PoolEvent, ReaderShared, WorkerEvent};
 /// that the reader skips.
 const MAX_PREAMBLE: usize = 64 * 1024;
 
+/// Set to `0`, the coordinator never lets workers lend results by address:
+/// every result's bytes come through the pipe (to compare the two, or where
+/// reading a child's memory is unwelcome).
+pub(crate) const LEND_ENV: &str = "PROCJOB_LEND";
+
+/// Whether a worker may lend its results by address, and how many of its
+/// replies that lent arrays its reader has read: shared by the reader
+/// thread, which sets both, and the thread that writes the worker's
+/// requests, which tells the worker ([`Request::Lending`](protocol::Request::Lending)).
+#[derive(Debug, Default)]
+pub(crate) struct LendState {
+    /// The reader found the worker's probe in its memory.
+    pub(crate) allowed: AtomicBool,
+    /// Replies with lent arrays read in full.
+    pub(crate) read: AtomicU64,
+}
+
+impl LendState {
+    /// The `Lending` request to send the worker before its next batch, when
+    /// there is news since `told` (the count last sent; `None`: never told).
+    pub(crate) fn news(&self, told: Option<u64>) -> Option<u64> {
+        let read = self.read.load(Ordering::SeqCst);
+        (self.allowed.load(Ordering::SeqCst) && told.is_none_or(|t| t < read)).then_some(read)
+    }
+}
+
 /// The reader thread: handshake (skipping a harness's banner), then frames
-/// until the stream ends.
+/// until the stream ends. With `lend` (a worker this process started: its
+/// child), a worker whose probe this process can read in its memory may
+/// lend its results by address, and they are read from there.
+#[expect(clippy::too_many_arguments, reason = "one reader's parts, each used once")]
 pub(crate) fn read_replies(
     index: usize,
     generation: u64,
@@ -28,6 +58,7 @@ pub(crate) fn read_replies(
     readers: ReaderShared,
     inherited: Vec<Array>,
     arriving: Arc<AtomicBool>,
+    lend: Option<(Lender, Arc<LendState>)>,
 ) {
     let send = |event| tx.send(PoolEvent { index, generation, event }).is_ok();
     let mut stdout = stdout;
@@ -43,6 +74,14 @@ pub(crate) fn read_replies(
     match first {
         Ok(frame) => match frame.message {
             Reply::Ready(ready) => {
+                // Before the pool hears the worker is ready, so that its
+                // first batch is preceded by the permission to lend.
+                if let Some((lender, state)) = &lend {
+                    let refused = std::env::var_os(LEND_ENV).is_some_and(|v| v == "0");
+                    if !refused && lender.can_read(ready.lend_probe) {
+                        state.allowed.store(true, Ordering::SeqCst);
+                    }
+                }
                 if !send(WorkerEvent::Ready(ready)) {
                     return;
                 }
@@ -100,44 +139,59 @@ pub(crate) fn read_replies(
             readers.memory.expect(index);
         }
         // Per array of the frame, in bulk order: its task, and whether it is
-        // that task's first inline array (the one that may land in place).
+        // that task's first inline or lent array (the one that may land in
+        // place).
         let mut owners: Vec<(u64, bool)> = Vec::new();
         let mut refs: Vec<&ArrayRef> = Vec::new();
         for t in &results.tasks {
             if let Outcome::Ok { arrays, .. } = &t.outcome {
                 let mut first_inline = true;
                 for a in arrays {
-                    let inline = matches!(a, ArrayRef::Inline { .. });
+                    let inline = matches!(a, ArrayRef::Inline { .. } | ArrayRef::Lent { .. });
                     owners.push((t.index, inline && first_inline));
                     first_inline &= !inline;
                     refs.push(a);
                 }
             }
         }
-        let arrays = array::read_arrays(&mut r, refs.iter().copied(), frame.bulk_len, &mut |position, a| match a {
-            ArrayRef::File { dtype, shape, path, offset, access } => {
-                let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-                array::Placement::Mapped(array::map_file_ref(path, *dtype, &shape, *offset, *access))
-            }
-            ArrayRef::Inherited { dtype, shape, index, offset } => {
-                // A view of an array the worker inherited from us: ours.
-                let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-                array::Placement::Mapped(match inherited.get(*index as usize) {
-                    Some(base) => base.view_of_storage(*dtype, &shape, *offset),
-                    None => Err(ArrayError::Shape(format!("no inherited array {index}"))),
-                })
-            }
-            ArrayRef::Inline { .. } => {
-                let (task, first) = owners[position];
-                let landing = first.then(|| readers.landings.lock().ok().and_then(|mut l| l.remove(&task))).flatten();
-                landing.map_or(array::Placement::Own, array::Placement::Land)
-            }
-        });
+        // Lent arrays only from a worker allowed to lend: from any other,
+        // each is refused as that array's error.
+        let lender = lend.as_ref().filter(|(_, state)| state.allowed.load(Ordering::SeqCst)).map(|(l, _)| l);
+        let lent_bytes: u64 =
+            refs.iter().filter(|a| matches!(a, ArrayRef::Lent { .. })).map(|a| a.nbytes().unwrap_or(0)).sum();
+        let lent_any = refs.iter().any(|a| matches!(a, ArrayRef::Lent { .. }));
+        let arrays =
+            array::read_arrays(&mut r, refs.iter().copied(), frame.bulk_len, lender, &mut |position, a| match a {
+                ArrayRef::File { dtype, shape, path, offset, access } => {
+                    let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+                    array::Placement::Mapped(array::map_file_ref(path, *dtype, &shape, *offset, *access))
+                }
+                ArrayRef::Inherited { dtype, shape, index, offset } => {
+                    // A view of an array the worker inherited from us: ours.
+                    let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+                    array::Placement::Mapped(match inherited.get(*index as usize) {
+                        Some(base) => base.view_of_storage(*dtype, &shape, *offset),
+                        None => Err(ArrayError::Shape(format!("no inherited array {index}"))),
+                    })
+                }
+                ArrayRef::Inline { .. } | ArrayRef::Lent { .. } => {
+                    let (task, first) = owners[position];
+                    let landing =
+                        first.then(|| readers.landings.lock().ok().and_then(|mut l| l.remove(&task))).flatten();
+                    landing.map_or(array::Placement::Own, array::Placement::Land)
+                }
+            });
         let arrays = match arrays {
             Ok(a) => a,
             Err(e) => return lost(Some(e.to_string()), snapshots_due),
         };
-        let bytes = frame.header_bytes + frame.bulk_len;
+        // Read in full: the worker may have the lent arrays back.
+        if let (true, Some((_, state))) = (lent_any && lender.is_some(), &lend) {
+            state.read.fetch_add(1, Ordering::SeqCst);
+        }
+        // What came back from the worker: the frame, and the bytes read out
+        // of its memory.
+        let bytes = frame.header_bytes + frame.bulk_len + lent_bytes;
         let read_ns = procjob_worker::clock::monotonic_ns();
         let sent = send(WorkerEvent::Results { results, arrays, bytes, arrived_ns, read_ns });
         arriving.store(false, Ordering::SeqCst);

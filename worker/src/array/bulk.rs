@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::Read;
 use std::sync::Arc;
 
+use super::lend::Lender;
 use super::storage::Storage;
 use super::{Array, ArrayError};
 use crate::protocol::{ArrayRef, DecodeError};
@@ -38,17 +39,28 @@ pub struct Landing {
 }
 
 /// Reads the arrays of a frame: for each reference, in order, `place`
-/// (given its position and the reference) says where it goes. Checks the
-/// bulk length against the declared arrays before allocating anything.
+/// (given its position and the reference) says where it goes; an inline
+/// array and a lent one are placed alike. Lent arrays are copied out of
+/// `lender`'s memory; with no lender (a worker reading a request) each is
+/// refused as that array's error. Checks the bulk length against the
+/// declared arrays before allocating anything.
 pub fn read_arrays<'a, R: BulkSource + ?Sized>(
     r: &mut R,
     refs: impl IntoIterator<Item = &'a ArrayRef> + Clone,
     bulk_len: u64,
+    lender: Option<&Lender>,
     place: &mut dyn FnMut(usize, &ArrayRef) -> Placement,
 ) -> Result<Vec<Result<Array, ArrayError>>, DecodeError> {
     crate::protocol::check_bulk(refs.clone(), bulk_len)?;
     let mut out = Vec::new();
     for (position, r_) in refs.into_iter().enumerate() {
+        if let ArrayRef::Lent { dtype, address, .. } = r_ {
+            out.push(match lender {
+                Some(lender) => Ok(read_lent(lender, r_, *dtype, *address, place(position, r_))?),
+                None => Err(ArrayError::Shape("an array lent by address is read only from a worker's reply".into())),
+            });
+            continue;
+        }
         match (r_, place(position, r_)) {
             (ArrayRef::Inline { dtype, shape }, Placement::Land(land))
                 if land.view.dtype() == *dtype
@@ -74,9 +86,44 @@ pub fn read_arrays<'a, R: BulkSource + ?Sized>(
             (ArrayRef::Inherited { .. }, _) => {
                 out.push(Err(ArrayError::Shape("inherited arrays are not resolved here".into())))
             }
+            (ArrayRef::Lent { .. }, _) => unreachable!("lent arrays were read above"),
         }
     }
     Ok(out)
+}
+
+/// Copies a lent array out of `lender`'s memory into its landing, when it
+/// has one of its dtype and shape, or else into a new array. A failed copy
+/// (the lender gone, or an address it does not map) is the frame's error.
+fn read_lent(
+    lender: &Lender,
+    r: &ArrayRef,
+    dtype: crate::DType,
+    address: u64,
+    placement: Placement,
+) -> Result<Array, DecodeError> {
+    let failed = |e: std::io::Error, nbytes: u64| {
+        DecodeError::Io(std::io::Error::new(
+            e.kind(),
+            format!("cannot read a result of {nbytes} bytes lent at {address:#x} from the worker's memory: {e}"),
+        ))
+    };
+    let (_, shape) = r.dtype_and_shape();
+    match placement {
+        Placement::Land(land)
+            if land.view.dtype() == dtype && land.view.shape().iter().map(|&d| d as u64).eq(shape.iter().copied()) =>
+        {
+            lender.read_into_view(address, &land.view).map_err(|e| failed(e, land.view.nbytes() as u64))?;
+            Ok(land.view)
+        }
+        _ => {
+            let too_large =
+                |e: ArrayError| DecodeError::Io(std::io::Error::new(std::io::ErrorKind::OutOfMemory, e.to_string()));
+            let shape = r.checked_shape().map_err(too_large)?;
+            let nbytes = r.nbytes().unwrap_or(u64::MAX);
+            lender.read_new(address, dtype, shape, nbytes as usize).map_err(|e| failed(e, nbytes))
+        }
+    }
 }
 
 /// A stream [`read_arrays`] reads frames from, which can also move an

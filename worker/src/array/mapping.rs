@@ -299,6 +299,20 @@ impl Array {
         }
     }
 
+    /// A pointer to this view's first byte through which it may be written,
+    /// when it is a view of a read-write shared map (whose writes reach the
+    /// file, and every process mapping it, by design); `None` otherwise.
+    pub(crate) fn shared_write_ptr(&self) -> Option<*mut u8> {
+        match &*self.storage {
+            Storage::Mapped(m) if m.access == Access::ReadWrite => {
+                // SAFETY: the view lies within its map, so the offset stays
+                // inside the mapped bytes.
+                Some(unsafe { m.raw().as_mut_ptr().add(self.offset) })
+            }
+            _ => None,
+        }
+    }
+
     /// Asks the kernel to map this view's pages into the page tables now, in
     /// one call, instead of one page fault at a time as a task touches them
     /// (`MADV_POPULATE_WRITE` for a read-write map, `MADV_POPULATE_READ`

@@ -20,13 +20,15 @@
 //! maps), `mapping` (file-backed arrays and file references), `spare_pages`
 //! and `kept_maps` (page and map reuse between results and calls),
 //! `codec` (arrays as references inside encoded values), `bulk` (reading a
-//! frame's arrays), `nd` (`ndarray` views and conversions, with the
-//! `ndarray` feature) and `error`.
+//! frame's arrays), `lend` (results read out of a worker's memory), `nd`
+//! (`ndarray` views and conversions, with the `ndarray` feature) and
+//! `error`.
 
 mod bulk;
 mod codec;
 mod error;
 mod kept_maps;
+mod lend;
 mod mapping;
 #[cfg(feature = "ndarray")]
 mod nd;
@@ -40,6 +42,7 @@ pub use codec::{
     decode_with, encode_with, encode_with_buffer, file_ref, inline_ref, ArrayEncoder, CodecError, InlineEncoder,
 };
 pub use error::ArrayError;
+pub use lend::{lend_probe_address, Lender, LEND_PROBE};
 pub(crate) use mapping::FaultedViews;
 pub use mapping::{map_file_ref, map_file_ref_within, FileId};
 pub(crate) use spare_pages::SPARES_KEPT;

@@ -73,7 +73,8 @@ fn encoded_len_bound(outcome: &Outcome) -> usize {
                 .map(|r| {
                     let (_, shape) = r.dtype_and_shape();
                     let extra = match r {
-                        ArrayRef::Inline { .. } => 0,
+                        // An inline array may go by address instead.
+                        ArrayRef::Inline { .. } | ArrayRef::Lent { .. } => VARINT,
                         ArrayRef::File { path, .. } => bytes(path.as_os_str().len()) + VARINT + 1,
                         ArrayRef::Inherited { .. } => 2 * VARINT,
                     };

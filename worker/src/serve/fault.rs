@@ -6,7 +6,8 @@
 //! matrix product: the [`MatmulBlock`] task whose rows contain it misbehaves
 //! as KIND instead of running, through the test kind [`Misbehave`], so a
 //! panic, a hang or a killed worker happens where the tests expect it —
-//! inside the task, under the serve loop's panic capture.
+//! inside the task, under the serve loop's panic capture. KIND `lent`
+//! answers with a result lent at an address nothing maps.
 
 use crate::task::{ErasedOutcome, Task};
 use crate::tasks::matmul::MatmulBlock;
@@ -20,7 +21,32 @@ pub(crate) fn before_task(kind: &str, input: &[u8]) -> Option<ErasedOutcome> {
         return None;
     }
     let rows = rows_of(input)?;
+    if fault_names(rows, "lent") {
+        return Some(lent_at_a_bad_address(rows));
+    }
     fault_point(rows).err().map(|message| ErasedOutcome::error(&message))
+}
+
+/// Whether [`FAULT_ENV`] is `KIND@ROW` (no marker) with a row in `rows`.
+fn fault_names(rows: (u64, u64), kind: &str) -> bool {
+    let Ok(spec) = std::env::var(FAULT_ENV) else { return false };
+    let mut parts = spec.split('@');
+    parts.next() == Some(kind)
+        && parts.next().and_then(|r| r.parse::<u64>().ok()).is_some_and(|row| (rows.0..rows.1).contains(&row))
+}
+
+/// The block's output as a result lent at address 8, which no process maps:
+/// what a worker that lies about its memory would answer.
+fn lent_at_a_bad_address(rows: (u64, u64)) -> ErasedOutcome {
+    let shape = vec![rows.1 - rows.0, 1];
+    ErasedOutcome {
+        // `MatmulOutput::Block(array 0)`.
+        outcome: crate::protocol::Outcome::Ok {
+            output: crate::payload::Payload::from(vec![0, 0]),
+            arrays: vec![crate::protocol::ArrayRef::Lent { dtype: crate::DType::I64, shape, address: 8 }],
+        },
+        inline: Vec::new(),
+    }
 }
 
 /// The rows of C that a [`MatmulBlock`] input names, read from the front of

@@ -40,8 +40,13 @@ pub(super) fn accept<R: Read, W: Write>(
         return Err(ServeError::Refused(reason));
     }
     let same_binary = hello.binary.is_current();
-    let ready =
-        Ready { protocol: PROTOCOL_VERSION, pid: std::process::id(), same_binary, memory: crate::memory::snapshot() };
+    let ready = Ready {
+        protocol: PROTOCOL_VERSION,
+        pid: std::process::id(),
+        same_binary,
+        memory: crate::memory::snapshot(),
+        lend_probe: crate::array::lend_probe_address(),
+    };
     protocol::send(output, FrameKind::Reply, &Reply::Ready(ready), &[])?;
     Ok(Some((hello, same_binary)))
 }

@@ -19,9 +19,11 @@ pub(super) fn batch_arrays<R>(
 where
     BufReader<R>: BulkSource,
 {
-    array::read_arrays(input, frame.message.array_refs(), frame.bulk_len, &mut |_, r| match r {
+    // No lender: a request's arrays are never read out of the coordinator's
+    // memory (a lent array in a request is refused as that array's error).
+    array::read_arrays(input, frame.message.array_refs(), frame.bulk_len, None, &mut |_, r| match r {
         ArrayRef::File { .. } => array::Placement::Mapped(maps.map(r)),
-        ArrayRef::Inline { .. } => array::Placement::Own,
+        ArrayRef::Inline { .. } | ArrayRef::Lent { .. } => array::Placement::Own,
         ArrayRef::Inherited { .. } => array::Placement::Mapped(inherit(inherited, r)),
     })
 }

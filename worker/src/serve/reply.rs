@@ -1,23 +1,25 @@
 //! Writing a batch's reply: the encoded results, then their arrays' bytes,
-//! lent to the pipe with `vmsplice` when large; the pages of the last
-//! reply's large results go back into service once the pipe has let go of
-//! them.
+//! lent to the pipe with `vmsplice` when large — or, once the coordinator
+//! has said it can read this worker's memory, lent by address; the pages of
+//! the last reply's large results go back into service once the pipe, or
+//! the coordinator, has let go of them.
 
+use std::collections::VecDeque;
 use std::io::{BufWriter, Write};
 use std::os::fd::AsFd;
 
 use super::budget::ReplyBudget;
 use crate::array::Array;
-use crate::protocol::{self, FailureCause, FrameKind, Outcome, Reply, Results};
+use crate::protocol::{self, ArrayRef, FailureCause, FrameKind, Outcome, Reply, Results, TaskReply};
 
-/// Sends `results` with `inline`'s bytes as the frame's bulk. When the
-/// results encode to more than a frame may carry, every task fails instead
-/// and `inline` is emptied.
+/// Sends `results` with `inline`'s bytes as the frame's bulk; true when
+/// they went as they were. When the results encode to more than a frame may
+/// carry, every task fails instead, `inline` is emptied, and false.
 pub(super) fn send_results<W: Write + AsFd>(
     output: &mut BufWriter<W>,
     results: Results,
     inline: &mut Vec<Array>,
-) -> std::io::Result<()> {
+) -> std::io::Result<bool> {
     let reply = Reply::Results(results);
     crate::payload::with_scratch(|payload| {
         crate::payload::encode_into(&reply, payload).map_err(std::io::Error::other)?;
@@ -44,12 +46,76 @@ pub(super) fn send_results<W: Write + AsFd>(
                 });
             }
             inline.clear();
-            protocol::send(output, FrameKind::Reply, &Reply::Results(results), &[])
+            protocol::send(output, FrameKind::Reply, &Reply::Results(results), &[]).map(|_| false)
         } else {
-            write_reply(output, payload, inline)
+            write_reply(output, payload, inline).map(|_| true)
         }
-    })?;
-    Ok(())
+    })
+}
+
+/// The results a worker lends by address ([`ArrayRef::Lent`]) instead of
+/// sending their bytes, once its coordinator has said it reads them out of
+/// its memory ([`Request::Lending`](protocol::Request::Lending)); each is
+/// kept, unwritten, until the coordinator says it has read its reply.
+#[derive(Default)]
+pub(super) struct Lending {
+    /// The coordinator has said it can read this worker's memory.
+    allowed: bool,
+    /// Replies that lent arrays, sent so far.
+    replies: u64,
+    /// The arrays each such reply lent (by its number, from 1), not yet
+    /// read.
+    out: VecDeque<(u64, Vec<Array>)>,
+}
+
+impl Lending {
+    /// The coordinator may be lent results, and has read the first `read`
+    /// replies that lent any: their arrays' pages serve the next results
+    /// (`Array::try_for_overwrite`).
+    pub(super) fn read(&mut self, read: u64) {
+        self.allowed = true;
+        while self.out.front().is_some_and(|(reply, _)| *reply <= read) {
+            let (_, arrays) = self.out.pop_front().expect("just seen");
+            arrays.into_iter().for_each(Array::put_back_pages);
+        }
+    }
+
+    /// Takes the results of `tasks` that own pages of their own (the ones
+    /// that would go into the pipe by reference) out of `inline`, and names
+    /// them by address in their outcomes instead; returns them, for
+    /// [`Lending::sent`]. Nothing when lending is not allowed.
+    pub(super) fn lend(&self, tasks: &mut [TaskReply], inline: &mut Vec<Array>) -> Vec<Array> {
+        if !self.allowed || !inline.iter().any(Array::is_sole_owner_of_pages) {
+            return Vec::new();
+        }
+        let mut arrays = std::mem::take(inline).into_iter();
+        let mut lent = Vec::new();
+        for t in tasks {
+            let Outcome::Ok { arrays: refs, .. } = &mut t.outcome else { continue };
+            for r in refs.iter_mut().filter(|r| matches!(r, ArrayRef::Inline { .. })) {
+                let array = arrays.next().expect("one inline array per inline reference");
+                if array.is_sole_owner_of_pages() {
+                    let (dtype, shape) = r.dtype_and_shape();
+                    let address = array.as_bytes().as_ptr() as u64;
+                    *r = ArrayRef::Lent { dtype, shape: shape.to_vec(), address };
+                    lent.push(array);
+                } else {
+                    inline.push(array);
+                }
+            }
+        }
+        lent
+    }
+
+    /// `lent` went out in a reply as it was (`sent`): kept until the
+    /// coordinator has read it. Otherwise (the results were replaced by
+    /// failures) nothing refers to them, and they are dropped.
+    pub(super) fn sent(&mut self, lent: Vec<Array>, sent: bool) {
+        if sent && !lent.is_empty() {
+            self.replies += 1;
+            self.out.push_back((self.replies, lent));
+        }
+    }
 }
 
 /// Writes a reply frame whose bulk is `inline`'s bytes. Arrays that are

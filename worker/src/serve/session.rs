@@ -1,8 +1,8 @@
 //! One conversation with the coordinator, from the handshake until the
 //! input closes: [`serve`] waits for each request, reads its arrays, runs
 //! its tasks and answers, and keeps what lasts between batches (the map
-//! cache, the pages of the last reply, the time of the last memory
-//! snapshot).
+//! cache, the pages of the last reply, the results lent by address, the
+//! time of the last memory snapshot).
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::fd::AsFd;
@@ -62,6 +62,8 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
     // output is a pipe (anything else was written by copy).
     let reuse_lent_pages = hello.reuse_lent_pages && reply::is_pipe(output.get_ref());
     let mut sent: Vec<Array> = Vec::new();
+    // The large results lent by address, until the coordinator has read them.
+    let mut lending = reply::Lending::default();
     // The shared value of the current call, kept from the batch that
     // brought it until the call changes.
     let mut shared = Shared::default();
@@ -82,6 +84,11 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
                 folders.iter().for_each(|f| maps.folders.allow(f.clone()));
                 continue;
             }
+            Request::Lending { read } => {
+                protocol::check_bulk(frame.message.array_refs(), frame.bulk_len)?;
+                lending.read(*read);
+                continue;
+            }
             Request::Hello(_) => return Err(ServeError::NoHello),
         };
         reply::put_back_sent(&mut sent, output.get_ref());
@@ -98,7 +105,8 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         let arrays = keep_shared(batch, arrays, &mut shared);
         let mapped_ns = crate::clock::monotonic_ns();
         let batch_started = Instant::now();
-        let (replies, mut inline) = run::run_batch(registry, same_binary, batch, arrays, &mut shared);
+        let (mut replies, mut inline) = run::run_batch(registry, same_binary, batch, arrays, &mut shared);
+        let lent = lending.lend(&mut replies, &mut inline);
         maps.forget_poisoned();
         Array::drop_spare_pages();
         let memory_follows =
@@ -110,7 +118,8 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
             mapped_ns,
             replying_ns: crate::clock::monotonic_ns(),
         };
-        reply::send_results(&mut output, results, &mut inline)?;
+        let as_they_were = reply::send_results(&mut output, results, &mut inline)?;
+        lending.sent(lent, as_they_were);
         // The snapshot after the answer, not before it: the coordinator
         // has its results while the page tables are walked. What the batch
         // held (its received bytes, its results' pages) is still held.

@@ -157,9 +157,16 @@ impl Worker {
     /// snapshot that may follow.
     pub fn results_alone(&mut self) -> (Results, Vec<Array>) {
         let frame = protocol::recv::<_, Reply>(&mut self.output, FrameKind::Reply).expect("no reply");
-        let arrays = array::read_arrays(&mut self.output, frame.message.array_refs(), frame.bulk_len, &mut |_, _| {
-            Placement::Own
-        })
+        // The worker is this process's child: its lent results are read
+        // out of its memory, as the coordinator does.
+        let lender = array::Lender::new(self.child.id());
+        let arrays = array::read_arrays(
+            &mut self.output,
+            frame.message.array_refs(),
+            frame.bulk_len,
+            Some(&lender),
+            &mut |_, _| Placement::Own,
+        )
         .expect("cannot read the reply's arrays");
         let arrays = arrays.into_iter().collect::<Result<Vec<_>, _>>().expect("an array of the reply");
         match frame.message {
