@@ -56,6 +56,9 @@ pub struct Flow {
     pub name: String,
     /// Bytes it carried, framing included.
     pub bytes: u64,
+    /// Of those, the bytes the receiver copied out of the sender's memory
+    /// (results lent by address) rather than read from the pipe.
+    pub lent: u64,
     /// The sending lane, and when (where its send span starts or inside it).
     pub from: (Lane, u64),
     /// The receiving lane, and when (inside its receive span).
@@ -141,8 +144,14 @@ impl Trace {
 
     /// Records a message of `bytes` from one lane to another.
     pub fn flow(&mut self, name: impl Into<String>, bytes: u64, from: (Lane, u64), to: (Lane, u64)) {
+        self.flow_lent(name, bytes, 0, from, to);
+    }
+
+    /// Records a message of `bytes` from one lane to another, `lent` of
+    /// which the receiver copied out of the sender's memory.
+    pub fn flow_lent(&mut self, name: impl Into<String>, bytes: u64, lent: u64, from: (Lane, u64), to: (Lane, u64)) {
         let id = FLOW_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.flows.push(Flow { id, name: name.into(), bytes, from, to });
+        self.flows.push(Flow { id, name: name.into(), bytes, lent, from, to });
     }
 
     /// Names every worker lane in this trace after `mode` ("copy: worker 0
@@ -214,7 +223,7 @@ impl Trace {
                 let mut e = serde_json::json!({
                     "name": name, "cat": "flow", "ph": ph, "id": f.id,
                     "ts": at.saturating_sub(origin) as f64 / 1e3, "pid": pid_of(lane), "tid": tid_of(lane),
-                    "args": { "bytes": f.bytes },
+                    "args": { "bytes": f.bytes, "lent_bytes": f.lent },
                 });
                 if ph == "f" {
                     e["bp"] = serde_json::json!("e");

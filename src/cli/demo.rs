@@ -471,7 +471,11 @@ fn introduce_mode(s: &mut Screen, r: &Measured, p: usize) {
                  method: spawn here, fork in the last mode). So each task travels \
                  through a pipe (a one-way stream of bytes that the operating \
                  system's kernel copies from one process to another) carrying its \
-                 rows of A and the whole of B. This is joblib with max_nbytes=None.",
+                 rows of A and the whole of B. Its block of C comes back the same \
+                 way, or, from 4 MiB on, the worker says where the block lies in \
+                 its memory and this process copies it from there in one system \
+                 call (process_vm_readv: a parent may read its child's memory). \
+                 This is joblib with max_nbytes=None.",
             );
         }
         Mode::Memmap => {
@@ -485,9 +489,10 @@ fn introduce_mode(s: &mut Screen, r: &Measured, p: usize) {
                  worker's memory, and every process that maps the same file uses \
                  the same physical pages. B exists once, however many workers read \
                  it. C is a file in the temp folder too, but only this process \
-                 maps it: each worker sends its block of C back through its pipe, \
-                 and the block is written into C's file (as in copy). This is \
-                 what joblib does with arrays over max_nbytes.",
+                 maps it: each worker sends its block of C back as in copy (through \
+                 its pipe, or copied out of its memory), and the block is written \
+                 into C's file. This is what joblib does with arrays over \
+                 max_nbytes.",
             );
         }
         Mode::MemmapOut => {
@@ -509,8 +514,8 @@ fn introduce_mode(s: &mut Screen, r: &Measured, p: usize) {
                  one of them writes to it; only then is that page copied \
                  (copy-on-write). The tasks carry neither data nor file names, only \
                  which inherited array and which rows; the blocks of C come back \
-                 through the pipes into this process's memory. This is Python's multiprocessing with the \
-                 \"fork\" start method.",
+                 into this process's memory as in copy. This is Python's \
+                 multiprocessing with the \"fork\" start method.",
             );
         }
     }
@@ -610,16 +615,15 @@ fn picture(s: &mut Screen, r: &Measured, inputs: &Inputs) {
     s.line("  coordinator: holds A and B, and puts C together");
     for w in &r.workers {
         let lane = Lane::Worker { index: w.index, pid: w.pid };
-        let sum = |to_worker: bool| -> u64 {
+        let flows = |to_worker: bool| {
             r.trace
                 .flows
                 .iter()
-                .filter(|f| if to_worker { f.to.0 == lane } else { f.from.0 == lane })
+                .filter(move |f| if to_worker { f.to.0 == lane } else { f.from.0 == lane })
                 .filter(|f| in_window(f.from.1))
-                .map(|f| f.bytes)
-                .sum()
         };
-        let (to, back) = (sum(true), sum(false));
+        let (to, back) = (flows(true).map(|f| f.bytes).sum::<u64>(), flows(false).map(|f| f.bytes).sum::<u64>());
+        let lent: u64 = flows(false).map(|f| f.lent).sum();
         let what_in = match r.mode {
             Mode::Copy => "rows of A + all of B",
             _ => "a descriptor",
@@ -631,7 +635,13 @@ fn picture(s: &mut Screen, r: &Measured, inputs: &Inputs) {
             w.index,
             w.pid
         ));
-        s.line(&format!("    │   ◀─{:─>16} B ── pipe back: {what_back}", format!(" {}", grouped(back))));
+        match lent {
+            0 => s.line(&format!("    │   ◀─{:─>16} B ── pipe back: {what_back}", format!(" {}", grouped(back)))),
+            lent => {
+                s.line(&format!("    │   ◀─{:─>16} B ── back: {what_back},", format!(" {}", grouped(back))));
+                s.line(&format!("    │        {} B of them copied out of its memory, not the pipe", grouped(lent)));
+            }
+        }
     }
     let workers: Vec<String> = r.workers.iter().map(|w| w.index.to_string()).collect();
     let workers = format!("worker{} {}", plural(workers.len()), workers.join(", "));
@@ -673,8 +683,8 @@ fn conclude_mode(s: &mut Screen, r: &Measured, earlier: &[Measured], b_bytes: u6
         Mode::Memmap => s.para(&format!(
             "The pipes carried {} bytes to the workers instead of copy's {}. That \
              does not mean nothing was copied: writing A and B to the files, {} \
-             in the cold run, is a copy too, and the blocks of C still come back \
-             through the pipes.",
+             in the cold run, is a copy too, and the blocks of C are still \
+             copied back into this process.",
             grouped(r.to_workers),
             earlier.iter().find(|e| e.mode == Mode::Copy).map_or("–".into(), |c| grouped(c.to_workers)),
             secs(r.cold_phases.dump_s)

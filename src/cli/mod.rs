@@ -1325,7 +1325,8 @@ impl Table {
         let _ = writeln!(
             out,
             "wall: median of {reps} repetition{} (the first includes starting workers and,\n\
-             in memmap modes, dumping A and B); to/from workers: bytes through the pipes",
+             in memmap modes, dumping A and B); to/from workers: bytes through the pipes,\n\
+             and blocks of 4 MiB or more copied out of the workers' memory",
             if reps == 1 { "" } else { "s" }
         );
         if reps >= 2 {

@@ -114,13 +114,8 @@ impl CallCore<'_> {
             _ => format!("results of {} tasks", flight.tasks.len()),
         };
         let (from, to) = (mid(results.replying_ns, arrived_ns), mid(arrived_ns, read_ns));
-        trace.flow(answer, bytes, (lane, from), (Lane::Coordinator, to));
-        for (reply, task) in results.tasks.iter().zip(&flight.tasks) {
-            trace.span(lane, "compute", format!("compute {task}"), reply.started_ns, reply.finished_ns);
-        }
-        trace.span(lane, "reply", "send results", results.replying_ns, arrived_ns);
         // Results the worker lent by address were copied out of its memory,
-        // not read from the pipe: the span says how many bytes.
+        // not read from the pipe: the flow and the span say how many bytes.
         let lent: u64 = results
             .tasks
             .iter()
@@ -132,6 +127,11 @@ impl CallCore<'_> {
             .filter(|a| matches!(a, procjob_worker::protocol::ArrayRef::Lent { .. }))
             .map(|a| a.nbytes().unwrap_or(0))
             .sum();
+        trace.flow_lent(answer, bytes, lent, (lane, from), (Lane::Coordinator, to));
+        for (reply, task) in results.tasks.iter().zip(&flight.tasks) {
+            trace.span(lane, "compute", format!("compute {task}"), reply.started_ns, reply.finished_ns);
+        }
+        trace.span(lane, "reply", "send results", results.replying_ns, arrived_ns);
         let receive = match lent {
             0 => format!("receive from worker {w}"),
             lent => format!("receive from worker {w}, {lent} bytes read from its memory"),
