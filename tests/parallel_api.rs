@@ -737,8 +737,10 @@ fn outputs_land_straight_in_their_rows_of_a_shared_array() {
 
 #[test]
 fn large_outputs_land_intact_in_their_rows() {
-    // Rows of 600,000 f64 (4.8 MB): each handed to the pipe by reference in
-    // the worker and spliced from the pipe into the file here.
+    // Rows of 600,000 f64 (4.8 MB): each lent by address by the worker and
+    // copied out of its memory into its row here (with PROCJOB_LEND=0,
+    // handed to the pipe by reference and spliced into the file); in the
+    // second round the worker writes into pages it was given back.
     const LEN: usize = 600_000;
     let dir = tempfile::tempdir().unwrap();
     let out = Array::create_npy(&dir.path().join("out.npy"), procjob::DType::F64, vec![4, LEN]).unwrap();

@@ -109,20 +109,28 @@ fn read_lent(
         ))
     };
     let (_, shape) = r.dtype_and_shape();
+    let owned = || {
+        let too_large =
+            |e: ArrayError| DecodeError::Io(std::io::Error::new(std::io::ErrorKind::OutOfMemory, e.to_string()));
+        let shape = r.checked_shape().map_err(too_large)?;
+        let nbytes = r.nbytes().unwrap_or(u64::MAX);
+        lender.read_new(address, dtype, shape, nbytes as usize).map_err(|e| failed(e, nbytes))
+    };
     match placement {
         Placement::Land(land)
             if land.view.dtype() == dtype && land.view.shape().iter().map(|&d| d as u64).eq(shape.iter().copied()) =>
         {
-            lender.read_into_view(address, &land.view).map_err(|e| failed(e, land.view.nbytes() as u64))?;
+            if land.view.shared_write_ptr().is_some() {
+                lender.read_into_view(address, &land.view).map_err(|e| failed(e, land.view.nbytes() as u64))?;
+            } else {
+                // A view this process cannot write through (an output
+                // mapped read-only): through a buffer into the file.
+                use std::os::unix::fs::FileExt;
+                land.file.write_all_at(owned()?.as_bytes(), land.offset)?;
+            }
             Ok(land.view)
         }
-        _ => {
-            let too_large =
-                |e: ArrayError| DecodeError::Io(std::io::Error::new(std::io::ErrorKind::OutOfMemory, e.to_string()));
-            let shape = r.checked_shape().map_err(too_large)?;
-            let nbytes = r.nbytes().unwrap_or(u64::MAX);
-            lender.read_new(address, dtype, shape, nbytes as usize).map_err(|e| failed(e, nbytes))
-        }
+        _ => owned(),
     }
 }
 
