@@ -187,15 +187,22 @@ fn each_process_mode_has_a_picture_with_its_bytes_each_way() {
 /// Blocks of C of 4 MiB or more are lent by the workers: the picture says,
 /// under each worker's line back, how many of those bytes were copied out
 /// of its memory rather than read from the pipe — every block of copy,
-/// memmap and fork, and nothing of memmap-out, which returns none.
+/// memmap and fork, and nothing of memmap-out, which returns none. With
+/// `PROCJOB_LEND=0` every block comes through the pipes, and it says none.
 #[test]
 fn the_picture_says_which_bytes_came_out_of_a_workers_memory() {
-    let out = demo_ok(&["--size", "1100", "--processes", "2", "--repeat", "1"]);
+    let args = ["--size", "1100", "--processes", "2", "--repeat", "1"];
+    let lent_lines = |out: &str| -> Vec<String> {
+        out.lines().filter(|l| l.contains("copied out of its memory, not the pipe")).map(String::from).collect()
+    };
+    let out = demo_ok_with(&args, &[("PROCJOB_LEND", "1")]);
     let block = 550 * 1100 * 8;
-    let lent: Vec<&str> = out.lines().filter(|l| l.contains("copied out of its memory, not the pipe")).collect();
+    let lent = lent_lines(&out);
     assert_eq!(lent.len(), 3 * 2, "two workers in copy, memmap and fork:\n{out}");
     let grouped = format!("{},{:03},{:03} B of them", block / 1_000_000, block / 1000 % 1000, block % 1000);
     assert!(lent.iter().all(|l| l.contains(&grouped)), "{grouped}: {lent:?}");
+    let out = demo_ok_with(&args, &[("PROCJOB_LEND", "0")]);
+    assert!(lent_lines(&out).is_empty(), "lent with PROCJOB_LEND=0:\n{out}");
 }
 
 #[test]

@@ -142,14 +142,11 @@ fn trace_flows_pair_every_send_with_its_receive_and_every_reply_with_its_read_wi
 #[test]
 fn large_blocks_are_read_from_the_workers_memory_unless_lending_is_off() {
     let dir = TestDir::new("lent");
-    let run = |lend: Option<&str>| {
-        let trace = dir.file(&format!("trace-{}.json", lend.unwrap_or("on")));
+    let run = |lend: &str| {
+        let trace = dir.file(&format!("trace-{lend}.json"));
         let mut cmd = dir.matmul();
         cmd.args(["--size", "1100", "--dtype", "f64", "--processes", "2", "--mode", "memmap", "--json", "--trace"]);
-        cmd.arg(&trace);
-        if let Some(v) = lend {
-            cmd.env("PROCJOB_LEND", v);
-        }
+        cmd.arg(&trace).env("PROCJOB_LEND", lend);
         let report = cmd.run().assert_ok().json_lines()[0].clone();
         assert_eq!(report["matches_seq"], true, "{report}");
         let v: Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).expect("the trace is JSON");
@@ -163,10 +160,10 @@ fn large_blocks_are_read_from_the_workers_memory_unless_lending_is_off() {
         (receives, report["bytes_from_workers"].as_u64().unwrap())
     };
     let block = 550 * 1100 * 8;
-    let (lent, lent_bytes) = run(None);
+    let (lent, lent_bytes) = run("1");
     let read = format!("{block} bytes read from its memory");
     assert!(lent.iter().all(|r| r.ends_with(&read)), "not lent: {lent:?}");
-    let (piped, piped_bytes) = run(Some("0"));
+    let (piped, piped_bytes) = run("0");
     assert!(piped.iter().all(|r| !r.contains("memory")), "lent with PROCJOB_LEND=0: {piped:?}");
     for bytes in [lent_bytes, piped_bytes] {
         assert!((2 * block..2 * block + 1000).contains(&bytes), "{bytes} bytes from workers");
