@@ -1093,26 +1093,29 @@ mod tests {
         assert!(matches!(check_bulk(&huge, 16), Err(DecodeError::BulkMismatch { .. })));
     }
 
-    /// The worked example of docs/protocol.md ("Its answer"): the answer to
-    /// a batch, then the memory snapshot that follows it, byte for byte.
-    #[test]
-    fn the_documented_answer_and_memory_frames() {
-        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
-        let results = Reply::Results(Results {
+    /// The answer of docs/protocol.md's worked example ("Its answer"), its
+    /// one array as `array` says.
+    fn documented_answer(array: ArrayRef) -> Reply {
+        Reply::Results(Results {
             tasks: vec![TaskReply {
                 index: 0,
                 started_ns: 1300,
                 finished_ns: 2300,
-                outcome: Outcome::Ok {
-                    output: Payload::from(vec![0, 0]),
-                    arrays: vec![ArrayRef::Inline { dtype: DType::F64, shape: vec![1, 1] }],
-                },
+                outcome: Outcome::Ok { output: Payload::from(vec![0, 0]), arrays: vec![array] },
             }],
             memory_follows: true,
             received_ns: 1000,
             mapped_ns: 1200,
             replying_ns: 2400,
-        });
+        })
+    }
+
+    /// The worked example of docs/protocol.md ("Its answer"): the answer to
+    /// a batch, then the memory snapshot that follows it, byte for byte.
+    #[test]
+    fn the_documented_answer_and_memory_frames() {
+        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
+        let results = documented_answer(ArrayRef::Inline { dtype: DType::F64, shape: vec![1, 1] });
         let mut frame = Vec::new();
         send(&mut frame, FrameKind::Reply, &results, &[&11.0f64.to_le_bytes()]).unwrap();
         assert_eq!(
@@ -1134,21 +1137,7 @@ mod tests {
     #[test]
     fn the_documented_lent_answer_lending_request_and_ready() {
         let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
-        let results = Reply::Results(Results {
-            tasks: vec![TaskReply {
-                index: 0,
-                started_ns: 1300,
-                finished_ns: 2300,
-                outcome: Outcome::Ok {
-                    output: Payload::from(vec![0, 0]),
-                    arrays: vec![ArrayRef::Lent { dtype: DType::F64, shape: vec![1, 1], address: 4096 }],
-                },
-            }],
-            memory_follows: true,
-            received_ns: 1000,
-            mapped_ns: 1200,
-            replying_ns: 2400,
-        });
+        let results = documented_answer(ArrayRef::Lent { dtype: DType::F64, shape: vec![1, 1], address: 4096 });
         let mut frame = Vec::new();
         send(&mut frame, FrameKind::Reply, &results, &[]).unwrap();
         assert_eq!(
