@@ -380,6 +380,17 @@ fn idle_workers_exit_and_the_next_call_starts_new_ones() {
     assert_ne!(p.worker_pids()[0], pid);
 }
 
+/// A worker that lent a large result (copied out of its memory, not sent
+/// through the pipe) is told as soon as it was read, and so still idles
+/// out: it holds nothing the coordinator has yet to read.
+#[test]
+fn a_worker_idles_out_after_its_lent_results_were_read() {
+    let mut p = Parallel::new().n_jobs(1).in_process(false).idle_timeout(Some(Duration::from_millis(50)));
+    let (ramp, _) = p.run::<Ramps, _>([(600_000u64, 2.0)]).unwrap().remove(0);
+    assert!(ramp.as_slice::<f64>().unwrap().iter().enumerate().all(|(i, &x)| x == 2.0 * i as f64));
+    wait_for_exit(p.worker_pids()[0]);
+}
+
 #[test]
 fn a_batch_sent_to_a_worker_that_just_idled_out_runs_on_a_fresh_one() {
     let mut p = Parallel::new().n_jobs(1).in_process(false).idle_timeout(Some(Duration::from_millis(50)));

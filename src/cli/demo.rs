@@ -552,7 +552,8 @@ fn report_workers(s: &mut Screen, r: &Measured) {
     }
 }
 
-/// The bytes that crossed the pipes, each way, against copy's and B's.
+/// The bytes that went each way (through the pipes, and result blocks
+/// copied out of the workers' memory), against copy's and B's.
 fn report_traffic(s: &mut Screen, r: &Measured, earlier: &[Measured], inputs: &Inputs) {
     let (a_bytes, b_bytes) = (inputs.a.nbytes() as u64, inputs.b.nbytes() as u64);
     let c_bytes = c_bytes(inputs);

@@ -137,10 +137,10 @@ pub enum Request {
     /// its memory (`process_vm_readv`). Also says how many of the worker's
     /// replies that lent arrays the coordinator has read in full, counted
     /// from the first: their arrays are the worker's to write or free
-    /// again. Not answered. The coordinator sends it only after reading the
-    /// worker's [`Ready::lend_probe`] from its memory, and then before a
-    /// batch whenever the count has grown; a worker that never gets it
-    /// sends every result's bytes in the frame.
+    /// again. Not answered. The coordinator sends it once it has read the
+    /// worker's [`Ready::lend_probe`] from its memory (`read` 0), and again
+    /// as soon as it has read each reply that lent arrays; a worker that
+    /// never gets it sends every result's bytes in the frame.
     Lending {
         /// Replies with lent arrays read so far.
         read: u64,

@@ -269,6 +269,10 @@ fn a_busy_batch_is_answered_first_and_its_memory_follows() {
 /// told, the pages serve its next result.
 #[test]
 fn a_large_result_is_lent_by_address_and_kept_until_it_was_read() {
+    if procjob_worker::array::lending_forbidden_here() {
+        eprintln!("skipping: this system forbids reading a child's memory (Yama ptrace_scope 2 or 3)");
+        return;
+    }
     let mut w = Worker::start();
     let lender = array::Lender::new(w.pid());
     // An outer product: a 1024 × 1024 f64 result (8 MiB, pages of its own)
@@ -332,4 +336,61 @@ fn a_lent_array_in_a_request_fails_its_task() {
     let (batch, bulk) = batch_of("dot", 2, &[(row, column(4))]);
     let (results, arrays) = w.run(&batch, &bulk);
     assert_eq!(scalar(&results.tasks[0].outcome, &arrays), 4.0);
+}
+
+/// A worker never idles out while results it lent are unread: the
+/// coordinator may read them later than its idle timeout. Here its reply
+/// is read ten idle timeouts late and the lent bytes are still there; once
+/// told they were read, the worker idles out as usual.
+#[test]
+fn a_worker_holding_lent_results_does_not_idle_out() {
+    if procjob_worker::array::lending_forbidden_here() {
+        eprintln!("skipping: this system forbids reading a child's memory (Yama ptrace_scope 2 or 3)");
+        return;
+    }
+    let mut w = Worker::start_idle(30);
+    w.send_message(&Request::Lending { read: 0 }, &[]);
+    let n = 1024;
+    let a = Array::from_vec(vec![n, 1], vec![5.0f64; n]);
+    let b = Array::from_vec(vec![1, n], vec![1.0f64; n]);
+    let (batch, bulk) = batch_of("dot", 1, &[(a, b)]);
+    w.send(&batch, &bulk);
+    let frame = w.frame();
+    // Not a wait for an event: the idle time the worker must outlast.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (results, arrays) = w.arrays_of(frame);
+    assert!(arrays[0].as_slice::<f64>().unwrap().iter().all(|&x| x == 5.0), "the lent block changed");
+    if results.memory_follows {
+        w.memory();
+    }
+    w.send_message(&Request::Lending { read: 1 }, &[]);
+    assert!(w.output_ends(), "the worker did not idle out once its results were read");
+}
+
+/// A worker gone before its lent results were read — killed, here, after
+/// its reply's head arrived — leaves nothing to copy: reading them reports
+/// the stream as ended (`Closed`, as a worker that died mid-reply), which
+/// the coordinator treats as a death it may retry, not as a bad frame.
+#[test]
+fn lent_results_of_a_worker_gone_read_as_a_closed_stream() {
+    if procjob_worker::array::lending_forbidden_here() {
+        eprintln!("skipping: this system forbids reading a child's memory (Yama ptrace_scope 2 or 3)");
+        return;
+    }
+    let mut w = Worker::start();
+    w.send_message(&Request::Lending { read: 0 }, &[]);
+    let n = 1024;
+    let a = Array::from_vec(vec![n, 1], vec![1.0f64; n]);
+    let b = Array::from_vec(vec![1, n], vec![1.0f64; n]);
+    let (batch, bulk) = batch_of("dot", 1, &[(a, b)]);
+    w.send(&batch, &bulk);
+    let frame = w.frame();
+    let pid = nix::unistd::Pid::from_raw(w.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    // Wait for the death without reaping it (WNOWAIT): the pid stays the
+    // worker's, a zombie with no memory left.
+    let flags = nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOWAIT;
+    nix::sys::wait::waitid(nix::sys::wait::Id::Pid(pid), flags).unwrap();
+    let (_, arrays) = w.try_arrays_of(frame);
+    assert!(matches!(arrays, Err(procjob_worker::protocol::DecodeError::Closed)), "{arrays:?}");
 }

@@ -5,8 +5,10 @@
 //! `PROCJOB_WORKER` set (or, with the fork start method, a fork of this
 //! process); its stdin and stdout are pipes. Requests are written from the
 //! thread that owns the pool; one reader thread per worker reads its
-//! replies and forwards them, with their inline arrays already read, on the
-//! pool's channel. A worker never writes a reply before it has read its
+//! replies and forwards them, with their inline arrays already read (or
+//! their lent ones copied out of the worker's memory), on the pool's
+//! channel, and itself writes the worker's `Lending` requests (the input is
+//! behind a lock). A worker never writes a reply before it has read its
 //! whole request, and the reader threads drain replies continuously, so
 //! neither side can block the other for good.
 
@@ -23,7 +25,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -44,10 +46,16 @@ pub use spawn::available_cpus;
 use spawn::HARNESS_ENTRY;
 pub(crate) use spawn::{mark_serving, serving_as_worker, start_failure, INIT_CALLED, THREAD_ENV};
 
+/// A worker's input pipe: written by the thread that owns the pool, and by
+/// the worker's reader thread to acknowledge the results it was lent
+/// (`Request::Lending`), which holds only a weak reference: dropping this
+/// one closes the pipe.
+type Input = Arc<Mutex<BufWriter<File>>>;
+
 /// One live worker process.
 struct Process {
     pid: u32,
-    input: Option<BufWriter<File>>,
+    input: Option<Input>,
     /// A second handle on its output pipe, to see whether a reply is
     /// waiting there (the reader thread owns the first).
     output: Option<File>,
@@ -56,12 +64,6 @@ struct Process {
     reader: Option<JoinHandle<()>>,
     /// How it ended, once reaped.
     exited: Option<WorkerExit>,
-    /// Whether it may lend results by address, and how many of its lending
-    /// replies were read (set by the reader thread).
-    lend: Arc<reader::LendState>,
-    /// The count of read lending replies last told it (`None`: not told
-    /// it may lend).
-    told: Option<u64>,
 }
 
 /// Worker processes on this machine, with a pipe each way.
@@ -72,6 +74,9 @@ pub(crate) struct Pipes {
     events: Sender<PoolEvent>,
     readers: ReaderShared,
     processes: Vec<Option<Process>>,
+    /// Whether workers may lend results by address (not when
+    /// `PROCJOB_LEND=0`).
+    lend: bool,
 }
 
 impl Pipes {
@@ -84,7 +89,8 @@ impl Pipes {
         events: Sender<PoolEvent>,
         readers: ReaderShared,
     ) -> Pipes {
-        Pipes { program, start, events, readers, processes: (0..workers).map(|_| None).collect() }
+        let lend = std::env::var_os(reader::LEND_ENV).is_none_or(|v| v != "0");
+        Pipes { program, start, events, readers, processes: (0..workers).map(|_| None).collect(), lend }
     }
 
     /// Re-executes the program as the worker of slot `index`.
@@ -181,14 +187,13 @@ impl Pipes {
         let output = stdout.try_clone().ok();
         let arriving = Arc::new(AtomicBool::new(false));
         let reading = Arc::clone(&arriving);
+        let input: Input = Arc::new(Mutex::new(BufWriter::with_capacity(1 << 16, stdin)));
         // The worker is this process's child: its results may be read out
-        // of its memory.
-        let lend = Arc::new(reader::LendState::default());
-        let lender = Some((procjob_worker::array::Lender::new(pid), Arc::clone(&lend)));
+        // of its memory, and its reader tells it when they have been.
+        let lend = self.lend.then(|| reader::Lending { pid, input: Arc::downgrade(&input) });
         let reader = std::thread::Builder::new()
             .name(format!("procjob-reader-{index}"))
-            .spawn(move || reader::read_replies(index, generation, stdout, tx, readers, inherited, reading, lender));
-        let mut input = BufWriter::with_capacity(1 << 16, stdin);
+            .spawn(move || reader::read_replies(index, generation, stdout, tx, readers, inherited, reading, lend));
         let reader = match reader {
             Ok(reader) => reader,
             Err(e) => {
@@ -200,17 +205,9 @@ impl Pipes {
                 return Err(Error::Start { index, reason: format!("cannot start a reader thread: {e}") });
             }
         };
-        let sent = protocol::send(&mut input, FrameKind::Request, &Request::Hello(hello), &[]);
-        self.processes[index] = Some(Process {
-            pid,
-            input: Some(input),
-            output,
-            arriving,
-            reader: Some(reader),
-            exited: None,
-            lend,
-            told: None,
-        });
+        let sent = protocol::send(&mut *lock(&input), FrameKind::Request, &Request::Hello(hello), &[]);
+        self.processes[index] =
+            Some(Process { pid, input: Some(input), output, arriving, reader: Some(reader), exited: None });
         // A failed write: the worker died at once; its reader reports how.
         Ok(Started { index, pid, requested_ns, spawned_ns, hello_bytes: sent.ok() })
     }
@@ -268,19 +265,15 @@ impl Pipes {
         (started, failure)
     }
 
-    fn input(&mut self, index: usize) -> Option<&mut BufWriter<File>> {
-        self.processes.get_mut(index)?.as_mut()?.input.as_mut()
+    fn input(&self, index: usize) -> Option<&Input> {
+        self.processes.get(index)?.as_ref()?.input.as_ref()
     }
+}
 
-    /// What to tell worker `index` before `request` about lending: the
-    /// count of its lending replies read, when it may lend and the count
-    /// (or the permission) is news, and `request` is a batch.
-    fn lending_news(&mut self, index: usize, request: &Request) -> Option<u64> {
-        let p = self.processes.get_mut(index)?.as_mut()?;
-        let news = matches!(request, Request::Run(_)).then(|| p.lend.news(p.told)).flatten()?;
-        p.told = Some(news);
-        Some(news)
-    }
+/// The writer behind `input`, even if a thread panicked while writing (the
+/// frame it left half-written fails the worker's read, which is reported).
+pub(crate) fn lock(input: &Mutex<BufWriter<File>>) -> std::sync::MutexGuard<'_, BufWriter<File>> {
+    input.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Transport for Pipes {
@@ -313,26 +306,22 @@ impl Transport for Pipes {
     }
 
     fn send(&mut self, index: usize, worker: WorkerId, request: &Request, bulk: &[&[u8]]) -> Result<u64, SendError> {
-        let lending = self.lending_news(index, request);
-        write_batch(self.input(index), worker, lending, request, bulk)
+        write_batch(self.input(index), worker, request, bulk)
     }
 
     fn send_many(&mut self, frames: &[(usize, WorkerId, &Request, &[&[u8]])]) -> Vec<Result<u64, SendError>> {
-        let lending: Vec<Option<u64>> =
-            frames.iter().map(|&(index, _, request, _)| self.lending_news(index, request)).collect();
-        let mut inputs: Vec<Option<&mut BufWriter<File>>> =
-            self.processes.iter_mut().map(|p| p.as_mut().and_then(|p| p.input.as_mut())).collect();
+        let mut inputs: Vec<Option<&Input>> =
+            self.processes.iter().map(|p| p.as_ref().and_then(|p| p.input.as_ref())).collect();
         std::thread::scope(|scope| {
             let handles: Vec<_> = frames
                 .iter()
-                .zip(lending)
-                .map(|(&(index, worker, request, bulk), lending)| {
+                .map(|&(index, worker, request, bulk)| {
                     let input = inputs.get_mut(index).and_then(Option::take);
                     // A thread that cannot be started (a process limit)
                     // has written nothing: the batch is not sent.
                     std::thread::Builder::new()
                         .name("procjob-send".into())
-                        .spawn_scoped(scope, move || write_batch(input, worker, lending, request, bulk))
+                        .spawn_scoped(scope, move || write_batch(input, worker, request, bulk))
                         .map_err(|e| {
                             SendError::Unsendable(std::io::Error::new(
                                 e.kind(),
@@ -362,7 +351,8 @@ impl Transport for Pipes {
     fn input_closed(&self, index: usize) -> bool {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
-        let Some(input) = self.processes[index].as_ref().and_then(|p| p.input.as_ref()) else { return true };
+        let Some(input) = self.input(index) else { return true };
+        let input = lock(input);
         let mut fds = [PollFd::new(input.get_ref().as_fd(), PollFlags::POLLOUT)];
         loop {
             match poll(&mut fds, PollTimeout::ZERO) {
@@ -426,24 +416,12 @@ impl Transport for Pipes {
     }
 }
 
-/// Writes one request frame to a worker's input (`None`: it is not running),
-/// after a `Lending` request carrying `lending` when there is one; returns
-/// the bytes written (both frames).
-fn write_batch(
-    input: Option<&mut BufWriter<File>>,
-    worker: WorkerId,
-    lending: Option<u64>,
-    request: &Request,
-    bulk: &[&[u8]],
-) -> Result<u64, SendError> {
+/// Writes one request frame to a worker's input (`None`: it is not running).
+fn write_batch(input: Option<&Input>, worker: WorkerId, request: &Request, bulk: &[&[u8]]) -> Result<u64, SendError> {
     let Some(input) = input else {
         return Err(SendError::Broken(Error::Transport { worker, reason: "the worker is not running".into() }));
     };
-    // A few bytes that the batch's own frame follows at once: a failure here
-    // is the pipe's, and the batch's write reports it.
-    let told = lending
-        .map_or(0, |read| protocol::send(input, FrameKind::Request, &Request::Lending { read }, &[]).unwrap_or(0));
-    protocol::send(input, FrameKind::Request, request, bulk).map(|bytes| told + bytes).map_err(|e| match e.kind() {
+    protocol::send(&mut *lock(input), FrameKind::Request, request, bulk).map_err(|e| match e.kind() {
         // `protocol::send` checks the message before writing a byte: it
         // fails to encode (InvalidData) or is over the limit (InvalidInput).
         std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => SendError::Unsendable(e),

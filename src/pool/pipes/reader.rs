@@ -5,13 +5,13 @@
 //! snapshots that follow answers go to the pool's board instead.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::io::{BufRead, BufReader, BufWriter, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use procjob_worker::array::{self, Array, ArrayError, Lender};
-use procjob_worker::protocol::{self, ArrayRef, DecodeError, FrameKind, Outcome, Reply, MAGIC};
+use procjob_worker::protocol::{self, ArrayRef, DecodeError, FrameKind, Outcome, Reply, Request, MAGIC};
 
 use crate::pool::{PoolEvent, ReaderShared, WorkerEvent};
 
@@ -24,31 +24,28 @@ const MAX_PREAMBLE: usize = 64 * 1024;
 /// reading a child's memory is unwelcome).
 pub(crate) const LEND_ENV: &str = "PROCJOB_LEND";
 
-/// Whether a worker may lend its results by address, and how many of its
-/// replies that lent arrays its reader has read: shared by the reader
-/// thread, which sets both, and the thread that writes the worker's
-/// requests, which tells the worker ([`Request::Lending`](protocol::Request::Lending)).
-#[derive(Debug, Default)]
-pub(crate) struct LendState {
-    /// The reader found the worker's probe in its memory.
-    pub(crate) allowed: AtomicBool,
-    /// Replies with lent arrays read in full.
-    pub(crate) read: AtomicU64,
+/// What a reader needs to let its worker lend results by address: the
+/// worker's pid (this process's child, whose memory it may read) and its
+/// input, to tell it what has been read.
+pub(crate) struct Lending {
+    pub(crate) pid: u32,
+    /// Weak: the transport's reference alone keeps the pipe open.
+    pub(crate) input: Weak<Mutex<BufWriter<File>>>,
 }
 
-impl LendState {
-    /// The `Lending` request to send the worker before its next batch, when
-    /// there is news since `told` (the count last sent; `None`: never told).
-    pub(crate) fn news(&self, told: Option<u64>) -> Option<u64> {
-        let read = self.read.load(Ordering::SeqCst);
-        (self.allowed.load(Ordering::SeqCst) && told.is_none_or(|t| t < read)).then_some(read)
-    }
+/// Sends the worker `Request::Lending { read }`; false when its input is
+/// closed or broken (it is being stopped, or died: its stream says which).
+fn tell(input: &Weak<Mutex<BufWriter<File>>>, read: u64) -> bool {
+    let Some(input) = input.upgrade() else { return false };
+    let mut w = super::lock(&input);
+    protocol::send(&mut *w, FrameKind::Request, &Request::Lending { read }, &[]).is_ok()
 }
 
 /// The reader thread: handshake (skipping a harness's banner), then frames
 /// until the stream ends. With `lend` (a worker this process started: its
-/// child), a worker whose probe this process can read in its memory may
-/// lend its results by address, and they are read from there.
+/// child), a worker whose probe this process can read in its memory is
+/// told it may lend its results by address; they are copied out of its
+/// memory, and it is told as soon as each such reply has been read.
 #[expect(clippy::too_many_arguments, reason = "one reader's parts, each used once")]
 pub(crate) fn read_replies(
     index: usize,
@@ -58,10 +55,12 @@ pub(crate) fn read_replies(
     readers: ReaderShared,
     inherited: Vec<Array>,
     arriving: Arc<AtomicBool>,
-    lend: Option<(Lender, Arc<LendState>)>,
+    lend: Option<Lending>,
 ) {
     let send = |event| tx.send(PoolEvent { index, generation, event }).is_ok();
     let mut stdout = stdout;
+    // The lender and the worker's input, once the worker may lend.
+    let lending: Option<(Lender, Weak<Mutex<BufWriter<File>>>)>;
     let preamble = match skip_to_magic(&mut stdout) {
         Ok(p) => p,
         Err(error) => {
@@ -75,13 +74,12 @@ pub(crate) fn read_replies(
         Ok(frame) => match frame.message {
             Reply::Ready(ready) => {
                 // Before the pool hears the worker is ready, so that its
-                // first batch is preceded by the permission to lend.
-                if let Some((lender, state)) = &lend {
-                    let refused = std::env::var_os(LEND_ENV).is_some_and(|v| v == "0");
-                    if !refused && lender.can_read(ready.lend_probe) {
-                        state.allowed.store(true, Ordering::SeqCst);
-                    }
-                }
+                // first batch follows the permission to lend. The pid it
+                // gives must be the child's: the probe is read there.
+                lending = lend
+                    .filter(|l| l.pid == ready.pid && Lender::new(l.pid).can_read(ready.lend_probe))
+                    .filter(|l| tell(&l.input, 0))
+                    .map(|l| (Lender::new(l.pid), l.input));
                 if !send(WorkerEvent::Ready(ready)) {
                     return;
                 }
@@ -107,6 +105,8 @@ pub(crate) fn read_replies(
     // Snapshots announced by answers and not arrived; given up on when the
     // stream ends.
     let mut snapshots_due = 0u64;
+    // Replies with lent arrays read so far.
+    let mut lent_read = 0u64;
     let lost = |error, due| {
         readers.memory.gave_up(index, due);
         send(WorkerEvent::Lost { error });
@@ -155,11 +155,10 @@ pub(crate) fn read_replies(
             }
         }
         // Lent arrays only from a worker allowed to lend: from any other,
-        // each is refused as that array's error.
-        let lender = lend.as_ref().filter(|(_, state)| state.allowed.load(Ordering::SeqCst)).map(|(l, _)| l);
-        let lent_bytes: u64 =
-            refs.iter().filter(|a| matches!(a, ArrayRef::Lent { .. })).map(|a| a.nbytes().unwrap_or(0)).sum();
-        let lent_any = refs.iter().any(|a| matches!(a, ArrayRef::Lent { .. }));
+        // each is refused as that array's error, and not counted.
+        let lender = lending.as_ref().map(|(l, _)| l);
+        let lent: Vec<&ArrayRef> = refs.iter().copied().filter(|a| matches!(a, ArrayRef::Lent { .. })).collect();
+        let lent_bytes: u64 = if lender.is_some() { lent.iter().map(|a| a.nbytes().unwrap_or(0)).sum() } else { 0 };
         let arrays =
             array::read_arrays(&mut r, refs.iter().copied(), frame.bulk_len, lender, &mut |position, a| match a {
                 ArrayRef::File { dtype, shape, path, offset, access } => {
@@ -183,11 +182,16 @@ pub(crate) fn read_replies(
             });
         let arrays = match arrays {
             Ok(a) => a,
+            // The worker was gone before its lent results were read: as if
+            // it had died mid-reply.
+            Err(DecodeError::Closed) => return lost(None, snapshots_due),
             Err(e) => return lost(Some(e.to_string()), snapshots_due),
         };
-        // Read in full: the worker may have the lent arrays back.
-        if let (true, Some((_, state))) = (lent_any && lender.is_some(), &lend) {
-            state.read.fetch_add(1, Ordering::SeqCst);
+        // Read in full: the worker may have the lent arrays back, and hears
+        // so before it can get another batch.
+        if let (false, Some((_, input))) = (lent.is_empty(), &lending) {
+            lent_read += 1;
+            tell(input, lent_read);
         }
         // What came back from the worker: the frame, and the bytes read out
         // of its memory.

@@ -52,6 +52,13 @@ pub fn read_arrays<'a, R: BulkSource + ?Sized>(
     place: &mut dyn FnMut(usize, &ArrayRef) -> Placement,
 ) -> Result<Vec<Result<Array, ArrayError>>, DecodeError> {
     crate::protocol::check_bulk(refs.clone(), bulk_len)?;
+    // Lent arrays are bounded as a bulk is: a few bytes of a frame must not
+    // make the reader allocate without limit.
+    let lent = refs.clone().into_iter().filter(|r| matches!(r, ArrayRef::Lent { .. }));
+    let lent_len = lent.map(|r| r.nbytes().unwrap_or(u64::MAX)).fold(0u64, u64::saturating_add);
+    if lent_len > crate::protocol::MAX_BULK {
+        return Err(DecodeError::BulkTooLarge { len: lent_len, max: crate::protocol::MAX_BULK });
+    }
     let mut out = Vec::new();
     for (position, r_) in refs.into_iter().enumerate() {
         if let ArrayRef::Lent { dtype, address, .. } = r_ {
@@ -93,8 +100,11 @@ pub fn read_arrays<'a, R: BulkSource + ?Sized>(
 }
 
 /// Copies a lent array out of `lender`'s memory into its landing, when it
-/// has one of its dtype and shape, or else into a new array. A failed copy
-/// (the lender gone, or an address it does not map) is the frame's error.
+/// has one of its dtype and shape, or else into a new array. A lender gone
+/// (`ESRCH`: it exited before its reply was read) is `DecodeError::Closed`,
+/// as a stream that ended mid-reply; any other failed copy (an address it
+/// does not map, a landing that cannot be written) is the frame's error,
+/// naming which side failed.
 fn read_lent(
     lender: &Lender,
     r: &ArrayRef,
@@ -102,35 +112,53 @@ fn read_lent(
     address: u64,
     placement: Placement,
 ) -> Result<Array, DecodeError> {
-    let failed = |e: std::io::Error, nbytes: u64| {
-        DecodeError::Io(std::io::Error::new(
-            e.kind(),
-            format!("cannot read a result of {nbytes} bytes lent at {address:#x} from the worker's memory: {e}"),
-        ))
+    let nbytes = r.nbytes().unwrap_or(u64::MAX);
+    let failed = |e: std::io::Error| {
+        if e.raw_os_error() == Some(libc::ESRCH) {
+            return DecodeError::Closed;
+        }
+        // EFAULT is either side's address: the lender's if one byte cannot
+        // be read there either, else this process's landing (its file
+        // system full, or the file cut short).
+        let mut one = [0u8; 1];
+        let theirs = e.raw_os_error() != Some(libc::EFAULT) || lender.read(address, &mut one).is_err();
+        let what = if theirs {
+            format!("cannot read a result of {nbytes} bytes lent at {address:#x} from the worker's memory: {e}")
+        } else {
+            format!(
+                "cannot write a result of {nbytes} bytes into its rows of the output ({e}): \
+                 is the output's file system full, or its file cut short?"
+            )
+        };
+        DecodeError::Io(std::io::Error::new(e.kind(), what))
     };
     let (_, shape) = r.dtype_and_shape();
-    let owned = || {
-        let too_large =
-            |e: ArrayError| DecodeError::Io(std::io::Error::new(std::io::ErrorKind::OutOfMemory, e.to_string()));
-        let shape = r.checked_shape().map_err(too_large)?;
-        let nbytes = r.nbytes().unwrap_or(u64::MAX);
-        lender.read_new(address, dtype, shape, nbytes as usize).map_err(|e| failed(e, nbytes))
-    };
     match placement {
         Placement::Land(land)
             if land.view.dtype() == dtype && land.view.shape().iter().map(|&d| d as u64).eq(shape.iter().copied()) =>
         {
             if land.view.shared_write_ptr().is_some() {
-                lender.read_into_view(address, &land.view).map_err(|e| failed(e, land.view.nbytes() as u64))?;
+                lender.read_into_view(address, &land.view).map_err(failed)?;
             } else {
                 // A view this process cannot write through (an output
-                // mapped read-only): through a buffer into the file.
+                // mapped read-only): into the file through a buffer of at
+                // most 1 MiB, as from a pipe.
                 use std::os::unix::fs::FileExt;
-                land.file.write_all_at(owned()?.as_bytes(), land.offset)?;
+                let mut buf = vec![0u8; land.view.nbytes().min(1 << 20)];
+                for at in (0..land.view.nbytes()).step_by(buf.len().max(1)) {
+                    let n = buf.len().min(land.view.nbytes() - at);
+                    lender.read(address + at as u64, &mut buf[..n]).map_err(failed)?;
+                    land.file.write_all_at(&buf[..n], land.offset + at as u64)?;
+                }
             }
             Ok(land.view)
         }
-        _ => owned(),
+        _ => {
+            let shape = r
+                .checked_shape()
+                .map_err(|e| DecodeError::Io(std::io::Error::new(std::io::ErrorKind::OutOfMemory, e.to_string())))?;
+            lender.read_new(address, dtype, shape, nbytes as usize).map_err(failed)
+        }
     }
 }
 

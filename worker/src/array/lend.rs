@@ -19,6 +19,17 @@ pub fn lend_probe_address() -> u64 {
     std::hint::black_box(LEND_PROBE.as_ptr()) as u64
 }
 
+/// Whether this system's policy forbids a process to read its own child's
+/// memory: Yama's `ptrace_scope` of 2 (only a privileged tracer) or 3 (no
+/// one). Workers then never lend (their coordinator's probe fails), and
+/// every result comes through the pipe; tests of lending skip.
+pub fn lending_forbidden_here() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .is_some_and(|scope| scope >= 2)
+}
+
 /// The process whose memory lent arrays are read from.
 #[derive(Debug, Clone, Copy)]
 pub struct Lender {

@@ -42,7 +42,7 @@ pub use codec::{
     decode_with, encode_with, encode_with_buffer, file_ref, inline_ref, ArrayEncoder, CodecError, InlineEncoder,
 };
 pub use error::ArrayError;
-pub use lend::{lend_probe_address, Lender, LEND_PROBE};
+pub use lend::{lend_probe_address, lending_forbidden_here, Lender, LEND_PROBE};
 pub(crate) use mapping::FaultedViews;
 pub use mapping::{map_file_ref, map_file_ref_within, FileId};
 pub(crate) use spare_pages::SPARES_KEPT;

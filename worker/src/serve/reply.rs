@@ -107,6 +107,11 @@ impl Lending {
         lent
     }
 
+    /// Whether arrays lent are still unread.
+    pub(super) fn holds_any(&self) -> bool {
+        !self.out.is_empty()
+    }
+
     /// `lent` went out in a reply as it was (`sent`): kept until the
     /// coordinator has read it. Otherwise (the results were replaced by
     /// failures) nothing refers to them, and they are dropped.

@@ -68,6 +68,9 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
     // brought it until the call changes.
     let mut shared = Shared::default();
     loop {
+        // Never idle out while results are lent: the coordinator has yet to
+        // read them, and says so at once when it has.
+        let idle = idle.filter(|_| !lending.holds_any());
         if input.buffer().is_empty() && !wait_for_request(input.get_ref(), idle, &mut maps, FIRST_MAP_CHECK) {
             return Ok(()); // idle timeout: exit quietly, the pool starts another when needed
         }

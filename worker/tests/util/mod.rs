@@ -30,6 +30,9 @@ pub struct Worker {
     stop_watchdog: Option<mpsc::Sender<()>>,
 }
 
+/// A frame's arrays as read: each, or why it could not be had.
+pub type FrameArrays = Vec<Result<Array, array::ArrayError>>;
+
 /// How a worker ended.
 #[derive(Debug)]
 pub struct Exit {
@@ -41,8 +44,17 @@ pub struct Exit {
 impl Worker {
     /// Starts `procjob-worker` and completes the handshake.
     pub fn start() -> Worker {
+        Worker::start_idle(0)
+    }
+
+    /// Starts `procjob-worker` and completes a handshake that asks it to
+    /// exit after `idle_ms` milliseconds without a request (0: never).
+    pub fn start_idle(idle_ms: u64) -> Worker {
         let mut w = Worker::spawn();
-        let hello = w.hello();
+        let mut hello = w.hello();
+        if let Request::Hello(h) = &mut hello {
+            h.idle_timeout_ms = idle_ms;
+        }
         w.send_message(&hello, &[]);
         let ready = protocol::recv::<_, Reply>(&mut w.output, FrameKind::Reply).expect("no answer to Hello");
         assert!(matches!(ready.message, Reply::Ready(_)), "{:?}", ready.message);
@@ -157,6 +169,37 @@ impl Worker {
     /// snapshot that may follow.
     pub fn results_alone(&mut self) -> (Results, Vec<Array>) {
         let frame = protocol::recv::<_, Reply>(&mut self.output, FrameKind::Reply).expect("no reply");
+        self.arrays_of(frame)
+    }
+
+    /// Reads the next frame's head (prelude and payload), not its arrays.
+    pub fn frame(&mut self) -> protocol::Frame<Reply> {
+        protocol::recv::<_, Reply>(&mut self.output, FrameKind::Reply).expect("no reply")
+    }
+
+    /// Whether the worker's output has ended (read until it does or a
+    /// frame comes).
+    pub fn output_ends(&mut self) -> bool {
+        matches!(protocol::recv::<_, Reply>(&mut self.output, FrameKind::Reply), Err(protocol::DecodeError::Closed))
+    }
+
+    /// The arrays of a `Results` frame whose head was read.
+    pub fn arrays_of(&mut self, frame: protocol::Frame<Reply>) -> (Results, Vec<Array>) {
+        let (frame, arrays) = self.try_arrays_of(frame);
+        let arrays = arrays.expect("cannot read the reply's arrays");
+        let arrays = arrays.into_iter().collect::<Result<Vec<_>, _>>().expect("an array of the reply");
+        match frame.message {
+            Reply::Results(r) => (r, arrays),
+            other => panic!("expected Results, got {other:?}"),
+        }
+    }
+
+    /// Reads the arrays of a frame whose head was read, or why they cannot
+    /// be read.
+    pub fn try_arrays_of(
+        &mut self,
+        frame: protocol::Frame<Reply>,
+    ) -> (protocol::Frame<Reply>, Result<FrameArrays, protocol::DecodeError>) {
         // The worker is this process's child: its lent results are read
         // out of its memory, as the coordinator does.
         let lender = array::Lender::new(self.child.id());
@@ -166,13 +209,8 @@ impl Worker {
             frame.bulk_len,
             Some(&lender),
             &mut |_, _| Placement::Own,
-        )
-        .expect("cannot read the reply's arrays");
-        let arrays = arrays.into_iter().collect::<Result<Vec<_>, _>>().expect("an array of the reply");
-        match frame.message {
-            Reply::Results(r) => (r, arrays),
-            other => panic!("expected Results, got {other:?}"),
-        }
+        );
+        (frame, arrays)
     }
 
     /// Reads a `Reply::Memory`, which carries no bulk.
