@@ -382,7 +382,9 @@ fn idle_workers_exit_and_the_next_call_starts_new_ones() {
 
 /// A worker that lent a large result (copied out of its memory, not sent
 /// through the pipe) is told as soon as it was read, and so still idles
-/// out: it holds nothing the coordinator has yet to read.
+/// out: it holds nothing the coordinator has yet to read. (Whether the
+/// result was lent is not visible here; tests/see_it.rs shows that a block
+/// of this size is, and with `PROCJOB_LEND=0` this checks the pipe.)
 #[test]
 fn a_worker_idles_out_after_its_lent_results_were_read() {
     let mut p = Parallel::new().n_jobs(1).in_process(false).idle_timeout(Some(Duration::from_millis(50)));

@@ -364,7 +364,8 @@ fn a_worker_holding_lent_results_does_not_idle_out() {
         w.memory();
     }
     w.send_message(&Request::Lending { read: 1 }, &[]);
-    assert!(w.output_ends(), "the worker did not idle out once its results were read");
+    let limit = std::time::Duration::from_secs(10);
+    assert!(w.output_ends_within(limit), "the worker did not idle out within {limit:?} once its results were read");
 }
 
 /// A worker gone before its lent results were read — killed, here, after

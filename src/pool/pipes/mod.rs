@@ -10,7 +10,12 @@
 //! channel, and itself writes the worker's `Lending` requests (the input is
 //! behind a lock). A worker never writes a reply before it has read its
 //! whole request, and the reader threads drain replies continuously, so
-//! neither side can block the other for good.
+//! neither side can block the other for good. A reader's `Lending` write
+//! cannot wait behind a batch either: the pool sends a worker its next
+//! batch only once the reader has forwarded the last answer, which it does
+//! after that write, so the worker's input is empty and unlocked then (one
+//! batch in flight per worker; a pool that sent a second one ahead would
+//! have to send `Lending` with its batches instead).
 
 mod fork;
 mod reader;

@@ -191,6 +191,8 @@ pub(crate) fn read_replies(
         // so before it can get another batch.
         if let (false, Some((_, input))) = (lent.is_empty(), &lending) {
             lent_read += 1;
+            // A failed write is a worker gone or going: its stream ends
+            // next, and says so.
             tell(input, lent_read);
         }
         // What came back from the worker: the frame, and the bytes read out

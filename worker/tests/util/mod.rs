@@ -177,9 +177,19 @@ impl Worker {
         protocol::recv::<_, Reply>(&mut self.output, FrameKind::Reply).expect("no reply")
     }
 
-    /// Whether the worker's output has ended (read until it does or a
-    /// frame comes).
-    pub fn output_ends(&mut self) -> bool {
+    /// Whether the worker's output ends within `limit` (with no frame
+    /// before the end).
+    pub fn output_ends_within(&mut self, limit: Duration) -> bool {
+        use std::io::BufRead;
+        use std::os::fd::AsFd;
+        if self.output.buffer().is_empty() {
+            let mut fds = [nix::poll::PollFd::new(self.output.get_ref().as_fd(), nix::poll::PollFlags::POLLIN)];
+            let ms = u16::try_from(limit.as_millis()).unwrap_or(u16::MAX);
+            if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)).unwrap_or(0) == 0 {
+                return false;
+            }
+        }
+        let _ = self.output.fill_buf();
         matches!(protocol::recv::<_, Reply>(&mut self.output, FrameKind::Reply), Err(protocol::DecodeError::Closed))
     }
 
