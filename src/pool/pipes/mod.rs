@@ -383,7 +383,9 @@ impl Transport for Pipes {
     fn poll_exit(&mut self, index: usize) -> Option<WorkerExit> {
         let p = self.processes[index].as_mut()?;
         if p.exited.is_none() {
-            if let Ok(Some(exit)) = reap::try_wait(p.pid) {
+            // Not reaped yet: its reader may still be reading by its pid
+            // ([`Transport::stop`] reaps it once the reader is done).
+            if let Ok(Some(exit)) = reap::peek_exit(p.pid, false) {
                 p.exited = Some(exit);
             }
         }
@@ -405,18 +407,21 @@ impl Transport for Pipes {
     }
 
     /// Waits for the worker to end (killing it if it lives on past `grace`),
-    /// reaps it and joins its reader.
+    /// joins its reader, then reaps it: until then its pid stays its own,
+    /// so a reader still copying its lent results by pid reads nothing
+    /// else's.
     fn stop(&mut self, index: usize, grace: Duration) -> WorkerExit {
         let Some(mut p) = self.processes[index].take() else { return WorkerExit::Unknown };
         drop(p.input.take());
         let exit = match p.exited {
             Some(exit) => exit,
-            None => reap::wait_or_kill(p.pid, grace),
+            None => reap::wait_or_kill_unreaped(p.pid, grace),
         };
-        crate::lifecycle::worker_reaped(p.pid);
         if let Some(r) = p.reader.take() {
             let _ = r.join();
         }
+        reap::reap(p.pid);
+        crate::lifecycle::worker_reaped(p.pid);
         exit
     }
 }

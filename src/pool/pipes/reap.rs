@@ -7,10 +7,19 @@ use crate::error::WorkerExit;
 /// Waits up to `grace` for worker `pid` to exit on its own (a worker exits
 /// as soon as its input closes), then kills it; reaps it either way.
 pub(crate) fn wait_or_kill(pid: u32, grace: Duration) -> WorkerExit {
+    let exit = wait_or_kill_unreaped(pid, grace);
+    reap(pid);
+    exit
+}
+
+/// [`wait_or_kill`], leaving the ended worker unreaped (a zombie), so that
+/// its pid stays its own — nothing else can be given it — until [`reap`]:
+/// its reader may still be copying results out of its memory by pid.
+pub(super) fn wait_or_kill_unreaped(pid: u32, grace: Duration) -> WorkerExit {
     let deadline = Instant::now() + grace;
     let mut pause = Duration::from_micros(50);
     loop {
-        match try_wait(pid) {
+        match peek_exit(pid, false) {
             Ok(Some(exit)) => return exit,
             Ok(None) if Instant::now() < deadline => {
                 // Exiting takes microseconds to milliseconds; back off so a
@@ -20,11 +29,35 @@ pub(crate) fn wait_or_kill(pid: u32, grace: Duration) -> WorkerExit {
             }
             Ok(None) => {
                 kill_pid(pid);
-                return wait_pid(pid);
+                return loop {
+                    match peek_exit(pid, true) {
+                        Ok(Some(exit)) => break exit,
+                        Ok(None) | Err(nix::errno::Errno::EINTR) => {}
+                        Err(_) => break WorkerExit::Unknown,
+                    }
+                };
             }
             Err(_) => return WorkerExit::Unknown,
         }
     }
+}
+
+/// How `pid` ended, if it has (waiting for it when `block`), leaving it
+/// unreaped (`WNOWAIT`).
+pub(super) fn peek_exit(pid: u32, block: bool) -> nix::Result<Option<WorkerExit>> {
+    use nix::sys::wait::WaitPidFlag;
+    let mut flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
+    if !block {
+        flags |= WaitPidFlag::WNOHANG;
+    }
+    let status = nix::sys::wait::waitid(nix::sys::wait::Id::Pid(nix::unistd::Pid::from_raw(pid as i32)), flags)?;
+    Ok(to_exit(status))
+}
+
+/// Reaps `pid`, which has ended (an error — it was reaped already — is
+/// ignored).
+pub(super) fn reap(pid: u32) {
+    let _ = wait_pid(pid);
 }
 
 fn to_exit(status: nix::sys::wait::WaitStatus) -> Option<WorkerExit> {
@@ -34,13 +67,6 @@ fn to_exit(status: nix::sys::wait::WaitStatus) -> Option<WorkerExit> {
         WaitStatus::Signaled(_, signal, _) => Some(WorkerExit::Signaled { signal }),
         _ => None,
     }
-}
-
-/// Reaps `pid` if it has ended.
-pub(super) fn try_wait(pid: u32) -> nix::Result<Option<WorkerExit>> {
-    let status =
-        nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), Some(nix::sys::wait::WaitPidFlag::WNOHANG))?;
-    Ok(to_exit(status))
 }
 
 /// Waits for `pid` to end and reaps it.
