@@ -261,6 +261,25 @@ fn a_busy_batch_is_answered_first_and_its_memory_follows() {
     assert_eq!(scalar(&results.tasks[0].outcome, &arrays), 4.0);
 }
 
+/// Whether this system forbids a parent to read its child's memory, said
+/// on stderr: the lending tests then skip.
+fn lending_forbidden() -> bool {
+    let forbidden = procjob_worker::array::lending_forbidden_here();
+    if forbidden {
+        eprintln!("skipping: this system forbids reading a child's memory (Yama ptrace_scope 2 or 3)");
+    }
+    forbidden
+}
+
+/// A `dot` batch of one outer product, `[n, 1] · [1, n]` with every element
+/// `value`: an n × n f64 result (8 MiB at 1024, pages of its own) from
+/// 16 KiB of inputs.
+fn outer_product(n: usize, value: f64) -> (procjob_worker::protocol::Batch, Vec<Array>) {
+    let a = Array::from_vec(vec![n, 1], vec![value; n]);
+    let b = Array::from_vec(vec![1, n], vec![1.0f64; n]);
+    batch_of("dot", 1, &[(a, b)])
+}
+
 /// Told it may lend (`Request::Lending`), a worker names a large result by
 /// its address instead of sending its bytes, and this process — its parent,
 /// as the coordinator is — copies them out of its memory. Until told the
@@ -269,20 +288,13 @@ fn a_busy_batch_is_answered_first_and_its_memory_follows() {
 /// told, the pages serve its next result.
 #[test]
 fn a_large_result_is_lent_by_address_and_kept_until_it_was_read() {
-    if procjob_worker::array::lending_forbidden_here() {
-        eprintln!("skipping: this system forbids reading a child's memory (Yama ptrace_scope 2 or 3)");
+    if lending_forbidden() {
         return;
     }
     let mut w = Worker::start();
     let lender = array::Lender::new(w.pid());
-    // An outer product: a 1024 × 1024 f64 result (8 MiB, pages of its own)
-    // from 16 KiB of inputs.
     let n = 1024;
-    let outer = |value: f64| {
-        let a = Array::from_vec(vec![n, 1], vec![value; n]);
-        let b = Array::from_vec(vec![1, n], vec![1.0f64; n]);
-        batch_of("dot", 1, &[(a, b)])
-    };
+    let outer = |value: f64| outer_product(n, value);
     let lent_address = |results: &procjob_worker::protocol::Results| match &results.tasks[0].outcome {
         Outcome::Ok { arrays, .. } => match arrays[..] {
             [ArrayRef::Lent { address, .. }] => Some(address),
@@ -344,16 +356,12 @@ fn a_lent_array_in_a_request_fails_its_task() {
 /// told they were read, the worker idles out as usual.
 #[test]
 fn a_worker_holding_lent_results_does_not_idle_out() {
-    if procjob_worker::array::lending_forbidden_here() {
-        eprintln!("skipping: this system forbids reading a child's memory (Yama ptrace_scope 2 or 3)");
+    if lending_forbidden() {
         return;
     }
     let mut w = Worker::start_idle(30);
     w.send_message(&Request::Lending { read: 0 }, &[]);
-    let n = 1024;
-    let a = Array::from_vec(vec![n, 1], vec![5.0f64; n]);
-    let b = Array::from_vec(vec![1, n], vec![1.0f64; n]);
-    let (batch, bulk) = batch_of("dot", 1, &[(a, b)]);
+    let (batch, bulk) = outer_product(1024, 5.0);
     w.send(&batch, &bulk);
     let frame = w.frame();
     // Not a wait for an event: the idle time the worker must outlast.
@@ -374,16 +382,12 @@ fn a_worker_holding_lent_results_does_not_idle_out() {
 /// the coordinator treats as a death it may retry, not as a bad frame.
 #[test]
 fn lent_results_of_a_worker_gone_read_as_a_closed_stream() {
-    if procjob_worker::array::lending_forbidden_here() {
-        eprintln!("skipping: this system forbids reading a child's memory (Yama ptrace_scope 2 or 3)");
+    if lending_forbidden() {
         return;
     }
     let mut w = Worker::start();
     w.send_message(&Request::Lending { read: 0 }, &[]);
-    let n = 1024;
-    let a = Array::from_vec(vec![n, 1], vec![1.0f64; n]);
-    let b = Array::from_vec(vec![1, n], vec![1.0f64; n]);
-    let (batch, bulk) = batch_of("dot", 1, &[(a, b)]);
+    let (batch, bulk) = outer_product(1024, 1.0);
     w.send(&batch, &bulk);
     let frame = w.frame();
     let pid = nix::unistd::Pid::from_raw(w.pid() as i32);
