@@ -20,19 +20,7 @@ pub(crate) fn before_task(kind: &str, input: &[u8]) -> Option<ErasedOutcome> {
     if kind != MatmulBlock::name() {
         return None;
     }
-    let rows = rows_of(input)?;
-    if fault_names(rows, "lent") {
-        return Some(lent_at_a_bad_address(rows));
-    }
-    fault_point(rows).err().map(|message| ErasedOutcome::error(&message))
-}
-
-/// Whether [`FAULT_ENV`] is `KIND@ROW` (no marker) with a row in `rows`.
-fn fault_names(rows: (u64, u64), kind: &str) -> bool {
-    let Ok(spec) = std::env::var(FAULT_ENV) else { return false };
-    let mut parts = spec.split('@');
-    parts.next() == Some(kind)
-        && parts.next().and_then(|r| r.parse::<u64>().ok()).is_some_and(|row| (rows.0..rows.1).contains(&row))
+    fault_point(rows_of(input)?)
 }
 
 /// The block's output as a result lent at address 8, which no process maps:
@@ -57,22 +45,24 @@ fn rows_of(input: &[u8]) -> Option<(u64, u64)> {
     postcard::take_from_bytes::<(u64, u64)>(input).ok().map(|(rows, _)| rows)
 }
 
-/// Misbehaves as [`FAULT_ENV`] says, if it names a row in `rows`.
-fn fault_point(rows: (u64, u64)) -> Result<(), String> {
-    let Ok(spec) = std::env::var(FAULT_ENV) else { return Ok(()) };
+/// Misbehaves as [`FAULT_ENV`] says, if it names a row in `rows`: the
+/// outcome that takes the task's place, or `None` to run it.
+fn fault_point(rows: (u64, u64)) -> Option<ErasedOutcome> {
+    let spec = std::env::var(FAULT_ENV).ok()?;
     let mut parts = spec.split('@');
     let (Some(kind), Some(row)) = (parts.next(), parts.next().and_then(|r| r.parse::<u64>().ok())) else {
-        return Err(format!("bad {FAULT_ENV}={spec:?}"));
+        return Some(ErasedOutcome::error(&format!("bad {FAULT_ENV}={spec:?}")));
     };
     if !(rows.0..rows.1).contains(&row) {
-        return Ok(());
+        return None;
     }
     if let Some(marker) = parts.next().and_then(|p| p.strip_prefix("once=")) {
         if std::fs::OpenOptions::new().write(true).create_new(true).open(marker).is_err() {
-            return Ok(());
+            return None;
         }
     }
     let how = match kind {
+        "lent" => return Some(lent_at_a_bad_address(rows)),
         "kill" => Misbehavior::Kill,
         "abort" => Misbehavior::Abort,
         "exit" => Misbehavior::Exit,
@@ -80,9 +70,9 @@ fn fault_point(rows: (u64, u64)) -> Result<(), String> {
         "error" => Misbehavior::Error,
         "hang" => Misbehavior::Hang,
         "garbage" => Misbehavior::Garbage,
-        other => return Err(format!("unknown fault {other:?} in {FAULT_ENV}")),
+        other => return Some(ErasedOutcome::error(&format!("unknown fault {other:?} in {FAULT_ENV}"))),
     };
-    Misbehave::run((row, how)).map(|_| ())
+    Misbehave::run((row, how)).err().map(|message| ErasedOutcome::error(&message))
 }
 
 #[cfg(test)]
