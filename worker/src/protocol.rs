@@ -910,6 +910,24 @@ impl Request {
     }
 }
 
+impl Results {
+    /// The bytes of the arrays its outcomes lent by address
+    /// ([`ArrayRef::Lent`]): what the receiver copies out of the worker's
+    /// memory instead of the bulk.
+    pub fn lent_bytes(&self) -> u64 {
+        self.tasks
+            .iter()
+            .filter_map(|t| match &t.outcome {
+                Outcome::Ok { arrays, .. } => Some(arrays),
+                Outcome::Failed(_) => None,
+            })
+            .flatten()
+            .filter(|a| matches!(a, ArrayRef::Lent { .. }))
+            .map(|a| a.nbytes().unwrap_or(0))
+            .fold(0, u64::saturating_add)
+    }
+}
+
 impl Reply {
     /// The array references of every outcome in this reply, in bulk order.
     pub fn array_refs(&self) -> impl Iterator<Item = &ArrayRef> + Clone {

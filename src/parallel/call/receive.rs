@@ -116,17 +116,7 @@ impl CallCore<'_> {
         let (from, to) = (mid(results.replying_ns, arrived_ns), mid(arrived_ns, read_ns));
         // Results the worker lent by address were copied out of its memory,
         // not read from the pipe: the flow and the span say how many bytes.
-        let lent: u64 = results
-            .tasks
-            .iter()
-            .filter_map(|t| match &t.outcome {
-                procjob_worker::protocol::Outcome::Ok { arrays, .. } => Some(arrays),
-                procjob_worker::protocol::Outcome::Failed(_) => None,
-            })
-            .flatten()
-            .filter(|a| matches!(a, procjob_worker::protocol::ArrayRef::Lent { .. }))
-            .map(|a| a.nbytes().unwrap_or(0))
-            .sum();
+        let lent = results.lent_bytes();
         trace.flow_lent(answer, bytes, lent, (lane, from), (Lane::Coordinator, to));
         for (reply, task) in results.tasks.iter().zip(&flight.tasks) {
             trace.span(lane, "compute", format!("compute {task}"), reply.started_ns, reply.finished_ns);

@@ -157,8 +157,8 @@ pub(crate) fn read_replies(
         // Lent arrays only from a worker allowed to lend: from any other,
         // each is refused as that array's error, and not counted.
         let lender = lending.as_ref().map(|(l, _)| l);
-        let lent: Vec<&ArrayRef> = refs.iter().copied().filter(|a| matches!(a, ArrayRef::Lent { .. })).collect();
-        let lent_bytes: u64 = if lender.is_some() { lent.iter().map(|a| a.nbytes().unwrap_or(0)).sum() } else { 0 };
+        let lent_any = refs.iter().any(|a| matches!(a, ArrayRef::Lent { .. }));
+        let lent_bytes = if lender.is_some() { results.lent_bytes() } else { 0 };
         let arrays =
             array::read_arrays(&mut r, refs.iter().copied(), frame.bulk_len, lender, &mut |position, a| match a {
                 ArrayRef::File { dtype, shape, path, offset, access } => {
@@ -189,7 +189,7 @@ pub(crate) fn read_replies(
         };
         // Read in full: the worker may have the lent arrays back, and hears
         // so before it can get another batch.
-        if let (false, Some((_, input))) = (lent.is_empty(), &lending) {
+        if let (true, Some((_, input))) = (lent_any, &lending) {
             lent_read += 1;
             // A failed write is a worker gone or going: its stream ends
             // next, and says so.
