@@ -2,6 +2,8 @@
 //! every mode and the warning case, cleans up, fits an 80-column terminal,
 //! and its figures come from the run (two sizes, two sets of figures).
 
+mod util;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -191,8 +193,7 @@ fn each_process_mode_has_a_picture_with_its_bytes_each_way() {
 /// `PROCJOB_LEND=0` every block comes through the pipes, and it says none.
 #[test]
 fn the_picture_says_which_bytes_came_out_of_a_workers_memory() {
-    if procjob_worker::array::lending_forbidden_here() {
-        eprintln!("skipping: this system forbids reading a child's memory (Yama ptrace_scope 2 or 3)");
+    if util::lending_forbidden() {
         return;
     }
     let args = ["--size", "1100", "--processes", "2", "--repeat", "1"];

@@ -337,8 +337,7 @@ fn worker_writing_garbage_is_a_clear_protocol_error() {
 /// said about that worker, as for any broken stream.
 #[test]
 fn a_result_lent_at_a_bad_address_is_a_clear_error() {
-    if procjob_worker::array::lending_forbidden_here() {
-        eprintln!("skipping: this system forbids reading a child's memory (Yama ptrace_scope 2 or 3)");
+    if util::lending_forbidden() {
         return;
     }
     let dir = TestDir::new("fail-lent");

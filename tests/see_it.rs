@@ -141,8 +141,7 @@ fn trace_flows_pair_every_send_with_its_receive_and_every_reply_with_its_read_wi
 /// seq's either way, and the report counts the same bytes from workers.
 #[test]
 fn large_blocks_are_read_from_the_workers_memory_unless_lending_is_off() {
-    if procjob_worker::array::lending_forbidden_here() {
-        eprintln!("skipping: this system forbids reading a child's memory (Yama ptrace_scope 2 or 3)");
+    if util::lending_forbidden() {
         return;
     }
     let dir = TestDir::new("lent");

@@ -78,6 +78,17 @@ impl TestDir {
     }
 }
 
+/// Whether this system forbids a parent to read its child's memory (Yama
+/// `ptrace_scope` 2 or 3), said on stderr: the tests of lent results then
+/// skip, as procjob then sends every result through the pipes.
+pub fn lending_forbidden() -> bool {
+    let forbidden = procjob_worker::array::lending_forbidden_here();
+    if forbidden {
+        eprintln!("skipping: this system forbids reading a child's memory (Yama ptrace_scope 2 or 3)");
+    }
+    forbidden
+}
+
 /// Asserts that the run's stderr mentions every one of `needles`.
 #[track_caller]
 pub fn assert_mentions(run: &Run, needles: &[&str]) {
