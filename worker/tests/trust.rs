@@ -56,15 +56,12 @@ impl Worker {
 
     fn recv(&mut self) -> (Reply, Vec<Array>) {
         let frame = protocol::recv::<_, Reply>(&mut self.output, FrameKind::Reply).unwrap();
-        let lender = array::Lender::new(self.child.id());
-        let arrays = array::read_arrays(
-            &mut self.output,
-            frame.message.array_refs(),
-            frame.bulk_len,
-            Some(&lender),
-            &mut |_, _| array::Placement::Own,
-        )
-        .unwrap();
+        // These workers are never told they may lend: no lender.
+        let arrays =
+            array::read_arrays(&mut self.output, frame.message.array_refs(), frame.bulk_len, None, &mut |_, _| {
+                array::Placement::Own
+            })
+            .unwrap();
         (frame.message, arrays.into_iter().map(Result::unwrap).collect())
     }
 
