@@ -56,6 +56,7 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
     let mut maps = MapCache::default();
     hello.folders.into_iter().for_each(|f| maps.folders.allow(f));
     let mut last_snapshot = Instant::now();
+    let mut snapshots = crate::memory::Snapshots::default();
     // The large results of the last reply, which went into the pipe by
     // reference: their pages serve this batch's results once the pipe has
     // let go of them — when the coordinator says its readers copy, and the
@@ -128,7 +129,7 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         // held (its received bytes, its results' pages) is still held.
         if memory_follows {
             last_snapshot = Instant::now();
-            protocol::send(&mut output, protocol::FrameKind::Reply, &Reply::Memory(crate::memory::snapshot()), &[])?;
+            protocol::send(&mut output, protocol::FrameKind::Reply, &Reply::Memory(snapshots.take()), &[])?;
         }
         drop(received);
         if reuse_lent_pages {
