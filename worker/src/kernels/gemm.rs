@@ -91,9 +91,14 @@
 //!    element.** The first chunk stores `C = s` (a plain store, no arithmetic;
 //!    `C`'s old contents are not read) unless `accumulate` is set; every later
 //!    chunk — and with `accumulate` also the first — stores `C = C + s`, one
-//!    rounded addition. An *edge* tile (fewer than `MR` real rows or `NR`
-//!    real columns) runs the *same* microkernel on zero-padded panels, storing
-//!    `s` into a scratch tile (a plain store: bit-exact, even for `-0`), and
+//!    rounded addition. The last columns of a width that is not a multiple
+//!    of `NR` run a narrower microkernel of the same macro (one to three
+//!    vectors of the same lanes, reading the first columns of the padded
+//!    panel: the same chain per element), straight into `C` when they are
+//!    whole vectors in full rows. Any other *edge* tile (fewer than `MR` real
+//!    rows, or columns that are not whole vectors) runs the same chains on
+//!    zero-padded panels — the narrowest microkernel that covers its columns —
+//!    storing `s` into a scratch tile (a plain store: bit-exact, even for `-0`), and
 //!    then writes its real elements back with the same rule: `C = s` copied,
 //!    or `C = C + s` as one rounded addition per element — the same IEEE
 //!    operation on the same two operands as the full tile's vector
@@ -356,6 +361,33 @@ trait Micro {
     /// aligned, and `c` valid for reading and writing `NR` elements at each
     /// of `c + r·ldc`, `r < MR`, not overlapping `a` or `b`. `kc ≥ 1`.
     unsafe fn tile(kc: usize, a: *const Self::T, b: *const Self::T, c: *mut Self::T, ldc: usize, add: bool);
+
+    /// The columns of one vector of [`Micro::tile_part`]; 0 when this
+    /// kernel has no narrower microkernels (the tile shapes measured in the
+    /// tests), and its edge tiles run [`Micro::tile`] whole.
+    const PART: usize = 0;
+
+    /// [`Micro::tile`] on the first `vectors · PART` columns of the panel
+    /// only (`vectors < NR / PART`), for the last columns of a product
+    /// whose width is not a multiple of `NR`: the same chain per element,
+    /// so the same bits, without the full tile's work on padding.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Micro::tile`], with `vectors · PART` columns written at
+    /// each row of `c`, and `1 ≤ vectors < NR / PART`.
+    unsafe fn tile_part(
+        kc: usize,
+        a: *const Self::T,
+        b: *const Self::T,
+        c: *mut Self::T,
+        ldc: usize,
+        add: bool,
+        vectors: usize,
+    ) {
+        let _ = (kc, a, b, c, ldc, add, vectors);
+        unreachable!("a kernel without narrower microkernels has PART 0");
+    }
 }
 
 /// Declares a kernel: a type implementing [`Micro`] with the given element
@@ -363,7 +395,8 @@ trait Micro {
 /// `blocked` is [`drive`] compiled with the named target features.
 macro_rules! kernel {
     ($(#[$doc:meta])* $vis:vis $name:ident: $t:ty, MR $mr:literal, NR $nr:literal, MC $mc:literal, NC $nc:literal,
-     $tile:ident, features $features:literal, supported $supported:expr) => {
+     $tile:ident, features $features:literal, supported $supported:expr
+     $(, parts of $lanes:literal: [$($part:ident),+])?) => {
         $(#[$doc])*
         $vis struct $name;
 
@@ -408,28 +441,54 @@ macro_rules! kernel {
                     unreachable!("the packed GEMM only runs on x86-64");
                 }
             }
+
+            $(
+            const PART: usize = $lanes;
+
+            #[inline(always)]
+            unsafe fn tile_part(kc: usize, a: *const $t, b: *const $t, c: *mut $t, ldc: usize, add: bool, vectors: usize) {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    type Tile = unsafe fn(usize, *const $t, *const $t, *mut $t, usize, bool);
+                    let parts: &[Tile] = &[$($part),+];
+                    debug_assert!((1..=parts.len()).contains(&vectors));
+                    // SAFETY: the caller upholds `tile_part`'s contract,
+                    // which is the narrower microkernel's.
+                    unsafe { parts[vectors - 1](kc, a, b, c, ldc, add) }
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    let _ = (kc, a, b, c, ldc, add, vectors);
+                    unreachable!("the packed GEMM only runs on x86-64");
+                }
+            }
+            )?
         }
     };
 }
 
 kernel! {
     /// The AVX2 `f64` kernel: 6 × 8 tiles.
-    F64: f64, MR 6, NR 8, MC 1008, NC 128, tile_f64, features "avx2,fma", supported is_supported()
+    F64: f64, MR 6, NR 8, MC 1008, NC 128, tile_f64, features "avx2,fma", supported is_supported(),
+    parts of 4: [tile_f64_v1]
 }
 
 kernel! {
     /// The AVX2 `f32` kernel: 6 × 16 tiles.
-    F32: f32, MR 6, NR 16, MC 1008, NC 256, tile_f32, features "avx2,fma", supported is_supported()
+    F32: f32, MR 6, NR 16, MC 1008, NC 256, tile_f32, features "avx2,fma", supported is_supported(),
+    parts of 8: [tile_f32_v1]
 }
 
 kernel! {
     /// The AVX-512 `f64` kernel: 6 × 32 tiles.
-    F64x32: f64, MR 6, NR 32, MC 1008, NC 384, tile_f64_avx512, features "avx512f,avx2,fma", supported has_avx512()
+    F64x32: f64, MR 6, NR 32, MC 1008, NC 384, tile_f64_avx512, features "avx512f,avx2,fma", supported has_avx512(),
+    parts of 8: [tile_f64_avx512_v1, tile_f64_avx512_v2, tile_f64_avx512_v3]
 }
 
 kernel! {
     /// The AVX-512 `f32` kernel: 6 × 64 tiles.
-    F32x64: f32, MR 6, NR 64, MC 1008, NC 768, tile_f32_avx512, features "avx512f,avx2,fma", supported has_avx512()
+    F32x64: f32, MR 6, NR 64, MC 1008, NC 768, tile_f32_avx512, features "avx512f,avx2,fma", supported has_avx512(),
+    parts of 16: [tile_f32_avx512_v1, tile_f32_avx512_v2, tile_f32_avx512_v3]
 }
 
 /// Whether this CPU has AVX-512F besides AVX2 and FMA (cached by the
@@ -460,19 +519,24 @@ fn has_avx512() -> bool {
 /// the 32 `zmm` registers. Every lane runs the same chain
 /// whatever the vector width, so all kernels give the same bits.
 macro_rules! microkernel {
-    ($(#[$doc:meta])* $name:ident: $t:ty, MR $mr:literal, lanes $lanes:literal, vectors $v:literal, features $features:literal,
-     prefetch_a $pf:ident, $zero:ident, $load:ident, $loadu:ident, $storeu:ident, $splat:ident, $fmadd:ident,
-     $add:ident) => {
+    ($(#[$doc:meta])* $name:ident: $t:ty, MR $mr:literal, lanes $lanes:literal, vectors $v:literal, b_row $brow:expr,
+     features $features:literal, prefetch_a $pf:ident, $zero:ident, $load:ident, $loadu:ident, $storeu:ident, $splat:ident,
+     $fmadd:ident, $add:ident) => {
         $(#[$doc])*
         ///
         /// # Safety
         ///
-        /// As for [`Micro::tile`] with this kernel's `MR` and `NR`; the CPU
-        /// must have the instructions this function is compiled for.
+        /// As for [`Micro::tile`] with this kernel's `MR` and `NR` (or, for a
+        /// narrower microkernel, as for [`Micro::tile_part`]); the CPU must
+        /// have the instructions this function is compiled for.
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
         unsafe fn $name(kc: usize, a: *const $t, b: *const $t, c: *mut $t, ldc: usize, add: bool) {
+            // The columns it computes, and the length of a row of the
+            // packed B panel it reads them from (`NR` of its kernel: a
+            // narrower microkernel reads the first columns of a wider panel).
             const NR: usize = $v * $lanes;
+            const B_ROW: usize = $brow;
             debug_assert!(kc > 0 && (b as usize).is_multiple_of(size_of::<$t>() * $lanes));
             // SAFETY: the instructions are present (the caller's contract).
             // Iteration `q < kc` reads `a[MR·q..MR·q+MR]` (inside the `MR·kc`
@@ -507,7 +571,7 @@ macro_rules! microkernel {
                     // row `PREFETCH_B_STEPS` steps ahead into L1, one
                     // prefetch per line (an AVX2 row is one line).
                     for at in (0..NR).step_by(64 / size_of::<$t>()) {
-                        _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH_B_STEPS * NR + at).cast::<i8>());
+                        _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH_B_STEPS * B_ROW + at).cast::<i8>());
                     }
                     let bv: [_; $v] = std::array::from_fn(|v| $load(b.add(v * $lanes)));
                     for (r, acc) in acc.iter_mut().enumerate() {
@@ -517,7 +581,7 @@ macro_rules! microkernel {
                         }
                     }
                     a = a.add($mr);
-                    b = b.add(NR);
+                    b = b.add(B_ROW);
                 };
                 // Four steps per trip: less loop overhead around the FMAs
                 // (measured faster on the Xeon: `docs/kernels-journal.md`,
@@ -545,6 +609,13 @@ macro_rules! microkernel {
             }
         }
     };
+    // A full-width microkernel: its panel rows are its own `NR`.
+    ($(#[$doc:meta])* $name:ident: $t:ty, MR $mr:literal, lanes $lanes:literal, vectors $v:literal, features $features:literal,
+     $($rest:tt)*) => {
+        microkernel! {
+            $(#[$doc])* $name: $t, MR $mr, lanes $lanes, vectors $v, b_row ($v * $lanes), features $features, $($rest)*
+        }
+    };
 }
 
 microkernel! {
@@ -568,6 +639,59 @@ microkernel! {
 microkernel! {
     /// The 6 × 64 `f32` AVX-512 microkernel.
     tile_f32_avx512: f32, MR 6, lanes 16, vectors 4, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F32,
+    _mm512_setzero_ps, _mm512_load_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps
+}
+
+// The narrower microkernels of each kernel, for the last columns of a
+// product whose width is not a multiple of `NR` (see `Micro::tile_part`):
+// one to `vectors − 1` vectors, reading the first columns of a full-width
+// panel.
+
+microkernel! {
+    /// 6 × 4 `f64`, AVX2, from a 6 × 8 kernel's panel.
+    tile_f64_v1: f64, MR 6, lanes 4, vectors 1, b_row 8, features "avx2,fma", prefetch_a PREFETCH_A_F64,
+    _mm256_setzero_pd, _mm256_load_pd, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_set1_pd, _mm256_fmadd_pd, _mm256_add_pd
+}
+
+microkernel! {
+    /// 6 × 8 `f32`, AVX2, from a 6 × 16 kernel's panel.
+    tile_f32_v1: f32, MR 6, lanes 8, vectors 1, b_row 16, features "avx2,fma", prefetch_a PREFETCH_A_F32,
+    _mm256_setzero_ps, _mm256_load_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps
+}
+
+microkernel! {
+    /// 6 × 8 `f64`, AVX-512, from a 6 × 32 kernel's panel.
+    tile_f64_avx512_v1: f64, MR 6, lanes 8, vectors 1, b_row 32, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F64,
+    _mm512_setzero_pd, _mm512_load_pd, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_set1_pd, _mm512_fmadd_pd, _mm512_add_pd
+}
+
+microkernel! {
+    /// 6 × 16 `f64`, AVX-512, from a 6 × 32 kernel's panel.
+    tile_f64_avx512_v2: f64, MR 6, lanes 8, vectors 2, b_row 32, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F64,
+    _mm512_setzero_pd, _mm512_load_pd, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_set1_pd, _mm512_fmadd_pd, _mm512_add_pd
+}
+
+microkernel! {
+    /// 6 × 24 `f64`, AVX-512, from a 6 × 32 kernel's panel.
+    tile_f64_avx512_v3: f64, MR 6, lanes 8, vectors 3, b_row 32, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F64,
+    _mm512_setzero_pd, _mm512_load_pd, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_set1_pd, _mm512_fmadd_pd, _mm512_add_pd
+}
+
+microkernel! {
+    /// 6 × 16 `f32`, AVX-512, from a 6 × 64 kernel's panel.
+    tile_f32_avx512_v1: f32, MR 6, lanes 16, vectors 1, b_row 64, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F32,
+    _mm512_setzero_ps, _mm512_load_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps
+}
+
+microkernel! {
+    /// 6 × 32 `f32`, AVX-512, from a 6 × 64 kernel's panel.
+    tile_f32_avx512_v2: f32, MR 6, lanes 16, vectors 2, b_row 64, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F32,
+    _mm512_setzero_ps, _mm512_load_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps
+}
+
+microkernel! {
+    /// 6 × 48 `f32`, AVX-512, from a 6 × 64 kernel's panel.
+    tile_f32_avx512_v3: f32, MR 6, lanes 16, vectors 3, b_row 64, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F32,
     _mm512_setzero_ps, _mm512_load_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps
 }
 
@@ -745,33 +869,55 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
                         // The panel of columns jc+jr.. starts at (jr / nr)·kc·nr.
                         let b_panel = b_pack[jr * kc..(jr + nr) * kc].as_ptr();
                         let (i, j) = (ic + ir, jc + jr);
-                        if h == mr && cols == nr {
+                        // Full rows whose columns are whole vectors go
+                        // straight into C: a full tile, or the last columns
+                        // of a width that is not a multiple of `nr` through a
+                        // narrower microkernel (the same chain per element).
+                        let part = M::PART;
+                        if h == mr && (cols == nr || (part > 0 && cols.is_multiple_of(part))) {
                             // SAFETY: the kernel's instructions are present
                             // (this function's contract). The panels are the
                             // `mr·kc` and `kc·nr` elements just sliced (B's
                             // 64-byte aligned: a line-aligned buffer, offsets
                             // that are multiples of `nr` elements, a multiple
-                            // of 64 bytes). C rows i..i+mr, columns j..j+nr
+                            // of 64 bytes). C rows i..i+mr, columns j..j+cols
                             // are inside the `rows × n` C (i + mr ≤ rows,
-                            // j + nr ≤ n), which is exclusively borrowed and
-                            // disjoint from the packing buffer.
-                            unsafe { M::tile(kc, a_panel, b_panel, c_ptr.add(i * n + j), n, add) };
+                            // j + cols ≤ n), which is exclusively borrowed and
+                            // disjoint from the packing buffer; `cols / part`
+                            // is below `nr / part` when `cols < nr`.
+                            unsafe {
+                                if cols == nr {
+                                    M::tile(kc, a_panel, b_panel, c_ptr.add(i * n + j), n, add);
+                                } else {
+                                    M::tile_part(kc, a_panel, b_panel, c_ptr.add(i * n + j), n, add, cols / part);
+                                }
+                            }
                             if last {
                                 for r in 0..mr {
                                     // SAFETY: row i + r < rows, columns
-                                    // j..j + nr ≤ n: inside C, which no
+                                    // j..j + cols ≤ n: inside C, which no
                                     // other reference reaches now.
-                                    let row = unsafe { std::slice::from_raw_parts_mut(c_ptr.add((i + r) * n + j), nr) };
+                                    let row =
+                                        unsafe { std::slice::from_raw_parts_mut(c_ptr.add((i + r) * n + j), cols) };
                                     canonical_nans(row, M::NAN, is_nan);
                                 }
                             }
                         } else {
                             // An edge tile: the same chain into the scratch
-                            // tile, then `C = s` or `C = C + s` per element.
+                            // tile (as many vectors as cover `cols`, where
+                            // the kernel has narrower microkernels), then
+                            // `C = s` or `C = C + s` per element.
+                            let vectors = if part > 0 { cols.div_ceil(part) } else { 0 };
                             // SAFETY: as above for the panels; the scratch
                             // tile is `mr·nr` elements of the buffer, row
                             // stride `nr`, disjoint from both panels.
-                            unsafe { M::tile(kc, a_panel, b_panel, scratch.as_mut_ptr(), nr, false) };
+                            unsafe {
+                                if vectors > 0 && vectors < nr / part {
+                                    M::tile_part(kc, a_panel, b_panel, scratch.as_mut_ptr(), nr, false, vectors);
+                                } else {
+                                    M::tile(kc, a_panel, b_panel, scratch.as_mut_ptr(), nr, false);
+                                }
+                            }
                             for (r, tile_row) in scratch.chunks_exact(nr).take(h).enumerate() {
                                 // SAFETY: row i + r < rows and columns
                                 // j..j + cols ≤ n are inside C; no other
@@ -1241,6 +1387,53 @@ mod tests {
     fn negative_zero_from_underflow_f32() {
         negative_zero_from_underflow::<f32, F32>(12);
         negative_zero_from_underflow::<f32, F32x64>(12);
+    }
+
+    /// The last columns of a width that is not a multiple of `NR` (through
+    /// a narrower microkernel, straight into `C` or into the scratch tile)
+    /// have the bits the full tile gives them: every width from one column
+    /// to two panels and a bit, against the same product with `B` widened
+    /// by random columns to whole panels, with full and short row panels,
+    /// one and two depth chunks, and accumulating.
+    fn edge_columns_match_full_tiles<T: Elem, M: Micro<T = T>>(seed: u64) {
+        if !M::supported() {
+            return;
+        }
+        let mut rng = SplitMix(seed);
+        let nr = M::NR;
+        for (m, k) in [(13, 300), (M::MR, 40)] {
+            let a = random::<T>(&mut rng, m * k);
+            for n in 1..=2 * nr + 3 {
+                let wide = n.next_multiple_of(nr);
+                let b_wide = random::<T>(&mut rng, k * wide);
+                let b: Vec<T> = b_wide.chunks_exact(wide).flat_map(|row| row[..n].iter().copied()).collect();
+                let c0_wide = random::<T>(&mut rng, m * wide);
+                let c0: Vec<T> = c0_wide.chunks_exact(wide).flat_map(|row| row[..n].iter().copied()).collect();
+                for acc in [false, true] {
+                    let want: Vec<u64> = run::<T, M>(&a, &b_wide, &c0_wide, m, k, wide, acc, M::blocking())
+                        .chunks_exact(wide)
+                        .flat_map(|row| bits(&row[..n]))
+                        .collect();
+                    let got = bits(&run::<T, M>(&a, &b, &c0, m, k, n, acc, M::blocking()));
+                    assert!(
+                        got == want,
+                        "{m}x{k}x{n} (accumulate {acc}) differs from the first {n} columns of {m}x{k}x{wide}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn edge_columns_match_full_tiles_f64() {
+        edge_columns_match_full_tiles::<f64, F64>(21);
+        edge_columns_match_full_tiles::<f64, F64x32>(21);
+    }
+
+    #[test]
+    fn edge_columns_match_full_tiles_f32() {
+        edge_columns_match_full_tiles::<f32, F32>(22);
+        edge_columns_match_full_tiles::<f32, F32x64>(22);
     }
 
     /// Point 4 of the module docs: `MC` and `NC` only group work. Tiny
