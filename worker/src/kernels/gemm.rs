@@ -618,82 +618,68 @@ macro_rules! microkernel {
     };
 }
 
-microkernel! {
-    /// The 6 × 8 `f64` AVX2 microkernel.
-    tile_f64: f64, MR 6, lanes 4, vectors 2, features "avx2,fma", prefetch_a PREFETCH_A_F64,
-    _mm256_setzero_pd, _mm256_load_pd, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_set1_pd, _mm256_fmadd_pd, _mm256_add_pd
+/// The microkernels of one element type and instruction set, from
+/// [`microkernel!`]: six rows by `vectors` vectors, reading panels whose
+/// rows are `b_row` elements.
+macro_rules! six_rows {
+    ($kind:ident: $(#[$doc:meta])* $name:ident, vectors $v:literal, b_row $b:literal) => {
+        six_rows!(@ $kind $(#[$doc])* $name, $v, $b);
+    };
+    (@ avx2_f64 $(#[$doc:meta])* $name:ident, $v:literal, $b:literal) => {
+        microkernel! {
+            $(#[$doc])* $name: f64, MR 6, lanes 4, vectors $v, b_row $b, features "avx2,fma", prefetch_a PREFETCH_A_F64,
+            _mm256_setzero_pd, _mm256_load_pd, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_set1_pd, _mm256_fmadd_pd, _mm256_add_pd
+        }
+    };
+    (@ avx2_f32 $(#[$doc:meta])* $name:ident, $v:literal, $b:literal) => {
+        microkernel! {
+            $(#[$doc])* $name: f32, MR 6, lanes 8, vectors $v, b_row $b, features "avx2,fma", prefetch_a PREFETCH_A_F32,
+            _mm256_setzero_ps, _mm256_load_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps
+        }
+    };
+    (@ avx512_f64 $(#[$doc:meta])* $name:ident, $v:literal, $b:literal) => {
+        microkernel! {
+            $(#[$doc])* $name: f64, MR 6, lanes 8, vectors $v, b_row $b, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F64,
+            _mm512_setzero_pd, _mm512_load_pd, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_set1_pd, _mm512_fmadd_pd, _mm512_add_pd
+        }
+    };
+    (@ avx512_f32 $(#[$doc:meta])* $name:ident, $v:literal, $b:literal) => {
+        microkernel! {
+            $(#[$doc])* $name: f32, MR 6, lanes 16, vectors $v, b_row $b, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F32,
+            _mm512_setzero_ps, _mm512_load_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps
+        }
+    };
 }
 
-microkernel! {
-    /// The 6 × 16 `f32` AVX2 microkernel.
-    tile_f32: f32, MR 6, lanes 8, vectors 2, features "avx2,fma", prefetch_a PREFETCH_A_F32,
-    _mm256_setzero_ps, _mm256_load_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps
-}
-
-microkernel! {
-    /// The 6 × 32 `f64` AVX-512 microkernel.
-    tile_f64_avx512: f64, MR 6, lanes 8, vectors 4, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F64,
-    _mm512_setzero_pd, _mm512_load_pd, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_set1_pd, _mm512_fmadd_pd, _mm512_add_pd
-}
-
-microkernel! {
-    /// The 6 × 64 `f32` AVX-512 microkernel.
-    tile_f32_avx512: f32, MR 6, lanes 16, vectors 4, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F32,
-    _mm512_setzero_ps, _mm512_load_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps
-}
+six_rows!(avx2_f64: /// The 6 × 8 `f64` AVX2 microkernel.
+    tile_f64, vectors 2, b_row 8);
+six_rows!(avx2_f32: /// The 6 × 16 `f32` AVX2 microkernel.
+    tile_f32, vectors 2, b_row 16);
+six_rows!(avx512_f64: /// The 6 × 32 `f64` AVX-512 microkernel.
+    tile_f64_avx512, vectors 4, b_row 32);
+six_rows!(avx512_f32: /// The 6 × 64 `f32` AVX-512 microkernel.
+    tile_f32_avx512, vectors 4, b_row 64);
 
 // The narrower microkernels of each kernel, for the last columns of a
 // product whose width is not a multiple of `NR` (see `Micro::tile_part`):
 // one to `vectors − 1` vectors, reading the first columns of a full-width
 // panel.
-
-microkernel! {
-    /// 6 × 4 `f64`, AVX2, from a 6 × 8 kernel's panel.
-    tile_f64_v1: f64, MR 6, lanes 4, vectors 1, b_row 8, features "avx2,fma", prefetch_a PREFETCH_A_F64,
-    _mm256_setzero_pd, _mm256_load_pd, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_set1_pd, _mm256_fmadd_pd, _mm256_add_pd
-}
-
-microkernel! {
-    /// 6 × 8 `f32`, AVX2, from a 6 × 16 kernel's panel.
-    tile_f32_v1: f32, MR 6, lanes 8, vectors 1, b_row 16, features "avx2,fma", prefetch_a PREFETCH_A_F32,
-    _mm256_setzero_ps, _mm256_load_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps
-}
-
-microkernel! {
-    /// 6 × 8 `f64`, AVX-512, from a 6 × 32 kernel's panel.
-    tile_f64_avx512_v1: f64, MR 6, lanes 8, vectors 1, b_row 32, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F64,
-    _mm512_setzero_pd, _mm512_load_pd, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_set1_pd, _mm512_fmadd_pd, _mm512_add_pd
-}
-
-microkernel! {
-    /// 6 × 16 `f64`, AVX-512, from a 6 × 32 kernel's panel.
-    tile_f64_avx512_v2: f64, MR 6, lanes 8, vectors 2, b_row 32, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F64,
-    _mm512_setzero_pd, _mm512_load_pd, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_set1_pd, _mm512_fmadd_pd, _mm512_add_pd
-}
-
-microkernel! {
-    /// 6 × 24 `f64`, AVX-512, from a 6 × 32 kernel's panel.
-    tile_f64_avx512_v3: f64, MR 6, lanes 8, vectors 3, b_row 32, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F64,
-    _mm512_setzero_pd, _mm512_load_pd, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_set1_pd, _mm512_fmadd_pd, _mm512_add_pd
-}
-
-microkernel! {
-    /// 6 × 16 `f32`, AVX-512, from a 6 × 64 kernel's panel.
-    tile_f32_avx512_v1: f32, MR 6, lanes 16, vectors 1, b_row 64, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F32,
-    _mm512_setzero_ps, _mm512_load_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps
-}
-
-microkernel! {
-    /// 6 × 32 `f32`, AVX-512, from a 6 × 64 kernel's panel.
-    tile_f32_avx512_v2: f32, MR 6, lanes 16, vectors 2, b_row 64, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F32,
-    _mm512_setzero_ps, _mm512_load_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps
-}
-
-microkernel! {
-    /// 6 × 48 `f32`, AVX-512, from a 6 × 64 kernel's panel.
-    tile_f32_avx512_v3: f32, MR 6, lanes 16, vectors 3, b_row 64, features "avx512f,avx2,fma", prefetch_a PREFETCH_A_F32,
-    _mm512_setzero_ps, _mm512_load_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps
-}
+six_rows!(avx2_f64: /// 6 × 4 `f64`, AVX2, from a 6 × 8 kernel's panel.
+    tile_f64_v1, vectors 1, b_row 8);
+six_rows!(avx2_f32: /// 6 × 8 `f32`, AVX2, from a 6 × 16 kernel's panel.
+    tile_f32_v1, vectors 1, b_row 16);
+six_rows!(avx512_f64: /// 6 × 8 `f64`, AVX-512, from a 6 × 32 kernel's panel.
+    tile_f64_avx512_v1, vectors 1, b_row 32);
+six_rows!(avx512_f64: /// 6 × 16 `f64`, AVX-512, from a 6 × 32 kernel's panel.
+    tile_f64_avx512_v2, vectors 2, b_row 32);
+six_rows!(avx512_f64: /// 6 × 24 `f64`, AVX-512, from a 6 × 32 kernel's panel.
+    tile_f64_avx512_v3, vectors 3, b_row 32);
+six_rows!(avx512_f32: /// 6 × 16 `f32`, AVX-512, from a 6 × 64 kernel's panel.
+    tile_f32_avx512_v1, vectors 1, b_row 64);
+six_rows!(avx512_f32: /// 6 × 32 `f32`, AVX-512, from a 6 × 64 kernel's panel.
+    tile_f32_avx512_v2, vectors 2, b_row 64);
+six_rows!(avx512_f32: /// 6 × 48 `f32`, AVX-512, from a 6 × 64 kernel's panel.
+    tile_f32_avx512_v3, vectors 3, b_row 64);
 
 /// How far ahead (in elements) the microkernels prefetch the `A` panel:
 /// 384 bytes for `f64`, 192 for `f32`; eight iterations of `p` (`MR` 6).
