@@ -396,7 +396,7 @@ trait Micro {
 macro_rules! kernel {
     ($(#[$doc:meta])* $vis:vis $name:ident: $t:ty, MR $mr:literal, NR $nr:literal, MC $mc:literal, NC $nc:literal,
      $tile:ident, features $features:literal, supported $supported:expr
-     $(, parts of $lanes:literal: [$($part:ident),+])?) => {
+     $(, parts: [$($part:ident),+])?) => {
         $(#[$doc])*
         $vis struct $name;
 
@@ -443,7 +443,9 @@ macro_rules! kernel {
             }
 
             $(
-            const PART: usize = $lanes;
+            // The narrower microkernels have one to `vectors − 1` vectors,
+            // so a vector is `NR` over one more than their number.
+            const PART: usize = $nr / (1 + [$(stringify!($part)),+].len());
 
             #[inline(always)]
             unsafe fn tile_part(kc: usize, a: *const $t, b: *const $t, c: *mut $t, ldc: usize, add: bool, vectors: usize) {
@@ -470,25 +472,25 @@ macro_rules! kernel {
 kernel! {
     /// The AVX2 `f64` kernel: 6 × 8 tiles.
     F64: f64, MR 6, NR 8, MC 1008, NC 128, tile_f64, features "avx2,fma", supported is_supported(),
-    parts of 4: [tile_f64_v1]
+    parts: [tile_f64_v1]
 }
 
 kernel! {
     /// The AVX2 `f32` kernel: 6 × 16 tiles.
     F32: f32, MR 6, NR 16, MC 1008, NC 256, tile_f32, features "avx2,fma", supported is_supported(),
-    parts of 8: [tile_f32_v1]
+    parts: [tile_f32_v1]
 }
 
 kernel! {
     /// The AVX-512 `f64` kernel: 6 × 32 tiles.
     F64x32: f64, MR 6, NR 32, MC 1008, NC 384, tile_f64_avx512, features "avx512f,avx2,fma", supported has_avx512(),
-    parts of 8: [tile_f64_avx512_v1, tile_f64_avx512_v2, tile_f64_avx512_v3]
+    parts: [tile_f64_avx512_v1, tile_f64_avx512_v2, tile_f64_avx512_v3]
 }
 
 kernel! {
     /// The AVX-512 `f32` kernel: 6 × 64 tiles.
     F32x64: f32, MR 6, NR 64, MC 1008, NC 768, tile_f32_avx512, features "avx512f,avx2,fma", supported has_avx512(),
-    parts of 16: [tile_f32_avx512_v1, tile_f32_avx512_v2, tile_f32_avx512_v3]
+    parts: [tile_f32_avx512_v1, tile_f32_avx512_v2, tile_f32_avx512_v3]
 }
 
 /// Whether this CPU has AVX-512F besides AVX2 and FMA (cached by the
@@ -540,10 +542,10 @@ macro_rules! microkernel {
             debug_assert!(kc > 0 && (b as usize).is_multiple_of(size_of::<$t>() * $lanes));
             // SAFETY: the instructions are present (the caller's contract).
             // Iteration `q < kc` reads `a[MR·q..MR·q+MR]` (inside the `MR·kc`
-            // elements of the A panel) and `b[NR·q..NR·q+NR]` as aligned
-            // vectors (inside the `NR·kc` elements of the B panel, which is
-            // 64-byte aligned, and every row of it is a multiple of 64
-            // bytes). The prefetches only hint and cannot fault, and their
+            // elements of the A panel) and `b[B_ROW·q..B_ROW·q+NR]` as
+            // aligned vectors (inside the `B_ROW·kc` elements of the B panel,
+            // which is 64-byte aligned, and every row of it is a multiple of
+            // 64 bytes; `NR ≤ B_ROW`). The prefetches only hint and cannot fault, and their
             // addresses are formed with `wrapping_add`, so they may point
             // past the panels. The write-back touches `c[r·ldc..r·ldc+NR]`
             // for `r < MR`, which the caller made valid and exclusive. The
@@ -1342,9 +1344,18 @@ mod tests {
         }
         let mut rng = SplitMix(seed);
         let tiny = if size_of::<T>() == 8 { 1e-200 } else { 1e-30 };
-        let (m, k, n) = (13, 300, M::NR + 3);
-        let mut a = random::<T>(&mut rng, m * k);
-        let mut b = random::<T>(&mut rng, k * n);
+        // The last column in the scratch tile (NR + 3), and in whole
+        // vectors straight into C through a narrower microkernel.
+        let widths = [M::NR + 3, M::NR + M::PART.max(1)];
+        for n in widths {
+            negative_zero_at_width::<T, M>(&mut rng, tiny, n);
+        }
+    }
+
+    fn negative_zero_at_width<T: Elem, M: Micro<T = T>>(rng: &mut SplitMix, tiny: f64, n: usize) {
+        let (m, k) = (13, 300);
+        let mut a = random::<T>(rng, m * k);
+        let mut b = random::<T>(rng, k * n);
         for i in [2, 7, 12] {
             a[i * k..(i + 1) * k].fill(T::from_f64(-tiny));
         }
@@ -1355,11 +1366,11 @@ mod tests {
         let want = bits(&whole::<T, M>(&a, &b, m, k, n));
         let neg_zero = T::from_f64(-0.0).bits();
         for i in [2, 7, 12] {
-            assert_eq!(want[i * n + 3], neg_zero, "row {i}, full tile");
-            assert_eq!(want[i * n + n - 1], neg_zero, "row {i}, edge tile");
+            assert_eq!(want[i * n + 3], neg_zero, "row {i}, full tile, width {n}");
+            assert_eq!(want[i * n + n - 1], neg_zero, "row {i}, edge tile, width {n}");
         }
         for rows in CUTS {
-            assert!(bits(&stacked::<T, M>(&a, &b, m, k, n, rows)) == want, "blocks of {rows} rows");
+            assert!(bits(&stacked::<T, M>(&a, &b, m, k, n, rows)) == want, "blocks of {rows} rows, width {n}");
         }
     }
 
@@ -1373,6 +1384,63 @@ mod tests {
     fn negative_zero_from_underflow_f32() {
         negative_zero_from_underflow::<f32, F32>(12);
         negative_zero_from_underflow::<f32, F32x64>(12);
+    }
+
+    /// Each narrower microkernel writes exactly its `vectors · PART`
+    /// columns, with the full tile's bits for them, and leaves the rest of
+    /// the row alone: called directly on one pair of panels, storing and
+    /// adding.
+    fn parts_write_their_columns_only<T: Elem, M: Micro<T = T>>(seed: u64) {
+        if !M::supported() || M::PART == 0 {
+            return;
+        }
+        let mut rng = SplitMix(seed);
+        let (mr, nr, kc) = (M::MR, M::NR, 37);
+        let ldc = nr + 8;
+        let a = random::<T>(&mut rng, mr * kc);
+        // B's panel 64-byte aligned, as packing leaves it.
+        let mut lines = vec![Line([0; 64]); (kc * nr * size_of::<T>()).div_ceil(64)];
+        // SAFETY: the lines hold at least `kc·nr` elements' bytes, 64-byte
+        // aligned; every bit pattern is a valid `T` (`f64` or `f32`).
+        let b = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<T>(), kc * nr) };
+        b.copy_from_slice(&random::<T>(&mut rng, kc * nr));
+        let c0 = random::<T>(&mut rng, mr * ldc);
+        for add in [false, true] {
+            let mut full = c0.clone();
+            // SAFETY: the CPU has the kernel's instructions (checked
+            // above); the panels are `mr·kc` and `kc·nr` elements, B's
+            // aligned; C is `mr` rows of `ldc ≥ nr` elements.
+            unsafe { M::tile(kc, a.as_ptr(), b.as_ptr(), full.as_mut_ptr(), ldc, add) };
+            for vectors in 1..nr / M::PART {
+                let cols = vectors * M::PART;
+                let mut part = c0.clone();
+                // SAFETY: as above, with `vectors < nr / PART`.
+                unsafe { M::tile_part(kc, a.as_ptr(), b.as_ptr(), part.as_mut_ptr(), ldc, add, vectors) };
+                for r in 0..mr {
+                    let row = r * ldc..(r + 1) * ldc;
+                    assert!(
+                        bits(&part[row.start..row.start + cols]) == bits(&full[row.start..row.start + cols]),
+                        "{vectors} vectors, add {add}: row {r} differs from the full tile"
+                    );
+                    assert!(
+                        bits(&part[row.start + cols..row.end]) == bits(&c0[row.start + cols..row.end]),
+                        "{vectors} vectors, add {add}: row {r} written past its {cols} columns"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn parts_write_their_columns_only_f64() {
+        parts_write_their_columns_only::<f64, F64>(31);
+        parts_write_their_columns_only::<f64, F64x32>(31);
+    }
+
+    #[test]
+    fn parts_write_their_columns_only_f32() {
+        parts_write_their_columns_only::<f32, F32>(32);
+        parts_write_their_columns_only::<f32, F32x64>(32);
     }
 
     /// The last columns of a width that is not a multiple of `NR` (through

@@ -232,10 +232,31 @@ fn row_blocks_stack_to_whole_product_bitwise_f32() {
 /// sign and payload a NaN gets from the hardware depend on the operand
 /// order of the instruction that propagates it, which differs between a
 /// full and a zero-padded row panel). Against the naive loop: the same
-/// NaNs, infinities and zeros.
-fn special_values<T: Float>(seed: u64, make: fn(&mut SplitMix, usize) -> Vec<T>, bits: fn(&[T]) -> Vec<u64>) {
+/// NaNs, infinities and zeros. At width 11 the special columns lie in a
+/// zero-padded edge tile; at `wide` (one AVX-512 panel and a vector) in
+/// the last vector, which a narrower microkernel writes straight into C.
+fn special_values<T: Float>(
+    seed: u64,
+    make: fn(&mut SplitMix, usize) -> Vec<T>,
+    bits: fn(&[T]) -> Vec<u64>,
+    wide: usize,
+) {
+    for n in [11, wide] {
+        special_values_at_width(seed, make, bits, n);
+    }
+}
+
+fn special_values_at_width<T: Float>(
+    seed: u64,
+    make: fn(&mut SplitMix, usize) -> Vec<T>,
+    bits: fn(&[T]) -> Vec<u64>,
+    n: usize,
+) {
     let mut rng = SplitMix(seed);
-    let (m, k, n) = (19, 300, 11); // k crosses one depth chunk (256)
+    let (m, k) = (19, 300); // k crosses one depth chunk (256)
+                            // The special columns: the first ones of the width 11, the last ones
+                            // of a wider product.
+    let (c2, c4, c7) = if n == 11 { (2, 4, 7) } else { (n - 6, n - 4, n - 1) };
     let mut a = make(&mut rng, m * k);
     let mut b = make(&mut rng, k * n);
     let f = T::from_f64;
@@ -252,12 +273,12 @@ fn special_values<T: Float>(seed: u64, make: fn(&mut SplitMix, usize) -> Vec<T>,
     a[5 * k..6 * k].fill(f(1e300));
     a[6 * k..7 * k].fill(f(1e-310));
     a[7 * k + 100] = neg_nan;
-    // Column 2: one NaN. Column 4: all -0. Column 7: -∞ late.
-    b[10 * n + 2] = f(f64::NAN);
+    // Column c2: one NaN. Column c4: all -0. Column c7: -∞ late.
+    b[10 * n + c2] = f(f64::NAN);
     for p in 0..k {
-        b[p * n + 4] = f(-0.0);
+        b[p * n + c4] = f(-0.0);
     }
-    b[270 * n + 7] = f(f64::NEG_INFINITY);
+    b[270 * n + c7] = f(f64::NEG_INFINITY);
     let whole = block(&a, &b, m, k, n, f(0.0));
     let whole_bits = bits(&whole);
     for rows in BLOCK_ROWS {
@@ -281,12 +302,12 @@ fn special_values<T: Float>(seed: u64, make: fn(&mut SplitMix, usize) -> Vec<T>,
 
 #[test]
 fn special_values_split_invariant_f64() {
-    special_values::<f64>(21, SplitMix::f64s, bits_f64);
+    special_values::<f64>(21, SplitMix::f64s, bits_f64, 40);
 }
 
 #[test]
 fn special_values_split_invariant_f32() {
-    special_values::<f32>(22, SplitMix::f32s, |v| bits_f32(v).into_iter().map(u64::from).collect());
+    special_values::<f32>(22, SplitMix::f32s, |v| bits_f32(v).into_iter().map(u64::from).collect(), 80);
 }
 
 #[test]
