@@ -8,9 +8,9 @@
 //! product twice as slow on the machines procjob targets. The peak RSS is
 //! read afresh each time; [`Snapshots`] walks the page tables
 //! (`smaps_rollup`) for USS and PSS only when the process's resident pages
-//! moved since its last walk, or that walk is a second old: the walk costs
-//! about 1 ms per 100 MB mapped, while the counters it is checked against
-//! cost microseconds. What moves USS or PSS without moving those counters —
+//! moved since its last walk, or that walk is a second old: the walk's
+//! cost grows with what the worker maps (docs/architecture.md, "Seeing a
+//! run"), while the counters it is checked against cost microseconds. What moves USS or PSS without moving those counters —
 //! another process ceasing to share a page, a copy-on-write break in a
 //! forked worker — shows at the next walk, and not at all if no snapshot
 //! follows a second later.
