@@ -6,7 +6,7 @@
 //! computed for a millisecond or more) and never by a sampler running
 //! during the computation: sampling every 20 ms was seen to make a matrix
 //! product twice as slow on the machines procjob targets. The peak RSS is
-//! read afresh each time; [`Snapshots`] walks the page tables
+//! read afresh each time; `Snapshots` walks the page tables
 //! (`smaps_rollup`) for USS and PSS only when the process's resident pages
 //! moved since its last walk, or that walk is a second old: the walk's
 //! cost grows with what the worker maps (docs/architecture.md, "Seeing a
@@ -58,16 +58,16 @@ pub fn snapshot() -> MemorySnapshot {
 /// The resident pages of this process, from `/proc/self/statm`: counters
 /// the kernel keeps, so reading them walks nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Footprint {
+struct Footprint {
     /// Resident bytes (`statm`'s second field).
-    pub resident: u64,
+    resident: u64,
     /// Resident bytes of files and shared memory (its third).
-    pub shared: u64,
+    shared: u64,
 }
 
 impl Footprint {
     /// This process's, or `None` when `statm` cannot be read.
-    pub fn now() -> Option<Footprint> {
+    fn now() -> Option<Footprint> {
         let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
         let mut fields = statm.split_whitespace().skip(1).map(|f| f.parse::<u64>().ok());
         let (resident, shared) = (fields.next()??, fields.next()??);
@@ -92,7 +92,7 @@ impl Footprint {
 /// shares (which the next walk catches, if a snapshot comes a second
 /// later).
 #[derive(Debug, Default)]
-pub struct Snapshots {
+pub(crate) struct Snapshots {
     /// The last walk: when, the footprint then, and what it read.
     last: Option<(Instant, Footprint, MemorySnapshot)>,
     /// Walks so far.
@@ -102,12 +102,12 @@ pub struct Snapshots {
 impl Snapshots {
     /// How far a counter may move and the last walk's figures stand: 64
     /// KiB, under what a report shows (a tenth of a MiB).
-    pub const MOVED: u64 = 64 << 10;
+    const MOVED: u64 = 64 << 10;
     /// The oldest walk whose figures are used again.
-    pub const WALK_EVERY: Duration = Duration::from_secs(1);
+    const WALK_EVERY: Duration = Duration::from_secs(1);
 
     /// The figures now.
-    pub fn take(&mut self) -> MemorySnapshot {
+    pub(crate) fn take(&mut self) -> MemorySnapshot {
         let now = Footprint::now();
         if let (Some((at, then, figures)), Some(now)) = (&self.last, now) {
             if !walk_needed(then, &now, at.elapsed()) {
