@@ -1459,15 +1459,13 @@ mod tests {
             let a = random::<T>(&mut rng, m * k);
             for n in 1..=2 * nr + 3 {
                 let wide = n.next_multiple_of(nr);
+                // The first `n` columns of each row of a `? × wide` matrix.
+                let narrow = |x: &[T]| -> Vec<T> { x.chunks_exact(wide).flat_map(|row| row[..n].to_vec()).collect() };
                 let b_wide = random::<T>(&mut rng, k * wide);
-                let b: Vec<T> = b_wide.chunks_exact(wide).flat_map(|row| row[..n].iter().copied()).collect();
                 let c0_wide = random::<T>(&mut rng, m * wide);
-                let c0: Vec<T> = c0_wide.chunks_exact(wide).flat_map(|row| row[..n].iter().copied()).collect();
+                let (b, c0) = (narrow(&b_wide), narrow(&c0_wide));
                 for acc in [false, true] {
-                    let want: Vec<u64> = run::<T, M>(&a, &b_wide, &c0_wide, m, k, wide, acc, M::blocking())
-                        .chunks_exact(wide)
-                        .flat_map(|row| bits(&row[..n]))
-                        .collect();
+                    let want = bits(&narrow(&run::<T, M>(&a, &b_wide, &c0_wide, m, k, wide, acc, M::blocking())));
                     let got = bits(&run::<T, M>(&a, &b, &c0, m, k, n, acc, M::blocking()));
                     assert!(
                         got == want,
