@@ -346,6 +346,57 @@ fn a_result_lent_at_a_bad_address_is_a_clear_error() {
     worker_pid_named(&run);
 }
 
+/// A worker gone after answering and before its lent result was read:
+/// the coordinator's copy out of its memory finds no process (`ESRCH`),
+/// which is a worker lost mid-reply. With `--retries` the block runs again
+/// on a fresh worker and C is right; without, the run fails naming the
+/// worker, how it ended and the rows, and writes no C. The `lent-exit`
+/// fault makes the worker exit as soon as its reply is out, and the
+/// coordinator (same test feature) wait for that exit before reading, so
+/// the read finds it gone every time. Blocks of 512 × 1024 `i64` (4 MiB)
+/// are large enough to be lent.
+#[test]
+fn a_worker_gone_before_its_lent_result_was_read_is_lost_mid_reply() {
+    if util::lending_forbidden() {
+        return;
+    }
+    let dir = TestDir::new("fail-lent-exit");
+    let (m, k, n) = (1024, 8, 1024);
+    let expected = matmul_ref(&pattern_a::<i64>(m, k), &pattern_b::<i64>(k, n));
+    let lent_exit = |marker: &Path| {
+        let mut cmd = dir.matmul();
+        cmd.args(["--shape", &format!("{m}x{k}x{n}"), "--blocks", "2", "--processes", "2", "--mode", "memmap"])
+            .env(FAULT_ENV, format!("lent-exit@600@once={}", marker.display()));
+        cmd
+    };
+    // The pid the fault fired in, from its marker; that process is gone.
+    let fired_in = |run: &Run, marker: &Path| {
+        let held = std::fs::read_to_string(marker)
+            .unwrap_or_else(|e| panic!("{}: the fault never fired (marker {}: {e})", run.command, marker.display()));
+        let pid: i32 = held.trim().parse().unwrap_or_else(|_| panic!("{}: marker holds {held:?}", run.command));
+        assert!(wait_process_gone(pid, GONE), "{}: worker {pid} outlived the run", run.command);
+        pid
+    };
+
+    let marker = dir.file("lent-exit-retried");
+    let out = dir.file("c.npy");
+    let mut cmd = lent_exit(&marker);
+    cmd.args(["--retries", "1", "--out"]).arg(&out);
+    let run = run_checked(&cmd).assert_ok();
+    fired_in(&run, &marker);
+    assert_bits_eq(&read_npy_i64(&out), &expected, &run.command);
+
+    let marker = dir.file("lent-exit-no-retries");
+    let out = dir.file("c-no-retries.npy");
+    let mut cmd = lent_exit(&marker);
+    cmd.arg("--out").arg(&out);
+    let run = run_checked(&cmd).assert_code(1);
+    let pid = fired_in(&run, &marker);
+    assert_mentions(&run, &["exited with code 7", "rows 512..1024"]);
+    assert_eq!(worker_pid_named(&run), pid, "{}: another worker is named", run.command);
+    assert!(!out.exists(), "{}: C was written by a failed run", run.command);
+}
+
 /// A `.npy` file from a header dict written by hand (format 1.0: magic,
 /// version, u16 length, the dict padded with spaces to a multiple of 64
 /// bytes with a final newline) and `data_len` zero bytes.

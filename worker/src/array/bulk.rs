@@ -59,6 +59,13 @@ pub fn read_arrays<'a, R: BulkSource + ?Sized>(
     if lent_len > crate::protocol::MAX_BULK {
         return Err(DecodeError::BulkTooLarge { len: lent_len, max: crate::protocol::MAX_BULK });
     }
+    // The failure tests' `lent-exit` fault: its worker exits right after
+    // this reply, and reading only once it has makes the copy find it gone
+    // (`ESRCH`) every time, not just when the race goes that way.
+    #[cfg(feature = "test-tasks")]
+    if let (Some(lender), true) = (lender, lent_len > 0) {
+        crate::testkinds::outlive_lent_exit(lender.pid());
+    }
     let mut out = Vec::new();
     for (position, r_) in refs.into_iter().enumerate() {
         if let ArrayRef::Lent { dtype, address, .. } = r_ {

@@ -43,6 +43,12 @@ impl Lender {
         Lender { pid: pid as i32 }
     }
 
+    /// The lender's pid.
+    #[cfg(feature = "test-tasks")]
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid as u32
+    }
+
     /// Whether [`LEND_PROBE`]'s bytes can be read at `address` in the
     /// lender: false when the system forbids reading its memory (another
     /// user, a Yama or seccomp policy, a kernel without the call) or when

@@ -7,7 +7,14 @@
 //! as KIND instead of running, through the test kind [`Misbehave`], so a
 //! panic, a hang or a killed worker happens where the tests expect it —
 //! inside the task, under the serve loop's panic capture. KIND `lent`
-//! answers with a result lent at an address nothing maps.
+//! answers with a result lent at an address nothing maps. KIND `lent-exit`
+//! runs the block, writes this worker's pid into the `once` marker, and
+//! makes the serve loop exit (code 7) as soon as the reply is sent
+//! ([`exit_after_reply`]): a worker gone before its lent result was read
+//! (the coordinator's reader, under the same feature, waits for that
+//! pid's exit before reading what it lent: `testkinds::outlive_lent_exit`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::task::{ErasedOutcome, Task};
 use crate::tasks::matmul::MatmulBlock;
@@ -21,6 +28,17 @@ pub(crate) fn before_task(kind: &str, input: &[u8]) -> Option<ErasedOutcome> {
         return None;
     }
     fault_point(rows_of(input)?)
+}
+
+/// Set by a `lent-exit` fault: the serve loop exits once its reply is out.
+static EXIT_AFTER_REPLY: AtomicBool = AtomicBool::new(false);
+
+/// Called by the serve loop after each reply: exits the process (code 7)
+/// if a `lent-exit` fault fired in the batch just answered.
+pub(crate) fn exit_after_reply() {
+    if EXIT_AFTER_REPLY.load(Ordering::SeqCst) {
+        std::process::exit(7);
+    }
 }
 
 /// The block's output as a result lent at address 8, which no process maps:
@@ -56,13 +74,27 @@ fn fault_point(rows: (u64, u64)) -> Option<ErasedOutcome> {
     if !(rows.0..rows.1).contains(&row) {
         return None;
     }
-    if let Some(marker) = parts.next().and_then(|p| p.strip_prefix("once=")) {
-        if std::fs::OpenOptions::new().write(true).create_new(true).open(marker).is_err() {
+    let marker = parts.next().and_then(|p| p.strip_prefix("once="));
+    if let Some(marker) = marker {
+        let Ok(mut file) = std::fs::OpenOptions::new().write(true).create_new(true).open(marker) else {
             return None;
+        };
+        if kind == "lent-exit" {
+            use std::io::Write;
+            // Before the block runs, so before the reply the coordinator
+            // reads it after.
+            if let Err(e) = write!(file, "{}", std::process::id()) {
+                return Some(ErasedOutcome::error(&format!("cannot write the marker {marker}: {e}")));
+            }
         }
     }
     let how = match kind {
         "lent" => return Some(lent_at_a_bad_address(rows)),
+        "lent-exit" if marker.is_some() => {
+            EXIT_AFTER_REPLY.store(true, Ordering::SeqCst);
+            return None;
+        }
+        "lent-exit" => return Some(ErasedOutcome::error(&format!("{FAULT_ENV}: lent-exit needs @once=MARKER"))),
         "kill" => Misbehavior::Kill,
         "abort" => Misbehavior::Abort,
         "exit" => Misbehavior::Exit,

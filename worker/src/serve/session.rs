@@ -124,6 +124,8 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
         };
         let as_they_were = reply::send_results(&mut output, results, &mut inline)?;
         lending.sent(lent, as_they_were);
+        #[cfg(feature = "test-tasks")]
+        super::fault::exit_after_reply();
         // The snapshot after the answer, not before it: the coordinator
         // has its results while the page tables are walked. What the batch
         // held (its received bytes, its results' pages) is still held.

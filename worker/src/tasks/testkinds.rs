@@ -14,9 +14,38 @@ use crate::task::Task;
 /// serve loop reads it before each task, see `crate::fault`):
 /// `KIND@ROW` or `KIND@ROW@once=MARKER`. The block whose rows contain ROW
 /// misbehaves as KIND (`kill`, `abort`, `exit`, `panic`, `error`, `hang`,
-/// `garbage`); with `once`, only if MARKER can be created (so a retry on a
+/// `garbage`; `lent` answers with a result lent at a bad address;
+/// `lent-exit`, which needs `once`, runs the block and exits once its reply
+/// is sent); with `once`, only if MARKER can be created (so a retry on a
 /// fresh worker succeeds).
 pub const FAULT_ENV: &str = "PROCJOB_TEST_FAULT";
+
+/// Waits for the worker with this pid to exit (leaving it unreaped, for
+/// its pool) when a `lent-exit` fault (see [`FAULT_ENV`]) fired in it: its
+/// `once` marker holds that pid. Called before the coordinator reads the
+/// results a worker lent, so that the read finds it gone, every time. A
+/// process that is not this one's child is not waited for.
+pub(crate) fn outlive_lent_exit(pid: u32) {
+    let Some(marker) = std::env::var(FAULT_ENV).ok().and_then(|spec| {
+        let rest = spec.strip_prefix("lent-exit@")?;
+        rest.split('@').find_map(|p| p.strip_prefix("once=")).map(String::from)
+    }) else {
+        return;
+    };
+    if std::fs::read_to_string(marker).is_ok_and(|held| held.trim() == pid.to_string()) {
+        // SAFETY: all-zero bytes are a valid siginfo_t (a C struct of
+        // integers and pointers), which the call below fills in.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        loop {
+            // SAFETY: `info` is borrowed mutably for the call; WNOWAIT
+            // leaves the child for its pool to reap.
+            let waited = unsafe { libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT) };
+            if waited == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break;
+            }
+        }
+    }
+}
 
 /// Registers every test kind.
 pub fn register(r: Registry) -> Registry {
