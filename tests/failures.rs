@@ -341,7 +341,9 @@ fn a_result_lent_at_a_bad_address_is_a_clear_error() {
         return;
     }
     let dir = TestDir::new("fail-lent");
-    let run = run_checked(&faulty(&dir, "lent@30")).assert_code(1);
+    let mut cmd = faulty(&dir, "lent@30");
+    cmd.env("PROCJOB_LEND", "1");
+    let run = run_checked(&cmd).assert_code(1);
     assert_mentions(&run, &["lent at 0x8 from the worker's memory", "worker ", "(pid "]);
     worker_pid_named(&run);
 }
@@ -366,7 +368,8 @@ fn a_worker_gone_before_its_lent_result_was_read_is_lost_mid_reply() {
     let lent_exit = |marker: &Path| {
         let mut cmd = dir.matmul();
         cmd.args(["--shape", &format!("{m}x{k}x{n}"), "--blocks", "2", "--processes", "2", "--mode", "memmap"])
-            .env(FAULT_ENV, format!("lent-exit@600@once={}", marker.display()));
+            .env(FAULT_ENV, format!("lent-exit@600@once={}", marker.display()))
+            .env("PROCJOB_LEND", "1");
         cmd
     };
     // The pid the fault fired in, from its marker; that process is gone.
@@ -378,6 +381,8 @@ fn a_worker_gone_before_its_lent_result_was_read_is_lost_mid_reply() {
         pid
     };
 
+    // The block is lost every time (the run without retries below shows
+    // it), so a right C here is the retry's.
     let marker = dir.file("lent-exit-retried");
     let out = dir.file("c.npy");
     let mut cmd = lent_exit(&marker);

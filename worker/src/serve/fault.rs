@@ -8,7 +8,7 @@
 //! panic, a hang or a killed worker happens where the tests expect it —
 //! inside the task, under the serve loop's panic capture. KIND `lent`
 //! answers with a result lent at an address nothing maps. KIND `lent-exit`
-//! runs the block, writes this worker's pid into the `once` marker, and
+//! writes this worker's pid into the `once` marker, runs the block, and
 //! makes the serve loop exit (code 7) as soon as the reply is sent
 //! ([`exit_after_reply`]): a worker gone before its lent result was read
 //! (the coordinator's reader, under the same feature, waits for that

@@ -23,26 +23,43 @@ pub const FAULT_ENV: &str = "PROCJOB_TEST_FAULT";
 /// Waits for the worker with this pid to exit (leaving it unreaped, for
 /// its pool) when a `lent-exit` fault (see [`FAULT_ENV`]) fired in it: its
 /// `once` marker holds that pid. Called before the coordinator reads the
-/// results a worker lent, so that the read finds it gone, every time. A
-/// process that is not this one's child is not waited for.
+/// results a worker lent, so that the read finds it gone, every time. Only
+/// once per process (a later process given the same pid is not waited for),
+/// and for at most ten seconds: a worker still alive then (blocked writing
+/// a bulk larger than the pipe holds, which the tests' batches never are)
+/// is read as it is, and the test that set the fault fails on its result.
 pub(crate) fn outlive_lent_exit(pid: u32) {
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WAITED: AtomicBool = AtomicBool::new(false);
     let Some(marker) = std::env::var(FAULT_ENV).ok().and_then(|spec| {
         let rest = spec.strip_prefix("lent-exit@")?;
         rest.split('@').find_map(|p| p.strip_prefix("once=")).map(String::from)
     }) else {
         return;
     };
-    if std::fs::read_to_string(marker).is_ok_and(|held| held.trim() == pid.to_string()) {
-        // SAFETY: all-zero bytes are a valid siginfo_t (a C struct of
-        // integers and pointers), which the call below fills in.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        loop {
-            // SAFETY: `info` is borrowed mutably for the call; WNOWAIT
-            // leaves the child for its pool to reap.
-            let waited = unsafe { libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT) };
-            if waited == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                break;
-            }
+    if !std::fs::read_to_string(marker).is_ok_and(|held| held.trim() == pid.to_string())
+        || WAITED.swap(true, Ordering::SeqCst)
+    {
+        return;
+    }
+    // A pidfd turns readable when the process has exited, and waiting on
+    // it reaps nothing: the pool reaps the worker later, as always.
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    let Ok(fd) = i32::try_from(fd) else { return };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: `fd` was just returned by pidfd_open and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut fds = [nix::poll::PollFd::new(fd.as_fd(), nix::poll::PollFlags::POLLIN)];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+            Err(nix::errno::Errno::EINTR) | Ok(0) => {}
+            _ => return,
         }
     }
 }
