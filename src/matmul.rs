@@ -225,6 +225,10 @@ pub struct Repetition {
     pub bytes_to_workers: u64,
     /// Bytes read from workers.
     pub bytes_from_workers: u64,
+    /// Workers lost during the repetition whose tasks ran again
+    /// (`RunSettings::retries`): what each loss would have failed the run
+    /// with.
+    pub lost: Vec<String>,
 }
 
 /// Settings shared by every mode of a run.
@@ -640,7 +644,7 @@ fn run_threads(
     multiply_threads_timed(inputs, ranges, threads, &mut c, times)?;
     let wall = t.elapsed();
     let phases = Phases { compute_s: wall.as_secs_f64(), ..Phases::default() };
-    Ok((Repetition { wall, phases, bytes_to_workers: 0, bytes_from_workers: 0 }, c, None))
+    Ok((Repetition { wall, phases, bytes_to_workers: 0, bytes_from_workers: 0, lost: Vec::new() }, c, None))
 }
 
 /// One repetition of a worker mode, with the runner's pool, run folder and
@@ -756,6 +760,7 @@ fn run_parallel(
             phases,
             bytes_to_workers: traffic.bytes_to_workers,
             bytes_from_workers: traffic.bytes_from_workers,
+            lost: parallel.last_call().lost.clone(),
         },
         c,
         c_file,

@@ -102,6 +102,12 @@ fn retries_rerun_a_lost_task_and_give_the_right_c() {
     let run = run_checked(&cmd).assert_ok();
     assert!(marker.exists(), "{}: the fault never fired (no marker {})", run.command, marker.display());
     assert_bits_eq(&read_npy_i64(&out), &pattern_c(100), &run.command);
+    // The loss is said, though the run succeeded.
+    assert_mentions(
+        &run,
+        &["procjob: memmap: worker ", "killed by SIGKILL", "rows 25..50", "ran it again on a fresh worker"],
+    );
+    assert_eq!(run.stderr.matches("ran it again").count(), 1, "{}: one loss, said once:\n{}", run.command, run.stderr);
 
     // The same fault without --retries fails the run, and writes no C.
     let marker = dir.file("killed-once-no-retries");
@@ -381,15 +387,14 @@ fn a_worker_gone_before_its_lent_result_was_read_is_lost_mid_reply() {
         pid
     };
 
-    // The block is lost every time (the run without retries below shows
-    // it), so a right C here is the retry's.
     let marker = dir.file("lent-exit-retried");
     let out = dir.file("c.npy");
     let mut cmd = lent_exit(&marker);
     cmd.args(["--retries", "1", "--out"]).arg(&out);
     let run = run_checked(&cmd).assert_ok();
-    fired_in(&run, &marker);
+    let pid = fired_in(&run, &marker);
     assert_bits_eq(&read_npy_i64(&out), &expected, &run.command);
+    assert_mentions(&run, &[&format!("(pid {pid}) exited with code 7"), "rows 512..1024", "ran it again"]);
 
     let marker = dir.file("lent-exit-no-retries");
     let out = dir.file("c-no-retries.npy");

@@ -315,6 +315,10 @@ fn a_worker_killed_on_another_node_is_named_and_retried() {
     assert!(out.status.success(), "{text}");
     assert!(marker.exists(), "the fault never fired: {text}");
     assert_eq!(json_lines(&out)[0]["matches_seq"], Value::Bool(true), "{text}");
+    assert!(
+        text.contains("procjob: memmap: worker 1 (pid ") && text.contains("ran it again on a fresh worker"),
+        "{text}"
+    );
     assert_clean_parent(dir.tmp(), &text);
 }
 

@@ -674,6 +674,10 @@ fn retries_rerun_a_lost_task_on_a_fresh_worker() {
     assert_eq!(out, (0..10u64).collect::<Vec<_>>());
     assert_eq!(p.last_call().retried, 1);
     assert_eq!(p.last_call().replaced_workers, 1);
+    // The loss the retry made good, as the call would have failed with.
+    let lost = &p.last_call().lost;
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert!(lost[0].contains("was killed by SIGKILL while running task 5 (value 5)"), "{lost:?}");
     assert!(p.worker_pids().iter().all(|&pid| pid != 0));
 }
 

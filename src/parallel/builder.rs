@@ -52,6 +52,10 @@ pub struct CallStats {
     pub spawn_seconds: f64,
     /// Tasks re-run after their worker died.
     pub retried: u64,
+    /// Each loss those re-runs made good, as the call would have failed
+    /// without retries ("worker 1 (pid 4711) was killed by SIGKILL while
+    /// running task 1"), in the order they happened.
+    pub lost: Vec<String>,
     /// Workers started during the call to replace dead ones, and those
     /// retired after a panic.
     pub replaced_workers: u64,

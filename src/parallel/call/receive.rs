@@ -232,6 +232,9 @@ impl CallCore<'_> {
         if retryable {
             self.retries.count(&flight.tasks);
             self.parallel.last.retried += flight.tasks.len() as u64;
+            let mapped = flight.mapped_files();
+            let loss = Error::WorkerDied { worker, exit, tasks: flight.tasks.clone(), mapped };
+            self.parallel.last.lost.push(loss.to_string());
             self.send_again(w, flight.into_encoded());
             return;
         }
