@@ -319,6 +319,8 @@ fn a_worker_killed_on_another_node_is_named_and_retried() {
         text.contains("procjob: memmap: worker 1 (pid ") && text.contains("ran it again on a fresh worker"),
         "{text}"
     );
+    let lost = json_lines(&out)[0]["lost"].as_array().cloned().unwrap_or_default();
+    assert!(lost.len() == 1 && lost[0].as_str().is_some_and(|m| m.contains("rows 25..50")), "{text}");
     assert_clean_parent(dir.tmp(), &text);
 }
 

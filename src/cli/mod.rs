@@ -1108,6 +1108,7 @@ pub struct ModeReport {
     workers: Vec<WorkerJson>,
     coordinator: CoordinatorJson,
     matches_seq: Option<bool>,
+    lost: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -1181,6 +1182,7 @@ impl ModeReport {
             speedup_vs_seq: seq_wall.filter(|_| wall_s > 0.0).map(|s| s / wall_s),
             bytes_to_workers: median.bytes_to_workers,
             bytes_from_workers: median.bytes_from_workers,
+            lost: run.repetitions.iter().flat_map(|r| r.lost.iter().cloned()).collect(),
             backend: mpi::backend(),
             ranks: mpi::ranks(),
             bytes_between_ranks_out: 0,
