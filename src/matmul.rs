@@ -214,8 +214,9 @@ pub struct Phases {
     pub collect_s: f64,
 }
 
-/// One repetition of one mode.
+/// One repetition of one mode (built by the runner: fields may be added).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Repetition {
     /// Wall time as the coordinator sees it.
     pub wall: Duration,

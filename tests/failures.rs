@@ -390,11 +390,15 @@ fn a_worker_gone_before_its_lent_result_was_read_is_lost_mid_reply() {
     let marker = dir.file("lent-exit-retried");
     let out = dir.file("c.npy");
     let mut cmd = lent_exit(&marker);
-    cmd.args(["--retries", "1", "--out"]).arg(&out);
+    cmd.args(["--retries", "1", "--json", "--out"]).arg(&out);
     let run = run_checked(&cmd).assert_ok();
     let pid = fired_in(&run, &marker);
     assert_bits_eq(&read_npy_i64(&out), &expected, &run.command);
-    assert_mentions(&run, &[&format!("(pid {pid}) exited with code 7"), "rows 512..1024", "ran it again"]);
+    let loss = format!("worker 1 (pid {pid}) exited with code 7 while running task 1 (rows 512..1024)");
+    assert_mentions(&run, &[&format!("procjob: memmap: {loss}; ran it again on a fresh worker (--retries)")]);
+    // The JSON line says the same loss.
+    let lines = run.json_lines();
+    assert_eq!(lines[0]["lost"], serde_json::json!([loss]), "{}", run.command);
 
     let marker = dir.file("lent-exit-no-retries");
     let out = dir.file("c-no-retries.npy");

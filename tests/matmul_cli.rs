@@ -569,6 +569,7 @@ fn json_lines_have_every_field_and_nothing_else() {
         assert_eq!(str_field(r, "dtype"), "i64", "{context}");
         assert_eq!([u64_field(r, "m"), u64_field(r, "k"), u64_field(r, "n")], [9, 6, 5], "{context}");
         assert_eq!(r["matches_seq"], Value::Bool(true), "{context}: {r}");
+        assert_eq!(r["lost"], Value::Array(Vec::new()), "{context}: no worker died: {r}");
         assert_eq!(u64_field(&r["coordinator"], "pid"), u64::from(run.pid), "{context}");
         let walls = r["walls_s"].as_array().unwrap();
         assert_eq!(walls.len(), 2, "{context}: --repeat 2 gives two walls: {r}");

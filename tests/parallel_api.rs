@@ -679,6 +679,10 @@ fn retries_rerun_a_lost_task_on_a_fresh_worker() {
     assert_eq!(lost.len(), 1, "{lost:?}");
     assert!(lost[0].contains("was killed by SIGKILL while running task 5 (value 5)"), "{lost:?}");
     assert!(p.worker_pids().iter().all(|&pid| pid != 0));
+    // The next call starts with none (the marker exists: no death now).
+    let out = p.run::<DiesOnce, _>((0..4u64).map(|x| (x, marker.clone()))).unwrap();
+    assert_eq!(out, (0..4u64).collect::<Vec<_>>());
+    assert!(p.last_call().lost.is_empty() && p.last_call().retried == 0, "{:?}", p.last_call());
 }
 
 /// A user task that happens to share a built-in task's name.

@@ -37,8 +37,10 @@ pub struct Progress {
     pub elapsed: Duration,
 }
 
-/// What the last call did, for reports and tests.
+/// What the last call did, for reports and tests. Built by procjob only
+/// (`CallStats::default()` for a blank one): fields may be added.
 #[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct CallStats {
     /// What crossed the pipes during the call.
     pub traffic: Traffic,
@@ -52,9 +54,10 @@ pub struct CallStats {
     pub spawn_seconds: f64,
     /// Tasks re-run after their worker died.
     pub retried: u64,
-    /// Each loss those re-runs made good, as the call would have failed
-    /// without retries ("worker 1 (pid 4711) was killed by SIGKILL while
-    /// running task 1"), in the order they happened.
+    /// Each worker death whose tasks were sent again, one entry per death
+    /// (it may name several tasks), in order: the message the call would
+    /// have failed with without retries ("worker 1 (pid 4711) was killed by
+    /// SIGKILL while running task 1 …"). Kept if the call fails later.
     pub lost: Vec<String>,
     /// Workers started during the call to replace dead ones, and those
     /// retired after a panic.

@@ -48,6 +48,8 @@ impl<'p, T: Task, I: Iterator<Item = T::Input>> Call<'p, T, I> {
     /// this process ([`Parallel::runs_in_process`]) runs `T`'s erased entry
     /// here.
     pub(super) fn start(parallel: &'p mut Parallel, mut inputs: I, progress: CallProgress<'p>) -> Result<Self, Error> {
+        // A call refused below leaves no stats of the call before it.
+        parallel.last = CallStats::default();
         let name = T::name();
         if name.len() > procjob_worker::protocol::MAX_KIND_NAME {
             return Err(Error::Config(format!(

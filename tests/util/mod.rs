@@ -343,6 +343,9 @@ pub fn check_report(v: &Value, context: &str) {
     assert!(walls.iter().all(|w| w.as_f64().is_some_and(|w| w >= 0.0)), "{ctx}: walls_s holds a non-number");
     let speedup = field(obj, "speedup_vs_seq");
     assert!(speedup.is_null() || speedup.is_f64(), "{ctx}: speedup_vs_seq is neither null nor a number");
+    let lost = field(obj, "lost");
+    let lost = lost.as_array().unwrap_or_else(|| panic!("{ctx}: lost is not a list"));
+    assert!(lost.iter().all(Value::is_string), "{ctx}: lost holds a non-string");
     let matches = field(obj, "matches_seq");
     assert!(matches.is_null() || matches.is_boolean(), "{ctx}: matches_seq is neither null nor a bool");
     let phases = field(obj, "phases");
