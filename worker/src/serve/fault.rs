@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::task::{ErasedOutcome, Task};
 use crate::tasks::matmul::MatmulBlock;
-use crate::tasks::testkinds::{Misbehave, Misbehavior, FAULT_ENV};
+use crate::tasks::testkinds::{fault_spec, FaultSpec, Misbehave, Misbehavior, FAULT_ENV};
 
 /// What a task of kind `kind` with the encoded input `input` does instead of
 /// running, when [`FAULT_ENV`] names one of its rows: `None` to run it.
@@ -66,16 +66,15 @@ fn rows_of(input: &[u8]) -> Option<(u64, u64)> {
 /// Misbehaves as [`FAULT_ENV`] says, if it names a row in `rows`: the
 /// outcome that takes the task's place, or `None` to run it.
 fn fault_point(rows: (u64, u64)) -> Option<ErasedOutcome> {
-    let spec = std::env::var(FAULT_ENV).ok()?;
-    let mut parts = spec.split('@');
-    let (Some(kind), Some(row)) = (parts.next(), parts.next().and_then(|r| r.parse::<u64>().ok())) else {
-        return Some(ErasedOutcome::error(&format!("bad {FAULT_ENV}={spec:?}")));
+    let FaultSpec { kind, row, marker } = match fault_spec()? {
+        Ok(spec) => spec,
+        Err(spec) => return Some(ErasedOutcome::error(&format!("bad {FAULT_ENV}={spec:?}"))),
     };
     if !(rows.0..rows.1).contains(&row) {
         return None;
     }
-    let marker = parts.next().and_then(|p| p.strip_prefix("once="));
-    if let Some(marker) = marker {
+    let kind = kind.as_str();
+    if let Some(marker) = &marker {
         let Ok(mut file) = std::fs::OpenOptions::new().write(true).create_new(true).open(marker) else {
             return None;
         };

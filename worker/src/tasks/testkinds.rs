@@ -20,6 +20,25 @@ use crate::task::Task;
 /// fresh worker succeeds).
 pub const FAULT_ENV: &str = "PROCJOB_TEST_FAULT";
 
+/// [`FAULT_ENV`] read: `KIND@ROW` or `KIND@ROW@once=MARKER`.
+pub(crate) struct FaultSpec {
+    pub(crate) kind: String,
+    pub(crate) row: u64,
+    pub(crate) marker: Option<String>,
+}
+
+/// [`FAULT_ENV`] as this process sees it: `None` when it is not set, the
+/// whole value as the error when it is not `KIND@ROW[@once=MARKER]`.
+pub(crate) fn fault_spec() -> Option<Result<FaultSpec, String>> {
+    let spec = std::env::var(FAULT_ENV).ok()?;
+    let mut parts = spec.split('@');
+    let (Some(kind), Some(row)) = (parts.next(), parts.next().and_then(|r| r.parse::<u64>().ok())) else {
+        return Some(Err(spec));
+    };
+    let marker = parts.next().and_then(|p| p.strip_prefix("once=")).map(String::from);
+    Some(Ok(FaultSpec { kind: kind.to_string(), row, marker }))
+}
+
 /// Waits for the worker with this pid to exit (leaving it unreaped, for
 /// its pool) when a `lent-exit` fault (see [`FAULT_ENV`]) fired in it: its
 /// `once` marker holds that pid. Called before the coordinator reads the
@@ -32,10 +51,8 @@ pub(crate) fn outlive_lent_exit(pid: u32) {
     use std::os::fd::{AsFd, FromRawFd, OwnedFd};
     use std::sync::atomic::{AtomicBool, Ordering};
     static WAITED: AtomicBool = AtomicBool::new(false);
-    let Some(marker) = std::env::var(FAULT_ENV).ok().and_then(|spec| {
-        let rest = spec.strip_prefix("lent-exit@")?;
-        rest.split('@').find_map(|p| p.strip_prefix("once=")).map(String::from)
-    }) else {
+    let Some(marker) = fault_spec().and_then(Result::ok).filter(|s| s.kind == "lent-exit").and_then(|s| s.marker)
+    else {
         return;
     };
     if !std::fs::read_to_string(marker).is_ok_and(|held| held.trim() == pid.to_string())
