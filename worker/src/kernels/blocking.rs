@@ -45,7 +45,7 @@
 
 use std::mem::size_of;
 
-use super::machine::{caches, Caches};
+use super::machine::{caches, CacheLevel, Caches};
 
 /// The `MC`/`NC` cache blocking of one kernel. Only groups work (module
 /// docs of `gemm.rs`, point 4); the tests shrink it to cross every
@@ -57,6 +57,21 @@ pub(super) struct Blocking {
     pub(super) mc: usize,
     /// Most columns packed at a time, a positive multiple of `NR`.
     pub(super) nc: usize,
+    /// Which packed block the loops keep in L2.
+    pub(super) order: Order,
+}
+
+/// The loop order of the packed GEMM (`gemm.rs`, `drive`): which packed
+/// block stays in L2. Neither changes a bit of `C`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Order {
+    /// OpenBLAS's order on Skylake-X: `pc` → `ic` → `jc` → `ir` → `jr`; the
+    /// `KC × NC` block of `B` in L2, one `A` panel in L1, the `MC × KC`
+    /// block of `A` in L3.
+    BInL2,
+    /// BLIS's order: `jc` → `pc` → `ic` → `jr` → `ir`; the `MC × KC` block
+    /// of `A` in L2, one `B` panel in L1, the `KC × NC` block of `B` in L3.
+    AInL2,
 }
 
 /// A kernel's tile and depth, and its element size: what the model needs.
@@ -84,6 +99,10 @@ pub(super) const MC_RANGE: (usize, usize) = (96, 4096);
 /// Columns of `B` the model may choose (before rounding to `NR`).
 pub(super) const NC_RANGE: (usize, usize) = (64, 4096);
 
+/// L2 size below which the loops keep `A`'s block in L2 ([`Order::AInL2`])
+/// rather than `B`'s (module docs, "The loop order").
+pub(super) const A_IN_L2_BELOW: usize = 1 << 20;
+
 /// The environment variable that overrides the blocking, for benchmarking.
 pub(super) const BLOCKING_ENV: &str = "PROCJOB_GEMM_BLOCKING";
 
@@ -102,10 +121,25 @@ impl Blocking {
         blk
     }
 
-    /// The model of the module docs for `caches`; each of `MC` and `NC` is
+    /// The model of the module docs for `caches`: the loop order from the
+    /// size of L2, then `MC` and `NC` for it. Each of `MC` and `NC` is
     /// `fixed`'s where the cache it is sized for is unknown (or too small
-    /// for the model to leave it a way).
+    /// for the model to leave it a way); [`Order::AInL2`] needs both L2 and
+    /// L3 known.
     pub(super) fn derive(caches: &Caches, tile: Tile, fixed: Blocking) -> Blocking {
+        if let (Some(l2), Some(l3)) = (caches.l2, caches.l3) {
+            if l2.size < A_IN_L2_BELOW {
+                if let Some(blk) = Blocking::a_in_l2(l2, l3, tile) {
+                    return blk;
+                }
+            }
+        }
+        Blocking::b_in_l2(caches, tile, fixed)
+    }
+
+    /// [`Order::BInL2`]: `NC` from L2's ways (at most half of them), then
+    /// `MC` from this CPU's share of L3's.
+    fn b_in_l2(caches: &Caches, tile: Tile, fixed: Blocking) -> Blocking {
         let Tile { mr, nr, kc, elem } = tile;
         let nc = caches
             .l2
@@ -125,7 +159,20 @@ impl Blocking {
                 Some(clamp_to(for_a * way / (l3.sharers * kc * elem), MC_RANGE, mr))
             })
             .unwrap_or(fixed.mc);
-        Blocking { mc, nc }
+        Blocking { mc, nc, order: Order::BInL2 }
+    }
+
+    /// [`Order::AInL2`]: `MC` from L2's ways, then `NC` from this CPU's
+    /// share of L3's; `None` where either cache leaves its block no way.
+    fn a_in_l2(l2: CacheLevel, l3: CacheLevel, tile: Tile) -> Option<Blocking> {
+        let Tile { mr, nr, kc, elem } = tile;
+        let way = l2.way_bytes();
+        let for_a = l2.ways.checked_sub(1 + (kc * nr * elem).div_ceil(way)).filter(|&w| w > 0)?;
+        let mc = clamp_to(for_a * way / (kc * elem), MC_RANGE, mr);
+        let way = l3.way_bytes();
+        let for_b = l3.ways.checked_sub(1 + (mc * kc * elem).div_ceil(way)).filter(|&w| w > 0)?;
+        let nc = clamp_to(for_b * way / (l3.sharers * kc * elem), NC_RANGE, nr);
+        Some(Blocking { mc, nc, order: Order::AInL2 })
     }
 
     /// `derived`, or what `requested` (the value of
@@ -142,13 +189,20 @@ impl Blocking {
         if value == "fixed" {
             return (fixed, None);
         }
-        let parsed = value
-            .split_once(',')
-            .and_then(|(mc, nc)| Some((mc.trim().parse::<usize>().ok()?, nc.trim().parse::<usize>().ok()?)))
-            .filter(|&(mc, nc)| mc > 0 && nc > 0 && mc <= 1 << 16 && nc <= 1 << 16);
-        match parsed {
-            Some((mc, nc)) => (Blocking { mc: mc.next_multiple_of(tile.mr), nc: nc.next_multiple_of(tile.nr) }, None),
-            None => (derived, Some(format!("ignoring {BLOCKING_ENV}={value:?}: expected `fixed` or `MC,NC`"))),
+        let mut parts = value.split(',').map(str::trim);
+        let size = |x: Option<&str>| x?.parse::<usize>().ok().filter(|&x| x > 0 && x <= 1 << 16);
+        let (mc, nc) = (size(parts.next()), size(parts.next()));
+        let order = match parts.next() {
+            None => Some(derived.order),
+            Some("b") => Some(Order::BInL2),
+            Some("a") => Some(Order::AInL2),
+            Some(_) => None,
+        };
+        match (mc, nc, order, parts.next()) {
+            (Some(mc), Some(nc), Some(order), None) => {
+                (Blocking { mc: mc.next_multiple_of(tile.mr), nc: nc.next_multiple_of(tile.nr), order }, None)
+            }
+            _ => (derived, Some(format!("ignoring {BLOCKING_ENV}={value:?}: expected `fixed` or `MC,NC[,a|b]`"))),
         }
     }
 }
@@ -171,11 +225,15 @@ mod tests {
         Some(CacheLevel { size, ways, sharers })
     }
 
+    const fn b_in_l2(mc: usize, nc: usize) -> Blocking {
+        Blocking { mc, nc, order: Order::BInL2 }
+    }
+
     /// The four kernels' tiles and constants, as in `gemm.rs`.
-    const F64_AVX2: (Tile, Blocking) = (Tile::of::<f64>(6, 8, 256), Blocking { mc: 1008, nc: 128 });
-    const F32_AVX2: (Tile, Blocking) = (Tile::of::<f32>(6, 16, 256), Blocking { mc: 1008, nc: 256 });
-    const F64_AVX512: (Tile, Blocking) = (Tile::of::<f64>(6, 32, 256), Blocking { mc: 1008, nc: 384 });
-    const F32_AVX512: (Tile, Blocking) = (Tile::of::<f32>(6, 64, 256), Blocking { mc: 1008, nc: 768 });
+    const F64_AVX2: (Tile, Blocking) = (Tile::of::<f64>(6, 8, 256), b_in_l2(1008, 128));
+    const F32_AVX2: (Tile, Blocking) = (Tile::of::<f32>(6, 16, 256), b_in_l2(1008, 256));
+    const F64_AVX512: (Tile, Blocking) = (Tile::of::<f64>(6, 32, 256), b_in_l2(1008, 384));
+    const F32_AVX512: (Tile, Blocking) = (Tile::of::<f32>(6, 64, 256), b_in_l2(1008, 768));
 
     fn derive(caches: &Caches, (tile, fixed): (Tile, Blocking)) -> Blocking {
         let blk = Blocking::derive(caches, tile, fixed);
@@ -189,24 +247,43 @@ mod tests {
     #[test]
     fn zen4() {
         let caches = Caches { l1d: level(32 * KIB, 8, 2), l2: level(MIB, 8, 2), l3: level(32 * MIB, 16, 16) };
-        assert_eq!(derive(&caches, F64_AVX512), Blocking { mc: 894, nc: 256 });
-        assert_eq!(derive(&caches, F32_AVX512), Blocking { mc: 1788, nc: 512 });
-        assert_eq!(derive(&caches, F64_AVX2), Blocking { mc: 894, nc: 256 });
-        assert_eq!(derive(&caches, F32_AVX2), Blocking { mc: 1788, nc: 512 });
+        assert_eq!(derive(&caches, F64_AVX512), b_in_l2(894, 256));
+        assert_eq!(derive(&caches, F32_AVX512), b_in_l2(1788, 512));
+        assert_eq!(derive(&caches, F64_AVX2), b_in_l2(894, 256));
+        assert_eq!(derive(&caches, F32_AVX2), b_in_l2(1788, 512));
         // The 2-vCPU VM this was measured on, its L3 shared by its two CPUs:
         // the A block is capped.
         let vm = Caches { l3: level(32 * MIB, 16, 2), ..caches };
-        assert_eq!(derive(&vm, F64_AVX512), Blocking { mc: 4092, nc: 256 });
+        assert_eq!(derive(&vm, F64_AVX512), b_in_l2(4092, 256));
+    }
+
+    const fn a_in_l2(mc: usize, nc: usize) -> Blocking {
+        Blocking { mc, nc, order: Order::AInL2 }
     }
 
     /// AMD EPYC Zen 1 (family 23 model 1: 512 KiB 8-way L2, 8 MiB 16-way L3
-    /// per CCX of 4 cores, 8 threads): 64 KiB L2 ways, 4 (half) for `B`:
-    /// 256 KiB, the AVX2 constants tuned on the Zen 3's L2 of the same size.
+    /// per CCX of 4 cores, 8 threads): an L2 below 1 MiB, so `A`'s block
+    /// stays in it: of its 8 ways of 64 KiB, one for `C` and one for the
+    /// `B` panel passing through, 6 (384 KiB) for `A`; of the L3's 16 ways
+    /// of 512 KiB, one for `C` and one for the `A` block, 14 shared by 8.
     #[test]
     fn zen1() {
         let caches = Caches { l1d: level(32 * KIB, 8, 2), l2: level(512 * KIB, 8, 2), l3: level(8 * MIB, 16, 8) };
-        assert_eq!(derive(&caches, F64_AVX2), Blocking { mc: 444, nc: 128 });
-        assert_eq!(derive(&caches, F32_AVX2), Blocking { mc: 894, nc: 256 });
+        assert_eq!(derive(&caches, F64_AVX2), a_in_l2(192, 448));
+        assert_eq!(derive(&caches, F32_AVX2), a_in_l2(384, 896));
+    }
+
+    /// AMD EPYC Zen 3 (family 25 model 1), the 2-vCPU VM it was measured on:
+    /// 512 KiB 8-way L2, 32 MiB 16-way L3 shared by the 2 vCPUs. The same
+    /// `MC` as the Zen 1; `NC` clamped.
+    #[test]
+    fn zen3() {
+        let caches = Caches { l1d: level(32 * KIB, 8, 1), l2: level(512 * KIB, 8, 1), l3: level(32 * MIB, 16, 2) };
+        assert_eq!(derive(&caches, F64_AVX2), a_in_l2(192, 4096));
+        assert_eq!(derive(&caches, F32_AVX2), a_in_l2(384, 4096));
+        // Without a known L3 there is no `NC` for that order: `B` in L2.
+        let no_l3 = Caches { l3: None, ..caches };
+        assert_eq!(derive(&no_l3, F64_AVX2), b_in_l2(1008, 128));
     }
 
     /// The Intel Xeon the AVX-512 kernels were tuned on (Sapphire Rapids
@@ -229,22 +306,24 @@ mod tests {
             assert_eq!(derive(&Caches::default(), kernel), kernel.1);
         }
         let l2_only = Caches { l2: level(MIB, 8, 1), ..Caches::default() };
-        assert_eq!(derive(&l2_only, F64_AVX512), Blocking { mc: 1008, nc: 256 });
+        assert_eq!(derive(&l2_only, F64_AVX512), b_in_l2(1008, 256));
         let tiny = Caches { l2: level(16 * KIB, 2, 1), l3: level(64 * KIB, 2, 1), ..Caches::default() };
         assert_eq!(derive(&tiny, F64_AVX512), F64_AVX512.1);
         // A huge cache is clamped.
         let huge = Caches { l2: level(64 * MIB, 16, 1), l3: level(512 * MIB, 16, 1), ..Caches::default() };
-        assert_eq!(derive(&huge, F64_AVX512), Blocking { mc: 4092, nc: 4096 });
+        assert_eq!(derive(&huge, F64_AVX512), b_in_l2(4092, 4096));
     }
 
     #[test]
     fn environment_override() {
         let (tile, fixed) = F64_AVX512;
-        let derived = Blocking { mc: 600, nc: 512 };
+        let derived = b_in_l2(600, 512);
         assert_eq!(Blocking::overridden(None, tile, fixed, derived), (derived, None));
         assert_eq!(Blocking::overridden(Some("fixed"), tile, fixed, derived), (fixed, None));
-        assert_eq!(Blocking::overridden(Some("100, 100"), tile, fixed, derived), (Blocking { mc: 102, nc: 128 }, None));
-        for bad in ["0,32", "x", "12", "1,2,3"] {
+        assert_eq!(Blocking::overridden(Some("100, 100"), tile, fixed, derived), (b_in_l2(102, 128), None));
+        assert_eq!(Blocking::overridden(Some("100,100,a"), tile, fixed, derived), (a_in_l2(102, 128), None));
+        assert_eq!(Blocking::overridden(Some("100,100, b"), tile, fixed, derived), (b_in_l2(102, 128), None));
+        for bad in ["0,32", "x", "12", "1,2,3", "1,2,a,b"] {
             let (blk, warning) = Blocking::overridden(Some(bad), tile, fixed, derived);
             assert_eq!(blk, derived, "{bad}");
             assert!(warning.is_some(), "{bad}");

@@ -162,7 +162,7 @@ use std::mem::size_of;
 use std::ops::Add;
 use std::sync::OnceLock;
 
-use super::blocking::{Blocking, Tile};
+use super::blocking::{Blocking, Order, Tile};
 use super::machine::{chosen_isa, Isa};
 
 #[cfg(target_arch = "x86_64")]
@@ -324,7 +324,7 @@ trait Micro {
 
     /// The constants [`Micro::MC`] and [`Micro::NC`] as a [`Blocking`].
     fn fixed() -> Blocking {
-        Blocking { mc: Self::MC, nc: Self::NC }
+        Blocking { mc: Self::MC, nc: Self::NC, order: Order::BInL2 }
     }
 
     /// Whether this CPU has the instructions [`Micro::tile`] and
@@ -830,93 +830,74 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
     // `NC` 384 is cut 6 × 336 rather than 5 × 384 + 80.
     let nc_step = n.div_ceil(n.div_ceil(blk.nc)).next_multiple_of(nr).min(blk.nc);
     // From here on C is only reached through `c_ptr`.
-    let c_ptr = c.as_mut_ptr();
-    for pc in (0..k).step_by(M::KC) {
-        let kc = M::KC.min(k - pc);
-        // Point 3 of the module docs: the first chunk overwrites C unless
-        // accumulating, every later chunk adds to it.
-        let add = accumulate || pc > 0;
-        // Point 6: with the last chunk, each tile's NaNs are made canonical.
-        let last = pc + kc == k;
-        for ic in (0..rows).step_by(mc_step) {
-            let mc = mc_step.min(rows - ic);
+    let c = Out { ptr: c.as_mut_ptr(), n, scratch: scratch.as_mut_ptr() };
+    match blk.order {
+        Order::BInL2 => {
+            for pc in (0..k).step_by(M::KC) {
+                let kc = M::KC.min(k - pc);
+                // Point 3 of the module docs: the first chunk overwrites C
+                // unless accumulating, every later chunk adds to it.
+                let add = accumulate || pc > 0;
+                // Point 6: with the last chunk, each tile's NaNs are made
+                // canonical.
+                let last = pc + kc == k;
+                for ic in (0..rows).step_by(mc_step) {
+                    let mc = mc_step.min(rows - ic);
+                    for jc in (0..n).step_by(nc_step) {
+                        let nc = nc_step.min(n - jc);
+                        pack_b::<M, C>(b_pack, b, n, pc, kc, jc, nc);
+                        for ir in (0..mc).step_by(mr) {
+                            let h = mr.min(mc - ir);
+                            let sliver = &mut a_pack[ir * kc..(ir + mr) * kc];
+                            // Each A panel is packed once per (pc, ic), just
+                            // before its first use, and reused for every
+                            // later column block.
+                            if jc == 0 {
+                                pack_a::<M, C>(sliver, a, k, ic + ir, h, pc, kc);
+                            }
+                            for jr in (0..nc).step_by(nr) {
+                                // The panel of columns jc+jr.. starts at
+                                // (jr / nr)·kc·nr.
+                                let b_panel = &b_pack[jr * kc..(jr + nr) * kc];
+                                // SAFETY: this function's contract; the tile
+                                // is inside C and the panels were just packed.
+                                unsafe {
+                                    c.tile::<M>(ic + ir, jc + jr, h, nr.min(nc - jr), kc, sliver, b_panel, add, last)
+                                };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Order::AInL2 => {
             for jc in (0..n).step_by(nc_step) {
                 let nc = nc_step.min(n - jc);
-                pack_b::<M, C>(b_pack, b, n, pc, kc, jc, nc);
-                for ir in (0..mc).step_by(mr) {
-                    let h = mr.min(mc - ir);
-                    let sliver = &mut a_pack[ir * kc..(ir + mr) * kc];
-                    // Each A panel is packed once per (pc, ic), just before
-                    // its first use, and reused for every later column block.
-                    if jc == 0 {
-                        pack_a::<M, C>(sliver, a, k, ic + ir, h, pc, kc);
-                    }
-                    let a_panel = sliver.as_ptr();
-                    for jr in (0..nc).step_by(nr) {
-                        let cols = nr.min(nc - jr);
-                        // The panel of columns jc+jr.. starts at (jr / nr)·kc·nr.
-                        let b_panel = b_pack[jr * kc..(jr + nr) * kc].as_ptr();
-                        let (i, j) = (ic + ir, jc + jr);
-                        // Full rows whose columns are whole vectors go
-                        // straight into C: a full tile, or the last columns
-                        // of a width that is not a multiple of `nr` through a
-                        // narrower microkernel (the same chain per element).
-                        let part = M::PART;
-                        if h == mr && (cols == nr || (part > 0 && cols.is_multiple_of(part))) {
-                            // SAFETY: the kernel's instructions are present
-                            // (this function's contract). The panels are the
-                            // `mr·kc` and `kc·nr` elements just sliced (B's
-                            // 64-byte aligned: a line-aligned buffer, offsets
-                            // that are multiples of `nr` elements, a multiple
-                            // of 64 bytes). C rows i..i+mr, columns j..j+cols
-                            // are inside the `rows × n` C (i + mr ≤ rows,
-                            // j + cols ≤ n), which is exclusively borrowed and
-                            // disjoint from the packing buffer; `cols / part`
-                            // is below `nr / part` when `cols < nr`.
-                            unsafe {
-                                if cols == nr {
-                                    M::tile(kc, a_panel, b_panel, c_ptr.add(i * n + j), n, add);
-                                } else {
-                                    M::tile_part(kc, a_panel, b_panel, c_ptr.add(i * n + j), n, add, cols / part);
-                                }
-                            }
-                            if last {
-                                for r in 0..mr {
-                                    // SAFETY: row i + r < rows, columns
-                                    // j..j + cols ≤ n: inside C, which no
-                                    // other reference reaches now.
-                                    let row =
-                                        unsafe { std::slice::from_raw_parts_mut(c_ptr.add((i + r) * n + j), cols) };
-                                    canonical_nans(row, M::NAN, is_nan);
-                                }
-                            }
-                        } else {
-                            // An edge tile: the same chain into the scratch
-                            // tile (as many vectors as cover `cols`, where
-                            // the kernel has narrower microkernels), then
-                            // `C = s` or `C = C + s` per element.
-                            let vectors = if part > 0 { cols.div_ceil(part) } else { 0 };
-                            // SAFETY: as above for the panels; the scratch
-                            // tile is `mr·nr` elements of the buffer, row
-                            // stride `nr`, disjoint from both panels.
-                            unsafe {
-                                if vectors > 0 && vectors < nr / part {
-                                    M::tile_part(kc, a_panel, b_panel, scratch.as_mut_ptr(), nr, false, vectors);
-                                } else {
-                                    M::tile(kc, a_panel, b_panel, scratch.as_mut_ptr(), nr, false);
-                                }
-                            }
-                            for (r, tile_row) in scratch.chunks_exact(nr).take(h).enumerate() {
-                                // SAFETY: row i + r < rows and columns
-                                // j..j + cols ≤ n are inside C; no other
-                                // reference to C is live.
-                                let c_row = unsafe { std::slice::from_raw_parts_mut(c_ptr.add((i + r) * n + j), cols) };
-                                for (x, &s) in c_row.iter_mut().zip(tile_row) {
-                                    *x = if add { *x + s } else { s };
-                                }
-                                if last {
-                                    canonical_nans(c_row, M::NAN, is_nan);
-                                }
+                for pc in (0..k).step_by(M::KC) {
+                    let kc = M::KC.min(k - pc);
+                    let (add, last) = (accumulate || pc > 0, pc + kc == k);
+                    pack_b::<M, C>(b_pack, b, n, pc, kc, jc, nc);
+                    for ic in (0..rows).step_by(mc_step) {
+                        let mc = mc_step.min(rows - ic);
+                        pack_a::<M, C>(a_pack, a, k, ic, mc, pc, kc);
+                        for jr in (0..nc).step_by(nr) {
+                            let b_panel = &b_pack[jr * kc..(jr + nr) * kc];
+                            for ir in (0..mc).step_by(mr) {
+                                let sliver = &a_pack[ir * kc..(ir + mr) * kc];
+                                // SAFETY: as above.
+                                unsafe {
+                                    c.tile::<M>(
+                                        ic + ir,
+                                        jc + jr,
+                                        mr.min(mc - ir),
+                                        nr.min(nc - jr),
+                                        kc,
+                                        sliver,
+                                        b_panel,
+                                        add,
+                                        last,
+                                    )
+                                };
                             }
                         }
                     }
@@ -925,6 +906,103 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
         }
     }
     PACK_BUFFER.set(buffer);
+}
+
+/// Where [`drive`]'s tiles go: `C` (`rows × n`, row stride `n`) and the
+/// scratch tile (`MR × NR`, row stride `NR`) for edge tiles.
+struct Out<T> {
+    ptr: *mut T,
+    n: usize,
+    scratch: *mut T,
+}
+
+impl<T: Copy + Add<Output = T> + PartialEq> Out<T> {
+    /// Runs the microkernel on one `MR × kc` panel of `A` and one `kc × NR`
+    /// panel of `B` into the tile of `C` at row `i`, column `j`, of `h` real
+    /// rows and `cols` real columns (points 3 and 6 of the module docs).
+    ///
+    /// # Safety
+    ///
+    /// The kernel's instructions are present; the panels are `MR·kc` and
+    /// `kc·NR` elements, `B`'s 64-byte aligned; rows `i..i + h` and columns
+    /// `j..j + cols` are inside `C`, which nothing else reaches meanwhile.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<M: Micro<T = T>>(
+        &self,
+        i: usize,
+        j: usize,
+        h: usize,
+        cols: usize,
+        kc: usize,
+        a_panel: &[T],
+        b_panel: &[T],
+        add: bool,
+        last: bool,
+    ) {
+        let (mr, nr, n) = (M::MR, M::NR, self.n);
+        debug_assert!(a_panel.len() == mr * kc && b_panel.len() == nr * kc);
+        let (a_panel, b_panel) = (a_panel.as_ptr(), b_panel.as_ptr());
+        // Full rows whose columns are whole vectors go straight into C: a
+        // full tile, or the last columns of a width that is not a multiple of
+        // `nr` through a narrower microkernel (the same chain per element).
+        let part = M::PART;
+        if h == mr && (cols == nr || (part > 0 && cols.is_multiple_of(part))) {
+            // SAFETY: the kernel's instructions are present and the panels
+            // are as the contract says (B's offsets are multiples of `nr`
+            // elements in a line-aligned buffer: 64-byte aligned). C rows
+            // i..i+mr, columns j..j+cols are inside C (the contract), which
+            // is disjoint from the packing buffer; `cols / part` is below
+            // `nr / part` when `cols < nr`.
+            unsafe {
+                if cols == nr {
+                    M::tile(kc, a_panel, b_panel, self.ptr.add(i * n + j), n, add);
+                } else {
+                    M::tile_part(kc, a_panel, b_panel, self.ptr.add(i * n + j), n, add, cols / part);
+                }
+            }
+            if last {
+                for r in 0..mr {
+                    // SAFETY: row i + r < rows, columns j..j + cols ≤ n:
+                    // inside C, which no other reference reaches now.
+                    let row = unsafe { std::slice::from_raw_parts_mut(self.ptr.add((i + r) * n + j), cols) };
+                    canonical_nans(row, M::NAN, is_nan);
+                }
+            }
+        } else {
+            // An edge tile: the same chain into the scratch tile (as many
+            // vectors as cover `cols`, where the kernel has narrower
+            // microkernels), then `C = s` or `C = C + s` per element.
+            let vectors = if part > 0 { cols.div_ceil(part) } else { 0 };
+            // SAFETY: as above for the panels; the scratch tile is `mr·nr`
+            // elements of the buffer, row stride `nr`, disjoint from both
+            // panels.
+            unsafe {
+                if vectors > 0 && vectors < nr / part {
+                    M::tile_part(kc, a_panel, b_panel, self.scratch, nr, false, vectors);
+                } else {
+                    M::tile(kc, a_panel, b_panel, self.scratch, nr, false);
+                }
+            }
+            for r in 0..h {
+                // SAFETY: row i + r < rows and columns j..j + cols ≤ n are
+                // inside C, and row r of the scratch tile inside it; no other
+                // reference to either is live.
+                let (c_row, tile_row) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(self.ptr.add((i + r) * n + j), cols),
+                        std::slice::from_raw_parts(self.scratch.add(r * nr), cols),
+                    )
+                };
+                for (x, &s) in c_row.iter_mut().zip(tile_row) {
+                    *x = if add { *x + s } else { s };
+                }
+                if last {
+                    canonical_nans(c_row, M::NAN, is_nan);
+                }
+            }
+        }
+    }
 }
 
 /// Replaces every NaN in `c` by `nan`, the canonical quiet NaN (point 6):
@@ -1519,8 +1597,10 @@ mod tests {
                     (894, 256usize.next_multiple_of(nr)),
                     (4092, 512usize.next_multiple_of(nr)),
                 ] {
-                    let got = bits(&run::<T, M>(&a, &b, &c0, m, k, n, acc, Blocking { mc, nc }));
-                    assert!(got == want, "{m}x{k}x{n}, accumulate {acc}, MC {mc}, NC {nc}");
+                    for order in [Order::BInL2, Order::AInL2] {
+                        let got = bits(&run::<T, M>(&a, &b, &c0, m, k, n, acc, Blocking { mc, nc, order }));
+                        assert!(got == want, "{m}x{k}x{n}, accumulate {acc}, MC {mc}, NC {nc}, {order:?}");
+                    }
                 }
             }
         }
@@ -1649,7 +1729,7 @@ mod tests {
                 let tile = Tile::of::<T>(M::MR, M::NR, M::KC);
                 let (blk, warning) = Blocking::overridden(Some(item), tile, M::fixed(), M::blocking());
                 assert!(warning.is_none(), "PROCJOB_BENCH_BLOCKINGS: {warning:?}");
-                blockings.push((format!("{},{}", blk.mc, blk.nc), blk));
+                blockings.push((format!("{},{},{:?}", blk.mc, blk.nc, blk.order), blk));
             }
             println!("{} kernel {}x{}, machine blocking {:?}", std::any::type_name::<T>(), M::MR, M::NR, M::blocking());
             let products: Vec<_> = blockings
