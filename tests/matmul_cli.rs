@@ -683,8 +683,9 @@ fn bad_input_exits_2_and_names_the_problem() {
 
 /// `PROCJOB_GEMM` and `PROCJOB_GEMM_BLOCKING` (docs/kernels.md) change which
 /// kernel and blocking run, never C: forcing the AVX2 kernels on a CPU with
-/// AVX-512, or the fixed or tiny blockings, gives the bits of the default
-/// run (non-integer data, two depth chunks, edge tiles, several processes).
+/// AVX-512, the fixed or tiny blockings, or either loop order, gives the
+/// bits of the default run (non-integer data, two depth chunks, edge tiles,
+/// several processes).
 /// `portable` (the fallback, other bits) gives the product within rounding;
 /// an unknown value is ignored with a warning.
 fn forced_kernels_and_blockings_agree<T: Reference>(a: Matrix<T>, b: Matrix<T>) {
@@ -719,6 +720,10 @@ fn forced_kernels_and_blockings_agree<T: Reference>(a: Matrix<T>, b: Matrix<T>) 
             ("fixed", &[("PROCJOB_GEMM_BLOCKING", "fixed")]),
             ("tiny", &[("PROCJOB_GEMM_BLOCKING", "6,8")]),
             ("avx2-tiny", &[("PROCJOB_GEMM", "avx2"), ("PROCJOB_GEMM_BLOCKING", "12,40")]),
+            // Each loop order, whichever this machine picks.
+            ("a-in-l2", &[("PROCJOB_GEMM_BLOCKING", "12,40,a")]),
+            ("b-in-l2", &[("PROCJOB_GEMM_BLOCKING", "12,40,b")]),
+            ("avx2-a-in-l2", &[("PROCJOB_GEMM", "avx2"), ("PROCJOB_GEMM_BLOCKING", "6,16,a")]),
         ] {
             let (run, c) = run(name, env, mode);
             assert_bits_eq(&c, &want, &run.command);

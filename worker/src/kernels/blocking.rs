@@ -2,11 +2,22 @@
 //! the CPU reports (`machine.rs`) with the analytical model of BLIS (Low,
 //! Igual, Smith and Quintana-Ortí, "Analytical modeling is enough for
 //! high-performance BLIS", ACM TOMS 2016), applied to the loop order of
-//! `gemm.rs`; today's constants are the fallback when the caches are
-//! unknown. `MC` and `NC` only group work, so no blocking changes a bit of
-//! `C` (`gemm.rs`, point 4); `KC`, which does, stays a constant.
+//! `gemm.rs` that the size of L2 picks; today's constants are the fallback
+//! when the caches are unknown. `MC`, `NC` and the order only group work,
+//! so none of them changes a bit of `C` (`gemm.rs`, point 4); `KC`, which
+//! does, stays a constant.
 //!
-//! # The model
+//! # The loop order
+//!
+//! Where L2 is below [`A_IN_L2_BELOW`] (1 MiB) and L3 is known, the loops
+//! keep `A`'s block in L2 ([`Order::AInL2`]); otherwise `B`'s
+//! ([`Order::BInL2`]). Half of a 512 KiB L2 holds 16 AVX2 `B` panels, so
+//! with `B` in L2 each `A` panel brought from L3 served 16 tiles; on the
+//! AMD EPYC Zen 3 that order ran 3–14 % slower on one thread than `A` in
+//! L2, while on the Intel Xeon (2 MiB L2) `B` in L2 had been the faster
+//! (docs/kernels.md, "The loop order from the machine").
+//!
+//! # The model, `B` in L2
 //!
 //! The loop order is OpenBLAS's on Skylake-X (`gemm.rs`): the packed
 //! `KC × NC` block of `B` is the block that stays in **L2** while the
@@ -40,8 +51,26 @@
 //! is `MR × KC` with `KC` fixed (12 KiB for `f64`, inside every L1d
 //! measured).
 //!
+//! # The model, `A` in L2
+//!
+//! BLIS's order: the `MC × KC` block of `A` stays in **L2** while one
+//! `KC × NR` panel of `B` in L1 meets each of its panels; the `KC × NC`
+//! block of `B` waits in **L3**.
+//!
+//! * **`MC` (L2).** Of L2's ways, one for `C` and `⌈KC·NR·S / way₂⌉` for
+//!   the `B` panel coming in from L3; the `A` block takes the rest (no cap:
+//!   on the Zen 3, `MC` from 192 to 1008 rows ran within 1–2 %):
+//!   `MC = (W₂ − 1 − ⌈KC·NR·S / way₂⌉) · way₂ / (KC·S)`.
+//! * **`NC` (L3).** Of L3's ways, one for `C` and `⌈MC·KC·S / way₃⌉` for
+//!   the `A` block; the `B` block takes the rest, divided among the CPUs
+//!   sharing the L3: `NC = (W₃ − 1 − ⌈MC·KC·S / way₃⌉) · way₃ / (sharers · KC·S)`.
+//!
+//! Rounded and clamped as above.
+//!
 //! `PROCJOB_GEMM_BLOCKING`, for benchmarking only, overrides the result:
-//! `fixed` for the constants, or `MC,NC` (rounded up to whole tiles).
+//! `fixed` for the constants (with `B` in L2), `MC,NC` (rounded up to
+//! whole tiles) in the order the machine chose, or `MC,NC,a` / `MC,NC,b`
+//! with `A` / `B` in L2.
 
 use std::mem::size_of;
 

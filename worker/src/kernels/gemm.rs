@@ -15,12 +15,10 @@
 //! (`machine.rs`), forces a kernel the CPU can run (`portable`: return
 //! `false`, the fallback).
 //!
-//! `MC` and `NC` come from the caches the CPU reports (`blocking.rs`: BLIS's
-//! analytical model applied to the loop order below — `NC` so that the
-//! packed `B` block fills the L2 ways left by `C` and the `A` panels, `MC` so
-//! that the packed `A` block fills this CPU's share of the L3 ways left by
-//! `C` and the `B` block); the constants in this table are the fallback when
-//! the caches are unknown.
+//! `MC`, `NC` and the loop order come from the caches the CPU reports
+//! (`blocking.rs`: BLIS's analytical model applied to each loop order);
+//! the constants in this table are the fallback when the caches are
+//! unknown.
 //!
 //! | kernel | tile `MR × NR` | accumulators | `KC` | fallback `MC` | fallback `NC` |
 //! |---|---|---|---|---|---|
@@ -29,34 +27,36 @@
 //! | `f64`, AVX-512 | 6 × 32 | 24 `zmm` (6 rows × 4 × 8 lanes) | 256 | 1008 | 384 |
 //! | `f32`, AVX-512 | 6 × 64 | 24 `zmm` (6 rows × 4 × 16 lanes) | 256 | 1008 | 768 |
 //!
-//! Loops, outermost first: `pc` over the depth `k` in steps of `KC` → `ic`
-//! over the rows in blocks of about `MC` (as even as whole panels allow,
-//! at most 1.5 × `MC`) → `jc` over the columns of `B`/`C` in
-//! blocks of at most `NC`, as even as whole panels allow (pack
-//! `B[pc.., jc..]`) → `ir` over the `MR`-row panels of `A`
-//! (each packed once per `pc` and `ic`, just before the first `jc` block
-//! uses it) → `jr` over the `NR`-column panels of the `B` block →
-//! microkernel. This is OpenBLAS's order on Skylake-X: the packed `KC × NC`
-//! block of `B` (with the fallback constants 256 KiB for the AVX2 kernels,
-//! 768 KiB for AVX-512; with the derived blocking most of L2) sits in
-//! L2 and streams into the microkernel (which prefetches it four steps of
-//! `p` ahead); one `MR × KC` panel of `A` (12 KiB for AVX-512 `f64`) stays in
-//! L1 across the `NC / NR` tiles of a column block; the block of packed `A`
-//! (about `MC × KC`: 2–3 MiB `f64` with the fallback `MC`) waits in L3 for the next column block; and
-//! consecutive tiles lie side by side along rows of `C`, so the `C` lines a
-//! tile reads and writes follow each other in memory.
+//! Two loop orders (`blocking.rs`, `Order`), outermost first:
+//!
+//! * **`B` in L2** (OpenBLAS's order on Skylake-X; where L2 is 1 MiB or
+//!   more, and the fallback): `pc` over the depth `k` in steps of `KC` →
+//!   `ic` over the rows in blocks of about `MC` (as even as whole panels
+//!   allow, at most 1.5 × `MC`) → `jc` over the columns of `B`/`C` in
+//!   blocks of at most `NC`, as even as whole panels allow (pack
+//!   `B[pc.., jc..]`) → `ir` over the `MR`-row panels of `A` (each packed
+//!   once per `pc` and `ic`, just before the first `jc` block uses it) →
+//!   `jr` over the `NR`-column panels of the `B` block → microkernel. The
+//!   packed `KC × NC` block of `B` sits in L2 and streams into the
+//!   microkernel (which prefetches it four steps of `p` ahead); one
+//!   `MR × KC` panel of `A` stays in L1 across the `NC / NR` tiles of a
+//!   column block; the block of packed `A` waits in L3 for the next column
+//!   block; consecutive tiles lie side by side along rows of `C`.
+//! * **`A` in L2** (BLIS's order; where L2 is smaller, as on AMD Zen 1–3):
+//!   `jc` → `pc` (pack `B[pc.., jc..]`) → `ic` (pack the whole `A` block)
+//!   → `jr` → `ir` → microkernel. One `B` panel stays in L1 across the
+//!   tiles of the `A` block, which sits in L2 and streams into the
+//!   microkernel; the `B` block waits in L3.
+//!
 //! The AVX2 kernels were first tuned on one core of an AMD EPYC (Zen 3:
 //! 32 KiB L1d, 512 KiB L2), the AVX-512 ones on an Intel Xeon (Sapphire
-//! Rapids class: 48 KiB L1d, 2 MiB L2). The loop order above replaced one
-//! with `B` in L1 and `A` streaming from L2 (`jc` → `pc` → `ic` → `jr` →
-//! `ir`, `MC` 96, `NC` 2048), which it matched or beat on the Xeon for
-//! every kernel, on one core and on two at once (`docs/kernels.md`, "Tile
-//! shapes and blocking", has the figures). The AVX2 `NC` keeps their `B` block at
-//! 256 KiB, half of Zen 3's L2 (no Zen 3 machine was at hand to measure the
-//! new order on). `KC` stays at 256, the value that keeps the bits of the
-//! previous kernels (see below). Every kernel, whatever its tile,
-//! computes each element with the same operations (points 1–3 below), so the
-//! AVX2 and AVX-512 kernels give the same bits; a test checks it.
+//! Rapids class: 48 KiB L1d, 2 MiB L2); the choice of order was measured
+//! on both (`docs/kernels.md`, "Tile shapes and blocking", has the
+//! figures). `KC` stays at 256, the value that keeps the bits of the
+//! previous kernels (see below). Every kernel, whatever its tile and loop
+//! order, computes each element with the same operations (points 1–3
+//! below), so the AVX2 and AVX-512 kernels give the same bits; a test
+//! checks it.
 //!
 //! The AVX-512 tiles are 6 rows by four vectors, the shape of the `gemm`
 //! crate's AVX-512 kernel, rather than OpenBLAS's 12 rows by two: the same
@@ -109,7 +109,8 @@
 //!    packed together, the `jc` and `jr` loops which columns; neither changes
 //!    the chunks of `k`, the order of `p`, or the combination with `C`, and
 //!    every element is written exactly once per chunk, in ascending chunk
-//!    order (the `pc` loop is outside all the others).
+//!    order (the `pc` loop is outside all the others, or, with `A` in L2,
+//!    outside all but `jc`, which only picks the columns).
 //!    Position within a panel only decides which lane holds an element.
 //! 5. **Packing copies bits.** Packing moves values into the panels unchanged
 //!    (and pads with `+0`); `B` is the same `k × n` matrix for every block.
@@ -1712,7 +1713,7 @@ mod tests {
     /// Blockings timed against each other ([`time_rotated`]) for the kernel
     /// that runs here (`PROCJOB_GEMM` chooses), `f64` and `f32`: this
     /// machine's (the model's, or `PROCJOB_GEMM_BLOCKING`'s) first, then
-    /// each `MC,NC` of `PROCJOB_BENCH_BLOCKINGS` (`;`-separated, default
+    /// each `MC,NC[,a|b]` of `PROCJOB_BENCH_BLOCKINGS` (`;`-separated, default
     /// `fixed` alone: the constants):
     /// `cargo test --release -p procjob-worker --lib blockings -- --ignored --nocapture`.
     #[test]
@@ -1725,7 +1726,7 @@ mod tests {
             let list = std::env::var("PROCJOB_BENCH_BLOCKINGS").unwrap_or_else(|_| "fixed".into());
             let mut blockings = vec![("machine".to_string(), M::blocking())];
             for item in list.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-                // Read as `PROCJOB_GEMM_BLOCKING` is: `fixed` or `MC,NC`.
+                // Read as `PROCJOB_GEMM_BLOCKING` is: `fixed` or `MC,NC[,a|b]`.
                 let tile = Tile::of::<T>(M::MR, M::NR, M::KC);
                 let (blk, warning) = Blocking::overridden(Some(item), tile, M::fixed(), M::blocking());
                 assert!(warning.is_none(), "PROCJOB_BENCH_BLOCKINGS: {warning:?}");
