@@ -105,7 +105,7 @@
 //!    `vaddp[sd]` (addition is commutative bit for bit, NaN payloads aside;
 //!    see 6). The padded rows and columns only feed their own lanes, which
 //!    are thrown away.
-//! 4. **`MC` and `NC` only group work.** The `ic` loop decides which rows are
+//! 4. **`MC`, `NC` and the loop order only group work.** The `ic` loop decides which rows are
 //!    packed together, the `jc` and `jr` loops which columns; neither changes
 //!    the chunks of `k`, the order of `p`, or the combination with `C`, and
 //!    every element is written exactly once per chunk, in ascending chunk
@@ -830,7 +830,7 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
     // A panel would come back from L3 to serve a few tiles): n = 2000 with
     // `NC` 384 is cut 6 × 336 rather than 5 × 384 + 80.
     let nc_step = n.div_ceil(n.div_ceil(blk.nc)).next_multiple_of(nr).min(blk.nc);
-    // From here on C is only reached through `c_ptr`.
+    // From here on C is only reached through `c`.
     let c = Out { ptr: c.as_mut_ptr(), n, scratch: scratch.as_mut_ptr() };
     match blk.order {
         Order::BInL2 => {
@@ -1577,7 +1577,17 @@ mod tests {
         }
         let mut rng = SplitMix(seed);
         let (mr, nr) = (M::MR, M::NR);
-        for (m, k, n) in [(50, 600, 70), (13, 300, 3 * nr + 5), (mr, 257, nr)] {
+        // Around every edge: one depth chunk or a partial one (k < KC,
+        // k = KC), rows and columns below one tile, several chunks.
+        for (m, k, n) in [
+            (50, 600, 70),
+            (13, 300, 3 * nr + 5),
+            (mr, 257, nr),
+            (mr - 1, 1, nr - 1),
+            (2 * mr + 1, 255, 1),
+            (7, 256, nr + 3),
+            (3, 513, 2 * nr),
+        ] {
             let a = random::<T>(&mut rng, m * k);
             let b = random::<T>(&mut rng, k * n);
             let c0 = random::<T>(&mut rng, m * n);
@@ -1595,8 +1605,8 @@ mod tests {
                     (mr, 5 * nr),
                     (48 * mr, 64 * nr),
                     (fixed.mc, fixed.nc),
-                    (894, 256usize.next_multiple_of(nr)),
-                    (4092, 512usize.next_multiple_of(nr)),
+                    (894usize.next_multiple_of(mr), 256usize.next_multiple_of(nr)),
+                    (4092usize.next_multiple_of(mr), 512usize.next_multiple_of(nr)),
                 ] {
                     for order in [Order::BInL2, Order::AInL2] {
                         let got = bits(&run::<T, M>(&a, &b, &c0, m, k, n, acc, Blocking { mc, nc, order }));
@@ -1617,6 +1627,11 @@ mod tests {
         split_invariance::<f64, F64x4x12>(11);
         split_invariance::<f64, F64x12x4>(11);
         split_invariance::<f64, F64x8x4>(11);
+        // Their `MR` of 4, 8 and 12 through both loop orders.
+        blocking_does_not_matter::<f64, F64x12x4rot>(12);
+        blocking_does_not_matter::<f64, F64x4x12>(12);
+        blocking_does_not_matter::<f64, F64x12x4>(12);
+        blocking_does_not_matter::<f64, F64x8x4>(12);
         if !is_supported() {
             return;
         }
