@@ -254,11 +254,23 @@ pub(super) fn before_run(hub: &Hub, agent: usize, key: Key, run: u64, batch: &Ba
     Ok(())
 }
 
+/// For tests only: `PROCJOB_MPI_TEST_LAND_FAIL=1` makes rank 0 fail to
+/// land the first rows a worker of another node wrote, once, as a full
+/// disk would. Like `PROCJOB_MPI_SHARED_FS`, a knob of the test suite.
+const TEST_LAND_FAIL_ENV: &str = "PROCJOB_MPI_TEST_LAND_FAIL";
+
 /// Rank 0: writes rows a worker of another node wrote in place into the
 /// same file here, which must be one that workers write, and the rows
 /// within it. On failure, the error and the worker whose rows they were.
 pub(super) fn land(message: &[u8]) -> Result<(), (String, Option<Key>)> {
     let Some((piece, bytes)) = split(message) else { return Err(("a malformed piece of a file".into(), None)) };
+    static FAIL_ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if std::env::var_os(TEST_LAND_FAIL_ENV).is_some_and(|v| v == "1")
+        && !FAIL_ONCE.swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        let why = format!("cannot write rows into {}: {TEST_LAND_FAIL_ENV}=1", piece.path.display());
+        return Err((why, piece.worker));
+    }
     let guard = shipped();
     let known = guard.as_ref().and_then(|s| s.files.get(&piece.path)).filter(|f| f.writable);
     let Some(file) = known else {

@@ -158,10 +158,16 @@ impl Hub {
         if m.tag == TAG_FILE {
             if let Err((why, worker)) = super::ship::land(&m.bytes) {
                 // Its rows are not here: its reader sees its stream end
-                // before the answer, so its batch fails (and is retried).
+                // before the answer, and its agent kills it, so its batch
+                // fails as a worker's death does (and `--retries` runs it
+                // again). Closing the stream alone left a live, idle
+                // worker, which exits 0 when reaped: that looked like its
+                // idle timeout racing the batch, and the batch was sent
+                // again without a word.
                 eprintln!("procjob: error: from rank {}: {why}", m.source);
                 if let Some(key) = worker {
                     self.lock().streams.remove(&key);
+                    self.send(m.source as usize, &Down::Kill { key });
                 }
             }
             return;
