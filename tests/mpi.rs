@@ -277,6 +277,12 @@ fn memmap_out_writes_in_place_from_every_node() {
     assert_clean_parent(dir.tmp(), &text);
 }
 
+/// `procjob matmul` of a 100² `i64` product in 4 blocks (rows 25..50 the
+/// second) on 2 workers in `mode`, quietly, in `tmp`.
+fn four_blocks_on_two_workers<'a>(mode: &'a str, tmp: &'a str) -> [&'a str; 12] {
+    ["matmul", "--size", "100", "--blocks", "4", "--processes", "2", "--mode", mode, "--quiet", "--temp-folder", tmp]
+}
+
 /// A worker on rank 1's node killed mid-task: the run fails naming the
 /// worker, the task and the signal, and where the worker ran; with
 /// `--retries 1` the task is re-run and C is right.
@@ -284,20 +290,7 @@ fn memmap_out_writes_in_place_from_every_node() {
 fn a_worker_killed_on_another_node_is_named_and_retried() {
     let dir = TestDir::new("mpi-kill");
     let tmp = tmp_arg(&dir);
-    let args = [
-        "matmul",
-        "--size",
-        "100",
-        "--blocks",
-        "4",
-        "--processes",
-        "2",
-        "--mode",
-        "memmap",
-        "--quiet",
-        "--temp-folder",
-        &tmp,
-    ];
+    let args = four_blocks_on_two_workers("memmap", &tmp);
     // Only rank 1's workers carry the fault; worker 1 is on rank 1.
     let fault: &[(&str, &str)] = &[("PROCJOB_TEST_FAULT", "kill@30")];
     let (out, text) = run(&mut mpirun(&[(1, &[], &args), (1, fault, &[])]));
@@ -335,20 +328,7 @@ fn rows_rank_0_cannot_write_fail_their_batch_as_a_death_does() {
     let dir = TestDir::new("mpi-land");
     let tmp = tmp_arg(&dir);
     let env: &[(&str, &str)] = &[("PROCJOB_MPI_SHARED_FS", "no"), ("PROCJOB_MPI_TEST_LAND_FAIL", "1")];
-    let args = [
-        "matmul",
-        "--size",
-        "100",
-        "--blocks",
-        "4",
-        "--processes",
-        "2",
-        "--mode",
-        "memmap-out",
-        "--quiet",
-        "--temp-folder",
-        &tmp,
-    ];
+    let args = four_blocks_on_two_workers("memmap-out", &tmp);
     let (out, text) = run(&mut mpirun(&[(2, env, &args)]));
     assert!(!out.status.success(), "{text}");
     assert!(
