@@ -832,16 +832,18 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
     let nc_step = n.div_ceil(n.div_ceil(blk.nc)).next_multiple_of(nr).min(blk.nc);
     // From here on C is only reached through `c`.
     let c = Out { ptr: c.as_mut_ptr(), n, scratch: scratch.as_mut_ptr() };
+    // The depth chunk at `pc`: its length; whether it adds to C (point 3 of
+    // the module docs: the first chunk overwrites C unless accumulating,
+    // every later chunk adds to it); whether it is the last (point 6: with
+    // it, each tile's NaNs are made canonical).
+    let chunk = |pc: usize| {
+        let kc = M::KC.min(k - pc);
+        (kc, accumulate || pc > 0, pc + kc == k)
+    };
     match blk.order {
         Order::BInL2 => {
             for pc in (0..k).step_by(M::KC) {
-                let kc = M::KC.min(k - pc);
-                // Point 3 of the module docs: the first chunk overwrites C
-                // unless accumulating, every later chunk adds to it.
-                let add = accumulate || pc > 0;
-                // Point 6: with the last chunk, each tile's NaNs are made
-                // canonical.
-                let last = pc + kc == k;
+                let (kc, add, last) = chunk(pc);
                 for ic in (0..rows).step_by(mc_step) {
                     let mc = mc_step.min(rows - ic);
                     for jc in (0..n).step_by(nc_step) {
@@ -875,8 +877,7 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
             for jc in (0..n).step_by(nc_step) {
                 let nc = nc_step.min(n - jc);
                 for pc in (0..k).step_by(M::KC) {
-                    let kc = M::KC.min(k - pc);
-                    let (add, last) = (accumulate || pc > 0, pc + kc == k);
+                    let (kc, add, last) = chunk(pc);
                     pack_b::<M, C>(b_pack, b, n, pc, kc, jc, nc);
                     for ic in (0..rows).step_by(mc_step) {
                         let mc = mc_step.min(rows - ic);
@@ -885,7 +886,8 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
                             let b_panel = &b_pack[jr * kc..(jr + nr) * kc];
                             for ir in (0..mc).step_by(mr) {
                                 let sliver = &a_pack[ir * kc..(ir + mr) * kc];
-                                // SAFETY: as above.
+                                // SAFETY: this function's contract; the tile
+                                // is inside C and the panels were just packed.
                                 unsafe {
                                     c.tile::<M>(
                                         ic + ir,
