@@ -175,19 +175,16 @@ impl Blocking {
         let nc = caches
             .l2
             .and_then(|l2| {
-                let way = l2.way_bytes();
-                let left = l2.ways.checked_sub(1 + (mr * kc * elem).div_ceil(way)).filter(|&w| w > 0)?;
-                // `left` ≥ 1 needs three ways or more, so half is ≥ 1 too.
-                let for_b = left.min(l2.ways / 2);
-                Some(clamp_to(for_b * way / (kc * elem), NC_RANGE, nr))
+                // A way left needs three ways or more, so half is ≥ 1 too.
+                let for_b = ways_left(l2, mr * kc * elem)?.min(l2.ways / 2);
+                Some(clamp_to(for_b * l2.way_bytes() / (kc * elem), NC_RANGE, nr))
             })
             .unwrap_or(fixed.nc);
         let mc = caches
             .l3
             .and_then(|l3| {
-                let way = l3.way_bytes();
-                let for_a = l3.ways.checked_sub(1 + (kc * nc * elem).div_ceil(way)).filter(|&w| w > 0)?;
-                Some(clamp_to(for_a * way / (l3.sharers * kc * elem), MC_RANGE, mr))
+                let for_a = ways_left(l3, kc * nc * elem)?;
+                Some(clamp_to(for_a * l3.way_bytes() / (l3.sharers * kc * elem), MC_RANGE, mr))
             })
             .unwrap_or(fixed.mc);
         Blocking { mc, nc, order: Order::BInL2 }
@@ -197,12 +194,10 @@ impl Blocking {
     /// share of L3's; `None` where either cache leaves its block no way.
     fn a_in_l2(l2: CacheLevel, l3: CacheLevel, tile: Tile) -> Option<Blocking> {
         let Tile { mr, nr, kc, elem } = tile;
-        let way = l2.way_bytes();
-        let for_a = l2.ways.checked_sub(1 + (kc * nr * elem).div_ceil(way)).filter(|&w| w > 0)?;
-        let mc = clamp_to(for_a * way / (kc * elem), MC_RANGE, mr);
-        let way = l3.way_bytes();
-        let for_b = l3.ways.checked_sub(1 + (mc * kc * elem).div_ceil(way)).filter(|&w| w > 0)?;
-        let nc = clamp_to(for_b * way / (l3.sharers * kc * elem), NC_RANGE, nr);
+        let for_a = ways_left(l2, kc * nr * elem)?;
+        let mc = clamp_to(for_a * l2.way_bytes() / (kc * elem), MC_RANGE, mr);
+        let for_b = ways_left(l3, mc * kc * elem)?;
+        let nc = clamp_to(for_b * l3.way_bytes() / (l3.sharers * kc * elem), NC_RANGE, nr);
         Some(Blocking { mc, nc, order: Order::AInL2 })
     }
 
@@ -236,6 +231,13 @@ impl Blocking {
             _ => (derived, Some(format!("ignoring {BLOCKING_ENV}={value:?}: expected `fixed` or `MC,NC[,a|b]`"))),
         }
     }
+}
+
+/// The ways of `level` left for the resident block after one for the lines
+/// of `C` and those that `streaming` bytes of the other operand take; `None`
+/// when none is left (the model of the module docs).
+fn ways_left(level: CacheLevel, streaming: usize) -> Option<usize> {
+    level.ways.checked_sub(1 + streaming.div_ceil(level.way_bytes())).filter(|&w| w > 0)
 }
 
 /// `x` clamped to `range`, then rounded down to a multiple of `step` (at
