@@ -264,9 +264,10 @@ const TEST_LAND_FAIL_ENV: &str = "PROCJOB_MPI_TEST_LAND_FAIL";
 /// within it. On failure, the error and the worker whose rows they were.
 pub(super) fn land(message: &[u8]) -> Result<(), (String, Option<Key>)> {
     let Some((piece, bytes)) = split(message) else { return Err(("a malformed piece of a file".into(), None)) };
-    static FAIL_ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if std::env::var_os(TEST_LAND_FAIL_ENV).is_some_and(|v| v == "1")
-        && !FAIL_ONCE.swap(true, std::sync::atomic::Ordering::SeqCst)
+    static FAIL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    static FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if *FAIL.get_or_init(|| std::env::var_os(TEST_LAND_FAIL_ENV).is_some_and(|v| v == "1"))
+        && !FAILED.swap(true, std::sync::atomic::Ordering::SeqCst)
     {
         let why = format!("cannot write rows into {}: {TEST_LAND_FAIL_ENV}=1", piece.path.display());
         return Err((why, piece.worker));

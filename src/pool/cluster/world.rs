@@ -161,9 +161,8 @@ impl Hub {
                 // before the answer, and its agent kills it, so its batch
                 // fails as a worker's death does (and `--retries` runs it
                 // again). Closing the stream alone left a live, idle
-                // worker, which exits 0 when reaped: that looked like its
-                // idle timeout racing the batch, and the batch was sent
-                // again without a word.
+                // worker, which exited 0 when reaped: the call then failed
+                // as a broken stream, never retried.
                 eprintln!("procjob: error: from rank {}: {why}", m.source);
                 if let Some(key) = worker {
                     self.lock().streams.remove(&key);
