@@ -165,8 +165,11 @@ impl Hub {
                 // as a broken stream, never retried.
                 eprintln!("procjob: error: from rank {}: {why}", m.source);
                 if let Some(key) = worker {
-                    self.lock().streams.remove(&key);
+                    // The kill first: once the stream is closed the call may
+                    // reap the worker at once, and its agent must see the
+                    // kill before the closed input, or the worker exits 0.
                     self.send(m.source as usize, &Down::Kill { key });
+                    self.lock().streams.remove(&key);
                 }
             }
             return;
