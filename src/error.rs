@@ -93,7 +93,7 @@ pub enum Error {
         cause: Option<Box<TaskCause>>,
     },
     /// A worker died while running tasks.
-    #[error("{worker} {exit} while running {}{}", list_tasks(.tasks), death_hint(.exit, .mapped))]
+    #[error("{worker} {exit} while running {}{}", list_tasks(.tasks), death_hint(.exit, .mapped, .killed_for.as_deref()))]
     WorkerDied {
         /// The worker.
         worker: WorkerId,
@@ -104,6 +104,10 @@ pub enum Error {
         /// The files those tasks had the worker map (a SIGBUS is a read
         /// of one of them that failed).
         mapped: Vec<std::path::PathBuf>,
+        /// Why procjob itself killed it, when it did: on a cluster, a
+        /// worker whose rows could not be moved between nodes is killed so
+        /// that its batch fails (or is retried) as a death does.
+        killed_for: Option<String>,
     },
     /// A task ran past the call's timeout; its worker was killed.
     #[error("{task} on {worker} ran longer than the timeout of {:.3} s; the worker was killed", .limit.as_secs_f64())]
@@ -296,10 +300,13 @@ fn list_tasks(tasks: &[TaskId]) -> String {
     }
 }
 
-fn death_hint(exit: &WorkerExit, mapped: &[std::path::PathBuf]) -> String {
+fn death_hint(exit: &WorkerExit, mapped: &[std::path::PathBuf], killed_for: Option<&str>) -> String {
     use nix::sys::signal::Signal;
     match exit {
-        WorkerExit::Signaled { signal: Signal::SIGKILL } => "; the system may be out of memory".into(),
+        WorkerExit::Signaled { signal: Signal::SIGKILL } => match killed_for {
+            Some(why) => format!("; procjob killed it: {why}"),
+            None => "; the system may be out of memory".into(),
+        },
         WorkerExit::Signaled { signal: Signal::SIGBUS } => {
             let files = match mapped {
                 [] => "a file it had mapped".to_string(),

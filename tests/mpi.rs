@@ -319,36 +319,48 @@ fn a_worker_killed_on_another_node_is_named_and_retried() {
 
 /// Rows a worker on a node without rank 0's folder wrote, which rank 0
 /// cannot write into its C (a full disk, simulated once with
-/// `PROCJOB_MPI_TEST_LAND_FAIL`): the batch fails as a worker's death does.
-/// The run fails naming the write, the task and where the worker ran; with
-/// `--retries 1` the task runs again, C is right and the loss is said. It
-/// is never sent again without a word.
+/// `PROCJOB_MPI_TEST_LAND_FAIL`), or which that node cannot send (simulated
+/// once with `PROCJOB_MPI_TEST_SEND_FAIL`): procjob kills the worker, and
+/// the batch fails as a worker's death does, the death saying why (not
+/// that the system may be out of memory, as for a SIGKILL from elsewhere).
+/// The run fails naming the cause, the task and where the worker ran; with
+/// `--retries 1` the task runs again, C is right and the loss is said, with
+/// its cause. It is never sent again without a word.
 #[test]
-fn rows_rank_0_cannot_write_fail_their_batch_as_a_death_does() {
-    let dir = TestDir::new("mpi-land");
-    let tmp = tmp_arg(&dir);
-    let env: &[(&str, &str)] = &[("PROCJOB_MPI_SHARED_FS", "no"), ("PROCJOB_MPI_TEST_LAND_FAIL", "1")];
-    let args = four_blocks_on_two_workers("memmap-out", &tmp);
-    let (out, text) = run(&mut mpirun(&[(2, env, &args)]));
-    assert!(!out.status.success(), "{text}");
-    assert!(
-        text.contains("from rank 1: cannot write rows into") && text.contains("PROCJOB_MPI_TEST_LAND_FAIL"),
-        "{text}"
-    );
-    assert!(text.contains("worker 1 (pid ") && text.contains("killed by SIGKILL"), "{text}");
-    assert!(text.contains("worker 1 on rank 1 (host"), "{text}");
-    assert_clean_parent(dir.tmp(), &text);
+fn rows_that_cannot_be_moved_fail_their_batch_as_a_death_does() {
+    for (knob, cause) in [
+        (
+            "PROCJOB_MPI_TEST_LAND_FAIL",
+            "procjob killed it: rank 0 could not take the rows it sent back (cannot write rows into",
+        ),
+        (
+            "PROCJOB_MPI_TEST_SEND_FAIL",
+            "procjob killed it: its node could not send rank 0 the rows it wrote (cannot open",
+        ),
+    ] {
+        let dir = TestDir::new("mpi-rows");
+        let tmp = tmp_arg(&dir);
+        let env: &[(&str, &str)] = &[("PROCJOB_MPI_SHARED_FS", "no"), (knob, "1")];
+        let args = four_blocks_on_two_workers("memmap-out", &tmp);
+        let (out, text) = run(&mut mpirun(&[(2, env, &args)]));
+        assert!(!out.status.success(), "{text}");
+        assert!(text.contains(cause) && text.contains(&format!("{knob}=1)")), "{text}");
+        assert!(text.contains("worker 1 (pid ") && text.contains("killed by SIGKILL"), "{text}");
+        assert!(!text.contains("out of memory"), "{text}");
+        assert!(text.contains("worker 1 on rank 1 (host"), "{text}");
+        assert_clean_parent(dir.tmp(), &text);
 
-    let mut retry_args = args.to_vec();
-    retry_args.extend(["--retries", "1", "--json"]);
-    let (out, text) = run(&mut mpirun(&[(2, env, &retry_args)]));
-    assert!(out.status.success(), "{text}");
-    let l = json_lines(&out).remove(0);
-    assert_eq!(l["matches_seq"], Value::Bool(true), "{text}");
-    let lost = l["lost"].as_array().cloned().unwrap_or_default();
-    assert!(lost.len() == 1 && lost[0].as_str().is_some_and(|m| m.contains("worker 1 (pid ")), "{text}");
-    assert!(text.contains("ran it again on a fresh worker"), "{text}");
-    assert_clean_parent(dir.tmp(), &text);
+        let mut retry_args = args.to_vec();
+        retry_args.extend(["--retries", "1", "--json"]);
+        let (out, text) = run(&mut mpirun(&[(2, env, &retry_args)]));
+        assert!(out.status.success(), "{text}");
+        let l = json_lines(&out).remove(0);
+        assert_eq!(l["matches_seq"], Value::Bool(true), "{text}");
+        let lost = l["lost"].as_array().cloned().unwrap_or_default();
+        assert!(lost.len() == 1 && lost[0].as_str().is_some_and(|m| m.contains(cause)), "{knob}: {text}");
+        assert!(text.contains("ran it again on a fresh worker"), "{text}");
+        assert_clean_parent(dir.tmp(), &text);
+    }
 }
 
 /// A task that hangs on rank 1's node: `--timeout` kills its worker there

@@ -647,6 +647,12 @@ impl WorkerPool {
         self.transport.stop(index, SHUTDOWN_GRACE)
     }
 
+    /// Why procjob itself killed worker `index`, just reaped, when it did
+    /// (see [`Transport::kill_cause`]); asked once.
+    pub fn kill_cause(&mut self, index: usize) -> Option<String> {
+        self.transport.kill_cause(index)
+    }
+
     /// Marks worker `index` as having answered its handshake.
     pub fn mark_ready(&mut self, index: usize, ready: &Ready) {
         if let Some(w) = self.slots[index].worker.as_mut() {

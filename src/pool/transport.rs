@@ -99,4 +99,13 @@ pub(crate) trait Transport: Send {
     /// exit, kills it if it has not, reaps it, and lets go of everything
     /// that served it. Returns how it ended.
     fn stop(&mut self, index: usize, grace: Duration) -> WorkerExit;
+
+    /// Why procjob itself killed worker `index`, which [`stop`](Transport::stop)
+    /// has just reaped, when it did so on purpose (not a timeout's or a
+    /// shutdown's kill, which the caller ordered and knows of): taken, so
+    /// asked once. On one machine nothing kills a worker behind the
+    /// caller's back.
+    fn kill_cause(&mut self, _index: usize) -> Option<String> {
+        None
+    }
 }

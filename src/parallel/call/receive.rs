@@ -200,6 +200,7 @@ impl CallCore<'_> {
         let flight = self.in_flight[w].take();
         let worker = self.pool().worker_id(w);
         let exit = self.pool().reap(w);
+        let killed_for = self.pool().kill_cause(w);
         self.scheduler.handle(Event::WorkerLost { worker: w });
         if self.joining[w].take().is_some() {
             // A replacement died before its handshake: starting another
@@ -233,7 +234,7 @@ impl CallCore<'_> {
             self.retries.count(&flight.tasks);
             self.parallel.last.retried += flight.tasks.len() as u64;
             let mapped = flight.mapped_files();
-            let loss = Error::WorkerDied { worker, exit, tasks: flight.tasks.clone(), mapped };
+            let loss = Error::WorkerDied { worker, exit, tasks: flight.tasks.clone(), mapped, killed_for };
             self.parallel.last.lost.push(loss.to_string());
             self.send_again(w, flight.into_encoded());
             return;
@@ -246,7 +247,7 @@ impl CallCore<'_> {
             }
             _ => {
                 let mapped = flight.mapped_files();
-                self.fail(Error::WorkerDied { worker, exit, tasks: flight.tasks, mapped })
+                self.fail(Error::WorkerDied { worker, exit, tasks: flight.tasks, mapped, killed_for })
             }
         }
     }

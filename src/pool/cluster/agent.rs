@@ -195,6 +195,7 @@ fn start(key: Key, secret: &PoolSecret, threads: u32, link: &Link) -> Result<Wor
                 let _ = out.send(Outgoing { dest: 0, tag: TAG_DATA, bytes: wire::data(key, bytes) });
             }
         };
+        let mut killed_for = None;
         'read: loop {
             match stdout.read(&mut buf) {
                 Ok(0) => break,
@@ -210,11 +211,9 @@ fn start(key: Key, secret: &PoolSecret, threads: u32, link: &Link) -> Result<Wor
                         from = end - 1;
                         if let Err(e) = super::ship::write_back(&out, key, &spans) {
                             // The answer must not reach rank 0 without its
-                            // rows: the worker is ended, its batch fails.
-                            eprintln!(
-                                "procjob: error: cannot send the rows worker {} wrote back to rank 0: {e}",
-                                key.slot
-                            );
+                            // rows: the worker is ended, its batch fails,
+                            // and its death says why.
+                            killed_for = Some(format!("its node could not send rank 0 the rows it wrote ({e})"));
                             kill_pid(pid);
                             break 'read;
                         }
@@ -230,7 +229,7 @@ fn start(key: Key, secret: &PoolSecret, threads: u32, link: &Link) -> Result<Wor
         // lives on past two seconds is killed.
         let exit = wait_or_kill(pid, Duration::from_secs(2));
         done.store(true, Ordering::SeqCst);
-        up(&out, &Up::Exited { key, exit: Exit::from(exit) });
+        up(&out, &Up::Exited { key, exit: Exit::from(exit), killed_for });
     });
     match (writer, reader) {
         (Ok(_), Ok(reader)) => Ok(Worker { pid, input: Some(input_tx), reaped, reader: Some(reader), write_backs }),

@@ -254,22 +254,43 @@ pub(super) fn before_run(hub: &Hub, agent: usize, key: Key, run: u64, batch: &Ba
     Ok(())
 }
 
+/// A fault of the test suite, like `PROCJOB_MPI_SHARED_FS`: when its
+/// variable is `1`, [`fires`](OnceFault::fires) is true once per process
+/// (the variable read once).
+struct OnceFault {
+    env: &'static str,
+    set: std::sync::OnceLock<bool>,
+    fired: std::sync::atomic::AtomicBool,
+}
+
+impl OnceFault {
+    const fn new(env: &'static str) -> OnceFault {
+        OnceFault { env, set: std::sync::OnceLock::new(), fired: std::sync::atomic::AtomicBool::new(false) }
+    }
+
+    fn fires(&self) -> bool {
+        *self.set.get_or_init(|| std::env::var_os(self.env).is_some_and(|v| v == "1"))
+            && !self.fired.swap(true, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// For tests only: `PROCJOB_MPI_TEST_LAND_FAIL=1` makes rank 0 fail to
 /// land the first rows a worker of another node wrote, once, as a full
-/// disk would. Like `PROCJOB_MPI_SHARED_FS`, a knob of the test suite.
-const TEST_LAND_FAIL_ENV: &str = "PROCJOB_MPI_TEST_LAND_FAIL";
+/// disk would.
+static TEST_LAND_FAIL: OnceFault = OnceFault::new("PROCJOB_MPI_TEST_LAND_FAIL");
+
+/// For tests only: `PROCJOB_MPI_TEST_SEND_FAIL=1` makes an agent fail to
+/// send the first rows its workers wrote back to rank 0, once, as a
+/// vanished file would.
+static TEST_SEND_FAIL: OnceFault = OnceFault::new("PROCJOB_MPI_TEST_SEND_FAIL");
 
 /// Rank 0: writes rows a worker of another node wrote in place into the
 /// same file here, which must be one that workers write, and the rows
 /// within it. On failure, the error and the worker whose rows they were.
 pub(super) fn land(message: &[u8]) -> Result<(), (String, Option<Key>)> {
     let Some((piece, bytes)) = split(message) else { return Err(("a malformed piece of a file".into(), None)) };
-    static FAIL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    static FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if *FAIL.get_or_init(|| std::env::var_os(TEST_LAND_FAIL_ENV).is_some_and(|v| v == "1"))
-        && !FAILED.swap(true, std::sync::atomic::Ordering::SeqCst)
-    {
-        let why = format!("cannot write rows into {}: {TEST_LAND_FAIL_ENV}=1", piece.path.display());
+    if TEST_LAND_FAIL.fires() {
+        let why = format!("cannot write rows into {}: {}=1", piece.path.display(), TEST_LAND_FAIL.env);
         return Err((why, piece.worker));
     }
     let guard = shipped();
@@ -362,6 +383,9 @@ pub(super) fn receive(message: &[u8]) {
 /// An agent: sends the bytes of `spans` (written by the worker `key`) to
 /// rank 0, to land in the same files there.
 pub(super) fn write_back(link: &Link, key: Key, spans: &[Span]) -> Result<(), String> {
+    if let Some(s) = spans.first().filter(|_| TEST_SEND_FAIL.fires()) {
+        return Err(format!("cannot open {}: {}=1", s.path.display(), TEST_SEND_FAIL.env));
+    }
     for s in spans {
         let file = std::fs::File::open(&s.path).map_err(|e| format!("cannot open {}: {e}", s.path.display()))?;
         let piece = Piece { path: s.path.clone(), offset: s.offset, fresh: false, file_len: 0, worker: Some(key) };

@@ -78,6 +78,7 @@ pub(crate) fn pool_on_ranks(config: &PoolConfig) -> Option<WorkerPool> {
             events,
             readers,
             unresponsive: Default::default(),
+            kill_causes: Default::default(),
         })
     }))
 }
@@ -145,6 +146,9 @@ struct Ranks {
     readers: ReaderShared,
     /// Ranks that did not answer a kill: not waited for again.
     unresponsive: std::collections::HashSet<usize>,
+    /// Why procjob killed the worker of a slot it has just reaped, when it
+    /// did ([`Transport::kill_cause`]).
+    kill_causes: std::collections::HashMap<usize, String>,
 }
 
 /// How long a stop waits for an agent to report a killed worker's end.
@@ -343,6 +347,10 @@ impl Transport for Ranks {
         crate::pool::pipes::readable_now(r.output.as_fd())
     }
 
+    fn kill_cause(&mut self, index: usize) -> Option<String> {
+        self.kill_causes.remove(&index)
+    }
+
     fn poll_exit(&mut self, index: usize) -> Option<WorkerExit> {
         if self.is_local(index) {
             return self.local.poll_exit(index);
@@ -396,6 +404,10 @@ impl Transport for Ranks {
             }
         }
         let exit = state.exits.remove(&key).unwrap_or(WorkerExit::Unknown);
+        match state.kill_causes.remove(&key) {
+            Some(why) => self.kill_causes.insert(index, why),
+            None => self.kill_causes.remove(&index),
+        };
         state.streams.remove(&key);
         state.input_closed.remove(&key);
         state.started.remove(&key);

@@ -102,8 +102,9 @@ pub(super) enum Up {
     Eof { key: Key },
     /// Its input no longer takes bytes (it exited, or a write failed).
     InputClosed { key: Key },
-    /// It ended so, and was reaped.
-    Exited { key: Key, exit: Exit },
+    /// It ended so, and was reaped; `killed_for` says why, when the agent
+    /// killed it itself.
+    Exited { key: Key, exit: Exit, killed_for: Option<String> },
     /// The answer to [`Down::Probe`].
     Probed { same: bool },
     /// Every worker is stopped; the agent leaves.

@@ -77,6 +77,9 @@ pub(super) struct HubState {
     pub(super) started: HashMap<Key, Result<u32, String>>,
     /// How remote workers ended.
     pub(super) exits: HashMap<Key, WorkerExit>,
+    /// Why procjob killed a remote worker, when it did on purpose (its
+    /// rows could not be moved between nodes): taken when it is reaped.
+    pub(super) kill_causes: HashMap<Key, String>,
     /// Remote workers whose input no longer takes bytes.
     pub(super) input_closed: HashSet<Key>,
     /// Answers to probes: rank, and whether it sees the same file.
@@ -160,16 +163,21 @@ impl Hub {
                 // Its rows are not here: its reader sees its stream end
                 // before the answer, and its agent kills it, so its batch
                 // fails as a worker's death does (and `--retries` runs it
-                // again). Closing the stream alone left a live, idle
-                // worker, which exited 0 when reaped: the call then failed
-                // as a broken stream, never retried.
-                eprintln!("procjob: error: from rank {}: {why}", m.source);
-                if let Some(key) = worker {
-                    // The kill first: once the stream is closed the call may
-                    // reap the worker at once, and its agent must see the
-                    // kill before the closed input, or the worker exits 0.
-                    self.send(m.source as usize, &Down::Kill { key });
-                    self.lock().streams.remove(&key);
+                // again), the death saying why. Closing the stream alone
+                // left a live, idle worker, which exited 0 when reaped: the
+                // call then failed as a broken stream, never retried.
+                match worker {
+                    Some(key) => {
+                        // The kill first: once the stream is closed the call
+                        // may reap the worker at once, and its agent must see
+                        // the kill before the closed input, or the worker
+                        // exits 0.
+                        self.send(m.source as usize, &Down::Kill { key });
+                        let mut state = self.lock();
+                        state.kill_causes.insert(key, format!("rank 0 could not take the rows it sent back ({why})"));
+                        state.streams.remove(&key);
+                    }
+                    None => eprintln!("procjob: error: from rank {}: {why}", m.source),
                 }
             }
             return;
@@ -191,8 +199,11 @@ impl Hub {
             Up::InputClosed { key } => {
                 state.input_closed.insert(key);
             }
-            Up::Exited { key, exit } => {
+            Up::Exited { key, exit, killed_for } => {
                 state.exits.insert(key, exit.into());
+                if let Some(why) = killed_for {
+                    state.kill_causes.insert(key, why);
+                }
                 state.input_closed.insert(key);
                 state.streams.remove(&key);
             }
