@@ -314,6 +314,7 @@ fn a_worker_killed_on_another_node_is_named_and_retried() {
     );
     let lost = json_lines(&out)[0]["lost"].as_array().cloned().unwrap_or_default();
     assert!(lost.len() == 1 && lost[0].as_str().is_some_and(|m| m.contains("rows 25..50")), "{text}");
+    assert!(text.contains("worker 1 on rank 1 (host"), "the loss does not say where: {text}");
     assert_clean_parent(dir.tmp(), &text);
 }
 
@@ -359,6 +360,10 @@ fn rows_that_cannot_be_moved_fail_their_batch_as_a_death_does() {
         let lost = l["lost"].as_array().cloned().unwrap_or_default();
         assert!(lost.len() == 1 && lost[0].as_str().is_some_and(|m| m.contains(cause)), "{knob}: {text}");
         assert!(text.contains("ran it again on a fresh worker"), "{text}");
+        assert!(
+            text.contains("under MPI: worker 0 on rank 0 (host") && text.contains("worker 1 on rank 1 (host"),
+            "{text}"
+        );
         assert_clean_parent(dir.tmp(), &text);
     }
 }

@@ -779,8 +779,13 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
             matmul::run_mode(mode, &inputs, &settings, &folder).map_err(|e| explain_full_folder(e, &folder, needed))?;
         // A task lost to a dead worker and run again (--retries) is no
         // failure, but the user hears of it.
+        let mut lost = false;
         for loss in run.repetitions.iter().flat_map(|r| &r.lost) {
             eprintln!("procjob: {}: {loss}; ran it again on a fresh worker (--retries)", mode.name());
+            lost = true;
+        }
+        if lost {
+            mpi::explain_failure();
         }
         let matches = if check { Some(reference.as_ref().is_none_or(|s| *s == run.c)) } else { None };
         let seq_wall = reports.iter().find(|r| r.mode == "seq").map(|r| r.wall_s);

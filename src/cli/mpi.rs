@@ -213,8 +213,9 @@ pub(super) fn header(out: &mut impl Write) {
     let _ = out;
 }
 
-/// After a failure under MPI: where each worker ran, so that "worker 3"
-/// in the message names a rank and a host.
+/// After a failure, or a loss run again (`--retries`), under MPI: where
+/// each worker ran, so that "worker 3" in the message names a rank and a
+/// host.
 pub(super) fn explain_failure() {
     if !on_mpi() {
         return;
