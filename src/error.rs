@@ -93,6 +93,7 @@ pub enum Error {
         cause: Option<Box<TaskCause>>,
     },
     /// A worker died while running tasks.
+    #[non_exhaustive]
     #[error("{worker} {exit} while running {}{}", list_tasks(.tasks), death_hint(.exit, .mapped, .killed_for.as_deref()))]
     WorkerDied {
         /// The worker.
@@ -104,9 +105,11 @@ pub enum Error {
         /// The files those tasks had the worker map (a SIGBUS is a read
         /// of one of them that failed).
         mapped: Vec<std::path::PathBuf>,
-        /// Why procjob itself killed it, when it did: on a cluster, a
-        /// worker whose rows could not be moved between nodes is killed so
-        /// that its batch fails (or is retried) as a death does.
+        /// Why procjob itself killed it, when it did (the message then says
+        /// so instead of guessing from the signal): a worker still running
+        /// two seconds after its input was closed, or, on a cluster, one
+        /// whose rows could not be moved between nodes, killed so that its
+        /// batch fails (or is retried) as a death does.
         killed_for: Option<String>,
     },
     /// A task ran past the call's timeout; its worker was killed.
@@ -302,11 +305,11 @@ fn list_tasks(tasks: &[TaskId]) -> String {
 
 fn death_hint(exit: &WorkerExit, mapped: &[std::path::PathBuf], killed_for: Option<&str>) -> String {
     use nix::sys::signal::Signal;
+    if let Some(why) = killed_for {
+        return format!("; procjob killed it: {why}");
+    }
     match exit {
-        WorkerExit::Signaled { signal: Signal::SIGKILL } => match killed_for {
-            Some(why) => format!("; procjob killed it: {why}"),
-            None => "; the system may be out of memory".into(),
-        },
+        WorkerExit::Signaled { signal: Signal::SIGKILL } => "; the system may be out of memory".into(),
         WorkerExit::Signaled { signal: Signal::SIGBUS } => {
             let files = match mapped {
                 [] => "a file it had mapped".to_string(),
@@ -336,6 +339,37 @@ mod tests {
         };
         assert_eq!(format!("{e:?}"), "cannot write C: No space left on device\n  caused by: No space left on device");
         assert_eq!(format!("{:?}", Error::Config("n_jobs = 0".into())), "n_jobs = 0");
+    }
+
+    /// A SIGKILL nobody in procjob sent may be the OOM killer's; one that
+    /// procjob sent says why instead, whatever the exit came to be.
+    #[test]
+    fn a_death_says_why_procjob_killed_the_worker_or_guesses_from_the_signal() {
+        use nix::sys::signal::Signal;
+        let died = |exit: WorkerExit, killed_for: Option<&str>| {
+            Error::WorkerDied {
+                worker: WorkerId { index: 1, pid: 4711 },
+                exit,
+                tasks: vec![TaskId { index: 1, description: Some("rows 25..50".into()) }],
+                mapped: Vec::new(),
+                killed_for: killed_for.map(Into::into),
+            }
+            .to_string()
+        };
+        let sigkill = WorkerExit::Signaled { signal: Signal::SIGKILL };
+        assert_eq!(
+            died(sigkill, None),
+            "worker 1 (pid 4711) was killed by SIGKILL while running task 1 (rows 25..50); \
+             the system may be out of memory"
+        );
+        assert_eq!(
+            died(sigkill, Some("it was still running 2 s after its input was closed")),
+            "worker 1 (pid 4711) was killed by SIGKILL while running task 1 (rows 25..50); \
+             procjob killed it: it was still running 2 s after its input was closed"
+        );
+        assert!(died(WorkerExit::Unknown, Some("why"))
+            .ends_with("ended while running task 1 (rows 25..50); procjob killed it: why"));
+        assert!(!died(WorkerExit::Exited { code: 7 }, None).contains(';'), "no guess for an exit code");
     }
 
     #[test]

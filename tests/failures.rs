@@ -76,7 +76,29 @@ fn pattern_c(n: usize) -> Matrix<i64> {
 fn worker_killed_mid_task_reports_signal_rows_and_exits_1() {
     let dir = TestDir::new("fail-kill");
     let run = run_checked(&faulty(&dir, "kill@30")).assert_code(1);
-    assert_mentions(&run, &["killed by SIGKILL", "rows 25..50", "worker ", "(pid "]);
+    assert_mentions(&run, &["killed by SIGKILL", "rows 25..50", "worker ", "(pid ", "the system may be out of memory"]);
+    assert!(
+        !run.stderr.contains("procjob killed it"),
+        "{}: a kill from outside blamed on procjob:\n{}",
+        run.command,
+        run.stderr
+    );
+    worker_pid_named(&run);
+}
+
+/// A worker whose output is gone but which lives on (it closed its
+/// protocol stream and hangs): procjob kills it once the grace after its
+/// input closed has passed, and the death says so, not that the system may
+/// be out of memory.
+#[test]
+fn a_worker_procjob_had_to_kill_is_reported_as_such() {
+    let dir = TestDir::new("fail-mute");
+    let run = run_checked(&faulty(&dir, "mute@30")).assert_code(1);
+    assert_mentions(
+        &run,
+        &["killed by SIGKILL", "rows 25..50", "procjob killed it: it was still running 2 s after its input was closed"],
+    );
+    assert!(!run.stderr.contains("out of memory"), "{}: a misleading hint:\n{}", run.command, run.stderr);
     worker_pid_named(&run);
 }
 

@@ -296,6 +296,8 @@ fn a_worker_killed_on_another_node_is_named_and_retried() {
     let (out, text) = run(&mut mpirun(&[(1, &[], &args), (1, fault, &[])]));
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("killed by SIGKILL") && text.contains("rows 25..50"), "{text}");
+    // Killed from outside (as the OOM killer would): no cause of procjob's.
+    assert!(text.contains("the system may be out of memory") && !text.contains("procjob killed it"), "{text}");
     assert!(text.contains("worker 1 on rank 1 (host"), "{text}");
     assert_clean_parent(dir.tmp(), &text);
 
@@ -344,25 +346,25 @@ fn rows_that_cannot_be_moved_fail_their_batch_as_a_death_does() {
         let env: &[(&str, &str)] = &[("PROCJOB_MPI_SHARED_FS", "no"), (knob, "1")];
         let args = four_blocks_on_two_workers("memmap-out", &tmp);
         let (out, text) = run(&mut mpirun(&[(2, env, &args)]));
-        assert!(!out.status.success(), "{text}");
-        assert!(text.contains(cause) && text.contains(&format!("{knob}=1)")), "{text}");
-        assert!(text.contains("worker 1 (pid ") && text.contains("killed by SIGKILL"), "{text}");
-        assert!(!text.contains("out of memory"), "{text}");
-        assert!(text.contains("worker 1 on rank 1 (host"), "{text}");
+        assert!(!out.status.success(), "{knob}: {text}");
+        assert!(text.contains(cause) && text.contains(&format!("{knob}=1)")), "{knob}: {text}");
+        assert!(text.contains("worker 1 (pid ") && text.contains("killed by SIGKILL"), "{knob}: {text}");
+        assert!(!text.contains("out of memory"), "{knob}: {text}");
+        assert!(text.contains("worker 1 on rank 1 (host"), "{knob}: {text}");
         assert_clean_parent(dir.tmp(), &text);
 
         let mut retry_args = args.to_vec();
         retry_args.extend(["--retries", "1", "--json"]);
         let (out, text) = run(&mut mpirun(&[(2, env, &retry_args)]));
-        assert!(out.status.success(), "{text}");
+        assert!(out.status.success(), "{knob}: {text}");
         let l = json_lines(&out).remove(0);
-        assert_eq!(l["matches_seq"], Value::Bool(true), "{text}");
+        assert_eq!(l["matches_seq"], Value::Bool(true), "{knob}: {text}");
         let lost = l["lost"].as_array().cloned().unwrap_or_default();
         assert!(lost.len() == 1 && lost[0].as_str().is_some_and(|m| m.contains(cause)), "{knob}: {text}");
-        assert!(text.contains("ran it again on a fresh worker"), "{text}");
+        assert!(text.contains("ran it again on a fresh worker"), "{knob}: {text}");
         assert!(
             text.contains("under MPI: worker 0 on rank 0 (host") && text.contains("worker 1 on rank 1 (host"),
-            "{text}"
+            "{knob}: {text}"
         );
         assert_clean_parent(dir.tmp(), &text);
     }

@@ -244,7 +244,7 @@ pub fn run(cli: Cli) -> i32 {
         Ok(()) => exit::OK,
         Err(e) => {
             eprintln!("procjob: error: {}", e.message);
-            mpi::explain_failure();
+            mpi::say_where_workers_ran();
             e.code
         }
     }
@@ -785,7 +785,7 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
             lost = true;
         }
         if lost {
-            mpi::explain_failure();
+            mpi::say_where_workers_ran();
         }
         let matches = if check { Some(reference.as_ref().is_none_or(|s| *s == run.c)) } else { None };
         let seq_wall = reports.iter().find(|r| r.mode == "seq").map(|r| r.wall_s);

@@ -215,9 +215,10 @@ pub(super) fn header(out: &mut impl Write) {
 
 /// After a failure, or a loss run again (`--retries`), under MPI: where
 /// each worker ran, so that "worker 3" in the message names a rank and a
-/// host.
-pub(super) fn explain_failure() {
-    if !on_mpi() {
+/// host. Once per run.
+pub(super) fn say_where_workers_ran() {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !on_mpi() || SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
         return;
     }
     let places = PLACES.lock().map(|p| p.clone()).unwrap_or_default();

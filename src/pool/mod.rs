@@ -647,10 +647,15 @@ impl WorkerPool {
         self.transport.stop(index, SHUTDOWN_GRACE)
     }
 
-    /// Why procjob itself killed worker `index`, just reaped, when it did
-    /// (see [`Transport::kill_cause`]); asked once.
-    pub fn kill_cause(&mut self, index: usize) -> Option<String> {
-        self.transport.kill_cause(index)
+    /// [`reap`](WorkerPool::reap)s worker `index`, a worker the call lost,
+    /// and says why procjob itself killed it, when it did (see
+    /// [`Transport::kill_cause`]).
+    pub fn reap_lost(&mut self, index: usize) -> (WorkerExit, Option<String>) {
+        if self.slots[index].worker.is_none() {
+            return (WorkerExit::Unknown, None);
+        }
+        let exit = self.reap(index);
+        (exit, self.transport.kill_cause(index))
     }
 
     /// Marks worker `index` as having answered its handshake.

@@ -101,10 +101,11 @@ pub(crate) trait Transport: Send {
     fn stop(&mut self, index: usize, grace: Duration) -> WorkerExit;
 
     /// Why procjob itself killed worker `index`, which [`stop`](Transport::stop)
-    /// has just reaped, when it did so on purpose (not a timeout's or a
-    /// shutdown's kill, which the caller ordered and knows of): taken, so
-    /// asked once. On one machine nothing kills a worker behind the
-    /// caller's back.
+    /// has just reaped, when it did without being asked to: it was still
+    /// running `grace` after its input was closed, or (on a cluster) its
+    /// rows could not be moved between nodes. A [`kill`](Transport::kill)
+    /// the caller ordered (a timeout's) has no cause here: the caller knows
+    /// it. Taken, so asked once, right after that `stop`.
     fn kill_cause(&mut self, _index: usize) -> Option<String> {
         None
     }

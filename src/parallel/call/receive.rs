@@ -199,8 +199,7 @@ impl CallCore<'_> {
     pub(super) fn on_lost(&mut self, w: usize, error: Option<String>) {
         let flight = self.in_flight[w].take();
         let worker = self.pool().worker_id(w);
-        let exit = self.pool().reap(w);
-        let killed_for = self.pool().kill_cause(w);
+        let (exit, killed_for) = self.pool().reap_lost(w);
         self.scheduler.handle(Event::WorkerLost { worker: w });
         if self.joining[w].take().is_some() {
             // A replacement died before its handshake: starting another
@@ -243,7 +242,8 @@ impl CallCore<'_> {
             Some(reason) if !died => {
                 // Keep how it ended too: a worker that wrote a bad frame
                 // usually says why on stderr and exits with a code.
-                self.fail(Error::Transport { worker, reason: format!("{reason} (the worker then {exit})") })
+                let killed = killed_for.map(|why| format!("; procjob killed it: {why}")).unwrap_or_default();
+                self.fail(Error::Transport { worker, reason: format!("{reason} (the worker then {exit}{killed})") })
             }
             _ => {
                 let mapped = flight.mapped_files();

@@ -227,7 +227,10 @@ fn start(key: Key, secret: &PoolSecret, threads: u32, link: &Link) -> Result<Wor
         up(&out, &Up::Eof { key });
         // Its output closed: it is exiting (or was killed); a worker that
         // lives on past two seconds is killed.
-        let exit = wait_or_kill(pid, Duration::from_secs(2));
+        let (exit, killed) = wait_or_kill(pid, Duration::from_secs(2));
+        if killed && killed_for.is_none() {
+            killed_for = Some("it was still running 2 s after its output ended".into());
+        }
         done.store(true, Ordering::SeqCst);
         up(&out, &Up::Exited { key, exit: Exit::from(exit), killed_for });
     });

@@ -348,6 +348,9 @@ impl Transport for Ranks {
     }
 
     fn kill_cause(&mut self, index: usize) -> Option<String> {
+        if self.is_local(index) {
+            return self.local.kill_cause(index);
+        }
         self.kill_causes.remove(&index)
     }
 
@@ -393,9 +396,11 @@ impl Transport for Ranks {
         // is waited for. Nor is one that did not answer a kill before.
         let wait = crate::signals::received().is_none() && !self.unresponsive.contains(&r.rank);
         let mut state = self.hub.wait_for(if wait { grace } else { Duration::ZERO }, |s| s.exits.contains_key(&key));
+        let mut killed = None;
         if !state.exits.contains_key(&key) {
             drop(state);
             self.hub.send(r.rank, &Down::Kill { key });
+            killed = Some(crate::pool::pipes::still_running(grace));
             // The agent reaps a killed worker at once; this bounds the wait
             // should its rank be gone (the launcher then ends the job).
             state = self.hub.wait_for(if wait { KILL_WAIT } else { Duration::ZERO }, |s| s.exits.contains_key(&key));
@@ -404,7 +409,7 @@ impl Transport for Ranks {
             }
         }
         let exit = state.exits.remove(&key).unwrap_or(WorkerExit::Unknown);
-        match state.kill_causes.remove(&key) {
+        match state.kill_causes.remove(&key).or(killed) {
             Some(why) => self.kill_causes.insert(index, why),
             None => self.kill_causes.remove(&index),
         };

@@ -82,6 +82,9 @@ pub(crate) struct Pipes {
     /// Whether workers may lend results by address (not when
     /// `PROCJOB_LEND=0`).
     lend: bool,
+    /// Why `stop` had to kill the worker of a slot, when it did
+    /// ([`Transport::kill_cause`]).
+    kill_causes: std::collections::HashMap<usize, String>,
 }
 
 impl Pipes {
@@ -95,7 +98,15 @@ impl Pipes {
         readers: ReaderShared,
     ) -> Pipes {
         let lend = std::env::var_os(reader::LEND_ENV).is_none_or(|v| v != "0");
-        Pipes { program, start, events, readers, processes: (0..workers).map(|_| None).collect(), lend }
+        Pipes {
+            program,
+            start,
+            events,
+            readers,
+            processes: (0..workers).map(|_| None).collect(),
+            lend,
+            kill_causes: Default::default(),
+        }
     }
 
     /// Re-executes the program as the worker of slot `index`.
@@ -413,9 +424,13 @@ impl Transport for Pipes {
     fn stop(&mut self, index: usize, grace: Duration) -> WorkerExit {
         let Some(mut p) = self.processes[index].take() else { return WorkerExit::Unknown };
         drop(p.input.take());
-        let exit = match p.exited {
-            Some(exit) => exit,
+        let (exit, killed) = match p.exited {
+            Some(exit) => (exit, false),
             None => reap::wait_or_kill_unreaped(p.pid, grace),
+        };
+        match killed {
+            true => self.kill_causes.insert(index, still_running(grace)),
+            false => self.kill_causes.remove(&index),
         };
         if let Some(r) = p.reader.take() {
             let _ = r.join();
@@ -424,6 +439,15 @@ impl Transport for Pipes {
         crate::lifecycle::worker_reaped(p.pid);
         exit
     }
+
+    fn kill_cause(&mut self, index: usize) -> Option<String> {
+        self.kill_causes.remove(&index)
+    }
+}
+
+/// Why a worker that outlived `grace` after its input closed was killed.
+pub(crate) fn still_running(grace: Duration) -> String {
+    format!("it was still running {} s after its input was closed", grace.as_secs_f64())
 }
 
 /// Writes one request frame to a worker's input (`None`: it is not running).

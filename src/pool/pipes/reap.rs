@@ -5,22 +5,23 @@ use std::time::{Duration, Instant};
 use crate::error::WorkerExit;
 
 /// Waits up to `grace` for worker `pid` to exit on its own (a worker exits
-/// as soon as its input closes), then kills it; reaps it either way.
-pub(crate) fn wait_or_kill(pid: u32, grace: Duration) -> WorkerExit {
-    let exit = wait_or_kill_unreaped(pid, grace);
+/// as soon as its input closes), then kills it; reaps it either way. Returns
+/// how it ended and whether it had to be killed.
+pub(crate) fn wait_or_kill(pid: u32, grace: Duration) -> (WorkerExit, bool) {
+    let ended = wait_or_kill_unreaped(pid, grace);
     reap(pid);
-    exit
+    ended
 }
 
 /// [`wait_or_kill`], leaving the ended worker unreaped (a zombie), so that
 /// its pid stays its own — nothing else can be given it — until [`reap`]:
 /// its reader may still be copying results out of its memory by pid.
-pub(super) fn wait_or_kill_unreaped(pid: u32, grace: Duration) -> WorkerExit {
+pub(super) fn wait_or_kill_unreaped(pid: u32, grace: Duration) -> (WorkerExit, bool) {
     let deadline = Instant::now() + grace;
     let mut pause = Duration::from_micros(50);
     loop {
         match peek_exit(pid, false) {
-            Ok(Some(exit)) => return exit,
+            Ok(Some(exit)) => return (exit, false),
             Ok(None) if Instant::now() < deadline => {
                 // Exiting takes microseconds to milliseconds; back off so a
                 // slow exit does not spin.
@@ -29,15 +30,16 @@ pub(super) fn wait_or_kill_unreaped(pid: u32, grace: Duration) -> WorkerExit {
             }
             Ok(None) => {
                 kill_pid(pid);
-                return loop {
+                let exit = loop {
                     match peek_exit(pid, true) {
                         Ok(Some(exit)) => break exit,
                         Ok(None) | Err(nix::errno::Errno::EINTR) => {}
                         Err(_) => break WorkerExit::Unknown,
                     }
                 };
+                return (exit, true);
             }
-            Err(_) => return WorkerExit::Unknown,
+            Err(_) => return (WorkerExit::Unknown, false),
         }
     }
 }

@@ -101,6 +101,7 @@ fn fault_point(rows: (u64, u64)) -> Option<ErasedOutcome> {
         "error" => Misbehavior::Error,
         "hang" => Misbehavior::Hang,
         "garbage" => Misbehavior::Garbage,
+        "mute" => Misbehavior::Mute,
         other => return Some(ErasedOutcome::error(&format!("unknown fault {other:?} in {FAULT_ENV}"))),
     };
     Misbehave::run((row, how)).err().map(|message| ErasedOutcome::error(&message))

@@ -13,7 +13,7 @@ use crate::task::Task;
 /// The environment variable that injects a fault into the matmul task (the
 /// serve loop reads it before each task, see `crate::fault`):
 /// `KIND@ROW` or `KIND@ROW@once=MARKER`. The block whose rows contain ROW
-/// misbehaves as KIND (`kill`, `abort`, `exit`, `panic`, `error`, `hang`,
+/// misbehaves as KIND (`kill`, `abort`, `exit`, `panic`, `error`, `hang`, `mute`,
 /// `garbage`; `lent` answers with a result lent at a bad address;
 /// `lent-exit`, which needs `once`, runs the block and exits once its reply
 /// is sent); with `once`, only if MARKER can be created (so a retry on a
@@ -168,6 +168,9 @@ pub enum Misbehavior {
     Hang,
     /// Write garbage into the protocol stream, then exit.
     Garbage,
+    /// Close the protocol stream, then never return: a worker that lives
+    /// on with its output gone, which procjob must kill.
+    Mute,
     /// Return far more than a frame may carry.
     TooMuch,
     /// Return an error whose message is this many bytes long.
@@ -204,6 +207,14 @@ impl Task for Misbehave {
             Misbehavior::Exit => std::process::exit(7),
             Misbehavior::Hang => {
                 eprintln!("procjob-test: hanging in pid {}", std::process::id());
+                loop {
+                    std::thread::park();
+                }
+            }
+            Misbehavior::Mute => {
+                // SAFETY: closing a descriptor this process owns; nothing
+                // else writes to it while the task runs.
+                unsafe { libc::close(crate::io::protocol_output_fd()) };
                 loop {
                     std::thread::park();
                 }
