@@ -400,7 +400,8 @@ impl Transport for Ranks {
         if !state.exits.contains_key(&key) {
             drop(state);
             self.hub.send(r.rank, &Down::Kill { key });
-            killed = Some(crate::pool::pipes::still_running(grace));
+            // (Not waited for, it was not given `grace`: no cause then.)
+            killed = wait.then(|| crate::pool::pipes::still_running(grace));
             // The agent reaps a killed worker at once; this bounds the wait
             // should its rank be gone (the launcher then ends the job).
             state = self.hub.wait_for(if wait { KILL_WAIT } else { Duration::ZERO }, |s| s.exits.contains_key(&key));

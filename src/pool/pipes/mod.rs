@@ -447,7 +447,9 @@ impl Transport for Pipes {
 
 /// Why a worker that outlived `grace` after its input closed was killed.
 pub(crate) fn still_running(grace: Duration) -> String {
-    format!("it was still running {} s after its input was closed", grace.as_secs_f64())
+    let s = grace.as_secs_f64();
+    let s = if s.fract() == 0.0 { format!("{s:.0}") } else { format!("{s:.1}") };
+    format!("it was still running {s} s after its input was closed")
 }
 
 /// Writes one request frame to a worker's input (`None`: it is not running).
