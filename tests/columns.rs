@@ -47,3 +47,51 @@ fn bench_fits_80_columns() {
     assert_eq!(too_wide(&run.stdout, 80), Vec::<String>::new(), "{}:\n{}", run.command, run.stdout);
     assert!(run.stdout.contains("ideal") && !run.stdout.contains("1.00× faster"), "{}", run.stdout);
 }
+
+/// `procjob bench` says above its table on what it ran: the CPU and the
+/// GEMM's kernel, tile, loop order and block sizes, and where they came
+/// from (the caches, or an environment variable that forced them) — so a
+/// sweep pasted elsewhere names its machine. Not in `--json` output.
+#[test]
+fn bench_names_the_machine_and_the_kernel_it_ran() {
+    let dir = TestDir::new("bench-machine");
+    let bench = |env: &[(&str, &str)], extra: &[&str]| {
+        let mut cmd = Procjob::new();
+        cmd.args(["bench", "--sizes", "24", "--processes", "1", "--modes", "memmap", "--repeat", "1"])
+            .args(extra)
+            .arg("--temp-folder")
+            .arg(dir.tmp())
+            .env("COLUMNS", "200")
+            .expect_clean(dir.tmp());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.run().assert_ok()
+    };
+    // The header's paragraph that starts `start`, its wrapped lines joined.
+    let line = |run: &Run, start: &str| {
+        let from = run.stdout.find(start).unwrap_or_else(|| panic!("{}: no {start:?}:\n{}", run.command, run.stdout));
+        let rest = &run.stdout[from..];
+        let end = ["\nkernel: ", "\n\n"].iter().filter_map(|m| rest.find(m)).min().unwrap_or(rest.len());
+        rest[..end].replace('\n', " ")
+    };
+    let run = bench(&[], &[]);
+    assert!(line(&run, "machine: ").contains(" CPU"), "{}", run.stdout);
+    let kernel = line(&run, "kernel: f64 ");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        assert!(kernel.contains(" tiles, ") && kernel.contains("KC 256)"), "{}", run.stdout);
+        let forced = bench(&[("PROCJOB_GEMM", "avx2"), ("PROCJOB_GEMM_BLOCKING", "12,40,a")], &[]);
+        let kernel = line(&forced, "kernel: f64 ");
+        assert!(kernel.contains("f64 AVX2+FMA, 6 × 8 tiles, A's block in L2 (MC 12, NC 40, KC 256)"), "{kernel}");
+        assert!(kernel.contains("PROCJOB_GEMM=avx2, PROCJOB_GEMM_BLOCKING=12,40,a"), "{kernel}");
+    }
+    if std::path::Path::new("/sys/devices/system/cpu/cpu0/cache/index0").exists() {
+        assert!(kernel.contains("caches L1d "), "{kernel}");
+    }
+    let portable = bench(&[("PROCJOB_GEMM", "portable")], &["--dtype", "f32"]);
+    let kernel = line(&portable, "kernel: f32 matrixmultiply's kernel");
+    assert!(kernel.contains("PROCJOB_GEMM=portable"), "{kernel}");
+    let json = bench(&[], &["--json"]);
+    assert!(!json.stdout.contains("machine: ") && !json.stdout.contains("kernel: "), "{}", json.stdout);
+}

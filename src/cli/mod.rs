@@ -705,6 +705,26 @@ fn needed_bytes(source: &Source, modes: &[Mode]) -> u64 {
     u64::try_from(2 * inputs + outputs + 64 * 1024).unwrap_or(u64::MAX)
 }
 
+/// This machine in a few words: the CPU's model, family and model numbers
+/// (from `/proc/cpuinfo` where there is one) and the CPUs this process may
+/// use.
+fn machine_text() -> String {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    // The first processor's fields.
+    let field = |key: &str| {
+        info.lines()
+            .take_while(|l| !l.trim().is_empty())
+            .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim() == key).map(|(_, v)| v.trim().to_string()))
+    };
+    let cpu = match (field("model name"), field("cpu family"), field("model")) {
+        (Some(name), Some(family), Some(model)) => format!("{name}, family {family} model {model}, "),
+        (Some(name), ..) => format!("{name}, "),
+        _ => String::new(),
+    };
+    format!("{cpu}{cpus} CPU{}", if cpus == 1 { "" } else { "s" })
+}
+
 /// A run that failed for want of room in the temp folder's filesystem
 /// (another run or program filled it after the room check): say so, with
 /// the folder, what the run needs and what to do, instead of the worker's
@@ -921,6 +941,9 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
         if let Some(text) = mpi::world_text() {
             let _ = writeln!(out, "{}", wrap_78(&text));
         }
+        // What ran, so that a sweep pasted elsewhere says on what machine.
+        let _ = writeln!(out, "{}", wrap_78(&format!("machine: {}", machine_text())));
+        let _ = writeln!(out, "{}", wrap_78(&format!("kernel: {}", procjob_worker::kernels::gemm::describe(dtype))));
     }
     let json = args.json;
     let wide = table_width() >= FULL_BENCH_WIDTH;

@@ -494,6 +494,46 @@ kernel! {
     parts: [tile_f32_avx512_v1, tile_f32_avx512_v2, tile_f32_avx512_v3]
 }
 
+/// What the GEMM runs here for `dtype` (`i64` counts as `f64`, whose kernel
+/// its exact path runs), in words, for a benchmark's header: the kernel and
+/// its tile, the loop order and block sizes, where they came from (the
+/// caches this CPU reports, or the fixed fallback) and any environment
+/// variable that forced them. Reads what the GEMM itself reads, once per
+/// process.
+pub fn describe(dtype: crate::DType) -> String {
+    fn with<M: Micro>(isa: &str) -> String {
+        let blk = M::blocking();
+        let order = match blk.order {
+            Order::AInL2 => "A's block in L2",
+            Order::BInL2 => "B's block in L2",
+        };
+        format!("{isa}, {} × {} tiles, {order} (MC {}, NC {}, KC {})", M::MR, M::NR, blk.mc, blk.nc, M::KC)
+    }
+    let f32 = dtype == crate::DType::F32;
+    let kernel = match (chosen_isa(best_isa), f32) {
+        (Isa::Avx512, false) => with::<F64x32>("AVX-512"),
+        (Isa::Avx512, true) => with::<F32x64>("AVX-512"),
+        (Isa::Avx2, false) => with::<F64>("AVX2+FMA"),
+        (Isa::Avx2, true) => with::<F32>("AVX2+FMA"),
+        (Isa::Portable, _) => "matrixmultiply's kernel (no AVX2+FMA kernel of ours runs)".to_string(),
+    };
+    let source = match super::machine::caches().describe() {
+        Some(caches) => format!("caches {caches}"),
+        None => "no caches reported: the fixed blocking".to_string(),
+    };
+    let forced: Vec<String> = [super::machine::GEMM_ENV, super::blocking::BLOCKING_ENV]
+        .into_iter()
+        .filter_map(|name| Some(format!("{name}={}", std::env::var(name).ok().filter(|v| !v.trim().is_empty())?)))
+        .collect();
+    let forced = if forced.is_empty() { String::new() } else { format!("; {}", forced.join(", ")) };
+    let what = match dtype {
+        crate::DType::F32 => "f32",
+        crate::DType::I64 => "i64 (exact path: the f64 kernel)",
+        _ => "f64",
+    };
+    format!("{what} {kernel}; {source}{forced}")
+}
+
 /// Whether this CPU has AVX-512F besides AVX2 and FMA (cached by the
 /// standard library after the first call).
 fn has_avx512() -> bool {

@@ -50,6 +50,30 @@ pub(super) fn caches() -> Caches {
     *CACHES.get_or_init(|| read_caches(Path::new("/sys/devices/system/cpu/cpu0/cache")))
 }
 
+impl Caches {
+    /// The levels in words, for a benchmark's header: `L1d 32 KiB 8-way,
+    /// L2 512 KiB 8-way, L3 32 MiB 16-way shared by 2 CPUs`; `None` when no
+    /// level is known.
+    pub(super) fn describe(&self) -> Option<String> {
+        let size = |b: usize| {
+            if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
+                format!("{} MiB", b >> 20)
+            } else {
+                format!("{} KiB", b >> 10)
+            }
+        };
+        let levels: Vec<String> = [("L1d", self.l1d), ("L2", self.l2), ("L3", self.l3)]
+            .into_iter()
+            .filter_map(|(name, level)| {
+                let l = level?;
+                let shared = if l.sharers > 1 { format!(" shared by {} CPUs", l.sharers) } else { String::new() };
+                Some(format!("{name} {} {}-way{shared}", size(l.size), l.ways))
+            })
+            .collect();
+        (!levels.is_empty()).then(|| levels.join(", "))
+    }
+}
+
 /// Reads `dir/index*/{level,type,size,ways_of_associativity,
 /// coherency_line_size,shared_cpu_list}`. A level is kept only when its
 /// figures are sane: a size of 1 KiB to 1 GiB, at least one way, whole
@@ -197,6 +221,21 @@ impl Isa {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The caches in words: sizes in KiB or whole MiB, ways, and the CPUs
+    /// that share a level when more than one does; nothing known, `None`.
+    #[test]
+    fn caches_are_described_level_by_level() {
+        let level = |size, ways, sharers| Some(CacheLevel { size, ways, sharers });
+        let zen3 = Caches { l1d: level(32 << 10, 8, 1), l2: level(512 << 10, 8, 1), l3: level(32 << 20, 16, 2) };
+        assert_eq!(
+            zen3.describe().as_deref(),
+            Some("L1d 32 KiB 8-way, L2 512 KiB 8-way, L3 32 MiB 16-way shared by 2 CPUs")
+        );
+        let odd = Caches { l2: level(1280 << 10, 20, 1), ..Caches::default() };
+        assert_eq!(odd.describe().as_deref(), Some("L2 1280 KiB 20-way"));
+        assert_eq!(Caches::default().describe(), None);
+    }
 
     #[test]
     fn sizes_and_cpu_lists_parse() {
