@@ -25,7 +25,7 @@ use procjob_worker::serve::WORKER_ENV;
 
 use super::link::{self, Incoming, Link, Outgoing};
 use super::wire::{self, Down, Exit, Key, Span, Up, TAG_CONTROL, TAG_DATA, TAG_FILE};
-use crate::pool::pipes::{kill_pid, wait_or_kill, THREAD_ENV};
+use crate::pool::pipes::{kill_pid, still_running, wait_or_kill, THREAD_ENV};
 
 /// Simulates a node that does not see rank 0's files (for tests): set to
 /// `no`, the agent answers every shared-filesystem probe "not the same".
@@ -227,9 +227,10 @@ fn start(key: Key, secret: &PoolSecret, threads: u32, link: &Link) -> Result<Wor
         up(&out, &Up::Eof { key });
         // Its output closed: it is exiting (or was killed); a worker that
         // lives on past two seconds is killed.
-        let (exit, killed) = wait_or_kill(pid, Duration::from_secs(2));
+        let grace = Duration::from_secs(2);
+        let (exit, killed) = wait_or_kill(pid, grace);
         if killed && killed_for.is_none() {
-            killed_for = Some("it was still running 2 s after its output ended".into());
+            killed_for = Some(still_running(grace, "its output ended"));
         }
         done.store(true, Ordering::SeqCst);
         up(&out, &Up::Exited { key, exit: Exit::from(exit), killed_for });

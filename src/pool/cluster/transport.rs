@@ -401,7 +401,7 @@ impl Transport for Ranks {
             drop(state);
             self.hub.send(r.rank, &Down::Kill { key });
             // (Not waited for, it was not given `grace`: no cause then.)
-            killed = wait.then(|| crate::pool::pipes::still_running(grace));
+            killed = wait.then(|| crate::pool::pipes::still_running(grace, crate::pool::pipes::INPUT_CLOSED));
             // The agent reaps a killed worker at once; this bounds the wait
             // should its rank be gone (the launcher then ends the job).
             state = self.hub.wait_for(if wait { KILL_WAIT } else { Duration::ZERO }, |s| s.exits.contains_key(&key));

@@ -429,7 +429,7 @@ impl Transport for Pipes {
             None => reap::wait_or_kill_unreaped(p.pid, grace),
         };
         match killed {
-            true => self.kill_causes.insert(index, still_running(grace)),
+            true => self.kill_causes.insert(index, still_running(grace, INPUT_CLOSED)),
             false => self.kill_causes.remove(&index),
         };
         if let Some(r) = p.reader.take() {
@@ -445,12 +445,16 @@ impl Transport for Pipes {
     }
 }
 
-/// Why a worker that outlived `grace` after its input closed was killed.
-pub(crate) fn still_running(grace: Duration) -> String {
+/// Why a worker that outlived `grace` after `event` was killed.
+pub(crate) fn still_running(grace: Duration, event: &str) -> String {
     let s = grace.as_secs_f64();
     let s = if s.fract() == 0.0 { format!("{s:.0}") } else { format!("{s:.1}") };
-    format!("it was still running {s} s after its input was closed")
+    format!("it was still running {s} s after {event}")
 }
+
+/// The event [`stop`](Transport::stop) waits after: a worker exits when it
+/// sees its input close.
+pub(crate) const INPUT_CLOSED: &str = "its input was closed";
 
 /// Writes one request frame to a worker's input (`None`: it is not running).
 fn write_batch(input: Option<&Input>, worker: WorkerId, request: &Request, bulk: &[&[u8]]) -> Result<u64, SendError> {
