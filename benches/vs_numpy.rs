@@ -27,9 +27,10 @@
 //! `--out`: both sides write into a `C` allocated once per size
 //! (`np.dot(a, b, out=c)`, and our one-thread kernel into an `Array` of
 //! ours), so only the kernels are timed. Without it each call allocates its
-//! `C` as `np.dot(a, b)` and `procjob::tasks::dot` do, and the two
-//! allocators differ: ours maps fresh huge pages for every large result,
-//! while glibc may hand numpy the heap memory its last `C` freed.
+//! `C` as `np.dot(a, b)` and `procjob::tasks::dot` do, and each side gets
+//! the memory its last `C` gave back: numpy from glibc's heap (for chunks
+//! below 32 MiB), ours from the pages a dropped product keeps for the next
+//! one of its size (up to 32 MiB; `Array::try_for_overwrite`).
 //!
 //! `-- SIZES PAIRS --threads N` (N > 1) compares the whole product on N
 //! CPUs instead: numpy on N OpenBLAS threads and joblib's memmapped

@@ -1,20 +1,33 @@
-//! Page reuse for results: the pages [`Array::put_back_pages`] keeps for
-//! [`Array::try_for_overwrite`], a few mappings per thread (the serve loop
-//! runs a batch's tasks on its own thread), taken by exact length.
+//! Page reuse for products' outputs: the pages an earlier output gave
+//! back serve [`Array::try_for_overwrite`], a few mappings per thread, taken
+//! by exact length. They come back two ways: when such an output is
+//! dropped on a thread that recycles (every thread but a serve loop's; up to
+//! [`DROPPED_KEPT_UP_TO`] bytes), as glibc's heap keeps numpy's freed
+//! arrays for the next; and by [`Array::put_back_pages`], which a serve loop
+//! calls once nothing outside the worker reads the pages any more.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
-use super::storage::{Owned, Storage};
+use super::storage::{Owned, Pages, Storage};
 use super::{Array, ArrayError};
 use crate::dtype::DType;
 
-/// At most this many mappings are kept (a batch rarely returns more
-/// than one large block).
+/// At most this many mappings are kept, the newest (a batch rarely
+/// returns more than one large block, and a caller of `dot` rarely holds
+/// more than its last two results).
 pub(crate) const KEEP: usize = 2;
+
+/// A dropped output this large or smaller is kept for reuse; a larger one
+/// goes back to the system at once. glibc's largest threshold for serving an
+/// allocation from its heap rather than a mapping of its own (32 MiB on
+/// 64-bit), so at most what numpy's allocator keeps of its freed arrays.
+pub(crate) const DROPPED_KEPT_UP_TO: usize = 32 << 20;
 
 thread_local! {
     static SPARES: RefCell<Vec<memmap2::MmapMut>> = const { RefCell::new(Vec::new()) };
+    /// Whether outputs dropped on this thread give their pages to `SPARES`.
+    static RECYCLING: Cell<bool> = const { Cell::new(true) };
 }
 
 pub(super) fn take(bytes: usize) -> Option<memmap2::MmapMut> {
@@ -24,16 +37,55 @@ pub(super) fn take(bytes: usize) -> Option<memmap2::MmapMut> {
     })
 }
 
+/// Keeps `map` for reuse, in place of the oldest one kept when `KEEP` are.
 pub(super) fn put(map: memmap2::MmapMut) {
-    SPARES.with_borrow_mut(|spares| {
-        if spares.len() < KEEP {
+    // `try_`: an array dropped while this thread's locals are torn down
+    // just goes.
+    let _ = SPARES.try_with(|spares| {
+        if let Ok(mut spares) = spares.try_borrow_mut() {
+            if spares.len() >= KEEP {
+                spares.remove(0);
+            }
             spares.push(map);
         }
     });
 }
 
+/// The pages of an output dropped on this thread: kept for reuse when this
+/// thread recycles and they are at most [`DROPPED_KEPT_UP_TO`] bytes,
+/// otherwise unmapped.
+pub(super) fn dropped(map: memmap2::MmapMut) {
+    if map.len() <= DROPPED_KEPT_UP_TO && RECYCLING.try_with(Cell::get).unwrap_or(false) {
+        put(map);
+    }
+}
+
 pub(super) fn clear() {
-    SPARES.with_borrow_mut(Vec::clear);
+    let _ = SPARES.try_with(|spares| spares.borrow_mut().clear());
+}
+
+/// While alive, outputs dropped on this thread give their pages back to
+/// the system rather than to the spares: for a serve loop, whose results
+/// may still be read out of its memory after it lets go of them (from a
+/// pipe that holds their pages by reference, or by address). Those come
+/// back only through [`Array::put_back_pages`], once nothing reads them.
+/// Starting it also drops the spares this thread holds: a forked worker's
+/// would be its coordinator's pages, copied on the first write.
+pub(crate) struct NoRecycling {
+    was: bool,
+}
+
+impl NoRecycling {
+    pub(crate) fn begin() -> NoRecycling {
+        clear();
+        NoRecycling { was: RECYCLING.replace(false) }
+    }
+}
+
+impl Drop for NoRecycling {
+    fn drop(&mut self) {
+        let _ = RECYCLING.try_with(|on| on.set(self.was));
+    }
 }
 
 /// How many large results a worker keeps for reuse (see
@@ -46,11 +98,11 @@ impl Array {
     /// elements of an earlier array of this thread).
     ///
     /// A large one (pages of its own, see [`Array::zeros`]) takes the pages
-    /// of an earlier result of the same byte size when this thread's serve
-    /// loop has put them back (`Array::put_back_pages`) — a worker's next
-    /// 16 MB block then skips the 2.5–3 ms of faulting in and zeroing fresh
-    /// pages, as numpy's next product reuses the memory its last one freed.
-    /// Any other array is [`Array::zeros`]. In debug builds reused pages
+    /// of an earlier output of the same byte size that this thread dropped
+    /// or put back (module docs) — a worker's next 16 MB block then skips
+    /// the 2.5–3 ms of faulting in and zeroing fresh pages, as numpy's next
+    /// product reuses the memory its last one freed — and offers its own
+    /// when dropped. Any other array is [`Array::zeros`]. In debug builds reused pages
     /// are first filled with `0xFF` bytes (NaN, or -1 for `i64`), so that a
     /// caller that stops overwriting everything shows in the tests.
     ///
@@ -64,9 +116,16 @@ impl Array {
                 if cfg!(debug_assertions) {
                     map.fill(0xFF);
                 }
-                Ok(Array { dtype, shape, storage: Arc::new(Storage::Owned(Owned::Pages(map))), offset: 0 })
+                let pages = Pages::new(map, true);
+                Ok(Array { dtype, shape, storage: Arc::new(Storage::Owned(Owned::Pages(pages))), offset: 0 })
             }
-            None => Array::try_zeros(dtype, shape),
+            None => {
+                let mut fresh = Array::try_zeros(dtype, shape)?;
+                if let Some(Storage::Owned(Owned::Pages(pages))) = Arc::get_mut(&mut fresh.storage) {
+                    pages.recycle_when_dropped();
+                }
+                Ok(fresh)
+            }
         }
     }
 
@@ -82,14 +141,14 @@ impl Array {
         if !self.is_sole_owner_of_pages() {
             return;
         }
-        if let Ok(Storage::Owned(Owned::Pages(map))) = Arc::try_unwrap(self.storage) {
-            super::spare_pages::put(map);
+        if let Ok(Storage::Owned(Owned::Pages(pages))) = Arc::try_unwrap(self.storage) {
+            put(pages.into_map());
         }
     }
 
     /// Drops the pages put back on this thread and not taken since.
     pub(crate) fn drop_spare_pages() {
-        super::spare_pages::clear();
+        clear();
     }
 }
 
@@ -104,6 +163,8 @@ mod tests {
     /// `0xFF` marker: either way not zeros.)
     #[test]
     fn for_overwrite_takes_pages_put_back_by_byte_size() {
+        // As in a serve loop: pages come back only when put back.
+        let _explicit_only = NoRecycling::begin();
         let len = crate::array::HUGE_PAGE_THRESHOLD / 8 + 2000;
         let filled = |len: usize| {
             let mut a = Array::zeros(DType::F64, vec![len]);
@@ -127,6 +188,71 @@ mod tests {
         assert!(zeros(&Array::try_for_overwrite(DType::F64, vec![len]).unwrap()), "a shared array's pages");
         Array::from_vec(vec![3], vec![1.0f64; 3]).put_back_pages();
         assert!(zeros(&Array::try_for_overwrite(DType::F64, vec![3]).unwrap()), "a small array");
+        Array::drop_spare_pages();
+    }
+
+    /// Whether `for_overwrite` of `bytes` bytes took pages given back
+    /// (their first element is not the zero of fresh pages: the old
+    /// element, or in debug builds the `0xFF` marker).
+    fn reuses(bytes: usize) -> bool {
+        let a = Array::try_for_overwrite(DType::U8, vec![bytes]).unwrap();
+        let reused = a.as_bytes()[0] != 0;
+        let was = RECYCLING.replace(false); // not given back again
+        drop(a);
+        RECYCLING.set(was);
+        reused
+    }
+
+    /// An output of `bytes` bytes with a first element that is not zero.
+    fn output(bytes: usize) -> Array {
+        let mut a = Array::try_for_overwrite(DType::U8, vec![bytes]).unwrap();
+        a.as_mut_slice::<u8>().unwrap()[0] = 7;
+        a
+    }
+
+    /// A product's output dropped on an ordinary thread gives its pages to
+    /// the next output of its byte size, up to `DROPPED_KEPT_UP_TO` bytes
+    /// and the newest `KEEP` of them; other arrays, and larger outputs, give
+    /// theirs back to the system.
+    #[test]
+    fn dropped_outputs_serve_the_next_ones() {
+        let len = crate::array::HUGE_PAGE_THRESHOLD + 4096;
+        drop(output(len));
+        assert!(reuses(len), "a dropped output's pages were not reused");
+        assert!(!reuses(len), "taken only once");
+        let mut zeros = Array::zeros(DType::U8, vec![len]);
+        zeros.as_mut_slice::<u8>().unwrap()[0] = 7;
+        drop(zeros);
+        assert!(!reuses(len), "an array not made for overwriting gave its pages");
+        drop(output(DROPPED_KEPT_UP_TO + 4096));
+        assert!(!reuses(DROPPED_KEPT_UP_TO + 4096), "an output above the limit was kept");
+        drop(output(DROPPED_KEPT_UP_TO));
+        assert!(reuses(DROPPED_KEPT_UP_TO), "an output at the limit was not kept");
+        let sizes = [len, len + 4096, len + 8192];
+        sizes.iter().for_each(|&n| drop(output(n)));
+        assert!(!reuses(sizes[0]), "more than KEEP kept, or not the newest");
+        assert!(reuses(sizes[1]) && reuses(sizes[2]), "the newest were not kept");
+        Array::drop_spare_pages();
+    }
+
+    /// While a serve loop's `NoRecycling` lives, dropped outputs give their
+    /// pages back to the system; starting it drops the spares the thread
+    /// held (a forked worker's copy of its coordinator's); afterwards
+    /// dropping recycles again.
+    #[test]
+    fn a_serve_loop_does_not_recycle_what_it_drops() {
+        let len = crate::array::HUGE_PAGE_THRESHOLD + 4096;
+        drop(output(len));
+        {
+            let _serving = NoRecycling::begin();
+            assert!(!reuses(len), "the spares held before serving survived");
+            drop(output(len));
+            assert!(!reuses(len), "an output dropped while serving was kept");
+            output(len).put_back_pages();
+            assert!(reuses(len), "an output put back while serving was not kept");
+        }
+        drop(output(len));
+        assert!(reuses(len), "recycling did not resume after serving");
         Array::drop_spare_pages();
     }
 }

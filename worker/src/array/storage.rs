@@ -26,7 +26,49 @@ pub(super) enum Owned {
     /// pattern is a valid element), asked to be huge pages. Fresh and zeroed
     /// from [`Array::zeros`]; from [`Array::try_for_overwrite`], possibly the
     /// pages of an earlier array put back.
-    Pages(memmap2::MmapMut),
+    Pages(Pages),
+}
+
+/// The mapping of an [`Owned::Pages`] array, and whether dropping it offers
+/// the pages for reuse (see [`Array::try_for_overwrite`]).
+pub(super) struct Pages {
+    /// `None` only once taken apart by [`Pages::into_map`].
+    map: Option<memmap2::MmapMut>,
+    /// A product's output: when dropped, its pages go to this thread's
+    /// spares rather than back to the system (`spare_pages::dropped`).
+    recycle: bool,
+}
+
+impl Pages {
+    pub(super) fn new(map: memmap2::MmapMut, recycle: bool) -> Pages {
+        Pages { map: Some(map), recycle }
+    }
+
+    /// Offers the pages for reuse when dropped.
+    pub(super) fn recycle_when_dropped(&mut self) {
+        self.recycle = true;
+    }
+
+    /// The mapping, taken out without being offered for reuse.
+    pub(super) fn into_map(mut self) -> memmap2::MmapMut {
+        self.map.take().expect("pages are taken apart once")
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.map.as_deref().expect("pages are only taken apart when dropped")
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.map.as_deref_mut().expect("pages are only taken apart when dropped")
+    }
+}
+
+impl Drop for Pages {
+    fn drop(&mut self) {
+        if let Some(map) = self.map.take().filter(|_| self.recycle) {
+            super::spare_pages::dropped(map);
+        }
+    }
 }
 
 impl Owned {
@@ -74,7 +116,7 @@ impl Owned {
             // nothing changes, and the contents are never affected.
             #[cfg(target_os = "linux")]
             let _ = map.advise(memmap2::Advice::HugePage);
-            return Some(Owned::Pages(map));
+            return Some(Owned::Pages(Pages::new(map, false)));
         }
         Some(match dtype.align() {
             1 => Owned::A1(alloc(bytes)?),
@@ -101,7 +143,7 @@ impl Owned {
             Owned::A2(v) => words_as_bytes(v),
             Owned::A4(v) => words_as_bytes(v),
             Owned::A8(v) => words_as_bytes(v),
-            Owned::Pages(map) => map,
+            Owned::Pages(pages) => pages.bytes(),
         }
     }
 
@@ -111,7 +153,7 @@ impl Owned {
             Owned::A2(v) => words_as_bytes_mut(v),
             Owned::A4(v) => words_as_bytes_mut(v),
             Owned::A8(v) => words_as_bytes_mut(v),
-            Owned::Pages(map) => map,
+            Owned::Pages(pages) => pages.bytes_mut(),
         }
     }
 }

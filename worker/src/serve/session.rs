@@ -50,6 +50,10 @@ pub fn serve<R: Read + AsRawFdMaybe + AsFd, W: Write + AsFd>(
     inherited: &[Array],
     secret: &Result<PoolSecret, SecretError>,
 ) -> Result<(), ServeError> {
+    // First, so that it ends last: every result this loop drops, from the
+    // pipe's or the lending's hold too, gives its pages back to the system;
+    // they serve later results only through `put_back_sent` and `Lending`.
+    let _no_recycling = array::NoRecycling::begin();
     let mut output = BufWriter::with_capacity(1 << 16, output);
     let Some((hello, same_binary)) = handshake::accept(&mut input, &mut output, secret)? else { return Ok(()) };
     let idle = (hello.idle_timeout_ms > 0).then(|| Duration::from_millis(hello.idle_timeout_ms));
