@@ -28,9 +28,9 @@
 //! (`np.dot(a, b, out=c)`, and our one-thread kernel into an `Array` of
 //! ours), so only the kernels are timed. Without it each call allocates its
 //! `C` as `np.dot(a, b)` and `procjob::tasks::dot` do, and each side gets
-//! the memory its last `C` gave back: numpy from glibc's heap (for chunks
-//! below 32 MiB), ours from the pages a dropped product keeps for the next
-//! one of its size (up to 32 MiB; `Array::try_for_overwrite`).
+//! the memory its last `C` gave back below 32 MiB (numpy from glibc's heap,
+//! ours from the pages a dropped result keeps for the next one of its
+//! size); from 32 MiB on (2048² `f64`) both map fresh pages every call.
 //!
 //! `-- SIZES PAIRS --threads N` (N > 1) compares the whole product on N
 //! CPUs instead: numpy on N OpenBLAS threads and joblib's memmapped

@@ -613,6 +613,11 @@ fn a_second_registered_task_kind_runs_through_the_same_pool() {
     assert_eq!((out[0].sum, out[0].shape.clone()), (21.0, vec![3, 2]));
     assert_eq!((out[1].sum, out[1].shape.clone()), (18.0, vec![2, 2]));
     assert!(p.worker_pids().contains(&out[0].pid));
+    // A worker's serve loop never keeps a dropped result's pages for the
+    // next (its results may still be in a pipe by reference), while a
+    // thread of this process does.
+    assert!(out.iter().all(|o| !o.recycles_dropped), "a worker recycles what its serve loop drops");
+    assert!(Checksum::run(a).unwrap().recycles_dropped);
 }
 
 #[test]

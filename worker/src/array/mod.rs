@@ -45,6 +45,8 @@ pub use error::ArrayError;
 pub use lend::{lend_probe_address, lending_forbidden_here, Lender, LEND_PROBE};
 pub(crate) use mapping::FaultedViews;
 pub use mapping::{map_file_ref, map_file_ref_within, FileId};
+#[cfg(feature = "test-tasks")]
+pub(crate) use spare_pages::recycles_here;
 pub(crate) use spare_pages::{NoRecycling, SPARES_KEPT};
 pub use storage::HUGE_PAGE_THRESHOLD;
 pub use value::Array;

@@ -18,10 +18,12 @@ use crate::dtype::DType;
 /// more than its last two results).
 pub(crate) const KEEP: usize = 2;
 
-/// A dropped output this large or smaller is kept for reuse; a larger one
-/// goes back to the system at once. glibc's largest threshold for serving an
+/// A dropped output smaller than this is kept for reuse; a larger one goes
+/// back to the system at once. glibc's largest threshold for serving an
 /// allocation from its heap rather than a mapping of its own (32 MiB on
-/// 64-bit), so at most what numpy's allocator keeps of its freed arrays.
+/// 64-bit; an array of exactly 32 MiB, 2048² `f64`, is above it with the
+/// chunk's header), so no more than numpy's allocator keeps of its freed
+/// arrays.
 pub(crate) const DROPPED_KEPT_UP_TO: usize = 32 << 20;
 
 thread_local! {
@@ -51,11 +53,17 @@ pub(super) fn put(map: memmap2::MmapMut) {
     });
 }
 
+/// Whether outputs dropped on this thread are kept for reuse (false while
+/// it serves, see [`NoRecycling`]).
+pub(crate) fn recycles_here() -> bool {
+    RECYCLING.try_with(Cell::get).unwrap_or(false)
+}
+
 /// The pages of an output dropped on this thread: kept for reuse when this
-/// thread recycles and they are at most [`DROPPED_KEPT_UP_TO`] bytes,
+/// thread recycles and they are under [`DROPPED_KEPT_UP_TO`] bytes,
 /// otherwise unmapped.
 pub(super) fn dropped(map: memmap2::MmapMut) {
-    if map.len() <= DROPPED_KEPT_UP_TO && RECYCLING.try_with(Cell::get).unwrap_or(false) {
+    if map.len() < DROPPED_KEPT_UP_TO && recycles_here() {
         put(map);
     }
 }
@@ -73,12 +81,14 @@ pub(super) fn clear() {
 /// would be its coordinator's pages, copied on the first write.
 pub(crate) struct NoRecycling {
     was: bool,
+    /// Ended on the thread it began on (not `Send`).
+    _here: std::marker::PhantomData<*const ()>,
 }
 
 impl NoRecycling {
     pub(crate) fn begin() -> NoRecycling {
         clear();
-        NoRecycling { was: RECYCLING.replace(false) }
+        NoRecycling { was: RECYCLING.replace(false), _here: std::marker::PhantomData }
     }
 }
 
@@ -146,8 +156,13 @@ impl Array {
         }
     }
 
-    /// Drops the pages put back on this thread and not taken since.
-    pub(crate) fn drop_spare_pages() {
+    /// Gives the pages this thread keeps for its next product's result back
+    /// to the system. A product's result (`procjob::tasks::dot`, the
+    /// matmul tasks) of 4 MiB to under 32 MiB keeps its pages for the next
+    /// result of its byte size when dropped, as glibc's heap keeps numpy's
+    /// freed arrays; at most the two newest, on the thread that dropped
+    /// them, until it exits or calls this.
+    pub fn drop_spare_pages() {
         clear();
     }
 }
@@ -211,7 +226,7 @@ mod tests {
     }
 
     /// A product's output dropped on an ordinary thread gives its pages to
-    /// the next output of its byte size, up to `DROPPED_KEPT_UP_TO` bytes
+    /// the next output of its byte size, under `DROPPED_KEPT_UP_TO` bytes
     /// and the newest `KEEP` of them; other arrays, and larger outputs, give
     /// theirs back to the system.
     #[test]
@@ -224,10 +239,10 @@ mod tests {
         zeros.as_mut_slice::<u8>().unwrap()[0] = 7;
         drop(zeros);
         assert!(!reuses(len), "an array not made for overwriting gave its pages");
-        drop(output(DROPPED_KEPT_UP_TO + 4096));
-        assert!(!reuses(DROPPED_KEPT_UP_TO + 4096), "an output above the limit was kept");
         drop(output(DROPPED_KEPT_UP_TO));
-        assert!(reuses(DROPPED_KEPT_UP_TO), "an output at the limit was not kept");
+        assert!(!reuses(DROPPED_KEPT_UP_TO), "an output at the limit was kept");
+        drop(output(DROPPED_KEPT_UP_TO - 4096));
+        assert!(reuses(DROPPED_KEPT_UP_TO - 4096), "an output under the limit was not kept");
         let sizes = [len, len + 4096, len + 8192];
         sizes.iter().for_each(|&n| drop(output(n)));
         assert!(!reuses(sizes[0]), "more than KEEP kept, or not the newest");

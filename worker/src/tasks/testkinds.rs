@@ -127,6 +127,10 @@ pub struct ChecksumOutput {
     pub shape: Vec<usize>,
     /// The worker's pid.
     pub pid: u32,
+    /// Whether a product's result dropped on the thread that ran the task
+    /// would be kept for the next one (never on a worker's serve loop,
+    /// whose results may still be read from a pipe or by address).
+    pub recycles_dropped: bool,
 }
 
 impl Task for Checksum {
@@ -145,7 +149,12 @@ impl Task for Checksum {
             DType::F32 => a.as_slice::<f32>().map_err(|e| e.to_string())?.iter().map(|&x| f64::from(x)).sum(),
             other => return Err(format!("test.checksum sums i64, f64 or f32 arrays, not {other}")),
         };
-        Ok(ChecksumOutput { sum, shape: a.shape().to_vec(), pid: std::process::id() })
+        Ok(ChecksumOutput {
+            sum,
+            shape: a.shape().to_vec(),
+            pid: std::process::id(),
+            recycles_dropped: crate::array::recycles_here(),
+        })
     }
 }
 
