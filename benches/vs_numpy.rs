@@ -10,8 +10,9 @@
 //! `OPENBLAS_L2_SIZE`, which slow a current OpenBLAS down on some CPUs. For
 //! each dtype and size, after one warm-up each, every pair times one numpy
 //! call and one of ours (the order alternating), and the line printed last
-//! is the **median of the per-pair ratios** ours/numpy in time: below 1 is
-//! faster than numpy. Pairing keeps a shared machine's drift out of the
+//! is the **median of the per-pair ratios** ours/numpy in time (below 1 is
+//! faster than numpy), with the range of their middle half: a difference
+//! inside it is the machine's spread, not the kernels'. Pairing keeps a shared machine's drift out of the
 //! ratio, and both sides run on the same CPU (on Linux the main thread pins
 //! itself to the CPU it is on before starting the child, which inherits that): on a
 //! virtual machine one vCPU can be slowed by whatever shares its physical
@@ -41,8 +42,8 @@
 //! this process, as `procjob bench` measures it) and its `memmap` and
 //! `memmap-out` modes on N warm worker processes, nothing pinned, and OpenBLAS's idle threads told not to spin between calls
 //! (`OPENBLAS_THREAD_TIMEOUT=4`). Each round times one call of each side,
-//! in an order that rotates, and the medians of the per-round ratios are
-//! printed last: procjob's time over numpy's, and joblib's time over
+//! in an order that rotates, and the medians of the per-round ratios (with
+//! the ranges of their middle halves) are printed last: procjob's time over numpy's, and joblib's time over
 //! procjob's memmap modes (the speedup the targets name). Rounds of about
 //! a second keep a shared machine's drift, which can move numpy's own time
 //! a great deal within a minute, out of the ratios better than medians of
@@ -229,11 +230,10 @@ fn main() {
                     t_ours / t_numpy
                 );
             }
-            ratios.sort_by(f64::total_cmp);
             println!(
-                "{:<5} {n:>5} median of {pairs} paired ratios ours/numpy (time): {:.3}",
+                "{:<5} {n:>5} median of {pairs} paired ratios ours/numpy (time): {}",
                 dtype.name(),
-                ratios[pairs / 2]
+                median_and_middle_half(ratios)
             );
         }
     }
@@ -283,26 +283,31 @@ fn on_threads(threads: usize, sizes: &[usize], rounds: usize, ask: &mut dyn FnMu
         for r in runners {
             r.finish();
         }
-        let median = |mut r: Vec<f64>| {
-            r.sort_by(f64::total_cmp);
-            r[r.len() / 2]
-        };
         for (i, name) in names.iter().enumerate().skip(2) {
             let to_numpy: Vec<f64> = times[i].iter().zip(&times[0]).map(|(ours, np)| ours / np).collect();
             let faster = to_numpy.iter().filter(|&&x| x < 1.0).count();
             println!(
-                "f64 {n:>5} {name:<10} median of {rounds} per-round ratios procjob/numpy (time): {:.3} ({faster} of {rounds} faster)",
-                median(to_numpy)
+                "f64 {n:>5} {name:<10} median of {rounds} per-round ratios procjob/numpy (time): {} ({faster} of {rounds} faster)",
+                median_and_middle_half(to_numpy)
             );
         }
         for (i, name) in [(3, "memmap"), (4, "memmap-out")] {
             let speedup: Vec<f64> = times[1].iter().zip(&times[i]).map(|(joblib, ours)| joblib / ours).collect();
             println!(
-                "f64 {n:>5} {name:<10} median of {rounds} per-round speedups over joblib memmap (joblib/procjob time): {:.3}",
-                median(speedup)
+                "f64 {n:>5} {name:<10} median of {rounds} per-round speedups over joblib memmap (joblib/procjob time): {}",
+                median_and_middle_half(speedup)
             );
         }
     }
+}
+
+/// `r`'s median and, for judging it, the range of its middle half (the
+/// lower and upper quartiles, nearest rank): `1.021 (middle half
+/// 0.998–1.040)`. A difference inside the range is the machine's spread.
+fn median_and_middle_half(mut r: Vec<f64>) -> String {
+    r.sort_by(f64::total_cmp);
+    let at = |q: f64| r[((r.len() - 1) as f64 * q).round() as usize];
+    format!("{:.3} (middle half {:.3}–{:.3})", at(0.5), at(0.25), at(0.75))
 }
 
 /// Pins the calling thread (and so the children it starts, and our kernel,
