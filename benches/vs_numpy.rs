@@ -287,7 +287,7 @@ fn on_threads(threads: usize, sizes: &[usize], rounds: usize, ask: &mut dyn FnMu
             let to_numpy: Vec<f64> = times[i].iter().zip(&times[0]).map(|(ours, np)| ours / np).collect();
             let faster = to_numpy.iter().filter(|&&x| x < 1.0).count();
             println!(
-                "f64 {n:>5} {name:<10} median of {rounds} per-round ratios procjob/numpy (time): {} ({faster} of {rounds} faster)",
+                "f64 {n:>5} {name:<10} median of {rounds} per-round ratios procjob/numpy (time): {}; {faster} of {rounds} faster",
                 median_and_middle_half(to_numpy)
             );
         }
