@@ -1,8 +1,8 @@
 //! Page reuse for products' outputs: the pages an earlier output gave
 //! back serve [`Array::try_for_overwrite`], a few mappings per thread, taken
 //! by exact length. They come back two ways: when such an output is
-//! dropped on a thread that recycles (every thread but a serve loop's; up to
-//! [`DROPPED_KEPT_UP_TO`] bytes), as glibc's heap keeps numpy's freed
+//! dropped on a thread that recycles (every thread but a serve loop's; under
+//! [`DROPPED_KEPT_BELOW`] bytes), as glibc's heap keeps numpy's freed
 //! arrays for the next; and by [`Array::put_back_pages`], which a serve loop
 //! calls once nothing outside the worker reads the pages any more.
 
@@ -24,7 +24,7 @@ pub(crate) const KEEP: usize = 2;
 /// 64-bit; an array of exactly 32 MiB, 2048² `f64`, is above it with the
 /// chunk's header), so no more than numpy's allocator keeps of its freed
 /// arrays.
-pub(crate) const DROPPED_KEPT_UP_TO: usize = 32 << 20;
+pub(crate) const DROPPED_KEPT_BELOW: usize = 32 << 20;
 
 thread_local! {
     static SPARES: RefCell<Vec<memmap2::MmapMut>> = const { RefCell::new(Vec::new()) };
@@ -60,10 +60,10 @@ pub(crate) fn recycles_here() -> bool {
 }
 
 /// The pages of an output dropped on this thread: kept for reuse when this
-/// thread recycles and they are under [`DROPPED_KEPT_UP_TO`] bytes,
+/// thread recycles and they are under [`DROPPED_KEPT_BELOW`] bytes,
 /// otherwise unmapped.
 pub(super) fn dropped(map: memmap2::MmapMut) {
-    if map.len() < DROPPED_KEPT_UP_TO && recycles_here() {
+    if map.len() < DROPPED_KEPT_BELOW && recycles_here() {
         put(map);
     }
 }
@@ -112,8 +112,8 @@ impl Array {
     /// or put back (module docs) — a worker's next 16 MB block then skips
     /// the 2.5–3 ms of faulting in and zeroing fresh pages, as numpy's next
     /// product reuses the memory its last one freed — and offers its own
-    /// when dropped. Any other array is [`Array::zeros`]. In debug builds reused pages
-    /// are first filled with `0xFF` bytes (NaN, or -1 for `i64`), so that a
+    /// when dropped. Any other array is [`Array::zeros`]. In debug builds
+    /// reused pages are first filled with `0xFF` bytes (NaN, or -1 for `i64`), so that a
     /// caller that stops overwriting everything shows in the tests.
     ///
     /// Fallible as [`Array::try_zeros`]: a task's output shape comes from
@@ -226,7 +226,7 @@ mod tests {
     }
 
     /// A product's output dropped on an ordinary thread gives its pages to
-    /// the next output of its byte size, under `DROPPED_KEPT_UP_TO` bytes
+    /// the next output of its byte size, under `DROPPED_KEPT_BELOW` bytes
     /// and the newest `KEEP` of them; other arrays, and larger outputs, give
     /// theirs back to the system.
     #[test]
@@ -239,10 +239,10 @@ mod tests {
         zeros.as_mut_slice::<u8>().unwrap()[0] = 7;
         drop(zeros);
         assert!(!reuses(len), "an array not made for overwriting gave its pages");
-        drop(output(DROPPED_KEPT_UP_TO));
-        assert!(!reuses(DROPPED_KEPT_UP_TO), "an output at the limit was kept");
-        drop(output(DROPPED_KEPT_UP_TO - 4096));
-        assert!(reuses(DROPPED_KEPT_UP_TO - 4096), "an output under the limit was not kept");
+        drop(output(DROPPED_KEPT_BELOW));
+        assert!(!reuses(DROPPED_KEPT_BELOW), "an output at the limit was kept");
+        drop(output(DROPPED_KEPT_BELOW - 4096));
+        assert!(reuses(DROPPED_KEPT_BELOW - 4096), "an output under the limit was not kept");
         let sizes = [len, len + 4096, len + 8192];
         sizes.iter().for_each(|&n| drop(output(n)));
         assert!(!reuses(sizes[0]), "more than KEEP kept, or not the newest");
