@@ -12,11 +12,11 @@
 //! call and one of ours (the order alternating), and the line printed last
 //! is the **median of the per-pair ratios** ours/numpy in time (below 1 is
 //! faster than numpy), with the range of their middle half: a difference
-//! inside it is the machine's spread, not the kernels'. Pairing keeps a shared machine's drift out of the
-//! ratio, and both sides run on the same CPU (on Linux the main thread pins
-//! itself to the CPU it is on before starting the child, which inherits that): on a
-//! virtual machine one vCPU can be slowed by whatever shares its physical
-//! core while the other is not, which made one side of every pair slower
+//! inside it is the machine's spread, not the kernels'. Pairing keeps a
+//! shared machine's drift out of the ratio, and both sides run on the same
+//! CPU (on Linux the main thread pins itself to the CPU it is on before
+//! starting the child, which inherits that): on a virtual machine one vCPU
+//! can be slowed by whatever shares its physical core while the other is not, which made one side of every pair slower
 //! for seconds at a time. Without the Python or numpy it says so and exits 0.
 //!
 //! `--coretype NAME` sets `OPENBLAS_CORETYPE=NAME` in the child alone:
@@ -43,10 +43,10 @@
 //! `memmap-out` modes on N warm worker processes, nothing pinned, and OpenBLAS's idle threads told not to spin between calls
 //! (`OPENBLAS_THREAD_TIMEOUT=4`). Each round times one call of each side,
 //! in an order that rotates, and the medians of the per-round ratios (with
-//! the ranges of their middle halves) are printed last: procjob's time over numpy's, and joblib's time over
-//! procjob's memmap modes (the speedup the targets name). Rounds of about
-//! a second keep a shared machine's drift, which can move numpy's own time
-//! a great deal within a minute, out of the ratios better than medians of
+//! the ranges of their middle halves) are printed last: procjob's time over
+//! numpy's, and joblib's time over procjob's memmap modes (the speedup the
+//! targets name). Rounds of about a second keep a shared machine's drift,
+//! which can move numpy's own time a great deal within a minute, out of the ratios better than medians of
 //! separate runs (`docs/performance.md`, "Machines").
 
 use std::io::{BufRead, BufReader, Write};

@@ -121,22 +121,19 @@ impl Array {
     pub(crate) fn try_for_overwrite(dtype: DType, shape: impl Into<Vec<usize>>) -> Result<Array, ArrayError> {
         let shape = shape.into();
         let bytes = dtype.nbytes(&shape).ok_or_else(|| ArrayError::too_large(dtype, &shape))?;
-        match super::spare_pages::take(bytes) {
+        let mut out = match take(bytes) {
             Some(mut map) => {
                 if cfg!(debug_assertions) {
                     map.fill(0xFF);
                 }
-                let pages = Pages::new(map, true);
-                Ok(Array { dtype, shape, storage: Arc::new(Storage::Owned(Owned::Pages(pages))), offset: 0 })
+                Array { dtype, shape, storage: Arc::new(Storage::Owned(Owned::Pages(Pages::new(map)))), offset: 0 }
             }
-            None => {
-                let mut fresh = Array::try_zeros(dtype, shape)?;
-                if let Some(Storage::Owned(Owned::Pages(pages))) = Arc::get_mut(&mut fresh.storage) {
-                    pages.recycle_when_dropped();
-                }
-                Ok(fresh)
-            }
+            None => Array::try_zeros(dtype, shape)?,
+        };
+        if let Some(Storage::Owned(Owned::Pages(pages))) = Arc::get_mut(&mut out.storage) {
+            pages.recycle_when_dropped();
         }
+        Ok(out)
     }
 
     /// Puts this array's pages back for the next [`Array::try_for_overwrite`]

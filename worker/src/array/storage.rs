@@ -25,7 +25,7 @@ pub(super) enum Owned {
     /// A large array: anonymous pages of its own (page-aligned; every bit
     /// pattern is a valid element), asked to be huge pages. Fresh and zeroed
     /// from [`Array::zeros`]; from [`Array::try_for_overwrite`], possibly the
-    /// pages of an earlier array put back.
+    /// pages an earlier output gave back (dropped or put back).
     Pages(Pages),
 }
 
@@ -40,8 +40,9 @@ pub(super) struct Pages {
 }
 
 impl Pages {
-    pub(super) fn new(map: memmap2::MmapMut, recycle: bool) -> Pages {
-        Pages { map: Some(map), recycle }
+    /// Pages given back to the system when dropped.
+    pub(super) fn new(map: memmap2::MmapMut) -> Pages {
+        Pages { map: Some(map), recycle: false }
     }
 
     /// Offers the pages for reuse when dropped.
@@ -116,7 +117,7 @@ impl Owned {
             // nothing changes, and the contents are never affected.
             #[cfg(target_os = "linux")]
             let _ = map.advise(memmap2::Advice::HugePage);
-            return Some(Owned::Pages(Pages::new(map, false)));
+            return Some(Owned::Pages(Pages::new(map)));
         }
         Some(match dtype.align() {
             1 => Owned::A1(alloc(bytes)?),
