@@ -70,6 +70,23 @@
 #![warn(missing_docs)]
 #![deny(unreachable_pub, missing_debug_implementations)]
 
+/// `eprintln!`, but the whole line in one write: `eprintln!` writes its
+/// pieces one by one to the unbuffered stderr, and a reader that forwards
+/// them (mpirun, for a rank) may put its own output between them — it
+/// printed its MPI_ABORT banner inside "procjob: rank 0 (host …) panicked".
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::say_line(format!($($arg)*))
+    };
+}
+
+/// [`say!`]'s write: `line` and a newline, in one `write` (a line under
+/// the pipe's 4 KiB is not split by another writer to the same pipe).
+pub(crate) fn say_line(mut line: String) {
+    line.push('\n');
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+}
+
 #[cfg(feature = "cli")]
 pub mod cli;
 mod error;

@@ -316,7 +316,7 @@ pub fn single_threaded<R>(f: impl FnOnce() -> R) -> R {
     let _ = handle.join();
     let result = f();
     if let Err(e) = start_watcher() {
-        eprintln!("procjob: warning: cannot restart the signal thread ({e}); Ctrl-C may leave workers behind");
+        say!("procjob: warning: cannot restart the signal thread ({e}); Ctrl-C may leave workers behind");
     }
     result
 }

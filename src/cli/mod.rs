@@ -237,13 +237,13 @@ pub fn run(cli: Cli) -> i32 {
     // says, whatever else went wrong on the way.
     crate::signals::wait_if_stopping();
     if let Some(signal) = crate::signals::received() {
-        eprintln!("procjob: stopped by {}; workers stopped, temp folder removed", signal.as_str());
+        say!("procjob: stopped by {}; workers stopped, temp folder removed", signal.as_str());
         return crate::signals::exit_code(signal);
     }
     match result {
         Ok(()) => exit::OK,
         Err(e) => {
-            eprintln!("procjob: error: {}", e.message);
+            say!("procjob: error: {}", e.message);
             mpi::say_where_workers_ran();
             e.code
         }
@@ -379,7 +379,7 @@ fn check_request(args: &MatmulArgs) -> Result<Request, CliError> {
     let rows = m.max(1);
     let blocks = clamp_to_rows("--blocks", args.blocks.is_some(), blocks, rows, "blocks");
     if args.processes.is_some() && processes > rows {
-        eprintln!(
+        say!(
             "procjob: note: --processes {processes} is more than A's {rows} row{}; {} worker{} will idle",
             if rows == 1 { "" } else { "s" },
             processes - rows,
@@ -486,7 +486,7 @@ fn clamp_to_rows(flag: &str, given: bool, value: usize, rows: usize, what: &str)
         return value;
     }
     if given {
-        eprintln!(
+        say!(
             "procjob: note: {flag} {value} is more than A's {rows} row{}; running {rows} {what}",
             if rows == 1 { "" } else { "s" }
         );
@@ -801,7 +801,7 @@ fn matmul_command(args: &MatmulArgs) -> Result<(), CliError> {
         // failure, but the user hears of it.
         let mut lost = false;
         for loss in run.repetitions.iter().flat_map(|r| &r.lost) {
-            eprintln!("procjob: {}: {loss}; ran it again on a fresh worker (--retries)", mode.name());
+            say!("procjob: {}: {loss}; ran it again on a fresh worker (--retries)", mode.name());
             lost = true;
         }
         if lost {
@@ -926,7 +926,7 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
     if let Some(found) = &found {
         // With --json, stdout carries only JSON Lines.
         if args.json {
-            eprintln!("{}", found.notice);
+            say!("{}", found.notice);
         } else {
             let _ = writeln!(out, "{}", found.notice);
         }
@@ -987,7 +987,7 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
         for path in paths {
             // With --json, stdout carries only JSON Lines.
             if json {
-                eprintln!("wrote {}", path.display());
+                say!("wrote {}", path.display());
             } else {
                 let _ = writeln!(out, "wrote {}", path.display());
             }

@@ -227,7 +227,7 @@ pub(super) fn say_where_workers_ran() {
     }
     let list: Vec<String> =
         places.iter().enumerate().map(|(i, (rank, host))| format!("worker {i} on rank {rank} (host {host})")).collect();
-    eprintln!("procjob: under MPI: {}", list.join(", "));
+    say!("procjob: under MPI: {}", list.join(", "));
 }
 
 /// Under MPI, after the tables: what crossed between ranks in each mode.

@@ -650,7 +650,7 @@ fn collect_in_order<T: Task, I: Iterator<Item = T::Input>>(
 /// recursing.
 fn refuse_recursive_spawn() {
     if procjob_worker::serve::is_worker_process() && !crate::pool::serving_as_worker() {
-        eprintln!(
+        say!(
             "procjob: this process was started as a procjob worker, but it did not become one: \
              call procjob::init() as the first line of main (in a test or bench file, add \
              procjob::test_support!() at the top level of the file). Refusing to start workers recursively."

@@ -90,7 +90,7 @@ pub(crate) fn init() {
     #[cfg(not(feature = "mpi"))]
     if launch.size > 1 && std::env::var_os("PROCJOB_BACKEND").is_none_or(|b| b != "local") {
         if launch.rank == 0 {
-            eprintln!(
+            say!(
                 "procjob: error: started as rank 0 of {} MPI ranks, but this binary was built without MPI \
                  support; build it with `cargo build --release --features mpi` (the MPI library and libclang \
                  must be installed, see the README), or set PROCJOB_BACKEND=local to run a copy of the job \

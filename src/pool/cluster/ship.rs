@@ -339,13 +339,13 @@ pub(super) fn make_folder(folder: &Path) {
     match std::fs::DirBuilder::new().mode(0o700).create(folder) {
         Ok(()) => {
             let lock = crate::run_folder::lock_folder(folder).unwrap_or_else(|e| {
-                eprintln!("procjob: warning: cannot lock {} on this node: {e}", folder.display());
+                say!("procjob: warning: cannot lock {} on this node: {e}", folder.display());
                 None
             });
             f.made.push((folder.to_path_buf(), lock));
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => f.found.push(folder.to_path_buf()),
-        Err(e) => eprintln!("procjob: error: cannot make {} on this node: {e}", folder.display()),
+        Err(e) => say!("procjob: error: cannot make {} on this node: {e}", folder.display()),
     }
 }
 
@@ -376,7 +376,7 @@ pub(super) fn receive(message: &[u8]) {
         return;
     };
     if let Err(e) = written.and_then(|()| log(&piece, bytes.len())) {
-        eprintln!("procjob: error: cannot write {} on this node: {e}", piece.path.display());
+        say!("procjob: error: cannot write {} on this node: {e}", piece.path.display());
     }
 }
 

@@ -177,7 +177,7 @@ impl Hub {
                         state.kill_causes.insert(key, format!("rank 0 could not take the rows it sent back ({why})"));
                         state.streams.remove(&key);
                     }
-                    None => eprintln!("procjob: error: from rank {}: {why}", m.source),
+                    None => say!("procjob: error: from rank {}: {why}", m.source),
                 }
             }
             return;
@@ -234,7 +234,7 @@ pub(super) fn init() {
     let world = SimpleCommunicator::world();
     let (rank, size) = (world.rank(), world.size());
     if threading < Threading::Serialized {
-        eprintln!("procjob: error: the MPI library gives {threading:?} threads support; procjob needs Serialized");
+        say!("procjob: error: the MPI library gives {threading:?} threads support; procjob needs Serialized");
         world.abort(2);
     }
     let own_node = std::env::var("PROCJOB_MPI_NODE").is_ok_and(|v| v == "rank");
@@ -301,7 +301,7 @@ pub(super) fn init() {
             }
         }
         Err(e) => {
-            eprintln!("procjob: error: cannot start the MPI thread: {e}");
+            say!("procjob: error: cannot start the MPI thread: {e}");
             world.abort(2);
         }
     }
@@ -351,7 +351,7 @@ fn install_panic_hook() {
     std::panic::set_hook(Box::new(move |info| {
         previous(info);
         let rank = SimpleCommunicator::world().rank();
-        eprintln!(
+        say!(
             "procjob: rank {rank} (host {}) panicked; aborting the MPI job",
             ::mpi::environment::processor_name().unwrap_or_default()
         );
