@@ -66,8 +66,12 @@
 //!   sharing the L3: `NC = (W₃ − 1 − ⌈MC·KC·S / way₃⌉) · way₃ / (sharers · KC·S)`.
 //!
 //! Rounded and clamped as above. `gemm.rs` evens the row blocks out up to
-//! 1.5 × `MC` in both orders, so an `A` block may overflow the ways it was
-//! given; on the Zen 3 blocks capped at `MC` ran 1.6–2.9 % slower.
+//! `MC` in this order (up to 1.5 × `MC` with `B` in L2), so that the `A`
+//! block stays in the ways it was given, and fetches each `B` panel into L2
+//! while the tiles of the one before run. On the Zen 3 the two only pay
+//! together: blocks capped at `MC` without the fetch ran 1.6–2.9 % slower
+//! than blocks of up to 1.5 × `MC` (docs/kernels.md, "Tile shapes and
+//! blocking").
 //!
 //! `PROCJOB_GEMM_BLOCKING`, for benchmarking only, overrides the result:
 //! `fixed` for the constants (with `B` in L2), `MC,NC` (rounded up to
@@ -83,7 +87,7 @@ use super::machine::{caches, CacheLevel, Caches};
 /// blocking edge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Blocking {
-    /// Rows packed at a time (up to 1.5 times it, see `gemm.rs`'s `drive`),
+    /// Rows packed at a time (with `B` in L2 up to 1.5 times it, see `gemm.rs`'s `drive`),
     /// a positive multiple of `MR`.
     pub(super) mc: usize,
     /// Most columns packed at a time, a positive multiple of `NR`.

@@ -43,10 +43,13 @@
 //!   column block; the block of packed `A` waits in L3 for the next column
 //!   block; consecutive tiles lie side by side along rows of `C`.
 //! * **`A` in L2** (BLIS's order; where L2 is smaller, as on AMD Zen 1–3):
-//!   `jc` → `pc` (pack `B[pc.., jc..]`) → `ic` (pack the whole `A` block)
+//!   `jc` → `pc` (pack `B[pc.., jc..]`) → `ic` over the rows in blocks of
+//!   at most `MC`, as even as whole panels allow (pack the whole `A` block)
 //!   → `jr` → `ir` → microkernel. One `B` panel stays in L1 across the
 //!   tiles of the `A` block, which sits in L2 and streams into the
-//!   microkernel; the `B` block waits in L3.
+//!   microkernel; the `B` block waits in L3, and while the tiles of one
+//!   panel run, the driver fetches the next panel into L2, a share of its
+//!   lines before each tile.
 //!
 //! The AVX2 kernels were first tuned on one core of an AMD EPYC (Zen 3:
 //! 32 KiB L1d, 512 KiB L2), the AVX-512 ones on an Intel Xeon (Sapphire
@@ -149,7 +152,7 @@
 //! # Buffers
 //!
 //! The packed panels live in one 64-byte-aligned buffer per thread
-//! (up to `1.5 × MC × KC` of `A` — 3 MiB for `f64` with the fallback `MC`,
+//! (up to `1.5 × MC × KC` of `A` with `B` in L2 — 3 MiB for `f64` with the fallback `MC`,
 //! up to 12 MiB with the largest derived one — plus `KC × NC` of `B` and one
 //! scratch tile, or less for small shapes), grown on demand and kept for the
 //! next call: a fresh buffer per call measured slower on thin blocks, where
@@ -312,7 +315,7 @@ trait Micro {
     /// changes the bits of `C`.
     const KC: usize;
     /// The fallback for rows of `A` packed at a time (a multiple of `MR`;
-    /// `drive` evens the blocks out up to 1.5 times it), used when the
+    /// `drive` evens the blocks out up to 1.5 times it with `B` in L2), used when the
     /// caches are unknown; only groups work.
     const MC: usize;
     /// The fallback for most columns of `B` packed at a time (a multiple of
@@ -837,12 +840,18 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
     // Sizes of the three regions actually needed for this shape (elements,
     // each a whole number of lines): packed A, packed B, the edge tile.
     let kc_max = M::KC.min(k);
-    // Rows per block: as even as whole panels allow, up to 1.5 × `blk.mc`,
-    // so that no thin remainder block repacks all of B for a few rows:
-    // 2048 rows with `MC` 1008 are cut 1026 + 1022 rather than 1008 + 1008
-    // + 32, which packs each depth chunk of B twice instead of three times
-    // (`docs/kernels.md`, "Tile shapes and blocking").
-    let mc_cap = blk.mc + blk.mc / 2 / mr * mr;
+    // Rows per block: as even as whole panels allow. With B in L2, up to
+    // 1.5 × `blk.mc`, so that no thin remainder block repacks all of B for
+    // a few rows: 2048 rows with `MC` 1008 are cut 1026 + 1022 rather than
+    // 1008 + 1008 + 32, which packs each depth chunk of B twice instead of
+    // three times (`docs/kernels.md`, "Tile shapes and blocking"). With A in
+    // L2 a thin block repacks nothing, and A's block must fit the L2 it was
+    // sized for: up to `blk.mc` (2000 rows with `MC` 192 are cut 10 × 186
+    // + 140).
+    let mc_cap = match blk.order {
+        Order::BInL2 => blk.mc + blk.mc / 2 / mr * mr,
+        Order::AInL2 => blk.mc,
+    };
     let mc_step = rows.div_ceil(rows.div_ceil(mc_cap)).next_multiple_of(mr).min(mc_cap);
     let a_len = round_to_lines::<M::T>(mc_step.min(rows.div_ceil(mr) * mr) * kc_max);
     let b_len = round_to_lines::<M::T>(blk.nc.min(n.div_ceil(nr) * nr) * kc_max);
@@ -922,9 +931,22 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
                     for ic in (0..rows).step_by(mc_step) {
                         let mc = mc_step.min(rows - ic);
                         pack_a::<M, C>(a_pack, a, k, ic, mc, pc, kc);
+                        // While the tiles of one B panel run, the next
+                        // panel (after the last, the first, which the next
+                        // row block starts with) is fetched into L2, a
+                        // share of its lines before each tile: the B block
+                        // waits in L3, too far for the microkernel's own
+                        // prefetch a few steps ahead.
+                        let lines = (kc * nr * size_of::<M::T>()).div_ceil(64);
+                        let per_tile = lines.div_ceil(mc.div_ceil(mr));
                         for jr in (0..nc).step_by(nr) {
                             let b_panel = &b_pack[jr * kc..(jr + nr) * kc];
-                            for ir in (0..mc).step_by(mr) {
+                            let next = if jr + nr < nc { jr + nr } else { 0 };
+                            let next_panel = b_pack[next * kc..].as_ptr();
+                            for (t, ir) in (0..mc).step_by(mr).enumerate() {
+                                for line in t * per_tile..((t + 1) * per_tile).min(lines) {
+                                    prefetch_l2(next_panel.wrapping_byte_add(line * 64));
+                                }
                                 let sliver = &a_pack[ir * kc..(ir + mr) * kc];
                                 // SAFETY: this function's contract; the tile
                                 // is inside C and the panels were just packed.
@@ -1062,6 +1084,19 @@ pub(super) fn canonical_nans<T: Copy>(c: &mut [T], nan: T, is_nan: impl Fn(T) ->
             }
         }
     }
+}
+
+/// Asks for the line at `p` in L2 (`prefetcht1`); only a hint, which
+/// cannot fault wherever `p` points. Nothing on other architectures.
+#[inline(always)]
+fn prefetch_l2<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing and cannot fault.
+    unsafe {
+        _mm_prefetch::<_MM_HINT_T1>(p.cast::<i8>())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// The NaN test for both element types of the kernels.
@@ -1635,8 +1670,10 @@ mod tests {
             let c0 = random::<T>(&mut rng, m * n);
             for acc in [false, true] {
                 let want = bits(&run::<T, M>(&a, &b, &c0, m, k, n, acc, M::blocking()));
-                // Row blocks are evened out up to 1.5 × mc: (4·mr, …) cuts
-                // 50 rows 30 + 20, (2·mr, …) 18 + 18 + 14. The constants,
+                // Row blocks are evened out up to 1.5 × mc with B in L2,
+                // up to mc with A in L2: for the 6-row kernels (4·mr, …) cuts
+                // 50 rows 30 + 20 or 18 + 18 + 14, (2·mr, …) 18 + 18 + 14 or
+                // 12 × 4 + 2. The constants,
                 // and what the model gives for the machines of its tests.
                 let fixed = M::fixed();
                 for (mc, nc) in [
