@@ -58,8 +58,10 @@
 //! block of `B` waits in **L3**.
 //!
 //! * **`MC` (L2).** Of L2's ways, one for `C` and `⌈KC·NR·S / way₂⌉` for
-//!   the `B` panel coming in from L3; the `A` block takes the rest (no cap:
-//!   on the Zen 3, `MC` from 192 to 1008 rows ran within 1–2 %):
+//!   the `B` panel coming in from L3 (and the next one, which `gemm.rs`
+//!   fetches meanwhile: 2 × 16 KiB for AVX2, inside one 64 KiB way on the
+//!   Zen 3); the `A` block takes the rest (no cap: on the Zen 3, `MC` from
+//!   192 to 1008 rows ran within 1–2 %, before that fetch):
 //!   `MC = (W₂ − 1 − ⌈KC·NR·S / way₂⌉) · way₂ / (KC·S)`.
 //! * **`NC` (L3).** Of L3's ways, one for `C` and `⌈MC·KC·S / way₃⌉` for
 //!   the `A` block; the `B` block takes the rest, divided among the CPUs
@@ -68,7 +70,7 @@
 //! Rounded and clamped as above. `gemm.rs` evens the row blocks out up to
 //! `MC` in this order (up to 1.5 × `MC` with `B` in L2), so that the `A`
 //! block stays in the ways it was given, and fetches each `B` panel into L2
-//! while the tiles of the one before run. On the Zen 3 the two only pay
+//! while the tiles of the one before run. On the Zen 3 they pay most
 //! together: blocks capped at `MC` without the fetch ran 1.6–2.9 % slower
 //! than blocks of up to 1.5 × `MC` (docs/kernels.md, "Tile shapes and
 //! blocking").

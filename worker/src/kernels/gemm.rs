@@ -840,19 +840,7 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
     // Sizes of the three regions actually needed for this shape (elements,
     // each a whole number of lines): packed A, packed B, the edge tile.
     let kc_max = M::KC.min(k);
-    // Rows per block: as even as whole panels allow. With B in L2, up to
-    // 1.5 × `blk.mc`, so that no thin remainder block repacks all of B for
-    // a few rows: 2048 rows with `MC` 1008 are cut 1026 + 1022 rather than
-    // 1008 + 1008 + 32, which packs each depth chunk of B twice instead of
-    // three times (`docs/kernels.md`, "Tile shapes and blocking"). With A in
-    // L2 a thin block repacks nothing, and A's block must fit the L2 it was
-    // sized for: up to `blk.mc` (2000 rows with `MC` 192 are cut 10 × 186
-    // + 140).
-    let mc_cap = match blk.order {
-        Order::BInL2 => blk.mc + blk.mc / 2 / mr * mr,
-        Order::AInL2 => blk.mc,
-    };
-    let mc_step = rows.div_ceil(rows.div_ceil(mc_cap)).next_multiple_of(mr).min(mc_cap);
+    let mc_step = row_block(rows, mr, blk);
     let a_len = round_to_lines::<M::T>(mc_step.min(rows.div_ceil(mr) * mr) * kc_max);
     let b_len = round_to_lines::<M::T>(blk.nc.min(n.div_ceil(nr) * nr) * kc_max);
     let t_len = round_to_lines::<M::T>(mr * nr);
@@ -932,19 +920,20 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
                         let mc = mc_step.min(rows - ic);
                         pack_a::<M, C>(a_pack, a, k, ic, mc, pc, kc);
                         // While the tiles of one B panel run, the next
-                        // panel (after the last, the first, which the next
-                        // row block starts with) is fetched into L2, a
-                        // share of its lines before each tile: the B block
-                        // waits in L3, too far for the microkernel's own
-                        // prefetch a few steps ahead.
-                        let lines = (kc * nr * size_of::<M::T>()).div_ceil(64);
-                        let per_tile = lines.div_ceil(mc.div_ceil(mr));
+                        // panel is fetched into L2, a share of its lines
+                        // before each tile: the B block waits in L3, too
+                        // far for the microkernel's own prefetch a few
+                        // steps ahead. After the last panel, the first,
+                        // which the next row block starts with (after the
+                        // last row block it is repacked: a wasted fetch).
+                        let panel_lines = (kc * nr * size_of::<M::T>()).div_ceil(64);
+                        let per_tile = panel_lines.div_ceil(mc.div_ceil(mr));
                         for jr in (0..nc).step_by(nr) {
                             let b_panel = &b_pack[jr * kc..(jr + nr) * kc];
                             let next = if jr + nr < nc { jr + nr } else { 0 };
                             let next_panel = b_pack[next * kc..].as_ptr();
                             for (t, ir) in (0..mc).step_by(mr).enumerate() {
-                                for line in t * per_tile..((t + 1) * per_tile).min(lines) {
+                                for line in t * per_tile..((t + 1) * per_tile).min(panel_lines) {
                                     prefetch_l2(next_panel.wrapping_byte_add(line * 64));
                                 }
                                 let sliver = &a_pack[ir * kc..(ir + mr) * kc];
@@ -971,6 +960,22 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
         }
     }
     PACK_BUFFER.set(buffer);
+}
+
+/// The rows of `A` packed at a time for `rows` rows: as even as whole
+/// `mr`-row panels allow. With `B` in L2, up to 1.5 × `blk.mc`, so that no
+/// thin remainder block repacks all of `B` for a few rows: 2048 rows with
+/// `MC` 1008 are cut 1026 + 1022 rather than 1008 + 1008 + 32, which packs
+/// each depth chunk of `B` twice instead of three times (`docs/kernels.md`,
+/// "Tile shapes and blocking"). With `A` in L2 a thin block repacks
+/// nothing, and `A`'s block must fit the L2 it was sized for: up to
+/// `blk.mc` (2000 rows with `MC` 192 are cut 10 × 186 + 140).
+fn row_block(rows: usize, mr: usize, blk: Blocking) -> usize {
+    let cap = match blk.order {
+        Order::BInL2 => blk.mc + blk.mc / 2 / mr * mr,
+        Order::AInL2 => blk.mc,
+    };
+    rows.div_ceil(rows.div_ceil(cap)).next_multiple_of(mr).min(cap)
 }
 
 /// Where [`drive`]'s tiles go: `C` (`rows × n`, row stride `n`) and the
@@ -1869,6 +1874,33 @@ mod tests {
     fn blocking_does_not_change_bits_f32() {
         blocking_does_not_matter::<f32, F32>(4);
         blocking_does_not_matter::<f32, F32x64>(4);
+    }
+
+    /// Row blocks cover the rows in blocks as even as whole panels allow:
+    /// with `A` in L2 never above `MC` (its block must fit the L2 it was
+    /// sized for), with `B` in L2 up to 1.5 × `MC`.
+    #[test]
+    fn row_blocks_stay_within_their_cap() {
+        let blk = |mc, order| Blocking { mc, nc: 8, order };
+        // The cuts the docs name.
+        assert_eq!(row_block(2000, 6, blk(192, Order::AInL2)), 186);
+        assert_eq!(row_block(2048, 6, blk(1008, Order::BInL2)), 1026);
+        assert_eq!(row_block(50, 6, blk(12, Order::AInL2)), 12);
+        assert_eq!(row_block(50, 6, blk(24, Order::BInL2)), 30);
+        for rows in 1..700 {
+            for mc in [6, 12, 96, 132, 192, 384] {
+                for order in [Order::AInL2, Order::BInL2] {
+                    let step = row_block(rows, 6, blk(mc, order));
+                    let cap = if order == Order::AInL2 { mc } else { mc + mc / 2 / 6 * 6 };
+                    assert!(
+                        step > 0 && step.is_multiple_of(6) && step <= cap,
+                        "{rows} rows, MC {mc}, {order:?}: {step}"
+                    );
+                    // No more blocks than the cap forces.
+                    assert_eq!(rows.div_ceil(step), rows.div_ceil(cap), "{rows} rows, MC {mc}, {order:?}: {step}");
+                }
+            }
+        }
     }
 
     /// Within `2·k·eps·Σ|a·b|` of the naive loop (the bound of `kernels/tests.rs`'s
