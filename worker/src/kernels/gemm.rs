@@ -732,6 +732,14 @@ six_rows!(avx512_f32: /// 6 × 48 `f32`, AVX-512, from a 6 × 64 kernel's panel.
 const PREFETCH_A_F64: usize = 48;
 /// [`PREFETCH_A_F64`] for `f32`.
 const PREFETCH_A_F32: usize = 48;
+/// The most lines of the next `B` panel the driver fetches into L2 before
+/// one tile (with `A` in L2; `drive`): a block of at least 16 tiles for a
+/// 256-line panel. In thinner blocks the fetch is left out: a 6-row block,
+/// one tile per panel, fetching a whole panel before each tile ran 1.11
+/// × the time without it (whole `procjob matmul --shape 6x2000x2000` runs,
+/// Zen 3), while the hardware prefetcher follows a panel read from start
+/// to end anyway.
+const FETCH_LINES_PER_TILE: usize = 16;
 /// How many iterations of `p` ahead the microkernels prefetch the `B`
 /// panel, which streams from L2 (one prefetch per line of a row: one for an
 /// AVX2 row, four for an AVX-512 one).
@@ -926,8 +934,12 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
                         // steps ahead. After the last panel, the first,
                         // which the next row block starts with (after the
                         // last row block it is repacked: a wasted fetch).
+                        // Not in a block of few tiles, where each tile would
+                        // fetch much of a panel at once (see
+                        // `FETCH_LINES_PER_TILE`).
                         let panel_lines = (kc * nr * size_of::<M::T>()).div_ceil(64);
                         let per_tile = panel_lines.div_ceil(mc.div_ceil(mr));
+                        let per_tile = if per_tile <= FETCH_LINES_PER_TILE { per_tile } else { 0 };
                         for jr in (0..nc).step_by(nr) {
                             let b_panel = &b_pack[jr * kc..(jr + nr) * kc];
                             let next = if jr + nr < nc { jr + nr } else { 0 };
