@@ -89,7 +89,7 @@ use super::machine::{caches, CacheLevel, Caches};
 /// blocking edge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Blocking {
-    /// Rows packed at a time (with `B` in L2 up to 1.5 times it, see `gemm.rs`'s `drive`),
+    /// Rows packed at a time (with `B` in L2 up to 1.5 times it, see `gemm.rs`'s `row_block`),
     /// a positive multiple of `MR`.
     pub(super) mc: usize,
     /// Most columns packed at a time, a positive multiple of `NR`.

@@ -734,11 +734,10 @@ const PREFETCH_A_F64: usize = 48;
 const PREFETCH_A_F32: usize = 48;
 /// The most lines of the next `B` panel the driver fetches into L2 before
 /// one tile (with `A` in L2; `drive`): a block of at least 16 tiles for a
-/// 256-line panel. In thinner blocks the fetch is left out: a 6-row block,
-/// one tile per panel, fetching a whole panel before each tile ran 1.11
-/// × the time without it (whole `procjob matmul --shape 6x2000x2000` runs,
-/// Zen 3), while the hardware prefetcher follows a panel read from start
-/// to end anyway.
+/// 256-line panel. In thinner blocks the fetch is left out: with one tile
+/// per panel it would fetch a whole panel before each tile, which measured
+/// slower than none (`docs/kernels.md`, "Tile shapes and blocking"), while
+/// the hardware prefetcher follows a panel read from start to end anyway.
 const FETCH_LINES_PER_TILE: usize = 16;
 /// How many iterations of `p` ahead the microkernels prefetch the `B`
 /// panel, which streams from L2 (one prefetch per line of a row: one for an
