@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use procjob_worker::array::{Array, FileId};
 use procjob_worker::kernels::Kernel;
 pub use procjob_worker::matmul::{not_a_matmul_dtype, MATMUL_DTYPES};
-use procjob_worker::matmul::{MatmulBlock, MatmulInput, MatmulOutput};
+use procjob_worker::matmul::{BPanels, MatmulBlock, MatmulInput, MatmulOutput};
 use procjob_worker::protocol::Access;
 use procjob_worker::{DType, Element};
 
@@ -342,6 +342,9 @@ pub struct ModeRunner<'a> {
     name: String,
     /// A and B in the run folder, from the first repetition on (file modes).
     dumped: Option<DumpedInputs>,
+    /// B packed for the blocks, from the first repetition on (threads,
+    /// copy and fork; the file modes' is in `dumped`).
+    packed_b: Option<PackedB>,
     /// The latest repetition's C file (file modes), kept until the next
     /// repetition so that its C can be handed back with it.
     latest_c_file: Option<TempFiles>,
@@ -409,6 +412,7 @@ impl<'a> ModeRunner<'a> {
                 format!("{}-{id}", mode.name())
             },
             dumped: None,
+            packed_b: None,
             latest_c_file: None,
             spare_c: None,
         }
@@ -464,11 +468,19 @@ impl<'a> ModeRunner<'a> {
         let times = (self.trace.is_some() && self.mode == Mode::Threads).then(BlockTimes::default);
         let (repetition, c, c_file) = match self.mode {
             Mode::Seq => {
+                // One block: B packed as the kernel goes, as by any one
+                // product.
                 let whole = plan_blocks(self.inputs.dims().0, 1);
-                run_threads(self.inputs, &whole, 1, spare.map(|(c, _)| c), None)
+                run_threads(self.inputs, &PackedB::unpacked(&self.inputs.b), &whole, 1, spare.map(|(c, _)| c), None)
             }
             Mode::Threads => {
-                run_threads(self.inputs, &self.ranges, self.threads, spare.map(|(c, _)| c), times.as_ref())
+                // B packed once for the blocks of every repetition, as the
+                // worker modes have it (in the first repetition's time).
+                if self.packed_b.is_none() {
+                    self.packed_b = Some(PackedB::owned(&self.inputs.b)?);
+                }
+                let b = self.packed_b.as_ref().expect("just packed");
+                run_threads(self.inputs, b, &self.ranges, self.threads, spare.map(|(c, _)| c), times.as_ref())
             }
             mode => {
                 let bar = self.progress.as_ref().map(|hook| (hook.0)(mode, &self.ranges));
@@ -544,7 +556,19 @@ pub fn multiply_threads_into(
     threads: usize,
     c: &mut Array,
 ) -> Result<(), Error> {
-    multiply_threads_timed(inputs, ranges, threads, c, None)
+    multiply_threads_timed(inputs, &PackedB::unpacked(&inputs.b), ranges, threads, c, None)
+}
+
+/// [`multiply_threads_into`] with `B` packed once beforehand for all the
+/// blocks, as the worker modes have it (`procjob bench`'s ideal).
+pub(crate) fn multiply_threads_packed_into(
+    inputs: &Inputs,
+    b: &PackedB,
+    ranges: &[Range<usize>],
+    threads: usize,
+    c: &mut Array,
+) -> Result<(), Error> {
+    multiply_threads_timed(inputs, b, ranges, threads, c, None)
 }
 
 /// Which thread computed which block, from when to when (monotonic ns).
@@ -554,6 +578,7 @@ type BlockTimes = std::sync::Mutex<Vec<(usize, Range<usize>, u64, u64)>>;
 /// `times` when given (for the trace).
 fn multiply_threads_timed(
     inputs: &Inputs,
+    b: &PackedB,
     ranges: &[Range<usize>],
     threads: usize,
     c: &mut Array,
@@ -561,6 +586,7 @@ fn multiply_threads_timed(
 ) -> Result<(), Error> {
     fn typed<T: Kernel>(
         inputs: &Inputs,
+        packed: &PackedB,
         ranges: &[Range<usize>],
         threads: usize,
         c: &mut Array,
@@ -575,7 +601,7 @@ fn multiply_threads_timed(
         }
         let config = |source| Error::Array { what: "A, B or C as a slice".into(), source };
         let a = inputs.a.as_slice::<T>().map_err(config)?;
-        let b = inputs.b.as_slice::<T>().map_err(config)?;
+        let b = packed.b.as_slice::<T>().map_err(config)?;
         let mut rest = c.as_mut_slice::<T>().map_err(config)?;
         // Hand each block its own rows of C: disjoint &mut slices.
         let mut blocks = Vec::with_capacity(ranges.len());
@@ -591,7 +617,12 @@ fn multiply_threads_timed(
             let mut guard = block.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let (r, c_rows) = &mut *guard;
             let start = procjob_worker::clock::monotonic_ns();
-            procjob_worker::kernels::matmul_block(&a[r.start * k..r.end * k], b, c_rows, r.len(), k, n);
+            let a = &a[r.start * k..r.end * k];
+            match packed.panels {
+                // Packed for this process's kernel, by `PackedB::pack`.
+                Some(p) => T::matmul_block_packed(a, b, c_rows, r.len(), k, n, p.width as usize),
+                None => procjob_worker::kernels::matmul_block(a, b, c_rows, r.len(), k, n),
+            }
             if let Some(times) = times {
                 let end = procjob_worker::clock::monotonic_ns();
                 times.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((thread, r.clone(), start, end));
@@ -618,9 +649,9 @@ fn multiply_threads_timed(
         })
     }
     match inputs.dtype() {
-        DType::I64 => typed::<i64>(inputs, ranges, threads, c, times),
-        DType::F64 => typed::<f64>(inputs, ranges, threads, c, times),
-        DType::F32 => typed::<f32>(inputs, ranges, threads, c, times),
+        DType::I64 => typed::<i64>(inputs, b, ranges, threads, c, times),
+        DType::F64 => typed::<f64>(inputs, b, ranges, threads, c, times),
+        DType::F32 => typed::<f32>(inputs, b, ranges, threads, c, times),
         other => Err(Error::Config(not_a_matmul_dtype(other))),
     }
 }
@@ -629,6 +660,7 @@ fn multiply_threads_timed(
 /// the C handed back if there is one.
 fn run_threads(
     inputs: &Inputs,
+    b: &PackedB,
     ranges: &[Range<usize>],
     threads: usize,
     spare: Option<Array>,
@@ -642,7 +674,7 @@ fn run_threads(
             zeros_c(inputs.dtype(), m, n)?
         }
     };
-    multiply_threads_timed(inputs, ranges, threads, &mut c, times)?;
+    multiply_threads_timed(inputs, b, ranges, threads, &mut c, times)?;
     let wall = t.elapsed();
     let phases = Phases { compute_s: wall.as_secs_f64(), ..Phases::default() };
     Ok((Repetition { wall, phases, bytes_to_workers: 0, bytes_from_workers: 0, lost: Vec::new() }, c, None))
@@ -655,18 +687,33 @@ fn run_parallel(
     spare: Option<(Array, Option<TempFiles>)>,
     mut bar: Option<Box<dyn BlockProgress>>,
 ) -> Result<(Repetition, Array, Option<TempFiles>), Error> {
-    let ModeRunner { mode, inputs, ranges, parallel, folder, rep, name, dumped, .. } = runner;
+    let ModeRunner { mode, inputs, ranges, parallel, folder, rep, name, dumped, packed_b, .. } = runner;
     let (mode, rep) = (*mode, *rep);
     let (m, _, n) = inputs.dims();
     let dtype = inputs.dtype();
     let t0 = Instant::now();
-    // Dump (file modes): inputs not already backed by a file are written
-    // once per mode run and mapped; the user's own .npy files are mapped in
-    // place.
+    // B is packed once for all blocks of all repetitions, where the
+    // kernel reads panels (`PackedB`). Dump (file modes): inputs not
+    // already backed by a file are written once per mode run and mapped,
+    // B packed; the user's own .npy files are mapped in place, B as it is.
     let (a, b) = match mode {
-        Mode::Copy => (owned(&inputs.a), owned(&inputs.b)),
-        // Forked workers inherit A and B: they travel as references.
-        Mode::Fork => (inputs.a.clone(), inputs.b.clone()),
+        Mode::Copy | Mode::Fork => {
+            if packed_b.is_none() {
+                let packed = PackedB::owned(&inputs.b)?;
+                // Forked workers inherit A and (packed) B: they travel as
+                // references. The pool starts below, after this.
+                if mode == Mode::Fork {
+                    let inherit = vec![inputs.a.clone(), packed.b.clone()];
+                    *parallel = std::mem::take(parallel).start_method(StartMethod::Fork { inherit });
+                }
+                *packed_b = Some(packed);
+            }
+            let b = packed_b.as_ref().expect("just packed").clone();
+            match mode {
+                Mode::Copy => (owned(&inputs.a), PackedB { b: owned(&b.b), ..b }),
+                _ => (inputs.a.clone(), b),
+            }
+        }
         // The first repetition dumps A and B; later ones map the same files
         // (the inputs do not change between repetitions), as joblib reuses
         // a dump whose content hash it has seen.
@@ -698,9 +745,10 @@ fn run_parallel(
             (c, Some(TempFiles(vec![path])))
         }
     };
-    // Copy and fork modes dump nothing; their inputs go through the pipes
-    // or are inherited.
-    let dump_s = if matches!(mode, Mode::Copy | Mode::Fork) { 0.0 } else { t0.elapsed().as_secs_f64() };
+    // The inputs made ready: dumped (file modes), B packed (every mode, in
+    // the first repetition); copy and fork modes' inputs then go through
+    // the pipes or are inherited.
+    let dump_s = t0.elapsed().as_secs_f64();
     let spawn_s = parallel.start()?.as_secs_f64();
     let t1 = Instant::now();
     let view = |x: &Array, r: &Range<usize>| {
@@ -712,8 +760,9 @@ fn run_parallel(
             Ok(MatmulInput {
                 rows: (r.start as u64, r.end as u64),
                 a: view(&a, r)?,
-                b: b.clone(),
+                b: b.b.clone(),
                 out: if mode == Mode::MemmapOut { Some(view(&c, r)?) } else { None },
+                b_panels: b.panels,
             })
         })
         .collect::<Result<Vec<_>, Error>>()?;
@@ -799,23 +848,117 @@ struct TempFiles(Vec<PathBuf>);
 /// later repetitions; the files go when this is dropped.
 struct DumpedInputs {
     a: Array,
-    b: Array,
+    b: PackedB,
     _files: TempFiles,
 }
 
+/// B as the blocks get it: packed once for every block of the product in
+/// the panels this process's kernel reads (`f64` and `f32` on CPUs with
+/// AVX2 and FMA: `procjob_worker::kernels::pack_b`), so that no block
+/// packs it again; else its rows.
+#[derive(Clone)]
+pub(crate) struct PackedB {
+    b: Array,
+    panels: Option<BPanels>,
+}
+
+impl PackedB {
+    /// B as it is.
+    pub(crate) fn unpacked(b: &Array) -> PackedB {
+        PackedB { b: b.clone(), panels: None }
+    }
+
+    /// `b` packed into an array of its own, or as it is when this
+    /// process's kernel does not read packed panels.
+    pub(crate) fn owned(b: &Array) -> Result<PackedB, Error> {
+        fn typed<T: Kernel>(b: &Array, (k, n, panels): (usize, usize, BPanels)) -> Result<PackedB, Error> {
+            let mut packed = zeros("B packed for the blocks", T::DTYPE, k, wide(panels))?;
+            let dst = packed.as_mut_slice::<T>().map_err(as_slice)?;
+            procjob_worker::kernels::pack_b::<T>(
+                b.as_slice::<T>().map_err(as_slice)?,
+                k,
+                n,
+                panels.width as usize,
+                dst,
+            );
+            Ok(PackedB { b: packed, panels: Some(panels) })
+        }
+        match (b.dtype(), PackedB::layout(b)) {
+            (DType::F64, Some(layout)) => typed::<f64>(b, layout),
+            (DType::F32, Some(layout)) => typed::<f32>(b, layout),
+            _ => Ok(PackedB::unpacked(b)),
+        }
+    }
+
+    /// `b` packed into a new `.npy` file at `path`, mapped read-only, or
+    /// copied into it as it is when this process's kernel does not read
+    /// packed panels. Packed part by part into memory and written out in
+    /// order: packing straight into the new file's shared pages faulted
+    /// them in one by one, and all of it in memory first is another `B`.
+    fn in_file(b: &Array, path: &Path) -> Result<PackedB, Error> {
+        fn typed<T: Kernel>(b: &Array, path: &Path, (k, n, panels): (usize, usize, BPanels)) -> Result<(), Error> {
+            use std::os::unix::fs::FileExt;
+            let what = || format!("cannot write {}", path.display());
+            let (file, header) = procjob_worker::npy::create(path, T::DTYPE, &[k, wide(panels)])
+                .map_err(|e| Error::Array { what: what(), source: e.into() })?;
+            let depth = procjob_worker::kernels::PACKED_B_DEPTH;
+            let mut part = zeros("a part of B packed for the blocks", T::DTYPE, depth.min(k), wide(panels))?;
+            let src = b.as_slice::<T>().map_err(as_slice)?;
+            for pc in (0..k).step_by(depth) {
+                let len = depth.min(k - pc) * wide(panels);
+                let dst = &mut part.as_mut_slice::<T>().map_err(as_slice)?[..len];
+                procjob_worker::kernels::pack_b_part::<T>(src, k, n, panels.width as usize, pc, dst);
+                let size = T::DTYPE.size();
+                let at = (header.data_offset + pc * wide(panels) * size) as u64;
+                file.write_all_at(&part.as_bytes()[..len * size], at)
+                    .map_err(|source| Error::System { what: what(), source })?;
+            }
+            Ok(())
+        }
+        let layout = PackedB::layout(b);
+        match (b.dtype(), layout) {
+            (DType::F64, Some(layout)) => typed::<f64>(b, path, layout)?,
+            (DType::F32, Some(layout)) => typed::<f32>(b, path, layout)?,
+            _ => return Ok(PackedB::unpacked(&mapped(b, path)?)),
+        }
+        let b = Array::open_npy(path, Access::ReadOnly)
+            .map_err(|source| Error::Array { what: format!("cannot map {}", path.display()), source })?;
+        Ok(PackedB { b, panels: layout.map(|(_, _, panels)| panels) })
+    }
+
+    /// `b`'s rows and columns and the panels this process's kernel packs
+    /// it in, if it does (`f64` and `f32`, `procjob_worker::kernels::Kernel::b_panel_width`).
+    fn layout(b: &Array) -> Option<(usize, usize, BPanels)> {
+        let width = match b.dtype() {
+            DType::F64 => f64::b_panel_width(),
+            DType::F32 => f32::b_panel_width(),
+            _ => None,
+        }?;
+        let &[k, n] = b.shape() else { return None };
+        n.checked_next_multiple_of(width)?;
+        Some((k, n, BPanels { n: n as u64, width: width as u64 }))
+    }
+}
+
 impl DumpedInputs {
-    /// Writes A and B (those not already backed by a file) at the same time,
-    /// on two threads: writing to tmpfs is bound by one core's page
-    /// allocation and copying.
+    /// Writes A and B (those not already backed by a file; B packed) at the
+    /// same time, on two threads: writing to tmpfs is bound by one core's
+    /// page allocation and copying.
     fn write(inputs: &Inputs, folder: &RunFolder, name: &str) -> Result<DumpedInputs, Error> {
         let files = TempFiles(vec![folder.file(&format!("{name}-A.npy")), folder.file(&format!("{name}-B.npy"))]);
+        // B mapped in place as it is, else written to its file, packed
+        // where the kernel reads panels.
+        let write_b = || match inputs.b.is_mapped() {
+            true => Ok(PackedB::unpacked(&inputs.b)),
+            false => PackedB::in_file(&inputs.b, &files.0[1]),
+        };
         let (a, b) = std::thread::scope(|scope| {
             // Without a second thread (a process limit), one after the other.
-            let b = std::thread::Builder::new().spawn_scoped(scope, || mapped(&inputs.b, &files.0[1]));
+            let b = std::thread::Builder::new().spawn_scoped(scope, write_b);
             let a = mapped(&inputs.a, &files.0[0]);
             let b = match b {
                 Ok(b) => b.join().unwrap_or_else(|_| Err(Error::Internal("the thread writing B panicked".into()))),
-                Err(_) => mapped(&inputs.b, &files.0[1]),
+                Err(_) => write_b(),
             };
             Ok::<_, Error>((a?, b?))
         })?;
@@ -858,6 +1001,17 @@ fn place_rows(c: &mut Array, block: &Array, index: u64, rows: &Range<usize>, n: 
 
 fn c_bytes_mut(c: &mut Array) -> Result<&mut [u8], Error> {
     c.as_bytes_mut().map_err(|source| Error::Array { what: "C".into(), source })
+}
+
+/// The columns of a `B` packed in `panels`, rounded up to whole panels
+/// (`PackedB::layout` checked that they fit).
+fn wide(panels: BPanels) -> usize {
+    (panels.n as usize).next_multiple_of(panels.width as usize)
+}
+
+/// An array that is not of the type asked for, as an error.
+fn as_slice(source: procjob_worker::array::ArrayError) -> Error {
+    Error::Array { what: "B as a slice".into(), source }
 }
 
 fn owned(a: &Array) -> Array {

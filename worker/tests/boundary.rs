@@ -57,7 +57,7 @@ fn zero_byte_inputs_with_a_huge_product_fail_the_task_not_the_worker() {
         let (results, _) = w.run(&batch, &bulk);
         let message = &failure(&results.tasks[0].outcome).message;
         assert!(message.contains("cannot allocate") && message.contains("8796093022208 bytes"), "{message}");
-        let block = MatmulInput { rows: (0, 1 << 20), a: huge.0, b: huge.1, out: None };
+        let block = MatmulInput { rows: (0, 1 << 20), a: huge.0, b: huge.1, out: None, b_panels: None };
         let (batch, bulk) = batch_of("matmul", 1, &[block]);
         let (results, _) = w.run(&batch, &bulk);
         let message = &failure(&results.tasks[0].outcome).message;

@@ -266,8 +266,8 @@ mod conversation {
 
     fn task() -> impl Strategy<Value = TaskRequest> {
         let input = prop_oneof![
-            Just(vec![0u8, 1]),          // (array 0, array 1): dot's input
-            Just(vec![0u8, 4, 0, 1, 0]), // MatmulInput { rows: (0, 4), a: 0, b: 1, out: None }
+            Just(vec![0u8, 1]),             // (array 0, array 1): dot's input
+            Just(vec![0u8, 4, 0, 1, 0, 0]), // MatmulInput { rows: (0, 4), a: 0, b: 1, out: None, b_panels: None }
             proptest::collection::vec(any::<u8>(), 0..12),
         ];
         (any::<u64>(), input, proptest::collection::vec(array_ref(), 0..3))

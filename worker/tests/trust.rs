@@ -229,7 +229,7 @@ fn an_output_mapped_read_write_outside_the_named_folders_is_not_written() {
     let a = Array::open_npy(&t.allowed.join("a.npy"), Access::ReadOnly).unwrap();
     let task = |index: u64, out: &Path| {
         // The output: a read-write view of the 2×2 array in `out`.
-        let input = MatmulInput { rows: (0, 2), a: a.clone(), b: a.clone(), out: Some(a.clone()) };
+        let input = MatmulInput { rows: (0, 2), a: a.clone(), b: a.clone(), out: Some(a.clone()), b_panels: None };
         let mut encoder = InlineEncoder::default();
         let (input, mut refs) = array::encode_with(&input, &mut encoder).unwrap();
         refs[2] = file_ref(out, Access::ReadWrite);

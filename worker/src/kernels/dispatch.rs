@@ -5,6 +5,7 @@
 //! reference [`matmul_naive`] every kernel is tested against.
 
 use super::float::{dgemm, sgemm};
+use super::gemm::{pack_b_panels, packed_b_len, unpack_b_panels};
 use super::integer::{exact_maxima, i64_via_f64_within, tiled_i64};
 use super::tiled::{checked_lengths, Step};
 use crate::dtype::Element;
@@ -21,6 +22,51 @@ pub trait Kernel: Element + Step {
     ///
     /// If `a.len() != rows * k`, `b.len() != k * n` or `c.len() != rows * n`.
     fn matmul_block(a: &[Self], b: &[Self], c: &mut [Self], rows: usize, k: usize, n: usize);
+
+    /// The width of the panels this process's kernel reads `B` in, when it
+    /// can take a `B` packed beforehand ([`pack_b`]; `f64` and `f32` on
+    /// CPUs with AVX2 and FMA); `None` when `B` is best given as its rows.
+    fn b_panel_width() -> Option<usize> {
+        None
+    }
+
+    /// [`Kernel::matmul_block`] with `B` packed by [`pack_b`] in panels `nr`
+    /// wide (`packed` is [`packed_b_len`] long): the same bits, and `B` is
+    /// not packed again when `nr` is [`Kernel::b_panel_width`] and `packed`
+    /// is 64-byte aligned. Otherwise `B`'s rows are unpacked first.
+    ///
+    /// # Panics
+    ///
+    /// If `a.len() != rows * k`, `packed.len()` is not
+    /// [`packed_b_len`]`(k, n, nr)` or `c.len() != rows * n`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_block_packed(a: &[Self], packed: &[Self], c: &mut [Self], rows: usize, k: usize, n: usize, nr: usize) {
+        let mut b = vec![Self::default(); k.checked_mul(n).expect("k × n fits in memory")];
+        unpack_b_panels(packed, k, n, nr, &mut b);
+        Self::matmul_block(a, &b, c, rows, k, n);
+    }
+}
+
+/// Packs all of `b` (`k × n`) in panels `nr` wide for
+/// [`Kernel::matmul_block_packed`] ([`packed_b_len`] elements), so that
+/// the blocks of one product pack `B` once between them
+/// ([`gemm::pack_b_panels`](super::gemm::pack_b_panels) has the layout).
+///
+/// # Panics
+///
+/// If `b.len() != k · n` or `dst.len()` is not [`packed_b_len`].
+pub fn pack_b<T: Kernel>(b: &[T], k: usize, n: usize, nr: usize, dst: &mut [T]) {
+    pack_b_panels(b, k, n, nr, dst);
+}
+
+/// One part of [`pack_b`], for writing a packed `B` out part by part
+/// without all of it in memory ([`gemm::pack_b_part`](super::gemm::pack_b_part)).
+///
+/// # Panics
+///
+/// As [`gemm::pack_b_part`](super::gemm::pack_b_part).
+pub fn pack_b_part<T: Kernel>(b: &[T], k: usize, n: usize, nr: usize, pc: usize, dst: &mut [T]) {
+    super::gemm::pack_b_part(b, k, n, nr, pc, dst);
 }
 
 impl Kernel for i64 {
@@ -37,19 +83,45 @@ impl Kernel for i64 {
     }
 }
 
-impl Kernel for f64 {
-    fn matmul_block(a: &[f64], b: &[f64], c: &mut [f64], rows: usize, k: usize, n: usize) {
-        checked_lengths(a.len(), b.len(), Some(c.len()), rows, k, n);
-        dgemm(a, b, c, rows, k, n, false);
-    }
+/// [`Kernel`] for a float type: `matmul_block` through its GEMM wrapper,
+/// and a `B` packed beforehand through the packed GEMM.
+macro_rules! float_kernel {
+    ($t:ty, $wrapper:ident, $packed:path, $width:path) => {
+        impl Kernel for $t {
+            fn matmul_block(a: &[$t], b: &[$t], c: &mut [$t], rows: usize, k: usize, n: usize) {
+                checked_lengths(a.len(), b.len(), Some(c.len()), rows, k, n);
+                $wrapper(a, b, c, rows, k, n, false);
+            }
+
+            fn b_panel_width() -> Option<usize> {
+                $width()
+            }
+
+            fn matmul_block_packed(a: &[$t], packed: &[$t], c: &mut [$t], rows: usize, k: usize, n: usize, nr: usize) {
+                assert!(
+                    packed_b_len(k, n, nr) == Some(packed.len())
+                        && rows.checked_mul(k) == Some(a.len())
+                        && rows.checked_mul(n) == Some(c.len()),
+                    "matmul_block_packed: lengths {}, {}, {} do not fit {rows}×{k}×{n} in panels of {nr}",
+                    a.len(),
+                    packed.len(),
+                    c.len()
+                );
+                if rows == 0 || n == 0 {
+                    return;
+                }
+                if !$packed(a, packed, c, rows, k, n, nr, false) {
+                    let mut b = vec![0.0; k * n];
+                    unpack_b_panels(packed, k, n, nr, &mut b);
+                    $wrapper(a, &b, c, rows, k, n, false);
+                }
+            }
+        }
+    };
 }
 
-impl Kernel for f32 {
-    fn matmul_block(a: &[f32], b: &[f32], c: &mut [f32], rows: usize, k: usize, n: usize) {
-        checked_lengths(a.len(), b.len(), Some(c.len()), rows, k, n);
-        sgemm(a, b, c, rows, k, n, false);
-    }
-}
+float_kernel!(f64, dgemm, super::gemm::dgemm_packed, super::gemm::dgemm_panel_width);
+float_kernel!(f32, sgemm, super::gemm::sgemm_packed, super::gemm::sgemm_panel_width);
 
 /// Computes `C_block = A_block · B` for any [`Kernel`] type, overwriting `c`
 /// (old contents are ignored, not accumulated into).

@@ -188,8 +188,8 @@ use std::arch::x86_64::*;
 #[must_use]
 pub fn dgemm(a: &[f64], b: &[f64], c: &mut [f64], rows: usize, k: usize, n: usize, accumulate: bool) -> bool {
     match chosen_isa(best_isa) {
-        Isa::Avx512 => gemm::<F64x32, Same<f64>>(a, b, c, rows, k, n, accumulate, F64x32::blocking()),
-        Isa::Avx2 => gemm::<F64, Same<f64>>(a, b, c, rows, k, n, accumulate, F64::blocking()),
+        Isa::Avx512 => gemm::<F64x32, Same<f64>>(a, BIn::Rows(b), c, rows, k, n, accumulate, F64x32::blocking()),
+        Isa::Avx2 => gemm::<F64, Same<f64>>(a, BIn::Rows(b), c, rows, k, n, accumulate, F64::blocking()),
         Isa::Portable => false,
     }
 }
@@ -201,6 +201,178 @@ pub fn dgemm(a: &[f64], b: &[f64], c: &mut [f64], rows: usize, k: usize, n: usiz
 /// If the slice lengths do not fit the shape.
 #[must_use]
 pub fn sgemm(a: &[f32], b: &[f32], c: &mut [f32], rows: usize, k: usize, n: usize, accumulate: bool) -> bool {
+    match chosen_isa(best_isa) {
+        Isa::Avx512 => gemm::<F32x64, Same<f32>>(a, BIn::Rows(b), c, rows, k, n, accumulate, F32x64::blocking()),
+        Isa::Avx2 => gemm::<F32, Same<f32>>(a, BIn::Rows(b), c, rows, k, n, accumulate, F32::blocking()),
+        Isa::Portable => false,
+    }
+}
+
+/// The panel width `NR` of the kernel [`dgemm`] runs on this CPU: what
+/// [`pack_b_panels`] packs a `B` in for [`dgemm_packed`]. `None` where
+/// [`dgemm`] returns `false`.
+pub fn dgemm_panel_width() -> Option<usize> {
+    match chosen_isa(best_isa) {
+        Isa::Avx512 => Some(F64x32::NR),
+        Isa::Avx2 => Some(F64::NR),
+        Isa::Portable => None,
+    }
+}
+
+/// [`dgemm_panel_width`] for [`sgemm`].
+pub fn sgemm_panel_width() -> Option<usize> {
+    match chosen_isa(best_isa) {
+        Isa::Avx512 => Some(F32x64::NR),
+        Isa::Avx2 => Some(F32::NR),
+        Isa::Portable => None,
+    }
+}
+
+/// The elements of a `k × n` `B` packed in panels `nr` wide: `k` rows of `n`
+/// rounded up to whole panels (`None` if that overflows, or `nr` is 0).
+pub fn packed_b_len(k: usize, n: usize, nr: usize) -> Option<usize> {
+    if nr == 0 {
+        return None;
+    }
+    n.checked_next_multiple_of(nr)?.checked_mul(k)
+}
+
+/// Packs all of `B` (`k × n`, row-major) into `dst` ([`packed_b_len`]
+/// elements) as the GEMM's loops read it, so that many products with the
+/// same `B` — a job's row blocks — pack it once instead of once each
+/// ([`dgemm_packed`]). The depth is cut in chunks of `KC` (256) rows; chunk
+/// `pc` starts at `pc · n'` (`n'` is `n` rounded up to a multiple of `nr`)
+/// and holds consecutive `kc × nr` panels, panel `q` holding columns
+/// `q·nr ..` with row `p` at `(q·kc + p)·nr`, the last one padded with
+/// zeros. The values are `B`'s, moved (point 5 of the module docs).
+///
+/// # Panics
+///
+/// If `b.len() != k · n` or `dst.len()` is not [`packed_b_len`].
+pub fn pack_b_panels<T: Copy + Default>(b: &[T], k: usize, n: usize, nr: usize, dst: &mut [T]) {
+    assert!(
+        k.checked_mul(n) == Some(b.len()) && packed_b_len(k, n, nr) == Some(dst.len()),
+        "pack_b_panels: lengths {} and {} do not fit {k}×{n} in panels of {nr}",
+        b.len(),
+        dst.len()
+    );
+    let wide = n.next_multiple_of(nr);
+    for pc in (0..k).step_by(KC) {
+        let kc = KC.min(k - pc);
+        pack_b_part(b, k, n, nr, pc, &mut dst[pc * wide..(pc + kc) * wide]);
+    }
+}
+
+/// The rows of `B` packed together by [`pack_b_panels`]: its packed form is
+/// made of parts of this many rows (the last one fewer), one after the
+/// other.
+pub const PACKED_B_DEPTH: usize = KC;
+
+/// One part of [`pack_b_panels`]: rows `pc ..` (`pc` a multiple of
+/// [`PACKED_B_DEPTH`], up to that many rows) of `B` packed into `dst`,
+/// which becomes `packed[pc · n' .. (pc + rows) · n']` of the whole (`n'`
+/// is `n` rounded up to a multiple of `nr`). For writing a packed `B` out
+/// part by part.
+///
+/// # Panics
+///
+/// If `b.len() != k · n`, `pc` is not a multiple of [`PACKED_B_DEPTH`]
+/// below `k`, or `dst` is not that part's length.
+pub fn pack_b_part<T: Copy + Default>(b: &[T], k: usize, n: usize, nr: usize, pc: usize, dst: &mut [T]) {
+    let kc = KC.min(k.saturating_sub(pc));
+    assert!(
+        k.checked_mul(n) == Some(b.len())
+            && pc.is_multiple_of(KC)
+            && pc < k
+            && packed_b_len(kc, n, nr) == Some(dst.len()),
+        "pack_b_part: rows {pc}.. of {k}×{n} in panels of {nr} do not fit {} elements",
+        dst.len()
+    );
+    pack_b::<Same<T>>(nr, dst, b, n, pc, kc, 0, n);
+}
+
+/// The inverse of [`pack_b_panels`]: `B`'s `k × n` rows back from its
+/// panels, into `dst`. For a worker whose kernel packs in other panels than
+/// the coordinator's (another CPU of a cluster).
+///
+/// # Panics
+///
+/// If `dst.len() != k · n` or `packed.len()` is not [`packed_b_len`].
+pub fn unpack_b_panels<T: Copy>(packed: &[T], k: usize, n: usize, nr: usize, dst: &mut [T]) {
+    assert!(
+        k.checked_mul(n) == Some(dst.len()) && packed_b_len(k, n, nr) == Some(packed.len()),
+        "unpack_b_panels: lengths {} and {} do not fit {k}×{n} in panels of {nr}",
+        packed.len(),
+        dst.len()
+    );
+    let wide = n.next_multiple_of(nr);
+    for pc in (0..k).step_by(KC) {
+        let kc = KC.min(k - pc);
+        for p in 0..kc {
+            let row = &mut dst[(pc + p) * n..(pc + p + 1) * n];
+            for (q, cols) in row.chunks_mut(nr).enumerate() {
+                let at = pc * wide + (q * kc + p) * nr;
+                cols.copy_from_slice(&packed[at..at + cols.len()]);
+            }
+        }
+    }
+}
+
+/// [`dgemm`] with `B` packed beforehand by [`pack_b_panels`] in panels
+/// `nr` wide: the same bits, without packing `B` again. Returns `false`,
+/// leaving `c` untouched, where [`dgemm`] would, and where this CPU's
+/// kernel does not read panels `nr` wide ([`dgemm_panel_width`]) or
+/// `packed` is not 64-byte aligned (as a large array's pages and a mapped
+/// `.npy` file's data are); the caller then unpacks `B`
+/// ([`unpack_b_panels`]).
+///
+/// # Panics
+///
+/// If the slice lengths do not fit the shape.
+#[must_use]
+#[allow(clippy::too_many_arguments)]
+pub fn dgemm_packed(
+    a: &[f64],
+    packed: &[f64],
+    c: &mut [f64],
+    rows: usize,
+    k: usize,
+    n: usize,
+    nr: usize,
+    accumulate: bool,
+) -> bool {
+    let b = BIn::Packed(packed);
+    if dgemm_panel_width() != Some(nr) || !packed.as_ptr().cast::<Line>().is_aligned() {
+        return false;
+    }
+    match chosen_isa(best_isa) {
+        Isa::Avx512 => gemm::<F64x32, Same<f64>>(a, b, c, rows, k, n, accumulate, F64x32::blocking()),
+        Isa::Avx2 => gemm::<F64, Same<f64>>(a, b, c, rows, k, n, accumulate, F64::blocking()),
+        Isa::Portable => false,
+    }
+}
+
+/// [`dgemm_packed`] for `f32` ([`sgemm_panel_width`]).
+///
+/// # Panics
+///
+/// If the slice lengths do not fit the shape.
+#[must_use]
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_packed(
+    a: &[f32],
+    packed: &[f32],
+    c: &mut [f32],
+    rows: usize,
+    k: usize,
+    n: usize,
+    nr: usize,
+    accumulate: bool,
+) -> bool {
+    let b = BIn::Packed(packed);
+    if sgemm_panel_width() != Some(nr) || !packed.as_ptr().cast::<Line>().is_aligned() {
+        return false;
+    }
     match chosen_isa(best_isa) {
         Isa::Avx512 => gemm::<F32x64, Same<f32>>(a, b, c, rows, k, n, accumulate, F32x64::blocking()),
         Isa::Avx2 => gemm::<F32, Same<f32>>(a, b, c, rows, k, n, accumulate, F32::blocking()),
@@ -291,10 +463,10 @@ impl Convert for ExactI64 {
 #[must_use]
 pub(super) fn dgemm_i64(a: &[i64], b: &[i64], c: &mut [f64], rows: usize, k: usize, n: usize, small: bool) -> bool {
     match (chosen_isa(best_isa), small) {
-        (Isa::Avx512, true) => gemm::<F64x32, SmallI64>(a, b, c, rows, k, n, false, F64x32::blocking()),
-        (Isa::Avx512, false) => gemm::<F64x32, ExactI64>(a, b, c, rows, k, n, false, F64x32::blocking()),
-        (Isa::Avx2, true) => gemm::<F64, SmallI64>(a, b, c, rows, k, n, false, F64::blocking()),
-        (Isa::Avx2, false) => gemm::<F64, ExactI64>(a, b, c, rows, k, n, false, F64::blocking()),
+        (Isa::Avx512, true) => gemm::<F64x32, SmallI64>(a, BIn::Rows(b), c, rows, k, n, false, F64x32::blocking()),
+        (Isa::Avx512, false) => gemm::<F64x32, ExactI64>(a, BIn::Rows(b), c, rows, k, n, false, F64x32::blocking()),
+        (Isa::Avx2, true) => gemm::<F64, SmallI64>(a, BIn::Rows(b), c, rows, k, n, false, F64::blocking()),
+        (Isa::Avx2, false) => gemm::<F64, ExactI64>(a, BIn::Rows(b), c, rows, k, n, false, F64::blocking()),
         (Isa::Portable, _) => false,
     }
 }
@@ -344,7 +516,7 @@ trait Micro {
     #[allow(clippy::too_many_arguments)]
     unsafe fn blocked<C: Convert<To = Self::T>>(
         a: &[C::From],
-        b: &[C::From],
+        b: BIn<'_, C::From, Self::T>,
         c: &mut [Self::T],
         rows: usize,
         k: usize,
@@ -409,7 +581,7 @@ macro_rules! kernel {
             const NAN: $t = <$t>::NAN;
             const MR: usize = $mr;
             const NR: usize = $nr;
-            const KC: usize = 256;
+            const KC: usize = KC;
             const MC: usize = $mc;
             const NC: usize = $nc;
 
@@ -424,7 +596,7 @@ macro_rules! kernel {
 
             #[allow(clippy::too_many_arguments)]
             #[cfg_attr(target_arch = "x86_64", target_feature(enable = $features))]
-            unsafe fn blocked<C: Convert<To = $t>>(a: &[C::From], b: &[C::From], c: &mut [$t], rows: usize, k: usize, n: usize, accumulate: bool, blk: Blocking) {
+            unsafe fn blocked<C: Convert<To = $t>>(a: &[C::From], b: BIn<'_, C::From, $t>, c: &mut [$t], rows: usize, k: usize, n: usize, accumulate: bool, blk: Blocking) {
                 // SAFETY: the caller upholds `blocked`'s contract, which is
                 // `drive`'s (instructions present, shapes checked).
                 unsafe { drive::<Self, C>(a, b, c, rows, k, n, accumulate, blk) }
@@ -762,7 +934,7 @@ fn best_isa() -> Isa {
 #[allow(clippy::too_many_arguments)]
 fn gemm<M: Micro, C: Convert<To = M::T>>(
     a: &[C::From],
-    b: &[C::From],
+    b: BIn<'_, C::From, M::T>,
     c: &mut [M::T],
     rows: usize,
     k: usize,
@@ -772,7 +944,7 @@ fn gemm<M: Micro, C: Convert<To = M::T>>(
 ) -> bool {
     assert!(
         rows.checked_mul(k) == Some(a.len())
-            && k.checked_mul(n) == Some(b.len())
+            && k.checked_mul(b.width::<M>(n)) == Some(b.len())
             && rows.checked_mul(n) == Some(c.len()),
         "gemm: slice lengths {}, {}, {} do not fit {rows}×{k}×{n}",
         a.len(),
@@ -818,6 +990,68 @@ fn round_to_lines<T>(len: usize) -> usize {
     len.div_ceil(per_line) * per_line
 }
 
+/// The depth chunk of every kernel. Part of the arithmetic (point 1 of the
+/// module docs) and of the layout of a packed `B` ([`pack_b_panels`]).
+const KC: usize = 256;
+
+/// `B` as [`drive`] is given it: the caller's `k × n` rows, packed block by
+/// block as the loops reach them, or all of it packed beforehand by
+/// [`pack_b_panels`] for this kernel's `NR` (`k × n` rounded up to whole
+/// panels), which the loops read in place.
+#[derive(Clone, Copy)]
+enum BIn<'a, F, T> {
+    Rows(&'a [F]),
+    Packed(&'a [T]),
+}
+
+impl<'a, F, T> BIn<'a, F, T> {
+    fn len(&self) -> usize {
+        match self {
+            BIn::Rows(b) => b.len(),
+            BIn::Packed(p) => p.len(),
+        }
+    }
+
+    /// The columns stored per row of `B` for a product `n` wide: `n`, or
+    /// whole panels when packed.
+    fn width<M: Micro>(&self, n: usize) -> usize {
+        match self {
+            BIn::Rows(_) => n,
+            BIn::Packed(_) => n.next_multiple_of(M::NR),
+        }
+    }
+
+    /// The packed block `B[pc..pc+kc][jc..jc+nc]` (`jc` a multiple of `NR`):
+    /// packed into `buffer` from the rows, or the part of the packed `B`
+    /// that holds it (the same values in the same places).
+    #[inline(always)]
+    fn block<'b, M: Micro<T = T>, C: Convert<From = F, To = T>>(
+        self,
+        buffer: &'b mut [T],
+        n: usize,
+        pc: usize,
+        kc: usize,
+        jc: usize,
+        nc: usize,
+    ) -> &'b [T]
+    where
+        'a: 'b,
+        F: Copy,
+        T: Copy + Default,
+    {
+        match self {
+            BIn::Rows(b) => {
+                pack_b::<C>(M::NR, buffer, b, n, pc, kc, jc, nc);
+                buffer
+            }
+            BIn::Packed(p) => {
+                let at = pc * n.next_multiple_of(M::NR) + jc * kc;
+                &p[at..at + nc.next_multiple_of(M::NR) * kc]
+            }
+        }
+    }
+}
+
 /// The blocked product; see the module docs. Always inlined into each
 /// kernel's [`Micro::blocked`], which is compiled for its instruction set.
 ///
@@ -830,7 +1064,7 @@ fn round_to_lines<T>(len: usize) -> usize {
 #[allow(clippy::too_many_arguments)]
 unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
     a: &[C::From],
-    b: &[C::From],
+    b: BIn<'_, C::From, M::T>,
     c: &mut [M::T],
     rows: usize,
     k: usize,
@@ -839,7 +1073,7 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
     blk: Blocking,
 ) {
     let (mr, nr) = (M::MR, M::NR);
-    debug_assert!(rows * k == a.len() && k * n == b.len() && rows * n == c.len());
+    debug_assert!(rows * k == a.len() && k * b.width::<M>(n) == b.len() && rows * n == c.len());
     // A row of a packed B panel is whole 64-byte lines for every kernel
     // that runs; the tile shapes measured in the tests (`shapes`) need only
     // the 32-byte alignment of their AVX2 loads.
@@ -849,7 +1083,11 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
     let kc_max = M::KC.min(k);
     let mc_step = row_block(rows, mr, blk);
     let a_len = round_to_lines::<M::T>(mc_step.min(rows.div_ceil(mr) * mr) * kc_max);
-    let b_len = round_to_lines::<M::T>(blk.nc.min(n.div_ceil(nr) * nr) * kc_max);
+    // (No room for B when it comes packed.)
+    let b_len = match b {
+        BIn::Rows(_) => round_to_lines::<M::T>(blk.nc.min(n.div_ceil(nr) * nr) * kc_max),
+        BIn::Packed(_) => 0,
+    };
     let t_len = round_to_lines::<M::T>(mr * nr);
     let lines = (a_len + b_len + t_len) * size_of::<M::T>() / 64;
     let mut buffer = PACK_BUFFER.take();
@@ -892,7 +1130,7 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
                     let mc = mc_step.min(rows - ic);
                     for jc in (0..n).step_by(nc_step) {
                         let nc = nc_step.min(n - jc);
-                        pack_b::<M, C>(b_pack, b, n, pc, kc, jc, nc);
+                        let b_pack = b.block::<M, C>(b_pack, n, pc, kc, jc, nc);
                         for ir in (0..mc).step_by(mr) {
                             let h = mr.min(mc - ir);
                             let sliver = &mut a_pack[ir * kc..(ir + mr) * kc];
@@ -922,7 +1160,7 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
                 let nc = nc_step.min(n - jc);
                 for pc in (0..k).step_by(M::KC) {
                     let (kc, add, last) = chunk(pc);
-                    pack_b::<M, C>(b_pack, b, n, pc, kc, jc, nc);
+                    let b_pack = b.block::<M, C>(b_pack, n, pc, kc, jc, nc);
                     for ic in (0..rows).step_by(mc_step) {
                         let mc = mc_step.min(rows - ic);
                         pack_a::<M, C>(a_pack, a, k, ic, mc, pc, kc);
@@ -1127,16 +1365,11 @@ fn is_nan<T: PartialEq + Copy>(x: T) -> bool {
 /// panels (panel `q` holds columns `jc + q·NR ..`, row `p` of it at
 /// `(q·kc + p)·NR`), the last one padded with zeros on the right.
 #[inline(always)]
-fn pack_b<M: Micro, C: Convert<To = M::T>>(
-    dst: &mut [M::T],
-    b: &[C::From],
-    n: usize,
-    pc: usize,
-    kc: usize,
-    jc: usize,
-    nc: usize,
-) {
-    let nr = M::NR;
+#[allow(clippy::too_many_arguments)]
+fn pack_b<C: Convert>(nr: usize, dst: &mut [C::To], b: &[C::From], n: usize, pc: usize, kc: usize, jc: usize, nc: usize)
+where
+    C::To: Copy + Default,
+{
     let (full, w) = (nc / nr, nc % nr);
     // Row by row of B, so the reads are sequential.
     for p in 0..kc {
@@ -1148,7 +1381,7 @@ fn pack_b<M: Micro, C: Convert<To = M::T>>(
         if w > 0 {
             let d = (full * kc + p) * nr;
             convert_into::<C>(&mut dst[d..d + w], &src[full * nr..]);
-            dst[d + w..d + nr].fill(M::T::default());
+            dst[d + w..d + nr].fill(C::To::default());
         }
     }
 }
@@ -1427,7 +1660,7 @@ mod tests {
         blk: Blocking,
     ) -> Vec<T> {
         let mut c = c0.to_vec();
-        assert!(gemm::<M, Same<T>>(a, b, &mut c, m, k, n, acc, blk), "no AVX2+FMA");
+        assert!(gemm::<M, Same<T>>(a, BIn::Rows(b), &mut c, m, k, n, acc, blk), "no AVX2+FMA");
         c
     }
 
@@ -1704,8 +1937,12 @@ mod tests {
                     (4092usize.next_multiple_of(mr), 512usize.next_multiple_of(nr)),
                 ] {
                     for order in [Order::BInL2, Order::AInL2] {
-                        let got = bits(&run::<T, M>(&a, &b, &c0, m, k, n, acc, Blocking { mc, nc, order }));
+                        let blk = Blocking { mc, nc, order };
+                        let got = bits(&run::<T, M>(&a, &b, &c0, m, k, n, acc, blk));
                         assert!(got == want, "{m}x{k}x{n}, accumulate {acc}, MC {mc}, NC {nc}, {order:?}");
+                        // And with B packed once beforehand.
+                        let got = bits(&run_packed::<T, M>(&a, &b, &c0, (m, k, n), acc, blk));
+                        assert!(got == want, "packed B: {m}x{k}x{n}, accumulate {acc}, MC {mc}, NC {nc}, {order:?}");
                     }
                 }
             }
@@ -1805,7 +2042,7 @@ mod tests {
         }
         fn product<M: Micro<T = f64>>(a: &[f64], b: &[f64], c: &mut [f64]) {
             let n = (a.len() as f64).sqrt() as usize;
-            assert!(gemm::<M, Same<f64>>(a, b, c, n, n, n, false, M::blocking()));
+            assert!(gemm::<M, Same<f64>>(a, BIn::Rows(b), c, n, n, n, false, M::blocking()));
         }
         let shapes: [Variant<'_, f64>; 5] = [
             ("6x8".into(), &product::<F64>),
@@ -1848,7 +2085,7 @@ mod tests {
                 .map(|&(_, blk)| {
                     move |a: &[T], b: &[T], c: &mut [T]| {
                         let n = (a.len() as f64).sqrt() as usize;
-                        assert!(gemm::<M, Same<T>>(a, b, c, n, n, n, false, blk));
+                        assert!(gemm::<M, Same<T>>(a, BIn::Rows(b), c, n, n, n, false, blk));
                     }
                 })
                 .collect();
@@ -1873,6 +2110,92 @@ mod tests {
             }
             Isa::Portable => {}
         }
+    }
+
+    /// `b` (`k × n`) packed by [`pack_b_panels`] in panels `nr` wide, in
+    /// 64-byte-aligned lines, and its length in elements.
+    fn packed_lines<T: Elem>(b: &[T], k: usize, n: usize, nr: usize) -> (Vec<Line>, usize) {
+        let len = packed_b_len(k, n, nr).expect("a small B");
+        let mut lines = vec![Line([0xA5; 64]); (len * size_of::<T>()).div_ceil(64)];
+        pack_b_panels(b, k, n, nr, elems_mut(&mut lines, len));
+        (lines, len)
+    }
+
+    fn elems<T: Elem>(lines: &[Line], len: usize) -> &[T] {
+        assert!(len * size_of::<T>() <= lines.len() * 64);
+        // SAFETY: within the lines (checked), aligned (64-byte lines), and
+        // every bit pattern is a float.
+        unsafe { std::slice::from_raw_parts(lines.as_ptr().cast::<T>(), len) }
+    }
+
+    fn elems_mut<T: Elem>(lines: &mut [Line], len: usize) -> &mut [T] {
+        assert!(len * size_of::<T>() <= lines.len() * 64);
+        // SAFETY: as in `elems`, and the borrow is exclusive.
+        unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<T>(), len) }
+    }
+
+    /// [`run`] with `B` packed beforehand.
+    fn run_packed<T: Elem, M: Micro<T = T>>(
+        a: &[T],
+        b: &[T],
+        c0: &[T],
+        (m, k, n): (usize, usize, usize),
+        acc: bool,
+        blk: Blocking,
+    ) -> Vec<T> {
+        let (lines, len) = packed_lines(b, k, n, M::NR);
+        let mut c = c0.to_vec();
+        assert!(gemm::<M, Same<T>>(a, BIn::Packed(elems(&lines, len)), &mut c, m, k, n, acc, blk), "no AVX2+FMA");
+        c
+    }
+
+    #[test]
+    fn packed_b_unpacks_to_b() {
+        let mut rng = SplitMix(21);
+        for (k, n, nr) in [(1, 1, 8), (255, 9, 8), (256, 16, 16), (257, 33, 16), (600, 70, 32), (513, 5, 64), (0, 7, 8)]
+        {
+            let b = random::<f64>(&mut rng, k * n);
+            let (lines, len) = packed_lines(&b, k, n, nr);
+            assert_eq!(len, k * n.next_multiple_of(nr));
+            let packed = elems::<f64>(&lines, len);
+            // The padding is zeros (the sentinel 0xA5… bytes are gone).
+            let wide = n.next_multiple_of(nr);
+            for pc in (0..k).step_by(KC) {
+                let kc = KC.min(k - pc);
+                let last = &packed[pc * wide + (wide / nr - 1) * kc * nr..pc * wide + wide * kc];
+                for row in last.chunks(nr) {
+                    assert!(row[nr - (wide - n)..].iter().all(|x| x.to_bits() == 0), "{k}×{n} in {nr}");
+                }
+            }
+            let mut back = vec![0.0; k * n];
+            unpack_b_panels(packed, k, n, nr, &mut back);
+            assert_eq!(bits(&back), bits(&b), "{k}×{n} in panels of {nr}");
+        }
+    }
+
+    #[test]
+    fn packed_gemm_takes_only_its_own_panels_aligned() {
+        let (m, k, n) = (7, 300, 21);
+        let mut rng = SplitMix(22);
+        let (a, b) = (random::<f64>(&mut rng, m * k), random::<f64>(&mut rng, k * n));
+        let Some(nr) = dgemm_panel_width() else { return };
+        let mut want = vec![0.0; m * n];
+        assert!(dgemm(&a, &b, &mut want, m, k, n, false));
+        let (lines, len) = packed_lines(&b, k, n, nr);
+        let mut c = vec![f64::NAN; m * n];
+        assert!(dgemm_packed(&a, elems(&lines, len), &mut c, m, k, n, nr, false));
+        assert_eq!(bits(&c), bits(&want));
+        // Other panels, or B at an address off a 64-byte line: refused,
+        // C untouched.
+        let (other, other_len) = packed_lines(&b, k, n, 2 * nr);
+        let mut c = vec![f64::NAN; m * n];
+        assert!(!dgemm_packed(&a, elems(&other, other_len), &mut c, m, k, n, 2 * nr, false));
+        let mut off = lines.clone();
+        off.push(Line([0; 64]));
+        let shifted = elems_mut::<f64>(&mut off, len + 1);
+        shifted.copy_within(0..len, 1);
+        assert!(!dgemm_packed(&a, &shifted[1..], &mut c, m, k, n, nr, false));
+        assert!(c.iter().all(|x| x.is_nan()));
     }
 
     #[test]

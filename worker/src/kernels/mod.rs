@@ -159,5 +159,6 @@ mod wide;
 #[cfg(test)]
 mod tests;
 
-pub use dispatch::{matmul_block, matmul_naive, Kernel};
+pub use dispatch::{matmul_block, matmul_naive, pack_b, pack_b_part, Kernel};
+pub use gemm::{packed_b_len, PACKED_B_DEPTH};
 pub use integer::i64_fits_f64_exactly;

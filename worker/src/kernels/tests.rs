@@ -576,3 +576,80 @@ fn bench_i64_wrapping_sizes() {
         time("i64 wrapping", &a, &b, (size, size, size), if size > 2000 { 1 } else { 3 });
     }
 }
+
+/// A 64-byte line, 64-byte aligned.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// 64-byte-aligned room for `len` elements of `T`, zeroed.
+fn aligned<T: Copy>(len: usize) -> Vec<Line> {
+    vec![Line([0; 64]); (len * std::mem::size_of::<T>()).div_ceil(64)]
+}
+
+/// A `B` packed once, given to blocks of rows through
+/// [`Kernel::matmul_block_packed`]: the bits of [`matmul_block`] on `B`'s
+/// rows, in this process's own panels (read in place when aligned) and in
+/// panels of other widths (another machine's kernel: unpacked first).
+fn packed_b_gives_the_same_bits<T: Kernel + Copy, U: PartialEq + std::fmt::Debug>(
+    seed: u64,
+    gen: fn(&mut SplitMix, usize) -> Vec<T>,
+    bits: fn(&[T]) -> Vec<U>,
+) {
+    let mut rng = SplitMix(seed);
+    let native = T::b_panel_width();
+    for (m, k, n) in [(31, 300, 37), (12, 256, 64), (5, 513, 9), (9, 1, 1), (4, 0, 5)] {
+        let a = gen(&mut rng, m * k);
+        let b = gen(&mut rng, k * n);
+        let mut want = vec![T::default(); m * n];
+        matmul_block(&a, &b, &mut want, m, k, n);
+        for width in native.into_iter().chain([4, 24, 2 * native.unwrap_or(8)]) {
+            let len = packed_b_len(k, n, width).unwrap();
+            let mut room = aligned::<T>(len + 1);
+            // SAFETY: the room holds `len + 1` elements, 64-byte aligned,
+            // and every bit pattern is a number.
+            let all = unsafe { std::slice::from_raw_parts_mut(room.as_mut_ptr().cast::<T>(), len + 1) };
+            pack_b(&b, k, n, width, &mut all[..len]);
+            // Aligned, then one element off the line.
+            for at in [0, 1] {
+                all.copy_within(0..len, at);
+                let packed = &all[at..at + len];
+                for rows in [1, 7, m] {
+                    let mut got = vec![T::default(); m * n];
+                    for r0 in (0..m).step_by(rows) {
+                        let r1 = (r0 + rows).min(m);
+                        T::matmul_block_packed(
+                            &a[r0 * k..r1 * k],
+                            packed,
+                            &mut got[r0 * n..r1 * n],
+                            r1 - r0,
+                            k,
+                            n,
+                            width,
+                        );
+                    }
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "{m}×{k}×{n}, panels of {width}, offset {at}, blocks of {rows}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_b_gives_the_same_bits_f64() {
+    packed_b_gives_the_same_bits::<f64, u64>(31, SplitMix::f64s, bits_f64);
+}
+
+#[test]
+fn packed_b_gives_the_same_bits_f32() {
+    packed_b_gives_the_same_bits::<f32, u32>(32, SplitMix::f32s, bits_f32);
+}
+
+#[test]
+fn packed_b_gives_the_same_bits_i64() {
+    packed_b_gives_the_same_bits::<i64, i64>(33, SplitMix::small_i64s, <[i64]>::to_vec);
+}

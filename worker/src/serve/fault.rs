@@ -120,6 +120,7 @@ mod tests {
             a: Array::from_vec(vec![1, 2], vec![1.0f64, 2.0]),
             b: Array::from_vec(vec![2, 1], vec![3.0f64, 4.0]),
             out: None,
+            b_panels: None,
         };
         let (bytes, _) = array::encode_with(&input, &mut array::InlineEncoder::default()).unwrap();
         assert_eq!(rows_of(&bytes), Some((25, 50)));

@@ -25,11 +25,27 @@ pub struct MatmulInput {
     pub rows: (u64, u64),
     /// The block's rows of A (rows × k).
     pub a: Array,
-    /// All of B (k × n).
+    /// All of B: its `k × n` rows, or, with [`MatmulInput::b_panels`], B
+    /// packed once for every block of the product (`k × n'`, see
+    /// [`BPanels`]).
     pub b: Array,
     /// Where to write the block (rows × n, a read-write view of a shared
     /// output); `None` to send the block back.
     pub out: Option<Array>,
+    /// How `b` is packed, when it is: then no block packs B again.
+    pub b_panels: Option<BPanels>,
+}
+
+/// A `B` packed by [`kernels::pack_b`] for every block of one product:
+/// an array `k × n'`, `n'` being `n` rounded up to whole panels of `width`
+/// columns, in the order the GEMM reads it. A worker whose kernel reads
+/// other panels (another CPU of a cluster) unpacks it first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BPanels {
+    /// Columns of B (of C).
+    pub n: u64,
+    /// Columns of a panel.
+    pub width: u64,
 }
 
 /// The result of one block.
@@ -58,14 +74,14 @@ impl Task for MatmulBlock {
     }
 
     fn run(input: MatmulInput) -> Result<MatmulOutput, String> {
-        let MatmulInput { a, b, out, .. } = input;
-        let (rows, k, n) = check_shapes(&a, &b)?;
+        let MatmulInput { a, b, out, b_panels, .. } = input;
+        let (rows, k, n) = check_packed_shapes(&a, &b, b_panels)?;
         match out {
             None => {
                 // Every element is written (`Kernel::matmul_block` overwrites).
                 let mut c = Array::try_for_overwrite(a.dtype(), vec![rows, n])
                     .map_err(|e| format!("cannot make the output block: {e}"))?;
-                multiply_into(&a, &b, &mut c, rows, k, n)?;
+                multiply_into(&a, (&b, b_panels), &mut c, rows, k, n)?;
                 Ok(MatmulOutput::Block(c))
             }
             Some(mut c) => {
@@ -77,7 +93,7 @@ impl Task for MatmulBlock {
                         a.dtype()
                     ));
                 }
-                multiply_into(&a, &b, &mut c, rows, k, n)?;
+                multiply_into(&a, (&b, b_panels), &mut c, rows, k, n)?;
                 Ok(MatmulOutput::Written { rows: rows as u64 })
             }
         }
@@ -132,18 +148,54 @@ pub fn check_shapes(a: &Array, b: &Array) -> Result<(usize, usize, usize), Strin
     Ok((rows, k, n))
 }
 
-fn multiply_into(a: &Array, b: &Array, c: &mut Array, rows: usize, k: usize, n: usize) -> Result<(), String> {
-    fn typed<T: Kernel>(a: &Array, b: &Array, c: &mut Array, rows: usize, k: usize, n: usize) -> Result<(), String> {
+/// [`check_shapes`] for a `B` that may come packed ([`BPanels`]): its
+/// array must be `k × n'` for the `n` and panel width named.
+fn check_packed_shapes(a: &Array, b: &Array, panels: Option<BPanels>) -> Result<(usize, usize, usize), String> {
+    let (rows, k, wide) = check_shapes(a, b)?;
+    let Some(BPanels { n, width }) = panels else { return Ok((rows, k, wide)) };
+    let fits = usize::try_from(n)
+        .ok()
+        .zip(usize::try_from(width).ok())
+        .filter(|&(n, width)| width > 0 && n.checked_next_multiple_of(width) == Some(wide));
+    let Some((n, _)) = fits else {
+        return Err(format!("B is packed as {k}×{wide}, which is not {n} columns in panels of {width}"));
+    };
+    Ok((rows, k, n))
+}
+
+/// `c = a · b`, `b` with its packing if it has one.
+type PackedOrNot<'a> = (&'a Array, Option<BPanels>);
+
+fn multiply_into(
+    a: &Array,
+    (b, panels): PackedOrNot<'_>,
+    c: &mut Array,
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Result<(), String> {
+    fn typed<T: Kernel>(
+        a: &Array,
+        (b, panels): PackedOrNot<'_>,
+        c: &mut Array,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<(), String> {
         let a = a.as_slice::<T>().map_err(|e| e.to_string())?;
         let b = b.as_slice::<T>().map_err(|e| e.to_string())?;
         let c = c.as_mut_slice::<T>().map_err(|e| format!("cannot write the output block: {e}"))?;
-        kernels::matmul_block(a, b, c, rows, k, n);
+        match panels {
+            // The width was checked against B's shape, so it fits a usize.
+            Some(p) => T::matmul_block_packed(a, b, c, rows, k, n, p.width as usize),
+            None => kernels::matmul_block(a, b, c, rows, k, n),
+        }
         Ok(())
     }
     match a.dtype() {
-        DType::I64 => typed::<i64>(a, b, c, rows, k, n),
-        DType::F64 => typed::<f64>(a, b, c, rows, k, n),
-        DType::F32 => typed::<f32>(a, b, c, rows, k, n),
+        DType::I64 => typed::<i64>(a, (b, panels), c, rows, k, n),
+        DType::F64 => typed::<f64>(a, (b, panels), c, rows, k, n),
+        DType::F32 => typed::<f32>(a, (b, panels), c, rows, k, n),
         other => Err(not_a_matmul_dtype(other)),
     }
 }
@@ -155,6 +207,55 @@ pub fn multiply<T: Kernel + Element>(a: &Array, b: &Array) -> Result<Array, Stri
     // bytes (A[2²⁰, 0] · B[0, 2²⁰] is 8 TiB of C from 0 bytes of input).
     let mut c =
         Array::try_for_overwrite(T::DTYPE, vec![rows, n]).map_err(|e| format!("cannot make the product: {e}"))?;
-    multiply_into(a, b, &mut c, rows, k, n)?;
+    multiply_into(a, (b, None), &mut c, rows, k, n)?;
     Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `k × n` `B` and the same values packed in panels `width` wide.
+    fn b_and_packed(k: usize, n: usize, width: usize) -> (Array, Array) {
+        let values: Vec<f64> = (0..k * n).map(|i| (i % 97) as f64 - 48.0).collect();
+        let wide = n.next_multiple_of(width);
+        let mut packed = vec![0.0; k * wide];
+        kernels::pack_b(&values, k, n, width, &mut packed);
+        (Array::from_vec(vec![k, n], values), Array::from_vec(vec![k, wide], packed))
+    }
+
+    fn block(a: &Array, b: Array, b_panels: Option<BPanels>) -> Result<MatmulOutput, String> {
+        MatmulBlock::run(MatmulInput { rows: (0, a.shape()[0] as u64), a: a.clone(), b, out: None, b_panels })
+    }
+
+    fn values(out: MatmulOutput) -> Vec<f64> {
+        match out {
+            MatmulOutput::Block(c) => c.as_slice::<f64>().unwrap().to_vec(),
+            MatmulOutput::Written { .. } => panic!("no output was given"),
+        }
+    }
+
+    #[test]
+    fn a_packed_b_gives_the_product_of_its_rows() {
+        let (m, k, n) = (5, 300, 13);
+        let a = Array::from_vec(vec![m, k], (0..m * k).map(|i| (i % 13) as f64).collect::<Vec<f64>>());
+        let (b, _) = b_and_packed(k, n, 8);
+        let want = values(block(&a, b, None).unwrap());
+        // This machine's panels, and others (another CPU's kernel).
+        for width in <f64 as Kernel>::b_panel_width().into_iter().chain([4, 16, 64]) {
+            let (_, packed) = b_and_packed(k, n, width);
+            let got = values(block(&a, packed, Some(BPanels { n: n as u64, width: width as u64 })).unwrap());
+            assert_eq!(got, want, "panels of {width}");
+        }
+    }
+
+    #[test]
+    fn a_packing_that_does_not_fit_b_is_refused() {
+        let a = Array::from_vec(vec![2, 3], vec![1.0f64; 6]);
+        let (_, packed) = b_and_packed(3, 13, 8); // 3 × 16
+        for (n, width) in [(13, 0), (13, 5), (17, 8), (8, 8), (u64::MAX, 8), (13, u64::MAX)] {
+            let err = block(&a, packed.clone(), Some(BPanels { n, width })).unwrap_err();
+            assert!(err.contains("B is packed as 3×16, which is not"), "{n} in {width}: {err}");
+        }
+    }
 }
