@@ -404,6 +404,14 @@ pub(super) trait Convert {
     type To;
     /// `x` as the microkernel's element.
     fn convert(x: Self::From) -> Self::To;
+
+    /// `dst[i] = convert(src[i])`, for slices of one length.
+    #[inline(always)]
+    fn convert_slice(dst: &mut [Self::To], src: &[Self::From]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = Self::convert(x);
+        }
+    }
 }
 
 /// Elements taken as they are.
@@ -415,6 +423,14 @@ impl<T: Copy> Convert for Same<T> {
     #[inline(always)]
     fn convert(x: T) -> T {
         x
+    }
+
+    /// A copy, which the compiler knows cannot overlap: `B`'s rows are
+    /// copied into their panels a vector at a time, where the element loop
+    /// inlined into the driver had become one scalar move per element.
+    #[inline(always)]
+    fn convert_slice(dst: &mut [T], src: &[T]) {
+        dst.copy_from_slice(src);
     }
 }
 
@@ -1376,11 +1392,11 @@ where
         let src = &b[(pc + p) * n + jc..(pc + p) * n + jc + nc];
         for (q, s) in src.chunks_exact(nr).enumerate() {
             let d = (q * kc + p) * nr;
-            convert_into::<C>(&mut dst[d..d + nr], s);
+            C::convert_slice(&mut dst[d..d + nr], s);
         }
         if w > 0 {
             let d = (full * kc + p) * nr;
-            convert_into::<C>(&mut dst[d..d + w], &src[full * nr..]);
+            C::convert_slice(&mut dst[d..d + w], &src[full * nr..]);
             dst[d + w..d + nr].fill(C::To::default());
         }
     }
@@ -1452,14 +1468,6 @@ fn pack_full_panel<C: Convert, const MR: usize>(
     for (p, col) in panel.chunks_exact_mut(MR).enumerate() {
         let col: &mut [C::To; MR] = col.try_into().expect("chunks of MR");
         *col = std::array::from_fn(|r| C::convert(rows[r][p]));
-    }
-}
-
-/// `dst[i] = C::convert(src[i])` (a copy for [`Same`]).
-#[inline(always)]
-fn convert_into<C: Convert>(dst: &mut [C::To], src: &[C::From]) {
-    for (d, &x) in dst.iter_mut().zip(src) {
-        *d = C::convert(x);
     }
 }
 
