@@ -475,12 +475,15 @@ impl<'a> ModeRunner<'a> {
             }
             Mode::Threads => {
                 // B packed once for the blocks of every repetition, as the
-                // worker modes have it (in the first repetition's time).
-                if self.packed_b.is_none() {
-                    self.packed_b = Some(PackedB::owned(&self.inputs.b)?);
-                }
+                // worker modes have it, in the first repetition's time.
+                let packing = pack_b_once(&mut self.packed_b, &self.inputs.b)?;
                 let b = self.packed_b.as_ref().expect("just packed");
-                run_threads(self.inputs, b, &self.ranges, self.threads, spare.map(|(c, _)| c), times.as_ref())
+                let spare = spare.map(|(c, _)| c);
+                run_threads(self.inputs, b, &self.ranges, self.threads, spare, times.as_ref()).map(|(mut r, c, f)| {
+                    r.wall += packing;
+                    r.phases.dump_s = packing.as_secs_f64();
+                    (r, c, f)
+                })
             }
             mode => {
                 let bar = self.progress.as_ref().map(|hook| (hook.0)(mode, &self.ranges));
@@ -493,7 +496,11 @@ impl<'a> ModeRunner<'a> {
             let (rep, end_ns) = (self.rep, procjob_worker::clock::monotonic_ns());
             let dump_ns = (repetition.phases.dump_s * 1e9) as u64;
             if dump_ns > 0 {
-                trace.span(Lane::Coordinator, "dump", format!("{name}: dump A and B"), start_ns, start_ns + dump_ns);
+                let what = match self.mode {
+                    Mode::Memmap | Mode::MemmapOut => "dump A and B",
+                    _ => "pack B",
+                };
+                trace.span(Lane::Coordinator, "dump", format!("{name}: {what}"), start_ns, start_ns + dump_ns);
             }
             let category = if self.mode.uses_workers() { "run" } else { "compute" };
             trace.span(Lane::Coordinator, category, format!("{name}: repetition {rep}"), start_ns, end_ns);
@@ -619,7 +626,7 @@ fn multiply_threads_timed(
             let start = procjob_worker::clock::monotonic_ns();
             let a = &a[r.start * k..r.end * k];
             match packed.panels {
-                // Packed for this process's kernel, by `PackedB::pack`.
+                // Packed for this process's kernel, by `PackedB::owned`.
                 Some(p) => T::matmul_block_packed(a, b, c_rows, r.len(), k, n, p.width as usize),
                 None => procjob_worker::kernels::matmul_block(a, b, c_rows, r.len(), k, n),
             }
@@ -696,19 +703,18 @@ fn run_parallel(
     // kernel reads panels (`PackedB`). Dump (file modes): inputs not
     // already backed by a file are written once per mode run and mapped,
     // B packed; the user's own .npy files are mapped in place, B as it is.
+    let mut packing = Duration::ZERO;
     let (a, b) = match mode {
         Mode::Copy | Mode::Fork => {
-            if packed_b.is_none() {
-                let packed = PackedB::owned(&inputs.b)?;
-                // Forked workers inherit A and (packed) B: they travel as
-                // references. The pool starts below, after this.
-                if mode == Mode::Fork {
-                    let inherit = vec![inputs.a.clone(), packed.b.clone()];
-                    *parallel = std::mem::take(parallel).start_method(StartMethod::Fork { inherit });
-                }
-                *packed_b = Some(packed);
-            }
+            let first = packed_b.is_none();
+            packing = pack_b_once(packed_b, &inputs.b)?;
             let b = packed_b.as_ref().expect("just packed").clone();
+            // Forked workers inherit A and (packed) B: they travel as
+            // references. The pool starts below, after this.
+            if mode == Mode::Fork && first {
+                let inherit = vec![inputs.a.clone(), b.b.clone()];
+                *parallel = std::mem::take(parallel).start_method(StartMethod::Fork { inherit });
+            }
             match mode {
                 Mode::Copy => (owned(&inputs.a), PackedB { b: owned(&b.b), ..b }),
                 _ => (inputs.a.clone(), b),
@@ -745,10 +751,12 @@ fn run_parallel(
             (c, Some(TempFiles(vec![path])))
         }
     };
-    // The inputs made ready: dumped (file modes), B packed (every mode, in
-    // the first repetition); copy and fork modes' inputs then go through
-    // the pipes or are inherited.
-    let dump_s = t0.elapsed().as_secs_f64();
+    // Copy and fork dump nothing, their inputs go through the pipes or are
+    // inherited; their first repetition packs B.
+    let dump_s = match mode {
+        Mode::Copy | Mode::Fork => packing.as_secs_f64(),
+        _ => t0.elapsed().as_secs_f64(),
+    };
     let spawn_s = parallel.start()?.as_secs_f64();
     let t1 = Instant::now();
     let view = |x: &Array, r: &Range<usize>| {
@@ -815,6 +823,17 @@ fn run_parallel(
         c,
         c_file,
     ))
+}
+
+/// Packs B for the blocks into `packed` unless it is there already (the
+/// first repetition of threads, copy and fork); how long that took.
+fn pack_b_once(packed: &mut Option<PackedB>, b: &Array) -> Result<Duration, Error> {
+    if packed.is_some() {
+        return Ok(Duration::ZERO);
+    }
+    let t = Instant::now();
+    *packed = Some(PackedB::owned(b)?);
+    Ok(t.elapsed())
 }
 
 /// Told how one repetition of a worker mode progresses, block by block
@@ -1034,6 +1053,31 @@ fn mapped(a: &Array, path: &Path) -> Result<Array, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_b_file_holds_b_packed_for_this_machine() {
+        use procjob_worker::kernels::{pack_b, packed_b_len};
+        let (k, n) = (300, 37); // two depth parts, panels not all whole
+        let folder = RunFolder::create(None, 0).unwrap();
+        for dtype in [DType::F64, DType::I64] {
+            let inputs = Inputs::random(dtype, 5, k, n, 3).unwrap();
+            let dumped = DumpedInputs::write(&inputs, &folder, &dtype.to_string()).unwrap();
+            assert!(dumped.b.b.is_mapped(), "{dtype}: B is not its file");
+            match (dtype, f64::b_panel_width()) {
+                (DType::F64, Some(width)) => {
+                    assert_eq!(dumped.b.panels, Some(BPanels { n: n as u64, width: width as u64 }));
+                    let mut want = vec![0.0; packed_b_len(k, n, width).unwrap()];
+                    pack_b(inputs.b.as_slice::<f64>().unwrap(), k, n, width, &mut want);
+                    let got = dumped.b.b.as_slice::<f64>().unwrap();
+                    assert!(got.iter().map(|x| x.to_bits()).eq(want.iter().map(|x| x.to_bits())), "{dtype}");
+                }
+                _ => {
+                    assert_eq!(dumped.b.panels, None, "{dtype}");
+                    assert_eq!(dumped.b.b, inputs.b, "{dtype}: B as it is");
+                }
+            }
+        }
+    }
 
     #[test]
     fn blocks_split_like_array_split() {

@@ -17,6 +17,7 @@ fn main() {
     a_handed_back_c_is_written_over_in_every_mode();
     a_c_still_shared_or_of_another_runner_is_not_taken();
     repeated_runs_leave_the_run_folder_empty();
+    b_packed_once_reaches_every_block();
 }
 
 fn settings() -> RunSettings {
@@ -91,5 +92,49 @@ fn repeated_runs_leave_the_run_folder_empty() {
         assert_eq!(run.c, reference, "{mode:?}");
         assert_eq!(left_in(&folder), Vec::<String>::new(), "{mode:?}: files left after the mode");
         println!("{mode:?}: three repetitions, nothing left in the run folder ... ok");
+    }
+}
+
+/// With B packed once for all blocks (f64 and f32 where the packed GEMM
+/// runs), every mode gives seq's bits in every repetition, across two depth
+/// parts and a width that is not whole panels; copy sends the packed B
+/// (its rows padded to whole panels) with every task, and forked workers
+/// inherit it instead of receiving it.
+fn b_packed_once_reaches_every_block() {
+    use procjob_worker::kernels::Kernel;
+    let (m, k, n) = (41, 300, 37);
+    for dtype in [DType::F64, DType::F32] {
+        let inputs = Inputs::random(dtype, m, k, n, 7).unwrap();
+        let reference = multiply_seq(&inputs).unwrap();
+        let width = match dtype {
+            DType::F64 => f64::b_panel_width(),
+            _ => f32::b_panel_width(),
+        };
+        let b_bytes = (k * n.next_multiple_of(width.unwrap_or(1)) * dtype.size()) as u64;
+        let folder = RunFolder::create(None, 0).unwrap();
+        for mode in Mode::ALL {
+            let mut runner = ModeRunner::new(mode, &inputs, &settings(), &folder);
+            for rep in 0..2 {
+                let (r, c) = runner.run_once().unwrap();
+                assert!(c == reference, "{mode:?} {dtype}, repetition {rep}: not seq's bits");
+                match mode {
+                    Mode::Copy => assert!(
+                        r.bytes_to_workers >= 3 * b_bytes,
+                        "{mode:?} {dtype}: {} bytes sent, not B ({b_bytes}) to each of 3 tasks",
+                        r.bytes_to_workers
+                    ),
+                    Mode::Fork => assert!(
+                        r.bytes_to_workers < (k * n * dtype.size()) as u64,
+                        "{mode:?} {dtype}: {} bytes sent: B went through the pipes",
+                        r.bytes_to_workers
+                    ),
+                    _ => {}
+                }
+                runner.recycle(c);
+            }
+            runner.finish();
+            println!("{mode:?} {dtype}: B packed once, seq's bits in every repetition ... ok");
+        }
+        assert_eq!(left_in(&folder), Vec::<String>::new(), "{dtype}: files left after the runners finished");
     }
 }

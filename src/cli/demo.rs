@@ -525,7 +525,7 @@ fn introduce_mode(s: &mut Screen, r: &Measured, p: usize) {
 fn report_workers(s: &mut Screen, r: &Measured) {
     let workers = r.workers.len();
     let pids: Vec<String> = r.workers.iter().map(|w| w.pid.to_string()).collect();
-    if r.cold_phases.dump_s > 0.0 {
+    if matches!(r.mode, Mode::Memmap | Mode::MemmapOut) && r.cold_phases.dump_s > 0.0 {
         s.line(&format!("  wrote A and B to the temp folder in {} (cold run only)", secs(r.cold_phases.dump_s)));
     }
     s.line(&format!(
@@ -774,7 +774,7 @@ fn side_by_side(s: &mut Screen, runs: &[Measured], p: usize, load: Option<&Load>
     let list = |f: fn(&Phases) -> f64, only_files: bool| {
         process_runs
             .iter()
-            .filter(|r| !only_files || r.cold_phases.dump_s > 0.0)
+            .filter(|r| !only_files || matches!(r.mode, Mode::Memmap | Mode::MemmapOut))
             .map(|r| format!("{} {}", r.mode.name(), secs(f(&r.cold_phases))))
             .collect::<Vec<_>>()
             .join(", ")

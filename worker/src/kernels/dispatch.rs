@@ -32,8 +32,10 @@ pub trait Kernel: Element + Step {
 
     /// [`Kernel::matmul_block`] with `B` packed by [`pack_b`] in panels `nr`
     /// wide (`packed` is [`packed_b_len`] long): the same bits, and `B` is
-    /// not packed again when `nr` is [`Kernel::b_panel_width`] and `packed`
-    /// is 64-byte aligned. Otherwise `B`'s rows are unpacked first.
+    /// not packed again when `nr` is [`Kernel::b_panel_width`] (a `packed`
+    /// that is not 64-byte aligned is copied to an aligned buffer, as
+    /// [`gemm::dgemm_packed`](super::gemm::dgemm_packed) says). Otherwise
+    /// `B`'s rows are unpacked first.
     ///
     /// # Panics
     ///

@@ -321,10 +321,12 @@ pub fn unpack_b_panels<T: Copy>(packed: &[T], k: usize, n: usize, nr: usize, dst
 /// [`dgemm`] with `B` packed beforehand by [`pack_b_panels`] in panels
 /// `nr` wide: the same bits, without packing `B` again. Returns `false`,
 /// leaving `c` untouched, where [`dgemm`] would, and where this CPU's
-/// kernel does not read panels `nr` wide ([`dgemm_panel_width`]) or
-/// `packed` is not 64-byte aligned (as a large array's pages and a mapped
-/// `.npy` file's data are); the caller then unpacks `B`
-/// ([`unpack_b_panels`]).
+/// kernel does not read panels `nr` wide ([`dgemm_panel_width`]); the
+/// caller then unpacks `B` ([`unpack_b_panels`]). The microkernel reads
+/// panels at 64-byte-aligned addresses: a `packed` that is not (a small
+/// or middle-sized array from the heap; a large array's pages and a mapped
+/// `.npy` file's data are) is copied into an aligned buffer first, which
+/// costs less than the packing it replaces.
 ///
 /// # Panics
 ///
@@ -341,15 +343,17 @@ pub fn dgemm_packed(
     nr: usize,
     accumulate: bool,
 ) -> bool {
-    let b = BIn::Packed(packed);
-    if dgemm_panel_width() != Some(nr) || !packed.as_ptr().cast::<Line>().is_aligned() {
+    if dgemm_panel_width() != Some(nr) {
         return false;
     }
-    match chosen_isa(best_isa) {
-        Isa::Avx512 => gemm::<F64x32, Same<f64>>(a, b, c, rows, k, n, accumulate, F64x32::blocking()),
-        Isa::Avx2 => gemm::<F64, Same<f64>>(a, b, c, rows, k, n, accumulate, F64::blocking()),
-        Isa::Portable => false,
-    }
+    on_aligned(packed, |packed| {
+        let b = BIn::Packed(packed);
+        match chosen_isa(best_isa) {
+            Isa::Avx512 => gemm::<F64x32, Same<f64>>(a, b, c, rows, k, n, accumulate, F64x32::blocking()),
+            Isa::Avx2 => gemm::<F64, Same<f64>>(a, b, c, rows, k, n, accumulate, F64::blocking()),
+            Isa::Portable => false,
+        }
+    })
 }
 
 /// [`dgemm_packed`] for `f32` ([`sgemm_panel_width`]).
@@ -369,15 +373,54 @@ pub fn sgemm_packed(
     nr: usize,
     accumulate: bool,
 ) -> bool {
-    let b = BIn::Packed(packed);
-    if sgemm_panel_width() != Some(nr) || !packed.as_ptr().cast::<Line>().is_aligned() {
+    if sgemm_panel_width() != Some(nr) {
         return false;
     }
-    match chosen_isa(best_isa) {
-        Isa::Avx512 => gemm::<F32x64, Same<f32>>(a, b, c, rows, k, n, accumulate, F32x64::blocking()),
-        Isa::Avx2 => gemm::<F32, Same<f32>>(a, b, c, rows, k, n, accumulate, F32::blocking()),
-        Isa::Portable => false,
+    on_aligned(packed, |packed| {
+        let b = BIn::Packed(packed);
+        match chosen_isa(best_isa) {
+            Isa::Avx512 => gemm::<F32x64, Same<f32>>(a, b, c, rows, k, n, accumulate, F32x64::blocking()),
+            Isa::Avx2 => gemm::<F32, Same<f32>>(a, b, c, rows, k, n, accumulate, F32::blocking()),
+            Isa::Portable => false,
+        }
+    })
+}
+
+thread_local! {
+    /// The aligned copy of a packed `B` that came unaligned
+    /// ([`on_aligned`]), kept for the next block while it is small.
+    static ALIGNED_B: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
+}
+
+/// The largest aligned copy kept between calls: the arrays that come
+/// unaligned are the heap's, below 4 MiB (larger ones get pages of their
+/// own).
+const KEEP_ALIGNED_B: usize = 4 << 20;
+
+/// `f(packed)`, or `f` of a 64-byte-aligned copy of `packed` when it is not
+/// aligned (the microkernel's loads of `B` are aligned ones).
+fn on_aligned<T: Copy, R>(packed: &[T], f: impl FnOnce(&[T]) -> R) -> R {
+    if packed.as_ptr().cast::<Line>().is_aligned() {
+        return f(packed);
     }
+    // Only `f64` and `f32` come here: every bit pattern is a value.
+    debug_assert!(size_of::<T>() == 8 || size_of::<T>() == 4);
+    let bytes = size_of_val(packed);
+    let mut buffer = ALIGNED_B.take();
+    if buffer.len() * 64 < bytes {
+        buffer = vec![Line([0; 64]); bytes.div_ceil(64)];
+    }
+    // SAFETY: `buffer` holds at least `bytes` initialised bytes, 64-byte
+    // aligned (which `T`'s alignment divides), and `T` is a float, for which
+    // every bit pattern is valid; the slice lives until `buffer` is put back
+    // or dropped below, after its last use.
+    let copy = unsafe { std::slice::from_raw_parts_mut(buffer.as_mut_ptr().cast::<T>(), packed.len()) };
+    copy.copy_from_slice(packed);
+    let result = f(copy);
+    if bytes <= KEEP_ALIGNED_B {
+        ALIGNED_B.set(buffer);
+    }
+    result
 }
 
 /// Whether this CPU can run [`dgemm`] and [`sgemm`] (x86-64 with AVX2 and
@@ -960,7 +1003,7 @@ fn gemm<M: Micro, C: Convert<To = M::T>>(
 ) -> bool {
     assert!(
         rows.checked_mul(k) == Some(a.len())
-            && k.checked_mul(b.width::<M>(n)) == Some(b.len())
+            && b.width::<M>(n).and_then(|w| k.checked_mul(w)) == Some(b.len())
             && rows.checked_mul(n) == Some(c.len()),
         "gemm: slice lengths {}, {}, {} do not fit {rows}×{k}×{n}",
         a.len(),
@@ -970,6 +1013,14 @@ fn gemm<M: Micro, C: Convert<To = M::T>>(
     assert!(
         blk.mc > 0 && blk.mc.is_multiple_of(M::MR) && blk.nc > 0 && blk.nc.is_multiple_of(M::NR),
         "gemm: bad blocking {blk:?}"
+    );
+    // The microkernel's loads of `B` panels are aligned ones.
+    assert!(
+        match b {
+            BIn::Rows(_) => true,
+            BIn::Packed(p) => p.as_ptr().cast::<Line>().is_aligned(),
+        },
+        "gemm: a packed B must be 64-byte aligned"
     );
     if !M::supported() {
         return false;
@@ -1030,10 +1081,10 @@ impl<'a, F, T> BIn<'a, F, T> {
 
     /// The columns stored per row of `B` for a product `n` wide: `n`, or
     /// whole panels when packed.
-    fn width<M: Micro>(&self, n: usize) -> usize {
+    fn width<M: Micro>(&self, n: usize) -> Option<usize> {
         match self {
-            BIn::Rows(_) => n,
-            BIn::Packed(_) => n.next_multiple_of(M::NR),
+            BIn::Rows(_) => Some(n),
+            BIn::Packed(_) => n.checked_next_multiple_of(M::NR),
         }
     }
 
@@ -1089,7 +1140,7 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
     blk: Blocking,
 ) {
     let (mr, nr) = (M::MR, M::NR);
-    debug_assert!(rows * k == a.len() && k * b.width::<M>(n) == b.len() && rows * n == c.len());
+    debug_assert!(rows * k == a.len() && b.width::<M>(n).map(|w| k * w) == Some(b.len()) && rows * n == c.len());
     // A row of a packed B panel is whole 64-byte lines for every kernel
     // that runs; the tile shapes measured in the tests (`shapes`) need only
     // the 32-byte alignment of their AVX2 loads.
@@ -2182,7 +2233,7 @@ mod tests {
     }
 
     #[test]
-    fn packed_gemm_takes_only_its_own_panels_aligned() {
+    fn packed_gemm_takes_only_its_own_panels() {
         let (m, k, n) = (7, 300, 21);
         let mut rng = SplitMix(22);
         let (a, b) = (random::<f64>(&mut rng, m * k), random::<f64>(&mut rng, k * n));
@@ -2193,17 +2244,19 @@ mod tests {
         let mut c = vec![f64::NAN; m * n];
         assert!(dgemm_packed(&a, elems(&lines, len), &mut c, m, k, n, nr, false));
         assert_eq!(bits(&c), bits(&want));
-        // Other panels, or B at an address off a 64-byte line: refused,
-        // C untouched.
+        // Other panels: refused, C untouched.
         let (other, other_len) = packed_lines(&b, k, n, 2 * nr);
         let mut c = vec![f64::NAN; m * n];
         assert!(!dgemm_packed(&a, elems(&other, other_len), &mut c, m, k, n, 2 * nr, false));
+        assert!(c.iter().all(|x| x.is_nan()));
+        // B at an address off a 64-byte line: taken (through an aligned
+        // copy), the same bits.
         let mut off = lines.clone();
         off.push(Line([0; 64]));
         let shifted = elems_mut::<f64>(&mut off, len + 1);
         shifted.copy_within(0..len, 1);
-        assert!(!dgemm_packed(&a, &shifted[1..], &mut c, m, k, n, nr, false));
-        assert!(c.iter().all(|x| x.is_nan()));
+        assert!(dgemm_packed(&a, &shifted[1..], &mut c, m, k, n, nr, false));
+        assert_eq!(bits(&c), bits(&want));
     }
 
     #[test]
