@@ -208,26 +208,6 @@ pub fn sgemm(a: &[f32], b: &[f32], c: &mut [f32], rows: usize, k: usize, n: usiz
     }
 }
 
-/// The panel width `NR` of the kernel [`dgemm`] runs on this CPU: what
-/// [`pack_b_panels`] packs a `B` in for [`dgemm_packed`]. `None` where
-/// [`dgemm`] returns `false`.
-pub fn dgemm_panel_width() -> Option<usize> {
-    match chosen_isa(best_isa) {
-        Isa::Avx512 => Some(F64x32::NR),
-        Isa::Avx2 => Some(F64::NR),
-        Isa::Portable => None,
-    }
-}
-
-/// [`dgemm_panel_width`] for [`sgemm`].
-pub fn sgemm_panel_width() -> Option<usize> {
-    match chosen_isa(best_isa) {
-        Isa::Avx512 => Some(F32x64::NR),
-        Isa::Avx2 => Some(F32::NR),
-        Isa::Portable => None,
-    }
-}
-
 /// The elements of a `k × n` `B` packed in panels `nr` wide: `k` rows of `n`
 /// rounded up to whole panels (`None` if that overflows, or `nr` is 0).
 pub fn packed_b_len(k: usize, n: usize, nr: usize) -> Option<usize> {
@@ -318,73 +298,84 @@ pub fn unpack_b_panels<T: Copy>(packed: &[T], k: usize, n: usize, nr: usize, dst
     }
 }
 
-/// [`dgemm`] with `B` packed beforehand by [`pack_b_panels`] in panels
-/// `nr` wide: the same bits, without packing `B` again. Returns `false`,
-/// leaving `c` untouched, where [`dgemm`] would, and where this CPU's
-/// kernel does not read panels `nr` wide ([`dgemm_panel_width`]); the
-/// caller then unpacks `B` ([`unpack_b_panels`]). The microkernel reads
-/// panels at 64-byte-aligned addresses: a `packed` that is not (a small
-/// or middle-sized array from the heap; a large array's pages and a mapped
-/// `.npy` file's data are) is copied into an aligned buffer first, which
-/// costs less than the packing it replaces.
-///
-/// # Panics
-///
-/// If the slice lengths do not fit the shape.
-#[must_use]
-#[allow(clippy::too_many_arguments)]
-pub fn dgemm_packed(
-    a: &[f64],
-    packed: &[f64],
-    c: &mut [f64],
-    rows: usize,
-    k: usize,
-    n: usize,
-    nr: usize,
-    accumulate: bool,
-) -> bool {
-    if dgemm_panel_width() != Some(nr) {
-        return false;
-    }
-    on_aligned(packed, |packed| {
-        let b = BIn::Packed(packed);
-        match chosen_isa(best_isa) {
-            Isa::Avx512 => gemm::<F64x32, Same<f64>>(a, b, c, rows, k, n, accumulate, F64x32::blocking()),
-            Isa::Avx2 => gemm::<F64, Same<f64>>(a, b, c, rows, k, n, accumulate, F64::blocking()),
-            Isa::Portable => false,
+/// Declares the packed-`B` entry points of one element type: the width of
+/// the panels its kernel reads, and its product with a `B` packed in them.
+macro_rules! packed_entries {
+    ($(#[$wdoc:meta])* $width:ident, $(#[$pdoc:meta])* $packed:ident, $t:ty, $wide:ty, $narrow:ty) => {
+        $(#[$wdoc])*
+        pub fn $width() -> Option<usize> {
+            match chosen_isa(best_isa) {
+                Isa::Avx512 => Some(<$wide>::NR),
+                Isa::Avx2 => Some(<$narrow>::NR),
+                Isa::Portable => None,
+            }
         }
-    })
+
+        $(#[$pdoc])*
+        #[must_use]
+        #[allow(clippy::too_many_arguments)]
+        pub fn $packed(
+            a: &[$t],
+            packed: &[$t],
+            c: &mut [$t],
+            rows: usize,
+            k: usize,
+            n: usize,
+            nr: usize,
+            accumulate: bool,
+        ) -> bool {
+            if $width() != Some(nr) {
+                return false;
+            }
+            on_aligned(packed, |packed| {
+                let b = BIn::Packed(packed);
+                match chosen_isa(best_isa) {
+                    Isa::Avx512 => gemm::<$wide, Same<$t>>(a, b, c, rows, k, n, accumulate, <$wide>::blocking()),
+                    Isa::Avx2 => gemm::<$narrow, Same<$t>>(a, b, c, rows, k, n, accumulate, <$narrow>::blocking()),
+                    Isa::Portable => false,
+                }
+            })
+        }
+    };
 }
 
-/// [`dgemm_packed`] for `f32` ([`sgemm_panel_width`]).
-///
-/// # Panics
-///
-/// If the slice lengths do not fit the shape.
-#[must_use]
-#[allow(clippy::too_many_arguments)]
-pub fn sgemm_packed(
-    a: &[f32],
-    packed: &[f32],
-    c: &mut [f32],
-    rows: usize,
-    k: usize,
-    n: usize,
-    nr: usize,
-    accumulate: bool,
-) -> bool {
-    if sgemm_panel_width() != Some(nr) {
-        return false;
-    }
-    on_aligned(packed, |packed| {
-        let b = BIn::Packed(packed);
-        match chosen_isa(best_isa) {
-            Isa::Avx512 => gemm::<F32x64, Same<f32>>(a, b, c, rows, k, n, accumulate, F32x64::blocking()),
-            Isa::Avx2 => gemm::<F32, Same<f32>>(a, b, c, rows, k, n, accumulate, F32::blocking()),
-            Isa::Portable => false,
-        }
-    })
-}
+packed_entries!(
+    /// The panel width `NR` of the kernel [`dgemm`] runs on this CPU: what
+    /// [`pack_b_panels`] packs a `B` in for [`dgemm_packed`]. `None` where
+    /// [`dgemm`] returns `false`.
+    dgemm_panel_width,
+    /// [`dgemm`] with `B` packed beforehand by [`pack_b_panels`] in panels
+    /// `nr` wide: the same bits, without packing `B` again. Returns `false`,
+    /// leaving `c` untouched, where [`dgemm`] would, and where this CPU's
+    /// kernel does not read panels `nr` wide ([`dgemm_panel_width`]); the
+    /// caller then unpacks `B` ([`unpack_b_panels`]). The microkernel reads
+    /// panels at 64-byte-aligned addresses: a `packed` that is not (a small
+    /// or middle-sized array from the heap; a large array's pages and a mapped
+    /// `.npy` file's data are) is copied into an aligned buffer first, which
+    /// costs less than the packing it replaces.
+    ///
+    /// # Panics
+    ///
+    /// If the slice lengths do not fit the shape.
+    dgemm_packed,
+    f64,
+    F64x32,
+    F64
+);
+
+packed_entries!(
+    /// [`dgemm_panel_width`] for [`sgemm`].
+    sgemm_panel_width,
+    /// [`dgemm_packed`] for `f32` ([`sgemm_panel_width`]).
+    ///
+    /// # Panics
+    ///
+    /// If the slice lengths do not fit the shape.
+    sgemm_packed,
+    f32,
+    F32x64,
+    F32
+);
 
 thread_local! {
     /// The aligned copy of a packed `B` that came unaligned
