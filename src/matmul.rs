@@ -825,6 +825,14 @@ fn run_parallel(
     ))
 }
 
+/// Whether to keep a packed copy of B of `bytes` in memory, with `available`
+/// bytes available to the system: not if it would take more than half of
+/// them, where packing block by block, as before, risks no out-of-memory
+/// kill for a copy that only saves time (unknown: yes).
+fn worth_a_packed_copy(bytes: u64, available: Option<u64>) -> bool {
+    available.is_none_or(|available| bytes <= available / 2)
+}
+
 /// Packs B for the blocks into `packed` unless it is there already (the
 /// first repetition of threads, copy and fork); how long that took.
 fn pack_b_once(packed: &mut Option<PackedB>, b: &Array) -> Result<Duration, Error> {
@@ -888,9 +896,16 @@ impl PackedB {
     }
 
     /// `b` packed into an array of its own, or as it is when this
-    /// process's kernel does not read packed panels.
+    /// process's kernel does not read packed panels, or when a packed copy
+    /// beside B would take more than half of the memory the system has
+    /// available ([`worth_a_packed_copy`]): then each block packs B as it
+    /// goes, in a buffer of a few MiB, as before.
     pub(crate) fn owned(b: &Array) -> Result<PackedB, Error> {
         fn typed<T: Kernel>(b: &Array, (k, n, panels): (usize, usize, BPanels)) -> Result<PackedB, Error> {
+            let bytes = (k as u64).saturating_mul(wide(panels) as u64).saturating_mul(T::DTYPE.size() as u64);
+            if !worth_a_packed_copy(bytes, procjob_worker::memory::available()) {
+                return Ok(PackedB::unpacked(b));
+            }
             let mut packed = zeros("B packed for the blocks", T::DTYPE, k, wide(panels))?;
             let dst = packed.as_mut_slice::<T>().map_err(as_slice)?;
             procjob_worker::kernels::pack_b::<T>(
@@ -1053,6 +1068,20 @@ fn mapped(a: &Array, path: &Path) -> Result<Array, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_packed_copy_of_b_leaves_half_the_memory_free() {
+        let gib = 1u64 << 30;
+        assert!(worth_a_packed_copy(gib, Some(2 * gib)));
+        assert!(!worth_a_packed_copy(gib + 1, Some(2 * gib)));
+        assert!(!worth_a_packed_copy(1, Some(0)));
+        assert!(worth_a_packed_copy(u64::MAX, None));
+        // This machine: a small B is packed, one larger than all its
+        // memory is not.
+        let available = procjob_worker::memory::available();
+        assert!(worth_a_packed_copy(1 << 20, available) || available.is_some_and(|a| a < 2 << 20));
+        assert!(available.is_none() || !worth_a_packed_copy(u64::MAX, available));
+    }
 
     #[test]
     fn the_b_file_holds_b_packed_for_this_machine() {

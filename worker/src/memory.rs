@@ -133,6 +133,14 @@ pub fn peak_rss() -> u64 {
     std::fs::read_to_string("/proc/self/status").ok().and_then(|s| field_kib(&s, "VmHWM:")).map_or(0, |k| k * 1024)
 }
 
+/// The memory the system has available for new allocations without
+/// swapping (`MemAvailable` of `/proc/meminfo`), in bytes; `None` where it
+/// is not known.
+pub fn available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    field_kib(&text, "MemAvailable:").map(|k| k.saturating_mul(1024))
+}
+
 /// The value of the `key` line of a `/proc` file, in KiB (the number
 /// before `kB`).
 pub(crate) fn field_kib(text: &str, key: &str) -> Option<u64> {
