@@ -11,6 +11,10 @@
 //!   back, which are stacked at their row offsets.
 //! - `memmap-out`: as memmap, and each task also carries a read-write
 //!   reference to its rows of a shared C file; only "done" comes back.
+//!
+//! In every mode but seq, B reaches the blocks packed once, in the panels
+//! the kernel reads (`PackedB`; docs/kernels.md, "B packed once for all
+//! blocks"), so that no block packs all of B again.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
