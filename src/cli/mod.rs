@@ -1359,9 +1359,10 @@ impl Table {
         let reps = first.walls_s.len();
         let _ = writeln!(
             out,
-            "wall: median of {reps} repetition{} (the first includes starting workers and,\n\
-             in memmap modes, dumping A and B); to/from workers: bytes through the pipes,\n\
-             and blocks of 4 MiB or more copied out of the workers' memory",
+            "wall: median of {reps} repetition{} (the first includes starting workers,\n\
+             dumping A and B in memmap modes, packing B for the blocks of f64/f32);\n\
+             to/from workers: bytes through the pipes, and blocks of 4 MiB or more\n\
+             copied out of the workers' memory",
             if reps == 1 { "" } else { "s" }
         );
         if reps >= 2 {
