@@ -43,10 +43,18 @@ pub trait Kernel: Element + Step {
     /// [`packed_b_len`]`(k, n, nr)` or `c.len() != rows * n`.
     #[allow(clippy::too_many_arguments)]
     fn matmul_block_packed(a: &[Self], packed: &[Self], c: &mut [Self], rows: usize, k: usize, n: usize, nr: usize) {
-        let mut b = vec![Self::default(); k.checked_mul(n).expect("k × n fits in memory")];
-        unpack_b_panels(packed, k, n, nr, &mut b);
-        Self::matmul_block(a, &b, c, rows, k, n);
+        unpacked_then_multiplied(a, packed, c, rows, k, n, nr);
     }
+}
+
+/// [`Kernel::matmul_block`] on `B`'s rows unpacked from `packed` first:
+/// for a kernel that cannot read the panels (`i64`, or panels of another
+/// width than this CPU's).
+#[allow(clippy::too_many_arguments)]
+fn unpacked_then_multiplied<T: Kernel>(a: &[T], packed: &[T], c: &mut [T], rows: usize, k: usize, n: usize, nr: usize) {
+    let mut b = vec![T::default(); k.checked_mul(n).expect("k × n fits in memory")];
+    unpack_b_panels(packed, k, n, nr, &mut b);
+    T::matmul_block(a, &b, c, rows, k, n);
 }
 
 /// Packs all of `b` (`k × n`) in panels `nr` wide for
@@ -113,9 +121,7 @@ macro_rules! float_kernel {
                     return;
                 }
                 if !$packed(a, packed, c, rows, k, n, nr, false) {
-                    let mut b = vec![0.0; k * n];
-                    unpack_b_panels(packed, k, n, nr, &mut b);
-                    $wrapper(a, &b, c, rows, k, n, false);
+                    unpacked_then_multiplied(a, packed, c, rows, k, n, nr);
                 }
             }
         }
