@@ -986,9 +986,12 @@ impl DumpedInputs {
         let files = TempFiles(vec![folder.file(&format!("{name}-A.npy")), folder.file(&format!("{name}-B.npy"))]);
         // B mapped in place as it is, else written to its file, packed
         // where the kernel reads panels.
-        let write_b = || match inputs.b.is_mapped() {
-            true => Ok(PackedB::unpacked(&inputs.b)),
-            false => PackedB::in_file(&inputs.b, &files.0[1]),
+        let write_b = || {
+            if inputs.b.is_mapped() {
+                Ok(PackedB::unpacked(&inputs.b))
+            } else {
+                PackedB::in_file(&inputs.b, &files.0[1])
+            }
         };
         let (a, b) = std::thread::scope(|scope| {
             // Without a second thread (a process limit), one after the other.

@@ -81,7 +81,7 @@ impl Task for MatmulBlock {
                 // Every element is written (`Kernel::matmul_block` overwrites).
                 let mut c = Array::try_for_overwrite(a.dtype(), vec![rows, n])
                     .map_err(|e| format!("cannot make the output block: {e}"))?;
-                multiply_into(&a, (&b, b_panels), &mut c, rows, k, n)?;
+                multiply_into(&a, &b, b_panels, &mut c, rows, k, n)?;
                 Ok(MatmulOutput::Block(c))
             }
             Some(mut c) => {
@@ -93,7 +93,7 @@ impl Task for MatmulBlock {
                         a.dtype()
                     ));
                 }
-                multiply_into(&a, (&b, b_panels), &mut c, rows, k, n)?;
+                multiply_into(&a, &b, b_panels, &mut c, rows, k, n)?;
                 Ok(MatmulOutput::Written { rows: rows as u64 })
             }
         }
@@ -163,12 +163,11 @@ fn check_packed_shapes(a: &Array, b: &Array, panels: Option<BPanels>) -> Result<
     Ok((rows, k, n))
 }
 
-/// `c = a · b`, `b` with its packing if it has one.
-type PackedOrNot<'a> = (&'a Array, Option<BPanels>);
-
+/// `c = a · b`, `b` packed as `panels` says if they are given.
 fn multiply_into(
     a: &Array,
-    (b, panels): PackedOrNot<'_>,
+    b: &Array,
+    panels: Option<BPanels>,
     c: &mut Array,
     rows: usize,
     k: usize,
@@ -176,7 +175,8 @@ fn multiply_into(
 ) -> Result<(), String> {
     fn typed<T: Kernel>(
         a: &Array,
-        (b, panels): PackedOrNot<'_>,
+        b: &Array,
+        panels: Option<BPanels>,
         c: &mut Array,
         rows: usize,
         k: usize,
@@ -193,9 +193,9 @@ fn multiply_into(
         Ok(())
     }
     match a.dtype() {
-        DType::I64 => typed::<i64>(a, (b, panels), c, rows, k, n),
-        DType::F64 => typed::<f64>(a, (b, panels), c, rows, k, n),
-        DType::F32 => typed::<f32>(a, (b, panels), c, rows, k, n),
+        DType::I64 => typed::<i64>(a, b, panels, c, rows, k, n),
+        DType::F64 => typed::<f64>(a, b, panels, c, rows, k, n),
+        DType::F32 => typed::<f32>(a, b, panels, c, rows, k, n),
         other => Err(not_a_matmul_dtype(other)),
     }
 }
@@ -207,7 +207,7 @@ pub fn multiply<T: Kernel + Element>(a: &Array, b: &Array) -> Result<Array, Stri
     // bytes (A[2²⁰, 0] · B[0, 2²⁰] is 8 TiB of C from 0 bytes of input).
     let mut c =
         Array::try_for_overwrite(T::DTYPE, vec![rows, n]).map_err(|e| format!("cannot make the product: {e}"))?;
-    multiply_into(a, (b, None), &mut c, rows, k, n)?;
+    multiply_into(a, b, None, &mut c, rows, k, n)?;
     Ok(c)
 }
 
