@@ -10,12 +10,19 @@
 //! # The loop order
 //!
 //! Where L2 is below [`A_IN_L2_BELOW`] (1 MiB) and L3 is known, the loops
-//! keep `A`'s block in L2 ([`Order::AInL2`]); otherwise `B`'s
-//! ([`Order::BInL2`]). Half of a 512 KiB L2 holds 16 AVX2 `B` panels, so
-//! with `B` in L2 each `A` panel brought from L3 served 16 tiles; on the
-//! AMD EPYC Zen 3 that order ran 3–14 % slower on one thread than `A` in
-//! L2, while on the Intel Xeon (2 MiB L2) `B` in L2 had been the faster
-//! (docs/kernels.md, "The loop order from the machine").
+//! keep `A`'s block in L2 ([`Order::AInL2`]). Otherwise, on an AMD CPU
+//! with a known L3, they run OpenBLAS's order with `B`'s block sized for
+//! L3 ([`Order::BInL3`]); on any other CPU, for L2 ([`Order::BInL2`]).
+//! Half of a 512 KiB L2 holds 16 AVX2 `B` panels, so with `B` in L2 each
+//! `A` panel brought from L3 served 16 tiles; on the AMD EPYC Zen 3 that
+//! order ran 3–14 % slower on one thread than `A` in L2, while on the
+//! Intel Xeon (2 MiB L2) `B` in L2 had been the faster, and a `B` block
+//! twice the L2's half 30–40 % slower. On the AMD EPYC Zen 4 (1 MiB L2)
+//! the opposite held: the larger `B`'s block, the faster, up to one block
+//! of all columns streaming from L3, 2–5 % faster than half of L2 for
+//! every kernel, on one thread and on two (docs/kernels.md, "The loop
+//! order from the machine"). What sets the two L3s apart (how fast each
+//! feeds a core) is not among what sysfs reports, so the vendor decides.
 //!
 //! # The model, `B` in L2
 //!
@@ -67,6 +74,14 @@
 //!   the `A` block; the `B` block takes the rest, divided among the CPUs
 //!   sharing the L3: `NC = (W₃ − 1 − ⌈MC·KC·S / way₃⌉) · way₃ / (sharers · KC·S)`.
 //!
+//! # The model, `B` in L3
+//!
+//! [`Order::BInL2`]'s loops, with both packed blocks in **L3** and one
+//! `A` panel in L1: of L3's ways one is left for `C`, and the rest are
+//! split evenly between the `A` block and the `B` block, each divided
+//! among the CPUs sharing the L3:
+//! `MC = NC = ⌊(W₃ − 1) / 2⌋ · way₃ / (sharers · KC·S)`.
+//!
 //! Rounded and clamped as above. `gemm.rs` evens the row blocks out up to
 //! `MC` in this order (up to 1.5 × `MC` with `B` in L2), so that the `A`
 //! block stays in the ways it was given, and fetches each `B` panel into L2
@@ -106,6 +121,10 @@ pub(super) enum Order {
     /// `KC × NC` block of `B` in L2, one `A` panel in L1, the `MC × KC`
     /// block of `A` in L3.
     BInL2,
+    /// The same loops as [`Order::BInL2`], with the `KC × NC` block of `B`
+    /// sized for L3 beside the `A` block: `B` streams from L3 past one `A`
+    /// panel in L1.
+    BInL3,
     /// BLIS's order: `jc` → `pc` → `ic` → `jr` → `ir`; the `MC × KC` block
     /// of `A` in L2, one `B` panel in L1, the `KC × NC` block of `B` in L3.
     AInL2,
@@ -159,19 +178,33 @@ impl Blocking {
     }
 
     /// The model of the module docs for `caches`: the loop order from the
-    /// size of L2, then `MC` and `NC` for it. Each of `MC` and `NC` is
-    /// `fixed`'s where the cache it is sized for is unknown (or too small
-    /// for the model to leave it a way); [`Order::AInL2`] needs both L2 and
-    /// L3 known.
+    /// size of L2 and the vendor, then `MC` and `NC` for it. Each of `MC`
+    /// and `NC` is `fixed`'s where the cache it is sized for is unknown (or
+    /// too small for the model to leave it a way); [`Order::AInL2`] and
+    /// [`Order::BInL3`] need both L2 and L3 known.
     pub(super) fn derive(caches: &Caches, tile: Tile, fixed: Blocking) -> Blocking {
         if let (Some(l2), Some(l3)) = (caches.l2, caches.l3) {
-            if l2.size < A_IN_L2_BELOW {
-                if let Some(blk) = Blocking::a_in_l2(l2, l3, tile) {
-                    return blk;
-                }
+            let blk = if l2.size < A_IN_L2_BELOW {
+                Blocking::a_in_l2(l2, l3, tile)
+            } else if caches.amd {
+                Blocking::b_in_l3(l3, tile)
+            } else {
+                None
+            };
+            if let Some(blk) = blk {
+                return blk;
             }
         }
         Blocking::b_in_l2(caches, tile, fixed)
+    }
+
+    /// [`Order::BInL3`]: `MC` and `NC` from this CPU's share of half of the
+    /// L3 ways left after one for `C`; `None` where that leaves no way.
+    fn b_in_l3(l3: CacheLevel, tile: Tile) -> Option<Blocking> {
+        let Tile { mr, nr, kc, elem } = tile;
+        let each = ways_left(l3, 0)? / 2;
+        let rows = (each > 0).then(|| each * l3.way_bytes() / (l3.sharers * kc * elem))?;
+        Some(Blocking { mc: clamp_to(rows, MC_RANGE, mr), nc: clamp_to(rows, NC_RANGE, nr), order: Order::BInL3 })
     }
 
     /// [`Order::BInL2`]: `NC` from L2's ways (at most half of them), then
@@ -280,20 +313,36 @@ mod tests {
         blk
     }
 
+    const fn b_in_l3(mc: usize, nc: usize) -> Blocking {
+        Blocking { mc, nc, order: Order::BInL3 }
+    }
+
     /// AMD EPYC Zen 4 (a whole CCX of 8 cores, 16 threads, sharing the
-    /// L3): 128 KiB L2 ways, 6 left for `B`, of which it takes half the L2's
-    /// 8 (512 KiB); 2 MiB L3 ways, 14 for `A`, shared 16 ways.
+    /// L3): an L2 of 1 MiB and an AMD L3, so both blocks in L3: of its 16
+    /// ways of 2 MiB, one for `C`, 7 for each block, shared by 16 (896 KiB
+    /// each).
     #[test]
     fn zen4() {
-        let caches = Caches { l1d: level(32 * KIB, 8, 2), l2: level(MIB, 8, 2), l3: level(32 * MIB, 16, 16) };
-        assert_eq!(derive(&caches, F64_AVX512), b_in_l2(894, 256));
-        assert_eq!(derive(&caches, F32_AVX512), b_in_l2(1788, 512));
-        assert_eq!(derive(&caches, F64_AVX2), b_in_l2(894, 256));
-        assert_eq!(derive(&caches, F32_AVX2), b_in_l2(1788, 512));
+        let caches =
+            Caches { l1d: level(32 * KIB, 8, 2), l2: level(MIB, 8, 2), l3: level(32 * MIB, 16, 16), amd: true };
+        assert_eq!(derive(&caches, F64_AVX512), b_in_l3(444, 448));
+        assert_eq!(derive(&caches, F32_AVX512), b_in_l3(894, 896));
+        assert_eq!(derive(&caches, F64_AVX2), b_in_l3(444, 448));
+        assert_eq!(derive(&caches, F32_AVX2), b_in_l3(894, 896));
         // The 2-vCPU VM this was measured on, its L3 shared by its two CPUs:
-        // the A block is capped.
+        // 7 MiB each, all the columns of a 2000-wide `f64` B in one block.
         let vm = Caches { l3: level(32 * MIB, 16, 2), ..caches };
-        assert_eq!(derive(&vm, F64_AVX512), b_in_l2(4092, 256));
+        assert_eq!(derive(&vm, F64_AVX512), b_in_l3(3582, 3584));
+        assert_eq!(derive(&vm, F32_AVX512), b_in_l3(4092, 4096));
+        // The same caches on a CPU of another vendor: `B` in half of L2 (6
+        // of the 8 ways of 128 KiB left, 4 taken), the `A` block in L3.
+        let other = Caches { amd: false, ..caches };
+        assert_eq!(derive(&other, F64_AVX512), b_in_l2(894, 256));
+        assert_eq!(derive(&other, F32_AVX512), b_in_l2(1788, 512));
+        assert_eq!(derive(&Caches { amd: false, ..vm }, F64_AVX512), b_in_l2(4092, 256));
+        // An L3 of two ways leaves one, which does not split in two.
+        let small = Caches { l3: level(4 * MIB, 2, 2), ..caches };
+        assert_eq!(derive(&small, F64_AVX512).order, Order::BInL2);
     }
 
     const fn a_in_l2(mc: usize, nc: usize) -> Blocking {
@@ -307,7 +356,8 @@ mod tests {
     /// of 512 KiB, one for `C` and one for the `A` block, 14 shared by 8.
     #[test]
     fn zen1() {
-        let caches = Caches { l1d: level(32 * KIB, 8, 2), l2: level(512 * KIB, 8, 2), l3: level(8 * MIB, 16, 8) };
+        let caches =
+            Caches { l1d: level(32 * KIB, 8, 2), l2: level(512 * KIB, 8, 2), l3: level(8 * MIB, 16, 8), amd: true };
         assert_eq!(derive(&caches, F64_AVX2), a_in_l2(192, 448));
         assert_eq!(derive(&caches, F32_AVX2), a_in_l2(384, 896));
     }
@@ -317,7 +367,8 @@ mod tests {
     /// `MC` as the Zen 1; `NC` clamped.
     #[test]
     fn zen3() {
-        let caches = Caches { l1d: level(32 * KIB, 8, 1), l2: level(512 * KIB, 8, 1), l3: level(32 * MIB, 16, 2) };
+        let caches =
+            Caches { l1d: level(32 * KIB, 8, 1), l2: level(512 * KIB, 8, 1), l3: level(32 * MIB, 16, 2), amd: true };
         assert_eq!(derive(&caches, F64_AVX2), a_in_l2(192, 4096));
         assert_eq!(derive(&caches, F32_AVX2), a_in_l2(384, 4096));
         // Without a known L3 there is no `NC` for that order: `B` in L2.
@@ -333,7 +384,12 @@ mod tests {
     /// 105 MiB 15-way over 56 cores).
     #[test]
     fn xeon() {
-        let caches = Caches { l1d: level(48 * KIB, 12, 2), l2: level(2 * MIB, 16, 2), l3: level(105 * MIB, 15, 112) };
+        let caches = Caches {
+            l1d: level(48 * KIB, 12, 2),
+            l2: level(2 * MIB, 16, 2),
+            l3: level(105 * MIB, 15, 112),
+            amd: false,
+        };
         let blk = derive(&caches, F64_AVX512);
         assert_eq!(blk.nc, 512, "14 ways of 128 KiB left for B, which takes 8 (half)");
         assert_eq!(derive(&caches, F32_AVX512).nc, 1024);

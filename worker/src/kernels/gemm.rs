@@ -731,6 +731,7 @@ pub fn describe(dtype: crate::DType) -> String {
         let order = match blk.order {
             Order::AInL2 => "A's block in L2",
             Order::BInL2 => "B's block in L2",
+            Order::BInL3 => "B's block in L3",
         };
         format!("{isa}, {} × {} tiles, {order} (MC {}, NC {}, KC {})", M::MR, M::NR, blk.mc, blk.nc, M::KC)
     }
@@ -1181,7 +1182,8 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
         (kc, accumulate || pc > 0, pc + kc == k)
     };
     match blk.order {
-        Order::BInL2 => {
+        // The same loops, whichever cache `B`'s block was sized for.
+        Order::BInL2 | Order::BInL3 => {
             for pc in (0..k).step_by(M::KC) {
                 let (kc, add, last) = chunk(pc);
                 for ic in (0..rows).step_by(mc_step) {
@@ -1279,7 +1281,7 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
 /// `blk.mc` (2000 rows with `MC` 192 are cut 10 × 186 + 140).
 fn row_block(rows: usize, mr: usize, blk: Blocking) -> usize {
     let cap = match blk.order {
-        Order::BInL2 => blk.mc + blk.mc / 2 / mr * mr,
+        Order::BInL2 | Order::BInL3 => blk.mc + blk.mc / 2 / mr * mr,
         Order::AInL2 => blk.mc,
     };
     rows.div_ceil(rows.div_ceil(cap)).next_multiple_of(mr).min(cap)
@@ -1985,8 +1987,9 @@ mod tests {
                     (fixed.mc, fixed.nc),
                     (894usize.next_multiple_of(mr), 256usize.next_multiple_of(nr)),
                     (4092usize.next_multiple_of(mr), 512usize.next_multiple_of(nr)),
+                    (3582usize.next_multiple_of(mr), 3584usize.next_multiple_of(nr)),
                 ] {
-                    for order in [Order::BInL2, Order::AInL2] {
+                    for order in [Order::BInL2, Order::AInL2, Order::BInL3] {
                         let blk = Blocking { mc, nc, order };
                         let got = bits(&run::<T, M>(&a, &b, &c0, m, k, n, acc, blk));
                         assert!(got == want, "{m}x{k}x{n}, accumulate {acc}, MC {mc}, NC {nc}, {order:?}");
@@ -2275,7 +2278,7 @@ mod tests {
         assert_eq!(row_block(50, 6, blk(24, Order::BInL2)), 30);
         for rows in 1..700 {
             for mc in [6, 12, 96, 132, 192, 384] {
-                for order in [Order::AInL2, Order::BInL2] {
+                for order in [Order::AInL2, Order::BInL2, Order::BInL3] {
                     let step = row_block(rows, 6, blk(mc, order));
                     let cap = if order == Order::AInL2 { mc } else { mc + mc / 2 / 6 * 6 };
                     assert!(
