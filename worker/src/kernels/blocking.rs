@@ -2,7 +2,7 @@
 //! the CPU reports (`machine.rs`) with the analytical model of BLIS (Low,
 //! Igual, Smith and Quintana-Ortí, "Analytical modeling is enough for
 //! high-performance BLIS", ACM TOMS 2016), applied to the loop order of
-//! `gemm.rs` that the size of L2 picks; today's constants are the fallback
+//! `gemm.rs` that the size of L2 and the vendor pick; today's constants are the fallback
 //! when the caches are unknown. `MC`, `NC` and the order only group work,
 //! so none of them changes a bit of `C` (`gemm.rs`, point 4); `KC`, which
 //! does, stays a constant.
@@ -18,10 +18,10 @@
 //! order ran 3–14 % slower on one thread than `A` in L2, while on the
 //! Intel Xeon (2 MiB L2) `B` in L2 had been the faster, and a `B` block
 //! twice the L2's half 30–40 % slower. On the AMD EPYC Zen 4 (1 MiB L2)
-//! the opposite held: the larger `B`'s block, the faster, up to one block
-//! of all columns streaming from L3, 2–5 % faster than half of L2 for
-//! every kernel, on one thread and on two (docs/kernels.md, "The loop
-//! order from the machine"). What sets the two L3s apart (how fast each
+//! the opposite held on one thread: the larger `B`'s block, the faster, up
+//! to one block of all columns streaming from L3, 3–4 % faster than half
+//! of L2 for `f64` and 1–2 % for `f32`; on two processes level, within
+//! 2 % either way (docs/kernels.md, "The loop order from the machine"). What sets the two L3s apart (how fast each
 //! feeds a core) is not among what sysfs reports, so the vendor decides.
 //!
 //! # The model, `B` in L2
@@ -74,6 +74,14 @@
 //!   the `A` block; the `B` block takes the rest, divided among the CPUs
 //!   sharing the L3: `NC = (W₃ − 1 − ⌈MC·KC·S / way₃⌉) · way₃ / (sharers · KC·S)`.
 //!
+//! Rounded and clamped as above. `gemm.rs` evens the row blocks out up to
+//! `MC` in this order (up to 1.5 × `MC` with `B` in L2 or L3), so that the `A`
+//! block stays in the ways it was given, and fetches each `B` panel into L2
+//! while the tiles of the one before run. On the Zen 3 they pay most
+//! together: blocks capped at `MC` without the fetch ran 1.6–2.9 % slower
+//! than blocks of up to 1.5 × `MC` (docs/kernels.md, "Tile shapes and
+//! blocking").
+//!
 //! # The model, `B` in L3
 //!
 //! [`Order::BInL2`]'s loops, with both packed blocks in **L3** and one
@@ -83,17 +91,14 @@
 //! `MC = NC = ⌊(W₃ − 1) / 2⌋ · way₃ / (sharers · KC·S)`.
 //!
 //! Rounded and clamped as above. `gemm.rs` evens the row blocks out up to
-//! `MC` in this order (up to 1.5 × `MC` with `B` in L2), so that the `A`
-//! block stays in the ways it was given, and fetches each `B` panel into L2
-//! while the tiles of the one before run. On the Zen 3 they pay most
-//! together: blocks capped at `MC` without the fetch ran 1.6–2.9 % slower
-//! than blocks of up to 1.5 × `MC` (docs/kernels.md, "Tile shapes and
-//! blocking").
+//! 1.5 × `MC`, as with `B` in L2 (so a row block may take more than its
+//! half: 5370 rows on the Zen 4 VM for `f64`; a 4000-row product there
+//! runs as one block, measured 0.96 of the time of the old blocking).
 //!
 //! `PROCJOB_GEMM_BLOCKING`, for benchmarking only, overrides the result:
 //! `fixed` for the constants (with `B` in L2), `MC,NC` (rounded up to
 //! whole tiles) in the order the machine chose, or `MC,NC,a` / `MC,NC,b`
-//! with `A` / `B` in L2.
+//! with `A` / `B` in L2 (`b` runs the loops of `B` in L3 too).
 
 use std::mem::size_of;
 
@@ -104,17 +109,18 @@ use super::machine::{caches, CacheLevel, Caches};
 /// blocking edge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Blocking {
-    /// Rows packed at a time (with `B` in L2 up to 1.5 times it, see `gemm.rs`'s `row_block`),
+    /// Rows packed at a time (with `B` in L2 or L3 up to 1.5 times it, see `gemm.rs`'s `row_block`),
     /// a positive multiple of `MR`.
     pub(super) mc: usize,
     /// Most columns packed at a time, a positive multiple of `NR`.
     pub(super) nc: usize,
-    /// Which packed block the loops keep in L2.
+    /// The loop order, and the cache `B`'s block is sized for.
     pub(super) order: Order,
 }
 
-/// The loop order of the packed GEMM (`gemm.rs`, `drive`): which packed
-/// block stays in L2. Neither changes a bit of `C`.
+/// The loop order of the packed GEMM (`gemm.rs`, `drive`) and which
+/// packed block it keeps in L2 (or, with `B` in L3, in neither). None
+/// changes a bit of `C`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Order {
     /// OpenBLAS's order on Skylake-X: `pc` → `ic` → `jc` → `ir` → `jr`; the
@@ -410,6 +416,9 @@ mod tests {
         // A huge cache is clamped.
         let huge = Caches { l2: level(64 * MIB, 16, 1), l3: level(512 * MIB, 16, 1), ..Caches::default() };
         assert_eq!(derive(&huge, F64_AVX512), b_in_l2(4092, 4096));
+        assert_eq!(derive(&Caches { amd: true, ..huge }, F64_AVX512), b_in_l3(4092, 4096));
+        // An AMD CPU without a known L3: `B` in L2, `MC` fixed.
+        assert_eq!(derive(&Caches { amd: true, ..l2_only }, F64_AVX512), b_in_l2(1008, 256));
     }
 
     #[test]
@@ -425,6 +434,10 @@ mod tests {
         assert_eq!(Blocking::overridden(Some("100,100"), tile, fixed, derived_a), (a_in_l2(102, 128), None));
         assert_eq!(Blocking::overridden(Some("fixed"), tile, fixed, derived_a), (fixed, None));
         assert_eq!(Blocking::overridden(Some("100,100, b"), tile, fixed, derived), (b_in_l2(102, 128), None));
+        // `B` in L3 derived: `MC,NC` keeps it; `b` asks for `B` in L2 (the same loops).
+        let derived_l3 = b_in_l3(3582, 3584);
+        assert_eq!(Blocking::overridden(Some("100,100"), tile, fixed, derived_l3), (b_in_l3(102, 128), None));
+        assert_eq!(Blocking::overridden(Some("100,100,b"), tile, fixed, derived_l3), (b_in_l2(102, 128), None));
         for bad in ["0,32", "x", "12", "1,2,3", "1,2,a,b"] {
             let (blk, warning) = Blocking::overridden(Some(bad), tile, fixed, derived);
             assert_eq!(blk, derived, "{bad}");

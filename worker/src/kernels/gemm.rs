@@ -27,10 +27,13 @@
 //! | `f64`, AVX-512 | 6 × 32 | 24 `zmm` (6 rows × 4 × 8 lanes) | 256 | 1008 | 384 |
 //! | `f32`, AVX-512 | 6 × 64 | 24 `zmm` (6 rows × 4 × 16 lanes) | 256 | 1008 | 768 |
 //!
-//! Two loop orders (`blocking.rs`, `Order`), outermost first:
+//! Two loop orders (`blocking.rs`, `Order`, which also says which cache
+//! `B`'s block is sized for), outermost first:
 //!
 //! * **`B` in L2** (OpenBLAS's order on Skylake-X; where L2 is 1 MiB or
-//!   more, and the fallback): `pc` over the depth `k` in steps of `KC` →
+//!   more, and the fallback; with `B` in **L3**, on AMD CPUs with such an
+//!   L2, the same loops with blocks sized for L3, which `B` then streams
+//!   from): `pc` over the depth `k` in steps of `KC` →
 //!   `ic` over the rows in blocks of about `MC` (as even as whole panels
 //!   allow, at most 1.5 × `MC`) → `jc` over the columns of `B`/`C` in
 //!   blocks of at most `NC`, as even as whole panels allow (pack
@@ -152,8 +155,9 @@
 //! # Buffers
 //!
 //! The packed panels live in one 64-byte-aligned buffer per thread
-//! (up to `1.5 × MC × KC` of `A` with `B` in L2 — 3 MiB for `f64` with the fallback `MC`,
-//! up to 12 MiB with the largest derived one — plus `KC × NC` of `B` and one
+//! (up to `1.5 × MC × KC` of `A` with `B` in L2 or L3 — 3 MiB for `f64` with the fallback `MC`,
+//! up to 12 MiB with the largest derived one — plus `KC × NC` of `B`, up to
+//! 8 MiB, unless `B` came packed, and one
 //! scratch tile, or less for small shapes), grown on demand and kept for the
 //! next call: a fresh buffer per call measured slower on thin blocks, where
 //! packing is most of the work (`docs/kernels.md`, "Tile shapes and
@@ -537,7 +541,7 @@ trait Micro {
     /// changes the bits of `C`.
     const KC: usize;
     /// The fallback for rows of `A` packed at a time (a multiple of `MR`;
-    /// `drive` evens the blocks out up to 1.5 times it with `B` in L2), used when the
+    /// `drive` evens the blocks out up to 1.5 times it with `B` in L2 or L3), used when the
     /// caches are unknown; only groups work.
     const MC: usize;
     /// The fallback for most columns of `B` packed at a time (a multiple of
@@ -1272,7 +1276,7 @@ unsafe fn drive<M: Micro, C: Convert<To = M::T>>(
 }
 
 /// The rows of `A` packed at a time for `rows` rows: as even as whole
-/// `mr`-row panels allow. With `B` in L2, up to 1.5 × `blk.mc`, so that no
+/// `mr`-row panels allow. With `B` in L2 or L3, up to 1.5 × `blk.mc`, so that no
 /// thin remainder block repacks all of `B` for a few rows: 2048 rows with
 /// `MC` 1008 are cut 1026 + 1022 rather than 1008 + 1008 + 32, which packs
 /// each depth chunk of `B` twice instead of three times (`docs/kernels.md`,
@@ -1971,7 +1975,7 @@ mod tests {
             let c0 = random::<T>(&mut rng, m * n);
             for acc in [false, true] {
                 let want = bits(&run::<T, M>(&a, &b, &c0, m, k, n, acc, M::blocking()));
-                // Row blocks are evened out up to 1.5 × mc with B in L2,
+                // Row blocks are evened out up to 1.5 × mc with B in L2 or L3,
                 // up to mc with A in L2: for the 6-row kernels (4·mr, …) cuts
                 // 50 rows 30 + 20 or 18 + 18 + 14, (2·mr, …) 18 + 18 + 14 or
                 // 12 × 4 + 2. The constants,
@@ -1987,9 +1991,8 @@ mod tests {
                     (fixed.mc, fixed.nc),
                     (894usize.next_multiple_of(mr), 256usize.next_multiple_of(nr)),
                     (4092usize.next_multiple_of(mr), 512usize.next_multiple_of(nr)),
-                    (3582usize.next_multiple_of(mr), 3584usize.next_multiple_of(nr)),
                 ] {
-                    for order in [Order::BInL2, Order::AInL2, Order::BInL3] {
+                    for order in [Order::BInL2, Order::AInL2] {
                         let blk = Blocking { mc, nc, order };
                         let got = bits(&run::<T, M>(&a, &b, &c0, m, k, n, acc, blk));
                         assert!(got == want, "{m}x{k}x{n}, accumulate {acc}, MC {mc}, NC {nc}, {order:?}");
@@ -2267,7 +2270,7 @@ mod tests {
 
     /// Row blocks cover the rows in blocks as even as whole panels allow:
     /// with `A` in L2 never above `MC` (its block must fit the L2 it was
-    /// sized for), with `B` in L2 up to 1.5 × `MC`.
+    /// sized for), with `B` in L2 or L3 up to 1.5 × `MC`.
     #[test]
     fn row_blocks_stay_within_their_cap() {
         let blk = |mc, order| Blocking { mc, nc: 8, order };
@@ -2276,6 +2279,9 @@ mod tests {
         assert_eq!(row_block(2048, 6, blk(1008, Order::BInL2)), 1026);
         assert_eq!(row_block(50, 6, blk(12, Order::AInL2)), 12);
         assert_eq!(row_block(50, 6, blk(24, Order::BInL2)), 30);
+        // With `B` in L3 as with `B` in L2: 1.5 × MC.
+        assert_eq!(row_block(2048, 6, blk(1008, Order::BInL3)), 1026);
+        assert_eq!(row_block(4000, 6, blk(3582, Order::BInL3)), 4002);
         for rows in 1..700 {
             for mc in [6, 12, 96, 132, 192, 384] {
                 for order in [Order::AInL2, Order::BInL2, Order::BInL3] {
