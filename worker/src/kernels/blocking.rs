@@ -2,10 +2,10 @@
 //! the CPU reports (`machine.rs`) with the analytical model of BLIS (Low,
 //! Igual, Smith and Quintana-Ortí, "Analytical modeling is enough for
 //! high-performance BLIS", ACM TOMS 2016), applied to the loop order of
-//! `gemm.rs` that the size of L2 and the vendor pick; today's constants are the fallback
-//! when the caches are unknown. `MC`, `NC` and the order only group work,
-//! so none of them changes a bit of `C` (`gemm.rs`, point 4); `KC`, which
-//! does, stays a constant.
+//! `gemm.rs` that the size of L2 and the vendor pick; today's constants
+//! are the fallback when the caches are unknown. `MC`, `NC` and the order
+//! only group work, so none of them changes a bit of `C` (`gemm.rs`, point
+//! 4); `KC`, which does, stays a constant.
 //!
 //! # The loop order
 //!
@@ -21,8 +21,9 @@
 //! the opposite held on one thread: the larger `B`'s block, the faster, up
 //! to one block of all columns streaming from L3, 3–4 % faster than half
 //! of L2 for `f64` and 1–2 % for `f32`; on two processes level, within
-//! 2 % either way (docs/kernels.md, "The loop order from the machine"). What sets the two L3s apart (how fast each
-//! feeds a core) is not among what sysfs reports, so the vendor decides.
+//! 2 % either way (docs/kernels.md, "The loop order from the machine").
+//! What sets the two L3s apart (how fast each feeds a core) is not among
+//! what sysfs reports, so the vendor decides.
 //!
 //! # The model, `B` in L2
 //!
