@@ -1,7 +1,8 @@
 //! What this machine offers the packed GEMM, each read once per process:
 //! the data caches core 0 reports (Linux sysfs,
-//! `/sys/devices/system/cpu/cpu0/cache/index*/`), from which
-//! `blocking.rs` derives `MC` and `NC`, and which of its kernels the GEMM
+//! `/sys/devices/system/cpu/cpu0/cache/index*/`) and whether the CPU is
+//! AMD's (CPUID), from which `blocking.rs` derives the loop order, `MC` and
+//! `NC`, and which of its kernels the GEMM
 //! runs (the best the CPU has, or the one `PROCJOB_GEMM` asks for).
 //!
 //! Neither changes a bit of `C`: the blocking only groups work, and every
@@ -31,7 +32,8 @@ impl CacheLevel {
     }
 }
 
-/// The data (or unified) caches of one core; `None` for a level the OS does
+/// The data (or unified) caches of one core, and the CPU's vendor where
+/// the model needs it; `None` for a level the OS does
 /// not describe, or describes oddly.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Caches {
@@ -49,8 +51,9 @@ pub(super) struct Caches {
     pub(super) amd: bool,
 }
 
-/// The caches of this machine's CPU 0, read from sysfs on the first call;
-/// every level `None` where sysfs is missing (not Linux, a sandbox).
+/// The caches of this machine's CPU 0, read from sysfs on the first call
+/// (with the vendor from CPUID); every level `None` where sysfs is missing
+/// (not Linux, a sandbox).
 pub(super) fn caches() -> Caches {
     static CACHES: OnceLock<Caches> = OnceLock::new();
     *CACHES.get_or_init(|| Caches { amd: is_amd(), ..read_caches(Path::new("/sys/devices/system/cpu/cpu0/cache")) })
