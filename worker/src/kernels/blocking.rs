@@ -99,7 +99,8 @@
 //! `PROCJOB_GEMM_BLOCKING`, for benchmarking only, overrides the result:
 //! `fixed` for the constants (with `B` in L2), `MC,NC` (rounded up to
 //! whole tiles) in the order the machine chose, or `MC,NC,a` / `MC,NC,b`
-//! with `A` / `B` in L2 (`b` runs the loops of `B` in L3 too).
+//! / `MC,NC,b3` with `A` in L2, `B` in L2 or `B` in L3 (`b` and `b3` run
+//! the same loops; they differ in what `describe` prints).
 
 use std::mem::size_of;
 
@@ -268,13 +269,14 @@ impl Blocking {
             None => Some(derived.order),
             Some("b") => Some(Order::BInL2),
             Some("a") => Some(Order::AInL2),
+            Some("b3") => Some(Order::BInL3),
             Some(_) => None,
         };
         match (mc, nc, order, parts.next()) {
             (Some(mc), Some(nc), Some(order), None) => {
                 (Blocking { mc: mc.next_multiple_of(tile.mr), nc: nc.next_multiple_of(tile.nr), order }, None)
             }
-            _ => (derived, Some(format!("ignoring {BLOCKING_ENV}={value:?}: expected `fixed` or `MC,NC[,a|b]`"))),
+            _ => (derived, Some(format!("ignoring {BLOCKING_ENV}={value:?}: expected `fixed` or `MC,NC[,a|b|b3]`"))),
         }
     }
 }
@@ -439,7 +441,10 @@ mod tests {
         let derived_l3 = b_in_l3(3582, 3584);
         assert_eq!(Blocking::overridden(Some("100,100"), tile, fixed, derived_l3), (b_in_l3(102, 128), None));
         assert_eq!(Blocking::overridden(Some("100,100,b"), tile, fixed, derived_l3), (b_in_l2(102, 128), None));
-        for bad in ["0,32", "x", "12", "1,2,3", "1,2,a,b"] {
+        // `b3` names `B` in L3 on any machine.
+        assert_eq!(Blocking::overridden(Some("100,100,b3"), tile, fixed, derived), (b_in_l3(102, 128), None));
+        assert_eq!(Blocking::overridden(Some("100,100, b3"), tile, fixed, derived_a), (b_in_l3(102, 128), None));
+        for bad in ["0,32", "x", "12", "1,2,3", "1,2,a,b", "1,2,b4", "1,2,l3"] {
             let (blk, warning) = Blocking::overridden(Some(bad), tile, fixed, derived);
             assert_eq!(blk, derived, "{bad}");
             assert!(warning.is_some(), "{bad}");

@@ -2116,7 +2116,7 @@ mod tests {
     /// Blockings timed against each other ([`time_rotated`]) for the kernel
     /// that runs here (`PROCJOB_GEMM` chooses), `f64` and `f32`: this
     /// machine's (the model's, or `PROCJOB_GEMM_BLOCKING`'s) first, then
-    /// each `MC,NC[,a|b]` of `PROCJOB_BENCH_BLOCKINGS` (`;`-separated, default
+    /// each `MC,NC[,a|b|b3]` of `PROCJOB_BENCH_BLOCKINGS` (`;`-separated, default
     /// `fixed` alone: the constants):
     /// `cargo test --release -p procjob-worker --lib blockings -- --ignored --nocapture`.
     #[test]
@@ -2129,7 +2129,7 @@ mod tests {
             let list = std::env::var("PROCJOB_BENCH_BLOCKINGS").unwrap_or_else(|_| "fixed".into());
             let mut blockings = vec![("machine".to_string(), M::blocking())];
             for item in list.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-                // Read as `PROCJOB_GEMM_BLOCKING` is: `fixed` or `MC,NC[,a|b]`.
+                // Read as `PROCJOB_GEMM_BLOCKING` is: `fixed` or `MC,NC[,a|b|b3]`.
                 let tile = Tile::of::<T>(M::MR, M::NR, M::KC);
                 let (blk, warning) = Blocking::overridden(Some(item), tile, M::fixed(), M::blocking());
                 assert!(warning.is_none(), "PROCJOB_BENCH_BLOCKINGS: {warning:?}");
