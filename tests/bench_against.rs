@@ -40,6 +40,11 @@ fn paired(baseline: &Value, mode: &Value) -> f64 {
     median(&times(baseline).iter().zip(times(mode)).map(|(b, m)| b / m).collect::<Vec<_>>())
 }
 
+/// The rounds in which `mode` took less time than `baseline`.
+fn faster_rounds(baseline: &Value, mode: &Value) -> u64 {
+    times(baseline).iter().zip(times(mode)).filter(|&(b, m)| m < *b).count() as u64
+}
+
 /// Equal but for the last digit JSON's decimal text may change.
 #[track_caller]
 fn assert_close(actual: f64, expected: f64, context: &str) {
@@ -105,19 +110,28 @@ fn baselines_run_in_the_same_rounds_and_every_ratio_is_their_paired_median() {
         for mode in ["memmap", "memmap-out"] {
             let r = row(&rows, mode, p);
             assert_close(r["vs_numpy"].as_f64().unwrap(), paired(numpy, r), &format!("{mode} P={p} vs numpy"));
+            assert_eq!(r["vs_numpy_faster_rounds"], faster_rounds(numpy, r), "{mode} P={p}");
             match joblib {
-                true => assert_close(
-                    r["vs_joblib"].as_f64().unwrap(),
-                    paired(row(&rows, "joblib", p), r),
-                    &format!("{mode} P={p} vs joblib"),
-                ),
-                false => assert_eq!(r.get("vs_joblib"), None),
+                true => {
+                    let joblib = row(&rows, "joblib", p);
+                    assert_close(
+                        r["vs_joblib"].as_f64().unwrap(),
+                        paired(joblib, r),
+                        &format!("{mode} P={p} vs joblib"),
+                    );
+                    assert_eq!(r["vs_joblib_faster_rounds"], faster_rounds(joblib, r), "{mode} P={p}");
+                }
+                false => {
+                    assert_eq!(r.get("vs_joblib"), None);
+                    assert_eq!(r.get("vs_joblib_faster_rounds"), None);
+                }
             }
         }
     }
     // seq's rounds were seq, numpy on one thread: its numpy times are not
     // the P=1 row's, so only its presence is checked here.
     assert!(seq["vs_numpy"].as_f64().unwrap() > 0.0);
+    assert!(seq["vs_numpy_faster_rounds"].as_u64().is_some_and(|k| k <= 3), "{seq}");
 }
 
 #[test]
@@ -135,6 +149,12 @@ fn the_table_shows_the_baselines_and_each_modes_ratios_within_80_columns() {
     let ratios: Vec<&str> = run.stdout.lines().filter(|l| l.trim_start().starts_with("vs numpy")).collect();
     assert_eq!(ratios.len(), 5, "{}", run.stdout);
     assert!(ratios.iter().all(|l| !l.contains("joblib")), "{ratios:?}");
+    // Each says in how many of the 3 rounds the mode was the faster.
+    for line in &ratios {
+        let k = line.rsplit_once('(').and_then(|(_, k)| k.strip_suffix("/3)")).and_then(|k| k.parse::<u32>().ok());
+        assert!(k.is_some_and(|k| k <= 3), "no (k/3) at the end of {line:?}");
+    }
+    assert!(run.stdout.contains("(k/n) = faster in k of the n rounds"), "{}", run.stdout);
 }
 
 #[test]

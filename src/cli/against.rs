@@ -299,13 +299,14 @@ impl Drop for Driver {
     }
 }
 
-/// "vs numpy 1.04× faster, vs joblib 1.31× faster" under a mode's row:
-/// each the median of the paired ratios baseline's time / the mode's, in
-/// the rounds they shared. `None` when the row has none.
-pub fn ratio_line(vs_numpy: Option<f64>, vs_joblib: Option<f64>) -> Option<String> {
+/// "vs numpy 1.04× faster (11/15), vs joblib 1.31× faster (15/15)" under
+/// a mode's row: each the median of the paired ratios baseline's time /
+/// the mode's, in the `rounds` they shared, and in how many of them the
+/// mode was the faster. `None` when the row has none.
+pub fn ratio_line(vs_numpy: Option<(f64, usize)>, vs_joblib: Option<(f64, usize)>, rounds: usize) -> Option<String> {
     let parts: Vec<String> = [("numpy", vs_numpy), ("joblib", vs_joblib)]
         .into_iter()
-        .filter_map(|(name, ratio)| ratio.map(|r| format!("vs {name} {}", faster(r))))
+        .filter_map(|(name, ratio)| ratio.map(|(r, won)| format!("vs {name} {} ({won}/{rounds})", faster(r))))
         .collect();
     (!parts.is_empty()).then(|| format!("{:15}{}", "", parts.join(", ")))
 }
@@ -444,9 +445,9 @@ mod tests {
 
     #[test]
     fn ratio_lines_say_faster_slower_or_level() {
-        assert_eq!(ratio_line(None, None), None);
-        let line = ratio_line(Some(1.043), Some(0.5)).unwrap();
-        assert_eq!(line.trim_start(), "vs numpy 1.04× faster, vs joblib 2.00× slower");
-        assert_eq!(ratio_line(Some(1.001), None).unwrap().trim_start(), "vs numpy level");
+        assert_eq!(ratio_line(None, None, 15), None);
+        let line = ratio_line(Some((1.043, 11)), Some((0.5, 0)), 15).unwrap();
+        assert_eq!(line.trim_start(), "vs numpy 1.04× faster (11/15), vs joblib 2.00× slower (0/15)");
+        assert_eq!(ratio_line(Some((1.001, 8)), None, 15).unwrap().trim_start(), "vs numpy level (8/15)");
     }
 }

@@ -131,9 +131,16 @@ pub struct CaseReport {
     /// rounds they shared (`--against numpy`; above 1: this mode is faster).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vs_numpy: Option<f64>,
+    /// In how many of those rounds this mode took less time than numpy
+    /// (of `times_s.len()`): how much of the spread the median stands on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vs_numpy_faster_rounds: Option<usize>,
     /// Likewise against joblib's `parallel_dot` (`--against joblib`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vs_joblib: Option<f64>,
+    /// Likewise, the rounds faster than joblib.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vs_joblib_faster_rounds: Option<usize>,
     /// C of the last timed repetition is bit-identical to seq's C (null
     /// for numpy and joblib, whose products are checked by their sum).
     pub matches_seq: Option<bool>,
@@ -235,7 +242,9 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
             None,
             WorkersMemory::default(),
         );
-        seq_report.vs_numpy = (!seq_numpy.is_empty()).then(|| paired_median(&seq_numpy, &seq_times));
+        if !seq_numpy.is_empty() {
+            (seq_report.vs_numpy, seq_report.vs_numpy_faster_rounds) = versus(&seq_numpy, &seq_times);
+        }
         seq_report.matches_seq = Some(true);
         report(&seq_report);
         all.push(seq_report);
@@ -287,7 +296,10 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
                 check_interrupt()?;
             }
             let vs = |b: Baseline, mode_times: &[f64]| {
-                baseline_times.iter().find(|(known, _)| *known == b).map(|(_, bt)| paired_median(bt, mode_times))
+                baseline_times
+                    .iter()
+                    .find(|(known, _)| *known == b)
+                    .map_or((None, None), |(_, bt)| versus(bt, mode_times))
             };
             let places = super::mpi::nodes_of(processes);
             for (i, ((runner, times), mode)) in runners.into_iter().zip(times).zip(modes).enumerate() {
@@ -297,8 +309,8 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
                 let paired = Some((&ratios[..], &ideals[..]));
                 let stats = Stats::of(&times);
                 let mut r = case(mode.name(), sweep, size, processes, blocks, stats, seq_stats.mean_s, paired, memory);
-                r.vs_numpy = vs(Baseline::Numpy, &times);
-                r.vs_joblib = vs(Baseline::Joblib, &times);
+                (r.vs_numpy, r.vs_numpy_faster_rounds) = vs(Baseline::Numpy, &times);
+                (r.vs_joblib, r.vs_joblib_faster_rounds) = vs(Baseline::Joblib, &times);
                 r.matches_seq = matches[i];
                 if mode.uses_workers() {
                     r.nodes = places.clone();
@@ -334,6 +346,14 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
 fn paired_median(num: &[f64], den: &[f64]) -> f64 {
     let ratios: Vec<f64> = num.iter().zip(den).map(|(n, d)| n / d).collect();
     median(&ratios)
+}
+
+/// A mode against a baseline timed in the same rounds: the median of the
+/// paired ratios baseline / mode, and the rounds in which the mode took
+/// less time.
+fn versus(baseline: &[f64], mode: &[f64]) -> (Option<f64>, Option<usize>) {
+    let faster = baseline.iter().zip(mode).filter(|(b, m)| m < b).count();
+    (Some(paired_median(baseline, mode)), Some(faster))
 }
 
 /// The numpy and joblib baselines of one size: A and B written as `.npy`
@@ -446,7 +466,9 @@ fn case(
         workers_peak_uss_bytes: memory.uss,
         workers_peak_pss_bytes: memory.pss,
         vs_numpy: None,
+        vs_numpy_faster_rounds: None,
         vs_joblib: None,
+        vs_joblib_faster_rounds: None,
         matches_seq: None,
         backend: super::mpi::backend(),
         ranks: super::mpi::ranks(),

@@ -938,6 +938,16 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
              efficiency = median of paired ideal/run ratios",
             args.repeat, args.warmup
         );
+        if let Some(against) = &sweep.against {
+            let names: Vec<&str> = against.baselines.iter().map(|b| b.name()).collect();
+            let _ = writeln!(
+                out,
+                "ratio to {} = median of paired {}/run ratios;\n\
+                 (k/n) = faster in k of the n rounds",
+                names.join(", "),
+                if names.len() == 1 { names[0] } else { "baseline" }
+            );
+        }
         if let Some(text) = mpi::world_text() {
             let _ = writeln!(out, "{}", wrap_78(&text));
         }
@@ -961,7 +971,10 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
                 }
             }
             over_ideal |= print_case(&mut out, r, wide);
-            if let Some(line) = crate::cli::against::ratio_line(r.vs_numpy, r.vs_joblib) {
+            let rounds = r.stats.times_s.len();
+            let numpy = r.vs_numpy.zip(r.vs_numpy_faster_rounds);
+            let joblib = r.vs_joblib.zip(r.vs_joblib_faster_rounds);
+            if let Some(line) = crate::cli::against::ratio_line(numpy, joblib, rounds) {
                 let _ = writeln!(out, "{line}");
             }
         }
