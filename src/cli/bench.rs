@@ -242,9 +242,8 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
             None,
             WorkersMemory::default(),
         );
-        if !seq_numpy.is_empty() {
-            (seq_report.vs_numpy, seq_report.vs_numpy_faster_rounds) = versus(&seq_numpy, &seq_times);
-        }
+        (seq_report.vs_numpy, seq_report.vs_numpy_faster_rounds) =
+            (!seq_numpy.is_empty()).then(|| versus(&seq_numpy, &seq_times)).unzip();
         seq_report.matches_seq = Some(true);
         report(&seq_report);
         all.push(seq_report);
@@ -296,10 +295,7 @@ pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<Cas
                 check_interrupt()?;
             }
             let vs = |b: Baseline, mode_times: &[f64]| {
-                baseline_times
-                    .iter()
-                    .find(|(known, _)| *known == b)
-                    .map_or((None, None), |(_, bt)| versus(bt, mode_times))
+                baseline_times.iter().find(|(known, _)| *known == b).map(|(_, bt)| versus(bt, mode_times)).unzip()
             };
             let places = super::mpi::nodes_of(processes);
             for (i, ((runner, times), mode)) in runners.into_iter().zip(times).zip(modes).enumerate() {
@@ -351,9 +347,8 @@ fn paired_median(num: &[f64], den: &[f64]) -> f64 {
 /// A mode against a baseline timed in the same rounds: the median of the
 /// paired ratios baseline / mode, and the rounds in which the mode took
 /// less time.
-fn versus(baseline: &[f64], mode: &[f64]) -> (Option<f64>, Option<usize>) {
-    let faster = baseline.iter().zip(mode).filter(|(b, m)| m < b).count();
-    (Some(paired_median(baseline, mode)), Some(faster))
+fn versus(baseline: &[f64], mode: &[f64]) -> (f64, usize) {
+    (paired_median(baseline, mode), baseline.iter().zip(mode).filter(|(b, m)| m < b).count())
 }
 
 /// The numpy and joblib baselines of one size: A and B written as `.npy`
