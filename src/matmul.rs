@@ -572,6 +572,7 @@ pub fn multiply_threads_into(
 
 /// [`multiply_threads_into`] with `B` packed once beforehand for all the
 /// blocks, as the worker modes have it (`procjob bench`'s ideal).
+#[cfg(feature = "cli")]
 pub(crate) fn multiply_threads_packed_into(
     inputs: &Inputs,
     b: &PackedB,
