@@ -12,8 +12,8 @@
 //! call and one of ours (the order alternating), and the line printed last
 //! is the **median of the per-pair ratios** ours/numpy in time (below 1 is
 //! faster than numpy), with the range of their middle half: a difference
-//! inside it is the machine's spread, not the kernels' — and in how many
-//! pairs ours was the faster. Pairing keeps a
+//! inside it is the machine's spread, not the kernels'. It also says in
+//! how many pairs ours was the faster. Pairing keeps a
 //! shared machine's drift out of the ratio, and both sides run on the same
 //! CPU (on Linux the main thread pins itself to the CPU it is on before
 //! starting the child, which inherits that): on a virtual machine one vCPU

@@ -303,12 +303,29 @@ impl Drop for Driver {
 /// a mode's row: each the median of the paired ratios baseline's time /
 /// the mode's, in the `rounds` they shared, and in how many of them the
 /// mode was the faster. `None` when the row has none.
+/// Where the two do not fit 80 columns together, each has a line of its
+/// own.
 pub fn ratio_line(vs_numpy: Option<(f64, usize)>, vs_joblib: Option<(f64, usize)>, rounds: usize) -> Option<String> {
     let parts: Vec<String> = [("numpy", vs_numpy), ("joblib", vs_joblib)]
         .into_iter()
         .filter_map(|(name, ratio)| ratio.map(|(r, won)| format!("vs {name} {} ({won}/{rounds})", faster(r))))
         .collect();
-    (!parts.is_empty()).then(|| format!("{:15}{}", "", parts.join(", ")))
+    let indent = " ".repeat(15);
+    let one = format!("{indent}{}", parts.join(", "));
+    let line = if one.chars().count() <= 80 { one } else { format!("{indent}{}", parts.join(&format!(",\n{indent}"))) };
+    (!parts.is_empty()).then_some(line)
+}
+
+/// The two lines above the tables that say how to read [`ratio_line`],
+/// naming the baselines that run, in its order.
+pub fn legend(baselines: &[Baseline]) -> String {
+    let names: Vec<&str> =
+        [Baseline::Numpy, Baseline::Joblib].into_iter().filter(|b| baselines.contains(b)).map(|b| b.name()).collect();
+    format!(
+        "ratios to {}: median over the rounds of its time / the mode's\n\
+         (× faster; × slower is the inverse); (k/n): the mode faster in k of n rounds",
+        names.join(", ")
+    )
 }
 
 /// "1.04× faster", "1.10× slower", or "level" when the ratio rounds to 1.
@@ -449,5 +466,19 @@ mod tests {
         let line = ratio_line(Some((1.043, 11)), Some((0.5, 0)), 15).unwrap();
         assert_eq!(line.trim_start(), "vs numpy 1.04× faster (11/15), vs joblib 2.00× slower (0/15)");
         assert_eq!(ratio_line(Some((1.001, 8)), None, 15).unwrap().trim_start(), "vs numpy level (8/15)");
+        // Too wide for one line of 80 columns: one line each.
+        let wide = ratio_line(Some((1.5, 150)), Some((12.5, 150)), 150).unwrap();
+        let lines: Vec<&str> = wide.lines().collect();
+        assert_eq!(lines.len(), 2, "{wide}");
+        assert!(lines.iter().all(|l| l.chars().count() <= 80), "{wide}");
+        assert_eq!(lines[1].trim_start(), "vs joblib 12.50× faster (150/150)");
+    }
+
+    #[test]
+    fn the_legend_names_the_baselines_that_run_in_the_lines_order() {
+        let both = legend(&[Baseline::Joblib, Baseline::Numpy]);
+        assert!(both.starts_with("ratios to numpy, joblib: "), "{both}");
+        assert!(both.lines().all(|l| l.chars().count() <= 80), "{both}");
+        assert!(legend(&[Baseline::Numpy]).starts_with("ratios to numpy: "));
     }
 }

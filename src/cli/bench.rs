@@ -195,7 +195,8 @@ impl WorkersMemory {
 /// other mode and the baselines run in rounds: the ideal, each mode, numpy,
 /// joblib; again and again. Each mode's efficiency is the median of its
 /// paired ratios ideal/mode, and its ratio to a baseline the median of the
-/// paired ratios baseline/mode, over those rounds.
+/// paired ratios baseline/mode over those rounds, with the number of
+/// rounds in which the mode was the faster.
 pub fn run(sweep: &Sweep, mut report: impl FnMut(&CaseReport)) -> Result<Vec<CaseReport>, Error> {
     let mut all = Vec::new();
     for &size in &sweep.sizes {

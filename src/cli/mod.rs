@@ -939,14 +939,7 @@ fn bench_command(args: &BenchArgs) -> Result<(), CliError> {
             args.repeat, args.warmup
         );
         if let Some(against) = &sweep.against {
-            let names: Vec<&str> = against.baselines.iter().map(|b| b.name()).collect();
-            let _ = writeln!(
-                out,
-                "ratio to {} = median of paired {}/run ratios;\n\
-                 (k/n) = faster in k of the n rounds",
-                names.join(", "),
-                if names.len() == 1 { names[0] } else { "baseline" }
-            );
+            let _ = writeln!(out, "{}", crate::cli::against::legend(&against.baselines));
         }
         if let Some(text) = mpi::world_text() {
             let _ = writeln!(out, "{}", wrap_78(&text));
