@@ -306,21 +306,26 @@ impl Drop for Driver {
 /// Where the two do not fit 80 columns together, each has a line of its
 /// own.
 pub fn ratio_line(vs_numpy: Option<(f64, usize)>, vs_joblib: Option<(f64, usize)>, rounds: usize) -> Option<String> {
-    let parts: Vec<String> = [("numpy", vs_numpy), ("joblib", vs_joblib)]
+    let parts: Vec<String> = SHOWN
         .into_iter()
-        .filter_map(|(name, ratio)| ratio.map(|(r, won)| format!("vs {name} {} ({won}/{rounds})", faster(r))))
+        .zip([vs_numpy, vs_joblib])
+        .filter_map(|(b, ratio)| ratio.map(|(r, won)| format!("vs {} {} ({won}/{rounds})", b.name(), faster(r))))
         .collect();
+    if parts.is_empty() {
+        return None;
+    }
     let indent = " ".repeat(15);
     let one = format!("{indent}{}", parts.join(", "));
-    let line = if one.chars().count() <= 80 { one } else { format!("{indent}{}", parts.join(&format!(",\n{indent}"))) };
-    (!parts.is_empty()).then_some(line)
+    Some(if one.chars().count() <= 80 { one } else { format!("{indent}{}", parts.join(&format!(",\n{indent}"))) })
 }
+
+/// The order in which [`ratio_line`] and [`legend`] name the baselines.
+const SHOWN: [Baseline; 2] = [Baseline::Numpy, Baseline::Joblib];
 
 /// The two lines above the tables that say how to read [`ratio_line`],
 /// naming the baselines that run, in its order.
 pub fn legend(baselines: &[Baseline]) -> String {
-    let names: Vec<&str> =
-        [Baseline::Numpy, Baseline::Joblib].into_iter().filter(|b| baselines.contains(b)).map(|b| b.name()).collect();
+    let names: Vec<&str> = SHOWN.into_iter().filter(|b| baselines.contains(b)).map(|b| b.name()).collect();
     format!(
         "ratios to {}: median over the rounds of its time / the mode's\n\
          (× faster; × slower is the inverse); (k/n): the mode faster in k of n rounds",
