@@ -148,6 +148,30 @@ pub(crate) fn field_kib(text: &str, key: &str) -> Option<u64> {
     line[key.len()..].split_whitespace().next()?.parse().ok()
 }
 
+/// The `key` field (`"AnonHugePages:"`, `"ShmemPmdMapped:"`, …) of the
+/// mapping in `/proc/self/smaps` that holds `addr`, in KiB (that mapping's
+/// own entry, so other threads' allocations do not count); `None` when no
+/// mapping holds it or the entry has no such field. For tests.
+#[cfg(all(test, target_os = "linux"))]
+pub(crate) fn smaps_kib_at(addr: usize, key: &str) -> Option<u64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut inside = false;
+    for line in smaps.lines() {
+        // A mapping's header: `lo-hi perms offset dev inode path`.
+        let range = line.split_whitespace().next().and_then(|r| r.split_once('-'));
+        if let Some((Ok(lo), Ok(hi))) =
+            range.map(|(lo, hi)| (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)))
+        {
+            inside = (lo..hi).contains(&addr);
+            continue;
+        }
+        if inside && line.starts_with(key) {
+            return field_kib(line, key);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

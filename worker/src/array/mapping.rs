@@ -357,25 +357,11 @@ mod tests {
     use super::*;
 
     /// The anonymous bytes of the mapping that holds `addr`, which is what
-    /// a copy-on-write map's copied pages are (`/proc/self/smaps`; this
-    /// mapping's own entry, so other threads' allocations do not count).
+    /// a copy-on-write map's copied pages are.
     #[cfg(target_os = "linux")]
     fn anonymous_in_mapping_of(addr: usize) -> u64 {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let mut inside = false;
-        for line in smaps.lines() {
-            // A mapping's first line starts with its range, `lo-hi` in hex.
-            if let Some((lo, hi)) = line.split_whitespace().next().and_then(|r| r.split_once('-')) {
-                if let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)) {
-                    inside = (lo..hi).contains(&addr);
-                    continue;
-                }
-            }
-            if inside && line.starts_with("Anonymous:") {
-                return line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024;
-            }
-        }
-        panic!("no mapping holds {addr:#x}")
+        let kib = crate::memory::smaps_kib_at(addr, "Anonymous:");
+        kib.unwrap_or_else(|| panic!("no mapping holds {addr:#x}")) * 1024
     }
 
     #[test]

@@ -217,26 +217,10 @@ impl Storage {
 
 #[cfg(test)]
 mod tests {
-    /// The `AnonHugePages` of the mapping in `/proc/self/smaps` that holds
-    /// `addr`, in KiB.
+    /// The `AnonHugePages` of the mapping that holds `addr`, in KiB.
     #[cfg(target_os = "linux")]
     fn huge_kib_at(addr: usize) -> u64 {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
-        let mut inside = false;
-        for line in smaps.lines() {
-            // A mapping's header: `lo-hi perms offset dev inode path`.
-            let range = line.split_whitespace().next().and_then(|r| r.split_once('-'));
-            if let Some((Ok(lo), Ok(hi))) =
-                range.map(|(lo, hi)| (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)))
-            {
-                inside = (lo..hi).contains(&addr);
-                continue;
-            }
-            if inside && line.starts_with("AnonHugePages:") {
-                return crate::memory::field_kib(line, "AnonHugePages:").unwrap_or(0);
-            }
-        }
-        0
+        crate::memory::smaps_kib_at(addr, "AnonHugePages:").unwrap_or(0)
     }
 
     /// With THP in `madvise` mode (or `always`), a large zeroed array is
