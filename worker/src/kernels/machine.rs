@@ -69,8 +69,11 @@ fn is_amd() -> bool {
         // SAFETY: CPUID is available on every x86-64 CPU (it is `unsafe` on
         // older toolchains only).
         let id = unsafe { std::arch::x86_64::__cpuid(0) };
-        let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
-        vendor == b"AuthenticAMD" || vendor == b"HygonGenuine"
+        let mut vendor = [0u8; 12];
+        for (part, register) in vendor.chunks_exact_mut(4).zip([id.ebx, id.edx, id.ecx]) {
+            part.copy_from_slice(&register.to_le_bytes());
+        }
+        &vendor == b"AuthenticAMD" || &vendor == b"HygonGenuine"
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -250,6 +253,19 @@ impl Isa {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// CPUID's vendor is the one the kernel names in `/proc/cpuinfo`.
+    #[test]
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn the_vendor_is_the_kernels() {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").expect("/proc/cpuinfo");
+        let vendor = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("vendor_id").and_then(|v| v.split(':').nth(1)))
+            .map(str::trim)
+            .expect("a vendor_id line");
+        assert_eq!(is_amd(), matches!(vendor, "AuthenticAMD" | "HygonGenuine"), "vendor_id {vendor}");
+    }
 
     /// The caches in words: sizes in KiB or whole MiB, ways, and the CPUs
     /// that share a level when more than one does; nothing known, `None`.
